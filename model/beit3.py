@@ -1,0 +1,241 @@
+"""The BEiT-3 Multiway Transformer: embeddings, encoder, pretraining heads.
+
+Module names reproduce the released checkpoints' keys (``beit3.encoder.layers.0.ffn.A.fc1.weight``), so a
+released file loads strictly into the released layout. The model takes tensors and returns tensors: it knows
+nothing of DeepSpeed, data files or losses. Activation checkpointing is switched on from outside with
+:meth:`BEiT3Model.set_grad_checkpointing`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from beit3.model.cache import KVCache
+from beit3.model.config import ModelConfig
+from beit3.model.layers import Multiway, MultiwayBlock
+
+# Position indices start at 2 in both tables, as in the released (fairseq-derived) code; rows 0 and 1 are
+# never read. Kept so that position tables have the released shapes.
+POSITION_OFFSET = 2
+
+
+class VisionEmbedding(nn.Module):
+    """Patchify with a strided convolution, replace masked patches by ``mask_token``, prepend ``cls_token``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.img_size = cfg.img_size
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+
+    def forward(self, image: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if image.dim() != 4 or image.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(
+                f"expected images of shape (B, C, {self.img_size}, {self.img_size}), got {tuple(image.shape)}; "
+                "build the model with img_size=... (positions are interpolated when loading) for another size"
+            )
+        x = self.proj(image).flatten(2).transpose(1, 2)  # (B, Np, D)
+        if image_mask is not None:
+            w = image_mask.unsqueeze(-1).to(x.dtype)  # (B, Np, 1), 1 = masked
+            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        cls = self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)  # (B, Np + 1, D)
+
+
+class Encoder(nn.Module):
+    """Position tables, the stack of Multiway blocks and the final per-modality LayerNorm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.embed_dim
+        self.embed_positions = Multiway.pair(
+            nn.Embedding(cfg.num_vision_tokens + POSITION_OFFSET, d),  # (Np + 3, D)
+            nn.Embedding(cfg.max_text_positions, d),  # (1024, D)
+        )
+        # Stochastic depth rising linearly from 0 (first layer) to drop_path_rate (last layer).
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        first_vl = cfg.depth - cfg.vl_expert_layers
+        self.layers = nn.ModuleList(
+            MultiwayBlock(
+                d,
+                cfg.num_heads,
+                cfg.ffn_dim,
+                decoupled=cfg.decoupled_attention,
+                with_vl=i >= first_vl,
+                subln=cfg.subln,
+                eps=cfg.layernorm_eps,
+                drop_path=rates[i],
+            )
+            for i in range(cfg.depth)
+        )
+        self.layer_norm = (
+            Multiway(lambda: nn.LayerNorm(d, eps=cfg.layernorm_eps)) if cfg.normalize_output else None
+        )
+
+
+class BEiT3(nn.Module):
+    """The backbone: keys under ``beit3.`` in released checkpoints."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.text_embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.vision_embed = VisionEmbedding(cfg)
+        self.encoder = Encoder(cfg)
+        self.checkpoint_layers: frozenset[int] = frozenset()
+
+    def embed(
+        self,
+        image: torch.Tensor | None,
+        text: torch.Tensor | None,
+        image_mask: torch.Tensor | None,
+        text_positions: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, int]:
+        """Token plus position embeddings of the (image ; text) sequence and the number of image tokens."""
+        parts = []
+        positions = self.encoder.embed_positions
+        if image is not None:
+            x = self.vision_embed(image, image_mask)
+            idx = torch.arange(POSITION_OFFSET, POSITION_OFFSET + x.shape[1], device=x.device)
+            parts.append(x + positions.A(idx).to(x.dtype))
+        if text is not None:
+            if text.shape[1] > self.cfg.max_text_len and text_positions is None:
+                raise ValueError(f"text length {text.shape[1]} exceeds max_text_len {self.cfg.max_text_len}")
+            x = self.text_embed(text)
+            if text_positions is None:
+                idx = torch.arange(POSITION_OFFSET, POSITION_OFFSET + x.shape[1], device=x.device)
+            else:
+                idx = text_positions
+            parts.append(x + positions.B(idx).to(x.dtype))
+        num_vision = parts[0].shape[1] if image is not None else 0
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), num_vision
+
+    def forward(
+        self,
+        image: torch.Tensor | None = None,  # (B, C, H, W)
+        text: torch.Tensor | None = None,  # (B, Nt) token ids
+        text_padding_mask: torch.Tensor | None = None,  # (B, Nt) bool, True = padding
+        image_mask: torch.Tensor | None = None,  # (B, Np) bool, True = replace by the mask token
+        attn_mask: torch.Tensor | None = None,  # (T, S) bool, True = may NOT attend (released semantics)
+        text_positions: torch.Tensor | None = None,  # position indices (offset included), for decoding
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        if image is None and text is None:
+            raise ValueError("give an image, a text, or both")
+        x, num_vision = self.embed(image, text, image_mask, text_positions)
+        b, t, _ = x.shape
+        pad = None
+        if text_padding_mask is not None:
+            if text is None or text_padding_mask.shape != text.shape:
+                raise ValueError("text_padding_mask must have the shape of text")
+            pad = text_padding_mask.bool()
+            if num_vision:
+                pad = torch.cat([pad.new_zeros(b, num_vision), pad], dim=1)
+            # As in the release: padded positions enter the layers as zero vectors.
+            x = x.masked_fill(pad.unsqueeze(-1), 0.0)
+        mask = self._attention_mask(pad if cache is None else None, attn_mask)
+        for i, layer in enumerate(self.encoder.layers):
+            if i in self.checkpoint_layers and cache is None and torch.is_grad_enabled():
+                x = checkpoint(layer, x, num_vision, mask, use_reentrant=False)
+            else:
+                x = layer(x, num_vision, mask, cache, i)
+        if self.encoder.layer_norm is not None:
+            x = self.encoder.layer_norm(x, num_vision)
+        return x  # (B, Nv + Nt, D)
+
+    @staticmethod
+    def _attention_mask(pad: torch.Tensor | None, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """One boolean SDPA mask (True = may attend), or None so that SDPA may use its fastest kernel."""
+        allowed = None
+        if pad is not None:
+            allowed = ~pad[:, None, None, :]  # (B, 1, 1, S)
+        if attn_mask is not None:
+            a = ~attn_mask.bool()[None, None]  # (1, 1, T, S)
+            allowed = a if allowed is None else allowed & a
+        return allowed
+
+
+class BEiT3Model(nn.Module):
+    """Backbone plus the pretraining heads (``mlm_head`` over text ids, ``mim_head`` over visual tokens).
+
+    ``forward`` returns the final hidden states (B, N, D), image tokens (CLS first) before text tokens.
+    The heads are applied by the objective, at masked positions only.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.beit3 = BEiT3(cfg)
+        if cfg.pretraining_heads:
+            self.mlm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size)
+            self.mim_head = nn.Linear(cfg.embed_dim, cfg.visual_vocab_size)
+        else:
+            self.mlm_head = self.mim_head = None
+        self.init_weights()
+
+    def forward(self, image=None, text=None, text_padding_mask=None, **kwargs) -> torch.Tensor:
+        return self.beit3(image=image, text=text, text_padding_mask=text_padding_mask, **kwargs)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.depth)
+
+    def set_grad_checkpointing(self, enable: bool = True, layers: list[int] | None = None) -> None:
+        """Recompute the activations of ``layers`` (all when None) in the backward pass."""
+        if not enable:
+            self.beit3.checkpoint_layers = frozenset()
+            return
+        layers = range(self.cfg.depth) if layers is None else layers
+        bad = [i for i in layers if not 0 <= i < self.cfg.depth]
+        if bad:
+            raise ValueError(f"layer indices {bad} out of range for depth {self.cfg.depth}")
+        self.beit3.checkpoint_layers = frozenset(layers)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay besides 1-D ones (biases, norms)."""
+        return {
+            "beit3.vision_embed.cls_token",
+            "beit3.vision_embed.mask_token",
+            "beit3.encoder.embed_positions.A.weight",
+            "beit3.encoder.embed_positions.B.weight",
+        }
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialisation for pretraining from scratch (see docs/model.md, "Initialisation").
+
+        ``beit`` (default, the paper's choice): truncated normal(0.02) for every Linear, then the output
+        projections of layer l (attention ``out_proj``, FFN ``fc2``) divided by sqrt(2l).
+        ``magneto`` (torchscale's Sub-LN rule): Xavier-uniform, then ``fc1``, ``fc2``, ``v_proj`` and
+        ``out_proj`` multiplied by sqrt(log(2L)).
+        """
+        cfg = self.cfg
+        std = 0.02
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                if cfg.init == "beit":
+                    nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        b3 = self.beit3
+        nn.init.normal_(b3.text_embed.weight, std=std)
+        for p in (b3.vision_embed.cls_token, b3.vision_embed.mask_token,
+                  b3.encoder.embed_positions.A.weight, b3.encoder.embed_positions.B.weight):
+            nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+        for layer_id, layer in enumerate(b3.encoder.layers, start=1):
+            for name, p in layer.named_parameters():
+                if not name.endswith("weight") or p.dim() != 2:
+                    continue
+                if cfg.init == "beit" and (".out_proj" in f".{name}" or ".fc2" in name):
+                    p.div_(math.sqrt(2.0 * layer_id))
+                elif cfg.init == "magneto" and any(k in name for k in ("fc1", "fc2", "out_proj", "v_proj")):
+                    p.mul_(math.sqrt(math.log(2 * cfg.depth)))

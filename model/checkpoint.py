@@ -1,0 +1,167 @@
+"""Released-format checkpoint files: read, adapt (position interpolation), write.
+
+A released BEiT-3 file is ``{"model": state_dict}`` (DeepSpeed-saved ones use ``"module"``) with keys
+``beit3.*``, ``mlm_head.*`` and ``mim_head.*``. We read both, plus raw state dicts and safetensors files,
+and write ``{"model": state_dict}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+VISION_POSITIONS = "beit3.encoder.embed_positions.A.weight"
+# Rows of the vision table before the patch grid: two unused (fairseq offset) rows and the CLS row.
+_EXTRA_ROWS = 3
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read or does not fit the model."""
+
+
+@dataclass
+class LoadReport:
+    """What a non-strict load did."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    interpolated: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = []
+        for title, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                            ("interpolated", self.interpolated)):
+            if keys:
+                lines.append(f"{title} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
+        return "; ".join(lines) or "all keys matched"
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint file (``.pth``/``.pt`` or ``.safetensors``), on CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Released finetuning checkpoints may carry argparse namespaces next to the weights.
+        log.warning("%s holds non-tensor objects; loading it with weights_only=False (trust the file)", path)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or not a torch file
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    return unwrap_state_dict(obj, str(path))
+
+
+def unwrap_state_dict(obj: object, where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Take the weights from ``{"model": sd}``, ``{"module": sd}`` or a bare state dict."""
+    if isinstance(obj, dict):
+        for key in ("model", "module"):
+            if key in obj and isinstance(obj[key], dict):
+                return obj[key]
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise CheckpointError(f"{where} holds no state dict under 'model' or 'module'")
+
+
+def interpolate_vision_positions(table: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Resize the vision position table (3 leading rows + a square grid) to ``num_rows`` rows.
+
+    The leading rows (two unused, one CLS) are kept; the grid is resized bicubically
+    (align_corners=False), as the released loader does when finetuning at 384 or 480 px.
+    """
+    old_grid = table.shape[0] - _EXTRA_ROWS
+    new_grid = num_rows - _EXTRA_ROWS
+    old_side, new_side = math.isqrt(old_grid), math.isqrt(new_grid)
+    if old_side**2 != old_grid or new_side**2 != new_grid:
+        raise CheckpointError(f"vision position table of {table.shape[0]} rows is not 3 + a square grid")
+    extra, grid = table[:_EXTRA_ROWS], table[_EXTRA_ROWS:]
+    dim = table.shape[1]
+    grid = grid.float().reshape(1, old_side, old_side, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(new_grid, dim).to(table.dtype)
+    return torch.cat([extra, grid], dim=0)
+
+
+def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict, list[str]]:
+    """Interpolate vision position tables whose size differs from the model's; returns the names changed."""
+    target = model.state_dict()
+    changed = []
+    out = dict(state_dict)
+    for name, value in state_dict.items():
+        if name.endswith("embed_positions.A.weight") and name in target:
+            rows = target[name].shape[0]
+            if value.shape[0] != rows:
+                out[name] = interpolate_vision_positions(value, rows)
+                changed.append(name)
+    return out, changed
+
+
+def load_checkpoint(
+    model: nn.Module,
+    source: str | os.PathLike | dict,
+    strict: bool = True,
+    ignore: tuple[str, ...] = (),
+) -> LoadReport:
+    """Load a released-format checkpoint (path or dict) into ``model``.
+
+    Vision positions are interpolated to the model's resolution. Keys starting with any prefix in
+    ``ignore`` are dropped first. ``strict=True`` raises :class:`CheckpointError` naming the missing and
+    unexpected keys and any shape mismatch.
+    """
+    sd = read_state_dict(source) if not isinstance(source, dict) else unwrap_state_dict(source)
+    sd = {k: v for k, v in sd.items() if not k.startswith(ignore)} if ignore else sd
+    sd, interpolated = adapt_state_dict(sd, model)
+    target = model.state_dict()
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in sd.items()
+        if k in target and v.shape != target[k].shape
+    ]
+    if mismatched:
+        raise CheckpointError("shape mismatch: " + "; ".join(mismatched))
+    result = model.load_state_dict(sd, strict=False)
+    report = LoadReport(sorted(result.missing_keys), sorted(result.unexpected_keys), interpolated)
+    if strict and (report.missing or report.unexpected):
+        raise CheckpointError(f"checkpoint does not match the model: {report}")
+    return report
+
+
+def save_checkpoint(
+    model_or_state: nn.Module | dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``{"model": state_dict}`` (or a safetensors file for a ``.safetensors`` path) atomically.
+
+    ``dtype`` casts floating-point tensors (e.g. ``torch.bfloat16`` halves the file).
+    """
+    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    sd = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in sd.items()
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(tmp))
+    else:
+        torch.save({"model": sd}, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated file under the final name
+    return path

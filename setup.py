@@ -1,0 +1,73 @@
+"""Packaging: installs the top-level folders under one import namespace, ``beit3``.
+
+The repository keeps one job per top-level folder (``model/``, ``engine/``, ...). Installed, they become
+``beit3.model``, ``beit3.engine``, ... so that no import name shadows another distribution
+(``tokenizers`` is Hugging Face's, ``finetune`` is on PyPI). ``tokenizers/`` and ``finetune/`` carry no
+``__init__.py`` for the same reason: run from the repository root, ``import tokenizers`` must not find them.
+
+Torch is pinned for the CPU development and CI machines. A GPU cluster installs its own CUDA build of torch
+first (``pip install torch --index-url https://download.pytorch.org/whl/cu124``) and then this package with
+``BEIT3_TORCH_SPEC="torch>=2.4"`` in the environment, which relaxes the pin.
+"""
+
+import os
+
+from setuptools import setup
+
+FOLDERS = ("model", "engine", "pretrain", "finetune", "tokenizers")
+
+
+def _packages() -> tuple[list[str], dict[str, str]]:
+    """Every package under the mapped folders (namespace folders included), with its source directory."""
+    packages, package_dir = [], {}
+    root = os.path.dirname(os.path.abspath(__file__))
+    for folder in FOLDERS:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, folder)):
+            dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
+            if not any(f.endswith(".py") for f in filenames):
+                continue
+            rel = os.path.relpath(dirpath, root)
+            name = "beit3." + rel.replace(os.sep, ".")
+            packages.append(name)
+            package_dir[name] = rel
+    return packages, package_dir
+
+
+PACKAGES, PACKAGE_DIR = _packages()
+TORCH = os.environ.get("BEIT3_TORCH_SPEC", "torch==2.13.0")
+
+setup(
+    name="beit3-pretrain",
+    version="0.1.0",
+    description="Pretraining (DeepSpeed ZeRO-3, Slurm) and finetuning of BEiT-3 Multiway Transformers",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data={"beit3.pretrain": ["recipes/*.toml"], "beit3.finetune": ["recipes/*.toml"]},
+    install_requires=[
+        TORCH,
+        "deepspeed==0.19.8",
+        "numpy",
+        "sentencepiece==0.2.3",
+        "webdataset==1.0.2",
+        "tensorboard",
+        "pillow",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "ruff", "tokenizers"],
+    },
+    entry_points={
+        "console_scripts": [
+            "beit3-model-info=beit3.model.info:main",
+            "beit3-spm=beit3.tokenizers.spm_cli:main",
+            "beit3-vqkd=beit3.tokenizers.vqkd_cli:main",
+            "beit3-shards=beit3.pretrain.shards:main",
+            "beit3-pretrain=beit3.pretrain.train:main",
+            "beit3-export=beit3.pretrain.export:main",
+            "beit3-finetune=beit3.finetune.train:main",
+            "beit3-bench=beit3.engine.bench:main",
+        ]
+    },
+)
