@@ -24,9 +24,9 @@ def _packages() -> tuple[list[str], dict[str, str]]:
     for folder in FOLDERS:
         for dirpath, dirnames, filenames in os.walk(os.path.join(root, folder)):
             dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
-            if not any(f.endswith(".py") for f in filenames):
-                continue
             rel = os.path.relpath(dirpath, root)
+            if rel != folder and not any(f.endswith(".py") for f in filenames):
+                continue
             name = "beit3." + rel.replace(os.sep, ".")
             packages.append(name)
             package_dir[name] = rel
