@@ -40,7 +40,7 @@ setup(
     name="beit3-pretrain",
     version="0.1.0",
     description="Pretraining (DeepSpeed ZeRO-3, Slurm) and finetuning of BEiT-3 Multiway Transformers",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     package_data={"beit3.pretrain": ["recipes/*.toml"], "beit3.finetune": ["recipes/*.toml"]},

@@ -62,7 +62,7 @@ def _deepcopy_dicts(d: dict) -> dict:
 
 
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``, recursing into dataclass-typed fields, rejecting unknown keys."""
+    """Build dataclass ``cls`` from ``data``, recursing into dataclass fields; unknown keys are errors."""
     if not isinstance(data, dict):
         raise ConfigError(f"[{where or cls.__name__}] must be a table, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -115,7 +115,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+    is_bool_as_int = tp is int and isinstance(value, bool)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or is_bool_as_int):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
 
