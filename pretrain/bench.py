@@ -1,0 +1,219 @@
+"""``beit3-bench``: training-step throughput, MFU/HFU and memory of any model config on one device.
+
+Times the full pretraining step (image, text and pair sub-batches, masked-position heads, one backward, the
+optimizer step) on synthetic batches with the paper's composition, in plain PyTorch on one device, so the
+figure isolates the model's compute efficiency from communication (docs/performance.md). Prints a table
+and writes JSON + Markdown under ``bench/results/``::
+
+    beit3-bench --model beit3_giant_patch14_224 --depth 8 --images 8 --texts 8 --pairs 8 \\
+        --precision bf16 --grad-ckpt all --device cuda --name giant_h100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from beit3.model import build_model, count_parameters
+from beit3.pretrain.objective import MaskedDataModeling
+from beit3.pretrain.synthetic import synthetic_batch
+
+# Dense bf16 peaks (FLOP/s) by device-name fragment; performance.md.
+PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+
+
+def peak_flops(device: torch.device, override: float | None) -> float | None:
+    """The device's dense bf16 peak, or None on CPU (MFU is not reported there)."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def recompute_flops(stats_flops: float, ckpt_fraction: float) -> float:
+    """Extra FLOPs of recomputation: one more forward (1/3 of fwd+bwd) of the checkpointed layers."""
+    return stats_flops * ckpt_fraction / 3.0
+
+
+def saved_activation_bytes(task: MaskedDataModeling, batch: dict) -> int:
+    """Bytes of tensors autograd saves for backward in one forward (activation memory, no allocator slack)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = task(batch)
+    del loss
+    return sum(seen.values())
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    overrides = {"drop_path_rate": 0.0}
+    if args.depth:
+        overrides["depth"] = args.depth
+        overrides["vl_expert_layers"] = 0 if args.layout_released else min(args.vl_layers, args.depth)
+    model = build_model(args.model, **overrides).to(device)
+    if args.grad_ckpt == "all":
+        model.set_grad_checkpointing(True)
+    if args.compile:
+        for i, layer in enumerate(model.beit3.encoder.layers):
+            model.beit3.encoder.layers[i] = torch.compile(layer, dynamic=False)
+    task = MaskedDataModeling(model).to(device)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(task.param_groups(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=fused)
+    cpu_batch = synthetic_batch(
+        model.cfg, args.images, args.texts, args.pairs, args.text_len, args.pair_text_len
+    )
+    stats = task.batch_stats(cpu_batch)
+    batch = task.prepare_batch(cpu_batch, device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def step() -> None:
+        with amp:
+            loss, _ = task(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    step_time = statistics.median(times)
+    with amp:
+        act_bytes = saved_activation_bytes(task, batch)
+    opt.zero_grad(set_to_none=True)
+    peak = peak_flops(device, args.peak_flops)
+    ckpt_fraction = 1.0 if args.grad_ckpt == "all" else 0.0
+    hw_flops = stats["flops"] + recompute_flops(stats["flops"], ckpt_fraction)
+    samples = stats["samples"]
+    result = {
+        "model": args.model,
+        "depth": model.cfg.depth,
+        "params_total": count_parameters(model)["total"],
+        "batch": {
+            "images": args.images,
+            "texts": args.texts,
+            "pairs": args.pairs,
+            "text_len": args.text_len,
+            "pair_text_len": args.pair_text_len,
+        },
+        "precision": args.precision,
+        "grad_ckpt": args.grad_ckpt,
+        "compile": args.compile,
+        "step_time_s": step_time,
+        "samples_per_s": samples / step_time,
+        "tokens_per_s": stats["tokens"] / step_time,
+        "model_tflops_per_step": stats["flops"] / 1e12,
+        "achieved_tflops": stats["flops"] / step_time / 1e12,
+        "mfu_pct": 100 * stats["flops"] / step_time / peak if peak else None,
+        "hfu_pct": 100 * hw_flops / step_time / peak if peak else None,
+        "activation_gib_per_sample": act_bytes / samples / 2**30,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "command": " ".join(["beit3-bench", *sys.argv[1:]]),
+    }
+    return result
+
+
+def format_table(results: list[dict]) -> str:
+    cols = [
+        "model",
+        "depth",
+        "precision",
+        "grad_ckpt",
+        "compile",
+        "step_time_s",
+        "samples_per_s",
+        "tokens_per_s",
+        "achieved_tflops",
+        "mfu_pct",
+        "hfu_pct",
+        "activation_gib_per_sample",
+        "peak_memory_gib",
+    ]
+    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        cells = []
+        for c in cols:
+            v = r[c]
+            cells.append(f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v)))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="beit3-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="beit3_tiny_patch16_64")
+    p.add_argument("--depth", type=int, default=0, help="override the number of layers (0: the preset's)")
+    p.add_argument(
+        "--vl-layers", type=int, default=3, help="VL-expert layers when --depth is given (paper layout)"
+    )
+    p.add_argument(
+        "--layout-released", action="store_true", help="the model is released-layout (no VL experts)"
+    )
+    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--texts", type=int, default=8)
+    p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--text-len", type=int, default=64)
+    p.add_argument("--pair-text-len", type=int, default=40)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--grad-ckpt", choices=("none", "all"), nargs="+", default=["none"])
+    p.add_argument("--compile", action="store_true", help="torch.compile every layer")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--peak-flops", type=float, default=None, help="override the device's peak FLOP/s")
+    p.add_argument("--name", default=None, help="results file stem under --results-dir")
+    p.add_argument("--results-dir", type=Path, default=Path("bench/results"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    results = []
+    for ckpt in args.grad_ckpt:
+        one = argparse.Namespace(**{**vars(args), "grad_ckpt": ckpt})
+        results.append(run(one))
+    table = format_table(results)
+    print(table)
+    if args.name:
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        (args.results_dir / f"{args.name}.json").write_text(json.dumps(results, indent=2))
+        (args.results_dir / f"{args.name}.md").write_text(
+            f"# beit3-bench: {args.name}\n\nCommand: `{results[0]['command']}`\n\n"
+            f"Device: {results[0]['device']}, torch {results[0]['torch']}\n\n{table}\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
