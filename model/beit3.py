@@ -24,7 +24,7 @@ POSITION_OFFSET = 2
 
 
 class VisionEmbedding(nn.Module):
-    """Patchify with a strided convolution, replace masked patches by ``mask_token``, prepend ``cls_token``."""
+    """Patchify with a strided convolution, put ``mask_token`` at masked patches, prepend ``cls_token``."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -36,8 +36,9 @@ class VisionEmbedding(nn.Module):
     def forward(self, image: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
         if image.dim() != 4 or image.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(
-                f"expected images of shape (B, C, {self.img_size}, {self.img_size}), got {tuple(image.shape)}; "
-                "build the model with img_size=... (positions are interpolated when loading) for another size"
+                f"expected images of shape (B, C, {self.img_size}, {self.img_size}), "
+                f"got {tuple(image.shape)}; for another size build the model with img_size=... "
+                "(load_checkpoint interpolates the vision positions)"
             )
         x = self.proj(image).flatten(2).transpose(1, 2)  # (B, Np, D)
         if image_mask is not None:
@@ -95,8 +96,13 @@ class BEiT3(nn.Module):
         text: torch.Tensor | None,
         image_mask: torch.Tensor | None,
         text_positions: torch.Tensor | None,
+        text_start: int = 0,
     ) -> tuple[torch.Tensor, int]:
-        """Token plus position embeddings of the (image ; text) sequence and the number of image tokens."""
+        """Token plus position embeddings of the (image ; text) sequence and the number of image tokens.
+
+        Text positions count from ``text_start`` (the text tokens already in a KV cache) unless
+        ``text_positions`` gives the indices (fairseq offset of 2 included) explicitly.
+        """
         parts = []
         positions = self.encoder.embed_positions
         if image is not None:
@@ -104,11 +110,15 @@ class BEiT3(nn.Module):
             idx = torch.arange(POSITION_OFFSET, POSITION_OFFSET + x.shape[1], device=x.device)
             parts.append(x + positions.A(idx).to(x.dtype))
         if text is not None:
-            if text.shape[1] > self.cfg.max_text_len and text_positions is None:
-                raise ValueError(f"text length {text.shape[1]} exceeds max_text_len {self.cfg.max_text_len}")
             x = self.text_embed(text)
             if text_positions is None:
-                idx = torch.arange(POSITION_OFFSET, POSITION_OFFSET + x.shape[1], device=x.device)
+                end = text_start + text.shape[1]
+                if end > self.cfg.max_text_len:
+                    raise ValueError(
+                        f"text positions up to {end} exceed max_text_len {self.cfg.max_text_len}: "
+                        "shorten the text or build the model with a larger max_text_positions"
+                    )
+                idx = torch.arange(POSITION_OFFSET + text_start, POSITION_OFFSET + end, device=x.device)
             else:
                 idx = text_positions
             parts.append(x + positions.B(idx).to(x.dtype))
@@ -125,9 +135,21 @@ class BEiT3(nn.Module):
         text_positions: torch.Tensor | None = None,  # position indices (offset included), for decoding
         cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """Encode an image, a text, or an image-text pair; returns (B, Nv + Nt, D), image tokens first.
+
+        Routing: image tokens (CLS first) go through the vision experts, text tokens through the language
+        experts, and in the paper layout both through the vision-language experts of the top layers when
+        both are present. ``text_padding_mask`` keys are never attended to and padded positions enter the
+        layers as zeros. ``attn_mask`` (T, S) uses the released semantics, True = blocked; with a ``cache``
+        S counts the cached positions too, and ``text_padding_mask`` is ignored (as in the release, mask
+        padded keys with ``attn_mask`` when decoding).
+        """
         if image is None and text is None:
             raise ValueError("give an image, a text, or both")
-        x, num_vision = self.embed(image, text, image_mask, text_positions)
+        if cache is not None and image is not None and len(cache):
+            raise ValueError("image tokens come first: feed the image in the first step of a cached decode")
+        text_start = cache.num_text if cache is not None else 0
+        x, num_vision = self.embed(image, text, image_mask, text_positions, text_start)
         b, t, _ = x.shape
         pad = None
         if text_padding_mask is not None:
@@ -139,11 +161,17 @@ class BEiT3(nn.Module):
             # As in the release: padded positions enter the layers as zero vectors.
             x = x.masked_fill(pad.unsqueeze(-1), 0.0)
         mask = self._attention_mask(pad if cache is None else None, attn_mask)
+        # Image-text input (the paper layout's vision-language experts apply) counts cached tokens too.
+        has_image = num_vision > 0 or (cache is not None and cache.num_vision > 0)
+        has_text = t > num_vision or (cache is not None and cache.num_text > 0)
+        paired = has_image and has_text
         for i, layer in enumerate(self.encoder.layers):
             if i in self.checkpoint_layers and cache is None and torch.is_grad_enabled():
-                x = checkpoint(layer, x, num_vision, mask, use_reentrant=False)
+                x = checkpoint(layer, x, num_vision, mask, None, i, paired, use_reentrant=False)
             else:
-                x = layer(x, num_vision, mask, cache, i)
+                x = layer(x, num_vision, mask, cache, i, paired)
+        if cache is not None:
+            cache.advance(num_vision, t - num_vision)
         if self.encoder.layer_norm is not None:
             x = self.encoder.layer_norm(x, num_vision)
         return x  # (B, Nv + Nt, D)
@@ -178,10 +206,29 @@ class BEiT3Model(nn.Module):
             self.mlm_head = self.mim_head = None
         self.init_weights()
 
-    def forward(self, image=None, text=None, text_padding_mask=None, **kwargs) -> torch.Tensor:
-        return self.beit3(image=image, text=text, text_padding_mask=text_padding_mask, **kwargs)
+    def forward(
+        self,
+        image: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        text_padding_mask: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        text_positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states (B, Nv + Nt, D); see :meth:`BEiT3.forward` for the arguments."""
+        return self.beit3(
+            image=image,
+            text=text,
+            text_padding_mask=text_padding_mask,
+            image_mask=image_mask,
+            attn_mask=attn_mask,
+            text_positions=text_positions,
+            cache=cache,
+        )
 
     def new_cache(self) -> KVCache:
+        """An empty key/value cache for incremental decoding (pass it as ``cache=`` step after step)."""
         return KVCache(self.cfg.depth)
 
     def set_grad_checkpointing(self, enable: bool = True, layers: list[int] | None = None) -> None:
@@ -228,8 +275,12 @@ class BEiT3Model(nn.Module):
                 nn.init.zeros_(m.bias)
         b3 = self.beit3
         nn.init.normal_(b3.text_embed.weight, std=std)
-        for p in (b3.vision_embed.cls_token, b3.vision_embed.mask_token,
-                  b3.encoder.embed_positions.A.weight, b3.encoder.embed_positions.B.weight):
+        for p in (
+            b3.vision_embed.cls_token,
+            b3.vision_embed.mask_token,
+            b3.encoder.embed_positions.A.weight,
+            b3.encoder.embed_positions.B.weight,
+        ):
             nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
         for layer_id, layer in enumerate(b3.encoder.layers, start=1):
             for name, p in layer.named_parameters():

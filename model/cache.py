@@ -11,11 +11,22 @@ class KVCache:
     ``update`` appends the new step's keys/values and returns the full ones. Beam search uses
     ``reorder`` to follow surviving beams and ``truncate`` to forget trailing slots (the captioning
     recipe feeds ``[previous token, <mask>]`` each step and drops the ``<mask>`` slot afterwards).
+
+    The model also records how many cached positions are image tokens (``num_vision``, always first) and
+    text tokens (``num_text``), so that a text fed with a cache but without ``text_positions`` continues
+    the text position table where the cached text stopped.
     """
 
     def __init__(self, num_layers: int) -> None:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.num_vision = 0
+        self.num_text = 0
+
+    def advance(self, num_vision: int, num_text: int) -> None:
+        """Count the tokens of a forward pass that has just been appended (called by the model)."""
+        self.num_vision += num_vision
+        self.num_text += num_text
 
     def __len__(self) -> int:
         """Number of cached positions."""
@@ -37,6 +48,8 @@ class KVCache:
 
     def truncate(self, length: int) -> None:
         """Forget every cached position from ``length`` on."""
+        self.num_vision = min(self.num_vision, length)
+        self.num_text = max(0, min(self.num_text, length - self.num_vision))
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             if k is not None:
                 self.keys[i] = k[:, :, :length]

@@ -39,10 +39,15 @@ class LoadReport:
 
     def __str__(self) -> str:
         lines = []
-        for title, keys in (("missing", self.missing), ("unexpected", self.unexpected),
-                            ("interpolated", self.interpolated)):
+        for title, keys in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("interpolated", self.interpolated),
+        ):
             if keys:
-                lines.append(f"{title} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
+                lines.append(
+                    f"{title} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
+                )
         return "; ".join(lines) or "all keys matched"
 
 

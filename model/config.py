@@ -61,8 +61,7 @@ class ModelConfig:
             raise ModelConfigError(f"vl_expert_layers must lie in [0, depth={self.depth}]")
         if self.layout == "released" and self.vl_expert_layers:
             raise ModelConfigError(
-                "the released layout has no vision-language experts: set vl_expert_layers=0 "
-                "or layout='paper'"
+                "the released layout has no vision-language experts: set vl_expert_layers=0 or layout='paper'"
             )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ModelConfigError("drop_path_rate must lie in [0, 1)")

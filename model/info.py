@@ -11,16 +11,22 @@ from beit3.model.registry import build_model, get_config, list_models
 
 
 def format_table(name: str) -> str:
-    """A text table of the model's config and parameter groups (in millions)."""
+    """A text table of the model's config and parameter groups.
+
+    ``matrices (M)`` counts weight matrices only (no biases or norms), the convention of the paper's tables.
+    """
     cfg = get_config(name)
-    counts = count_parameters(build_model(name, device="meta"))
+    model = build_model(name, device="meta")
+    counts = count_parameters(model)
+    matrices = count_parameters(model, matrices_only=True)
     rows = [
         f"{name}: layout={cfg.layout} layers={cfg.depth} hidden={cfg.embed_dim} ffn={cfg.ffn_dim} "
-        f"heads={cfg.num_heads} patch={cfg.patch_size} img={cfg.img_size} vl_expert_layers={cfg.vl_expert_layers}",
-        f"{'group':<20}{'parameters':>16}{'millions':>12}",
+        f"heads={cfg.num_heads} patch={cfg.patch_size} img={cfg.img_size} "
+        f"vl_expert_layers={cfg.vl_expert_layers}",
+        f"{'group':<20}{'parameters':>16}{'millions':>12}{'matrices (M)':>16}",
     ]
     for key, value in counts.items():
-        rows.append(f"{key:<20}{value:>16,}{value / 1e6:>12.1f}")
+        rows.append(f"{key:<20}{value:>16,}{value / 1e6:>12.1f}{matrices[key] / 1e6:>16.1f}")
     return "\n".join(rows)
 
 

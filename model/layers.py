@@ -169,9 +169,14 @@ class MultiwayBlock(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
         layer_idx: int = 0,
+        paired: bool | None = None,
     ) -> torch.Tensor:
+        """``paired`` says the sequence is an image-text pair (default: both modalities are in ``x``); with
+        a KV cache the image may sit in the cache while ``x`` holds only new text tokens."""
         # The vision-language expert serves image-text input only (paper §2.1): both modalities present.
-        use_vl = self.with_vl and 0 < num_vision < x.shape[1]
+        if paired is None:
+            paired = 0 < num_vision < x.shape[1]
+        use_vl = self.with_vl and paired
         h = _route(self.self_attn_layer_norm, x, num_vision)
         x = self._residual(x, self.self_attn(h, num_vision, mask, cache, layer_idx))
         h = self.final_layer_norm(x, num_vision, use_vl)

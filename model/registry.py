@@ -47,7 +47,13 @@ register("beit3_large_patch16_224", ModelConfig(embed_dim=1024, depth=24, num_he
 register(
     "beit3_giant_patch14_224",
     ModelConfig(
-        layout="paper", embed_dim=1408, depth=40, num_heads=16, ffn_dim=6144, patch_size=14, vl_expert_layers=3
+        layout="paper",
+        embed_dim=1408,
+        depth=40,
+        num_heads=16,
+        ffn_dim=6144,
+        patch_size=14,
+        vl_expert_layers=3,
     ),
 )
 register(
@@ -62,7 +68,13 @@ register(
 register(
     "beit3_tiny_paper_patch16_64",
     ModelConfig(
-        layout="paper", embed_dim=64, depth=3, num_heads=2, ffn_dim=128, img_size=64, max_text_positions=66,
+        layout="paper",
+        embed_dim=64,
+        depth=3,
+        num_heads=2,
+        ffn_dim=128,
+        img_size=64,
+        max_text_positions=66,
         vl_expert_layers=1,
     ),
 )
