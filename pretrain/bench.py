@@ -47,10 +47,12 @@ def recompute_flops(stats_flops: float, ckpt_fraction: float) -> float:
 def saved_activation_bytes(task: MaskedDataModeling, batch: dict) -> int:
     """Bytes of tensors autograd saves for backward in one forward (activation memory, no allocator slack)."""
     seen: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in task.parameters()}
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in params:  # weights are model state, not activations
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -73,6 +75,8 @@ def run(args: argparse.Namespace) -> dict:
         for i, layer in enumerate(model.beit3.encoder.layers):
             model.beit3.encoder.layers[i] = torch.compile(layer, dynamic=False)
     task = MaskedDataModeling(model).to(device)
+    if args.precision == "bf16-pure":  # like DeepSpeed's bf16 mode: bf16 weights, no autocast casts
+        task.to(torch.bfloat16)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(task.param_groups(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=fused)
     cpu_batch = synthetic_batch(
@@ -93,18 +97,18 @@ def run(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(args.warmup):
+    for _ in range(args.warmup if not args.activation_only else 0):
         step()
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for _ in range(args.steps):
+    for _ in range(args.steps if not args.activation_only else 0):
         t0 = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    step_time = statistics.median(times)
+    step_time = statistics.median(times) if times else float("nan")
     with amp:
         act_bytes = saved_activation_bytes(task, batch)
     opt.zero_grad(set_to_none=True)
@@ -185,12 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--text-len", type=int, default=64)
     p.add_argument("--pair-text-len", type=int, default=40)
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "bf16-pure"),
+        default="bf16",
+        help="bf16: autocast over fp32 weights; bf16-pure: bf16 weights (DeepSpeed's bf16 mode)",
+    )
     p.add_argument("--grad-ckpt", choices=("none", "all"), nargs="+", default=["none"])
     p.add_argument("--compile", action="store_true", help="torch.compile every layer")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--activation-only", action="store_true", help="measure activation memory only, no timing")
     p.add_argument("--peak-flops", type=float, default=None, help="override the device's peak FLOP/s")
     p.add_argument("--name", default=None, help="results file stem under --results-dir")
     p.add_argument("--results-dir", type=Path, default=Path("bench/results"))
