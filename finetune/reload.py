@@ -1,0 +1,112 @@
+"""Load a pretrained (released-format) checkpoint into a task model, explaining every key that does not match.
+
+A checkpoint holds the whole backbone and both pretraining heads; a task model holds one configuration's
+part of it plus fresh task heads. Keys fall into four groups and the report lists each:
+
+* loaded: present on both sides;
+* unused: parameters of the full model that this configuration prunes (``.B.`` copies in a vision encoder,
+  ``mim_head``): expected, reported as "not used by this configuration";
+* fresh: task-head parameters the checkpoint lacks (``head.*``, ``pooler.*``, ...): initialised anew;
+* errors: a backbone parameter the checkpoint lacks, or a checkpoint key the architecture does not have at
+  all. Both mean the checkpoint belongs to another architecture and raise :class:`ReloadError`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from beit3.model import CheckpointError, load_checkpoint, read_state_dict
+from beit3.model.checkpoint import unwrap_state_dict
+
+BACKBONE_PREFIX = "beit3."
+
+
+class ReloadError(CheckpointError):
+    """A checkpoint that does not belong to the task model's architecture."""
+
+
+@dataclass
+class ReloadReport:
+    """What :func:`load_pretrained` did, key by key."""
+
+    loaded: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    fresh: list[str] = field(default_factory=list)
+    interpolated: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:6]) + (f" ... (+{len(keys) - 6})" if len(keys) > 6 else "")
+
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        if self.unused:
+            lines.append(f"not used by this configuration ({len(self.unused)}): {show(self.unused)}")
+        if self.fresh:
+            lines.append(f"initialised fresh ({len(self.fresh)}): {show(self.fresh)}")
+        if self.interpolated:
+            lines.append(f"positions interpolated: {show(self.interpolated)}")
+        return "; ".join(lines)
+
+
+def load_pretrained(
+    task: nn.Module,
+    source: str | os.PathLike | dict,
+    architecture_keys: set[str],
+    ignore: tuple[str, ...] = (),
+) -> ReloadReport:
+    """Load ``source`` into ``task`` (a module whose backbone sits under ``beit3.``).
+
+    ``architecture_keys`` are the keys of the unpruned model with both pretraining heads
+    (:func:`beit3.finetune.configurations.full_model_keys`): checkpoint keys among them that ``task`` lacks
+    are expected drops. Keys starting with a prefix in ``ignore`` are dropped first (e.g. ``("head.",)`` to
+    reuse a backbone finetuned on another task).
+    """
+    sd = read_state_dict(source) if not isinstance(source, dict) else unwrap_state_dict(source)
+    sd = {k: v for k, v in sd.items() if not k.startswith(ignore)} if ignore else dict(sd)
+    own = task.state_dict()
+    unused = sorted(k for k in sd if k not in own and k in architecture_keys)
+    foreign = sorted(k for k in sd if k not in own and k not in architecture_keys)
+    if foreign:
+        raise ReloadError(
+            f"checkpoint keys {foreign[:6]}{' ...' if len(foreign) > 6 else ''} belong to no part of this "
+            "architecture: check the model name (released vs paper layout) or pass ignore=(prefix,) for "
+            "task heads of another finetuned model"
+        )
+    missing_backbone = sorted(k for k in own if k.startswith(BACKBONE_PREFIX) and k not in sd)
+    if missing_backbone:
+        raise ReloadError(
+            f"checkpoint lacks backbone parameters {missing_backbone[:6]}"
+            f"{' ...' if len(missing_backbone) > 6 else ''}: it was saved from another architecture "
+            "(or with normalize_output=False); build the task with the checkpoint's model name"
+        )
+    kept = {k: v for k, v in sd.items() if k in own}
+    try:
+        report = load_checkpoint(task, kept, strict=False)
+    except CheckpointError as e:
+        raise ReloadError(f"{e}; build the task model with the checkpoint's sizes (model name, vocab)") from e
+    return ReloadReport(
+        loaded=sorted(kept), unused=unused, fresh=sorted(report.missing), interpolated=report.interpolated
+    )
+
+
+def checkpoint_overrides(source: str | os.PathLike | dict) -> dict[str, int]:
+    """Model-config overrides implied by a checkpoint's shapes (text vocabulary, text positions).
+
+    Our own small pretrained checkpoints use a task-sized vocabulary rather than the released 64010 rows.
+    """
+    sd = read_state_dict(source) if not isinstance(source, dict) else unwrap_state_dict(source)
+    out = {}
+    emb: torch.Tensor | None = sd.get("beit3.text_embed.weight")
+    if emb is not None:
+        out["vocab_size"] = emb.shape[0]
+    pos = sd.get("beit3.encoder.embed_positions.B.weight")
+    if pos is not None:
+        out["max_text_positions"] = pos.shape[0]
+    mim = sd.get("mim_head.weight")
+    if mim is not None:
+        out["visual_vocab_size"] = mim.shape[0]
+    return out
