@@ -1,0 +1,173 @@
+"""``beit3-pretrain``: masked data modeling on images, texts and image-text pairs with DeepSpeed.
+
+Runs under torchrun, the ``deepspeed`` launcher (``deepspeed --module beit3.pretrain.train``), ``srun``
+(rendezvous from Slurm's variables) or as a single process::
+
+    beit3-pretrain --config pretrain/recipes/demo.toml --ds-config ds_configs/zero3_fp32.json \\
+        --output-dir runs/demo --set train.total_steps=100
+
+Exit codes: 0 finished, 75 checkpointed after SIGTERM/SIGUSR1 (requeue), 2 bad configuration, 3 stopped after
+too many non-finite losses in a row, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from beit3.engine.config_io import ConfigError, to_dict
+from beit3.engine.ds_config import EngineConfigError, load_ds_config
+from beit3.engine.launch import add_launcher_args, init_distributed
+from beit3.engine.trainer import Trainer, TrainerConfig
+from beit3.pretrain.recipe import PretrainRecipe, grad_checkpoint_layers, load_recipe, validate
+
+log = logging.getLogger("beit3.pretrain")
+
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="beit3-pretrain",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    p.add_argument("--config", required=True, help="recipe TOML (pretrain/recipes/*.toml)")
+    p.add_argument(
+        "--ds-config", required=True, help="DeepSpeed JSON (ds_configs/*.json); batch sizes live there"
+    )
+    p.add_argument(
+        "--output-dir", required=True, help="run directory: checkpoints/, tensorboard/, config.json"
+    )
+    p.add_argument(
+        "--resume", default="auto", help="'auto' (latest checkpoint if any), 'none', or a checkpoint dir"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe value, e.g. --set train.lr=5e-4 (repeatable)",
+    )
+    p.add_argument(
+        "--ds-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a DeepSpeed value, e.g. --ds-set zero_optimization.stage=2 (repeatable)",
+    )
+    p.add_argument(
+        "--export",
+        metavar="PATH",
+        default=None,
+        help="after a finished run, write the consolidated released-format checkpoint to PATH",
+    )
+    add_launcher_args(p)
+    return p
+
+
+def _parse_ds_overrides(items: list[str]) -> dict:
+    from beit3.engine.config_io import parse_override
+
+    return {".".join(keys): value for keys, value in (parse_override(i) for i in items)}
+
+
+def build_task(recipe: PretrainRecipe, device):
+    """The model, frozen tokenizers and task module described by the recipe."""
+    from beit3.model import build_model
+    from beit3.pretrain.objective import MaskedDataModeling
+    from beit3.tokenizers.text import TextTokenizer
+    from beit3.tokenizers.vqkd import build_visual_tokenizer
+
+    text_tok = TextTokenizer(recipe.tokenizers.text)
+    overrides = {"drop_path_rate": recipe.model.drop_path_rate, **recipe.model.overrides}
+    model = build_model(recipe.model.name, **overrides)
+    if text_tok.vocab_size > model.cfg.vocab_size:
+        raise ConfigError(
+            f"the text tokenizer has {text_tok.vocab_size} ids but the model's text embedding only "
+            f"{model.cfg.vocab_size} rows: set [model.overrides] vocab_size >= {text_tok.vocab_size}"
+        )
+    visual = build_visual_tokenizer(
+        recipe.tokenizers.visual, recipe.tokenizers.visual_checkpoint or None, device=device
+    )
+    if visual.codebook_size != model.cfg.visual_vocab_size:
+        raise ConfigError(
+            f"visual tokenizer {recipe.tokenizers.visual} has {visual.codebook_size} codes but the model's "
+            f"MIM head predicts {model.cfg.visual_vocab_size}: set [model.overrides] "
+            f"visual_vocab_size = {visual.codebook_size}"
+        )
+    if tuple(visual.grid) != (model.cfg.grid_size, model.cfg.grid_size):
+        raise ConfigError(
+            f"visual tokenizer grid {tuple(visual.grid)} does not match the model's patch grid "
+            f"{model.cfg.grid_size}x{model.cfg.grid_size}: change [data] tokenizer_img_size or the tokenizer"
+        )
+    layers = grad_checkpoint_layers(recipe.model.grad_checkpointing, model.cfg.depth)
+    if layers:
+        model.set_grad_checkpointing(True, layers)
+    task = MaskedDataModeling(model, visual, recipe.objective, weight_decay=recipe.train.weight_decay)
+    return task, text_tok
+
+
+def trainer_config(recipe: PretrainRecipe, args, ds_config: dict) -> TrainerConfig:
+    t = recipe.train
+    return TrainerConfig(
+        output_dir=args.output_dir,
+        total_steps=t.total_steps,
+        log_every=t.log_every,
+        save_every=t.save_every,
+        keep_last=t.keep_last,
+        resume=args.resume,
+        seed=t.seed,
+        lr=t.lr,
+        min_lr=t.min_lr,
+        warmup_steps=t.warmup_steps,
+        schedule=t.schedule,
+        weight_decay=t.weight_decay,
+        betas=tuple(t.betas),
+        eps=t.eps,
+        optimizer=t.optimizer,
+        max_nonfinite_in_row=t.max_nonfinite_in_row,
+        tensorboard=t.tensorboard,
+        run_info={"recipe": to_dict(recipe), "command": sys.argv, "ds_config": ds_config},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    dist = init_distributed(args.local_rank)
+    try:
+        recipe = load_recipe(args.config, args.set)
+        ds_config = load_ds_config(args.ds_config, dist.world_size, _parse_ds_overrides(args.ds_set))
+        split = validate(recipe, ds_config)
+        task, text_tok = build_task(recipe, dist.device)
+    except (ConfigError, EngineConfigError) as e:
+        if dist.rank == 0:
+            print(f"beit3-pretrain: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    from beit3.pretrain.data import build_pretrain_loader
+
+    loader = build_pretrain_loader(
+        recipe.data,
+        text_tok,
+        split["images"],
+        split["texts"],
+        split["pairs"],
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
+    result = Trainer(task, loader, ds_config, trainer_config(recipe, args, ds_config), dist).fit()
+    if result.exit_reason != "finished":
+        return result.exit_code
+    if args.export and dist.rank == 0:
+        from beit3.pretrain.export import export_run
+
+        export_run(Path(args.output_dir), Path(args.export))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
