@@ -1,0 +1,105 @@
+"""Turn a training checkpoint (ZeRO stage 0-3) into one fp32 state dict of the task module, and verify it.
+
+Upstream ``zero_to_fp32`` has had silent-corruption bugs (dropped tied or frozen parameters, all-zero
+shards), so a consolidated state dict should be checked against a live module with ``verify_against_module``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from beit3.engine.checkpoint import MARKER, POINTER, CheckpointError
+
+
+class ConsolidationError(RuntimeError):
+    """A consolidated state dict that does not match the module it should describe."""
+
+
+def _locate(path: Path, tag: str | None) -> tuple[Path, str]:
+    """(checkpoints root, tag) from a run dir, a checkpoints dir or a tag dir."""
+    if (path / MARKER).is_file() or (tag is None and any(path.glob("*model_states.pt"))):
+        return path.parent, path.name
+    for root in (path / "checkpoints", path):
+        if tag is not None and (root / tag).is_dir():
+            return root, tag
+        if tag is None and (root / POINTER).is_file():
+            return root, (root / POINTER).read_text().strip()
+    raise CheckpointError(
+        f"no checkpoint found at {path} (tag={tag}); pass a run dir with checkpoints/latest, "
+        "a checkpoints dir, or a tag dir"
+    )
+
+
+def consolidate_checkpoint(
+    run_dir_or_ckpt_dir: str | os.PathLike, tag: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The task module's fp32 state dict from a checkpoint of any ZeRO stage (``latest`` unless ``tag``).
+
+    Stages 1-3 rebuild the fp32 master weights from the optimizer shards (DeepSpeed's zero_to_fp32);
+    stage 0 has no shards and returns the module weights of ``mp_rank_00_model_states.pt`` as fp32.
+    """
+    root, tag = _locate(Path(run_dir_or_ckpt_dir), tag)
+    tag_dir = root / tag
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"checkpoint tag dir {tag_dir} does not exist; list {root} for saved tags")
+    if any(tag_dir.glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(None):  # it prints per-tensor progress
+            state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    else:
+        path = tag_dir / "mp_rank_00_model_states.pt"
+        if not path.is_file():
+            raise CheckpointError(f"{tag_dir} holds neither ZeRO shards nor mp_rank_00_model_states.pt")
+        state = torch.load(path, map_location="cpu", weights_only=False)["module"]
+    return {k: v.detach().float().clone() if v.is_floating_point() else v.clone() for k, v in state.items()}
+
+
+def _gathered(module: torch.nn.Module):
+    """Context in which ZeRO-3 partitioned parameters hold their full values (a collective on all ranks)."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def verify_against_module(
+    state_dict: dict[str, torch.Tensor], module: torch.nn.Module, atol: float = 0.0
+) -> None:
+    """Raise ConsolidationError unless ``state_dict`` holds exactly the module's parameters and buffers.
+
+    Values are compared in the module's dtype (fp32 masters of a bf16 module are rounded first), so a
+    correct consolidation matches exactly; a ZeRO-3 module is gathered (call on every rank).
+    """
+    problems = []
+    with _gathered(module):
+        live = {name: t.detach() for name, t in module.named_parameters()}
+        live.update({name: b.detach() for name, b in module.named_buffers() if name not in live})
+        missing = sorted(set(live) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(live))
+        if missing:
+            problems.append(f"missing {missing}")
+        if unexpected:
+            problems.append(f"unexpected {unexpected}")
+        for name in sorted(set(live) & set(state_dict)):
+            ours, theirs = state_dict[name], live[name]
+            if tuple(ours.shape) != tuple(theirs.shape):
+                problems.append(f"{name}: shape {tuple(ours.shape)} != live {tuple(theirs.shape)}")
+                continue
+            ours = ours.to(device=theirs.device, dtype=theirs.dtype)
+            if theirs.is_floating_point():
+                diff = (ours.float() - theirs.float()).abs().max().item() if ours.numel() else 0.0
+                if not diff <= atol:  # NaN fails too
+                    problems.append(f"{name}: max |diff| {diff:.3g} > {atol}")
+            elif not torch.equal(ours, theirs):
+                problems.append(f"{name}: values differ")
+    if problems:
+        raise ConsolidationError(
+            "consolidated checkpoint does not match the module: " + "; ".join(problems[:20])
+        )

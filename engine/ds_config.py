@@ -1,0 +1,145 @@
+"""Loading and validating DeepSpeed JSON configs (``ds_configs/*.json``).
+
+The JSON is passed to DeepSpeed unchanged apart from dotted overrides and the resolved batch sizes.
+Batch sizes live in these files only; the optimizer and LR schedule are built by the engine from the
+training recipe, so an ``optimizer`` or ``scheduler`` block is an error rather than a silent conflict.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+
+class EngineConfigError(ValueError):
+    """A DeepSpeed config (or an override of it) that the engine cannot run; the message names the fix."""
+
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def _read(path_or_dict: str | os.PathLike | dict) -> dict:
+    if isinstance(path_or_dict, dict):
+        return copy.deepcopy(path_or_dict)
+    try:
+        with open(path_or_dict) as f:
+            config = json.load(f)
+    except FileNotFoundError as err:
+        raise EngineConfigError(
+            f"DeepSpeed config {path_or_dict} does not exist; pick one in ds_configs/"
+        ) from err
+    except json.JSONDecodeError as err:
+        raise EngineConfigError(f"DeepSpeed config {path_or_dict} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise EngineConfigError(f"DeepSpeed config {path_or_dict} must hold a JSON object")
+    return config
+
+
+def apply_overrides(config: dict, overrides: dict[str, Any]) -> dict:
+    """Set dotted keys (``{"zero_optimization.stage": 3}``) in a copy of ``config``."""
+    config = copy.deepcopy(config)
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise EngineConfigError(f"override {dotted!r}: {key!r} is not a JSON object in the config")
+            node = child
+        if value is None:
+            node.pop(leaf, None)  # None removes a key, e.g. to let a batch size be derived again
+        else:
+            node[leaf] = value
+    return config
+
+
+def resolve_batch_sizes(config: dict, world_size: int) -> dict:
+    """Fill the missing one of global batch, micro-batch and accumulation steps; check that they agree.
+
+    ``train_batch_size = train_micro_batch_size_per_gpu * gradient_accumulation_steps * world_size``.
+    """
+    config = copy.deepcopy(config)
+    glob, micro, gas = (config.get(k) for k in BATCH_KEYS)
+    for key, value in zip(BATCH_KEYS, (glob, micro, gas)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise EngineConfigError(f"{key} must be a positive integer, got {value!r}")
+    if glob is None and micro is None:
+        raise EngineConfigError(
+            "set train_batch_size or train_micro_batch_size_per_gpu in the DeepSpeed config"
+        )
+    if micro is None:
+        gas = gas or 1
+        if glob % (gas * world_size):
+            raise EngineConfigError(
+                f"train_batch_size {glob} is not divisible by gradient_accumulation_steps "
+                f"{gas} x world size {world_size}; change train_batch_size to a multiple "
+                f"of {gas * world_size} or set train_micro_batch_size_per_gpu"
+            )
+        micro = glob // (gas * world_size)
+    elif glob is None:
+        gas = gas or 1
+        glob = micro * gas * world_size
+    elif gas is None:
+        if glob % (micro * world_size):
+            raise EngineConfigError(
+                f"train_batch_size {glob} is not divisible by micro-batch {micro} x world "
+                f"size {world_size}; use a global batch that is a multiple of "
+                f"{micro * world_size}, or change the micro-batch or the number of ranks"
+            )
+        gas = glob // (micro * world_size)
+    elif glob != micro * gas * world_size:
+        raise EngineConfigError(
+            f"train_batch_size {glob} != micro-batch {micro} x accumulation {gas} x world "
+            f"size {world_size} = {micro * gas * world_size}; drop one of the three keys "
+            "so that it is derived"
+        )
+    config.update(zip(BATCH_KEYS, (glob, micro, gas)))
+    return config
+
+
+def validate(config: dict) -> None:
+    """Reject blocks the engine owns and contradictory precision settings."""
+    for block in ("optimizer", "scheduler"):
+        if block in config:
+            raise EngineConfigError(
+                f"remove the {block!r} block from the DeepSpeed config: the engine builds the "
+                "optimizer and LR schedule from the training recipe (lr, warmup_steps, ...)"
+            )
+    fp16 = config.get("fp16", {}).get("enabled", False)
+    bf16 = config.get("bf16", {}).get("enabled", False)
+    if fp16 and bf16:
+        raise EngineConfigError(
+            "fp16 and bf16 are both enabled; set one of fp16.enabled / bf16.enabled to false"
+        )
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise EngineConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    accum = config.get("data_types", {}).get("grad_accum_dtype")
+    if stage == 0 and accum is not None and accum != precision_of(config):
+        # DeepSpeed 0.19.8 raises NotImplementedError deep in initialize() for this mix.
+        raise EngineConfigError(
+            f"data_types.grad_accum_dtype={accum!r} differs from the training precision, "
+            "which DeepSpeed supports only with ZeRO stage 1-3; remove it or use ZeRO >= 1"
+        )
+
+
+def load_ds_config(
+    path_or_dict: str | os.PathLike | dict, world_size: int, overrides: dict[str, Any] | None = None
+) -> dict:
+    """Read a DeepSpeed JSON config, apply dotted overrides, resolve batch sizes, validate."""
+    if world_size < 1:
+        raise EngineConfigError(f"world_size must be >= 1, got {world_size}")
+    config = apply_overrides(_read(path_or_dict), overrides or {})
+    validate(config)
+    return resolve_batch_sizes(config, world_size)
+
+
+def precision_of(config: dict) -> str:
+    """``"bf16"``, ``"fp16"`` or ``"fp32"``: the dtype DeepSpeed will train the module in."""
+    if config.get("bf16", {}).get("enabled", False):
+        return "bf16"
+    if config.get("fp16", {}).get("enabled", False):
+        return "fp16"
+    return "fp32"

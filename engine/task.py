@@ -1,0 +1,46 @@
+"""The task protocol: all the engine knows about the model it trains (see docs/architecture.md)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class TaskModule(Protocol):
+    """A ``torch.nn.Module`` the engine wraps in DeepSpeed.
+
+    Every optimizer step must touch every trainable parameter on every rank, in the same order: ZeRO-3
+    re-applies the stale gradient of a parameter unused in a step (docs/engine.md).
+    Under bf16/fp16 DeepSpeed casts the module's parameters but not its inputs: ``forward`` casts floating
+    inputs to its parameter dtype and should compute its loss in fp32.
+    """
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Scalar loss and flat per-micro-batch metrics named as TensorBoard tags (``loss/mlm``)."""
+        ...
+
+    def prepare_batch(self, batch: Any, device: torch.device) -> Any:
+        """Move the batch to ``device`` and run frozen preprocessing outside DeepSpeed."""
+        ...
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups; a group may carry ``lr_scale`` (default 1) and ``weight_decay``."""
+        ...
+
+    def batch_stats(self, batch: Any) -> dict[str, float]:
+        """``samples`` (int), ``tokens`` (int) and ``flops`` (training FLOPs of the micro-batch)."""
+        ...
+
+
+REQUIRED_METHODS = ("forward", "prepare_batch", "param_groups", "batch_stats")
+
+
+def check_task(task: Any) -> None:
+    """Raise TypeError naming the missing methods if ``task`` does not follow the protocol."""
+    if not isinstance(task, torch.nn.Module):
+        raise TypeError(f"the task must be a torch.nn.Module, got {type(task).__name__}")
+    missing = [name for name in REQUIRED_METHODS if not callable(getattr(task, name, None))]
+    if missing:
+        raise TypeError(f"task {type(task).__name__} lacks {', '.join(missing)} (see beit3.engine.task)")

@@ -1,0 +1,400 @@
+"""The training loop shared by pretraining and finetuning: DeepSpeed, LR, metrics, checkpoints, signals.
+
+Per micro-batch: ``task.prepare_batch`` (outside the DeepSpeed module), ``engine(batch)``,
+``engine.backward(loss)``, ``engine.step()``. Host syncs: one per optimizer step (a two-element all-reduce
+read just before the optimizer step, carrying the non-finite-loss flag and the preemption flag) and one
+per log step (the metric reduction). See docs/engine.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+from beit3.engine.checkpoint import (
+    CheckpointManager,
+    atomic_write_bytes,
+    capture_rng,
+    resolve_resume,
+    restore_rng,
+)
+from beit3.engine.ds_config import EngineConfigError, precision_of
+from beit3.engine.launch import DistInfo, shutdown_distributed
+from beit3.engine.lr import SCHEDULES, lr_at
+from beit3.engine.metrics import MetricAccumulator, MetricsWriter, device_peak_flops
+from beit3.engine.optim import StepGuard, build_optimizer
+from beit3.engine.task import check_task
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the Slurm scripts requeue the job on this code
+EXIT_NONFINITE = 3
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass
+class TrainerConfig:
+    """Loop, optimizer and schedule settings (batch sizes and ZeRO live in the DeepSpeed JSON)."""
+
+    output_dir: str
+    total_steps: int
+    log_every: int = 10
+    save_every: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"  # "auto" | "none" | a checkpoint path
+    seed: int = 0
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    optimizer: str = "adamw"  # "adamw" | "apex_fused_adam"
+    max_nonfinite_in_row: int = 5
+    tensorboard: bool = True
+    peak_flops: float | None = None
+    run_info: dict = field(default_factory=dict)
+    eval_every: int = 0
+    handle_signals: bool = True
+    shutdown_at_end: bool = True  # barrier + destroy_process_group when fit() returns
+
+    def validate(self) -> None:
+        """Raise EngineConfigError naming the field to fix."""
+        checks = [
+            (self.total_steps >= 1, "total_steps must be >= 1"),
+            (self.log_every >= 1, "log_every must be >= 1"),
+            (self.save_every >= 0, "save_every must be >= 0 (0: only at the end)"),
+            (self.keep_last >= 1, "keep_last must be >= 1"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
+            (0 <= self.warmup_steps <= self.total_steps, "warmup_steps must lie in [0, total_steps]"),
+            (self.max_nonfinite_in_row >= 1, "max_nonfinite_in_row must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EngineConfigError(f"TrainerConfig: {message}")
+
+
+@dataclass
+class TrainResult:
+    """How ``fit`` ended: ``exit_reason`` is "finished", "preempted" or "nonfinite"."""
+
+    step: int
+    exit_reason: str
+    last_metrics: dict[str, float]
+
+    @property
+    def exit_code(self) -> int:
+        """The process exit code a CLI should return: 0, EXIT_PREEMPTED (75) or EXIT_NONFINITE (3)."""
+        return {"finished": 0, "preempted": EXIT_PREEMPTED, "nonfinite": EXIT_NONFINITE}[self.exit_reason]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Trains a task module (beit3.engine.task) with DeepSpeed; ``fit()`` runs to total_steps or a stop."""
+
+    def __init__(
+        self,
+        task: torch.nn.Module,
+        data: Iterable,
+        ds_config: dict,
+        cfg: TrainerConfig,
+        dist: DistInfo,
+        eval_fn: Callable[[int], dict[str, float]] | None = None,
+    ):
+        import deepspeed
+
+        check_task(task)
+        cfg.validate()
+        self.task, self.data, self.cfg, self.dist, self.eval_fn = task, data, cfg, dist, eval_fn
+        self.ds_config = ds_config
+        seed_everything(cfg.seed + dist.rank)
+        optimizer = build_optimizer(
+            task.param_groups(),
+            cfg.optimizer,
+            cfg.lr,
+            tuple(cfg.betas),
+            cfg.eps,
+            cfg.weight_decay,
+            dist.device,
+        )
+        self.guard = StepGuard(optimizer)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=task.to(dist.device), optimizer=optimizer, config=ds_config, dist_init_required=False
+        )
+        self.gas = self.engine.gradient_accumulation_steps()
+        # DeepSpeed computes no gradient norm for plain fp32 without ZeRO: the trainer does, at log steps.
+        self._own_grad_norm = self.engine.zero_optimization_stage() == 0 and precision_of(ds_config) == "fp32"
+        self._grad_norm: torch.Tensor | None = None
+        self.ckpt = CheckpointManager(cfg.output_dir, dist.rank, dist.world_size, cfg.keep_last)
+        self.step, self.skipped_steps, self.nonfinite_in_row, self.last_saved = 0, 0, 0, -1
+        self.peak_flops = device_peak_flops(dist.device, cfg.peak_flops)
+        self.writer = MetricsWriter(
+            Path(cfg.output_dir) / "tensorboard",
+            enabled=dist.is_main,
+            tensorboard=cfg.tensorboard,
+            total_steps=cfg.total_steps,
+        )
+        self._stop_signal = 0
+        self._data_counters: dict[str, float] = {}
+        self._resume()
+        self._iter = iter(self.data)
+        if dist.is_main:
+            self._write_run_config()
+
+    # ----- setup -----
+    def _resume(self) -> None:
+        self.ckpt.clean_incomplete()
+        tag_dir = resolve_resume(self.cfg.resume, self.cfg.output_dir)
+        if tag_dir is None:
+            return
+        rank_state, run_state = self.ckpt.load(self.engine, tag_dir)
+        self.step = self.last_saved = int(run_state["step"])
+        if rank_state is not None:
+            self.skipped_steps = rank_state.get("skipped_steps", 0)
+            self.nonfinite_in_row = rank_state.get("nonfinite_in_row", 0)
+            self._data_counters = rank_state.get("data_counters", {})
+            if rank_state.get("data") is not None and hasattr(self.data, "load_state_dict"):
+                self.data.load_state_dict(rank_state["data"])
+            restore_rng(rank_state["rng"])
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d", tag_dir, self.step)
+
+    def _write_run_config(self) -> None:
+        import deepspeed
+
+        engine_info = {
+            "trainer": dataclasses.asdict(self.cfg),
+            "ds_config": self.ds_config,
+            "world_size": self.dist.world_size,
+            "precision": precision_of(self.ds_config),
+            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__},
+        }
+        config = {**self.cfg.run_info, "engine": engine_info}
+        Path(self.cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(
+            Path(self.cfg.output_dir) / "config.json", json.dumps(config, indent=1, default=str).encode()
+        )
+
+    # ----- signals -----
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum  # acted on at the next step boundary, agreed across ranks
+
+    def _install_signals(self) -> dict:
+        if not self.cfg.handle_signals:
+            return {}
+        try:
+            return {sig: signal.signal(sig, self._on_signal) for sig in PREEMPT_SIGNALS}
+        except ValueError:  # not the main thread: the caller owns signals
+            return {}
+
+    # ----- the loop -----
+    def fit(self) -> TrainResult:
+        """Train until total_steps, a preemption signal, or too many non-finite losses in a row."""
+        previous = self._install_signals()
+        try:
+            result = self._loop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.writer.close()
+        if self.cfg.shutdown_at_end:
+            shutdown_distributed()
+        elif torch_dist.is_initialized():
+            torch_dist.barrier()
+        return result
+
+    def _set_lr(self) -> float:
+        lr = lr_at(
+            self.step,
+            self.cfg.lr,
+            self.cfg.warmup_steps,
+            self.cfg.total_steps,
+            self.cfg.min_lr,
+            self.cfg.schedule,
+        )
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
+
+    def _next_batch(self) -> Any:
+        try:
+            return next(self._iter)
+        except StopIteration:  # a finite dataset: start its next epoch
+            self._iter = iter(self.data)
+            return next(self._iter)
+
+    def _train_step(self, window_stats: dict, log_step: bool) -> tuple[MetricAccumulator, bool, bool, bool]:
+        """One optimizer step over ``gas`` micro-batches: its metrics and non-finite/skipped/stop flags.
+
+        A non-finite loss on any rank skips the optimizer step on every rank (StepGuard); an fp16 overflow
+        is skipped by DeepSpeed's loss scaler and counted as skipped too.
+        """
+        device = self.dist.device
+        step_metrics = MetricAccumulator(device)
+        nonfinite = torch.zeros((), device=device)
+        for micro in range(self.gas):
+            batch = self._next_batch()
+            if isinstance(batch, dict) and isinstance(batch.get("stats"), dict):
+                self._data_counters.update(batch["stats"])
+            for key, value in self.task.batch_stats(batch).items():
+                window_stats[key] = window_stats.get(key, 0.0) + float(value)
+            batch = self.task.prepare_batch(batch, device)
+            loss, metrics = self.engine(batch)
+            nonfinite = nonfinite + (~torch.isfinite(loss.detach().float())).float()
+            step_metrics.add({**metrics, "loss/total": loss})
+            self.engine.backward(loss)
+            if micro == self.gas - 1:
+                # The one host sync of the step: agree on skip and stop before the optimizer runs.
+                flags = torch.stack([nonfinite, torch.tensor(float(self._stop_signal != 0), device=device)])
+                if self.dist.world_size > 1:
+                    torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
+                skip, stop = (bool(v > 0) for v in flags.tolist())
+                self.guard.skip = skip
+                if log_step and self._own_grad_norm:
+                    self._grad_norm = _module_grad_norm(self.engine.module)
+            overflow_before = self.engine.skipped_steps
+            try:
+                self.engine.step()
+            finally:
+                self.guard.skip = False
+        skipped = skip or self.engine.skipped_steps > overflow_before
+        return step_metrics, skip, skipped, stop
+
+    def _loop(self) -> TrainResult:
+        self.engine.train()
+        window, stats = MetricAccumulator(self.dist.device), {}
+        window_start, excluded, steps_in_window, last_metrics = time.perf_counter(), 0.0, 0, {}
+        while self.step < self.cfg.total_steps:
+            lr = self._set_lr()
+            log_step = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.cfg.total_steps
+            step_metrics, nonfinite, skipped, stop = self._train_step(stats, log_step)
+            self.step += 1
+            steps_in_window += 1
+            self.skipped_steps += skipped
+            self.nonfinite_in_row = self.nonfinite_in_row + 1 if nonfinite else 0
+            if not nonfinite:
+                window.merge(step_metrics)
+            too_many_nonfinite = self.nonfinite_in_row >= self.cfg.max_nonfinite_in_row
+            if log_step or stop:
+                elapsed = time.perf_counter() - window_start - excluded
+                last_metrics = self._log(window, stats, lr, elapsed, steps_in_window)
+                window, stats = MetricAccumulator(self.dist.device), {}
+                window_start, excluded, steps_in_window = time.perf_counter(), 0.0, 0
+            excluded += self._maybe_eval()
+            if too_many_nonfinite:
+                self.save()
+                log.error(
+                    "stopping: %d non-finite losses in a row (last step %d); the checkpoint holds the "
+                    "parameters before them. Lower the LR or inspect the data, then resume.",
+                    self.nonfinite_in_row,
+                    self.step,
+                )
+                return TrainResult(self.step, "nonfinite", last_metrics)
+            if stop:
+                self.save()
+                if self.dist.is_main:
+                    log.warning(
+                        "preemption signal: saved step %d, exiting with %d", self.step, EXIT_PREEMPTED
+                    )
+                return TrainResult(self.step, "preempted", last_metrics)
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                excluded += self.save()
+        self.save()
+        return TrainResult(self.step, "finished", last_metrics)
+
+    def _maybe_eval(self) -> float:
+        every = self.cfg.eval_every
+        if self.eval_fn is None or not every or (self.step % every and self.step != self.cfg.total_steps):
+            return 0.0
+        start = time.perf_counter()
+        self.engine.eval()
+        with torch.no_grad():
+            scalars = self.eval_fn(self.step)
+        self.engine.train()
+        self.writer.write(self.step, dict(scalars))
+        return time.perf_counter() - start
+
+    def _log(self, window: MetricAccumulator, stats: dict, lr: float, elapsed: float, steps: int) -> dict:
+        counters = self._gather_counter_names()
+        extra = {f"perf/{k}": stats.get(k, 0.0) for k in ("samples", "tokens", "flops")}
+        extra.update({f"data/{k}": float(self._data_counters.get(k, 0.0)) for k in counters})
+        means, sums = window.reduce(extra)
+        elapsed = max(elapsed, 1e-9)
+        scalars = dict(means)
+        scalars["optim/lr"] = lr
+        grad_norm = self._grad_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
+        scalars["optim/grad_norm"] = _as_float(grad_norm)
+        scalars["optim/loss_scale"] = _as_float(getattr(self.engine.optimizer, "cur_scale", 1.0))
+        scalars["optim/skipped_steps"] = float(self.skipped_steps)
+        scalars["perf/samples_per_sec"] = sums["perf/samples"] / elapsed
+        scalars["perf/tokens_per_sec"] = sums["perf/tokens"] / elapsed
+        scalars["perf/step_time_s"] = elapsed / max(steps, 1)
+        if self.peak_flops:
+            scalars["perf/mfu_pct"] = (
+                100.0 * sums["perf/flops"] / elapsed / (self.peak_flops * self.dist.world_size)
+            )
+        if self.dist.device.type == "cuda":
+            scalars["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
+        scalars.update({k: v for k, v in sums.items() if k.startswith("data/")})
+        self.writer.write(self.step, scalars)
+        return scalars
+
+    def _gather_counter_names(self) -> list[str]:
+        """The union over ranks of data counter names (a rank may not have seen a counter yet)."""
+        names = sorted(self._data_counters)
+        if self.dist.world_size > 1:
+            gathered: list[list[str]] = [[] for _ in range(self.dist.world_size)]
+            torch_dist.all_gather_object(gathered, names)
+            names = sorted({n for rank_names in gathered for n in rank_names})
+        return names
+
+    # ----- checkpoints -----
+    def save(self) -> float:
+        """Checkpoint the current step on all ranks (unless already saved); returns its seconds."""
+        if self.last_saved == self.step:
+            return 0.0
+        start = time.perf_counter()
+        data_state = self.data.state_dict() if hasattr(self.data, "state_dict") else None
+        rank_state = {
+            "data": data_state,
+            "rng": capture_rng(),
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "data_counters": dict(self._data_counters),
+        }
+        run_state = {"ds_config": self.ds_config, "trainer": dataclasses.asdict(self.cfg)}
+        self.ckpt.save(self.engine, self.step, rank_state, run_state)
+        self.last_saved = self.step
+        return time.perf_counter() - start
+
+
+def _module_grad_norm(module: torch.nn.Module) -> torch.Tensor | None:
+    """The 2-norm of all gradients (already all-reduced at the accumulation boundary), left on the device."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+
+
+def _as_float(value: Any) -> float:
+    if value is None:
+        return math.nan
+    return float(value.item() if torch.is_tensor(value) else value)

@@ -1,0 +1,224 @@
+"""A toy task and a resumable toy dataset for the engine tests, and a script that runs training scenarios.
+
+The toy model mimics Multiway routing: a shared embedding and head, two "experts" (one per modality);
+every micro-batch carries an ``a`` and a ``b`` sub-batch forwarded in that fixed order, so every optimizer
+step touches every parameter (the ZeRO-3 requirement). Run as a script under torchrun or with Slurm-like
+env variables: ``python tests/engine_helpers.py --runs '<json list of run specs>'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+DS_CONFIGS = REPO / "ds_configs"
+
+
+class ToyMultiwayTask(nn.Module):
+    """Shared embedding, two experts, shared head; loss = CE(a) + CE(b). Records per-batch losses if asked."""
+
+    def __init__(
+        self,
+        in_dim: int = 8,
+        dim: int = 16,
+        classes: int = 4,
+        dropout: float = 0.1,
+        record_path: str | None = None,
+        kill_at_batch: int = -1,
+    ):
+        super().__init__()
+        self.embed = nn.Linear(in_dim, dim)
+        self.expert_a = nn.Linear(dim, dim)
+        self.expert_b = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, classes)
+        self.dropout = nn.Dropout(dropout)
+        self.record_path, self.kill_at_batch = record_path, kill_at_batch
+
+    def _branch(
+        self, x: torch.Tensor, y: torch.Tensor, expert: nn.Linear
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.dropout(F.gelu(self.embed(x.to(self.embed.weight.dtype))))
+        logits = self.head(h + expert(h)).float()
+        return F.cross_entropy(logits, y), (logits.argmax(-1) == y).float().mean()
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Loss of both sub-batches and per-branch metrics."""
+        loss_a, acc_a = self._branch(batch["xa"], batch["ya"], self.expert_a)
+        loss_b, acc_b = self._branch(batch["xb"], batch["yb"], self.expert_b)
+        loss = loss_a + loss_b
+        self._record(batch["index"], loss)
+        return loss, {"loss/a": loss_a, "loss/b": loss_b, "acc/a": acc_a, "acc/b": acc_b}
+
+    def _record(self, index: int, loss: torch.Tensor) -> None:
+        rank = int(os.environ.get("RANK", "0"))
+        if self.kill_at_batch == index and rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)  # a node failure: no handler, no flush, no save
+        if self.record_path:
+            with open(f"{self.record_path}_rank{rank}.jsonl", "a") as f:
+                f.write(json.dumps({"index": index, "loss": float(loss.detach())}) + "\n")
+
+    def prepare_batch(self, batch: dict, device: torch.device) -> dict:
+        """Tensors to ``device``; the rest unchanged."""
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def param_groups(self) -> list[dict]:
+        """Biases without weight decay; the head at half the learning rate (exercises lr_scale)."""
+        decay = [p for n, p in self.named_parameters() if n.endswith("weight") and not n.startswith("head")]
+        no_decay = [p for n, p in self.named_parameters() if n.endswith("bias")]
+        return [
+            {"params": decay},
+            {"params": no_decay, "weight_decay": 0.0},
+            {"params": [self.head.weight], "lr_scale": 0.5},
+        ]
+
+    def batch_stats(self, batch: dict) -> dict:
+        """Samples of both sub-batches, one token each, 6 x params FLOPs per token."""
+        samples = len(batch["ya"]) + len(batch["yb"])
+        params = sum(p.numel() for p in self.parameters())
+        return {"samples": samples, "tokens": samples, "flops": 6.0 * params * samples}
+
+
+class ToyData:
+    """An endless, per-rank stream of mixed micro-batches; sample j depends only on (seed, rank, j).
+
+    Micro-batch i holds samples [i*m, (i+1)*m), so 4 micro-batches of 1 see the same samples as one of 4.
+    ``nan_batches`` fills the ``a`` inputs of those batch indices with NaN. Counters in ``stats`` mimic a
+    loader's cumulative skip counts.
+    """
+
+    def __init__(
+        self,
+        micro_batch: int,
+        rank: int = 0,
+        seed: int = 0,
+        in_dim: int = 8,
+        classes: int = 4,
+        nan_batches: tuple[int, ...] = (),
+    ):
+        self.micro_batch, self.rank, self.seed = micro_batch, rank, seed
+        self.in_dim, self.classes, self.nan_batches = in_dim, classes, set(nan_batches)
+        self.index = 0
+
+    def _sample(self, j: int) -> tuple[torch.Tensor, ...]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 10_007 + j)
+        xa, xb = torch.randn(2, self.in_dim, generator=gen)
+        ya, yb = torch.randint(0, self.classes, (2,), generator=gen)
+        return xa, ya, xb, yb
+
+    def __iter__(self):
+        while True:
+            i, m = self.index, self.micro_batch
+            xa, ya, xb, yb = (
+                torch.stack(t) for t in zip(*(self._sample(j) for j in range(i * m, (i + 1) * m)))
+            )
+            if i in self.nan_batches:
+                xa = torch.full_like(xa, float("nan"))
+            self.index += 1
+            yield {
+                "xa": xa,
+                "ya": ya,
+                "xb": xb,
+                "yb": yb,
+                "index": i,
+                "stats": {"skipped/corrupt": (i + 1) // 3 + self.rank},
+            }
+
+    def state_dict(self) -> dict:
+        """The next batch index."""
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position."""
+        self.index = state["index"]
+
+
+@pytest.fixture(scope="session")
+def single_rank():
+    """This pytest process as a one-rank gloo job (import this fixture into a test module)."""
+    from beit3.engine.launch import init_distributed
+
+    return init_distributed()
+
+
+def read_losses(record_path: str | Path, rank: int) -> dict[int, float]:
+    """Batch index -> loss recorded by ToyMultiwayTask (a re-run batch must repeat the same loss)."""
+    out: dict[int, float] = {}
+    with open(f"{record_path}_rank{rank}.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            out.setdefault(row["index"], row["loss"])
+    return out
+
+
+def run_one(spec: dict, dist) -> dict:
+    """Build the toy task and a Trainer from a run spec and fit; returns a JSON-able summary."""
+    from beit3.engine.ds_config import load_ds_config
+    from beit3.engine.trainer import Trainer, TrainerConfig
+
+    torch.manual_seed(spec.get("init_seed", 0))  # identical initial weights in every run
+    out = Path(spec["output_dir"])
+    task = ToyMultiwayTask(
+        dropout=spec.get("dropout", 0.1),
+        record_path=str(out / "losses"),
+        kill_at_batch=spec.get("kill_at_batch", -1),
+    )
+    ds = load_ds_config(DS_CONFIGS / spec["ds_config"], dist.world_size, spec.get("overrides", {}))
+    data = ToyData(
+        ds["train_micro_batch_size_per_gpu"], rank=dist.rank, nan_batches=spec.get("nan_batches", ())
+    )
+    cfg = TrainerConfig(
+        output_dir=str(out),
+        total_steps=spec["steps"],
+        log_every=spec.get("log_every", 2),
+        save_every=spec.get("save_every", 0),
+        resume=spec.get("resume", "auto"),
+        lr=1e-2,
+        warmup_steps=2,
+        max_nonfinite_in_row=spec.get("max_nonfinite_in_row", 3),
+        shutdown_at_end=False,
+    )
+    trainer = Trainer(task, data, ds, cfg, dist)
+    result = trainer.fit()
+    return {
+        "name": spec.get("name", out.name),
+        "step": result.step,
+        "exit_reason": result.exit_reason,
+        "exit_code": result.exit_code,
+        "last_metrics": result.last_metrics,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the given specs in order in this process; write results_rank<r>.json next to the first run."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", required=True, help="JSON list of run specs")
+    parser.add_argument("--results", required=True, help="folder for results_rank<r>.json")
+    from beit3.engine.launch import add_launcher_args, init_distributed, shutdown_distributed
+
+    args = add_launcher_args(parser).parse_args(argv)
+    dist = init_distributed(args.local_rank)
+    specs, results = json.loads(args.runs), []
+    code = 0
+    for spec in specs:
+        summary = run_one(spec, dist)
+        results.append(summary)
+        Path(args.results, f"results_rank{dist.rank}.json").write_text(json.dumps(results))
+        code = summary["exit_code"]
+        if code:
+            break
+    shutdown_distributed()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

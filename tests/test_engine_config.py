@@ -1,0 +1,170 @@
+"""Specification of the engine's pure parts: DeepSpeed config loading, LR schedules, rendezvous resolution."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from engine_helpers import single_rank  # noqa: F401,F811  (a fixture)
+
+from beit3.engine.ds_config import EngineConfigError, load_ds_config, precision_of
+from beit3.engine.launch import LaunchError, add_launcher_args, resolve_rendezvous, slurm_master_port
+from beit3.engine.lr import lr_at
+
+DS_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
+BASE = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}
+
+
+class _DataParallel:
+    """The one mpu method DeepSpeedConfig asks for: lets its batch checks run for any world size."""
+
+    def __init__(self, world: int):
+        self.world = world
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.world
+
+
+def test_the_project_ships_every_named_config():
+    names = {p.name for p in DS_CONFIGS}
+    assert {
+        "zero3_bf16.json",
+        "zero2_bf16.json",
+        "zero1_bf16.json",
+        "zero0_bf16.json",
+        "zero3_fp32.json",
+        "zero0_fp32.json",
+        "zero2_fp16.json",
+    } <= names
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("world", [1, 256])
+def test_every_config_passes_our_loader_and_deepspeeds_parser(path, world, single_rank):  # noqa: F811
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    config = load_ds_config(path, world)
+    parsed = DeepSpeedConfig(config, mpu=_DataParallel(world))
+    assert parsed.train_batch_size == config["train_batch_size"]
+    assert (
+        parsed.train_micro_batch_size_per_gpu * parsed.gradient_accumulation_steps * world
+        == parsed.train_batch_size
+    )
+    assert parsed.zero_optimization_stage == config["zero_optimization"]["stage"]
+
+
+def test_giant_config_is_global_6144_as_24_per_gpu_on_256_gpus():
+    path = Path(DS_CONFIGS[0]).with_name("zero3_bf16.json")
+    config = load_ds_config(path, 256)
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"]) == (6144, 24)
+    assert config["gradient_accumulation_steps"] == 1
+    assert config["bf16"]["enabled"] and config["data_types"]["grad_accum_dtype"] == "fp32"
+    assert config["gradient_clipping"] == 3.0 and config["zero_optimization"]["overlap_comm"]
+    # Half the GPUs keep the global batch by accumulating twice.
+    assert load_ds_config(path, 128)["gradient_accumulation_steps"] == 2
+
+
+def test_missing_batch_key_is_derived_from_the_other_two():
+    assert load_ds_config(BASE, 8)["train_batch_size"] == 32
+    both = {"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4}
+    assert load_ds_config(both, 8)["gradient_accumulation_steps"] == 2
+    glob = {"train_batch_size": 64, "gradient_accumulation_steps": 2}
+    assert load_ds_config(glob, 8)["train_micro_batch_size_per_gpu"] == 4
+
+
+def test_global_batch_not_divisible_by_world_times_micro_names_the_fix():
+    with pytest.raises(EngineConfigError, match="multiple of 12"):
+        load_ds_config({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4}, 3)
+
+
+def test_inconsistent_triple_is_rejected():
+    with pytest.raises(EngineConfigError, match="drop one"):
+        load_ds_config({**BASE, "train_batch_size": 10, "gradient_accumulation_steps": 1}, 2)
+
+
+@pytest.mark.parametrize("block", ["optimizer", "scheduler"])
+def test_optimizer_and_scheduler_blocks_are_rejected(block):
+    with pytest.raises(EngineConfigError, match=f"remove the '{block}' block"):
+        load_ds_config({**BASE, block: {"type": "AdamW"}}, 1)
+
+
+def test_bf16_and_fp16_together_are_rejected():
+    with pytest.raises(EngineConfigError, match="both enabled"):
+        load_ds_config({**BASE, "bf16": {"enabled": True}, "fp16": {"enabled": True}}, 1)
+
+
+def test_fp32_accumulation_without_zero_is_rejected_before_deepspeed_fails():
+    config = {
+        **BASE,
+        "zero_optimization": {"stage": 0},
+        "bf16": {"enabled": True},
+        "data_types": {"grad_accum_dtype": "fp32"},
+    }
+    with pytest.raises(EngineConfigError, match="ZeRO stage 1-3"):
+        load_ds_config(config, 1)
+
+
+def test_dotted_overrides_set_nested_keys_and_none_removes(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**BASE, "train_batch_size": 8}))
+    config = load_ds_config(
+        path, 2, {"zero_optimization.stage": 3, "bf16.enabled": True, "train_batch_size": None}
+    )
+    assert config["zero_optimization"]["stage"] == 3 and precision_of(config) == "bf16"
+    assert config["train_batch_size"] == 8 and json.loads(path.read_text())["zero_optimization"]["stage"] == 2
+
+
+def test_unreadable_config_names_the_folder(tmp_path):
+    with pytest.raises(EngineConfigError, match="ds_configs"):
+        load_ds_config(tmp_path / "missing.json", 1)
+
+
+def test_lr_warmup_is_linear_then_cosine_reaches_min_lr():
+    lrs = [lr_at(s, 1.0, 4, 14, 0.1) for s in range(16)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and lrs[9] == pytest.approx(0.55) and lrs[14] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[15] == pytest.approx(0.1)
+
+
+def test_lr_linear_and_constant_schedules():
+    assert lr_at(7, 2.0, 2, 12, 0.0, "linear") == pytest.approx(1.0)
+    assert lr_at(100, 2.0, 2, 12, 0.0, "constant") == 2.0
+    assert math.isclose(lr_at(0, 2.0, 0, 10, 0.0, "cosine"), 2.0)
+    with pytest.raises(ValueError, match="cosine"):
+        lr_at(0, 1.0, 0, 10, schedule="step")
+
+
+def test_torchrun_env_is_used_as_is():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
+    assert resolve_rendezvous(env) == env
+
+
+def test_deepspeed_launcher_local_rank_argument_fills_local_rank():
+    args = add_launcher_args(__import__("argparse").ArgumentParser()).parse_args(["--local_rank=1"])
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    assert resolve_rendezvous(env, args.local_rank)["LOCAL_RANK"] == "1"
+
+
+def test_slurm_step_env_gives_rank_world_and_a_job_derived_port():
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS": "8",
+        "SLURM_JOB_ID": "123456",
+        "MASTER_ADDR": "node7",
+    }
+    out = resolve_rendezvous(env)
+    assert (out["RANK"], out["WORLD_SIZE"], out["LOCAL_RANK"], out["MASTER_ADDR"]) == ("5", "8", "1", "node7")
+    assert out["MASTER_PORT"] == str(slurm_master_port(123456)) and 20000 <= int(out["MASTER_PORT"]) < 40000
+
+
+def test_slurm_without_scontrol_or_master_addr_says_to_export_it(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(LaunchError, match="MASTER_ADDR"):
+        resolve_rendezvous({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]"})
+
+
+def test_bare_process_gets_a_local_single_rank_rendezvous():
+    out = resolve_rendezvous({})
+    assert (out["RANK"], out["WORLD_SIZE"], out["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+    assert int(out["MASTER_PORT"]) > 0
