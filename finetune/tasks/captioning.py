@@ -1,0 +1,120 @@
+"""Image captioning by masked finetuning of the seq2seq configuration (UniLM style, as released).
+
+The sequence is [image ; caption]. Attention: image tokens see only image tokens; caption tokens see the
+whole image and the caption up to themselves (causal). Training masks a share of the caption tokens
+(``mask_prob``; 80 % become ``<mask>``, 10 % stay, 10 % become a random token) and predicts them with
+``mlm_head`` under label smoothing; decoding feeds ``<mask>`` after the text so far and reads the
+prediction there (:mod:`beit3.finetune.decoding`).
+
+Batch (after :func:`mask_captions`): ``image``, ``text`` (masked input ids), ``text_padding_mask``,
+``masked`` (B, T) bool, ``labels`` (B, T) original ids.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from beit3.finetune.tasks.base import OptimSettings, TaskModule
+from beit3.model import BEiT3Model
+
+FIRST_ORDINARY_ID = 4  # XLM-R ids: <s> 0, <pad> 1, </s> 2, <unk> 3; random replacements avoid them
+
+
+def captioning_attention_mask(
+    num_vision: int, text_len: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """(Nv + T, Nv + T) bool, True = blocked: image->text blocked, text causal (diagonal allowed)."""
+    n = num_vision + text_len
+    blocked = torch.zeros(n, n, dtype=torch.bool, device=device)
+    blocked[:num_vision, num_vision:] = True
+    blocked[num_vision:, num_vision:] = torch.ones(text_len, text_len, dtype=torch.bool, device=device).triu(
+        1
+    )
+    return blocked
+
+
+def mask_captions(
+    ids: torch.Tensor,
+    padding_mask: torch.Tensor,
+    mask_prob: float,
+    mask_id: int,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Choose caption positions to predict and corrupt them (pure, seeded).
+
+    Per caption of n tokens (``<s>`` and ``</s>`` included): round(mask_prob * n) positions, at least 1 and
+    at most n - 1, drawn uniformly among positions 1..n-1 (never ``<s>``; ``</s>`` may be chosen so that the
+    model learns to stop). Of the chosen: 80 % -> ``mask_id``, 10 % kept, 10 % -> a random id in
+    [4, mask_id). Returns ``text`` (corrupted ids), ``masked`` (bool) and ``labels`` (the original ids).
+    """
+    b, t = ids.shape
+    valid = ~padding_mask.bool()
+    n = valid.sum(dim=1)
+    k = torch.clamp(torch.round(mask_prob * n.float()).long(), min=1)
+    k = torch.minimum(k, n - 1)
+    eligible = valid.clone()
+    eligible[:, 0] = False
+    noise = torch.rand(b, t, generator=generator)
+    noise[~eligible] = 2.0  # never chosen: sorted last
+    rank = noise.argsort(dim=1).argsort(dim=1)  # rank of each position in a random order of eligibles
+    masked = (rank < k[:, None]) & eligible
+    action = torch.rand(b, t, generator=generator)
+    random_ids = torch.randint(FIRST_ORDINARY_ID, mask_id, (b, t), generator=generator)
+    text = ids.clone()
+    text = torch.where(masked & (action < 0.8), torch.full_like(ids, mask_id), text)
+    text = torch.where(masked & (action >= 0.9), random_ids, text)
+    return {"text": text, "masked": masked, "labels": ids}
+
+
+def label_smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Mean KL divergence to the smoothed one-hot target (1 - eps on the label, eps / (C - 1) elsewhere).
+
+    Zero exactly when the predicted distribution equals the smoothed target.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    c = logits.shape[-1]
+    on, off = 1.0 - smoothing, smoothing / (c - 1)
+    target_logp = logp.gather(1, labels[:, None]).squeeze(1)
+    cross = -(on * target_logp + off * (logp.sum(dim=-1) - target_logp))
+    entropy = -(on * math.log(on) if on > 0 else 0.0) - (smoothing * math.log(off) if off > 0 else 0.0)
+    return (cross - entropy).mean()
+
+
+class Captioning(TaskModule):
+    """Masked finetuning of the seq2seq configuration; ``mlm_head`` is the pretrained MLM head (reused).
+
+    Build the encoder with ``configuration="seq2seq"``.
+    """
+
+    configuration = "seq2seq"
+    head_prefixes = ("mlm_head",)
+
+    def __init__(
+        self, encoder: BEiT3Model, label_smoothing: float = 0.1, optim: OptimSettings | None = None
+    ) -> None:
+        super().__init__(encoder, optim)
+        if encoder.mlm_head is None:
+            raise ValueError("the captioning task needs the mlm_head: build the encoder as 'seq2seq'")
+        self.mlm_head = encoder.mlm_head
+        self.label_smoothing = label_smoothing
+
+    def hidden(
+        self, image: torch.Tensor, text: torch.Tensor, text_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, T, D) caption-token states under the captioning attention mask."""
+        nv = self.cfg.num_vision_tokens
+        mask = captioning_attention_mask(nv, text.shape[1], text.device)
+        x = self.beit3(image=image, text=text, text_padding_mask=text_padding_mask, attn_mask=mask)
+        return x[:, nv:]
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        h = self.hidden(batch["image"], batch["text"], batch.get("text_padding_mask"))
+        masked = batch["masked"]
+        logits = self.mlm_head(h[masked])  # (M, V): logits only where a prediction is scored
+        labels = batch["labels"][masked]
+        loss = label_smoothed_loss(logits, labels, self.label_smoothing)
+        acc = (logits.argmax(-1) == labels).float().mean().item()
+        return loss, {"loss/caption": loss.detach(), "acc/masked_tokens": acc}

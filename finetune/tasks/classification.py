@@ -1,0 +1,129 @@
+"""Classification tasks: images (vision encoder), texts (language encoder), images by class-name prompts.
+
+Batches: ``image`` (B, 3, H, W) float or ``text`` (B, T) ids with ``text_padding_mask`` (True = pad), and
+``label`` (B,) class indices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from beit3.finetune.metrics import accuracy
+from beit3.finetune.tasks.base import OptimSettings, TaskModule, init_head
+from beit3.model import BEiT3Model
+
+HEAD_INIT_SCALE = 0.001  # released classification heads start near zero
+
+
+class ImageClassification(TaskModule):
+    """Mean of the patch tokens (CLS excluded) -> ``fc_norm`` -> ``head``, keys as released.
+
+    Build the encoder with ``configuration="vision", normalize_output=False`` (as released).
+    """
+
+    configuration = "vision"
+    head_prefixes = ("head", "fc_norm")
+
+    def __init__(
+        self,
+        encoder: BEiT3Model,
+        num_classes: int,
+        label_smoothing: float = 0.1,
+        optim: OptimSettings | None = None,
+    ) -> None:
+        super().__init__(encoder, optim)
+        d = self.cfg.embed_dim
+        self.label_smoothing = label_smoothing
+        self.fc_norm = nn.LayerNorm(d, eps=self.cfg.layernorm_eps)
+        self.head = nn.Linear(d, num_classes)
+        init_head(self.fc_norm)
+        init_head(self.head, HEAD_INIT_SCALE)
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, num_classes) class scores."""
+        x = self.beit3(image=image)  # (B, 1 + Np, D)
+        return self.head(self.fc_norm(x[:, 1:].mean(dim=1)))
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        logits = self.logits(batch["image"])
+        loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
+        return loss, {"loss/cls": loss.detach(), "acc/top1": accuracy(logits, batch["label"])}
+
+
+class TextClassification(TaskModule):
+    """The ``<s>`` token's output (the language "CLS") -> ``fc_norm`` -> ``head``.
+
+    Build the encoder with ``configuration="language", normalize_output=False``.
+    """
+
+    configuration = "language"
+    head_prefixes = ("head", "fc_norm")
+
+    def __init__(
+        self,
+        encoder: BEiT3Model,
+        num_classes: int,
+        label_smoothing: float = 0.0,
+        optim: OptimSettings | None = None,
+    ) -> None:
+        super().__init__(encoder, optim)
+        d = self.cfg.embed_dim
+        self.label_smoothing = label_smoothing
+        self.fc_norm = nn.LayerNorm(d, eps=self.cfg.layernorm_eps)
+        self.head = nn.Linear(d, num_classes)
+        init_head(self.fc_norm)
+        init_head(self.head, HEAD_INIT_SCALE)
+
+    def logits(self, text: torch.Tensor, text_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, num_classes) class scores."""
+        x = self.beit3(text=text, text_padding_mask=text_padding_mask)  # (B, T, D)
+        return self.head(self.fc_norm(x[:, 0]))
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        logits = self.logits(batch["text"], batch.get("text_padding_mask"))
+        loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
+        return loss, {"loss/cls": loss.detach(), "acc/top1": accuracy(logits, batch["label"])}
+
+
+class PromptClassification(nn.Module):
+    """The paper's formulation of image classification: image-to-text retrieval over class-name prompts.
+
+    Wraps a :class:`~beit3.finetune.tasks.retrieval.Retrieval` dual encoder. Every step embeds all class
+    prompts (so every language-side parameter is used every step) and scores each image against them:
+    logits = exp(logit_scale) x cosine(image, prompt). Loss: cross-entropy over classes.
+    """
+
+    def __init__(
+        self, retrieval: nn.Module, prompt_ids: torch.Tensor, prompt_padding_mask: torch.Tensor
+    ) -> None:
+        super().__init__()
+        self.retrieval = retrieval
+        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
+        self.register_buffer("prompt_padding_mask", prompt_padding_mask.bool(), persistent=False)
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, num_classes) scaled cosine similarities."""
+        img = self.retrieval.embed_images(image)
+        txt = self.retrieval.embed_texts(self.prompt_ids, self.prompt_padding_mask)
+        return self.retrieval.logit_scale.exp() * img @ txt.t()
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        logits = self.logits(batch["image"])
+        loss = F.cross_entropy(logits.float(), batch["label"])
+        return loss, {"loss/cls": loss.detach(), "acc/top1": accuracy(logits, batch["label"])}
+
+    def prepare_batch(self, batch: dict, device: torch.device | str) -> dict:
+        return self.retrieval.prepare_batch(batch, device)
+
+    def param_groups(self) -> list[dict]:
+        return self.retrieval.param_groups()
+
+    def batch_stats(self, batch: dict) -> dict:
+        stats = self.retrieval.batch_stats({"image": batch["image"]})
+        prompts = self.retrieval.batch_stats(
+            {"text": self.prompt_ids, "text_padding_mask": self.prompt_padding_mask}
+        )
+        return {"samples": stats["samples"], "tokens": stats["tokens"] + prompts["tokens"],
+                "flops": stats["flops"] + prompts["flops"]}  # fmt: skip

@@ -1,0 +1,97 @@
+"""Image-text retrieval on the dual encoder, with a contrastive loss over features gathered from all ranks.
+
+Batch: ``image``, ``text``, ``text_padding_mask`` (row i of the images goes with row i of the texts).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from beit3.finetune.tasks.base import OptimSettings, TaskModule, init_head
+from beit3.model import BEiT3Model
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' rows of ``x`` concatenated in rank order, gradients flowing back to each rank's own rows.
+
+    Returns the gathered tensor and the offset of this rank's rows. Single process: ``x`` unchanged.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather  # autograd-aware: backward reduces gradients
+
+    parts = all_gather(x)
+    return torch.cat(parts, dim=0), dist.get_rank() * x.shape[0]
+
+
+def contrastive_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+) -> tuple[torch.Tensor, dict]:
+    """Symmetric InfoNCE of local features against all ranks' features (CLIP loss, gathered with gradient).
+
+    Features are L2-normalised (B, D); ``logit_scale`` is the log temperature. Returns the loss, the mean
+    of image-to-text and text-to-image cross-entropies, and in-batch accuracies.
+    """
+    all_images, offset = gather_with_grad(image_features)
+    all_texts, _ = gather_with_grad(text_features)
+    scale = logit_scale.exp()
+    logits_i2t = scale * image_features @ all_texts.t()  # (B, world * B)
+    logits_t2i = scale * text_features @ all_images.t()
+    labels = torch.arange(image_features.shape[0], device=image_features.device) + offset
+    loss = (F.cross_entropy(logits_i2t.float(), labels) + F.cross_entropy(logits_t2i.float(), labels)) / 2
+    metrics = {
+        "loss/contrastive": loss.detach(),
+        "acc/i2t": (logits_i2t.argmax(-1) == labels).float().mean().item(),
+        "acc/t2i": (logits_t2i.argmax(-1) == labels).float().mean().item(),
+        "optim/logit_scale": scale.item(),
+    }
+    return loss, metrics
+
+
+class Retrieval(TaskModule):
+    """Dual encoder: vision CLS -> ``vision_head``, text ``<s>`` -> ``language_head``, both L2-normalised.
+
+    Heads are bias-free Linear(D, D); ``logit_scale`` starts at log(1/0.07) and is not clamped, as released.
+    Build the encoder with ``configuration="dual"`` (final LayerNorm kept).
+    """
+
+    configuration = "dual"
+    head_prefixes = ("vision_head", "language_head", "logit_scale")
+
+    def __init__(self, encoder: BEiT3Model, optim: OptimSettings | None = None) -> None:
+        super().__init__(encoder, optim)
+        d = self.cfg.embed_dim
+        self.vision_head = nn.Linear(d, d, bias=False)
+        self.language_head = nn.Linear(d, d, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        init_head(self.vision_head)
+        init_head(self.language_head)
+
+    def embed_images(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, D) unit-norm image embeddings (a vision-only pass)."""
+        x = self.beit3(image=image)
+        return F.normalize(self.vision_head(x[:, 0]), dim=-1)
+
+    def embed_texts(self, text: torch.Tensor, text_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D) unit-norm text embeddings (a text-only pass)."""
+        x = self.beit3(text=text, text_padding_mask=text_padding_mask)
+        return F.normalize(self.language_head(x[:, 0]), dim=-1)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        img = self.embed_images(batch["image"])
+        txt = self.embed_texts(batch["text"], batch.get("text_padding_mask"))
+        return contrastive_loss(img, txt, self.logit_scale)
+
+    def token_counts(self, batch: dict) -> tuple[int, int, int, int]:
+        vision, text, _, samples = super().token_counts(batch)
+        # Two separate passes: attention is quadratic in each length, not in their sum.
+        seq = math.isqrt(
+            (self.cfg.num_vision_tokens**2 if "image" in batch else 0)
+            + (batch["text"].shape[1] ** 2 if "text" in batch else 0)
+        )
+        return vision, text, seq, samples

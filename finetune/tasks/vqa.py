@@ -1,0 +1,119 @@
+"""Vision-language understanding on the fusion encoder: visual question answering and NLVR2.
+
+VQA batch: ``image``, ``text`` (question ids), ``text_padding_mask``, ``scores`` (B, num_answers) soft
+targets. NLVR2 batch: ``image``, ``image2``, ``text``, ``text_padding_mask``, ``label`` (B,) in {0, 1}.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from beit3.finetune.metrics import accuracy, vqa_score
+from beit3.finetune.tasks.base import OptimSettings, TaskModule, init_head
+from beit3.model import BEiT3Model
+
+
+class Pooler(nn.Module):
+    """Token 0 (the vision CLS) -> LayerNorm -> Linear -> tanh; keys ``norm``, ``dense`` as released."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.dense = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(self.norm(x[:, 0])))
+
+
+class VQA(TaskModule):
+    """Answer classification over a fixed answer vocabulary, trained with soft-score BCE.
+
+    Head ``head`` = Linear(D, 2D) -> LayerNorm -> GELU -> Linear(2D, num_answers) (keys ``head.0/1/3``).
+    The loss is binary cross-entropy averaged over answers and multiplied by the number of answers, i.e.
+    summed over answers and averaged over the batch, as released. Build the encoder with
+    ``configuration="fusion", normalize_output=False``.
+    """
+
+    configuration = "fusion"
+    head_prefixes = ("head", "pooler")
+
+    def __init__(self, encoder: BEiT3Model, num_answers: int, optim: OptimSettings | None = None) -> None:
+        super().__init__(encoder, optim)
+        d, eps = self.cfg.embed_dim, self.cfg.layernorm_eps
+        self.num_answers = num_answers
+        self.pooler = Pooler(d, eps)
+        self.head = nn.Sequential(
+            nn.Linear(d, 2 * d), nn.LayerNorm(2 * d, eps=eps), nn.GELU(), nn.Linear(2 * d, num_answers)
+        )
+        init_head(self.pooler)
+        init_head(self.head)
+
+    def logits(
+        self, image: torch.Tensor, text: torch.Tensor, text_padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(B, num_answers) answer scores."""
+        x = self.beit3(image=image, text=text, text_padding_mask=text_padding_mask)
+        return self.head(self.pooler(x))
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        logits = self.logits(batch["image"], batch["text"], batch.get("text_padding_mask"))
+        scores = batch["scores"].float()
+        loss = F.binary_cross_entropy_with_logits(logits.float(), scores) * self.num_answers
+        return loss, {"loss/vqa": loss.detach(), "score/vqa": vqa_score(logits, scores)}
+
+
+class TwoLayerMLP(nn.Module):
+    """LayerNorm -> Linear -> LayerNorm -> GELU -> Linear; keys ``norm1/dense1/norm2/dense2`` as released."""
+
+    def __init__(self, dim_in: int, dim_hidden: int, dim_out: int, eps: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim_in, eps=eps)
+        self.dense1 = nn.Linear(dim_in, dim_hidden)
+        self.norm2 = nn.LayerNorm(dim_hidden, eps=eps)
+        self.dense2 = nn.Linear(dim_hidden, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense2(F.gelu(self.norm2(self.dense1(self.norm1(x)))))
+
+
+class NLVR2(TaskModule):
+    """Is the statement true of the two images? Two fused passes (image_a, text) and (image_b, text).
+
+    Per pair: [vision CLS ; language CLS (the ``<s>`` output)] (2D); the two pairs concatenated (4D) ->
+    :class:`TwoLayerMLP` -> 2 classes. Build the encoder with ``configuration="fusion"``.
+    """
+
+    configuration = "fusion"
+    head_prefixes = ("head",)
+
+    def __init__(self, encoder: BEiT3Model, optim: OptimSettings | None = None) -> None:
+        super().__init__(encoder, optim)
+        d, eps = self.cfg.embed_dim, self.cfg.layernorm_eps
+        self.head = TwoLayerMLP(4 * d, 2 * d, 2, eps)
+        init_head(self.head, 0.001)
+
+    def logits(
+        self,
+        image: torch.Tensor,
+        image2: torch.Tensor,
+        text: torch.Tensor,
+        text_padding_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(B, 2) scores for false / true."""
+        b = image.shape[0]
+        pad = torch.cat([text_padding_mask] * 2) if text_padding_mask is not None else None
+        x = self.beit3(image=torch.cat([image, image2]), text=torch.cat([text, text]), text_padding_mask=pad)
+        nv = self.cfg.num_vision_tokens
+        pair = torch.cat([x[:, 0], x[:, nv]], dim=-1)  # (2B, 2D)
+        return self.head(torch.cat([pair[:b], pair[b:]], dim=-1))  # (B, 4D) -> (B, 2)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        logits = self.logits(batch["image"], batch["image2"], batch["text"], batch.get("text_padding_mask"))
+        loss = F.cross_entropy(logits.float(), batch["label"])
+        return loss, {"loss/nlvr2": loss.detach(), "acc/nlvr2": accuracy(logits, batch["label"])}
+
+    def token_counts(self, batch: dict) -> tuple[int, int, int, int]:
+        vision, text, seq, samples = super().token_counts(batch)
+        return 2 * vision, 2 * text, seq, 2 * samples

@@ -1,0 +1,158 @@
+"""Task heads and losses on tiny batches; every parameter of a task module is used by one forward."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from beit3.finetune.configurations import build_encoder
+from beit3.finetune.tasks.base import OptimSettings
+from beit3.finetune.tasks.captioning import Captioning, mask_captions
+from beit3.finetune.tasks.classification import ImageClassification, PromptClassification, TextClassification
+from beit3.finetune.tasks.retrieval import Retrieval, contrastive_loss
+from beit3.finetune.tasks.vqa import NLVR2, VQA
+
+NAME = "beit3_tiny_patch16_64"
+SMALL = {"vocab_size": 40, "max_text_positions": 20}
+G = torch.Generator().manual_seed(0)
+IMAGE = torch.randn(4, 3, 64, 64, generator=G)
+TEXT = torch.randint(4, 39, (4, 7), generator=G)
+TEXT[:, 0] = 0
+PAD = torch.zeros(4, 7, dtype=torch.bool)
+PAD[0, 5:] = True
+
+
+def _encoder(configuration, **kw):
+    torch.manual_seed(0)
+    return build_encoder(NAME, configuration, **SMALL, **kw)
+
+
+def _task(name: str):
+    """A fresh task module and a batch for it."""
+    scores = torch.zeros(4, 6)
+    scores[torch.arange(4), torch.tensor([0, 1, 2, 3])] = 1.0
+    caption = mask_captions(TEXT, PAD, 0.6, 39, torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 0])
+    factories = {
+        "image_classification": lambda: (
+            ImageClassification(_encoder("vision", normalize_output=False), 3),
+            {"image": IMAGE, "label": labels},
+        ),
+        "text_classification": lambda: (
+            TextClassification(_encoder("language", normalize_output=False), 3),
+            {"text": TEXT, "text_padding_mask": PAD, "label": labels},
+        ),
+        "vqa": lambda: (
+            VQA(_encoder("fusion", normalize_output=False), 6),
+            {"image": IMAGE, "text": TEXT, "text_padding_mask": PAD, "scores": scores},
+        ),
+        "nlvr2": lambda: (
+            NLVR2(_encoder("fusion")),
+            {
+                "image": IMAGE,
+                "image2": IMAGE.flip(0),
+                "text": TEXT,
+                "text_padding_mask": PAD,
+                "label": torch.tensor([0, 1, 1, 0]),
+            },
+        ),  # fmt: skip
+        "retrieval": lambda: (
+            Retrieval(_encoder("dual")),
+            {"image": IMAGE, "text": TEXT, "text_padding_mask": PAD},
+        ),
+        "captioning": lambda: (
+            Captioning(_encoder("seq2seq")),
+            {"image": IMAGE, "text_padding_mask": PAD, **caption},
+        ),
+    }
+    return factories[name]()
+
+
+TASKS = ("image_classification", "text_classification", "vqa", "nlvr2", "retrieval", "captioning")
+
+
+@pytest.mark.parametrize("task_name", TASKS)
+def test_task_forward_gives_a_finite_loss_and_touches_every_parameter(task_name):
+    task, batch = _task(task_name)
+    loss, metrics = task(task.prepare_batch(batch, "cpu"))
+    assert loss.ndim == 0 and math.isfinite(loss.item())
+    assert all(k.count("/") == 1 for k in metrics)
+    loss.backward()
+    untouched = [n for n, p in task.named_parameters() if p.grad is None]
+    assert untouched == []
+    stats = task.batch_stats(batch)
+    assert stats["samples"] >= 4 and stats["tokens"] > 0 and stats["flops"] > 0
+
+
+def test_classification_heads_start_near_zero():
+    task = ImageClassification(_encoder("vision", normalize_output=False), 10)
+    assert task.head.weight.abs().max() <= 0.04 * 0.001
+    assert task.logits(IMAGE).abs().max() < 1e-2
+
+
+def test_vqa_loss_is_bce_summed_over_answers():
+    task, batch = _task("vqa")
+    logits = task.logits(batch["image"], batch["text"], batch["text_padding_mask"])
+    loss, metrics = task(batch)
+    per_answer = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, batch["scores"], reduction="none"
+    )
+    assert loss.item() == pytest.approx(per_answer.sum(1).mean().item(), rel=1e-5)
+    assert 0.0 <= metrics["score/vqa"] <= 1.0
+
+
+def test_nlvr2_depends_on_which_image_comes_first():
+    task, batch = _task("nlvr2")
+    a = task.logits(batch["image"], batch["image2"], batch["text"], batch["text_padding_mask"])
+    b = task.logits(batch["image2"], batch["image"], batch["text"], batch["text_padding_mask"])
+    assert a.shape == (4, 2) and not torch.allclose(a, b)
+
+
+def test_contrastive_loss_is_low_for_aligned_features_and_log_b_for_identical_ones():
+    feats = torch.nn.functional.normalize(torch.eye(4), dim=-1)
+    low, metrics = contrastive_loss(feats, feats, torch.tensor(math.log(100.0)))
+    assert low.item() < 1e-3 and metrics["acc/i2t"] == 1.0
+    same = torch.nn.functional.normalize(torch.ones(4, 4), dim=-1)
+    flat, _ = contrastive_loss(same, same, torch.tensor(0.0))
+    assert flat.item() == pytest.approx(math.log(4), rel=1e-5)
+
+
+def test_retrieval_logit_scale_starts_at_log_1_over_0_07():
+    task = Retrieval(_encoder("dual"))
+    assert task.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    assert task.vision_head.bias is None and task.language_head.bias is None
+
+
+def test_prompt_classification_scores_images_against_every_class_prompt():
+    task = PromptClassification(Retrieval(_encoder("dual")), TEXT[:3], PAD[:3])
+    logits = task.logits(IMAGE)
+    assert logits.shape == (4, 3)
+    loss, _ = task({"image": IMAGE, "label": torch.tensor([0, 1, 2, 0])})
+    loss.backward()
+    assert all(p.grad is not None for p in task.parameters())
+
+
+def test_param_groups_apply_layer_decay_head_scale_and_decay_exemptions():
+    task = VQA(_encoder("fusion", normalize_output=False), 6, OptimSettings(0.05, 0.5, 20.0))
+    groups = task.param_groups()
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(task.named_parameters())
+    depth = task.cfg.depth  # 2: embeddings 0.5**3, layer 0 0.5**2, layer 1 0.5, heads 1
+    assert by_param[id(named["beit3.text_embed.weight"])]["lr_scale"] == pytest.approx(0.5**3)
+    assert by_param[id(named["beit3.encoder.layers.0.ffn.A.fc1.weight"])]["lr_scale"] == pytest.approx(
+        0.5**depth
+    )
+    assert by_param[id(named["head.0.weight"])]["lr_scale"] == pytest.approx(20.0)
+    assert by_param[id(named["pooler.dense.weight"])]["lr_scale"] == pytest.approx(20.0)
+    assert by_param[id(named["head.0.weight"])]["weight_decay"] == 0.05
+    assert by_param[id(named["head.0.bias"])]["weight_decay"] == 0.0
+    assert by_param[id(named["beit3.vision_embed.cls_token"])]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_logit_scale_is_not_decayed():
+    task = Retrieval(_encoder("dual"))
+    group = next(g for g in task.param_groups() if any(p is task.logit_scale for p in g["params"]))
+    assert group["weight_decay"] == 0.0
