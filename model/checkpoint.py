@@ -56,19 +56,25 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return unwrap_state_dict(_torch_load(path), str(path))
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated, or not a checkpoint at all
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # Released finetuning checkpoints may carry argparse namespaces next to the weights.
         log.warning("%s holds non-tensor objects; loading it with weights_only=False (trust the file)", path)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
-    return unwrap_state_dict(obj, str(path))
+        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def unwrap_state_dict(obj: object, where: str = "checkpoint") -> dict[str, torch.Tensor]:
