@@ -1,0 +1,185 @@
+"""The ``[data]`` section of a pretraining recipe, its validation, and shard-list expansion."""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+STREAMS = ("image", "text", "pair")
+PAIR_MASKING_MODES = ("separate", "joint")
+
+
+class DataConfigError(ValueError):
+    """A data configuration that cannot work (missing shards, impossible sizes); the message names the fix."""
+
+
+class DataStreamError(RuntimeError):
+    """A stream that cannot produce samples at run time (every shard unreadable, every sample bad)."""
+
+
+@dataclass
+class PretrainDataConfig:
+    """Where the shards are and how samples become a masked micro-batch (docs/data.md).
+
+    Shard lists accept directories (every ``*.tar`` inside), globs and brace ranges
+    (``/data/laion/{00000..04999}.tar``). Defaults follow the paper (§2.3, Table 11) where it says something
+    and BEiT v2 (crop scale 0.2-1) where it does not.
+    """
+
+    image_shards: list[str] = field(default_factory=list)
+    text_shards: list[str] = field(default_factory=list)
+    pair_shards: list[str] = field(default_factory=list)
+    img_size: int = 224
+    patch_size: int = 16
+    tokenizer_img_size: int = (
+        224  # the visual tokenizer's view of the same crop (e.g. 256 for a patch-14 model)
+    )
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # model view: (x - mean) / std on values in [0, 1]
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # random-resized-crop area fraction (BEiT v2 pretraining)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    hflip: float = 0.5
+    color_jitter: float = 0.4  # brightness, contrast and saturation factors drawn from [1 - cj, 1 + cj]
+    text_max_len: int = 128  # tokens, including <s> and </s>; longer segments are truncated
+    pair_text_max_len: int = 64
+    pad_text_to_max_len: bool = True  # fixed text shapes (False: pad each sub-batch to its longest row)
+    text_mask_ratio: float = 0.15
+    pair_text_mask_ratio: float = 0.5
+    image_mask_ratio: float = 0.4
+    pair_image_mask_ratio: float = 0.4
+    pair_masking: str = "separate"  # "separate": each pair masks its image or its text; "joint": both
+    pair_image_mask_prob: float = 0.5  # separate mode: probability that a pair masks its image
+    min_num_patches: int = 16  # smallest masking block (BEiT v2 default)
+    num_workers: int = 2  # DataLoader worker processes per rank (0: produce batches in the training process)
+    shuffle_buffer: int = 256  # samples held per stream per worker and drawn from at random
+    open_shards: int = 4  # shards read concurrently per stream per worker, samples interleaved at random
+    max_image_pixels: int = 25_000_000  # larger images are decoded at reduced scale (JPEG) or skipped
+    max_consecutive_skips: int = 1000  # a stream skipping more bad samples in a row stops with an error
+    prefetch_factor: int = 2
+    return_keys: bool = False  # add each sub-batch's sample keys as "keys" (list of str), for debugging
+    seed: int = 0
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of the model view."""
+        return self.img_size // self.patch_size
+
+    def shards_for(self, stream: str) -> list[str]:
+        """The configured shard patterns of ``stream`` ("image", "text" or "pair")."""
+        return {"image": self.image_shards, "text": self.text_shards, "pair": self.pair_shards}[stream]
+
+    def validate(self) -> None:
+        """Raise :class:`DataConfigError` naming the fix for the first problem found."""
+        if not any(self.shards_for(s) for s in STREAMS):
+            raise DataConfigError(
+                "no shards configured: set image_shards, text_shards and/or pair_shards "
+                "(write them with `beit3-shards images|texts|pairs`, or `beit3-shards demo OUT_DIR`)"
+            )
+        for stream in STREAMS:
+            if self.shards_for(stream):
+                expand_shards(self.shards_for(stream), f"{stream}_shards")
+        if self.img_size % self.patch_size:
+            raise DataConfigError(
+                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}: "
+                "change one of them"
+            )
+        for name in ("img_size", "patch_size", "tokenizer_img_size", "text_max_len", "pair_text_max_len"):
+            if getattr(self, name) < (3 if "text" in name else 1):
+                raise DataConfigError(f"{name}={getattr(self, name)} is too small: give a positive size")
+        self._validate_ratios()
+        if self.pair_masking not in PAIR_MASKING_MODES:
+            raise DataConfigError(f"pair_masking={self.pair_masking!r}: use one of {PAIR_MASKING_MODES}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise DataConfigError("mean and std need three values each, std > 0: e.g. mean = [0.5, 0.5, 0.5]")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise DataConfigError(f"crop_scale={list(self.crop_scale)} must satisfy 0 < min <= max <= 1")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise DataConfigError(f"crop_ratio={list(self.crop_ratio)} must satisfy 0 < min <= max")
+        num_patches = self.grid_size**2
+        for name in ("image_mask_ratio", "pair_image_mask_ratio"):
+            masked = round(getattr(self, name) * num_patches)
+            if 0 < masked < self.min_num_patches:
+                raise DataConfigError(
+                    f"{name}={getattr(self, name)} masks {masked} of {num_patches} patches, fewer than "
+                    f"min_num_patches={self.min_num_patches}: lower min_num_patches or raise the ratio"
+                )
+        for name in ("num_workers", "shuffle_buffer", "max_consecutive_skips"):
+            if getattr(self, name) < 0:
+                raise DataConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.open_shards < 1 or self.prefetch_factor < 1:
+            raise DataConfigError("open_shards and prefetch_factor must be >= 1")
+
+    def _validate_ratios(self) -> None:
+        for name in (
+            "text_mask_ratio",
+            "pair_text_mask_ratio",
+            "image_mask_ratio",
+            "pair_image_mask_ratio",
+            "pair_image_mask_prob",
+            "hflip",
+        ):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise DataConfigError(f"{name}={value} must lie in [0, 1]")
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise DataConfigError(f"color_jitter={self.color_jitter} must lie in [0, 1) (0 turns it off)")
+
+
+_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """``a-{000..002}.tar`` -> three names, zero padding kept from the first bound; nested ranges multiply."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    lo, hi = m.group(1), m.group(2)
+    width = len(lo)
+    head, tail = pattern[: m.start()], pattern[m.end() :]
+    out = []
+    for i in range(int(lo), int(hi) + 1):
+        out.extend(_expand_braces(f"{head}{i:0{width}d}{tail}"))
+    return out
+
+
+def expand_shards(patterns: list[str] | str, what: str = "shards") -> list[str]:
+    """Resolve directories, globs and brace ranges to a sorted, de-duplicated list of existing tar files."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    found: list[str] = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(str(pattern))
+        if os.path.isdir(pattern):
+            names = sorted(glob.glob(os.path.join(glob.escape(pattern), "*.tar")))
+            if not names:
+                raise DataConfigError(
+                    f"{what}: directory {pattern} holds no *.tar shards: write some with `beit3-shards`"
+                )
+            found.extend(names)
+            continue
+        for name in _expand_braces(pattern):
+            matches = sorted(glob.glob(name)) if glob.has_magic(name) else [name]
+            missing = [m for m in matches if not os.path.isfile(m)]
+            if not matches or missing:
+                raise DataConfigError(
+                    f"{what}: no shard file matches {(missing or [name])[0]!r}: check the path "
+                    "or write the shards with `beit3-shards`"
+                )
+            found.extend(matches)
+    return sorted(dict.fromkeys(os.path.abspath(f) for f in found))
+
+
+def parts_per_shard(num_shards: int, num_readers: int) -> int:
+    """How many interleaved parts each shard is cut into so that readers get disjoint, balanced work.
+
+    With at least as many shards as readers (and a multiple, or many more) each reader owns whole shards.
+    With fewer, a shard is cut into P parts (sample ``j`` of a shard belongs to part ``j % P``), choosing P so
+    that ``num_shards * P`` is a multiple of ``num_readers``: every reader then owns the same number of parts.
+    """
+    if num_shards % num_readers == 0 or num_shards >= 4 * num_readers:
+        return 1
+    return num_readers // math.gcd(num_shards, num_readers)

@@ -1,0 +1,137 @@
+"""Decoding untrusted sample bytes: images to RGB PIL images, texts to clean strings, or a counted skip.
+
+Used both when shards are written (validation) and when they are read (training never stops on bad input).
+Every rejection raises :class:`SkipSample` with a *kind*; the loader counts kinds in ``batch["stats"]``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+import numpy as np
+from PIL import Image
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
+TEXT_FIELDS = ("txt", "text", "caption")
+SKIP_KINDS = (
+    "image_empty",  # zero-byte image field
+    "image_decode",  # not an image, truncated, or a mode that cannot become RGB
+    "image_too_large",  # above max_image_pixels even at the smallest JPEG draft scale (or PIL's bomb guard)
+    "text_empty",  # empty or whitespace-only text
+    "text_decode",  # text that is not UTF-8
+    "missing_field",  # a sample without the image or the text field its stream needs
+    "tar_read",  # a shard that could not be read to its end (truncated or damaged tar): counted per event
+)
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; ``kind`` is one of :data:`SKIP_KINDS`."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+def _draft_if_large(img: Image.Image, max_pixels: int) -> None:
+    """Shrink a JPEG while decoding (DCT scaling by 1/2, 1/4 or 1/8) to stay within ``max_pixels``."""
+    w, h = img.size
+    if w * h <= max_pixels:
+        return
+    if img.format == "JPEG":
+        for r in (2, 4, 8):
+            if (w // r) * (h // r) <= max_pixels:
+                img.draft(img.mode, (-(-w // r), -(-h // r)))
+                break
+    if img.size[0] * img.size[1] > max_pixels:
+        raise SkipSample("image_too_large", f"{w}x{h} pixels")
+
+
+def decode_image(data: bytes, max_pixels: int = 25_000_000) -> Image.Image:
+    """Bytes of any PIL-readable image -> an RGB image, or :class:`SkipSample` saying why not."""
+    if not data:
+        raise SkipSample("image_empty")
+    with warnings.catch_warnings():
+        # Our own max_pixels bound applies; PIL's warning below its hard limit is noise here.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+            _draft_if_large(img, max_pixels)
+            img.load()
+        except Image.DecompressionBombError as e:
+            raise SkipSample("image_too_large", str(e)) from None
+        except SkipSample:
+            raise
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad files
+            raise SkipSample("image_decode", f"{type(e).__name__}: {e}") from None
+    if min(img.size) < 1:
+        raise SkipSample("image_decode", f"empty image {img.size}")
+    try:
+        return to_rgb(img)
+    except Exception as e:
+        raise SkipSample("image_decode", f"mode {img.mode}: {e}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: alpha composited on white, 16-bit and float scaled down, CMYK etc. converted."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+        if mode == "RGB":
+            return img
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        # PIL's own I;16 -> RGB conversion clips at 255 (a white image); scale the range instead.
+        arr = np.asarray(img).astype(np.float64)
+        if mode == "F":
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        elif arr.max() > 255:
+            arr = arr / 257.0
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_text(data: bytes | None) -> str:
+    """UTF-8 bytes -> stripped text, or :class:`SkipSample` (``text_decode`` / ``text_empty``)."""
+    if data is None:
+        raise SkipSample("missing_field", "no text field")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SkipSample("text_decode", str(e)) from None
+    text = text.lstrip("\ufeff").strip()
+    if not text:
+        raise SkipSample("text_empty")
+    return text
+
+
+def image_field(fields: dict[str, bytes]) -> bytes:
+    """The sample's image bytes under any usual extension, else ``missing_field``."""
+    for name in IMAGE_FIELDS:
+        if name in fields:
+            return fields[name]
+    raise SkipSample("missing_field", f"no image field among {sorted(fields)}")
+
+
+def text_field(fields: dict[str, bytes]) -> bytes:
+    """The sample's text: a ``txt``-like field, else the ``caption`` of a ``json`` field (img2dataset)."""
+    for name in TEXT_FIELDS:
+        if name in fields:
+            return fields[name]
+    if "json" in fields:
+        try:
+            meta = json.loads(fields["json"])
+        except ValueError:
+            meta = None
+        if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
+            return meta["caption"].encode("utf-8")
+    raise SkipSample("missing_field", f"no text field among {sorted(fields)}")

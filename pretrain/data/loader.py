@@ -1,0 +1,308 @@
+"""The per-rank pretraining loader: mixed micro-batches of exact composition, counted skips, exact resume.
+
+Each DataLoader worker (or the training process itself with ``num_workers=0``) is a *producer slot* that
+owns one :class:`~beit3.pretrain.data.streams.SampleSource` per stream and builds whole micro-batches; PyTorch
+hands out worker batches round-robin, so batch ``n`` of a rank always comes from slot ``n % num_workers``.
+Every batch carries its producer's state *after* that batch; the loader keeps the latest state per slot, so
+:meth:`PretrainLoader.state_dict` describes exactly the batches consumed, never those prefetched.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from beit3.pretrain.data.config import (
+    STREAMS,
+    DataConfigError,
+    DataStreamError,
+    PretrainDataConfig,
+    expand_shards,
+)
+from beit3.pretrain.data.decode import SKIP_KINDS, SkipSample
+from beit3.pretrain.data.samples import SampleProcessor, collate
+from beit3.pretrain.data.streams import STREAM_IDS, SampleSource, mix
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_RESEED = 0x5EED
+
+
+def empty_stats(streams: tuple[str, ...] = STREAMS) -> dict[str, int]:
+    """All counters at zero: ``skipped/<kind>`` for every kind, ``samples/<stream>`` for every stream."""
+    return {**{f"skipped/{k}": 0 for k in SKIP_KINDS}, **{f"samples/{s}": 0 for s in streams}}
+
+
+class BatchProducer:
+    """Builds micro-batches for one producer slot of one rank; its state is a small picklable dict."""
+
+    def __init__(
+        self,
+        cfg: PretrainDataConfig,
+        tokenizer,
+        counts: dict[str, int],
+        shards: dict[str, list[str]],
+        slot: int,
+        num_slots: int,
+        seed: int,
+    ) -> None:
+        self.cfg, self.counts, self.slot, self.seed = cfg, counts, slot, seed
+        self.processor = SampleProcessor(cfg, tokenizer)
+        self.pad_id = tokenizer.pad_id
+        self.stats = empty_stats()
+        self.attempts = dict.fromkeys(counts, 0)  # raw samples processed per stream (good or bad)
+        self.sources = {
+            s: SampleSource(
+                s, shards[s], slot, num_slots, seed, cfg.open_shards, cfg.shuffle_buffer, self._on_tar_error
+            )
+            for s in counts
+        }
+
+    def _on_tar_error(self, url: str, err: Exception) -> None:
+        self.stats["skipped/tar_read"] += 1
+
+    def _sample(self, stream: str) -> dict:
+        fn = getattr(self.processor, stream)
+        skipped = 0
+        while True:
+            raw = self.sources[stream].next()
+            rng = np.random.default_rng(
+                mix(self.seed, STREAM_IDS[stream], self.slot, 4, self.attempts[stream])
+            )
+            self.attempts[stream] += 1
+            try:
+                out = fn(raw, rng)
+            except SkipSample as e:
+                self.stats[f"skipped/{e.kind}"] += 1
+                log.debug("%s: skipped %s in %s (%s)", stream, raw.key, raw.url, e)
+                skipped += 1
+                if skipped > self.cfg.max_consecutive_skips:
+                    raise DataStreamError(
+                        f"{stream}: {skipped} bad samples in a row (last: {e} in {raw.url}); skip counts "
+                        f"{ {k: v for k, v in self.stats.items() if v} }: fix the shards or the config"
+                    ) from None
+                continue
+            self.stats[f"samples/{stream}"] += 1
+            if self.cfg.return_keys:
+                out["key"] = raw.key
+            return out
+
+    def next_batch(self) -> dict:
+        """One micro-batch: ``counts[s]`` samples of each stream ``s``, in the order image, text, pair."""
+        batch = {}
+        for stream in STREAMS:
+            n = self.counts.get(stream, 0)
+            if n:
+                text_len = None
+                if self.cfg.pad_text_to_max_len:
+                    text_len = self.cfg.pair_text_max_len if stream == "pair" else self.cfg.text_max_len
+                batch[stream] = collate([self._sample(stream) for _ in range(n)], text_len, self.pad_id)
+        return batch
+
+    def state_dict(self) -> dict:
+        """Sources, per-stream attempt counters and statistics of this slot."""
+        return {
+            "slot": self.slot,
+            "attempts": dict(self.attempts),
+            "stats": dict(self.stats),
+            "sources": {s: src.state_dict() for s, src in self.sources.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (taken from the same slot of the same layout)."""
+        self.attempts = dict(state["attempts"])
+        self.stats = {**empty_stats(), **state["stats"]}
+        for s, src in self.sources.items():
+            src.load_state_dict(state["sources"][s])
+
+
+class _BatchStream(IterableDataset):
+    """What each DataLoader worker iterates: endless batches of its slot, each with the slot's state."""
+
+    def __init__(self, make_producer, slots: list[int], initial_states: list[dict | None]) -> None:
+        self.make_producer, self.slots, self.initial_states = make_producer, slots, initial_states
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        producer = self.make_producer(self.slots[worker])
+        if self.initial_states[worker] is not None:
+            producer.load_state_dict(self.initial_states[worker])
+        while True:
+            batch = producer.next_batch()
+            batch["_producer_state"] = producer.state_dict()
+            yield batch
+
+
+def _identity(x):
+    return x
+
+
+class PretrainLoader:
+    """Endless per-rank micro-batches ``{"image", "text", "pair", "stats"}`` with ``state_dict`` for resume.
+
+    Iterating again (or after :meth:`load_state_dict`) continues from the last consumed batch.
+    """
+
+    def __init__(
+        self, cfg: PretrainDataConfig, tokenizer, counts: dict[str, int], rank: int, world_size: int
+    ):
+        self.cfg, self.tokenizer, self.counts = cfg, tokenizer, counts
+        self.rank, self.world_size = rank, world_size
+        self.num_slots = max(1, cfg.num_workers)
+        self.shards = {s: expand_shards(cfg.shards_for(s), f"{s}_shards") for s in counts}
+        self.seed = cfg.seed
+        self.batches = 0
+        self.producer_states: dict[int, dict] = {}
+        self.stats_base = empty_stats()
+        self._active = None
+        # Build one producer now so that shard/slot problems surface at construction, not in a worker.
+        _SlotFactory(self)(self.rank * self.num_slots)
+
+    def stats(self) -> dict[str, int]:
+        """Cumulative counts on this rank over the consumed batches."""
+        total = dict(self.stats_base)
+        for state in self.producer_states.values():
+            for k, v in state["stats"].items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def __iter__(self):
+        self.close()
+        self._active = self._generate()
+        return self._active
+
+    def _generate(self):
+        n = self.num_slots
+        # Worker i first produces batch ``batches + i``, which belongs to slot (batches + i) % n.
+        slots = [(self.batches + i) % n for i in range(n)]
+        initial = [self.producer_states.get(s) for s in slots]
+        dataset = _BatchStream(_SlotFactory(self), [self.rank * n + s for s in slots], initial)
+        if self.cfg.num_workers == 0:
+            source = iter(dataset)
+        else:
+            source = iter(
+                DataLoader(
+                    dataset,
+                    batch_size=None,
+                    num_workers=self.cfg.num_workers,
+                    collate_fn=_identity,
+                    prefetch_factor=self.cfg.prefetch_factor,
+                    persistent_workers=False,
+                )
+            )
+        for batch in source:
+            state = batch.pop("_producer_state")
+            self.producer_states[state["slot"] - self.rank * n] = state
+            self.batches += 1
+            batch["stats"] = self.stats()
+            yield batch
+
+    def close(self) -> None:
+        """Stop the worker processes of the current iteration (if any)."""
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue after the batches consumed so far (per rank: save one per rank)."""
+        return {
+            "version": STATE_VERSION,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.cfg.num_workers,
+            "counts": dict(self.counts),
+            "seed": self.seed,
+            "batches": self.batches,
+            "stats_base": dict(self.stats_base),
+            "producers": {s: dict(v) for s, v in self.producer_states.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: exactly on the same layout; else re-seeded from (seed, batches) so no stream repeats."""
+        if state.get("version") != STATE_VERSION:
+            raise DataConfigError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        self.close()
+        self.batches = state["batches"]
+        same = all(
+            state[k] == v
+            for k, v in (
+                ("rank", self.rank),
+                ("world_size", self.world_size),
+                ("num_workers", self.cfg.num_workers),
+                ("counts", dict(self.counts)),
+            )
+        )
+        if same:
+            self.seed = state["seed"]
+            self.stats_base = {**empty_stats(), **state["stats_base"]}
+            self.producer_states = {int(s): v for s, v in state["producers"].items()}
+            return
+        # A new layout: the old positions mean nothing to the new slots. Keep the counters, and draw new
+        # streams from a seed derived from the old one and the step, the same on every rank.
+        loaded = dict(state["stats_base"])
+        for st in state["producers"].values():
+            for k, v in st["stats"].items():
+                loaded[k] = loaded.get(k, 0) + v
+        self.stats_base = {**empty_stats(), **loaded}
+        self.seed = mix(state["seed"], _RESEED, state["batches"])
+        self.producer_states = {}
+        log.warning(
+            "data loader state from rank %d/%d with %d workers restored on rank %d/%d with %d workers: "
+            "continuing on re-seeded streams (seed %d) after %d batches",
+            state["rank"],
+            state["world_size"],
+            state["num_workers"],
+            self.rank,
+            self.world_size,
+            self.cfg.num_workers,
+            self.seed,
+            self.batches,
+        )
+
+
+class _SlotFactory:
+    """Picklable ``global slot -> producer`` for the DataLoader workers."""
+
+    def __init__(self, loader: PretrainLoader) -> None:
+        self.cfg, self.tokenizer, self.counts = loader.cfg, loader.tokenizer, loader.counts
+        self.shards, self.seed = loader.shards, loader.seed
+        self.num_slots = loader.world_size * loader.num_slots
+
+    def __call__(self, global_slot: int) -> BatchProducer:
+        return BatchProducer(
+            self.cfg, self.tokenizer, self.counts, self.shards, global_slot, self.num_slots, self.seed
+        )
+
+
+def build_pretrain_loader(
+    cfg: PretrainDataConfig,
+    tokenizer,
+    images_per_batch: int,
+    texts_per_batch: int,
+    pairs_per_batch: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> PretrainLoader:
+    """The loader of one rank: every batch holds exactly the given numbers of images, texts and pairs.
+
+    A count of 0 leaves that sub-batch out of every batch. Raises :class:`DataConfigError` for a config
+    that cannot work (e.g. pairs requested but no ``pair_shards``).
+    """
+    cfg.validate()
+    counts = {"image": images_per_batch, "text": texts_per_batch, "pair": pairs_per_batch}
+    if any(c < 0 for c in counts.values()) or not any(counts.values()):
+        raise DataConfigError(f"batch composition {counts} must be >= 0 with at least one sample per batch")
+    if not 0 <= rank < world_size:
+        raise DataConfigError(f"rank {rank} is outside world_size {world_size}")
+    counts = {s: c for s, c in counts.items() if c}
+    for s in counts:
+        if not cfg.shards_for(s):
+            raise DataConfigError(
+                f"{counts[s]} {s}s per batch but {s}_shards is empty: set [data] {s}_shards "
+                f"(e.g. `beit3-shards {s}s ...` output) or set the count to 0"
+            )
+    return PretrainLoader(cfg, tokenizer, counts, rank, world_size)

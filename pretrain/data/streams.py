@@ -1,0 +1,155 @@
+"""One infinite, resampled sample stream per (stream, rank, worker): disjoint shards, exact resume.
+
+Readers are numbered ``slot = rank * num_workers + worker`` out of ``world_size * num_workers``. A stream's
+shards are cut into units (whole shards, or interleaved parts of shards when there are fewer shards than
+readers: :func:`beit3.pretrain.data.config.parts_per_shard`) and unit ``u`` belongs to slot ``u % num_slots``
+only, so no two readers ever see the same sample. Within its units a reader draws units with replacement
+(resampling: the stream never ends), keeps ``open_shards`` of them open, takes each next sample from one of
+them at random, and passes samples through a shuffle buffer.
+
+Every random choice is a pure function of ``(seed, stream, slot, counter)`` (:func:`mix`), and the position in
+each open unit is a byte offset, so :meth:`SampleSource.state_dict` is a few integers plus the buffered
+samples' file offsets; restoring it reproduces the stream exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from beit3.pretrain.data.config import DataStreamError, parts_per_shard
+from beit3.pretrain.data.tario import TAR_ERRORS, RawSample, iter_shard, read_ref
+
+log = logging.getLogger(__name__)
+
+_MASK64 = (1 << 64) - 1
+STREAM_IDS = {"image": 1, "text": 2, "pair": 3}
+
+
+def mix(*values: int) -> int:
+    """A 63-bit hash of integers (splitmix64 steps): the seed of one random decision."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+def units_for_slot(num_shards: int, slot: int, num_slots: int) -> list[tuple[int, int, int]]:
+    """The ``(shard, part, parts)`` units read by ``slot``; disjoint across slots, together everything."""
+    parts = parts_per_shard(num_shards, num_slots)
+    units = [(s, p, parts) for s in range(num_shards) for p in range(parts)]
+    return units[slot::num_slots]
+
+
+@dataclass
+class _OpenUnit:
+    unit: int  # index into the slot's unit list
+    offset: int  # member-header byte offset of the next sample
+    index: int  # shard-level index of the next sample
+    iterator: object = None
+
+
+class SampleSource:
+    """Raw samples of one stream for one reader slot, forever, in a reproducible order."""
+
+    def __init__(
+        self,
+        stream: str,
+        shards: list[str],
+        slot: int,
+        num_slots: int,
+        seed: int,
+        open_shards: int = 4,
+        buffer_size: int = 256,
+        on_tar_error=None,
+    ) -> None:
+        self.stream, self.shards, self.slot, self.seed = stream, shards, slot, seed
+        self.units = units_for_slot(len(shards), slot, num_slots)
+        if not self.units:
+            raise DataStreamError(f"{stream}: reader slot {slot} of {num_slots} owns no shard units")
+        self.open_shards, self.buffer_size = open_shards, max(1, buffer_size)
+        self.on_tar_error = on_tar_error or (lambda url, err: None)
+        self.draws = 0  # units drawn so far
+        self.picks = 0  # samples taken out of the buffer so far
+        self.reads = 0  # samples read from open units so far
+        self.open: list[_OpenUnit] = []
+        self.buffer: list[RawSample] = []
+        self._sid = STREAM_IDS[stream]
+
+    # ---- reading -----------------------------------------------------------------------------------
+    def _draw(self) -> _OpenUnit:
+        u = mix(self.seed, self._sid, self.slot, 1, self.draws) % len(self.units)
+        self.draws += 1
+        return _OpenUnit(unit=u, offset=0, index=0)
+
+    def _read_one(self) -> RawSample:
+        """The next sample from a randomly chosen open unit, replacing exhausted or damaged units."""
+        barren = 0
+        while True:
+            while len(self.open) < self.open_shards:
+                self.open.append(self._draw())
+            k = mix(self.seed, self._sid, self.slot, 2, self.reads) % len(self.open)
+            cur = self.open[k]
+            shard, part, parts = self.units[cur.unit]
+            url = self.shards[shard]
+            try:
+                if cur.iterator is None:
+                    cur.iterator = iter_shard(url, cur.offset, cur.index, part, parts)
+                while True:
+                    sample, cur.offset, cur.index = next(cur.iterator)
+                    if sample is not None:
+                        self.reads += 1
+                        return sample
+            except StopIteration:
+                pass
+            except TAR_ERRORS as e:
+                log.warning(
+                    "%s: shard %s unreadable after sample %d (%s); moving on", self.stream, url, cur.index, e
+                )
+                self.on_tar_error(url, e)
+            self.open[k] = self._draw()
+            barren += 1
+            if barren > 4 * len(self.units) + 16:
+                raise DataStreamError(
+                    f"{self.stream}: {barren} shard units in a row gave no sample "
+                    f"(shards such as {url}): check the shards (`tar tf`) or drop them from the config"
+                )
+
+    def next(self) -> RawSample:
+        """The next sample of the stream (shuffled through the buffer)."""
+        while len(self.buffer) < self.buffer_size:
+            self.buffer.append(self._read_one())
+        i = mix(self.seed, self._sid, self.slot, 3, self.picks) % len(self.buffer)
+        self.picks += 1
+        sample = self.buffer[i]
+        self.buffer[i] = self.buffer[-1]
+        self.buffer.pop()
+        return sample
+
+    # ---- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Counters, open-unit positions and buffered sample references (no sample bytes)."""
+        return {
+            "seed": self.seed,
+            "draws": self.draws,
+            "picks": self.picks,
+            "reads": self.reads,
+            "open": [(o.unit, o.offset, o.index) for o in self.open],
+            "buffer": [s.ref() for s in self.buffer],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where ``state`` was taken (same shards, slot and slot count)."""
+        self.seed = state["seed"]
+        self.draws, self.picks, self.reads = state["draws"], state["picks"], state["reads"]
+        self.open = [_OpenUnit(unit=u, offset=off, index=idx) for u, off, idx in state["open"]]
+        self.buffer = []
+        for ref in state["buffer"]:
+            try:
+                self.buffer.append(read_ref(ref))
+            except TAR_ERRORS as e:  # the shard changed or vanished since: lose the sample, not the run
+                self.on_tar_error(ref[1], e)

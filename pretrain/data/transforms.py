@@ -1,0 +1,115 @@
+"""Image augmentation for masked image modeling: one random crop seen at two sizes (PIL + numpy only).
+
+Paper §2.3: random-resized crop, horizontal flip and colour jitter 0.4. As in BEiT v2's two-picture crop, the
+model view (``img_size``, normalised with ``mean``/``std``) and the visual tokenizer's view
+(``tokenizer_img_size``, values in [0, 1]) come from the same crop, flip and jitter, so the tokenizer's codes
+describe exactly what the model sees.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+# ITU-R 601-2 luma, the weights PIL's "L" conversion uses.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def sample_crop(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: np.random.Generator,
+) -> tuple[int, int, int, int]:
+    """A random crop box ``(left, top, crop_w, crop_h)`` covering ``scale`` of the area at aspect ``ratio``.
+
+    Ten tries of area ~ U(scale) and log-aspect ~ U(log ratio); if none fits, the largest centred crop whose
+    aspect lies within ``ratio`` (the usual random-resized-crop fallback).
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= width and 0 < ch <= height:
+            left = int(rng.integers(0, width - cw + 1))
+            top = int(rng.integers(0, height - ch + 1))
+            return left, top, cw, ch
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        cw, ch = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        cw, ch = int(round(height * ratio[1])), height
+    else:
+        cw, ch = width, height
+    cw, ch = max(1, min(cw, width)), max(1, min(ch, height))
+    return (width - cw) // 2, (height - ch) // 2, cw, ch
+
+
+def _jitter(x: np.ndarray, ops: list[tuple[str, float]]) -> np.ndarray:
+    """Brightness / contrast / saturation blends on (H, W, 3) float values in [0, 1], in the given order."""
+    for op, f in ops:
+        if op == "brightness":
+            x = x * f
+        elif op == "contrast":
+            x = f * x + (1.0 - f) * float((x @ _LUMA).mean())
+        else:  # saturation
+            x = f * x + (1.0 - f) * (x @ _LUMA)[..., None]
+        x = np.clip(x, 0.0, 1.0)
+    return x
+
+
+class TwoViewTransform:
+    """``(PIL RGB image, rng) -> (model view (3, H, W) normalised, tokenizer view (3, h, w) in [0, 1])``."""
+
+    def __init__(
+        self,
+        img_size: int,
+        tokenizer_img_size: int,
+        mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        color_jitter: float = 0.4,
+    ) -> None:
+        self.img_size, self.tokenizer_img_size = img_size, tokenizer_img_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
+        self.hflip, self.color_jitter = hflip, color_jitter
+
+    def _jitter_ops(self, rng: np.random.Generator) -> list[tuple[str, float]]:
+        cj = self.color_jitter
+        if cj <= 0:
+            return []
+        names = ["brightness", "contrast", "saturation"]
+        factors = rng.uniform(1.0 - cj, 1.0 + cj, size=3)
+        order = rng.permutation(3)  # random order, as torchvision's ColorJitter
+        return [(names[i], float(factors[i])) for i in order]
+
+    def _view(
+        self, img: Image.Image, box: tuple[int, int, int, int], size: int, flip: bool, ops
+    ) -> np.ndarray:
+        left, top, cw, ch = box
+        out = img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+        if flip:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        x = np.asarray(out, dtype=np.float32) * (1.0 / 255.0)
+        return _jitter(x, ops) if ops else x
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views of one random crop of ``img`` (RGB), deterministic given ``rng``'s state."""
+        box = sample_crop(img.width, img.height, self.crop_scale, self.crop_ratio, rng)
+        flip = bool(rng.random() < self.hflip)
+        ops = self._jitter_ops(rng)
+        model = torch.from_numpy(self._view(img, box, self.img_size, flip, ops)).permute(2, 0, 1)
+        model = (model - self.mean) / self.std
+        tok = torch.from_numpy(self._view(img, box, self.tokenizer_img_size, flip, ops)).permute(2, 0, 1)
+        return model.contiguous(), tok.contiguous()
