@@ -1,0 +1,222 @@
+"""Bad input never stops training, is never silent: each kind is skipped and counted; odd modes converted."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from beit3.pretrain.data import DataStreamError, PretrainDataConfig, build_pretrain_loader
+from beit3.pretrain.data.decode import SkipSample, decode_image, decode_text
+from beit3.pretrain.data.fixtures import encode_image, noise_image, tiny_tokenizer
+from beit3.pretrain.data.tario import ShardWriter
+
+
+def uniform(color, size=32):
+    return np.full((size, size, 3), color, dtype=np.uint8)
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def transparent_palette() -> bytes:
+    img = Image.new("P", (32, 32), 0)
+    img.putpalette([255, 0, 0] * 256)
+    img.info["transparency"] = 0
+    buf = io.BytesIO()
+    img.save(buf, "PNG", transparency=0)
+    return buf.getvalue()
+
+
+def gray16(value: int) -> bytes:
+    return png(Image.fromarray(np.full((32, 32), value, dtype=np.uint16)))
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (lambda: png(Image.new("RGBA", (32, 32), (255, 0, 0, 0))), (255, 255, 255)),  # transparent: white
+        (lambda: png(Image.new("RGBA", (32, 32), (255, 0, 0, 255))), (255, 0, 0)),
+        (lambda: png(Image.new("LA", (32, 32), (100, 255))), (100, 100, 100)),
+        (transparent_palette, (255, 255, 255)),
+        (lambda: gray16(128 * 257), (128, 128, 128)),  # 16-bit scaled, not clipped to white
+        (lambda: gray16(0), (0, 0, 0)),
+        (lambda: encode_image(uniform((200, 30, 30)), "JPEG", mode="CMYK"), (200, 30, 30)),
+        (lambda: png(Image.new("1", (32, 32), 1)), (255, 255, 255)),
+    ],
+    ids=[
+        "rgba-transparent",
+        "rgba-opaque",
+        "la",
+        "palette-transparency",
+        "i16-mid",
+        "i16-zero",
+        "cmyk",
+        "1bit",
+    ],
+)
+def test_odd_image_modes_become_rgb(data, expected):
+    img = decode_image(data())
+    assert img.mode == "RGB"
+    mean = np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(0)
+    assert np.allclose(mean, expected, atol=4), mean
+
+
+@pytest.mark.parametrize(
+    "data, kind",
+    [
+        (b"", "image_empty"),
+        (b"definitely not an image", "image_decode"),
+        (noise_image(np.random.default_rng(0), 64, 64)[:300], "image_decode"),  # truncated JPEG
+        (noise_image(np.random.default_rng(0), 64, 64, fmt="PNG")[:200], "image_decode"),  # truncated PNG
+    ],
+    ids=["empty", "garbage", "truncated-jpeg", "truncated-png"],
+)
+def test_undecodable_images_are_skipped_with_their_kind(data, kind):
+    with pytest.raises(SkipSample) as err:
+        decode_image(data)
+    assert err.value.kind == kind
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_and_large_png_is_skipped():
+    big = uniform((10, 200, 10), size=256)
+    img = decode_image(encode_image(big, "JPEG"), max_pixels=64 * 64)
+    assert img.size == (64, 64)  # DCT scaling by 1/4 during decode, never the full 256x256
+    with pytest.raises(SkipSample) as err:
+        decode_image(encode_image(big, "PNG"), max_pixels=64 * 64)
+    assert err.value.kind == "image_too_large"
+
+
+@pytest.mark.parametrize(
+    "data, kind", [(b"", "text_empty"), (b" \n\t ", "text_empty"), (b"\xff\xfe caf\xe9", "text_decode")]
+)
+def test_bad_texts_are_skipped_with_their_kind(data, kind):
+    with pytest.raises(SkipSample) as err:
+        decode_text(data)
+    assert err.value.kind == kind
+
+
+def test_text_keeps_utf8_and_drops_bom_and_whitespace():
+    assert decode_text("\ufeff  café ☕ \n".encode()) == "café ☕"
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return tiny_tokenizer(str(tmp_path_factory.mktemp("spm")))
+
+
+def single_pass_cfg(tmp_path, **kw) -> PretrainDataConfig:
+    # One shard, one open unit, no shuffling, one slot: samples come out in shard order.
+    base = dict(
+        img_size=32,
+        patch_size=8,
+        tokenizer_img_size=16,
+        min_num_patches=2,
+        num_workers=0,
+        shuffle_buffer=0,
+        open_shards=1,
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        color_jitter=0.0,
+        hflip=0.0,
+        max_image_pixels=64 * 64,
+        text_max_len=16,
+        pair_text_max_len=12,
+    )
+    base.update(kw)
+    return PretrainDataConfig(**base)
+
+
+def write(path, samples):
+    w = ShardWriter(str(path), "bad")
+    for i, fields in enumerate(samples):
+        w.write(f"s{i:03d}", fields)
+    w.close()
+    return str(path)
+
+
+def test_loader_skips_and_counts_every_kind_of_bad_sample(tmp_path, tok):
+    good = {"jpg": encode_image(uniform((0, 0, 255)))}
+    images = [
+        good,
+        {"jpg": b"garbage"},
+        {"png": png(Image.new("RGBA", (32, 32), (255, 0, 0, 0)))},
+        {"jpg": good["jpg"][:100]},
+        {"png": gray16(128 * 257)},
+        {"jpg": b""},
+        {"png": transparent_palette()},
+        {"png": encode_image(uniform(9, size=200), "PNG")},  # too large, cannot be drafted
+        {"jpg": encode_image(uniform((0, 255, 0), size=200), "JPEG")},  # too large, drafted
+        {"json": b"{}"},
+        {"jpg": encode_image(uniform((255, 255, 0)), "JPEG", mode="CMYK")},
+    ]
+    texts = [{"txt": b"the cat"}, {"txt": b""}, {"txt": b"\xff\xfe"}, {"txt": b"a dog runs"}]
+    pairs = [
+        {"jpg": good["jpg"], "txt": b"blue"},
+        {"jpg": good["jpg"]},
+        {"jpg": b"", "txt": b"x"},
+        images[4] | {"txt": b"gray"},
+    ]
+    cfg = single_pass_cfg(
+        tmp_path,
+        image_shards=[write(tmp_path / "i", images)],
+        text_shards=[write(tmp_path / "t", texts)],
+        pair_shards=[write(tmp_path / "p", pairs)],
+    )
+    it = iter(build_pretrain_loader(cfg, tok, 6, 2, 2))
+    batch = next(it)
+    stats = batch["stats"]
+    assert stats["skipped/image_decode"] == 2
+    assert stats["skipped/image_empty"] == 2  # one image, one pair image
+    assert stats["skipped/image_too_large"] == 1
+    assert stats["skipped/missing_field"] == 2  # image without image field, pair without text
+    assert stats["skipped/text_empty"] == 1 and stats["skipped/text_decode"] == 1
+    assert stats["samples/image"] == 6 and stats["samples/text"] == 2 and stats["samples/pair"] == 2
+    # Survivors in shard order: blue, white (alpha), gray (16-bit), white (palette), green, yellow (CMYK).
+    means = batch["image"]["tokenizer_image"].mean(dim=(2, 3)).numpy() * 255
+    expected = [(0, 0, 255), (255,) * 3, (128,) * 3, (255,) * 3, (0, 255, 0), (255, 255, 0)]
+    assert np.allclose(means, expected, atol=6), means
+    # Counts are cumulative: the next pass over the same shards adds the same skips again.
+    assert next(it)["stats"]["skipped/image_decode"] == 4
+
+
+def _truncate_inside_member(path: str, member_index: int) -> None:
+    with tarfile.open(path) as tf:
+        member = tf.getmembers()[member_index]
+    with open(path, "r+b") as f:
+        f.truncate(member.offset_data + member.size // 2)
+
+
+def test_truncated_tar_moves_on_to_the_next_shard(tmp_path, tok):
+    w = ShardWriter(str(tmp_path / "shards"), "img", max_samples=6)
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        w.write(f"k{i:02d}", {"jpg": noise_image(rng, 32, 32)})
+    w.close()
+    first, second = (str(tmp_path / "shards" / s["name"]) for s in w.shards)
+    _truncate_inside_member(first, 4)  # k04's image is cut in half
+    cfg = single_pass_cfg(tmp_path, image_shards=[first, second], return_keys=True, open_shards=2)
+    it = iter(build_pretrain_loader(cfg, tok, 4, 0, 0))
+    batches = [next(it) for _ in range(12)]
+    keys = {k for b in batches for k in b["image"]["keys"]}
+    assert keys == {f"k{i:02d}" for i in (0, 1, 2, 3, *range(6, 12))}
+    assert batches[-1]["stats"]["skipped/tar_read"] >= 1
+
+
+def test_a_stream_with_nothing_readable_fails_loudly_instead_of_hanging(tmp_path, tok):
+    (tmp_path / "z").mkdir()
+    empty = tmp_path / "z" / "empty.tar"
+    empty.write_bytes(b"")
+    cfg = single_pass_cfg(tmp_path, image_shards=[str(empty)])
+    with pytest.raises(DataStreamError, match="gave no sample"):
+        next(iter(build_pretrain_loader(cfg, tok, 1, 0, 0)))
+    bad = write(tmp_path / "b", [{"jpg": b"x"}] * 3)
+    cfg = single_pass_cfg(tmp_path, image_shards=[bad], max_consecutive_skips=5)
+    with pytest.raises(DataStreamError, match="bad samples in a row"):
+        next(iter(build_pretrain_loader(cfg, tok, 1, 0, 0)))
