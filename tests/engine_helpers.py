@@ -150,13 +150,17 @@ def single_rank():
     return init_distributed()
 
 
-def read_losses(record_path: str | Path, rank: int) -> dict[int, float]:
-    """Batch index -> loss recorded by ToyMultiwayTask (a re-run batch must repeat the same loss)."""
-    out: dict[int, float] = {}
+def read_loss_rows(record_path: str | Path, rank: int) -> list[tuple[int, float]]:
+    """Every (batch index, loss) that ToyMultiwayTask recorded, in order (re-run batches appear twice)."""
     with open(f"{record_path}_rank{rank}.jsonl") as f:
-        for line in f:
-            row = json.loads(line)
-            out.setdefault(row["index"], row["loss"])
+        return [(row["index"], row["loss"]) for row in map(json.loads, f)]
+
+
+def read_losses(record_path: str | Path, rank: int) -> dict[int, float]:
+    """Batch index -> the first loss recorded for it."""
+    out: dict[int, float] = {}
+    for index, loss in read_loss_rows(record_path, rank):
+        out.setdefault(index, loss)
     return out
 
 
@@ -222,3 +226,44 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def make_trainer(
+    out: Path,
+    ds_name: str,
+    steps: int,
+    overrides: dict | None = None,
+    task_kwargs: dict | None = None,
+    data_kwargs: dict | None = None,
+    **cfg_kwargs,
+):
+    """An in-process one-rank Trainer on the toy task (the caller holds the ``single_rank`` fixture)."""
+    from beit3.engine.ds_config import load_ds_config
+    from beit3.engine.launch import init_distributed
+    from beit3.engine.trainer import Trainer, TrainerConfig
+
+    dist = init_distributed()
+    torch.manual_seed(0)
+    task = ToyMultiwayTask(**(task_kwargs or {}))
+    ds = load_ds_config(DS_CONFIGS / ds_name, dist.world_size, overrides)
+    data = ToyData(ds["train_micro_batch_size_per_gpu"], rank=dist.rank, **(data_kwargs or {}))
+    settings = {"log_every": 2, "save_every": 0, "lr": 1e-2, "warmup_steps": 2, "shutdown_at_end": False}
+    cfg = TrainerConfig(output_dir=str(out), total_steps=steps, **{**settings, **cfg_kwargs})
+    return Trainer(task, data, ds, cfg, dist)
+
+
+def full_parameters(trainer) -> dict[str, torch.Tensor]:
+    """The trained module's parameters as fp32 CPU copies (gathered under ZeRO-3)."""
+    from beit3.engine.consolidate import _gathered
+
+    module = trainer.engine.module
+    with _gathered(module):
+        return {n: p.detach().float().cpu().clone() for n, p in module.named_parameters()}
+
+
+def base_optimizer(trainer) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's wrappers."""
+    opt = trainer.engine.optimizer
+    while not isinstance(opt, torch.optim.AdamW):
+        opt = opt.optimizer
+    return opt

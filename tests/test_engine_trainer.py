@@ -1,0 +1,194 @@
+"""Specification of the Trainer on one in-process rank (gloo): accumulation, non-finite steps, checkpoints,
+TensorBoard tags, consolidation, preemption. Multi-rank behaviour: test_engine_multirank.py."""
+
+import os
+import signal
+
+import pytest
+import torch
+from engine_helpers import (
+    ToyData,
+    ToyMultiwayTask,
+    base_optimizer,
+    full_parameters,
+    make_trainer,
+    read_losses,
+    single_rank,  # noqa: F401  (a fixture)
+)
+
+from beit3.engine.checkpoint import MARKER, CheckpointManager, latest_checkpoint
+from beit3.engine.consolidate import ConsolidationError, consolidate_checkpoint, verify_against_module
+from beit3.engine.lr import lr_at
+from beit3.engine.trainer import EXIT_PREEMPTED
+
+pytestmark = [
+    pytest.mark.usefixtures("single_rank"),
+    # DeepSpeed 0.19.8 calls deprecated torch names (collectives, torch.jit.script_method): not ours to fix.
+    pytest.mark.filterwarnings("ignore:.*is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:.*script_method.* is deprecated:DeprecationWarning"),
+]
+NO_DROPOUT = {"dropout": 0.0}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("ds_name", ["zero0_fp32.json", "zero3_fp32.json"])
+def test_four_micro_batches_of_one_equal_one_batch_of_four(tmp_path, ds_name):
+    accumulated = make_trainer(tmp_path / "4x1", ds_name, 3, {"train_micro_batch_size_per_gpu": 1,
+                               "gradient_accumulation_steps": 4}, NO_DROPOUT)  # fmt: skip
+    single = make_trainer(tmp_path / "1x4", ds_name, 3, {"train_micro_batch_size_per_gpu": 4}, NO_DROPOUT)
+    assert accumulated.fit().exit_reason == single.fit().exit_reason == "finished"
+    assert _max_diff(full_parameters(accumulated), full_parameters(single)) <= 1e-6
+
+
+@pytest.mark.parametrize("ds_name", ["zero0_fp32.json", "zero3_bf16.json"])
+def test_nonfinite_loss_skips_the_step_leaving_parameters_and_optimizer_state(tmp_path, ds_name):
+    batch = {"train_batch_size": None, "train_micro_batch_size_per_gpu": 2}
+    clean = make_trainer(tmp_path / "clean", ds_name, 2, batch)
+    clean.fit()
+    poisoned = make_trainer(tmp_path / "nan", ds_name, 3, batch, data_kwargs={"nan_batches": (2,)})
+    result = poisoned.fit()
+    assert result.exit_reason == "finished" and poisoned.skipped_steps == 1 and poisoned.step == 3
+    assert _max_diff(full_parameters(poisoned), full_parameters(clean)) == 0.0
+    steps = {float(s["step"]) for s in base_optimizer(poisoned).state.values()}
+    assert steps == {2.0}  # AdamW's own step counter did not advance on the skipped step
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run_after_a_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, "zero0_fp32.json", 10, data_kwargs={"nan_batches": (1, 2, 3)},
+                           max_nonfinite_in_row=3)  # fmt: skip
+    result = trainer.fit()
+    assert (result.exit_reason, result.step, result.exit_code) == ("nonfinite", 4, 3)
+    assert latest_checkpoint(tmp_path).name == "step00000004"
+    after_first = make_trainer(tmp_path / "one", "zero0_fp32.json", 1)
+    after_first.fit()
+    assert _max_diff(full_parameters(trainer), full_parameters(after_first)) == 0.0
+
+
+def test_save_interrupted_before_the_pointer_leaves_the_previous_checkpoint_current(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, "zero0_fp32.json", 4, save_every=2, task_kwargs=NO_DROPOUT)
+    real_commit, calls = CheckpointManager.commit, []
+
+    def crash_on_second_commit(self, tag):
+        calls.append(tag)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash between the tag write and the pointer")
+        real_commit(self, tag)
+
+    monkeypatch.setattr(CheckpointManager, "commit", crash_on_second_commit)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    monkeypatch.setattr(CheckpointManager, "commit", real_commit)
+    assert (tmp_path / "checkpoints" / "step00000004" / MARKER).is_file()  # written, never committed
+    (tmp_path / "checkpoints" / "step00000009").mkdir()  # a save killed inside DeepSpeed's write
+    assert latest_checkpoint(tmp_path).name == "step00000002"
+
+    resumed = make_trainer(tmp_path, "zero0_fp32.json", 4, save_every=2, task_kwargs=NO_DROPOUT)
+    assert resumed.step == 2 and resumed.data.index == 2
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert left == ["step00000002"]
+    resumed.fit()
+    straight = make_trainer(tmp_path / "straight", "zero0_fp32.json", 4, task_kwargs=NO_DROPOUT)
+    straight.fit()
+    assert _max_diff(full_parameters(resumed), full_parameters(straight)) == 0.0
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    make_trainer(tmp_path, "zero0_fp32.json", 5, save_every=1, keep_last=2).fit()
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert kept == ["step00000004", "step00000005"] and latest_checkpoint(tmp_path).name == "step00000005"
+
+
+def _scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_tags_read_back_match_the_run(tmp_path, capsys):
+    recording = {"record_path": str(tmp_path / "losses")}
+    trainer = make_trainer(
+        tmp_path, "zero0_fp32.json", 4, task_kwargs=recording, warmup_steps=3, peak_flops=1e9
+    )
+    trainer.fit()
+    scalars = _scalars(tmp_path / "tensorboard")
+    expected = {"loss/total", "loss/a", "loss/b", "acc/a", "acc/b", "optim/lr", "optim/grad_norm",
+                "optim/loss_scale", "optim/skipped_steps", "perf/samples_per_sec", "perf/tokens_per_sec",
+                "perf/step_time_s", "perf/mfu_pct", "data/skipped/corrupt"}  # fmt: skip
+    assert expected <= scalars.keys() and "memory/max_allocated_gib" not in scalars  # CPU: no device memory
+    assert [s for s, _ in scalars["loss/total"]] == [2, 4]
+    losses = read_losses(tmp_path / "losses", 0)
+    assert scalars["loss/total"][0][1] == pytest.approx((losses[0] + losses[1]) / 2, rel=1e-6)
+    assert scalars["optim/lr"][1][1] == pytest.approx(lr_at(3, 1e-2, 3, 4), rel=1e-6)
+    assert scalars["data/skipped/corrupt"][1][1] == (3 + 1) // 3
+    assert scalars["optim/loss_scale"][0][1] == 1.0 and scalars["optim/skipped_steps"][1][1] == 0.0
+    assert all(v > 0 for _, v in scalars["perf/samples_per_sec"] + scalars["optim/grad_norm"])
+    groups = trainer.engine.optimizer.param_groups
+    assert all(g["lr"] == pytest.approx(lr_at(3, 1e-2, 3, 4) * g["lr_scale"]) for g in groups)
+    assert {g["lr_scale"] for g in groups} == {1.0, 0.5}
+    assert "step 4/4 | " in capsys.readouterr().out
+
+
+def test_mfu_is_omitted_on_cpu_without_a_peak_override(tmp_path):
+    make_trainer(tmp_path, "zero0_fp32.json", 2).fit()
+    assert "perf/mfu_pct" not in _scalars(tmp_path / "tensorboard")
+
+
+@pytest.mark.parametrize("ds_name", ["zero0_fp32.json", "zero3_fp32.json", "zero3_bf16.json"])
+def test_consolidated_checkpoint_matches_the_live_module(tmp_path, ds_name):
+    overrides = {"train_batch_size": None, "train_micro_batch_size_per_gpu": 2}
+    trainer = make_trainer(tmp_path, ds_name, 2, overrides)
+    trainer.fit()
+    state = consolidate_checkpoint(tmp_path)
+    assert all(t.dtype == torch.float32 for t in state.values())
+    verify_against_module(state, trainer.engine.module)
+    plain = ToyMultiwayTask()
+    plain.load_state_dict(state)  # strict: every key of a plain module, nothing else
+    tampered = {**state, "head.bias": state["head.bias"] + 1e-3}
+    with pytest.raises(ConsolidationError, match="head.bias"):
+        verify_against_module(tampered, trainer.engine.module)
+    with pytest.raises(ConsolidationError, match="missing"):
+        verify_against_module({k: v for k, v in state.items() if k != "embed.weight"}, trainer.engine.module)
+
+
+class _SignalAt(ToyData):
+    """Sends this process SIGUSR1 while yielding batch ``at`` (a Slurm pre-emption warning)."""
+
+    def __init__(self, *args, at: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at = at
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if batch["index"] == self.at:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            yield batch
+
+
+def test_sigusr1_saves_and_reports_preempted_then_resume_continues(tmp_path):
+    trainer = make_trainer(tmp_path, "zero0_fp32.json", 50)
+    trainer.data = _SignalAt(2, at=3)
+    trainer._iter = iter(trainer.data)
+    previous = signal.getsignal(signal.SIGUSR1)
+    result = trainer.fit()
+    assert (result.exit_reason, result.step, result.exit_code) == ("preempted", 4, EXIT_PREEMPTED)
+    assert signal.getsignal(signal.SIGUSR1) is previous  # handlers restored
+    assert latest_checkpoint(tmp_path).name == "step00000004"
+    resumed = make_trainer(tmp_path, "zero0_fp32.json", 6)
+    assert (resumed.step, resumed.data.index) == (4, 4)
+    assert resumed.fit().exit_reason == "finished"
+
+
+def test_fp16_dynamic_loss_scale_is_logged(tmp_path, monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: True)  # Trap 2
+    overrides = {"train_micro_batch_size_per_gpu": 2, "fp16.initial_scale_power": 8}
+    make_trainer(tmp_path, "zero2_fp16.json", 2, overrides).fit()
+    scale = _scalars(tmp_path / "tensorboard")["optim/loss_scale"]
+    assert scale[-1][1] in (2.0**8, 2.0**7)  # initial scale, or halved once on an overflow
