@@ -1,0 +1,359 @@
+"""``beit3-shards``: write webdataset tar shards for pretraining, each directory with a ``manifest.json``.
+
+Subcommands::
+
+    beit3-shards images OUT_DIR SRC...   # image folders (recursive) or list files -> {key}.jpg
+    beit3-shards texts  OUT_DIR SRC...   # .txt (one document a line) or .jsonl -> {key}.txt segments
+    beit3-shards pairs  OUT_DIR SRC...   # .jsonl / .tsv index of (local image path, caption) -> .jpg + .txt
+    beit3-shards demo   OUT_DIR          # a small real dataset from pip-installed packages (docs/data.md)
+
+Every image is decoded and converted to RGB before it is written (JPEGs already RGB or grey and not resized
+are kept byte for byte; everything else is re-encoded as JPEG); inputs that fail are skipped and counted per
+kind in the manifest. A new shard starts after ``--max-samples`` samples or ``--max-bytes`` bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import random
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from multiprocessing import Pool
+
+from PIL import Image
+
+from beit3.pretrain.data.decode import SkipSample, decode_image, decode_text
+from beit3.pretrain.data.tario import ShardWriter, write_manifest
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".jfif")
+
+
+class ShardsError(ValueError):
+    """Bad command-line input (missing sources, unknown columns); the message names the fix."""
+
+
+# ---- images ----------------------------------------------------------------------------------------------
+def prepare_image(data: bytes, max_pixels: int, shorter_side: int = 0, quality: int = 95) -> bytes:
+    """Validated JPEG bytes of an image (decoded, converted to RGB, optionally downscaled), or SkipSample."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            fmt, mode, size = probe.format, probe.mode, probe.size
+    except Exception:
+        fmt = mode = size = None  # decode_image below names the problem
+    img = decode_image(data, max_pixels)
+    resize = shorter_side and min(img.size) > shorter_side
+    # The size check catches large JPEGs that decode_image drafted to a smaller scale.
+    if fmt == "JPEG" and mode in ("RGB", "L") and not resize and img.size == size:
+        return data
+    if resize:
+        scale = shorter_side / min(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def list_images(sources: Iterable[str]) -> list[str]:
+    """Image files under directories (recursively, sorted) and in list files (one path a line)."""
+    paths: list[str] = []
+    for src in sources:
+        if os.path.isdir(src):
+            for dirpath, dirnames, filenames in os.walk(src):
+                dirnames.sort()
+                paths.extend(
+                    os.path.join(dirpath, f)
+                    for f in sorted(filenames)
+                    if f.lower().endswith(IMAGE_EXTENSIONS)
+                )
+        elif os.path.isfile(src):
+            base = os.path.dirname(os.path.abspath(src))
+            with open(src, encoding="utf-8") as f:
+                paths.extend(os.path.join(base, line.strip()) for line in f if line.strip())
+        else:
+            raise ShardsError(f"{src} is neither a directory of images nor a list file: check the path")
+    return paths
+
+
+def _image_job(args: tuple) -> tuple[str, dict | None]:
+    """Pool worker: (path, caption or None, options) -> ("ok", fields) or (skip kind, None)."""
+    path, caption, max_pixels, shorter_side, quality = args
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return "missing_file", None
+    try:
+        fields = {"jpg": prepare_image(data, max_pixels, shorter_side, quality)}
+        if caption is not None:
+            fields["txt"] = decode_text(caption.encode("utf-8")).encode("utf-8")
+    except SkipSample as e:
+        return e.kind, None
+    return "ok", fields
+
+
+# ---- texts -----------------------------------------------------------------------------------------------
+def split_segments(text: str, max_units: int, unit: str = "words") -> list[str]:
+    """Cut a document into consecutive segments of at most ``max_units`` words (or characters).
+
+    Words are whitespace-separated and re-joined with single spaces. In character mode a segment ends at the
+    last whitespace before the limit when there is one, so words are only cut when longer than a segment.
+    """
+    if unit == "words":
+        words = text.split()
+        return [" ".join(words[i : i + max_units]) for i in range(0, len(words), max_units)]
+    text = " ".join(text.split())
+    out = []
+    while text:
+        if len(text) <= max_units:
+            out.append(text)
+            break
+        cut = text.rfind(" ", 0, max_units + 1)
+        cut = cut if cut > 0 else max_units
+        out.append(text[:cut].strip())
+        text = text[cut:].lstrip()
+    return out
+
+
+def iter_documents(sources: Iterable[str], field: str, skipped: Counter) -> Iterator[str]:
+    """Documents from .txt (one a line) and .jsonl (``field``) files; bad lines are counted in ``skipped``."""
+    for src in sources:
+        if not os.path.isfile(src):
+            raise ShardsError(f"text source {src} does not exist")
+        is_jsonl = src.endswith((".jsonl", ".json"))
+        with open(src, "rb") as f:
+            for raw in f:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    skipped["text_decode"] += 1
+                    continue
+                if is_jsonl and line.strip():
+                    try:
+                        line = json.loads(line)[field]
+                    except (ValueError, KeyError, TypeError):
+                        skipped["missing_field"] += 1
+                        continue
+                    if not isinstance(line, str):
+                        skipped["missing_field"] += 1
+                        continue
+                if not line.strip():
+                    skipped["text_empty"] += 1
+                    continue
+                yield line
+
+
+# ---- pairs -----------------------------------------------------------------------------------------------
+def read_pair_index(
+    src: str, image_field: str, text_field: str, image_root: str | None
+) -> list[tuple[str, str]]:
+    """(absolute image path, caption) rows of a .jsonl or .tsv index.
+
+    A tsv whose first row holds ``image_field`` or ``text_field`` has a header naming its columns; otherwise
+    (and for a column the header does not name) column 0 is the image path and column 1 the caption.
+    """
+    base = image_root or os.path.dirname(os.path.abspath(src))
+    rows: list[tuple[str, str]] = []
+    if not os.path.isfile(src):
+        raise ShardsError(f"pair index {src} does not exist")
+    with open(src, encoding="utf-8", errors="replace", newline="") as f:
+        if src.endswith(".tsv"):
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            first = next(reader, None) or []
+            cols = (0, 1)
+            if image_field in first or text_field in first:  # a header row: named columns, else 0 and 1
+                cols = (
+                    first.index(image_field) if image_field in first else 0,
+                    first.index(text_field) if text_field in first else 1,
+                )
+            elif first:
+                rows.append((first[0], first[1] if len(first) > 1 else ""))
+            rows.extend((r[cols[0]], r[cols[1]] if len(r) > cols[1] else "") for r in reader if r)
+        else:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    rows.append((str(rec[image_field]), str(rec.get(text_field, ""))))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ShardsError(
+                        f"{src}: line {line[:60]!r} lacks {image_field!r}: set --image-field/--text-field"
+                    ) from e
+    return [(os.path.join(base, p), c) for p, c in rows]
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+def _progress(total: int | None, unit: str, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, disable=quiet, file=sys.stderr, dynamic_ncols=True)
+
+
+def _write_jobs(args, kind: str, jobs: list[tuple], extra: dict) -> dict:
+    """Run image jobs (in a pool when --workers > 1), write shards in input order, then the manifest."""
+    writer = ShardWriter(args.out_dir, args.prefix or kind, args.max_samples, args.max_bytes)
+    skipped: Counter = Counter()
+    bar = _progress(len(jobs), "sample", args.quiet)
+    pool = Pool(args.workers) if args.workers > 1 else None
+    results = pool.imap(_image_job, jobs, chunksize=8) if pool else map(_image_job, jobs)
+    try:
+        for i, (status, fields) in enumerate(results):
+            bar.update(1)
+            if status == "ok":
+                writer.write(f"{i:09d}", fields)
+            else:
+                skipped[status] += 1
+    finally:
+        if pool:
+            pool.terminate()
+        bar.close()
+        writer.close()
+    return _finish(args, kind, writer, skipped, extra)
+
+
+def _finish(args, kind: str, writer: ShardWriter, skipped: Counter, extra: dict) -> dict:
+    write_manifest(
+        args.out_dir, kind, writer.shards, dict(skipped), {"created_by": f"beit3-shards {kind}", **extra}
+    )
+    with open(os.path.join(args.out_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    if not args.quiet:
+        print(
+            f"{kind}: {manifest['samples']} samples in {len(writer.shards)} shards under {args.out_dir}; "
+            f"skipped {dict(skipped) or 0}",
+            file=sys.stderr,
+        )
+    return manifest
+
+
+def _maybe_shuffle(items: list, args) -> list:
+    if args.shuffle_seed >= 0:
+        random.Random(args.shuffle_seed).shuffle(items)
+    return items
+
+
+def cmd_images(args) -> dict:
+    """Image folders / lists -> image shards."""
+    paths = _maybe_shuffle(list_images(args.sources), args)
+    jobs = [(p, None, args.max_image_pixels, args.shorter_side, args.quality) for p in paths]
+    return _write_jobs(args, "images", jobs, {"sources": args.sources})
+
+
+def cmd_pairs(args) -> dict:
+    """Image-text index files -> pair shards."""
+    rows = [
+        r
+        for src in args.sources
+        for r in read_pair_index(src, args.image_field, args.text_field, args.image_root)
+    ]
+    rows = _maybe_shuffle(rows, args)
+    jobs = [(p, c, args.max_image_pixels, args.shorter_side, args.quality) for p, c in rows]
+    return _write_jobs(args, "pairs", jobs, {"sources": args.sources})
+
+
+def cmd_texts(args) -> dict:
+    """Documents -> text segment shards (streamed: input order is kept)."""
+    writer = ShardWriter(args.out_dir, args.prefix or "texts", args.max_samples, args.max_bytes)
+    skipped: Counter = Counter()
+    bar = _progress(None, "doc", args.quiet)
+    n = 0
+    try:
+        for doc in iter_documents(args.sources, args.field, skipped):
+            bar.update(1)
+            for seg in split_segments(doc, args.max_units, args.unit):
+                writer.write(f"{n:09d}", {"txt": seg.encode("utf-8")})
+                n += 1
+    finally:
+        bar.close()
+        writer.close()
+    extra = {"sources": args.sources, "unit": args.unit, "max_units": args.max_units}
+    return _finish(args, "texts", writer, skipped, extra)
+
+
+def cmd_demo(args) -> dict:
+    """The embedded demo dataset (pretrain/demo_data.py)."""
+    from beit3.pretrain.demo_data import build_demo
+
+    return build_demo(args.out_dir, quiet=args.quiet, max_samples=args.max_samples)
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().rstrip("b")
+    return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``beit3-shards`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="beit3-shards",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("out_dir", help="output directory (shards + manifest.json)")
+    common.add_argument(
+        "--max-samples", type=int, default=None, help="samples per shard at most (10000; demo: 500)"
+    )
+    common.add_argument(
+        "--max-bytes", type=_size, default=1 << 30, help="bytes per shard at most, e.g. 500M (1G)"
+    )
+    common.add_argument("--prefix", default="", help="shard file prefix (default: the subcommand name)")
+    common.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    imgs = argparse.ArgumentParser(add_help=False)
+    imgs.add_argument("--workers", type=int, default=1, help="processes decoding and re-encoding images")
+    imgs.add_argument(
+        "--shorter-side", type=int, default=0, help="downscale so the shorter side is at most N px"
+    )
+    imgs.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    imgs.add_argument("--max-image-pixels", type=int, default=25_000_000, help="larger inputs are skipped")
+    imgs.add_argument("--shuffle-seed", type=int, default=0, help="shuffle the input order (-1 keeps it)")
+    s = sub.add_parser("images", parents=[common, imgs], help="image folders or list files")
+    s.add_argument("sources", nargs="+", help="directories (recursive) or files listing image paths")
+    s = sub.add_parser("texts", parents=[common], help="text files (.txt one document a line, or .jsonl)")
+    s.add_argument("sources", nargs="+")
+    s.add_argument("--unit", choices=("words", "chars"), default="words", help="segment length unit (words)")
+    s.add_argument("--max-units", type=int, default=96, help="segment length in --unit (96)")
+    s.add_argument("--field", default="text", help="text field of .jsonl records")
+    s = sub.add_parser("pairs", parents=[common, imgs], help="image-text index files (.jsonl or .tsv)")
+    s.add_argument("sources", nargs="+")
+    s.add_argument("--image-field", default="image", help="image path field / tsv column (image)")
+    s.add_argument("--text-field", default="caption", help="caption field / tsv column (caption)")
+    s.add_argument(
+        "--image-root", default=None, help="base of relative image paths (default: the index's dir)"
+    )
+    sub.add_parser("demo", parents=[common], help="build the embedded demo dataset")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns 0, or 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    if args.max_samples is None:
+        args.max_samples = 500 if args.command == "demo" else 10000
+    if args.max_samples < 1 or args.max_bytes < 1:
+        print("beit3-shards: error: --max-samples and --max-bytes must be positive", file=sys.stderr)
+        return 2
+    commands: dict[str, Callable] = {
+        "images": cmd_images,
+        "texts": cmd_texts,
+        "pairs": cmd_pairs,
+        "demo": cmd_demo,
+    }
+    try:
+        commands[args.command](args)
+    except ShardsError as e:
+        print(f"beit3-shards: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
