@@ -83,7 +83,7 @@ def load_pretrained(
             f"{' ...' if len(missing_backbone) > 6 else ''}: it was saved from another architecture "
             "(or with normalize_output=False); build the task with the checkpoint's model name"
         )
-    kept = {k: v for k, v in sd.items() if k in own}
+    kept = fit_logit_scale({k: v for k, v in sd.items() if k in own}, own)
     try:
         report = load_checkpoint(task, kept, strict=False)
     except CheckpointError as e:
@@ -91,6 +91,23 @@ def load_pretrained(
     return ReloadReport(
         loaded=sorted(kept), unused=unused, fresh=sorted(report.missing), interpolated=report.interpolated
     )
+
+
+def fit_logit_scale(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Reshape a released 0-d ``logit_scale`` to the task's (1,) (or back): the one known shape convention."""
+    for key, value in sd.items():
+        if key.endswith("logit_scale") and key in own and value.numel() == 1:
+            sd[key] = value.reshape(own[key].shape)
+    return sd
+
+
+def load_finetuned(task: nn.Module, source: str | os.PathLike | dict) -> None:
+    """Strictly load a finetuned task model (``model.pth`` of a run, or a released finetuned checkpoint)."""
+    sd = read_state_dict(source) if not isinstance(source, dict) else unwrap_state_dict(source)
+    try:
+        load_checkpoint(task, fit_logit_scale(dict(sd), task.state_dict()), strict=True)
+    except CheckpointError as e:
+        raise ReloadError(f"{e}; build the task with the recipe the checkpoint was trained with") from e
 
 
 def checkpoint_overrides(source: str | os.PathLike | dict) -> dict[str, int]:

@@ -57,6 +57,8 @@ class Retrieval(TaskModule):
     """Dual encoder: vision CLS -> ``vision_head``, text ``<s>`` -> ``language_head``, both L2-normalised.
 
     Heads are bias-free Linear(D, D); ``logit_scale`` starts at log(1/0.07) and is not clamped, as released.
+    It has shape (1,) where the release stores a 0-d tensor: DeepSpeed cannot broadcast 0-d parameters.
+    Loading accepts either shape (:func:`beit3.finetune.reload.fit_logit_scale`).
     Build the encoder with ``configuration="dual"`` (final LayerNorm kept).
     """
 
@@ -68,7 +70,7 @@ class Retrieval(TaskModule):
         d = self.cfg.embed_dim
         self.vision_head = nn.Linear(d, d, bias=False)
         self.language_head = nn.Linear(d, d, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         init_head(self.vision_head)
         init_head(self.language_head)
 

@@ -1,0 +1,145 @@
+"""From examples to the tensors a task module takes: tokenising, collating, and a resumable sharded loader.
+
+Images are normalised to [-1, 1] (mean 0.5, std 0.5, the released vision-language finetuning transform);
+texts become ``[<s>] + ids[: max_len - 2] + [</s>]`` right-padded with ``<pad>`` (``text_padding_mask`` True
+at padding). Captioning batches are masked here (:func:`beit3.finetune.tasks.captioning.mask_captions`),
+with a generator derived from (seed, rank, epoch, batch), so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from beit3.finetune.data.sources import Split
+from beit3.finetune.tasks.captioning import mask_captions
+
+BOS_ID, PAD_ID, EOS_ID = 0, 1, 2
+
+
+class BatchError(ValueError):
+    """A split that cannot fill one batch per rank."""
+
+
+def tokenize_split(split: Split, tokenizer, max_text_len: int) -> Split:
+    """Replace string texts by ids ``[<s>] + ids + [</s>]`` (id lists from released indexes get the same)."""
+    for ex in split.examples:
+        text = ex.get("text")
+        if text is None or (isinstance(text, list) and text and text[0] == BOS_ID):
+            continue
+        ids = tokenizer.encode(text) if isinstance(text, str) else list(text)
+        if isinstance(text, str):
+            ex["raw_text"] = text
+        ex["text"] = [BOS_ID] + ids[: max_text_len - 2] + [EOS_ID]
+    return split
+
+
+def images_to_float(images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> float in [-1, 1]; rows where ``flip`` is True mirrored left-right."""
+    x = images.float() / 127.5 - 1.0
+    if flip is not None and flip.any():
+        x[flip] = x[flip].flip(-1)
+    return x
+
+
+def pad_texts(texts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists: (ids, padding_mask True at padding)."""
+    length = max(len(t) for t in texts)
+    ids = torch.full((len(texts), length), PAD_ID, dtype=torch.long)
+    for i, t in enumerate(texts):
+        ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+    return ids, ids == PAD_ID
+
+
+@dataclass
+class Collator:
+    """Builds a task's batch dict from examples (see each task module for the keys it reads)."""
+
+    task: str
+    images: torch.Tensor | None
+    num_answers: int = 0
+    hflip: bool = False
+    mask_prob: float = 0.6
+    mask_id: int = 0
+
+    def __call__(self, examples: list[dict], generator: torch.Generator) -> dict:
+        batch: dict = {}
+        flip = torch.rand(len(examples), generator=generator) < 0.5 if self.hflip else None
+        for key in ("image", "image2"):
+            if key in examples[0] and self.images is not None:
+                rows = torch.tensor([ex[key] for ex in examples])
+                batch[key] = images_to_float(self.images[rows], flip)
+        if "text" in examples[0] and self.task not in ("image_classification", "prompt_classification"):
+            batch["text"], batch["text_padding_mask"] = pad_texts([ex["text"] for ex in examples])
+        if self.task == "vqa":
+            scores = torch.zeros(len(examples), self.num_answers)
+            for i, ex in enumerate(examples):
+                for label, score in ex["scores"].items():
+                    scores[i, label] = score
+            batch["scores"] = scores
+        elif self.task in ("image_classification", "prompt_classification", "text_classification", "nlvr2"):
+            batch["label"] = torch.tensor([ex["label"] for ex in examples])
+        if self.task == "captioning":
+            batch.update(
+                mask_captions(
+                    batch["text"], batch["text_padding_mask"], self.mask_prob, self.mask_id, generator
+                )
+            )
+        return batch
+
+
+class BatchLoader:
+    """Seeded, sharded, resumable batches of one split; one epoch per iteration (the trainer re-iterates).
+
+    Each epoch shuffles all examples with ``seed + epoch``, gives rank r every world_size-th example, and
+    drops the tail so that every rank yields the same number of full batches (unequal counts would hang
+    collectives). ``state_dict`` holds (epoch, batch position); the engine saves it with each checkpoint.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        collate: Collator,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        self.examples, self.collate, self.batch_size = split.examples, collate, batch_size
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.epoch, self.position = 0, 0
+        if len(self) == 0:
+            raise BatchError(
+                f"{len(self.examples)} examples cannot fill one batch of {batch_size} on each of "
+                f"{world_size} "
+                "rank(s): lower train_micro_batch_size_per_gpu in the DeepSpeed JSON or add data"
+            )
+
+    def __len__(self) -> int:
+        return len(self.examples) // self.world_size // self.batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        n = len(self.examples)
+        if self.shuffle:
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+            ).tolist()
+        else:
+            order = list(range(n))
+        mine = order[self.rank :: self.world_size][: len(self) * self.batch_size]
+        while self.position < len(self):
+            start = self.position * self.batch_size
+            chunk = [self.examples[i] for i in mine[start : start + self.batch_size]]
+            g = torch.Generator().manual_seed(hash((self.seed, self.rank, self.epoch, self.position)) % 2**62)
+            self.position += 1
+            yield self.collate(chunk, g)
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -1,0 +1,93 @@
+"""Choose a data source from the recipe, and the generated ``shapes`` source used by tests.
+
+``shapes`` needs nothing installed: each image is one coloured square or disc on white at a random place.
+Its examples carry a colour label, a caption ("a red disc.") and, for VQA, one of two questions
+("what color is the shape?" / "what shape is it?") with its answer; it is easy enough that a tiny model
+learns it in a few dozen steps, which is what an end-to-end test needs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from beit3.finetune.data.sources import (
+    DataSourceError,
+    Split,
+    TaskData,
+    load_digits_data,
+    load_easy_vqa,
+    load_jsonl_split,
+    load_tuxpaint,
+    load_wordnet,
+)
+
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
+SHAPES = ("square", "disc")
+QUESTIONS = ("what color is the shape?", "what shape is it?")
+SOURCES = ("jsonl", "easy_vqa", "tuxpaint", "digits", "wordnet", "shapes")
+
+
+def _shape_image(color: tuple[int, int, int], shape: str, size: int, g: torch.Generator) -> torch.Tensor:
+    img = torch.full((3, size, size), 255, dtype=torch.uint8)
+    side = size // 2
+    top, left = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=g))
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    if shape == "square":
+        inside = (ys >= top) & (ys < top + side) & (xs >= left) & (xs < left + side)
+    else:
+        c, r = side / 2 - 0.5, side / 2
+        inside = (ys - top - c) ** 2 + (xs - left - c) ** 2 <= r**2
+    for ch in range(3):
+        img[ch][inside] = color[ch]
+    return img
+
+
+def make_shapes_split(num_images: int, size: int, seed: int) -> Split:
+    """``num_images`` shape images; two VQA-style examples per image (colour and shape questions)."""
+    g = torch.Generator().manual_seed(seed)
+    names = list(COLORS)
+    answers = names + list(SHAPES)
+    images, examples = [], []
+    for i in range(num_images):
+        color = names[int(torch.randint(len(names), (1,), generator=g))]
+        shape = SHAPES[int(torch.randint(len(SHAPES), (1,), generator=g))]
+        images.append(_shape_image(COLORS[color], shape, size, g))
+        caption = f"a {color} {shape}."
+        for q, a in zip(QUESTIONS, (color, shape)):
+            examples.append({"image": i, "image_id": i, "label": names.index(color), "caption": caption,
+                             "question": q, "scores": {answers.index(a): 1.0}})  # fmt: skip
+    return Split(examples, torch.stack(images))
+
+
+def shapes_data(size: int, task: str, num_train: int = 64, num_eval: int = 32, seed: int = 0) -> TaskData:
+    """The shapes source arranged for ``task`` (text = question for VQA, caption otherwise)."""
+    splits = []
+    for n, s in ((num_train, seed), (num_eval, seed + 1)):
+        split = make_shapes_split(n, size, s)
+        keep = split.examples if task == "vqa" else split.examples[::2]  # one example per image
+        for ex in keep:
+            ex["text"] = ex.pop("question") if task == "vqa" else ex.pop("caption")
+        splits.append(Split(keep, split.images))
+    classes = list(COLORS) + list(SHAPES) if task == "vqa" else list(COLORS)
+    return TaskData(splits[0], splits[1], classes)
+
+
+def load_task_data(data_cfg, task: str, img_size: int) -> TaskData:
+    """The :class:`TaskData` a recipe's ``[data]`` section describes."""
+    d = data_cfg
+    if d.source == "jsonl":
+        train = load_jsonl_split(d.train, d.root, img_size, d.max_train, d.seed)
+        eval_ = load_jsonl_split(d.eval, d.root, img_size, d.max_eval, d.seed) if d.eval else Split([])
+        num = 1 + max((ex.get("label", max(ex.get("scores", {0: 0}))) for ex in train.examples), default=0)
+        return TaskData(train, eval_, [str(i) for i in range(num)])
+    if d.source == "easy_vqa":
+        return load_easy_vqa(img_size, d.max_train, d.max_eval, d.seed)
+    if d.source == "tuxpaint":
+        return load_tuxpaint(img_size, d.max_train, d.max_eval, d.seed)
+    if d.source == "digits":
+        return load_digits_data(img_size, d.max_train, d.max_eval, d.seed)
+    if d.source == "wordnet":
+        return load_wordnet(d.max_train, d.max_eval, d.seed)
+    if d.source == "shapes":
+        return shapes_data(img_size, task, d.max_train or 64, d.max_eval or 32, d.seed)
+    raise DataSourceError(f"data.source must be one of {SOURCES}, got {d.source!r}")

@@ -1,0 +1,265 @@
+"""Finetuning examples, decoded into memory: released-format JSONL indexes and small offline benchmarks.
+
+Every source returns a :class:`TaskData`: a train and an eval :class:`Split` (examples plus a uint8 image
+bank at the model's resolution) and the class / answer names. An example is a dict with some of
+``image`` / ``image2`` (rows of the bank), ``text`` (a string or token ids without ``<s>``/``</s>``),
+``label``, ``scores`` ({answer index: soft score}) and ``image_id``.
+
+Offline sources (reference offline-data.md; none downloads anything):
+
+* ``easy_vqa``: the easy-VQA benchmark (pip ``easy-vqa==1.0``): 64x64 shapes, 13 answers.
+* ``tuxpaint``: Debian ``tuxpaint-stamps-default`` stamps with their English captions and 16 categories.
+* ``digits``: scikit-learn's 8x8 handwritten digits, 10 classes.
+* ``wordnet``: Debian ``wordnet-base`` glosses labelled by lexicographer file (the 10 largest).
+* ``shapes``: generated coloured shapes with captions, questions and colour labels (tests; no install).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class DataSourceError(RuntimeError):
+    """A data source that is missing or malformed; the message says what to install or fix."""
+
+
+@dataclass
+class Split:
+    """Examples of one split and the images they index (uint8, (N, 3, S, S))."""
+
+    examples: list[dict]
+    images: torch.Tensor | None = None
+
+
+@dataclass
+class TaskData:
+    """Train and eval splits plus the names of the labels (classes or answers)."""
+
+    train: Split
+    eval: Split
+    classes: list[str] = field(default_factory=list)
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """(3, size, size) uint8; transparent pixels composited onto white (Tux Paint stamps are cut-outs)."""
+    try:
+        img = Image.open(path)
+        img.load()
+    except OSError as e:
+        raise DataSourceError(f"cannot read image {path}: {e}") from e
+    if img.mode in ("RGBA", "LA", "P"):
+        img = img.convert("RGBA")
+        canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(canvas, img)
+    img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def _bank(paths: list[str], size: int) -> torch.Tensor:
+    return torch.stack([load_image(p, size) for p in paths]) if paths else torch.zeros(0, 3, size, size)
+
+
+def _split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(n * eval_fraction)))
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def _cap(examples: list[dict], limit: int, seed: int) -> list[dict]:
+    if not limit or len(examples) <= limit:
+        return examples
+    return random.Random(seed).sample(examples, limit)
+
+
+# ----- released-format JSONL indexes ---------------------------------------------------------------
+def load_jsonl_split(index: str | Path, root: str | Path, size: int, limit: int = 0, seed: int = 0) -> Split:
+    """A released-style index: ``image_path`` [+ ``image2_path``], ``text_segment`` (ids) or ``text``, and
+    ``label`` | ``labels`` + ``scores`` | ``image_id``. Paths are relative to ``root``."""
+    index = Path(index)
+    if not index.is_file():
+        raise DataSourceError(f"index file {index} does not exist; set data.train / data.eval")
+    rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+    rows = _cap(rows, limit, seed)
+    paths: dict[str, int] = {}
+    examples = []
+    for row in rows:
+        ex: dict = {}
+        for key, field_name in (("image", "image_path"), ("image2", "image2_path")):
+            if field_name in row:
+                ex[key] = paths.setdefault(str(Path(root) / row[field_name]), len(paths))
+        if "text_segment" in row and row["text_segment"] is not None:
+            ex["text"] = [int(i) for i in row["text_segment"]]
+        elif "text" in row:
+            ex["text"] = row["text"]
+        if "labels" in row:
+            ex["scores"] = {int(lab): float(s) for lab, s in zip(row["labels"], row["scores"])}
+        elif "label" in row:
+            ex["label"] = int(row["label"])
+        ex["image_id"] = int(row.get("image_id", ex.get("image", len(examples))))
+        examples.append(ex)
+    return Split(examples, _bank(list(paths), size))
+
+
+# ----- offline benchmarks ---------------------------------------------------------------------------
+def load_easy_vqa(size: int, max_train: int = 0, max_eval: int = 0, seed: int = 0) -> TaskData:
+    """easy-VQA: train and test questions over their own image sets, one answer each (soft score 1)."""
+    try:
+        import easy_vqa
+    except ImportError as e:
+        raise DataSourceError("data.source 'easy_vqa' needs `pip install easy-vqa==1.0`") from e
+    answers = easy_vqa.get_answers()
+    index = {a: i for i, a in enumerate(answers)}
+
+    def split(questions, image_paths, limit: int) -> Split:
+        texts, answer_words, image_ids = questions
+        rows = _cap(list(zip(texts, answer_words, image_ids)), limit, seed)
+        used = sorted({i for _, _, i in rows})
+        row_of = {img: r for r, img in enumerate(used)}
+        examples = [
+            {"image": row_of[i], "text": q, "scores": {index[a]: 1.0}, "label": index[a], "image_id": i}
+            for q, a, i in rows
+        ]
+        return Split(examples, _bank([image_paths[i] for i in used], size))
+
+    train = split(easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths(), max_train)
+    test = split(easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths(), max_eval)
+    return TaskData(train, test, list(answers))
+
+
+TUXPAINT_DIR = Path("/usr/share/tuxpaint/stamps")
+
+
+def load_tuxpaint(size: int, max_train: int = 0, max_eval: int = 0, seed: int = 0) -> TaskData:
+    """Captioned PNG stamps: caption = first line of the ``.txt``; label = top-level category."""
+    if not TUXPAINT_DIR.is_dir():
+        raise DataSourceError(
+            "data.source 'tuxpaint' needs "
+            "`apt-get install -y --no-install-recommends tuxpaint-stamps-default`"
+        )
+    items = []
+    for png in sorted(TUXPAINT_DIR.rglob("*.png")):
+        txt = png.with_suffix(".txt")
+        if not txt.is_file():
+            continue
+        caption = txt.read_text(errors="replace").splitlines()[0].strip() if txt.stat().st_size else ""
+        if caption:
+            items.append((str(png), caption, png.relative_to(TUXPAINT_DIR).parts[0]))
+    classes = sorted({c for _, _, c in items})
+    train_idx, eval_idx = _split_indices(len(items), 0.2, seed)
+
+    def split(idx: list[int], limit: int) -> Split:
+        chosen = _cap([items[i] for i in idx], limit, seed)
+        examples = [{"image": r, "text": cap, "label": classes.index(c), "image_id": r}
+                    for r, (_, cap, c) in enumerate(chosen)]  # fmt: skip
+        return Split(examples, _bank([p for p, _, _ in chosen], size))
+
+    return TaskData(split(train_idx, max_train), split(eval_idx, max_eval), classes)
+
+
+def load_digits_data(size: int, max_train: int = 0, max_eval: int = 0, seed: int = 0) -> TaskData:
+    """scikit-learn digits upscaled to ``size``, grey to RGB; a seeded 80/20 split."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise DataSourceError("data.source 'digits' needs `pip install scikit-learn`") from e
+    digits = load_digits()
+    pixels = torch.from_numpy(digits.images).float() / 16.0 * 255.0  # (N, 8, 8)
+    up = torch.nn.functional.interpolate(
+        pixels[:, None], size=(size, size), mode="bilinear", align_corners=False
+    )
+    bank = up.clamp(0, 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    train_idx, eval_idx = _split_indices(len(bank), 0.2, seed)
+
+    def split(idx: list[int], limit: int) -> Split:
+        idx = _cap(idx, limit, seed)
+        return Split([{"image": r, "label": int(digits.target[i])} for r, i in enumerate(idx)], bank[idx])
+
+    return TaskData(split(train_idx, max_train), split(eval_idx, max_eval), [str(d) for d in range(10)])
+
+
+WORDNET_DIR = Path("/usr/share/wordnet")
+LEXNAMES = (  # WordNet lexicographer file names, by number
+    "adj.all",
+    "adj.pert",
+    "adv.all",
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
+    "verb.body",
+    "verb.change",
+    "verb.cognition",
+    "verb.communication",
+    "verb.competition",
+    "verb.consumption",
+    "verb.contact",
+    "verb.creation",
+    "verb.emotion",
+    "verb.motion",
+    "verb.perception",
+    "verb.possession",
+    "verb.social",
+    "verb.stative",
+    "verb.weather",
+    "adj.ppl",
+)
+
+
+def load_wordnet(max_train: int = 0, max_eval: int = 0, seed: int = 0, num_classes: int = 10) -> TaskData:
+    """WordNet glosses (definition part, before the examples) labelled by their ``num_classes`` largest
+    lexicographer files; a seeded 80/20 split."""
+    files = [WORDNET_DIR / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
+    if not all(f.is_file() for f in files):
+        raise DataSourceError("data.source 'wordnet' needs `apt-get install -y wordnet-base`")
+    items = []
+    for f in files:
+        for line in f.read_text(errors="replace").splitlines():
+            if line.startswith(" ") or "|" not in line:
+                continue  # the licence header
+            lex = int(line.split()[1])
+            gloss = line.split("|", 1)[1].split(";")[0].strip()
+            if gloss:
+                items.append((gloss, lex))
+    counts: dict[int, int] = {}
+    for _, lex in items:
+        counts[lex] = counts.get(lex, 0) + 1
+    top = sorted(counts, key=lambda k: (-counts[k], k))[:num_classes]
+    label = {lex: i for i, lex in enumerate(top)}
+    items = [(g, label[lex]) for g, lex in items if lex in label]
+    train_idx, eval_idx = _split_indices(len(items), 0.2, seed)
+
+    def split(idx: list[int], limit: int) -> Split:
+        idx = _cap(idx, limit, seed)
+        return Split([{"text": items[i][0], "label": items[i][1]} for i in idx])
+
+    return TaskData(split(train_idx, max_train), split(eval_idx, max_eval), [LEXNAMES[k] for k in top])

@@ -1,0 +1,129 @@
+"""Evaluation of a finetuned task module on an eval split: the task's metric, as ``eval/<name>`` scalars.
+
+Every rank evaluates the whole split with the same forwards (no sharding), which keeps ZeRO-3 partitioned
+parameters gathering in lock-step on all ranks; eval splits of the benchmarks are small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from beit3.finetune.data.batches import Collator, images_to_float, pad_texts
+from beit3.finetune.data.sources import Split
+from beit3.finetune.decoding import BeamSearchConfig, generate_captions
+from beit3.finetune.metrics import bleu, cider_d, recall_at_k
+
+BOS_ID, EOS_ID = 0, 2
+
+
+def _batches(split: Split, collate: Collator, batch_size: int) -> Iterator[dict]:
+    g = torch.Generator().manual_seed(0)
+    for start in range(0, len(split.examples), batch_size):
+        yield collate(split.examples[start : start + batch_size], g)
+
+
+def _unique_images(split: Split) -> tuple[list[int], dict[int, int]]:
+    """Bank rows of the distinct images (by ``image_id``) and the position of each image id."""
+    rows, position = [], {}
+    for ex in split.examples:
+        if ex["image_id"] not in position:
+            position[ex["image_id"]] = len(rows)
+            rows.append(ex["image"])
+    return rows, position
+
+
+@torch.no_grad()
+def evaluate(
+    task_name: str,
+    task: torch.nn.Module,
+    split: Split,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    num_answers: int = 0,
+    tokenizer=None,
+    decoding: BeamSearchConfig | None = None,
+) -> dict[str, float]:
+    """The task's metrics on ``split`` (the module is put in eval mode and restored)."""
+    if not split.examples:
+        return {}
+    was_training = task.training
+    task.eval()
+    try:
+        if task_name == "retrieval":
+            return _retrieval(task, split, batch_size, device)
+        if task_name == "captioning":
+            return _captioning(task, split, batch_size, device, tokenizer, decoding or BeamSearchConfig())
+        return _classification(task_name, task, split, batch_size, device, num_answers)
+    finally:
+        task.train(was_training)
+
+
+def _classification(task_name, task, split, batch_size, device, num_answers) -> dict[str, float]:
+    collate = Collator(task_name, split.images, num_answers=num_answers)
+    total, hits = 0, 0.0
+    for batch in _batches(split, collate, batch_size):
+        batch = task.prepare_batch(batch, device)
+        if task_name in ("image_classification", "prompt_classification"):
+            logits = task.logits(batch["image"])
+        elif task_name == "text_classification":
+            logits = task.logits(batch["text"], batch["text_padding_mask"])
+        elif task_name == "vqa":
+            logits = task.logits(batch["image"], batch["text"], batch["text_padding_mask"])
+        else:  # nlvr2
+            logits = task.logits(batch["image"], batch["image2"], batch["text"], batch["text_padding_mask"])
+        pred = logits.argmax(-1)
+        if task_name == "vqa":
+            hits += batch["scores"].gather(1, pred[:, None]).sum().item()
+        else:
+            hits += (pred == batch["label"]).sum().item()
+        total += pred.shape[0]
+    name = "eval/vqa_score" if task_name == "vqa" else "eval/accuracy"
+    return {name: hits / total}
+
+
+def _retrieval(task, split, batch_size, device) -> dict[str, float]:
+    rows, position = _unique_images(split)
+    dtype = next(task.parameters()).dtype
+    image_feats = []
+    for start in range(0, len(rows), batch_size):
+        images = images_to_float(split.images[rows[start : start + batch_size]]).to(device, dtype)
+        image_feats.append(task.embed_images(images).float())
+    text_feats = []
+    for start in range(0, len(split.examples), batch_size):
+        ids, pad = pad_texts([ex["text"] for ex in split.examples[start : start + batch_size]])
+        text_feats.append(task.embed_texts(ids.to(device), pad.to(device)).float())
+    sim = torch.cat(image_feats) @ torch.cat(text_feats).t()
+    text_to_image = torch.tensor([position[ex["image_id"]] for ex in split.examples])
+    return {f"eval/{k}": v for k, v in recall_at_k(sim.cpu(), text_to_image).items()}
+
+
+def _captioning(task, split, batch_size, device, tokenizer, decoding: BeamSearchConfig) -> dict[str, float]:
+    if tokenizer is None:
+        raise ValueError("captioning evaluation needs the tokenizer to decode captions")
+    rows, position = _unique_images(split)
+    refs: list[list[str]] = [[] for _ in rows]
+    for ex in split.examples:
+        refs[position[ex["image_id"]]].append(ex.get("raw_text") or tokenizer.decode(ex["text"]))
+    dtype = next(task.parameters()).dtype
+    hyps = []
+    for start in range(0, len(rows), batch_size):
+        images = images_to_float(split.images[rows[start : start + batch_size]]).to(device, dtype)
+        for ids in generate_captions(task, images, BOS_ID, EOS_ID, tokenizer.mask_id, decoding):
+            hyps.append(tokenizer.decode(ids))
+    return {"eval/bleu4": bleu(hyps, refs), "eval/cider": cider_d(hyps, refs)}
+
+
+def sample_captions(task, split: Split, tokenizer, count: int = 4, decoding: BeamSearchConfig | None = None):
+    """(generated, reference) caption pairs for the first ``count`` images, for reports."""
+    rows, position = _unique_images(split)
+    rows = rows[:count]
+    dtype = next(task.parameters()).dtype
+    device = next(task.parameters()).device
+    images = images_to_float(split.images[rows]).to(device, dtype)
+    ids = generate_captions(task, images, BOS_ID, EOS_ID, tokenizer.mask_id, decoding or BeamSearchConfig())
+    first_ref = {}
+    for ex in split.examples:
+        first_ref.setdefault(position[ex["image_id"]], ex.get("raw_text") or tokenizer.decode(ex["text"]))
+    return [(tokenizer.decode(i), first_ref[r]) for r, i in enumerate(ids)]

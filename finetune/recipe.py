@@ -1,0 +1,138 @@
+"""The finetuning recipe: a TOML file (``finetune/recipes/*.toml``) read into typed sections, plus overrides.
+
+Sections: ``[task]``, ``[model]``, ``[data]``, ``[train]``, ``[captioning]``. Unknown keys are rejected by
+:func:`beit3.engine.config_io.from_dict`; :func:`validate` checks the values that depend on each other, with
+messages that name the fix. Batch sizes live in the DeepSpeed JSON only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from beit3.engine.config_io import ConfigError, apply_overrides, from_dict, read_toml
+
+TASKS = (
+    "image_classification",
+    "prompt_classification",
+    "text_classification",
+    "vqa",
+    "nlvr2",
+    "retrieval",
+    "captioning",
+)
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+@dataclass
+class TaskSection:
+    """Which task, and its label space (0: taken from the data)."""
+
+    name: str = "image_classification"
+    num_classes: int = 0
+    label_smoothing: float = 0.0
+    prompt: str = "a picture of {}."  # prompt_classification: class-name template
+
+
+@dataclass
+class ModelSection:
+    """Architecture preset, the checkpoint to start from, and preset overrides."""
+
+    name: str = "beit3_base_patch16_224"
+    pretrained: str = ""  # released-format checkpoint; empty: from scratch
+    img_size: int = 0  # 0: the preset's; positions are interpolated on load
+    drop_path_rate: float = 0.1
+    overrides: dict = field(default_factory=dict)  # any other ModelConfig field
+
+
+@dataclass
+class DataSection:
+    """Where examples come from (:mod:`beit3.finetune.data.sources`) and how they are tokenised."""
+
+    source: str = "jsonl"  # jsonl | easy_vqa | tuxpaint | digits | wordnet | shapes
+    train: str = ""  # jsonl: train index file; other sources: unused
+    eval: str = ""  # jsonl: eval index file
+    root: str = ""  # jsonl: folder image paths are relative to
+    tokenizer: str = ""  # SentencePiece model file (XLM-R ids via beit3.tokenizers.text)
+    max_text_len: int = 64
+    max_train: int = 0  # cap on training examples (0: all)
+    max_eval: int = 0  # cap on evaluation examples (0: all)
+    hflip: bool = False  # random horizontal flips while training
+    seed: int = 0
+
+
+@dataclass
+class TrainSection:
+    """Schedule and optimizer (released recipe values in the task recipes)."""
+
+    total_steps: int = 1000
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    head_lr_scale: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    log_every: int = 10
+    save_every: int = 1000
+    eval_every: int = 0  # 0: evaluate only at the end
+    keep_last: int = 2
+    seed: int = 0
+    tensorboard: bool = True
+
+
+@dataclass
+class CaptioningSection:
+    """Masked finetuning and decoding (released: mask_prob 0.6 (docs 0.7), 3 beams, length penalty 0.6)."""
+
+    mask_prob: float = 0.6
+    num_beams: int = 3
+    max_len: int = 32
+    length_penalty: float = 0.6
+
+
+@dataclass
+class FinetuneRecipe:
+    """Everything a finetuning run needs besides the DeepSpeed JSON."""
+
+    task: TaskSection = field(default_factory=TaskSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    captioning: CaptioningSection = field(default_factory=CaptioningSection)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> FinetuneRecipe:
+    """Read ``path`` (a file or a name in finetune/recipes/), apply ``section.key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file() and (RECIPE_DIR / f"{path}.toml").is_file():
+        path = RECIPE_DIR / f"{path}.toml"
+    recipe = from_dict(FinetuneRecipe, apply_overrides(read_toml(path), overrides or []))
+    validate(recipe)
+    return recipe
+
+
+def validate(recipe: FinetuneRecipe) -> None:
+    """Raise ConfigError naming the key to fix."""
+    t, tr, c = recipe.task, recipe.train, recipe.captioning
+    checks = [
+        (t.name in TASKS, f"task.name must be one of {TASKS}, got {t.name!r}"),
+        (t.num_classes >= 0, "task.num_classes must be >= 0 (0: from the data)"),
+        (0.0 <= t.label_smoothing < 1.0, "task.label_smoothing must lie in [0, 1)"),
+        (tr.total_steps >= 1, "train.total_steps must be >= 1"),
+        (0 <= tr.warmup_steps <= tr.total_steps, "train.warmup_steps must lie in [0, train.total_steps]"),
+        (0.0 < tr.layer_decay <= 1.0, "train.layer_decay must lie in (0, 1]"),
+        (tr.head_lr_scale > 0, "train.head_lr_scale must be positive"),
+        (0.0 < c.mask_prob < 1.0, "captioning.mask_prob must lie in (0, 1)"),
+        (c.num_beams >= 1 and c.max_len >= 3, "captioning.num_beams >= 1 and captioning.max_len >= 3"),
+        (recipe.data.max_text_len >= 3, "data.max_text_len must be >= 3 (<s>, a token, </s>)"),
+        (bool(recipe.data.tokenizer) or t.name in ("image_classification",),
+         "data.tokenizer must name a SentencePiece model file for tasks with text"),
+        (recipe.data.source != "jsonl" or bool(recipe.data.train),
+         "data.train must name a JSONL index file when data.source = 'jsonl'"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"finetune recipe: {message}")

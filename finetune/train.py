@@ -1,0 +1,181 @@
+"""``beit3-finetune``: finetune a (pretrained) BEiT-3 on a task with DeepSpeed, then evaluate and export.
+
+Runs under torchrun, the ``deepspeed`` launcher (``deepspeed --module beit3.finetune.train``), ``srun`` or
+as a single process::
+
+    beit3-finetune --task vqa --config finetune/recipes/easy_vqa_small.toml \\
+        --ds-config ds_configs/zero0_fp32.json --output-dir runs/vqa --set model.pretrained=model.pth
+
+The run directory holds config.json, tensorboard/, checkpoints/ (``--resume auto`` continues from the
+latest), and after a finished run ``eval.json`` (the task metric on the eval split) and ``model.pth``
+(the finetuned task model, released format). ``--eval-only CHECKPOINT`` evaluates a saved ``model.pth``.
+Exit codes: 0 finished, 75 checkpointed after SIGTERM/SIGUSR1 (requeue), 2 bad configuration, 3 stopped after
+too many non-finite losses in a row, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from beit3.engine.config_io import ConfigError, parse_override, to_dict
+from beit3.engine.ds_config import EngineConfigError, load_ds_config
+from beit3.engine.launch import add_launcher_args, init_distributed, shutdown_distributed
+from beit3.finetune.builder import build_task
+from beit3.finetune.data.batches import BatchLoader, Collator, tokenize_split
+from beit3.finetune.data.build import load_task_data
+from beit3.finetune.data.sources import DataSourceError
+from beit3.finetune.decoding import BeamSearchConfig
+from beit3.finetune.evaluate import evaluate
+from beit3.finetune.recipe import FinetuneRecipe, load_recipe
+from beit3.finetune.reload import ReloadError
+
+log = logging.getLogger("beit3.finetune")
+
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="beit3-finetune",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    p.add_argument("--config", required=True, help="recipe TOML (finetune/recipes/*.toml) or a recipe name")
+    p.add_argument("--task", default=None, help="task name; overrides task.name of the recipe")
+    p.add_argument(
+        "--ds-config", required=True, help="DeepSpeed JSON (ds_configs/*.json); batch sizes live there"
+    )
+    p.add_argument("--output-dir", required=True, help="run directory")
+    p.add_argument(
+        "--resume", default="auto", help="'auto' (latest checkpoint if any), 'none', or a checkpoint dir"
+    )
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.lr=5e-4 (repeatable)")  # fmt: skip
+    p.add_argument("--ds-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a DeepSpeed value, e.g. --ds-set zero_optimization.stage=2")  # fmt: skip
+    p.add_argument("--eval-only", metavar="CHECKPOINT", default=None,
+                   help="evaluate a finetuned model.pth (released format) instead of training")  # fmt: skip
+    add_launcher_args(p)
+    return p
+
+
+def _decoding(recipe: FinetuneRecipe) -> BeamSearchConfig:
+    c = recipe.captioning
+    return BeamSearchConfig(num_beams=c.num_beams, max_len=c.max_len, length_penalty=c.length_penalty)
+
+
+def trainer_config(recipe: FinetuneRecipe, args, ds_config: dict):
+    """The engine's TrainerConfig from the recipe's [train] section."""
+    from beit3.engine.trainer import TrainerConfig
+
+    t = recipe.train
+    return TrainerConfig(
+        output_dir=args.output_dir, total_steps=t.total_steps, log_every=t.log_every, save_every=t.save_every,
+        keep_last=t.keep_last, resume=args.resume, seed=t.seed, lr=t.lr, min_lr=t.min_lr,
+        warmup_steps=t.warmup_steps, schedule=t.schedule, weight_decay=t.weight_decay, betas=tuple(t.betas),
+        eps=t.eps, tensorboard=t.tensorboard, eval_every=t.eval_every,
+        shutdown_at_end=False,  # the final evaluation and the export still need the process group
+        run_info={"recipe": to_dict(recipe), "command": sys.argv, "ds_config": ds_config},
+    )  # fmt: skip
+
+
+def prepare(recipe: FinetuneRecipe):
+    """Tokenizer, task data (tokenised) and the task module a recipe describes."""
+    tokenizer = None
+    if recipe.data.tokenizer:
+        from beit3.tokenizers.text import TextTokenizer
+
+        tokenizer = TextTokenizer(recipe.data.tokenizer)
+    img_size = recipe.model.img_size or _preset_img_size(recipe.model.name)
+    data = load_task_data(recipe.data, recipe.task.name, img_size)
+    if tokenizer is not None:
+        for split in (data.train, data.eval):
+            tokenize_split(split, tokenizer, recipe.data.max_text_len)
+    task, report = build_task(recipe, data.classes, tokenizer)
+    if report is not None:
+        log.info("loaded %s: %s", recipe.model.pretrained, report)
+    return tokenizer, data, task
+
+
+def _preset_img_size(name: str) -> int:
+    from beit3.model import get_config
+
+    return get_config(name).img_size
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    dist = init_distributed(args.local_rank)
+    try:
+        overrides = list(args.set) + ([f"task.name={args.task}"] if args.task else [])
+        recipe = load_recipe(args.config, overrides)
+        ds_overrides = {".".join(k): v for k, v in (parse_override(i) for i in args.ds_set)}
+        ds_config = load_ds_config(args.ds_config, dist.world_size, ds_overrides)
+        tokenizer, data, task = prepare(recipe)
+    except (ConfigError, EngineConfigError, DataSourceError, ReloadError) as e:
+        if dist.rank == 0:
+            print(f"beit3-finetune: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    name = recipe.task.name
+
+    def run_eval(step: int = 0) -> dict[str, float]:
+        return evaluate(name, task, data.eval, micro, dist.device, num_answers=len(data.classes),
+                        tokenizer=tokenizer, decoding=_decoding(recipe))  # fmt: skip
+
+    if args.eval_only:
+        from beit3.finetune.reload import load_finetuned
+
+        load_finetuned(task, args.eval_only)
+        task.to(dist.device)
+        scores = run_eval()
+        if dist.rank == 0:
+            print(json.dumps(scores, indent=1))
+        return 0
+    from beit3.engine.trainer import Trainer
+
+    collate = Collator(
+        name,
+        data.train.images,
+        num_answers=len(data.classes),
+        hflip=recipe.data.hflip,
+        mask_prob=recipe.captioning.mask_prob,
+        mask_id=tokenizer.mask_id if tokenizer else 0,
+    )
+    loader = BatchLoader(data.train, collate, micro, dist.rank, dist.world_size, seed=recipe.data.seed)
+    trainer = Trainer(
+        task, loader, ds_config, trainer_config(recipe, args, ds_config), dist, eval_fn=run_eval
+    )
+    result = trainer.fit()
+    if result.exit_reason != "finished":
+        shutdown_distributed()
+        return result.exit_code
+    scores = run_eval()
+    out = Path(args.output_dir)
+    if dist.rank == 0:
+        (out / "eval.json").write_text(json.dumps({"step": result.step, **scores}, indent=1))
+        log.info("eval: %s", scores)
+    export_finetuned(out, dist.rank)
+    shutdown_distributed()
+    return 0
+
+
+def export_finetuned(run_dir: Path, rank: int) -> Path | None:
+    """Consolidate the last checkpoint into ``run_dir/model.pth`` ({"model": sd}, released key names)."""
+    from beit3.engine.consolidate import consolidate_checkpoint
+    from beit3.model import save_checkpoint
+
+    if rank != 0:
+        return None
+    state = consolidate_checkpoint(run_dir)
+    return save_checkpoint(state, run_dir / "model.pth")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
