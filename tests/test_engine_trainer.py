@@ -16,7 +16,7 @@ from engine_helpers import (
     single_rank,  # noqa: F401  (a fixture)
 )
 
-from beit3.engine.checkpoint import MARKER, CheckpointManager, latest_checkpoint
+from beit3.engine.checkpoint import MARKER, CheckpointError, CheckpointManager, latest_checkpoint
 from beit3.engine.consolidate import ConsolidationError, consolidate_checkpoint, verify_against_module
 from beit3.engine.lr import lr_at
 from beit3.engine.trainer import EXIT_PREEMPTED
@@ -192,3 +192,34 @@ def test_fp16_dynamic_loss_scale_is_logged(tmp_path, monkeypatch):
     make_trainer(tmp_path, "zero2_fp16.json", 2, overrides).fit()
     scale = _scalars(tmp_path / "tensorboard")["optim/loss_scale"]
     assert scale[-1][1] in (2.0**8, 2.0**7)  # initial scale, or halved once on an overflow
+
+
+def test_eval_fn_runs_every_eval_every_steps_in_eval_mode_and_its_scalars_are_logged(tmp_path):
+    calls = []
+
+    def evaluate(step: int) -> dict[str, float]:
+        calls.append((step, trainer.engine.module.training, torch.is_grad_enabled()))
+        return {"eval/score": float(step)}
+
+    trainer = make_trainer(tmp_path, "zero0_fp32.json", 5, eval_every=2)
+    trainer.eval_fn = evaluate
+    trainer.fit()
+    assert calls == [(2, False, False), (4, False, False), (5, False, False)]
+    assert trainer.engine.module.training
+    assert [v for _, v in _scalars(tmp_path / "tensorboard")["eval/score"]] == [2.0, 4.0, 5.0]
+
+
+def test_resume_from_an_explicit_tag_dir_into_a_new_run(tmp_path):
+    make_trainer(tmp_path / "a", "zero0_fp32.json", 4, save_every=2).fit()
+    tag_dir = tmp_path / "a" / "checkpoints" / "step00000002"
+    assert make_trainer(tmp_path / "b", "zero0_fp32.json", 4, resume=str(tag_dir)).step == 2
+    assert make_trainer(tmp_path / "c", "zero0_fp32.json", 4, resume="none").step == 0
+    with pytest.raises(CheckpointError, match="'auto', 'none'"):
+        make_trainer(tmp_path / "d", "zero0_fp32.json", 4, resume=str(tmp_path / "nowhere"))
+
+
+def test_init_distributed_is_idempotent():
+    from beit3.engine.launch import init_distributed
+
+    first = init_distributed()
+    assert init_distributed() is first and (first.rank, first.world_size, first.device.type) == (0, 1, "cpu")
