@@ -69,7 +69,10 @@ def test_bert_80_10_10_replacement_statistics(tok):
 
 def test_images_mask_40_percent_of_patches_in_blocks(tok):
     proc = SampleProcessor(cfg(), tok)
-    masks = [proc.image(raw({"jpg": IMAGE}), np.random.default_rng(i))["image_mask"] for i in range(20)]
+    masks = [
+        torch.as_tensor(proc.image(raw({"jpg": IMAGE}), np.random.default_rng(i))["image_mask"])
+        for i in range(20)
+    ]
     grid = 8
     for m in masks:
         assert m.shape == (grid * grid,) and m.sum() == round(0.4 * grid * grid)

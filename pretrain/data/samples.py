@@ -52,14 +52,14 @@ class SampleProcessor:
         return BlockMaskingGenerator(grid, n, min_num_patches=self.cfg.min_num_patches) if n else None
 
     # ---- pieces -----------------------------------------------------------------------------------
-    def _views(self, raw: RawSample, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _views(self, raw: RawSample, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         img = decode_image(image_field(raw.fields), self.cfg.max_image_pixels)
-        return self.transform(img, rng)
+        return self.transform.arrays(img, rng)
 
-    def _patch_mask(self, masker: BlockMaskingGenerator | None, rng: np.random.Generator) -> torch.Tensor:
+    def _patch_mask(self, masker: BlockMaskingGenerator | None, rng: np.random.Generator) -> np.ndarray:
         if masker is None:
-            return torch.zeros(self.num_patches, dtype=torch.bool)
-        return torch.from_numpy(masker(rng).reshape(-1).copy())
+            return np.zeros(self.num_patches, dtype=bool)
+        return masker(rng).reshape(-1)
 
     def _tokens(self, text: str, max_len: int) -> np.ndarray:
         ids = self.tokenizer.encode(text)[: max_len - 2]
@@ -120,7 +120,7 @@ def collate(samples: list[dict], text_len: int | None, pad_id: int) -> dict:
         out["keys"] = [s["key"] for s in samples]
     for key in ("image", "tokenizer_image", "image_mask"):
         if key in samples[0]:
-            out[key] = torch.stack([s[key] for s in samples])
+            out[key] = torch.from_numpy(np.stack([s[key] for s in samples]))
     if "text" in samples[0]:
         length = text_len or max(len(s["text"]) for s in samples)
         ids = np.full((len(samples), length), pad_id, dtype=np.int64)

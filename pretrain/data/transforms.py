@@ -12,10 +12,15 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 
-# ITU-R 601-2 luma, the weights PIL's "L" conversion uses.
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# Colour jitter as blends with a degenerate image (black, mean grey, greyscale), done by PIL on uint8 in C:
+# the same definitions torchvision's ColorJitter uses on PIL images.
+_ENHANCERS = {
+    "brightness": ImageEnhance.Brightness,
+    "contrast": ImageEnhance.Contrast,
+    "saturation": ImageEnhance.Color,
+}
 
 
 def sample_crop(
@@ -52,19 +57,6 @@ def sample_crop(
     return (width - cw) // 2, (height - ch) // 2, cw, ch
 
 
-def _jitter(x: np.ndarray, ops: list[tuple[str, float]]) -> np.ndarray:
-    """Brightness / contrast / saturation blends on (H, W, 3) float values in [0, 1], in the given order."""
-    for op, f in ops:
-        if op == "brightness":
-            x = x * f
-        elif op == "contrast":
-            x = f * x + (1.0 - f) * float((x @ _LUMA).mean())
-        else:  # saturation
-            x = f * x + (1.0 - f) * (x @ _LUMA)[..., None]
-        x = np.clip(x, 0.0, 1.0)
-    return x
-
-
 class TwoViewTransform:
     """``(PIL RGB image, rng) -> (model view (3, H, W) normalised, tokenizer view (3, h, w) in [0, 1])``."""
 
@@ -80,8 +72,8 @@ class TwoViewTransform:
         color_jitter: float = 0.4,
     ) -> None:
         self.img_size, self.tokenizer_img_size = img_size, tokenizer_img_size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.inv_std = 1.0 / np.asarray(std, dtype=np.float32)
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
         self.hflip, self.color_jitter = hflip, color_jitter
 
@@ -101,15 +93,23 @@ class TwoViewTransform:
         out = img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
         if flip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        x = np.asarray(out, dtype=np.float32) * (1.0 / 255.0)
-        return _jitter(x, ops) if ops else x
+        for op, factor in ops:
+            out = _ENHANCERS[op](out).enhance(factor)
+        return np.asarray(out, dtype=np.float32) * (1.0 / 255.0)
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both views of one random crop of ``img`` (RGB), deterministic given ``rng``'s state."""
+    def arrays(self, img: Image.Image, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Both views as float32 numpy arrays (3, H, W), deterministic given ``rng``'s state.
+
+        Numpy rather than torch: per-sample torch ops in a many-threaded process cost more than the work.
+        """
         box = sample_crop(img.width, img.height, self.crop_scale, self.crop_ratio, rng)
         flip = bool(rng.random() < self.hflip)
         ops = self._jitter_ops(rng)
-        model = torch.from_numpy(self._view(img, box, self.img_size, flip, ops)).permute(2, 0, 1)
-        model = (model - self.mean) / self.std
-        tok = torch.from_numpy(self._view(img, box, self.tokenizer_img_size, flip, ops)).permute(2, 0, 1)
-        return model.contiguous(), tok.contiguous()
+        model = (self._view(img, box, self.img_size, flip, ops) - self.mean) * self.inv_std
+        tok = self._view(img, box, self.tokenizer_img_size, flip, ops)
+        return np.ascontiguousarray(model.transpose(2, 0, 1)), np.ascontiguousarray(tok.transpose(2, 0, 1))
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views of one random crop of ``img`` (RGB) as tensors (3, H, W)."""
+        model, tok = self.arrays(img, rng)
+        return torch.from_numpy(model), torch.from_numpy(tok)
