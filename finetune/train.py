@@ -21,6 +21,8 @@ import logging
 import sys
 from pathlib import Path
 
+import torch.distributed as torch_dist
+
 from beit3.engine.config_io import ConfigError, parse_override, to_dict
 from beit3.engine.ds_config import EngineConfigError, load_ds_config
 from beit3.engine.launch import add_launcher_args, init_distributed, shutdown_distributed
@@ -31,7 +33,7 @@ from beit3.finetune.data.sources import DataSourceError
 from beit3.finetune.decoding import BeamSearchConfig
 from beit3.finetune.evaluate import evaluate
 from beit3.finetune.recipe import FinetuneRecipe, load_recipe
-from beit3.finetune.reload import ReloadError
+from beit3.model import CheckpointError
 
 log = logging.getLogger("beit3.finetune")
 
@@ -111,6 +113,7 @@ def _preset_img_size(name: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    owns_process_group = not torch_dist.is_initialized()  # an embedding caller keeps its own group
     dist = init_distributed(args.local_rank)
     try:
         overrides = list(args.set) + ([f"task.name={args.task}"] if args.task else [])
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         ds_overrides = {".".join(k): v for k, v in (parse_override(i) for i in args.ds_set)}
         ds_config = load_ds_config(args.ds_config, dist.world_size, ds_overrides)
         tokenizer, data, task = prepare(recipe)
-    except (ConfigError, EngineConfigError, DataSourceError, ReloadError) as e:
+    except (ConfigError, EngineConfigError, DataSourceError, CheckpointError) as e:
         if dist.rank == 0:
             print(f"beit3-finetune: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -132,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_only:
         from beit3.finetune.reload import load_finetuned
 
-        load_finetuned(task, args.eval_only)
+        try:
+            load_finetuned(task, args.eval_only)
+        except CheckpointError as e:
+            print(f"beit3-finetune: error: {e}", file=sys.stderr)
+            return EXIT_CONFIG
         task.to(dist.device)
         scores = run_eval()
         if dist.rank == 0:
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = trainer.fit()
     if result.exit_reason != "finished":
-        shutdown_distributed()
+        _shutdown(owns_process_group)
         return result.exit_code
     scores = run_eval()
     out = Path(args.output_dir)
@@ -162,8 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         (out / "eval.json").write_text(json.dumps({"step": result.step, **scores}, indent=1))
         log.info("eval: %s", scores)
     export_finetuned(out, dist.rank)
-    shutdown_distributed()
+    _shutdown(owns_process_group)
     return 0
+
+
+def _shutdown(owns_process_group: bool) -> None:
+    if owns_process_group:
+        shutdown_distributed()
+    elif torch_dist.is_initialized():
+        torch_dist.barrier()  # ranks leave together; the caller destroys the group
 
 
 def export_finetuned(run_dir: Path, rank: int) -> Path | None:

@@ -1,0 +1,113 @@
+"""``beit3-finetune`` end to end on the engine: loss goes down, eval and export are written, errors exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from beit3.finetune.data.build import COLORS, QUESTIONS, SHAPES
+from beit3.finetune.train import main
+
+DS_CONFIG = "ds_configs/zero0_fp32.json"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    """One process group for all in-process runs (DeepSpeed keeps a handle on the first one it sees)."""
+    from beit3.engine.launch import init_distributed
+
+    init_distributed()
+
+
+@pytest.fixture(scope="module")
+def spm(tmp_path_factory):
+    """A small SentencePiece model trained on the shapes captions and questions."""
+    from beit3.tokenizers.text import train_sentencepiece
+
+    d = tmp_path_factory.mktemp("spm")
+    lines = (
+        [f"a {c} {s}." for c in COLORS for s in SHAPES]
+        + list(QUESTIONS)
+        + [f"a picture of {c}." for c in COLORS]
+    )
+    (d / "corpus.txt").write_text("\n".join(lines * 10))
+    return str(train_sentencepiece([d / "corpus.txt"], d / "shapes", 40))
+
+
+def _recipe(tmp_path, spm: str, task: str, steps: int) -> str:
+    path = tmp_path / "recipe.toml"
+    path.write_text(
+        f"""
+[task]
+name = "{task}"
+label_smoothing = 0.1
+[model]
+name = "beit3_tiny_patch16_64"
+drop_path_rate = 0.0
+overrides = {{vocab_size = 48, max_text_positions = 34}}
+[data]
+source = "shapes"
+tokenizer = "{spm}"
+max_text_len = 16
+max_train = 48
+max_eval = 16
+[train]
+total_steps = {steps}
+warmup_steps = 2
+lr = 2e-3
+layer_decay = 1.0
+log_every = 5
+save_every = 0
+[captioning]
+max_len = 8
+num_beams = 2
+"""
+    )
+    return str(path)
+
+
+def _scalars(run_dir, tag: str) -> list[float]:
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)]
+
+
+def test_finetuning_lowers_the_loss_then_evaluates_and_exports(tmp_path, spm, monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run = tmp_path / "run"
+    args = ["--config", _recipe(tmp_path, spm, "image_classification", 30), "--ds-config", DS_CONFIG,
+            "--output-dir", str(run), "--ds-set", "train_micro_batch_size_per_gpu=8"]  # fmt: skip
+    assert main(args) == 0
+    losses = _scalars(run, "loss/cls")
+    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0]
+    scores = json.loads((run / "eval.json").read_text())
+    assert scores["step"] == 30 and 0.0 <= scores["eval/accuracy"] <= 1.0
+    assert (run / "model.pth").is_file() and (run / "config.json").is_file()
+    # The exported model reloads strictly and reproduces the final evaluation.
+    capsys.readouterr()
+    assert main(args + ["--eval-only", str(run / "model.pth")]) == 0
+    assert json.loads(capsys.readouterr().out)["eval/accuracy"] == scores["eval/accuracy"]
+
+
+def test_a_bad_recipe_value_exits_with_code_2_and_names_the_key(tmp_path, spm, capsys):
+    args = ["--config", _recipe(tmp_path, spm, "vqa", 4), "--ds-config", DS_CONFIG,
+            "--output-dir", str(tmp_path / "run"), "--set", "train.layer_decay=1.5"]  # fmt: skip
+    assert main(args) == 2
+    assert "train.layer_decay" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "task", ["text_classification", "prompt_classification", "vqa", "retrieval", "captioning"]
+)
+def test_every_task_runs_through_the_cli(tmp_path, spm, task, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run = tmp_path / "run"
+    args = ["--config", _recipe(tmp_path, spm, task, 4), "--ds-config", DS_CONFIG, "--output-dir", str(run),
+            "--ds-set", "train_micro_batch_size_per_gpu=4"]  # fmt: skip
+    assert main(args) == 0
+    scores = json.loads((run / "eval.json").read_text())
+    expected = {"vqa": "eval/vqa_score", "retrieval": "eval/tr_r1", "captioning": "eval/cider"}
+    assert expected.get(task, "eval/accuracy") in scores
