@@ -111,3 +111,18 @@ def test_every_task_runs_through_the_cli(tmp_path, spm, task, monkeypatch):
     scores = json.loads((run / "eval.json").read_text())
     expected = {"vqa": "eval/vqa_score", "retrieval": "eval/tr_r1", "captioning": "eval/cider"}
     assert expected.get(task, "eval/accuracy") in scores
+
+
+def test_inference_helpers_reload_a_finished_run(tmp_path, spm, monkeypatch):
+    from beit3.finetune.data.build import make_shapes_split
+    from beit3.finetune.inference import answer_questions, load_finetuned_task, preprocess_images
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run = tmp_path / "run"
+    args = ["--config", _recipe(tmp_path, spm, "vqa", 2), "--ds-config", DS_CONFIG, "--output-dir", str(run)]
+    assert main(args) == 0
+    task, tokenizer, answers = load_finetuned_task(run / "config.json")
+    images = make_shapes_split(2, 64, seed=5).images
+    assert preprocess_images(list(images), 64).shape == (2, 3, 64, 64)
+    got = answer_questions(task, tokenizer, list(images), ["what color is the shape?"] * 2, answers)
+    assert len(got) == 2 and set(got) <= set(answers)
