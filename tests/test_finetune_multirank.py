@@ -1,0 +1,50 @@
+"""The retrieval loss over 2 ranks equals the single-process loss over the union of their batches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from beit3.finetune.tasks.retrieval import contrastive_loss
+
+B, D = 3, 8
+
+
+def _features(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    img = torch.nn.functional.normalize(torch.randn(2 * B, D, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(2 * B, D, generator=g), dim=-1)
+    return img, txt
+
+
+def _rank(rank: int, init_file: str, out_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    img, txt = _features(0)
+    img = img[rank * B : (rank + 1) * B].clone().requires_grad_()
+    txt = txt[rank * B : (rank + 1) * B].clone().requires_grad_()
+    loss, _ = contrastive_loss(img, txt, torch.tensor(math.log(10.0)))
+    loss.backward()
+    torch.save({"loss": loss.detach(), "img_grad": img.grad, "txt_grad": txt.grad}, f"{out_file}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_contrastive_loss_gathers_features_with_gradient_across_ranks(tmp_path):
+    mp.start_processes(_rank, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, start_method="spawn")
+    results = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
+    img, txt = (x.clone().requires_grad_() for x in _features(0))
+    full, _ = contrastive_loss(img, txt, torch.tensor(math.log(10.0)))
+    full.backward()
+    # Ranks' losses average to the full-batch loss; each rank's feature gradient (summed over all ranks'
+    # losses by the gather's backward) is world_size times the full-batch gradient of its rows.
+    assert (results[0]["loss"] + results[1]["loss"]).item() / 2 == pytest.approx(full.item(), rel=1e-5)
+    for r in range(2):
+        rows = slice(r * B, (r + 1) * B)
+        torch.testing.assert_close(results[r]["img_grad"] / 2, img.grad[rows], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(results[r]["txt_grad"] / 2, txt.grad[rows], atol=1e-6, rtol=1e-5)
