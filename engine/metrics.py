@@ -95,6 +95,7 @@ class MetricsWriter:
         tensorboard: bool = True,
         total_steps: int = 0,
         printer=print,
+        purge_step: int | None = None,
     ):
         self.enabled = enabled
         self.total_steps = total_steps
@@ -103,7 +104,7 @@ class MetricsWriter:
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         """Write every finite-or-not scalar under its tag at ``step`` and print the console line."""

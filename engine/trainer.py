@@ -138,9 +138,17 @@ class Trainer:
             dist.device,
         )
         self.guard = StepGuard(optimizer)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=task.to(dist.device), optimizer=optimizer, config=ds_config, dist_init_required=False
-        )
+        # DeepSpeed's fp16/bf16 wrappers without ZeRO call the base step once with zero gradients to create
+        # the optimizer state: with AdamW that is a weight-decay update and one more step in the bias
+        # correction. The guard makes it a no-op; AdamW creates its state lazily at the first real step.
+        self.guard.skip = True
+        try:
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=task.to(dist.device), optimizer=optimizer, config=ds_config, dist_init_required=False
+            )
+        finally:
+            self.guard.skip = False
+        self.guard.skipped = 0
         self.gas = self.engine.gradient_accumulation_steps()
         # DeepSpeed computes no gradient norm for plain fp32 without ZeRO: the trainer does, at log steps.
         self._own_grad_norm = self.engine.zero_optimization_stage() == 0 and precision_of(ds_config) == "fp32"
@@ -148,15 +156,17 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.output_dir, dist.rank, dist.world_size, cfg.keep_last)
         self.step, self.skipped_steps, self.nonfinite_in_row, self.last_saved = 0, 0, 0, -1
         self.peak_flops = device_peak_flops(dist.device, cfg.peak_flops)
+        self._stop_signal = 0
+        self._data_counters: dict[str, float] = {}
+        self._resume()
+        # purge_step: TensorBoard hides events an interrupted run wrote after the step resumed from.
         self.writer = MetricsWriter(
             Path(cfg.output_dir) / "tensorboard",
             enabled=dist.is_main,
             tensorboard=cfg.tensorboard,
             total_steps=cfg.total_steps,
+            purge_step=self.step or None,
         )
-        self._stop_signal = 0
-        self._data_counters: dict[str, float] = {}
-        self._resume()
         self._iter = iter(self.data)
         if dist.is_main:
             self._write_run_config()

@@ -30,6 +30,11 @@ pytestmark = [
 NO_DROPOUT = {"dropout": 0.0}
 
 
+def _adam_state(trainer) -> list[dict]:
+    """AdamW's per-parameter states in creation order (of the flat fp32 partitions under ZeRO)."""
+    return list(base_optimizer(trainer).state.values())
+
+
 def _max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
@@ -44,7 +49,9 @@ def test_four_micro_batches_of_one_equal_one_batch_of_four(tmp_path, ds_name):
     assert _max_diff(full_parameters(accumulated), full_parameters(single)) <= 1e-6
 
 
-@pytest.mark.parametrize("ds_name", ["zero0_fp32.json", "zero3_bf16.json"])
+@pytest.mark.parametrize(
+    "ds_name", ["zero0_fp32.json", "zero0_bf16.json", "zero1_bf16.json", "zero2_bf16.json", "zero3_bf16.json"]
+)
 def test_nonfinite_loss_skips_the_step_leaving_parameters_and_optimizer_state(tmp_path, ds_name):
     batch = {"train_batch_size": None, "train_micro_batch_size_per_gpu": 2}
     clean = make_trainer(tmp_path / "clean", ds_name, 2, batch)
@@ -53,8 +60,13 @@ def test_nonfinite_loss_skips_the_step_leaving_parameters_and_optimizer_state(tm
     result = poisoned.fit()
     assert result.exit_reason == "finished" and poisoned.skipped_steps == 1 and poisoned.step == 3
     assert _max_diff(full_parameters(poisoned), full_parameters(clean)) == 0.0
-    steps = {float(s["step"]) for s in base_optimizer(poisoned).state.values()}
-    assert steps == {2.0}  # AdamW's own step counter did not advance on the skipped step
+    clean_state, poisoned_state = (_adam_state(t) for t in (clean, poisoned))
+    assert len(poisoned_state) == len(clean_state) > 0
+    assert {float(s["step"]) for s in poisoned_state} == {2.0}  # AdamW's own step count did not advance
+    for before, after in zip(clean_state, poisoned_state):
+        assert torch.equal(before["exp_avg"], after["exp_avg"]) and torch.equal(
+            before["exp_avg_sq"], after["exp_avg_sq"]
+        )
 
 
 def test_nonfinite_losses_in_a_row_stop_the_run_after_a_checkpoint(tmp_path):
