@@ -19,6 +19,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,12 +35,26 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class SlurmCluster:
     """A running one-node cluster: its environment and thin wrappers over the real Slurm clients."""
 
     def __init__(self, scratch: Path):
         self.scratch = scratch
-        self.env = dict(os.environ, BEIT3_SLURM_DIR=str(scratch), SLURM_CONF=str(scratch / "slurm.conf"))
+        # Free ports, so that the test cluster never meets another one running on this machine.
+        self.env = dict(
+            os.environ,
+            BEIT3_SLURM_DIR=str(scratch),
+            SLURM_CONF=str(scratch / "slurm.conf"),
+            BEIT3_SLURM_CTLD_PORT=str(free_port()),
+            BEIT3_SLURM_SLURMD_PORT=str(free_port()),
+        )
 
     def _run(self, *cmd: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, check=check)

@@ -1,0 +1,163 @@
+"""The sbatch scripts under a real Slurm (scripts/slurm_localhost.sh): submitted with sbatch as 2 CPU tasks.
+
+Each test overrides the #SBATCH lines the way docs/slurm.md tells a CPU user to, and runs the training step
+with the stand-in trainer of tests/slurm_fixtures.py (same contract as beit3-pretrain, seconds instead of
+minutes). Preemption is triggered with ``scancel --batch --signal=USR1``, which is what ``--signal=B:USR1@T``
+does at the time limit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from slurm_fixtures import REPO, SlurmCluster, start_cluster, wait_for_text
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+SLURM = REPO / "slurm"
+# Two CPU tasks on one node, no GPU; a time limit far from the signal so that only the test sends USR1.
+CPU_JOB = [
+    "--nodes=1",
+    "--ntasks=2",
+    "--ntasks-per-node=2",
+    "--cpus-per-task=1",
+    "--gpus-per-node=0",
+    "--time=10",
+    "--signal=B:USR1@5",
+]
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """One localhost cluster for the module (fails under CI=true if Slurm cannot start)."""
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    yield cluster
+    cluster.stop()
+
+
+def submit(
+    cluster: SlurmCluster, script: str, tmp_path: Path, name: str, **env: str
+) -> tuple[int, Path, Path]:
+    """Submit slurm/<script> with the stand-in trainer; returns (job id, console log, run dir)."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / f"slurm-{name}.out"
+    job_env = {
+        "BEIT3_MODULE": "slurm_fixtures",
+        "PYTHONPATH": str(REPO / "tests"),
+        "BEIT3_RUN_DIR": str(run_dir),
+        "BEIT3_RECIPE": "pretrain/recipes/demo.toml",
+        "BEIT3_DS_CONFIG": "ds_configs/zero0_fp32.json",
+        "OMP_NUM_THREADS": "1",
+        **env,
+    }
+    job_id = cluster.sbatch(SLURM / script, *CPU_JOB, f"--job-name={name}", f"--output={log}", env=job_env)
+    return job_id, log, run_dir
+
+
+def attempts(run_dir: Path) -> list[tuple[str, str, str]]:
+    """(restart count, exit code, decision) per attempt, from logs/attempts.tsv."""
+    lines = (run_dir / "logs" / "attempts.tsv").read_text().splitlines()
+    return [tuple(line.split("\t")[2:5]) for line in lines]
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_to_the_end(slurm_cluster, tmp_path):
+    job, log, run_dir = submit(
+        slurm_cluster,
+        "pretrain_giant.sbatch",
+        tmp_path,
+        "preempt",
+        BEIT3_EXTRA_ARGS="--set standin.steps=30 --set standin.step_time=0.2 --set standin.save_every=5",
+    )
+    wait_for_text(log, r"step 6 ", timeout=60)
+    slurm_cluster.signal_batch(job, "USR1")
+    preempted_at = int(wait_for_text(log, r"preempted at step (\d+) by SIGUSR1", timeout=30)[1])
+    info = slurm_cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=90)
+
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    assert "requeueing job" in text
+    assert f"SLURM_RESTART_COUNT=1 resumed_from={preempted_at}" in text, "the requeued job did not resume"
+    assert preempted_at > 5, "the periodic checkpoint would have made this test pass without the signal path"
+    assert "finished at step 30" in text
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000030"
+    assert attempts(run_dir) == [("0", "75", "requeue"), ("1", "0", "finished")]
+    assert (run_dir / "logs" / log.name).resolve() == log, "the console log is not linked from the run dir"
+
+
+def test_job_failing_with_a_real_error_is_not_requeued(slurm_cluster, tmp_path):
+    job, log, run_dir = submit(
+        slurm_cluster,
+        "finetune.sbatch",
+        tmp_path,
+        "fails",
+        BEIT3_TASK="vqav2",
+        BEIT3_EXTRA_ARGS="--set standin.fail_at_step=3 --set standin.step_time=0.1",
+    )
+    info = slurm_cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=60)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", info
+    assert info["ExitCode"] == "1:0"
+    assert "stand-in failure at step 3" in log.read_text()
+    assert "not requeued" in log.read_text()
+    assert attempts(run_dir) == [("0", "1", "failed")]
+
+
+def test_finetune_script_refuses_to_start_without_a_task(slurm_cluster, tmp_path):
+    job, log, _ = submit(slurm_cluster, "finetune.sbatch", tmp_path, "notask")
+    info = slurm_cluster.wait_for(job, {"COMPLETED", "FAILED"}, timeout=60)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0"
+    assert "BEIT3_TASK is not set" in log.read_text()
+
+
+def test_requeue_cap_ends_a_preemption_loop(slurm_cluster, tmp_path):
+    job, log, run_dir = submit(
+        slurm_cluster,
+        "pretrain_base_ablation.sbatch",
+        tmp_path,
+        "cap",
+        BEIT3_MAX_REQUEUES="0",
+        BEIT3_EXTRA_ARGS="--set standin.steps=200 --set standin.step_time=0.1",
+    )
+    wait_for_text(log, r"step 2 ", timeout=60)
+    slurm_cluster.signal_batch(job, "USR1")
+    info = slurm_cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=60)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0" and info["ExitCode"] == "75:0", info
+    assert "requeues are used up" in log.read_text()
+    assert attempts(run_dir) == [("0", "75", "cap")]
+    assert (run_dir / "checkpoints" / "latest").exists(), "the checkpoint must be kept for a resubmission"
+
+
+def test_deepspeed_launcher_path_preempts_and_resumes(slurm_cluster, tmp_path):
+    """One deepspeed launcher per node (ignoring USR1) starting 2 ranks; the ranks checkpoint and exit 75."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "slurm-ds.out"
+    job = slurm_cluster.sbatch(
+        SLURM / "pretrain_giant.sbatch",
+        "--nodes=1",
+        "--ntasks=1",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=2",
+        "--gpus-per-node=0",
+        "--time=10",
+        "--signal=B:USR1@5",
+        "--job-name=ds",
+        f"--output={log}",
+        env={
+            "BEIT3_LAUNCHER": "deepspeed",
+            "BEIT3_GPUS_PER_NODE": "2",
+            "BEIT3_MODULE": "slurm_fixtures",
+            "PYTHONPATH": str(REPO / "tests"),
+            "BEIT3_RUN_DIR": str(run_dir),
+            "BEIT3_EXTRA_ARGS": "--set standin.steps=25 --set standin.step_time=0.2",
+            "OMP_NUM_THREADS": "1",
+        },
+    )
+    wait_for_text(log, r"step 3 ", timeout=90)
+    slurm_cluster.signal_batch(job, "USR1")
+    info = slurm_cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=120)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    assert "standin rank=1 world=2" in text, "the launcher did not start 2 ranks"
+    assert "preempted at step" in text and "finished at step 25" in text
+    assert attempts(run_dir) == [("0", "75", "requeue"), ("1", "0", "finished")]
+    assert (run_dir / "logs" / f"hostfile-{job}").read_text() == "localhost slots=2\n"
