@@ -194,12 +194,18 @@ class PretrainLoader:
                     persistent_workers=False,
                 )
             )
-        for batch in source:
-            state = batch.pop("_producer_state")
-            self.producer_states[state["slot"] - self.rank * n] = state
-            self.batches += 1
-            batch["stats"] = self.stats()
-            yield batch
+        try:
+            for batch in source:
+                state = batch.pop("_producer_state")
+                self.producer_states[state["slot"] - self.rank * n] = state
+                self.batches += 1
+                batch["stats"] = self.stats()
+                yield batch
+        finally:
+            # Stop the workers now, not whenever the garbage collector reaches the iterator.
+            shutdown = getattr(source, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def close(self) -> None:
         """Stop the worker processes of the current iteration (if any)."""

@@ -105,8 +105,11 @@ class TwoViewTransform:
         box = sample_crop(img.width, img.height, self.crop_scale, self.crop_ratio, rng)
         flip = bool(rng.random() < self.hflip)
         ops = self._jitter_ops(rng)
-        model = (self._view(img, box, self.img_size, flip, ops) - self.mean) * self.inv_std
         tok = self._view(img, box, self.tokenizer_img_size, flip, ops)
+        # Equal sizes share one resize and jitter (the costly part); else each view is resized from the crop.
+        same = self.img_size == self.tokenizer_img_size
+        model = (tok if same else self._view(img, box, self.img_size, flip, ops)) - self.mean
+        model *= self.inv_std
         return np.ascontiguousarray(model.transpose(2, 0, 1)), np.ascontiguousarray(tok.transpose(2, 0, 1))
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
