@@ -102,7 +102,8 @@ beit3_record_attempt() {
 beit3_program_args() {
   BEIT3_ARGS=(--config "$BEIT3_RECIPE" --ds-config "$BEIT3_DS_CONFIG" --output-dir "$BEIT3_RUN_DIR"
     --resume auto)
-  [[ -n ${BEIT3_TASK:-} ]] && BEIT3_ARGS=(--task "$BEIT3_TASK" "${BEIT3_ARGS[@]}")
+  # Finetuning recipes name their task; BEIT3_TASK_NAME overrides it (beit3-finetune --task).
+  [[ -n ${BEIT3_TASK_NAME:-} ]] && BEIT3_ARGS=(--task "$BEIT3_TASK_NAME" "${BEIT3_ARGS[@]}")
   local extra
   read -r -a extra <<<"$BEIT3_EXTRA_ARGS"
   BEIT3_ARGS+=("${extra[@]}")

@@ -46,8 +46,6 @@ def submit(
         "BEIT3_MODULE": "slurm_fixtures",
         "PYTHONPATH": str(REPO / "tests"),
         "BEIT3_RUN_DIR": str(run_dir),
-        "BEIT3_RECIPE": "pretrain/recipes/demo.toml",
-        "BEIT3_DS_CONFIG": "ds_configs/zero0_fp32.json",
         "OMP_NUM_THREADS": "1",
         **env,
     }
@@ -91,12 +89,15 @@ def test_job_failing_with_a_real_error_is_not_requeued(slurm_cluster, tmp_path):
         "finetune.sbatch",
         tmp_path,
         "fails",
-        BEIT3_TASK="vqav2",
+        BEIT3_TASK="vqav2_base",
         BEIT3_EXTRA_ARGS="--set standin.fail_at_step=3 --set standin.step_time=0.1",
     )
     info = slurm_cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=60)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", info
     assert info["ExitCode"] == "1:0"
+    assert f"--config {REPO}/finetune/recipes/vqav2_base.toml" in log.read_text(), (
+        "BEIT3_TASK picks the recipe"
+    )
     assert "stand-in failure at step 3" in log.read_text()
     assert "not requeued" in log.read_text()
     assert attempts(run_dir) == [("0", "1", "failed")]
