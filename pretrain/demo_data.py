@@ -93,7 +93,7 @@ def skimage_items() -> list[tuple[bytes, str]]:
         except Exception:  # a photo that would need a download: leave it out
             continue
         buf = io.BytesIO()
-        Image.fromarray(arr.astype(np.uint8)).save(buf, "PNG")
+        Image.fromarray(arr.astype(np.uint8)).save(buf, "PNG", compress_level=0)  # re-encoded as JPEG next
         caption = (fn.__doc__ or name).strip().split("\n")[0].strip()
         out.append((buf.getvalue(), caption))
     return out
@@ -137,12 +137,23 @@ def _write_images(out_dir: str, kind: str, items: list[tuple], max_samples: int)
     return {"samples": sum(s["samples"] for s in writer.shards), "shards": len(writer.shards)}
 
 
-def build_demo(out_dir: str, quiet: bool = False, max_samples: int = 500, segment_words: int = 48) -> dict:
-    """Write the demo dataset under ``out_dir``; returns sample and shard counts per kind."""
+def build_demo(
+    out_dir: str,
+    quiet: bool = False,
+    max_samples: int = 500,
+    segment_words: int = 48,
+    max_emoji: int | None = None,
+) -> dict:
+    """Write the demo dataset under ``out_dir``; returns sample and shard counts per kind.
+
+    ``max_emoji`` keeps every n-th emoji so that about that many remain (None: all 4,009), for quick tests.
+    """
     from beit3.pretrain.data.tario import ShardWriter, write_manifest
     from beit3.pretrain.shards import split_segments
 
     emojis = emoji_items()
+    if max_emoji is not None:
+        emojis = emojis[:: max(1, len(emojis) // max_emoji)]
     photos = skimage_items()
     captioned = [(p, c) for p, c in emojis if c] + photos
     summary = {
