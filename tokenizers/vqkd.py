@@ -205,13 +205,17 @@ def clean_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if not k.startswith(DROPPED_PREFIXES)}
 
 
+def _read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise VQKDConfigError(f"tokenizer checkpoint {str(path)!r} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_vqkd_checkpoint(model: VQKD, checkpoint: str | Path | dict) -> None:
     """Load a released-layout checkpoint strictly (only the release's unused leftovers may be absent)."""
     if not isinstance(checkpoint, dict):
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise VQKDConfigError(f"tokenizer checkpoint {str(path)!r} does not exist")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = _read_checkpoint(checkpoint)
     sd = clean_state_dict(checkpoint)
     own = model.state_dict()
     for key in OPTIONAL_KEYS:
@@ -291,19 +295,25 @@ def build_visual_tokenizer(
 ) -> VisualTokenizer:
     """The frozen tokenizer ``name`` with weights from ``checkpoint`` ({"model": sd}, released layout).
 
+    A checkpoint's ``"overrides"`` entry (written by ``beit3-vqkd train``) is applied before ``overrides``.
     ``checkpoint=None`` gives a seeded random initialisation: its codes carry no meaning (smoke tests only;
     a warning says so). ``input_size`` (default the config's ``img_size``) sets the view size the tokenizer
     receives, e.g. 256 for 16x16 codes from a patch-16 tokenizer.
     """
+    state = None
+    if checkpoint is not None:
+        state = checkpoint if isinstance(checkpoint, dict) else _read_checkpoint(checkpoint)
+        # Checkpoints written by `beit3-vqkd train` record the config overrides they were trained with.
+        overrides = {**state.get("overrides", {}), **overrides}
     model = build_vqkd(name, **overrides)
-    if checkpoint is None:
+    if state is None:
         warnings.warn(
             f"visual tokenizer {name} has random weights (no checkpoint): its codes are only fit for smoke "
             "tests; train one with `beit3-vqkd train` or give the released BEiT v2 checkpoint",
             stacklevel=2,
         )
     else:
-        load_vqkd_checkpoint(model, checkpoint)
+        load_vqkd_checkpoint(model, state)
     tok = VisualTokenizer(model, input_size)
     return tok.to(device) if device is not None else tok
 
