@@ -153,6 +153,7 @@ class Trainer:
         # DeepSpeed computes no gradient norm for plain fp32 without ZeRO: the trainer does, at log steps.
         self._own_grad_norm = self.engine.zero_optimization_stage() == 0 and precision_of(ds_config) == "fp32"
         self._grad_norm: torch.Tensor | None = None
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         self.ckpt = CheckpointManager(cfg.output_dir, dist.rank, dist.world_size, cfg.keep_last)
         self.step, self.skipped_steps, self.nonfinite_in_row, self.last_saved = 0, 0, 0, -1
         self.peak_flops = device_peak_flops(dist.device, cfg.peak_flops)

@@ -64,6 +64,7 @@ class ToyMultiwayTask(nn.Module):
         if self.kill_at_batch == index and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)  # a node failure: no handler, no flush, no save
         if self.record_path:
+            Path(self.record_path).parent.mkdir(parents=True, exist_ok=True)
             with open(f"{self.record_path}_rank{rank}.jsonl", "a") as f:
                 f.write(json.dumps({"index": index, "loss": float(loss.detach())}) + "\n")
 
