@@ -203,3 +203,28 @@ def test_config_fields_are_plain_toml_values():
     # The recipe loader fills PretrainDataConfig from a TOML table by field name.
     for f in dataclasses.fields(PretrainDataConfig):
         assert f.type.split("[")[0] in {"int", "float", "str", "bool", "list", "tuple"}, f.name
+
+
+def test_start_at_reseeds_deterministically_when_the_state_is_lost(data):
+    root, tok = data
+    cfg = make_cfg(root, return_keys=True)
+    fresh = take(build_pretrain_loader(cfg, tok, 1, 1, 2), 2)
+    runs = []
+    for _ in range(2):
+        loader = build_pretrain_loader(cfg, tok, 1, 1, 2, rank=1, world_size=2)
+        loader.start_at(100)
+        runs.append(_keys(take(loader, 2), "pair"))
+    assert runs[0] == runs[1] and runs[0] != _keys(fresh, "pair")
+    assert loader.state_dict()["batches"] == 102
+
+
+def test_state_of_another_shard_list_is_not_applied_position_for_position(data, tmp_path):
+    root, tok = data
+    cfg = make_cfg(root, return_keys=True)
+    old = build_pretrain_loader(cfg, tok, 1, 1, 2)
+    take(old, 3)
+    fewer = make_cfg(root, return_keys=True, pair_shards=[str(root / "pairs" / "pairs-000000.tar")])
+    loader = build_pretrain_loader(fewer, tok, 1, 1, 2)
+    loader.load_state_dict(old.state_dict())
+    keys = _keys(take(loader, 4), "pair")
+    assert set(keys) <= {f"pair{i:05d}" for i in range(4)}  # only the one remaining shard's samples

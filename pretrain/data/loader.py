@@ -9,6 +9,7 @@ Every batch carries its producer's state *after* that batch; the loader keeps th
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
@@ -213,6 +214,19 @@ class PretrainLoader:
             self._active.close()
             self._active = None
 
+    def start_at(self, batches: int) -> None:
+        """Continue a run after ``batches`` micro-batches when its loader state is lost (e.g. the world size
+        changed and per-rank states cannot be mapped): streams are re-seeded from (seed, batches), the same
+        way :meth:`load_state_dict` does for a state from another layout; counters restart at zero."""
+        self.close()
+        self.batches = batches
+        self.seed = mix(self.cfg.seed, _RESEED, batches)
+        self.producer_states, self.stats_base = {}, empty_stats()
+
+    def _shard_fingerprint(self) -> dict[str, str]:
+        """Per stream, a digest of the shard list: positions only mean something for the same shards."""
+        return {s: hashlib.sha1("\n".join(urls).encode()).hexdigest()[:16] for s, urls in self.shards.items()}
+
     def state_dict(self) -> dict:
         """Everything needed to continue after the batches consumed so far (per rank: save one per rank)."""
         return {
@@ -221,6 +235,7 @@ class PretrainLoader:
             "world_size": self.world_size,
             "num_workers": self.cfg.num_workers,
             "counts": dict(self.counts),
+            "shards": self._shard_fingerprint(),
             "seed": self.seed,
             "batches": self.batches,
             "stats_base": dict(self.stats_base),
@@ -234,12 +249,13 @@ class PretrainLoader:
         self.close()
         self.batches = state["batches"]
         same = all(
-            state[k] == v
+            state.get(k) == v
             for k, v in (
                 ("rank", self.rank),
                 ("world_size", self.world_size),
                 ("num_workers", self.cfg.num_workers),
                 ("counts", dict(self.counts)),
+                ("shards", self._shard_fingerprint()),
             )
         )
         if same:
@@ -257,8 +273,9 @@ class PretrainLoader:
         self.seed = mix(state["seed"], _RESEED, state["batches"])
         self.producer_states = {}
         log.warning(
-            "data loader state from rank %d/%d with %d workers restored on rank %d/%d with %d workers: "
-            "continuing on re-seeded streams (seed %d) after %d batches",
+            "data loader state from rank %d/%d with %d workers restored on rank %d/%d with %d workers "
+            "(or with another batch composition or shard list): continuing on re-seeded streams (seed %d) "
+            "after %d batches",
             state["rank"],
             state["world_size"],
             state["num_workers"],
