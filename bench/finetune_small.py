@@ -1,0 +1,176 @@
+"""Finetune the small demo model on five real offline tasks, from scratch and from a pretrained checkpoint.
+
+Tasks (reference offline-data.md; install them first):
+
+=====================  ==========================================  ============================
+recipe                 data                                        metric
+=====================  ==========================================  ============================
+digits_small           scikit-learn digits, 10 classes             accuracy
+wordnet_small          WordNet glosses, 10 lexicographer files     accuracy
+easy_vqa_small         easy-VQA (pip easy-vqa==1.0)                VQA score
+stamps_retrieval_small Tux Paint stamps + captions (Debian)        mean of R@1/5/10 both ways
+stamps_captioning_small Tux Paint stamps + captions                BLEU-4, CIDEr-D
+=====================  ==========================================  ============================
+
+Every run is ``beit3-finetune`` in a subprocess (ZeRO-0 fp32, one CPU process). With ``--pretrained`` both
+runs of a task use the checkpoint's text vocabulary and its tokenizer (``--spm``), so the only difference is
+the initial weights. Writes a Markdown table with the device, versions and command::
+
+    python bench/finetune_small.py --pretrained runs/quickstart/export/model.pth \\
+        --spm runs/quickstart/spm.model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = {
+    "digits_small": ("eval/accuracy",),
+    "wordnet_small": ("eval/accuracy",),
+    "easy_vqa_small": ("eval/vqa_score",),
+    "stamps_retrieval_small": ("eval/average", "eval/tr_r1", "eval/ir_r1"),
+    "stamps_captioning_small": ("eval/bleu4", "eval/cider"),
+}
+
+
+def train_task_spm(work: Path, vocab_size: int) -> Path:
+    """A SentencePiece model over the tasks' own texts (used when no --spm is given)."""
+    from beit3.finetune.data.sources import load_easy_vqa, load_tuxpaint, load_wordnet
+    from beit3.tokenizers.text import train_sentencepiece
+
+    texts = [ex["text"] for ex in load_wordnet(max_train=20000).train.examples]
+    texts += [ex["text"] for ex in load_easy_vqa(8, max_train=5000, max_eval=1).train.examples]
+    texts += [ex["text"] for ex in load_tuxpaint(8).train.examples]
+    corpus = work / "spm_corpus.txt"
+    corpus.write_text("\n".join(texts))
+    return train_sentencepiece([corpus], work / "task_spm", vocab_size)
+
+
+def run_one(recipe: str, start: str, args, spm: Path, shapes: dict) -> dict:
+    """One finetuning run; returns its eval scores, first/last logged loss and wall time."""
+    out = args.work / f"{recipe}_{start}"
+    recipe_file = ROOT / "finetune/recipes" / f"{recipe}.toml"
+    cmd = [sys.executable, "-m", "beit3.finetune.train", "--config", str(recipe_file),
+           "--ds-config", str(ROOT / "ds_configs/zero0_fp32.json"), "--output-dir", str(out),
+           "--resume", "none", "--ds-set", f"train_micro_batch_size_per_gpu={args.batch}",
+           "--set", f"train.total_steps={args.steps}",
+           "--set", f"train.warmup_steps={max(1, args.steps // 10)}",
+           "--set", f"data.tokenizer={spm}", "--set", f"model.name={args.model}"]  # fmt: skip
+    if shapes:
+        cmd += ["--set", "model.overrides={" + ", ".join(f"{k} = {v}" for k, v in shapes.items()) + "}"]
+    if start == "pretrained":
+        cmd += ["--set", f"model.pretrained={args.pretrained}"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    (args.work / f"{recipe}_{start}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return {"error": f"exit {proc.returncode}", "wall_s": wall}
+    scores = json.loads((out / "eval.json").read_text())
+    losses = _losses(out)
+    return {**scores, "loss_first": losses[0], "loss_last": losses[-1], "wall_s": wall}
+
+
+def _losses(run: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return [e.value for e in acc.Scalars("loss/total")] or [float("nan")]
+
+
+def format_table(results: dict, starts: list[str]) -> str:
+    head = "| task | metric | " + " | ".join(starts) + " | loss first -> last | wall s |"
+    rows = [head, "|" + "---|" * (4 + len(starts))]
+    for recipe, metrics in TASKS.items():
+        if recipe not in results:
+            continue
+        by_start = results[recipe]
+        for i, metric in enumerate(metrics):
+            cells = []
+            for s in starts:
+                r = by_start.get(s, {})
+                cells.append(r["error"] if "error" in r else f"{r.get(metric, float('nan')):.3f}")
+            losses = " / ".join(
+                f"{by_start[s].get('loss_first', math.nan):.3f} -> "
+                f"{by_start[s].get('loss_last', math.nan):.3f}"
+                for s in starts
+                if s in by_start
+            )
+            walls = " / ".join(f"{by_start[s]['wall_s']:.0f}" for s in starts if s in by_start)
+            rows.append(f"| {recipe if i == 0 else ''} | {metric} | " + " | ".join(cells)
+                        + f" | {losses if i == 0 else ''} | {walls if i == 0 else ''} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def environment() -> str:
+    import deepspeed
+    import torch
+
+    return (
+        f"- device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), one process\n"
+        f"- versions: python {platform.python_version()}, torch {torch.__version__}, "
+        f"deepspeed {deepspeed.__version__}\n"
+        f"- command: `python {' '.join(sys.argv)}`"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pretrained", type=Path, default=None, help="released-format checkpoint (beit3-export)")
+    p.add_argument("--spm", type=Path, default=None, help="SentencePiece model (required with --pretrained)")
+    p.add_argument("--model", default="beit3_small_patch16_64")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated recipe names")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", type=Path, default=ROOT / "runs/bench_finetune")
+    p.add_argument("--out", type=Path, default=ROOT / "bench/results/finetune_small.md")
+    p.add_argument("--notes", type=Path, default=None, help="Markdown appended to the results (analysis)")
+    args = p.parse_args(argv)
+    if args.pretrained is not None and args.spm is None:
+        p.error("--pretrained needs --spm: the checkpoint's text embedding is indexed by its tokenizer's ids")
+    args.work.mkdir(parents=True, exist_ok=True)
+    spm = args.spm or train_task_spm(args.work, 2000)
+    shapes = {}
+    if args.pretrained is not None:
+        from beit3.finetune.reload import checkpoint_overrides
+
+        shapes = {k: v for k, v in checkpoint_overrides(args.pretrained).items() if k != "visual_vocab_size"}
+    starts = ["scratch"] + (["pretrained"] if args.pretrained else [])
+    results: dict = {}
+    for recipe in args.tasks.split(","):
+        for start in starts:
+            r = run_one(recipe, start, args, spm, shapes)
+            results.setdefault(recipe, {})[start] = r
+            rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+            print(f"{recipe:26s} {start:10s} {json.dumps(rounded)}", flush=True)
+    table = format_table(results, starts)
+    print(table)
+    text = (
+        f"# Finetuning the small demo model on offline tasks\n\n{environment()}\n"
+        f"- model: {args.model}; {args.steps} steps, micro-batch {args.batch}, ZeRO-0 fp32; "
+        f"tokenizer `{spm}`\n"
+        f"- pretrained: `{args.pretrained}`\n\n{table}\n"
+    )
+    if args.notes is not None:
+        text += "\n" + args.notes.read_text()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    (args.out.with_suffix(".json")).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
