@@ -16,7 +16,6 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,75 +30,18 @@ from beit3.engine.checkpoint import (
     resolve_resume,
     restore_rng,
 )
-from beit3.engine.ds_config import EngineConfigError, precision_of
+from beit3.engine.ds_config import precision_of
 from beit3.engine.launch import DistInfo, shutdown_distributed
-from beit3.engine.lr import SCHEDULES, lr_at
+from beit3.engine.lr import lr_at
 from beit3.engine.metrics import MetricAccumulator, MetricsWriter, device_peak_flops
 from beit3.engine.optim import StepGuard, build_optimizer
 from beit3.engine.task import check_task
+from beit3.engine.trainer_config import EXIT_NONFINITE, EXIT_PREEMPTED, TrainerConfig, TrainResult
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the Slurm scripts requeue the job on this code
-EXIT_NONFINITE = 3
+__all__ = ["EXIT_NONFINITE", "EXIT_PREEMPTED", "TrainResult", "Trainer", "TrainerConfig", "seed_everything"]
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-@dataclass
-class TrainerConfig:
-    """Loop, optimizer and schedule settings (batch sizes and ZeRO live in the DeepSpeed JSON)."""
-
-    output_dir: str
-    total_steps: int
-    log_every: int = 10
-    save_every: int = 1000
-    keep_last: int = 3
-    resume: str = "auto"  # "auto" | "none" | a checkpoint path
-    seed: int = 0
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    optimizer: str = "adamw"  # "adamw" | "apex_fused_adam"
-    max_nonfinite_in_row: int = 5
-    tensorboard: bool = True
-    peak_flops: float | None = None
-    run_info: dict = field(default_factory=dict)
-    eval_every: int = 0
-    handle_signals: bool = True
-    shutdown_at_end: bool = True  # barrier + destroy_process_group when fit() returns
-
-    def validate(self) -> None:
-        """Raise EngineConfigError naming the field to fix."""
-        checks = [
-            (self.total_steps >= 1, "total_steps must be >= 1"),
-            (self.log_every >= 1, "log_every must be >= 1"),
-            (self.save_every >= 0, "save_every must be >= 0 (0: only at the end)"),
-            (self.keep_last >= 1, "keep_last must be >= 1"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (self.max_nonfinite_in_row >= 1, "max_nonfinite_in_row must be >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise EngineConfigError(f"TrainerConfig: {message}")
-
-
-@dataclass
-class TrainResult:
-    """How ``fit`` ended: ``exit_reason`` is "finished", "preempted" or "nonfinite"."""
-
-    step: int
-    exit_reason: str
-    last_metrics: dict[str, float]
-
-    @property
-    def exit_code(self) -> int:
-        """The process exit code a CLI should return: 0, EXIT_PREEMPTED (75) or EXIT_NONFINITE (3)."""
-        return {"finished": 0, "preempted": EXIT_PREEMPTED, "nonfinite": EXIT_NONFINITE}[self.exit_reason]
 
 
 def seed_everything(seed: int) -> None:
