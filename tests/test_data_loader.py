@@ -228,3 +228,22 @@ def test_state_of_another_shard_list_is_not_applied_position_for_position(data, 
     loader.load_state_dict(old.state_dict())
     keys = _keys(take(loader, 4), "pair")
     assert set(keys) <= {f"pair{i:05d}" for i in range(4)}  # only the one remaining shard's samples
+
+
+def test_each_round_of_draws_reads_every_shard_once(data):
+    root, tok = data
+    cfg = make_cfg(root, return_keys=True, open_shards=1, shuffle_buffer=0)
+    keys = _keys(take(build_pretrain_loader(cfg, tok, 1, 1, 4), 8), "pair")  # 2 rounds of 4 shards x 4
+    assert sorted(keys[:16]) == sorted(keys[16:]) == [f"pair{i:05d}" for i in range(16)]
+    assert keys[:16] != keys[16:]  # each round in a new order
+
+
+def test_a_single_shard_is_not_read_twice_at_once(tmp_path, data):
+    _, tok = data
+    write_tiny_shards(str(tmp_path / "one"), "pairs", 8, 8)
+    one = [str(tmp_path / "one")]
+    cfg = make_cfg(
+        tmp_path, image_shards=[], text_shards=[], pair_shards=one, return_keys=True, shuffle_buffer=0
+    )
+    keys = _keys(take(build_pretrain_loader(cfg, tok, 0, 0, 8), 1), "pair")
+    assert keys == [f"pair{i:05d}" for i in range(8)]

@@ -3,9 +3,10 @@
 Readers are numbered ``slot = rank * num_workers + worker`` out of ``world_size * num_workers``. A stream's
 shards are cut into units (whole shards, or interleaved parts of shards when there are fewer shards than
 readers: :func:`beit3.pretrain.data.config.parts_per_shard`) and unit ``u`` belongs to slot ``u % num_slots``
-only, so no two readers ever see the same sample. Within its units a reader draws units with replacement
-(resampling: the stream never ends), keeps ``open_shards`` of them open, takes each next sample from one of
-them at random, and passes samples through a shuffle buffer.
+only, so no two readers ever see the same sample. Within its units a reader draws units forever (resampling:
+the stream never ends), each round of draws a fresh random permutation of its units so that every unit is
+read once per round; it keeps ``open_shards`` of them open (at most its number of units), takes each next
+sample from one of them at random, and passes samples through a shuffle buffer.
 
 Every random choice is a pure function of ``(seed, stream, slot, counter)`` (:func:`mix`), and the position in
 each open unit is a byte offset, so :meth:`SampleSource.state_dict` is a few integers plus the buffered
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+
+import numpy as np
 
 from beit3.pretrain.data.config import DataStreamError, parts_per_shard
 from beit3.pretrain.data.tario import TAR_ERRORS, RawSample, iter_shard, read_ref
@@ -71,7 +74,9 @@ class SampleSource:
         self.units = units_for_slot(len(shards), slot, num_slots)
         if not self.units:
             raise DataStreamError(f"{stream}: reader slot {slot} of {num_slots} owns no shard units")
-        self.open_shards, self.buffer_size = open_shards, max(1, buffer_size)
+        # More open readers than units would read the same unit from its start twice, close together.
+        self.open_shards, self.buffer_size = min(open_shards, len(self.units)), max(1, buffer_size)
+        self._round: tuple[int, np.ndarray] | None = None
         self.on_tar_error = on_tar_error or (lambda url, err: None)
         self.draws = 0  # units drawn so far
         self.picks = 0  # samples taken out of the buffer so far
@@ -82,7 +87,13 @@ class SampleSource:
 
     # ---- reading -----------------------------------------------------------------------------------
     def _draw(self) -> _OpenUnit:
-        u = mix(self.seed, self._sid, self.slot, 1, self.draws) % len(self.units)
+        """The next unit: position ``draws % n`` of round ``draws // n``'s seeded permutation."""
+        n = len(self.units)
+        rnd = self.draws // n
+        if self._round is None or self._round[0] != rnd:
+            perm = np.random.default_rng(mix(self.seed, self._sid, self.slot, 1, rnd)).permutation(n)
+            self._round = (rnd, perm)
+        u = int(self._round[1][self.draws % n])
         self.draws += 1
         return _OpenUnit(unit=u, offset=0, index=0)
 
@@ -144,7 +155,7 @@ class SampleSource:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where ``state`` was taken (same shards, slot and slot count)."""
-        self.seed = state["seed"]
+        self.seed, self._round = state["seed"], None
         self.draws, self.picks, self.reads = state["draws"], state["picks"], state["reads"]
         self.open = [_OpenUnit(unit=u, offset=off, index=idx) for u, off, idx in state["open"]]
         self.buffer = []
