@@ -96,6 +96,17 @@ def test_encode_batch_length_is_longest_row_or_pad_to(tok):
     assert torch.equal(pad, ids == tok.pad_id)
 
 
+def test_encode_batch_matches_the_row_definition_on_real_paragraphs(tok):
+    from pydoc_data.topics import topics
+
+    texts = ["", *[t[:400] for t in list(topics.values())[:60]]]
+    ids, pad = tok.encode_batch(texts, max_len=48)
+    for row, text in enumerate(texts):
+        expected = [0, *tok.encode(text)[:46], 2]
+        assert ids[row, : len(expected)].tolist() == expected
+        assert (ids[row, len(expected) :] == 1).all() and pad[row].sum() == ids.shape[1] - len(expected)
+
+
 def test_encode_batch_without_specials(tok):
     ids, pad = tok.encode_batch(["the loop"], max_len=2, add_special=False)
     assert ids[0].tolist() == tok.encode("the loop")[:2] and not pad.any()

@@ -43,14 +43,19 @@ class TokenizerError(ValueError):
 
 
 class TextTokenizer:
-    """XLM-R-convention ids over a SentencePiece model; pickleable for DataLoader workers."""
+    """XLM-R-convention ids over a SentencePiece model; pickleable for DataLoader workers.
+
+    ``num_threads`` is the number of threads :meth:`encode_batch` uses (SentencePiece's own pool).
+    """
 
     bos_id = BOS_ID
     pad_id = PAD_ID
     eos_id = EOS_ID
     unk_id = UNK_ID
 
-    def __init__(self, model_file: str | Path) -> None:
+    def __init__(self, model_file: str | Path, num_threads: int = 1) -> None:
+        # One thread by default: batches are encoded inside DataLoader workers, which already run in parallel.
+        self.num_threads = num_threads
         path = Path(model_file)
         if not path.is_file():
             raise TokenizerError(
@@ -90,10 +95,11 @@ class TextTokenizer:
 
     def __getstate__(self) -> dict:
         # The C++ processor is rebuilt from the model bytes, so workers never reopen the file.
-        return {"model_file": self.model_file, "proto": self._proto}
+        return {"model_file": self.model_file, "proto": self._proto, "num_threads": self.num_threads}
 
     def __setstate__(self, state: dict) -> None:
         self.model_file = state["model_file"]
+        self.num_threads = state["num_threads"]
         self._load(state["proto"])
 
     @property
@@ -125,28 +131,28 @@ class TextTokenizer:
         """
         if max_len < (3 if add_special else 1):
             raise TokenizerError(f"max_len={max_len} leaves no room for a token; use max_len >= 3")
-        rows = []
-        for ids in self._sp.EncodeAsIds(list(texts)):
-            ids = self._to_ids[np.asarray(ids, dtype=np.int64)]
-            if add_special:
-                ids = np.concatenate([[BOS_ID], ids[: max_len - 2], [EOS_ID]])
-            else:
-                ids = ids[:max_len]
-            rows.append(ids)
-        length = max((len(r) for r in rows), default=0)
+        encoded = self._sp.Encode(list(texts), out_type=int, num_threads=self.num_threads)
+        body = max_len - 2 if add_special else max_len
+        lengths = np.array([min(len(e), body) for e in encoded], dtype=np.int64)
+        flat = self._to_ids[np.fromiter((i for e in encoded for i in e[:body]), dtype=np.int64)]
+        full = lengths + 2 if add_special else lengths
+        length = int(full.max(initial=0))
         if pad_to is not None:
             if pad_to < length:
                 raise TokenizerError(
                     f"pad_to={pad_to} is shorter than a row ({length}); use pad_to >= max_len"
                 )
             length = pad_to
-        out = np.full((len(rows), length), PAD_ID, dtype=np.int64)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = r
+        out = np.full((len(encoded), length), PAD_ID, dtype=np.int64)
+        columns = np.arange(length)
+        offset = 1 if add_special else 0
+        body_mask = (columns >= offset) & (columns < (lengths + offset)[:, None])
+        out[body_mask] = flat  # row-major fill matches the row-by-row order of ``flat``
+        if add_special:
+            out[:, 0] = BOS_ID
+            out[np.arange(len(encoded)), lengths + 1] = EOS_ID
         ids = torch.from_numpy(out)
-        padding_mask = torch.zeros_like(ids, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            padding_mask[i, len(r) :] = True
+        padding_mask = torch.from_numpy(columns >= full[:, None])
         return ids, padding_mask
 
     def decode(self, ids: Iterable[int] | torch.Tensor, skip_special: bool = True) -> str:
