@@ -38,9 +38,12 @@ def slurm_cluster(tmp_path_factory):
 
 
 def submit(
-    cluster: SlurmCluster, script: str, tmp_path: Path, name: str, **env: str
+    cluster: SlurmCluster, script: str, tmp_path: Path, name: str, *sbatch_args: str, **env: str
 ) -> tuple[int, Path, Path]:
-    """Submit slurm/<script> with the stand-in trainer; returns (job id, console log, run dir)."""
+    """Submit slurm/<script> as a CPU job; returns (job id, console log, run dir).
+
+    The program is the stand-in trainer unless ``env`` says otherwise; ``sbatch_args`` win over CPU_JOB.
+    """
     run_dir = tmp_path / "run"
     log = tmp_path / f"slurm-{name}.out"
     job_env = {
@@ -50,7 +53,9 @@ def submit(
         "OMP_NUM_THREADS": "1",
         **env,
     }
-    job_id = cluster.sbatch(SLURM / script, *CPU_JOB, f"--job-name={name}", f"--output={log}", env=job_env)
+    job_id = cluster.sbatch(
+        SLURM / script, *CPU_JOB, *sbatch_args, f"--job-name={name}", f"--output={log}", env=job_env
+    )
     return job_id, log, run_dir
 
 
@@ -171,20 +176,23 @@ def test_finetune_script_refuses_to_start_without_a_task(slurm_cluster, tmp_path
     assert "BEIT3_TASK is not set" in log.read_text()
 
 
-def test_requeue_cap_ends_a_preemption_loop(slurm_cluster, tmp_path):
+def test_time_limit_signal_checkpoints_and_the_requeue_cap_ends_the_loop(slurm_cluster, tmp_path):
+    """The real time-limit path: Slurm sends B:USR1 50 s before a 1-minute limit (it checks every 30 s)."""
     job, log, run_dir = submit(
         slurm_cluster,
         "pretrain_base_ablation.sbatch",
         tmp_path,
         "cap",
+        "--time=1",
+        "--signal=B:USR1@50",
         BEIT3_MAX_REQUEUES="0",
-        BEIT3_EXTRA_ARGS="--set standin.steps=200 --set standin.step_time=0.1",
+        BEIT3_EXTRA_ARGS="--set standin.steps=2000 --set standin.step_time=0.1",
     )
-    wait_for_text(log, r"step 2 ", timeout=60)
-    slurm_cluster.signal_batch(job, "USR1")
-    info = slurm_cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=60)
+    info = slurm_cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=90)
+    text = log.read_text()
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0" and info["ExitCode"] == "75:0", info
-    assert "requeues are used up" in log.read_text()
+    assert "USR1 received" in text and "preempted at step" in text
+    assert "requeues are used up" in text
     assert attempts(run_dir) == [("0", "75", "cap")]
     assert (run_dir / "checkpoints" / "latest").exists(), "the checkpoint must be kept for a resubmission"
 
@@ -210,7 +218,7 @@ def test_deepspeed_launcher_path_preempts_and_resumes(slurm_cluster, tmp_path):
             "BEIT3_MODULE": "slurm_fixtures",
             "PYTHONPATH": str(REPO / "tests"),
             "BEIT3_RUN_DIR": str(run_dir),
-            "BEIT3_EXTRA_ARGS": "--set standin.steps=25 --set standin.step_time=0.2",
+            "BEIT3_EXTRA_ARGS": "--set standin.steps=15 --set standin.step_time=0.2",
             "OMP_NUM_THREADS": "1",
         },
     )
@@ -220,6 +228,6 @@ def test_deepspeed_launcher_path_preempts_and_resumes(slurm_cluster, tmp_path):
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
     assert "standin rank=1 world=2" in text, "the launcher did not start 2 ranks"
-    assert "preempted at step" in text and "finished at step 25" in text
+    assert "preempted at step" in text and "finished at step 15" in text
     assert attempts(run_dir) == [("0", "75", "requeue"), ("1", "0", "finished")]
     assert (run_dir / "logs" / f"hostfile-{job}").read_text() == "localhost slots=2\n"
