@@ -116,34 +116,8 @@ def device_info() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=None, help="folder with images/, texts/, pairs/ and corpus.txt")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--tokenizer-img-size", type=int, default=224)
-    p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--mix", type=int, nargs=3, default=(8, 8, 8), metavar=("IMAGES", "TEXTS", "PAIRS"))
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--vocab-size", type=int, default=4000)
-    p.add_argument("--out", default=os.path.join(RESULTS, "loader_throughput"))
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)  # as in a DataLoader worker
-    with tempfile.TemporaryDirectory() as tmp:
-        root = args.data or synthetic_data(tmp)
-        tok = tokenizer_for(tmp if args.data is None else root, args.vocab_size)
-        cfg = PretrainDataConfig(
-            image_shards=[os.path.join(root, "images")],
-            text_shards=[os.path.join(root, "texts")],
-            pair_shards=[os.path.join(root, "pairs")],
-            img_size=args.img_size,
-            patch_size=args.patch_size,
-            tokenizer_img_size=args.tokenizer_img_size,
-            num_workers=args.workers,
-        )
-        rows = [(s, time_stream(cfg, tok, s, args.batch, args.seconds)) for s in ("image", "text", "pair")]
-        mixed, batches = time_loader(cfg, tok, tuple(args.mix), args.seconds)
+def write_report(args, argv, rows: list[tuple[str, float]], mixed: float, batches: int) -> None:
+    """Print the table and write ``args.out`` .md and .json with device, versions and command."""
     report = {
         "command": "python "
         + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
@@ -185,6 +159,37 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="folder with images/, texts/, pairs/ and corpus.txt")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--tokenizer-img-size", type=int, default=224)
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--mix", type=int, nargs=3, default=(8, 8, 8), metavar=("IMAGES", "TEXTS", "PAIRS"))
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--vocab-size", type=int, default=4000)
+    p.add_argument("--out", default=os.path.join(RESULTS, "loader_throughput"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data or synthetic_data(tmp)
+        tok = tokenizer_for(tmp if args.data is None else root, args.vocab_size)
+        cfg = PretrainDataConfig(
+            image_shards=[os.path.join(root, "images")],
+            text_shards=[os.path.join(root, "texts")],
+            pair_shards=[os.path.join(root, "pairs")],
+            img_size=args.img_size,
+            patch_size=args.patch_size,
+            tokenizer_img_size=args.tokenizer_img_size,
+            num_workers=args.workers,
+        )
+        rows = [(s, time_stream(cfg, tok, s, args.batch, args.seconds)) for s in ("image", "text", "pair")]
+        mixed, batches = time_loader(cfg, tok, tuple(args.mix), args.seconds)
+    write_report(args, argv, rows, mixed, batches)
     return 0
 
 

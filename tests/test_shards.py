@@ -160,3 +160,15 @@ def test_img2dataset_shards_are_read_as_pairs(tmp_path):
         batch["pair"]["text_labels"] != -100, batch["pair"]["text_labels"], batch["pair"]["text"]
     )
     assert [tok.decode(row.tolist()) for row in original] == ["the cat sat", "a red dog"] * 2
+
+
+def test_parallel_writing_gives_byte_identical_shards(tmp_path, image_folder):
+    outs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}"
+        main(["images", str(out), str(image_folder), "--workers", workers, "--max-samples", "3", "--quiet"])
+        outs.append(out)
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert names == sorted(p.name for p in outs[1].iterdir()) and len(names) == 5  # 4 shards + manifest
+    for name in names:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
