@@ -100,7 +100,7 @@ def test_a_bad_recipe_value_exits_with_code_2_and_names_the_key(tmp_path, spm, c
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "task", ["text_classification", "prompt_classification", "vqa", "retrieval", "captioning"]
+    "task", ["text_classification", "prompt_classification", "vqa", "nlvr2", "retrieval", "captioning"]
 )
 def test_every_task_runs_through_the_cli(tmp_path, spm, task, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

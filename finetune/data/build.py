@@ -59,16 +59,29 @@ def make_shapes_split(num_images: int, size: int, seed: int) -> Split:
     return Split(examples, torch.stack(images))
 
 
+def _nlvr2_pairs(split: Split) -> Split:
+    """NLVR2-style examples: image i and image i+1 with "the two shapes have the same color." (true/false)."""
+    colors = [ex["label"] for ex in split.examples[::2]]
+    n = len(colors)
+    text = "the two shapes have the same color."
+    examples = [{"image": i, "image2": (i + 1) % n, "image_id": i, "text": text,
+                 "label": int(colors[i] == colors[(i + 1) % n])} for i in range(n)]  # fmt: skip
+    return Split(examples, split.images)
+
+
 def shapes_data(size: int, task: str, num_train: int = 64, num_eval: int = 32, seed: int = 0) -> TaskData:
     """The shapes source arranged for ``task`` (text = question for VQA, caption otherwise)."""
     splits = []
     for n, s in ((num_train, seed), (num_eval, seed + 1)):
         split = make_shapes_split(n, size, s)
+        if task == "nlvr2":
+            splits.append(_nlvr2_pairs(split))
+            continue
         keep = split.examples if task == "vqa" else split.examples[::2]  # one example per image
         for ex in keep:
             ex["text"] = ex.pop("question") if task == "vqa" else ex.pop("caption")
         splits.append(Split(keep, split.images))
-    classes = list(COLORS) + list(SHAPES) if task == "vqa" else list(COLORS)
+    classes = {"vqa": list(COLORS) + list(SHAPES), "nlvr2": ["false", "true"]}.get(task, list(COLORS))
     return TaskData(splits[0], splits[1], classes)
 
 
