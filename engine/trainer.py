@@ -101,7 +101,7 @@ class Trainer:
         self.peak_flops = device_peak_flops(dist.device, cfg.peak_flops)
         self._stop_signal = 0
         self._data_counters: dict[str, float] = {}
-        self._resume()
+        rng_state = self._resume()
         # purge_step: TensorBoard hides events an interrupted run wrote after the step resumed from.
         self.writer = MetricsWriter(
             Path(cfg.output_dir) / "tensorboard",
@@ -111,15 +111,19 @@ class Trainer:
             purge_step=self.step or None,
         )
         self._iter = iter(self.data)
+        if rng_state is not None:
+            # Restored after iter(): a DataLoader draws its workers' base seed from the torch RNG there.
+            restore_rng(rng_state)
         if dist.is_main:
             self._write_run_config()
 
     # ----- setup -----
-    def _resume(self) -> None:
+    def _resume(self) -> dict | None:
+        """Load the checkpoint to resume from, if any; returns this rank's RNG states to restore last."""
         self.ckpt.clean_incomplete()
         tag_dir = resolve_resume(self.cfg.resume, self.cfg.output_dir)
         if tag_dir is None:
-            return
+            return None
         rank_state, run_state = self.ckpt.load(self.engine, tag_dir)
         self.step = self.last_saved = int(run_state["step"])
         if rank_state is not None:
@@ -128,9 +132,9 @@ class Trainer:
             self._data_counters = rank_state.get("data_counters", {})
             if rank_state.get("data") is not None and hasattr(self.data, "load_state_dict"):
                 self.data.load_state_dict(rank_state["data"])
-            restore_rng(rank_state["rng"])
         if self.dist.is_main:
             log.info("resumed from %s at step %d", tag_dir, self.step)
+        return rank_state["rng"] if rank_state is not None else None
 
     def _write_run_config(self) -> None:
         import deepspeed

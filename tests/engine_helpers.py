@@ -117,6 +117,11 @@ class ToyData:
         return xa, ya, xb, yb
 
     def __iter__(self):
+        # Like torch's DataLoader, which draws its workers' base seed from the global RNG in iter().
+        torch.empty((), dtype=torch.int64).random_()
+        return self._batches()
+
+    def _batches(self):
         while True:
             i, m = self.index, self.micro_batch
             xa, ya, xb, yb = (
@@ -125,14 +130,8 @@ class ToyData:
             if i in self.nan_batches:
                 xa = torch.full_like(xa, float("nan"))
             self.index += 1
-            yield {
-                "xa": xa,
-                "ya": ya,
-                "xb": xb,
-                "yb": yb,
-                "index": i,
-                "stats": {"skipped/corrupt": (i + 1) // 3 + self.rank},
-            }
+            yield {"xa": xa, "ya": ya, "xb": xb, "yb": yb, "index": i,
+                   "stats": {"skipped/corrupt": (i + 1) // 3 + self.rank}}  # fmt: skip
 
     def state_dict(self) -> dict:
         """The next batch index."""
@@ -236,6 +235,7 @@ def make_trainer(
     overrides: dict | None = None,
     task_kwargs: dict | None = None,
     data_kwargs: dict | None = None,
+    data_cls: type | None = None,
     **cfg_kwargs,
 ):
     """An in-process one-rank Trainer on the toy task (the caller holds the ``single_rank`` fixture)."""
@@ -247,7 +247,7 @@ def make_trainer(
     torch.manual_seed(0)
     task = ToyMultiwayTask(**(task_kwargs or {}))
     ds = load_ds_config(DS_CONFIGS / ds_name, dist.world_size, overrides)
-    data = ToyData(ds["train_micro_batch_size_per_gpu"], rank=dist.rank, **(data_kwargs or {}))
+    data = (data_cls or ToyData)(ds["train_micro_batch_size_per_gpu"], rank=dist.rank, **(data_kwargs or {}))
     settings = {"log_every": 2, "save_every": 0, "lr": 1e-2, "warmup_steps": 2, "shutdown_at_end": False}
     cfg = TrainerConfig(output_dir=str(out), total_steps=steps, **{**settings, **cfg_kwargs})
     return Trainer(task, data, ds, cfg, dist)

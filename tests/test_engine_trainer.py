@@ -175,17 +175,15 @@ class _SignalAt(ToyData):
         super().__init__(*args, **kwargs)
         self.at = at
 
-    def __iter__(self):
-        for batch in super().__iter__():
+    def _batches(self):
+        for batch in super()._batches():
             if batch["index"] == self.at:
                 os.kill(os.getpid(), signal.SIGUSR1)
             yield batch
 
 
 def test_sigusr1_saves_and_reports_preempted_then_resume_continues(tmp_path):
-    trainer = make_trainer(tmp_path, "zero0_fp32.json", 50)
-    trainer.data = _SignalAt(2, at=3)
-    trainer._iter = iter(trainer.data)
+    trainer = make_trainer(tmp_path, "zero0_fp32.json", 50, data_cls=_SignalAt, data_kwargs={"at": 3})
     previous = signal.getsignal(signal.SIGUSR1)
     result = trainer.fit()
     assert (result.exit_reason, result.step, result.exit_code) == ("preempted", 4, EXIT_PREEMPTED)
@@ -194,6 +192,22 @@ def test_sigusr1_saves_and_reports_preempted_then_resume_continues(tmp_path):
     resumed = make_trainer(tmp_path, "zero0_fp32.json", 6)
     assert (resumed.step, resumed.data.index) == (4, 4)
     assert resumed.fit().exit_reason == "finished"
+
+
+def test_preempted_and_resumed_run_repeats_the_uninterrupted_losses_with_dropout(tmp_path):
+    """Dropout RNG and data position survive a save/resume; the data draws from the RNG in iter() like a
+    DataLoader, so the RNG must be restored after the iterator is made."""
+    straight = make_trainer(
+        tmp_path / "straight", "zero0_fp32.json", 6, task_kwargs={"record_path": str(tmp_path / "a")}
+    )
+    straight.fit()
+    recording = {"record_path": str(tmp_path / "b")}
+    first = make_trainer(tmp_path / "run", "zero0_fp32.json", 6, None, recording,
+                         data_cls=_SignalAt, data_kwargs={"at": 2})  # fmt: skip
+    assert first.fit().exit_reason == "preempted" and first.step == 3
+    second = make_trainer(tmp_path / "run", "zero0_fp32.json", 6, task_kwargs=recording)
+    assert second.step == 3 and second.fit().exit_reason == "finished"
+    assert read_losses(tmp_path / "b", 0) == read_losses(tmp_path / "a", 0)
 
 
 def test_fp16_dynamic_loss_scale_is_logged(tmp_path, monkeypatch):
