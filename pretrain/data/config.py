@@ -59,6 +59,7 @@ class PretrainDataConfig:
     max_image_pixels: int = 25_000_000  # larger images are decoded at reduced scale (JPEG) or skipped
     max_consecutive_skips: int = 1000  # a stream skipping more bad samples in a row stops with an error
     prefetch_factor: int = 2
+    pin_memory: bool = False  # page-locked batches (asynchronous host-to-GPU copies); needs num_workers > 0
     return_keys: bool = False  # add each sub-batch's sample keys as "keys" (list of str), for debugging
     seed: int = 0
 

@@ -13,6 +13,7 @@ import hashlib
 import logging
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from beit3.pretrain.data.config import (
@@ -193,6 +194,7 @@ class PretrainLoader:
                     collate_fn=_identity,
                     prefetch_factor=self.cfg.prefetch_factor,
                     persistent_workers=False,
+                    pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
                 )
             )
         try:
