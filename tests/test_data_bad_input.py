@@ -84,6 +84,15 @@ def test_undecodable_images_are_skipped_with_their_kind(data, kind):
     assert err.value.kind == kind
 
 
+def test_exif_orientation_is_applied():
+    img = Image.fromarray(uniform((10, 20, 30), size=8).repeat(3, axis=1))  # 24 wide, 8 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif.tobytes())
+    assert decode_image(buf.getvalue()).size == (8, 24)
+
+
 def test_large_jpeg_is_decoded_at_reduced_scale_and_large_png_is_skipped():
     big = uniform((10, 200, 10), size=256)
     img = decode_image(encode_image(big, "JPEG"), max_pixels=64 * 64)

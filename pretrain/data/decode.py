@@ -11,7 +11,7 @@ import json
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 TEXT_FIELDS = ("txt", "text", "caption")
@@ -59,6 +59,8 @@ def decode_image(data: bytes, max_pixels: int = 25_000_000) -> Image.Image:
             img = Image.open(io.BytesIO(data))
             _draft_if_large(img, max_pixels)
             img.load()
+            # Camera photos store their orientation in EXIF; captions describe the upright picture.
+            ImageOps.exif_transpose(img, in_place=True)
         except Image.DecompressionBombError as e:
             raise SkipSample("image_too_large", str(e)) from None
         except SkipSample:
