@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--vqkd-batch", type=int, default=16)
     p.add_argument("--device", default="cpu", help="where VQ-KD runs (cuda: bf16 autocast)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for VQ-KD")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for VQ-KD (1: a per-core figure)")
     p.add_argument("--min-seconds", type=float, default=3.0, help="time each measurement at least this long")
     p.add_argument("--output", default=str(RESULTS / "tokenizer_throughput"), help="path without extension")
     args = p.parse_args(argv)
