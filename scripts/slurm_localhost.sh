@@ -92,8 +92,7 @@ start_munge() {
   chown munge:munge /etc/munge/munge.key
   chmod 0600 /etc/munge/munge.key
   runuser -u munge -- munged
-  local i
-  for i in $(seq 50); do
+  for _ in $(seq 50); do
     munge -n >/dev/null 2>&1 && break
     sleep 0.1
   done
@@ -167,10 +166,10 @@ stop() {
 }
 
 status() {
-  controller_alive && scontrol ping >/dev/null 2>&1 || {
+  if ! { controller_alive && scontrol ping >/dev/null 2>&1; }; then
     echo "controller not answering (SLURM_CONF=$SLURM_CONF)"
     return 1
-  }
+  fi
   echo "node localhost: $(node_state)"
   squeue
 }

@@ -67,10 +67,14 @@ class SlurmCluster:
     def stop(self) -> None:
         self._run("bash", str(LOCALHOST_SCRIPT), "stop", timeout=120, check=False)
 
-    def sbatch(self, script: Path, *args: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> int:
-        """Submit ``script`` with extra sbatch ``args``; ``env`` adds variables. Returns the job id."""
+    def sbatch(
+        self, script: Path | None, *args: str, env: dict[str, str] | None = None, cwd: Path = REPO
+    ) -> int:
+        """Submit ``script`` (None with ``--wrap=...``) with sbatch ``args``; ``env`` adds variables.
+
+        Returns the job id."""
         proc = subprocess.run(
-            ["sbatch", "--parsable", *args, str(script)],
+            ["sbatch", "--parsable", *args, *([str(script)] if script else [])],
             env={**self.env, **(env or {})},
             cwd=cwd,
             capture_output=True,
