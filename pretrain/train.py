@@ -20,8 +20,12 @@ from pathlib import Path
 from beit3.engine.config_io import ConfigError, to_dict
 from beit3.engine.ds_config import EngineConfigError, load_ds_config
 from beit3.engine.launch import add_launcher_args, init_distributed
-from beit3.engine.trainer import Trainer, TrainerConfig
+from beit3.engine.trainer import Trainer, TrainerConfig, seed_everything
+from beit3.pretrain.data import DataConfigError, build_pretrain_loader
 from beit3.pretrain.recipe import PretrainRecipe, grad_checkpoint_layers, load_recipe, validate
+from beit3.tokenizers.masking import MaskingError
+from beit3.tokenizers.text import TokenizerError
+from beit3.tokenizers.vqkd import VQKDConfigError
 
 log = logging.getLogger("beit3.pretrain")
 
@@ -91,7 +95,10 @@ def build_task(recipe: PretrainRecipe, device):
             f"{model.cfg.vocab_size} rows: set [model.overrides] vocab_size >= {text_tok.vocab_size}"
         )
     visual = build_visual_tokenizer(
-        recipe.tokenizers.visual, recipe.tokenizers.visual_checkpoint or None, device=device
+        recipe.tokenizers.visual,
+        recipe.tokenizers.visual_checkpoint or None,
+        device=device,
+        input_size=recipe.data.tokenizer_img_size,
     )
     if visual.codebook_size != model.cfg.visual_vocab_size:
         raise ConfigError(
@@ -143,22 +150,23 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.config, args.set)
         ds_config = load_ds_config(args.ds_config, dist.world_size, _parse_ds_overrides(args.ds_set))
         split = validate(recipe, ds_config)
+        seed_everything(recipe.train.seed)  # the same initial weights on every rank and every run
         task, text_tok = build_task(recipe, dist.device)
-    except (ConfigError, EngineConfigError) as e:
+        loader = build_pretrain_loader(
+            recipe.data, text_tok, split["images"], split["texts"], split["pairs"],
+            rank=dist.rank, world_size=dist.world_size,
+        )  # fmt: skip
+    except (
+        ConfigError,
+        EngineConfigError,
+        DataConfigError,
+        TokenizerError,
+        VQKDConfigError,
+        MaskingError,
+    ) as e:
         if dist.rank == 0:
             print(f"beit3-pretrain: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    from beit3.pretrain.data import build_pretrain_loader
-
-    loader = build_pretrain_loader(
-        recipe.data,
-        text_tok,
-        split["images"],
-        split["texts"],
-        split["pairs"],
-        rank=dist.rank,
-        world_size=dist.world_size,
-    )
     result = Trainer(task, loader, ds_config, trainer_config(recipe, args, ds_config), dist).fit()
     if result.exit_reason != "finished":
         return result.exit_code
