@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import time
 
+import psutil
 import pytest
 import torch
 
@@ -247,3 +251,20 @@ def test_a_single_shard_is_not_read_twice_at_once(tmp_path, data):
     )
     keys = _keys(take(build_pretrain_loader(cfg, tok, 0, 0, 8), 1), "pair")
     assert keys == [f"pair{i:05d}" for i in range(8)]
+
+
+def test_workers_survive_the_preemption_signal(data):
+    # Slurm sends SIGUSR1 to every process of a step; only the trainer acts on it.
+    root, tok = data
+    loader = build_pretrain_loader(make_cfg(root, num_workers=2), tok, 1, 1, 1)
+    it = iter(loader)
+    next(it), next(it)  # one batch from each worker: both have run their init
+    workers = psutil.Process().children()
+    assert len(workers) == 2
+    for w in workers:
+        os.kill(w.pid, signal.SIGUSR1)
+    time.sleep(0.3)
+    for _ in range(4):
+        next(it)
+    assert all(w.is_running() for w in workers)
+    loader.close()

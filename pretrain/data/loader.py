@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 
 import numpy as np
 import torch
@@ -143,6 +144,14 @@ def _identity(x):
     return x
 
 
+def _ignore_preemption_signal(worker_id: int) -> None:
+    """DataLoader worker init: ignore SIGUSR1, which Slurm sends to every process of a step before the time
+    limit. Only the training process acts on it (checkpoint and requeue); a worker started with ``spawn`` or
+    before the trainer's handler was installed would otherwise die of it and fail the step."""
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class PretrainLoader:
     """Endless per-rank micro-batches ``{"image", "text", "pair", "stats"}`` with ``state_dict`` for resume.
 
@@ -195,6 +204,7 @@ class PretrainLoader:
                     prefetch_factor=self.cfg.prefetch_factor,
                     persistent_workers=False,
                     pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+                    worker_init_fn=_ignore_preemption_signal,
                 )
             )
         try:
