@@ -148,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         from beit3.finetune.reload import checkpoint_overrides
 
         shapes = {k: v for k, v in checkpoint_overrides(args.pretrained).items() if k != "visual_vocab_size"}
+    else:  # a text embedding as large as the tokenizer (the presets have the released 64010 rows)
+        from beit3.tokenizers.text import TextTokenizer
+
+        shapes = {"vocab_size": TextTokenizer(spm).vocab_size}
     starts = ["scratch"] + (["pretrained"] if args.pretrained else [])
     results: dict = {}
     for recipe in args.tasks.split(","):

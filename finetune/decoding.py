@@ -153,8 +153,12 @@ def generate_captions(
     cfg: BeamSearchConfig = BeamSearchConfig(),
     banned: tuple[int, ...] = (),
     use_cache: bool | None = None,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
-    """Beam-search captions (token ids) for a batch of images; cached unless the layout has VL experts."""
+    """Beam-search captions (token ids) for a batch of images; cached unless the layout has VL experts.
+
+    ``vocab_size`` (the tokenizer's) keeps ids the tokenizer cannot decode out of the search.
+    """
     if use_cache is None:
         use_cache = not task.cfg.vl_expert_layers
     step_cls = CachedStep if use_cache else RecomputeStep
@@ -162,9 +166,18 @@ def generate_captions(
     task.eval()
     try:
         step = step_cls(task, image, cfg.num_beams, mask_id)
+        if vocab_size is not None:  # the embedding may have spare rows the tokenizer cannot decode
+            step = _limit_vocab(step, vocab_size)
         results = beam_search(
             step, image.shape[0], bos_id, eos_id, cfg, banned=(bos_id, PAD_ID, mask_id) + banned
         )
     finally:
         task.train(was_training)
     return [ids for ids, _ in results]
+
+
+def _limit_vocab(step: StepFn, vocab_size: int) -> StepFn:
+    def limited(tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+        return step(tokens, parents)[:, :vocab_size]
+
+    return limited

@@ -110,7 +110,9 @@ def _captioning(task, split, batch_size, device, tokenizer, decoding: BeamSearch
     hyps = []
     for start in range(0, len(rows), batch_size):
         images = images_to_float(split.images[rows[start : start + batch_size]]).to(device, dtype)
-        for ids in generate_captions(task, images, BOS_ID, EOS_ID, tokenizer.mask_id, decoding):
+        for ids in generate_captions(
+            task, images, BOS_ID, EOS_ID, tokenizer.mask_id, decoding, vocab_size=tokenizer.vocab_size
+        ):
             hyps.append(tokenizer.decode(ids))
     return {"eval/bleu4": bleu(hyps, refs), "eval/cider": cider_d(hyps, refs)}
 
@@ -122,7 +124,15 @@ def sample_captions(task, split: Split, tokenizer, count: int = 4, decoding: Bea
     dtype = next(task.parameters()).dtype
     device = next(task.parameters()).device
     images = images_to_float(split.images[rows]).to(device, dtype)
-    ids = generate_captions(task, images, BOS_ID, EOS_ID, tokenizer.mask_id, decoding or BeamSearchConfig())
+    ids = generate_captions(
+        task,
+        images,
+        BOS_ID,
+        EOS_ID,
+        tokenizer.mask_id,
+        decoding or BeamSearchConfig(),
+        vocab_size=tokenizer.vocab_size,
+    )
     first_ref = {}
     for ex in split.examples:
         first_ref.setdefault(position[ex["image_id"]], ex.get("raw_text") or tokenizer.decode(ex["text"]))

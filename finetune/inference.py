@@ -113,7 +113,15 @@ def caption_images(
     """Beam-search captions from a :class:`~beit3.finetune.tasks.captioning.Captioning` model."""
     x = _images(task, images)
     with torch.no_grad():
-        ids = generate_captions(task, x, BOS_ID, EOS_ID, tokenizer.mask_id, cfg or BeamSearchConfig())
+        ids = generate_captions(
+            task,
+            x,
+            BOS_ID,
+            EOS_ID,
+            tokenizer.mask_id,
+            cfg or BeamSearchConfig(),
+            vocab_size=tokenizer.vocab_size,
+        )
     return [tokenizer.decode(i) for i in ids]
 
 

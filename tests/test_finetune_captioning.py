@@ -159,3 +159,9 @@ def test_generate_captions_falls_back_to_recompute_for_vl_expert_layouts():
     out = generate_captions(task, torch.randn(2, 3, 64, 64), 0, 2, MASK_ID, BeamSearchConfig(2, max_len=5))
     assert len(out) == 2 and all(len(ids) <= 4 for ids in out)
     assert task.training  # mode restored
+
+
+def test_generation_never_emits_ids_the_tokenizer_cannot_decode(captioner):
+    image = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    out = generate_captions(captioner, image, 0, 2, 9, BeamSearchConfig(2, max_len=6), vocab_size=10)
+    assert all(0 <= i < 10 and i not in (0, 1, 9) for ids in out for i in ids)
