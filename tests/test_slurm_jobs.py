@@ -149,6 +149,52 @@ def test_preempted_pretraining_checkpoints_requeues_and_resumes_to_the_end(
     assert (run_dir / "logs" / log.name).resolve() == log, "the console log is not linked from the run dir"
 
 
+def shapes_recipe(root: Path, steps: int) -> Path:
+    """A finetuning recipe for the tiny model on generated shapes data (no download), with its tokenizer."""
+    from beit3.finetune.data.build import COLORS, QUESTIONS, SHAPES
+    from beit3.tokenizers.text import train_sentencepiece
+
+    lines = [f"a {c} {s}." for c in COLORS for s in SHAPES] + list(QUESTIONS)
+    (root / "corpus.txt").write_text("\n".join(lines * 10))
+    spm = train_sentencepiece([root / "corpus.txt"], root / "shapes", 40)
+    recipe = root / "shapes_classification.toml"
+    recipe.write_text(
+        "\n".join(
+            [
+                '[task]\nname = "image_classification"',
+                '[model]\nname = "beit3_tiny_patch16_64"',
+                "overrides = {vocab_size = 48, max_text_positions = 34}",
+                f'[data]\nsource = "shapes"\ntokenizer = "{spm}"',
+                "max_text_len = 16\nmax_train = 48\nmax_eval = 16",
+                f"[train]\ntotal_steps = {steps}\nwarmup_steps = 2\nlr = 2e-3\nlog_every = 2\nsave_every = 4",
+            ]
+        )
+    )
+    return recipe
+
+
+def test_finetune_job_trains_the_real_program_to_completion(slurm_cluster, tmp_path):
+    """Real beit3-finetune (tiny model, shapes data, ZeRO-0 fp32, 2 gloo ranks) via finetune.sbatch."""
+    job, log, run_dir = submit(
+        slurm_cluster,
+        "finetune.sbatch",
+        tmp_path,
+        "finetune",
+        BEIT3_TASK="shapes",
+        BEIT3_MODULE="beit3.finetune.train",
+        BEIT3_RECIPE=str(shapes_recipe(tmp_path, steps=8)),
+        BEIT3_DS_CONFIG="ds_configs/zero0_fp32.json",
+        BEIT3_EXTRA_ARGS="--ds-set train_micro_batch_size_per_gpu=4",
+        PYTHONWARNINGS="ignore",
+    )
+    info = slurm_cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=150)
+    assert info["JobState"] == "COMPLETED", (info, log.read_text()[-3000:])
+    assert attempts(run_dir) == [("0", "0", "finished")]
+    assert tensorboard_steps(run_dir, "loss/cls") == {2, 4, 6, 8}
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000008"
+    assert (run_dir / "eval.json").is_file() and (run_dir / "model.pth").is_file()
+
+
 def test_job_failing_with_a_real_error_is_not_requeued(slurm_cluster, tmp_path):
     job, log, run_dir = submit(
         slurm_cluster,
