@@ -126,3 +126,28 @@ def test_inference_helpers_reload_a_finished_run(tmp_path, spm, monkeypatch):
     assert preprocess_images(list(images), 64).shape == (2, 3, 64, 64)
     got = answer_questions(task, tokenizer, list(images), ["what color is the shape?"] * 2, answers)
     assert len(got) == 2 and set(got) <= set(answers)
+
+
+def test_inference_helpers_embed_rank_and_caption(spm):
+    import torch
+
+    from beit3.finetune.configurations import build_encoder
+    from beit3.finetune.data.build import make_shapes_split
+    from beit3.finetune.inference import caption_images, embed_images, embed_texts, rank_texts
+    from beit3.finetune.tasks.captioning import Captioning
+    from beit3.finetune.tasks.retrieval import Retrieval
+    from beit3.tokenizers.text import TextTokenizer
+
+    tok = TextTokenizer(spm)
+    small = {"vocab_size": tok.vocab_size, "max_text_positions": 34}
+    images = list(make_shapes_split(2, 64, seed=7).images)
+    retrieval = Retrieval(build_encoder("beit3_tiny_patch16_64", "dual", **small))
+    assert embed_images(retrieval, images).shape == (2, 64)
+    texts = ["a red disc.", "a blue square."]
+    feats = embed_texts(retrieval, tok, texts)
+    assert torch.allclose(feats.norm(dim=-1), torch.ones(2))
+    ranked = rank_texts(retrieval, tok, images[0], texts)
+    assert sorted(t for t, _ in ranked) == sorted(texts) and ranked[0][1] >= ranked[1][1]
+    captioner = Captioning(build_encoder("beit3_tiny_patch16_64", "seq2seq", **small))
+    captions = caption_images(captioner, tok, images)
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)

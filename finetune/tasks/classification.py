@@ -105,6 +105,8 @@ class PromptClassification(nn.Module):
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """(B, num_classes) scaled cosine similarities."""
+        # logit_scale is read outside Retrieval.forward; under ZeRO-3 a 1-element parameter is below any
+        # persistence threshold, so it is never partitioned and needs no gathering here.
         img = self.retrieval.embed_images(image)
         txt = self.retrieval.embed_texts(self.prompt_ids, self.prompt_padding_mask)
         return self.retrieval.logit_scale.exp() * img @ txt.t()
