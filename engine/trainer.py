@@ -70,6 +70,7 @@ class Trainer:
         self.task, self.data, self.cfg, self.dist, self.eval_fn = task, data, cfg, dist, eval_fn
         self.ds_config = ds_config
         seed_everything(cfg.seed + dist.rank)
+        task.to(dist.device)  # before the optimizer: torch's fused AdamW wants its parameters on the GPU
         optimizer = build_optimizer(
             task.param_groups(),
             cfg.optimizer,
@@ -86,7 +87,7 @@ class Trainer:
         self.guard.skip = True
         try:
             self.engine, _, _, _ = deepspeed.initialize(
-                model=task.to(dist.device), optimizer=optimizer, config=ds_config, dist_init_required=False
+                model=task, optimizer=optimizer, config=ds_config, dist_init_required=False
             )
         finally:
             self.guard.skip = False
