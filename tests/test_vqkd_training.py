@@ -102,26 +102,39 @@ def test_codes_command_writes_codes_of_every_image(photos, tmp_path):
 
 
 def test_teacher_width_mismatch_names_the_override(photos, tmp_path, capsys):
-    argv = [
-        "train",
-        "--data",
-        str(photos),
-        "--output-dir",
-        str(tmp_path),
-        "--steps",
-        "2",
-        "--warmup-steps",
-        "1",
-    ]
-    assert vqkd_cli.main([*argv, "--set", "teacher_dim=512"]) == 2
+    argv = ["train", "--data", str(photos), "--output-dir", str(tmp_path), "--steps", "2"]
+    argv += ["--warmup-steps", "1", "--set", "teacher_dim=512"]
+    assert vqkd_cli.main(argv) == 2
     assert "teacher_dim=96" in capsys.readouterr().err
+
+
+def test_online_mode_with_bf16_autocast_trains(photos, tmp_path, one_thread):
+    """Large-dataset mode: fresh crops from DataLoader workers, the teacher on every batch."""
+    argv = ["train", "--data", str(photos), "--output-dir", str(tmp_path), "--steps", "20"]
+    argv += [
+        "--warmup-steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--online",
+        "--num-workers",
+        "1",
+        "--precision",
+        "bf16",
+    ]
+    argv += ["--set", "codebook_size=128"]
+    assert vqkd_cli.main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["online"] and summary["config"]["precision"] == "bf16"
+    assert summary["after"]["loss_rec"] < 0.8 * summary["before"]["loss_rec"]
+    assert (tmp_path / "checkpoint.pth").is_file()
 
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_ranks_keep_identical_codebooks(photos, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "beit3.tokenizers.vqkd_cli", "train", "--data", str(photos), "--output-dir", str(tmp_path)]
     cmd += ["--steps", "30", "--batch-size", "8", "--views-per-image", "2", "--restart-every", "10"]
     cmd += ["--log-every", "10", "--set", "codebook_size=128"]

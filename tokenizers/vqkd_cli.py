@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--online", action="store_true", help="fresh crops each step, teacher per batch (big sets)"
     )
+    t.add_argument(
+        "--precision", default=d.precision, choices=["fp32", "bf16"], help="bf16: autocast the ViTs"
+    )
     t.add_argument("--num-workers", type=int, default=d.num_workers, help="online mode: decoding workers")
 
     c = sub.add_parser("codes", help="codes of images (centred square view) saved with torch.save")
@@ -97,6 +100,7 @@ def _train(args: argparse.Namespace) -> None:
         views_per_image=args.views_per_image,
         kmeans_init=not args.no_kmeans_init,
         online=args.online,
+        precision=args.precision,
         num_workers=args.num_workers,
         restart_every=args.restart_every,
         dead_fraction=args.dead_fraction,

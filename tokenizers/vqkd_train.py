@@ -55,6 +55,7 @@ class VQKDTrainConfig:
     grad_clip: float = 1.0
     views_per_image: int = 4  # cached mode: fixed views per image (a centred one + random crops)
     online: bool = False  # fresh random crops every step and the teacher on every batch (large datasets)
+    precision: str = "fp32"  # "bf16": autocast the ViTs (task layers, quantizer and loss stay fp32)
     num_workers: int = 4  # online mode: DataLoader workers decoding images
     eval_images: int = 256  # online mode: centred views of this many images measure progress
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -66,6 +67,8 @@ class VQKDTrainConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise TrainConfigError(f"precision={self.precision!r}: use fp32 or bf16")
         get_vqkd_config(self.name, **self.overrides)
         for key in ("steps", "batch_size", "views_per_image", "log_every"):
             if getattr(self, key) < 1:
@@ -148,51 +151,52 @@ class CachedViews:
 
 
 class _RandomCrops(torch.utils.data.Dataset):
+    """Item ``(epoch, i)``: a random-resized crop of file ``i`` drawn from a generator seeded by
+    (seed, epoch, i), so a run gives the same crops whatever the number of workers."""
+
     def __init__(self, paths: list[Path], size: int, scale: tuple[float, float], seed: int) -> None:
         self.paths, self.size, self.scale, self.seed = paths, size, scale, seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        # A generator per (seed, epoch, index): the same run gives the same crops whatever the workers.
-        rng = np.random.default_rng((self.seed, self.epoch, i))
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        epoch, i = key
+        rng = np.random.default_rng((self.seed, epoch, i))
         return to_tensor(random_resized_crop(load_rgb(self.paths[i]), self.size, rng, self.scale))
+
+
+class _EndlessShuffle(torch.utils.data.Sampler):
+    """(epoch, index) keys forever, a fresh seeded permutation each epoch: one DataLoader (and one set of
+    workers) serves the whole run however small the dataset."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+
+    def __iter__(self):
+        epoch = 0
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            yield from ((epoch, int(i)) for i in torch.randperm(self.n, generator=g))
+            epoch += 1
 
 
 class OnlineCrops:
     """Random crops decoded by DataLoader workers; the teacher runs on every batch (large datasets)."""
 
     def __init__(self, paths, size, cfg: VQKDTrainConfig, teacher: torch.nn.Module, seed: int) -> None:
-        self.data = _RandomCrops(paths, size, cfg.crop_scale, seed)
-        self.teacher, self.cfg, self.seed = teacher, cfg, seed
-        self._iter = None
-
-    def _loader(self):
-        g = torch.Generator().manual_seed(self.seed + self.data.epoch)
-        return iter(
-            torch.utils.data.DataLoader(
-                self.data,
-                batch_size=self.cfg.batch_size,
-                shuffle=True,
-                drop_last=len(self.data) > self.cfg.batch_size,
-                num_workers=self.cfg.num_workers,
-                generator=g,
-                persistent_workers=False,
-            )
+        data = _RandomCrops(paths, size, cfg.crop_scale, seed)
+        loader = torch.utils.data.DataLoader(
+            data,
+            batch_size=cfg.batch_size,
+            sampler=_EndlessShuffle(len(data), seed),
+            num_workers=cfg.num_workers,
         )
+        self._iter = iter(loader)
+        self.teacher = teacher
 
     def next(self, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._iter is None:
-            self._iter = self._loader()
-        try:
-            x = next(self._iter)
-        except StopIteration:
-            self.data.epoch += 1
-            self._iter = self._loader()
-            x = next(self._iter)
-        x = x.to(device, non_blocking=True)
+        x = next(self._iter).to(device, non_blocking=True)
         return x, self.teacher(x)
 
 
@@ -275,7 +279,8 @@ def train(cfg: VQKDTrainConfig) -> dict:
                 model.quantize.init_from_kmeans(model.encode(x), seed=cfg.seed)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        out = ddp(x, t)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = ddp(x, t)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         if cfg.grad_clip > 0:
