@@ -65,7 +65,12 @@ def _classification(task_name, task, split, batch_size, device, num_answers) -> 
     total, hits = 0, 0.0
     for batch in _batches(split, collate, batch_size):
         batch = task.prepare_batch(batch, device)
-        if task_name in ("image_classification", "prompt_classification"):
+        if task_name == "prompt_classification":  # through forward: ZeRO-3 gathers logit_scale there
+            _, metrics = task(batch)
+            hits += metrics["acc/top1"] * batch["label"].shape[0]
+            total += batch["label"].shape[0]
+            continue
+        if task_name == "image_classification":
             logits = task.logits(batch["image"])
         elif task_name == "text_classification":
             logits = task.logits(batch["text"], batch["text_padding_mask"])

@@ -104,17 +104,15 @@ class PromptClassification(nn.Module):
         self.register_buffer("prompt_padding_mask", prompt_padding_mask.bool(), persistent=False)
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, num_classes) scaled cosine similarities."""
-        # logit_scale is read outside Retrieval.forward; under ZeRO-3 a 1-element parameter is below any
-        # persistence threshold, so it is never partitioned and needs no gathering here.
+        """(B, num_classes) scaled cosine similarities (plain inference; training goes through forward)."""
         img = self.retrieval.embed_images(image)
         txt = self.retrieval.embed_texts(self.prompt_ids, self.prompt_padding_mask)
         return self.retrieval.logit_scale.exp() * img @ txt.t()
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits = self.logits(batch["image"])
-        loss = F.cross_entropy(logits.float(), batch["label"])
-        return loss, {"loss/cls": loss.detach(), "acc/top1": accuracy(logits, batch["label"])}
+        # Through Retrieval.forward, so that ZeRO-3 gathers its own parameter logit_scale.
+        prompts = {"prompt_text": self.prompt_ids, "prompt_padding_mask": self.prompt_padding_mask}
+        return self.retrieval({**batch, **prompts})
 
     def prepare_batch(self, batch: dict, device: torch.device | str) -> dict:
         return self.retrieval.prepare_batch(batch, device)

@@ -85,9 +85,19 @@ class Retrieval(TaskModule):
         return F.normalize(self.language_head(x[:, 0]), dim=-1)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        if "prompt_text" in batch:  # classification over class-name prompts (PromptClassification)
+            return self._prompt_classification(batch)
         img = self.embed_images(batch["image"])
         txt = self.embed_texts(batch["text"], batch.get("text_padding_mask"))
         return contrastive_loss(img, txt, self.logit_scale)
+
+    def _prompt_classification(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        img = self.embed_images(batch["image"])
+        txt = self.embed_texts(batch["prompt_text"], batch.get("prompt_padding_mask"))
+        logits = self.logit_scale.exp() * img @ txt.t()  # (B, num_classes)
+        loss = F.cross_entropy(logits.float(), batch["label"])
+        acc = (logits.argmax(-1) == batch["label"]).float().mean().item()
+        return loss, {"loss/cls": loss.detach(), "acc/top1": acc}
 
     def token_counts(self, batch: dict) -> tuple[int, int, int, int]:
         vision, text, _, samples = super().token_counts(batch)
