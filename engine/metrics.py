@@ -30,51 +30,55 @@ def device_peak_flops(device: torch.device, override: float | None = None) -> fl
 
 
 class MetricAccumulator:
-    """Sums of per-micro-batch metrics kept on the device; reduced across ranks only by ``reduce``.
+    """Per-metric sums and counts of micro-batch metrics, kept on the device until ``reduce``.
 
-    Every rank must report the same metric names (the reduction is one flat all-reduce in sorted order).
+    A metric a micro-batch does not report is simply not counted for it, so tasks may report a metric only
+    when it applies (``acc/mim`` only with images); ranks may even differ in the names they saw.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
+        self.counts: dict[str, int] = {}
 
     def add(self, metrics: dict[str, torch.Tensor | float]) -> None:
         """Add one micro-batch's metrics (tensors stay on the device: no host sync)."""
         for name, value in metrics.items():
             value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
-            value = value.to(self.device)
-            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
-        self.count += 1
+            self._add(name, value.to(self.device).reshape(()), 1)
+
+    def _add(self, name: str, value: torch.Tensor, count: int) -> None:
+        self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self.counts[name] = self.counts.get(name, 0) + count
 
     def merge(self, other: MetricAccumulator) -> None:
         """Add another accumulator's sums (a finished step's metrics into the log window)."""
         for name, value in other.sums.items():
-            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
-        self.count += other.count
+            self._add(name, value, other.counts[name])
 
-    def reduce(self, extra: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, float]]:
-        """Means over micro-batches and ranks of the metrics, and cross-rank sums of ``extra`` host numbers.
+    def reduce(
+        self, names: list[str] | None = None, extra: dict[str, float] | None = None
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Means over micro-batches and ranks of the metrics ``names`` (default: those seen here; every rank
+        must pass the same list), and cross-rank sums of the ``extra`` host numbers (same keys on every rank).
 
-        One all-reduce and one host sync for everything.
+        One all-reduce and one host sync for everything; a metric no rank saw is left out.
         """
-        names, extra = sorted(self.sums), dict(sorted((extra or {}).items()))
-        values = [self.sums[n].reshape(()) for n in names]
-        values.append(torch.tensor(float(self.count), device=self.device))
+        names = sorted(self.sums) if names is None else list(names)
+        extra = dict(sorted((extra or {}).items()))
+        zero = torch.zeros((), device=self.device)
+        values = [self.sums.get(n, zero) for n in names]
+        values += [torch.tensor(float(self.counts.get(n, 0)), device=self.device) for n in names]
         values += [torch.tensor(float(v), device=self.device) for v in extra.values()]
+        if not values:
+            return {}, {}
         flat = torch.stack(values).double() if self.device.type == "cpu" else torch.stack(values)
         if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
             torch_dist.all_reduce(flat)
-        host = flat.tolist()
-        count = max(host[len(names)], 1.0)
-        means = {n: host[i] / count for i, n in enumerate(names)}
-        sums = {k: host[len(names) + 1 + i] for i, k in enumerate(extra)}
+        host, n = flat.tolist(), len(names)
+        means = {name: host[i] / host[n + i] for i, name in enumerate(names) if host[n + i] > 0}
+        sums = {k: host[2 * n + i] for i, k in enumerate(extra)}
         return means, sums
-
-    def reset(self) -> None:
-        """Start a new window."""
-        self.sums, self.count = {}, 0
 
 
 def format_console(step: int, total: int, scalars: dict[str, float]) -> str:

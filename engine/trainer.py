@@ -293,10 +293,10 @@ class Trainer:
         return time.perf_counter() - start
 
     def _log(self, window: MetricAccumulator, stats: dict, lr: float, elapsed: float, steps: int) -> dict:
-        counters = self._gather_counter_names()
+        metric_names, counters = self._gather_names(window)
         extra = {f"perf/{k}": stats.get(k, 0.0) for k in ("samples", "tokens", "flops")}
         extra.update({f"data/{k}": float(self._data_counters.get(k, 0.0)) for k in counters})
-        means, sums = window.reduce(extra)
+        means, sums = window.reduce(metric_names, extra)
         elapsed = max(elapsed, 1e-9)
         scalars = dict(means)
         scalars["optim/lr"] = lr
@@ -317,14 +317,15 @@ class Trainer:
         self.writer.write(self.step, scalars)
         return scalars
 
-    def _gather_counter_names(self) -> list[str]:
-        """The union over ranks of data counter names (a rank may not have seen a counter yet)."""
-        names = sorted(self._data_counters)
-        if self.dist.world_size > 1:
-            gathered: list[list[str]] = [[] for _ in range(self.dist.world_size)]
-            torch_dist.all_gather_object(gathered, names)
-            names = sorted({n for rank_names in gathered for n in rank_names})
-        return names
+    def _gather_names(self, window: MetricAccumulator) -> tuple[list[str], list[str]]:
+        """Unions over ranks of the metric and data-counter names seen (one small all_gather_object per
+        log step), so that the flat all-reduce has the same layout everywhere and can never mismatch."""
+        names = (sorted(window.sums), sorted(self._data_counters))
+        if self.dist.world_size == 1:
+            return names
+        gathered: list = [None] * self.dist.world_size
+        torch_dist.all_gather_object(gathered, names)
+        return tuple(sorted({n for rank_names in gathered for n in rank_names[k]}) for k in (0, 1))
 
     # ----- checkpoints -----
     def save(self) -> float:

@@ -57,7 +57,12 @@ class ToyMultiwayTask(nn.Module):
         loss_b, acc_b = self._branch(batch["xb"], batch["yb"], self.expert_b)
         loss = loss_a + loss_b
         self._record(batch["index"], loss)
-        return loss, {"loss/a": loss_a, "loss/b": loss_b, "acc/a": acc_a, "acc/b": acc_b}
+        metrics = {"loss/a": loss_a, "loss/b": loss_b, "acc/a": acc_a, "acc/b": acc_b}
+        if os.environ.get("RANK") == "1" and batch["index"] % 2:
+            metrics["debug/rank1_odd_index"] = float(
+                batch["index"]
+            )  # a metric only some micro-batches report
+        return loss, metrics
 
     def _record(self, index: int, loss: torch.Tensor) -> None:
         rank = int(os.environ.get("RANK", "0"))

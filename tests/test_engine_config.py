@@ -5,11 +5,13 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from engine_helpers import single_rank  # noqa: F401,F811  (a fixture)
 
 from beit3.engine.ds_config import EngineConfigError, load_ds_config, precision_of
 from beit3.engine.launch import LaunchError, add_launcher_args, resolve_rendezvous, slurm_master_port
 from beit3.engine.lr import lr_at
+from beit3.engine.metrics import MetricAccumulator, device_peak_flops, format_console
 
 DS_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
 BASE = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}
@@ -168,3 +170,24 @@ def test_bare_process_gets_a_local_single_rank_rendezvous():
     out = resolve_rendezvous({})
     assert (out["RANK"], out["WORLD_SIZE"], out["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
     assert int(out["MASTER_PORT"]) > 0
+
+
+def test_metric_means_count_only_the_micro_batches_that_reported_each_metric():
+    step = MetricAccumulator(torch.device("cpu"))
+    step.add({"loss/total": torch.tensor(2.0), "acc/mim": 0.5})
+    step.add({"loss/total": torch.tensor(4.0)})
+    window = MetricAccumulator(torch.device("cpu"))
+    window.merge(step)
+    window.add({"loss/total": 6.0, "acc/mim": torch.tensor(1.0)})
+    means, sums = window.reduce(["acc/itc", "acc/mim", "loss/total"], {"perf/samples": 12})
+    assert means == {"acc/mim": 0.75, "loss/total": 4.0} and sums == {"perf/samples": 12.0}
+
+
+def test_peak_flops_table_and_override():
+    assert device_peak_flops(torch.device("cpu")) is None
+    assert device_peak_flops(torch.device("cpu"), override=5e12) == 5e12
+
+
+def test_console_line_shows_step_and_every_scalar():
+    line = format_console(3, 10, {"loss/total": 2.345678, "optim/lr": 1e-4})
+    assert line == "step 3/10 | loss/total 2.346 | optim/lr 0.0001"

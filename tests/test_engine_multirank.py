@@ -156,6 +156,8 @@ def test_rank0_alone_writes_tensorboard_with_counters_summed_over_ranks(runs):
     zero0 = [read_losses(runs / "z0" / "losses", r) for r in (0, 1)]
     expected = sum(losses[i] for losses in zero0 for i in (6, 7)) / 4
     assert acc.Scalars("loss/total")[-1].value == pytest.approx(expected, rel=1e-6)
+    # Reported by rank 1 on odd batches only: averaged over the micro-batches that reported it.
+    assert [e.value for e in acc.Scalars("debug/rank1_odd_index")] == [1.0, 3.0, 5.0, 7.0]
 
 
 def test_sigusr1_on_one_srun_rank_saves_on_all_and_exits_75(tmp_path):
