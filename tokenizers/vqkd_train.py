@@ -28,7 +28,13 @@ from torch.utils.tensorboard import SummaryWriter
 from beit3.tokenizers.images import find_images, fixed_views, load_rgb, random_resized_crop, to_tensor
 from beit3.tokenizers.quantizer import all_reduce_sum, broadcast_from_rank0
 from beit3.tokenizers.teachers import build_teacher
-from beit3.tokenizers.vqkd import VQKD, build_vqkd, get_vqkd_config, save_vqkd_checkpoint
+from beit3.tokenizers.vqkd import (
+    VQKD,
+    build_vqkd,
+    cosine_reconstruction_loss,
+    get_vqkd_config,
+    save_vqkd_checkpoint,
+)
 
 
 class TrainConfigError(ValueError):
@@ -116,7 +122,7 @@ def evaluate(
         ids = model.quantize.lookup(z)
         z_q = model.quantize.embedding(ids)
         rec = model.decode(z_q, (x.shape[-2] // model.cfg.patch_size, x.shape[-1] // model.cfg.patch_size))
-        rec_sum += float((1 - torch.nn.functional.cosine_similarity(rec, t, dim=-1)).mean()) * len(x)
+        rec_sum += float(cosine_reconstruction_loss(rec, t)) * len(x)
         n += len(x)
         counts += torch.bincount(ids.flatten().cpu(), minlength=counts.numel()).float()
     model.train(was_training)
