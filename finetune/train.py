@@ -31,7 +31,7 @@ from beit3.finetune.data.batches import BatchLoader, Collator, tokenize_split
 from beit3.finetune.data.build import load_task_data
 from beit3.finetune.data.sources import DataSourceError
 from beit3.finetune.decoding import BeamSearchConfig
-from beit3.finetune.evaluate import evaluate
+from beit3.finetune.evaluate import evaluate, sample_captions
 from beit3.finetune.recipe import FinetuneRecipe, load_recipe
 from beit3.model import CheckpointError
 
@@ -165,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         return result.exit_code
     scores = run_eval()
     out = Path(args.output_dir)
+    report = {"step": result.step, **scores}
+    if name == "captioning" and data.eval.examples:
+        report["samples"] = sample_captions(task, data.eval, tokenizer, 4, _decoding(recipe))
     if dist.rank == 0:
-        (out / "eval.json").write_text(json.dumps({"step": result.step, **scores}, indent=1))
+        (out / "eval.json").write_text(json.dumps(report, indent=1))
         log.info("eval: %s", scores)
     export_finetuned(out, dist.rank)
     _shutdown(owns_process_group)
