@@ -258,7 +258,6 @@ class Trainer:
                 last_metrics = self._log(window, stats, lr, elapsed, steps_in_window)
                 window, stats = MetricAccumulator(self.dist.device), {}
                 window_start, excluded, steps_in_window = time.perf_counter(), 0.0, 0
-            excluded += self._maybe_eval()
             if too_many_nonfinite:
                 self.save()
                 log.error(
@@ -268,13 +267,14 @@ class Trainer:
                     self.step,
                 )
                 return TrainResult(self.step, "nonfinite", last_metrics)
-            if stop:
+            if stop and self.step < self.cfg.total_steps:  # preempted on the last step: just finish
                 self.save()
                 if self.dist.is_main:
                     log.warning(
                         "preemption signal: saved step %d, exiting with %d", self.step, EXIT_PREEMPTED
                     )
                 return TrainResult(self.step, "preempted", last_metrics)
+            excluded += self._maybe_eval()  # after the stop checks: a preempted job has no time for it
             if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                 excluded += self.save()
         self.save()
