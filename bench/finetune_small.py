@@ -114,6 +114,63 @@ def format_table(results: dict, starts: list[str]) -> str:
     return "\n".join(rows)
 
 
+def diagnose(pretrained: Path, spm: Path, model_name: str) -> str:
+    """What the pretrained checkpoint knows before finetuning, against the same model at random init.
+
+    * frozen image features: nearest-class-centroid accuracy of mean-pooled patch features on digits;
+    * masked-token prediction: accuracy of ``mlm_head`` on 15 % masked tokens of WordNet glosses and
+      Tux Paint captions (the tasks' texts), with the checkpoint's own tokenizer.
+    """
+    import torch
+
+    from beit3.finetune.data.sources import load_digits_data, load_tuxpaint, load_wordnet
+    from beit3.finetune.reload import checkpoint_overrides
+    from beit3.finetune.tasks.captioning import mask_captions
+    from beit3.model import build_model, load_checkpoint
+    from beit3.tokenizers.text import TextTokenizer
+
+    shapes = checkpoint_overrides(pretrained)
+    torch.manual_seed(0)
+    models = {"random init": build_model(model_name, **shapes).eval()}
+    models["pretrained"] = build_model(model_name, **shapes).eval()
+    load_checkpoint(models["pretrained"], pretrained)
+    digits = load_digits_data(models["pretrained"].cfg.img_size, max_train=1000, max_eval=300)
+    tok = TextTokenizer(spm)
+    texts = [ex["text"] for ex in load_wordnet(max_train=400).train.examples]
+    texts += [ex["text"] for ex in load_tuxpaint(8).train.examples][:400]
+    ids, pad = tok.encode_batch(texts, 32)
+    masked = mask_captions(ids, pad, 0.15, tok.mask_id, torch.Generator().manual_seed(0))
+    rows = ["| starting point | digits nearest-centroid acc (frozen) | masked-token acc on task texts |",
+            "|---|---|---|"]  # fmt: skip
+    with torch.no_grad():
+        for name, model in models.items():
+            acc_img = _centroid_accuracy(model, digits)
+            h = model(text=masked["text"], text_padding_mask=pad)
+            logits = model.mlm_head(h[masked["masked"]])[:, : tok.vocab_size]
+            acc_txt = (logits.argmax(-1) == masked["labels"][masked["masked"]]).float().mean().item()
+            rows.append(f"| {name} | {acc_img:.3f} | {acc_txt:.3f} |")
+    return "\n".join(rows)
+
+
+def _centroid_accuracy(model, digits) -> float:
+    """Nearest-class-centroid accuracy (cosine) of frozen mean-pooled patch features."""
+    import torch
+    import torch.nn.functional as F
+
+    from beit3.finetune.data.batches import images_to_float
+
+    def features(split) -> torch.Tensor:
+        x = images_to_float(split.images)
+        return torch.cat([model(image=x[i : i + 256])[:, 1:].mean(1) for i in range(0, len(x), 256)])
+
+    train_y = torch.tensor([ex["label"] for ex in digits.train.examples])
+    eval_y = torch.tensor([ex["label"] for ex in digits.eval.examples])
+    train_f = features(digits.train)
+    centroids = F.normalize(torch.stack([train_f[train_y == c].mean(0) for c in range(10)]), dim=-1)
+    pred = (F.normalize(features(digits.eval), dim=-1) @ centroids.t()).argmax(-1)
+    return (pred == eval_y).float().mean().item()
+
+
 def environment() -> str:
     import deepspeed
     import torch
@@ -137,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=ROOT / "runs/bench_finetune")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/finetune_small.md")
+    p.add_argument("--diagnose-only", action="store_true", help="only the frozen-checkpoint diagnostics")
     p.add_argument("--notes", type=Path, default=None, help="Markdown appended to the results (analysis)")
     args = p.parse_args(argv)
     if args.pretrained is not None and args.spm is None:
@@ -152,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         from beit3.tokenizers.text import TextTokenizer
 
         shapes = {"vocab_size": TextTokenizer(spm).vocab_size}
+    if args.diagnose_only:
+        print(diagnose(args.pretrained, spm, args.model))
+        return 0
     starts = ["scratch"] + (["pretrained"] if args.pretrained else [])
     results: dict = {}
     for recipe in args.tasks.split(","):
@@ -161,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
             print(f"{recipe:26s} {start:10s} {json.dumps(rounded)}", flush=True)
     table = format_table(results, starts)
+    if args.pretrained is not None:
+        table += "\n\nBefore finetuning (frozen checkpoint vs. the same model at random init):\n\n"
+        table += diagnose(args.pretrained, spm, args.model)
     print(table)
     text = (
         f"# Finetuning the small demo model on offline tasks\n\n{environment()}\n"
