@@ -120,9 +120,11 @@ beit3_step_command() {
     BEIT3_HOSTFILE=$BEIT3_RUN_DIR/logs/hostfile-$SLURM_JOB_ID
     beit3_write_hostfile "$BEIT3_HOSTFILE" "$BEIT3_GPUS_PER_NODE"
     export BEIT3_HOSTFILE BEIT3_GPUS_PER_NODE BEIT3_PYTHON
+    # One task per node that must hold all of the node's CPUs: its launcher starts every rank of the node,
+    # and with task/affinity or cgroups a task is confined to the CPUs of its own allocation.
     BEIT3_STEP=(srun --kill-on-bad-exit=0 --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES"
-      --ntasks-per-node=1 "${srun_args[@]}" bash "$BEIT3_REPO/slurm/launch_deepspeed.sh" "$BEIT3_MODULE"
-      "${BEIT3_ARGS[@]}")
+      --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" "${srun_args[@]}"
+      bash "$BEIT3_REPO/slurm/launch_deepspeed.sh" "$BEIT3_MODULE" "${BEIT3_ARGS[@]}")
   fi
 }
 
