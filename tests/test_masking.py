@@ -35,6 +35,15 @@ def test_block_mask_has_exact_count_on_any_grid(grid):
         assert mask.shape == grid and mask.dtype == bool and mask.sum() == n
 
 
+def test_default_min_block_larger_than_target_still_gives_exact_count():
+    # The 64 px demo models have a 4x4 grid: 40% is 6 patches, below the default 16-patch minimum block.
+    gen = BlockMaskingGenerator((4, 4), num_masking_patches((4, 4), 0.4))
+    rng = np.random.default_rng(0)
+    masks = [gen(rng) for _ in range(200)]
+    assert all(m.sum() == 6 for m in masks)
+    assert len({m.tobytes() for m in masks}) > 20  # still random
+
+
 def test_same_seed_same_mask_and_different_seeds_differ():
     gen = BlockMaskingGenerator((14, 14), 78)
     a = gen(np.random.default_rng(7))

@@ -203,7 +203,7 @@ def iter_texts(inputs: Iterable[str | Path], text_key: str = "text") -> Iterator
         path = Path(item)
         if not path.is_file():
             raise TokenizerError(f"training input {str(path)!r} does not exist")
-        if path.suffix == ".tar":
+        if path.name.endswith((".tar", ".tar.gz", ".tgz")):
             yield from _iter_tar(path, text_key)
         elif path.suffix == ".jsonl":
             with path.open(encoding="utf-8") as f:
@@ -255,8 +255,8 @@ def train_sentencepiece(
     """Train a SentencePiece model (``<unk>``=0, ``<s>``=1, ``</s>``=2) and return the ``.model`` path.
 
     ``inputs`` are text files (one segment a line), ``.jsonl`` files (field ``text_key``) or webdataset
-    ``.tar`` shards (``.txt`` members). ``hard_vocab_limit=False`` lets a tiny corpus end below
-    ``vocab_size`` instead of failing. ``input_sentence_size`` caps the sentences sampled (seeded).
+    ``.tar``/``.tar.gz`` shards (``.txt`` members). ``hard_vocab_limit=False`` lets a tiny corpus end
+    below ``vocab_size`` instead of failing. ``input_sentence_size`` caps the sentences sampled (seeded).
     """
     if vocab_size < 8:
         raise TokenizerError(f"vocab_size={vocab_size} is too small; use at least 8")
