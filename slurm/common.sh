@@ -114,6 +114,9 @@ beit3_step_command() {
   local srun_args
   read -r -a srun_args <<<"$BEIT3_SRUN_ARGS"
   if [[ $BEIT3_LAUNCHER == srun ]]; then
+    # Slurm 23.11+ srun no longer inherits the job's --cpus-per-task (each task would get one CPU and its data
+    # loader workers would starve under cgroups); SRUN_CPUS_PER_TASK passes it on with every version.
+    [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}
     BEIT3_STEP=(srun --kill-on-bad-exit=0 "${srun_args[@]}" "$BEIT3_PYTHON" -u -m "$BEIT3_MODULE"
       "${BEIT3_ARGS[@]}")
   else
