@@ -45,6 +45,7 @@ def _timed(fn, min_seconds: float) -> tuple[int, float]:
 
 
 def bench_text(vocab: int, batch: int, max_len: int, min_seconds: float) -> list[dict]:
+    """Rows for single and batched encoding with a model trained on ``pydoc_data.topics``."""
     from pydoc_data.topics import topics
 
     texts = [p.strip() for t in topics.values() for p in t.split("\n\n") if p.strip()]
@@ -73,6 +74,7 @@ def bench_text(vocab: int, batch: int, max_len: int, min_seconds: float) -> list
 
 
 def bench_vqkd(name: str, batch: int, min_seconds: float, device: str) -> dict:
+    """The row for ``VisualTokenizer.codes`` of config ``name`` on random images."""
     cfg = get_vqkd_config(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights on purpose

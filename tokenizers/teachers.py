@@ -51,13 +51,16 @@ class Teacher(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def freeze(self) -> Teacher:
+        """Eval mode and no gradients; returns self."""
         self.eval().requires_grad_(False)
         return self
 
     def train(self, mode: bool = True) -> Teacher:
+        """Stays in eval mode whatever ``mode`` says."""
         return super().train(False)  # frozen: batch-norm statistics must never update
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch features (B, h*w, dim) of normalised images; implemented by each teacher."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -128,6 +131,7 @@ class MobileNetV2Teacher(Teacher):
         self.freeze()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The stride-16 map (B, 96, h, w) as (B, h*w, 96), row-major."""
         return self.features_(x).flatten(2).transpose(1, 2)  # (B, h*w, 96)
 
 
@@ -193,6 +197,7 @@ class CLIPVisionTeacher(Teacher):
         self.proj = nn.Parameter(torch.zeros(width, output_dim))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``ln_post`` of the patch tokens (CLS dropped) projected by ``proj``: (B, h*w, output_dim)."""
         x = self.conv1(x)
         grid = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, width)

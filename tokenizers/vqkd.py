@@ -67,11 +67,13 @@ class VQKDConfig:
         return self.img_size // self.patch_size
 
     def encoder(self) -> ViTConfig:
+        """The encoder ViT's shape."""
         return ViTConfig(
             self.img_size, self.patch_size, 3, self.encoder_dim, self.encoder_depth, self.encoder_heads
         )
 
     def decoder(self) -> ViTConfig:
+        """The decoder ViT's shape."""
         # The decoder reads the (code_dim, h, w) code map as an image with 1x1 patches.
         return ViTConfig(
             self.grid_size, 1, self.code_dim, self.decoder_dim, self.decoder_depth, self.decoder_heads
@@ -259,9 +261,11 @@ class VisualTokenizer(nn.Module):
 
     @property
     def codebook_size(self) -> int:
+        """Number of codes (ids are in [0, codebook_size))."""
         return self.model.cfg.codebook_size
 
     def train(self, mode: bool = True) -> VisualTokenizer:
+        """Stays in eval mode whatever ``mode`` says."""
         # Frozen: never leaves eval mode, whatever a parent module asks.
         return super().train(False)
 

@@ -73,6 +73,7 @@ class VQKDTrainConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        """Raise :class:`TrainConfigError` naming the fix for values that cannot work."""
         if self.precision not in ("fp32", "bf16"):
             raise TrainConfigError(f"precision={self.precision!r}: use fp32 or bf16")
         get_vqkd_config(self.name, **self.overrides)
@@ -150,6 +151,7 @@ class CachedViews:
         self.rng = np.random.default_rng(seed)
 
     def next(self, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of images (B, 3, S, S) in [0, 1] and their teacher features (B, h*w, dim) on ``device``."""
         idx = torch.from_numpy(
             self.rng.choice(len(self.views), min(batch_size, len(self.views)), replace=False)
         )
@@ -202,6 +204,7 @@ class OnlineCrops:
         self.teacher = teacher
 
     def next(self, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of images (B, 3, S, S) in [0, 1] and their teacher features (B, h*w, dim) on ``device``."""
         x = next(self._iter).to(device, non_blocking=True)
         return x, self.teacher(x)
 
