@@ -9,6 +9,7 @@ does at the time limit.
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -241,6 +242,24 @@ def test_time_limit_signal_checkpoints_and_the_requeue_cap_ends_the_loop(slurm_c
     assert "requeues are used up" in text
     assert attempts(run_dir) == [("0", "75", "cap")]
     assert (run_dir / "checkpoints" / "latest").exists(), "the checkpoint must be kept for a resubmission"
+
+
+def test_scancel_ends_the_job_with_a_checkpoint_and_no_requeue(slurm_cluster, tmp_path):
+    """scancel sends TERM to the batch shell and every step process: checkpoint, exit 75, but no requeue."""
+    job, log, run_dir = submit(
+        slurm_cluster,
+        "pretrain_giant.sbatch",
+        tmp_path,
+        "cancel",
+        BEIT3_EXTRA_ARGS="--set standin.steps=2000 --set standin.step_time=0.1 --set standin.save_every=1000",
+    )
+    wait_for_text(log, r"step 3 ", timeout=60)
+    subprocess.run(["scancel", str(job)], env=slurm_cluster.env, check=True, timeout=30)
+    info = slurm_cluster.wait_for(job, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=60)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
+    wait_for_text(log, r"preempted at step \d+ by SIGTERM", timeout=10)
+    assert (run_dir / "checkpoints" / "latest").exists()
+    assert attempts(run_dir) == [("0", "75", "cancelled")]
 
 
 def test_deepspeed_launcher_path_preempts_and_resumes(slurm_cluster, tmp_path):
