@@ -17,8 +17,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from beit3.tokenizers import vqkd_cli
-from beit3.tokenizers.vqkd import build_visual_tokenizer
-from beit3.tokenizers.vqkd_train import VQKDTrainConfig, codebook_usage, lr_at
+from beit3.tokenizers.vqkd import build_visual_tokenizer, build_vqkd
+from beit3.tokenizers.vqkd_train import VQKDTrainConfig, _optimizer, codebook_usage, lr_at
 
 PHOTOS = [
     "astronaut", "brick", "camera", "cat", "chelsea", "coffee", "coins", "colorwheel", "grass", "gravel",
@@ -58,6 +58,18 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert lr_at(55, cfg) == pytest.approx((1e-3 + 1e-5) / 2)
     assert lr_at(99, cfg) < 2e-5
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
+
+
+def test_optimizer_decays_matrices_only_and_never_touches_the_codebook():
+    model = build_vqkd("vqkd_tiny_patch16_64")
+    decay, no_decay = (
+        g["params"] for g in _optimizer(model, VQKDTrainConfig(data=[], output_dir="")).param_groups
+    )
+    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    assert id(model.encoder.blocks[0].attn.qkv.weight) in ids(decay)
+    for p in (model.encoder.pos_embed, model.decoder.cls_token, model.encoder.fc_norm.weight):
+        assert id(p) in ids(no_decay)
+    assert id(model.quantize.embedding.weight) not in ids(decay) | ids(no_decay)  # EMA-updated, not trained
 
 
 def test_codebook_usage_metrics():

@@ -255,9 +255,11 @@ def _batches(cfg: VQKDTrainConfig, model: VQKD, rank: int, world: int, device: t
 
 
 def _optimizer(model: VQKD, cfg: VQKDTrainConfig) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]  # biases and LayerNorm: no weight decay
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # BEiT v2 exempts biases, LayerNorm and the cls/position tables from weight decay.
+    exempt = [p.ndim < 2 or n.endswith(("cls_token", "pos_embed")) for n, p in named]
+    decay = [p for (_, p), e in zip(named, exempt) if not e]
+    no_decay = [p for (_, p), e in zip(named, exempt) if e]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
