@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from beit3.tokenizers import vqkd_cli
 from beit3.tokenizers.vqkd import build_visual_tokenizer, build_vqkd
-from beit3.tokenizers.vqkd_train import VQKDTrainConfig, _optimizer, codebook_usage, lr_at
+from beit3.tokenizers.vqkd_train import VQKDTrainConfig, build_optimizer, codebook_usage, lr_at
 
 PHOTOS = [
     "astronaut", "brick", "camera", "cat", "chelsea", "coffee", "coins", "colorwheel", "grass", "gravel",
@@ -63,7 +63,7 @@ def test_lr_schedule_warms_up_then_decays_to_min():
 def test_optimizer_decays_matrices_only_and_never_touches_the_codebook():
     model = build_vqkd("vqkd_tiny_patch16_64")
     decay, no_decay = (
-        g["params"] for g in _optimizer(model, VQKDTrainConfig(data=[], output_dir="")).param_groups
+        g["params"] for g in build_optimizer(model, VQKDTrainConfig(data=[], output_dir="")).param_groups
     )
     ids = lambda params: {id(p) for p in params}  # noqa: E731
     assert id(model.encoder.blocks[0].attn.qkv.weight) in ids(decay)

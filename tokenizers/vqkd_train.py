@@ -254,7 +254,8 @@ def _batches(cfg: VQKDTrainConfig, model: VQKD, rank: int, world: int, device: t
     return source, eval_views, eval_targets
 
 
-def _optimizer(model: VQKD, cfg: VQKDTrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: VQKD, cfg: VQKDTrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: group 0 decays, group 1 (biases, norms, tables) does not."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # BEiT v2 exempts biases, LayerNorm and the cls/position tables from weight decay.
     exempt = [p.ndim < 2 or n.endswith(("cls_token", "pos_embed")) for n, p in named]
@@ -278,7 +279,7 @@ def train(cfg: VQKDTrainConfig) -> dict:
     source, eval_views, eval_targets = _batches(cfg, model, rank, world, device)
     before = evaluate(model, eval_views, eval_targets)
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    opt = _optimizer(model, cfg)
+    opt = build_optimizer(model, cfg)
     params = [p for g in opt.param_groups for p in g["params"]]
     writer = SummaryWriter(str(out_dir / "tb")) if rank == 0 else None
     window = torch.zeros(model.cfg.codebook_size, device=device)
