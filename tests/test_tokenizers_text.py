@@ -176,6 +176,15 @@ def test_cli_trains_and_encodes(corpus, tmp_path, capsys):
     assert line == [0, *tok.encode("the for statement")[:3], 2]
 
 
+def test_cli_encodes_a_file_to_index_segments(model_file, tok, tmp_path):
+    (tmp_path / "captions.txt").write_text("A dog.\nThe while loop.\n", encoding="utf-8")
+    out = tmp_path / "ids.jsonl"
+    argv = ["encode", "--model", str(model_file), "--input", str(tmp_path / "captions.txt"), "--no-special"]
+    assert spm_cli.main([*argv, "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == [tok.encode("A dog."), tok.encode("The while loop.")]
+
+
 def test_cli_reports_missing_model(tmp_path, capsys):
     assert spm_cli.main(["encode", "--model", str(tmp_path / "x.model"), "hi"]) == 2
     assert "beit3-spm train" in capsys.readouterr().err
