@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -39,14 +40,18 @@ def consolidate_checkpoint(
 ) -> dict[str, torch.Tensor]:
     """The task module's fp32 state dict from a checkpoint of any ZeRO stage (``latest`` unless ``tag``).
 
-    Stages 1-3 rebuild the fp32 master weights from the optimizer shards (DeepSpeed's zero_to_fp32);
-    stage 0 has no shards and returns the module weights of ``mp_rank_00_model_states.pt`` as fp32.
+    Stages 1-3 rebuild the fp32 master weights from the optimizer shards (DeepSpeed's zero_to_fp32, or
+    the BF16_Optimizer's shards that ZeRO-1 with bf16 and fp32 accumulation writes); stage 0 has no
+    shards and returns the module weights of ``mp_rank_00_model_states.pt`` as fp32.
     """
     root, tag = _locate(Path(run_dir_or_ckpt_dir), tag)
     tag_dir = root / tag
     if not tag_dir.is_dir():
         raise CheckpointError(f"checkpoint tag dir {tag_dir} does not exist; list {root} for saved tags")
-    if any(tag_dir.glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt")):
+    shards = sorted(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_rank_of)
+    if shards and _is_bf16_optimizer_shard(shards[0]):
+        state = _from_bf16_optimizer(shards)  # ZeRO-1 + bf16 + fp32 accumulation: not zero_to_fp32's format
+    elif shards:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(None):  # it prints per-tensor progress
@@ -57,6 +62,41 @@ def consolidate_checkpoint(
             raise CheckpointError(f"{tag_dir} holds neither ZeRO shards nor mp_rank_00_model_states.pt")
         state = torch.load(path, map_location="cpu", weights_only=False)["module"]
     return {k: v.detach().float().clone() if v.is_floating_point() else v.clone() for k, v in state.items()}
+
+
+def _rank_of(path: Path) -> int:
+    return int(re.search(r"zero_pp_rank_(\d+)_", path.name).group(1))
+
+
+def _is_bf16_optimizer_shard(path: Path) -> bool:
+    """BF16_Optimizer shards carry no ``zero_stage`` (ZeRO's own bf16 shards share the file name)."""
+    optim = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+    return "zero_stage" not in optim and "param_slice_mappings" in optim
+
+
+def _from_bf16_optimizer(shards: list[Path]) -> dict[str, torch.Tensor]:
+    """fp32 master weights from DeepSpeed's BF16_Optimizer shards, on top of the saved module state.
+
+    Each rank's file holds, per parameter group, a flat fp32 partition and the (start, numel) of every
+    parameter fragment in it; a parameter is its fragments in rank order. Buffers, frozen and tied
+    parameters keep the module state's values.
+    """
+    model = torch.load(
+        shards[0].parent / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )
+    state = {k: v.float() if v.is_floating_point() else v for k, v in model["module"].items()}
+    fragments: dict[str, list[torch.Tensor]] = {}
+    for path in shards:
+        optim = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for flat, mapping in zip(optim["single_partition_of_fp32_groups"], optim["param_slice_mappings"]):
+            for name, address in mapping.items():
+                fragments.setdefault(name, []).append(flat.narrow(0, address.start, address.numel))
+    shapes = {name: shape for group in model["param_shapes"] for name, shape in group.items()}
+    for name, parts in fragments.items():
+        state[name] = torch.cat(parts).reshape(shapes[name]).float()
+    for alias, source in model.get("shared_params", {}).items():
+        state[alias] = state[source]
+    return state
 
 
 def _gathered(module: torch.nn.Module):

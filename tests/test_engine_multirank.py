@@ -135,6 +135,18 @@ def test_two_rank_zero3_checkpoint_consolidates_to_the_zero0_weights(runs):
 
 
 @pytest.mark.slow  # shares the 3-launch fixture (about 35 s)
+@pytest.mark.slow  # shares the 3-launch fixture (about 35 s)
+@pytest.mark.parametrize("name", ["z1_bf16", "z2_bf16"])
+def test_two_rank_bf16_shards_consolidate_to_masters_that_round_to_the_saved_weights(runs, name):
+    """Fragments of both ranks' fp32 partitions reassemble in order: rounded to bf16 they are the module."""
+    tag_dir = latest_checkpoint(runs / name)
+    masters = consolidate_checkpoint(tag_dir)
+    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert masters.keys() == module.keys()
+    assert all(torch.equal(masters[k].bfloat16(), module[k]) for k in module)
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in masters.values())
+
+
 def test_checkpoint_holds_per_rank_data_and_rng_states(runs):
     tag_dir = latest_checkpoint(runs / "z3")
     states = [torch.load(tag_dir / f"trainer_rank{r:05d}.pt", weights_only=False) for r in (0, 1)]

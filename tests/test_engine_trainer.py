@@ -151,7 +151,17 @@ def test_mfu_is_omitted_on_cpu_without_a_peak_override(tmp_path):
     assert "perf/mfu_pct" not in _scalars(tmp_path / "tensorboard")
 
 
-@pytest.mark.parametrize("ds_name", ["zero0_fp32.json", "zero3_fp32.json", "zero3_bf16.json"])
+@pytest.mark.parametrize(
+    "ds_name",
+    [
+        "zero0_fp32.json",
+        "zero0_bf16.json",
+        "zero1_bf16.json",
+        "zero2_bf16.json",
+        "zero3_fp32.json",
+        "zero3_bf16.json",
+    ],
+)
 def test_consolidated_checkpoint_matches_the_live_module(tmp_path, ds_name):
     overrides = {"train_batch_size": None, "train_micro_batch_size_per_gpu": 2}
     trainer = make_trainer(tmp_path, ds_name, 2, overrides)
@@ -159,6 +169,8 @@ def test_consolidated_checkpoint_matches_the_live_module(tmp_path, ds_name):
     state = consolidate_checkpoint(tmp_path)
     assert all(t.dtype == torch.float32 for t in state.values())
     verify_against_module(state, trainer.engine.module)
+    if "bf16" in ds_name and not ds_name.startswith("zero0"):  # fp32 masters, not the bf16 weights widened
+        assert any(not torch.equal(v, v.bfloat16().float()) for v in state.values())
     plain = ToyMultiwayTask()
     plain.load_state_dict(state)  # strict: every key of a plain module, nothing else
     tampered = {**state, "head.bias": state["head.bias"] + 1e-3}
