@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -31,12 +32,16 @@ def _rank(rank: int, init_file: str, out_file: str) -> None:
     loss.backward()
     torch.save({"loss": loss.detach(), "img_grad": img.grad, "txt_grad": txt.grad}, f"{out_file}.{rank}")
     dist.barrier()
-    dist.destroy_process_group()
+    # Results are on disk: leave without interpreter teardown, where gloo occasionally aborts under load
+    # (the signal then fails the test although the computation was checked).
+    os._exit(0)
 
 
 @pytest.mark.multiprocess
 def test_contrastive_loss_gathers_features_with_gradient_across_ranks(tmp_path):
-    mp.start_processes(_rank, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _rank, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, start_method="spawn"
+    )
     results = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
     img, txt = (x.clone().requires_grad_() for x in _features(0))
     full, _ = contrastive_loss(img, txt, torch.tensor(math.log(10.0)))
