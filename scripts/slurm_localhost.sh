@@ -2,10 +2,10 @@
 # A real one-node Slurm cluster on localhost, for the sbatch tests and CI (see docs/slurm.md).
 #
 # Usage: bash scripts/slurm_localhost.sh {start|stop|status|env}
-#   start   writes slurm.conf under $BEIT3_SLURM_DIR, starts munged (if needed), slurmctld and slurmd, and
+#   start   writes slurm.conf under $BEIT3_SLURM_DIR, starts a munged, slurmctld and slurmd of its own, and
 #           waits until the node is idle; prints the line to eval so that sbatch/squeue find the cluster.
-#   stop    cancels every job, waits for an empty queue, shuts the daemons down, ends munged (if this
-#           script started it) and removes the scratch folder so the next start is clean.
+#   stop    cancels every job, waits for an empty queue, shuts the daemons down, ends its munged and removes
+#           the scratch folder so the next start is clean.
 #   status  prints the node state (exit 1 if the controller does not answer).
 #   env     prints `export SLURM_CONF=...` for eval.
 #
@@ -20,6 +20,11 @@ CTLD_PORT=${BEIT3_SLURM_CTLD_PORT:-6817}
 SLURMD_PORT=${BEIT3_SLURM_SLURMD_PORT:-6818}
 START_TIMEOUT=${BEIT3_SLURM_START_TIMEOUT:-60}
 export SLURM_CONF=$DIR/slurm.conf
+# Each cluster has its own munged on its own socket, so that two clusters (two test sessions at once) never
+# stop each other's authentication, and the machine's own munged (if any) is left alone. The socket lives
+# under /run because munged runs as the munge user, who cannot enter root-only scratch folders.
+MUNGE_DIR=/run/beit3-munge/$(echo -n "$DIR" | md5sum | cut -c1-16)
+MUNGE_SOCKET=$MUNGE_DIR/munge.socket
 
 die() {
   echo "slurm_localhost.sh: $*" >&2
@@ -54,7 +59,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # A requeued job is otherwise held about two minutes (credential expiry) before it may start again.
-AuthInfo=cred_expire=5
+AuthInfo=cred_expire=5,socket=$MUNGE_SOCKET
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -84,20 +89,24 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
+munge_works() {
+  munge -n --socket="$MUNGE_SOCKET" 2>/dev/null | unmunge --socket="$MUNGE_SOCKET" >/dev/null 2>&1
+}
+
 start_munge() {
-  if munge -n >/dev/null 2>&1; then
-    return # a munged already runs (started by someone else): leave it alone at stop
-  fi
-  install -d -o munge -g munge -m 0755 /run/munge
+  install -d -o root -g root -m 0755 /run/beit3-munge
+  rm -rf "$MUNGE_DIR"
+  install -d -o munge -g munge -m 0755 "$MUNGE_DIR"
   chown munge:munge /etc/munge/munge.key
   chmod 0600 /etc/munge/munge.key
-  runuser -u munge -- munged
+  runuser -u munge -- munged --socket="$MUNGE_SOCKET" --pid-file="$MUNGE_DIR/munged.pid" \
+    --log-file="$MUNGE_DIR/munged.log" --seed-file="$MUNGE_DIR/munged.seed"
   for _ in $(seq 50); do
-    munge -n >/dev/null 2>&1 && break
+    munge_works && break
     sleep 0.1
   done
-  munge -n >/dev/null 2>&1 || die "munged did not start; see /var/log/munge/munged.log"
-  cp /run/munge/munged.pid "$DIR/munged.pid" # so that stop ends only the munged this script started
+  munge_works || die "munged did not start: $(tail -n 5 "$MUNGE_DIR/munged.log" 2>/dev/null)"
+  cp "$MUNGE_DIR/munged.pid" "$DIR/munged.pid"
 }
 
 controller_alive() {
@@ -161,7 +170,7 @@ stop() {
     done
     kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null
   done
-  rm -rf "$DIR"
+  rm -rf "$DIR" "$MUNGE_DIR"
   echo "stopped"
 }
 

@@ -28,9 +28,9 @@ def test_start_gives_an_idle_node_and_stop_cancels_jobs_and_ends_every_daemon(tm
             ["bash", str(LOCALHOST_SCRIPT), "status"], env=cluster.env, capture_output=True, text=True
         )
         assert "node localhost: idle" in status.stdout
-        daemons = {name: int((scratch / f"{name}.pid").read_text()) for name in ("slurmctld", "slurmd")}
-        if (scratch / "munged.pid").exists():  # only when this start launched munged
-            daemons["munged"] = int((scratch / "munged.pid").read_text())
+        daemons = {
+            name: int((scratch / f"{name}.pid").read_text()) for name in ("slurmctld", "slurmd", "munged")
+        }
         pid_file = tmp_path / "job.pid"
         job = cluster.sbatch(
             None, f"--wrap=echo $$ > {pid_file}; exec sleep 300", "--output=/dev/null", cwd=tmp_path
