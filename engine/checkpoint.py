@@ -86,6 +86,11 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
     A path may name a tag dir, a checkpoints dir holding ``latest``, or a run dir.
     """
     if resume == "none":
+        if latest_checkpoint(output_dir) is not None:
+            raise CheckpointError(
+                f"{output_dir} already holds checkpoints and resume='none' would mix two runs in it; "
+                "continue with resume='auto' or use a new output_dir"
+            )
         return None
     if resume == "auto":
         return latest_checkpoint(output_dir)
