@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+export PIP_ROOT_USER_ACTION=ignore
 WITH_TESTS=0
 [[ "${1:-}" == "--tests" ]] && WITH_TESTS=1
 
