@@ -1,0 +1,30 @@
+"""beit3-bench runs on CPU and reports consistent quantities (a harness check, not a timing test)."""
+
+import json
+
+from beit3.pretrain import bench
+
+
+def test_bench_writes_a_row_per_checkpointing_setting(tmp_path):
+    code = bench.main(["--model", "beit3_tiny_paper_patch16_64", "--images", "2", "--texts", "2",
+                       "--pairs", "2", "--text-len", "16", "--pair-text-len", "8", "--precision", "fp32",
+                       "--steps", "2", "--warmup", "1", "--grad-ckpt", "none", "all", "--device", "cpu",
+                       "--name", "smoke", "--results-dir", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    rows = json.loads((tmp_path / "smoke.json").read_text())
+    assert [r["grad_ckpt"] for r in rows] == ["none", "all"]
+    for r in rows:
+        assert r["step_time_s"] > 0 and r["mfu_pct"] is None  # no MFU without a known peak (CPU)
+        assert abs(r["tokens_per_s"] / r["samples_per_s"] - (17 + 16 + 25) / 3) < 1e-6
+    # checkpointing keeps only each layer's input for backward
+    assert rows[1]["activation_gib_per_sample"] < rows[0]["activation_gib_per_sample"]
+    assert "| beit3_tiny_paper_patch16_64 |" in (tmp_path / "smoke.md").read_text()
+
+
+def test_mfu_and_hfu_follow_the_peak_override(tmp_path):
+    bench.main(["--images", "1", "--texts", "1", "--pairs", "1", "--text-len", "8", "--pair-text-len", "8",
+                "--steps", "1", "--warmup", "0", "--device", "cpu", "--peak-flops", "1e12",
+                "--grad-ckpt", "all", "--name", "peak", "--results-dir", str(tmp_path)])  # fmt: skip
+    (row,) = json.loads((tmp_path / "peak.json").read_text())
+    assert abs(row["mfu_pct"] - 100 * row["achieved_tflops"] / 1.0) < 1e-6
+    assert abs(row["hfu_pct"] / row["mfu_pct"] - 4 / 3) < 1e-6  # recomputation adds one forward
