@@ -140,6 +140,9 @@ def test_tensorboard_tags_read_back_match_the_run(tmp_path, capsys):
     assert scalars["data/skipped/corrupt"][1][1] == (3 + 1) // 3
     assert scalars["optim/loss_scale"][0][1] == 1.0 and scalars["optim/skipped_steps"][1][1] == 0.0
     assert all(v > 0 for _, v in scalars["perf/samples_per_sec"] + scalars["optim/grad_norm"])
+    flops_per_sample = 6.0 * sum(p.numel() for p in ToyMultiwayTask().parameters())  # the toy's batch_stats
+    for (_, samples_per_sec), (_, mfu) in zip(scalars["perf/samples_per_sec"], scalars["perf/mfu_pct"]):
+        assert mfu == pytest.approx(100 * samples_per_sec * flops_per_sample / 1e9, rel=1e-5)
     groups = trainer.engine.optimizer.param_groups
     assert all(g["lr"] == pytest.approx(lr_at(3, 1e-2, 3, 4) * g["lr_scale"]) for g in groups)
     assert {g["lr_scale"] for g in groups} == {1.0, 0.5}
