@@ -194,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=ROOT / "runs/bench_finetune")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/finetune_small.md")
+    p.add_argument("--starts", default="", help="comma-separated subset of scratch,pretrained to run")
+    p.add_argument(
+        "--merge", type=Path, nargs="*", default=[], help="results .json of earlier runs to include"
+    )
     p.add_argument("--diagnose-only", action="store_true", help="only the frozen-checkpoint diagnostics")
     p.add_argument("--notes", type=Path, default=None, help="Markdown appended to the results (analysis)")
     args = p.parse_args(argv)
@@ -214,9 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         print(diagnose(args.pretrained, spm, args.model))
         return 0
     starts = ["scratch"] + (["pretrained"] if args.pretrained else [])
+    to_run = args.starts.split(",") if args.starts else starts
     results: dict = {}
-    for recipe in args.tasks.split(","):
-        for start in starts:
+    for earlier in args.merge:  # runs made by another invocation (e.g. in parallel), same settings
+        for recipe, by_start in json.loads(earlier.read_text()).items():
+            results.setdefault(recipe, {}).update(by_start)
+    for recipe in [t for t in args.tasks.split(",") if t]:  # --tasks "" with --merge: only the table
+        for start in to_run:
             r = run_one(recipe, start, args, spm, shapes)
             results.setdefault(recipe, {})[start] = r
             rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
