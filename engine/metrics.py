@@ -44,8 +44,12 @@ class MetricAccumulator:
     def add(self, metrics: dict[str, torch.Tensor | float]) -> None:
         """Add one micro-batch's metrics (tensors stay on the device: no host sync)."""
         for name, value in metrics.items():
-            value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
-            self._add(name, value.to(self.device).reshape(()), 1)
+            if torch.is_tensor(value):
+                value = value.detach().float().to(self.device)
+            else:
+                # A fill kernel, not torch.tensor(): a pageable host-to-device copy would sync the stream.
+                value = torch.full((), float(value), device=self.device)
+            self._add(name, value.reshape(()), 1)
 
     def _add(self, name: str, value: torch.Tensor, count: int) -> None:
         self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
@@ -66,19 +70,19 @@ class MetricAccumulator:
         """
         names = sorted(self.sums) if names is None else list(names)
         extra = dict(sorted((extra or {}).items()))
+        dtype = torch.float64 if self.device.type == "cpu" else torch.float32
         zero = torch.zeros((), device=self.device)
-        values = [self.sums.get(n, zero) for n in names]
-        values += [torch.tensor(float(self.counts.get(n, 0)), device=self.device) for n in names]
-        values += [torch.tensor(float(v), device=self.device) for v in extra.values()]
-        if not values:
+        host_numbers = [float(self.counts.get(n, 0)) for n in names] + [float(v) for v in extra.values()]
+        if not names and not host_numbers:
             return {}, {}
-        flat = torch.stack(values).double() if self.device.type == "cpu" else torch.stack(values)
+        sums = torch.stack([self.sums.get(n, zero) for n in names]) if names else zero.new_zeros(0)
+        # One host-to-device copy for the counts and host numbers (this step syncs anyway).
+        flat = torch.cat([sums.to(dtype), torch.tensor(host_numbers, dtype=dtype).to(self.device)])
         if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
             torch_dist.all_reduce(flat)
         host, n = flat.tolist(), len(names)
         means = {name: host[i] / host[n + i] for i, name in enumerate(names) if host[n + i] > 0}
-        sums = {k: host[2 * n + i] for i, k in enumerate(extra)}
-        return means, sums
+        return means, {k: host[2 * n + i] for i, k in enumerate(extra)}
 
 
 def format_console(step: int, total: int, scalars: dict[str, float]) -> str:

@@ -223,7 +223,7 @@ class Trainer:
             self.engine.backward(loss)
             if micro == self.gas - 1:
                 # The one host sync of the step: agree on skip and stop before the optimizer runs.
-                flags = torch.stack([nonfinite, torch.tensor(float(self._stop_signal != 0), device=device)])
+                flags = torch.stack([nonfinite, torch.full((), float(self._stop_signal != 0), device=device)])
                 if self.dist.world_size > 1:
                     torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
                 skip, stop = (bool(v > 0) for v in flags.tolist())
