@@ -2,5 +2,6 @@
 
 Import-light on purpose: importing ``beit3.engine`` loads neither DeepSpeed nor torch.distributed state.
 Modules: ``launch`` (process group), ``ds_config`` (DeepSpeed JSON), ``lr`` (schedules), ``task`` (the
-protocol a trained module follows), ``trainer`` (the loop), ``checkpoint``, ``consolidate``, ``metrics``.
+protocol a trained module follows), ``optim`` (AdamW and the step guard), ``trainer`` and ``trainer_config``
+(the loop and its settings), ``checkpoint``, ``consolidate``, ``metrics``, ``config_io`` (typed TOML recipes).
 """
