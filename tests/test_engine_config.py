@@ -191,3 +191,15 @@ def test_peak_flops_table_and_override():
 def test_console_line_shows_step_and_every_scalar():
     line = format_console(3, 10, {"loss/total": 2.345678, "optim/lr": 1e-4})
     assert line == "step 3/10 | loss/total 2.346 | optim/lr 0.0001"
+
+
+def test_engine_package_and_pure_modules_import_without_deepspeed():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, beit3.engine, beit3.engine.ds_config, beit3.engine.lr, beit3.engine.task;"
+        "assert 'deepspeed' not in sys.modules, sorted(m for m in sys.modules if m.startswith('deepspeed'))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
