@@ -184,25 +184,28 @@ def test_consolidated_checkpoint_matches_the_live_module(tmp_path, ds_name):
 
 
 class _SignalAt(ToyData):
-    """Sends this process SIGUSR1 while yielding batch ``at`` (a Slurm pre-emption warning)."""
+    """Sends this process ``sig`` while yielding batch ``at`` (a Slurm pre-emption warning or time limit)."""
 
-    def __init__(self, *args, at: int, **kwargs):
+    def __init__(self, *args, at: int, sig: int = signal.SIGUSR1, **kwargs):
         super().__init__(*args, **kwargs)
-        self.at = at
+        self.at, self.sig = at, sig
 
     def _batches(self):
         for batch in super()._batches():
             if batch["index"] == self.at:
-                os.kill(os.getpid(), signal.SIGUSR1)
+                os.kill(os.getpid(), self.sig)
             yield batch
 
 
-def test_sigusr1_saves_and_reports_preempted_then_resume_continues(tmp_path):
-    trainer = make_trainer(tmp_path, "zero0_fp32.json", 50, data_cls=_SignalAt, data_kwargs={"at": 3})
-    previous = signal.getsignal(signal.SIGUSR1)
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_preemption_signal_saves_and_reports_preempted_then_resume_continues(tmp_path, sig):
+    trainer = make_trainer(
+        tmp_path, "zero0_fp32.json", 50, data_cls=_SignalAt, data_kwargs={"at": 3, "sig": sig}
+    )
+    previous = signal.getsignal(sig)
     result = trainer.fit()
     assert (result.exit_reason, result.step, result.exit_code) == ("preempted", 4, EXIT_PREEMPTED)
-    assert signal.getsignal(signal.SIGUSR1) is previous  # handlers restored
+    assert signal.getsignal(sig) is previous  # handlers restored
     assert latest_checkpoint(tmp_path).name == "step00000004"
     resumed = make_trainer(tmp_path, "zero0_fp32.json", 6)
     assert (resumed.step, resumed.data.index) == (4, 4)
