@@ -133,6 +133,10 @@ class Trainer:
             self._data_counters = rank_state.get("data_counters", {})
             if rank_state.get("data") is not None and hasattr(self.data, "load_state_dict"):
                 self.data.load_state_dict(rank_state["data"])
+        elif self.step and hasattr(self.data, "start_at"):
+            # Another world size: per-rank data states cannot be mapped. A loader that can re-seed from the
+            # position continues with fresh streams instead of replaying its first batches.
+            self.data.start_at(self.step * self.gas)
         if self.dist.is_main:
             log.info("resumed from %s at step %d", tag_dir, self.step)
         return rank_state["rng"] if rank_state is not None else None

@@ -1,6 +1,7 @@
 """Specification of the Trainer on one in-process rank (gloo): accumulation, non-finite steps, checkpoints,
 TensorBoard tags, consolidation, preemption. Multi-rank behaviour: test_engine_multirank.py."""
 
+import json
 import os
 import signal
 
@@ -269,3 +270,29 @@ def test_init_distributed_is_idempotent():
 
     first = init_distributed()
     assert init_distributed() is first and (first.rank, first.world_size, first.device.type) == (0, 1, "cpu")
+
+
+class RepositionableData(ToyData):
+    """A toy stream that, like the pretraining loader, can re-seed from a position (``start_at``)."""
+
+    started_at: list[int] = []
+
+    def start_at(self, batches: int) -> None:
+        RepositionableData.started_at.append(batches)
+        self.index = 10_000 + batches  # a fresh region of the stream, not its first batches
+
+
+def test_resume_on_another_world_size_repositions_the_data_instead_of_replaying_it(tmp_path):
+    """Per-rank data states cannot be mapped to another world size: the loader continues at the position."""
+    out = tmp_path / "run"
+    first = make_trainer(out, "zero0_fp32.json", steps=3, data_cls=RepositionableData, save_every=3)
+    assert first.fit().exit_reason == "finished"
+    marker = out / "checkpoints" / "step00000003" / "complete.json"
+    state = json.loads(marker.read_text())
+    marker.write_text(
+        json.dumps({**state, "world_size": state["world_size"] + 1})
+    )  # as if written by 2 ranks
+    RepositionableData.started_at.clear()
+    second = make_trainer(out, "zero0_fp32.json", steps=4, data_cls=RepositionableData, resume="auto")
+    assert second.step == 3 and RepositionableData.started_at == [3]
+    assert second.fit().step == 4 and second.data.index == 10_000 + 3 + 1
