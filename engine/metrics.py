@@ -86,10 +86,21 @@ class MetricAccumulator:
 
 
 def format_console(step: int, total: int, scalars: dict[str, float]) -> str:
-    """One line: ``step 10/100 | loss/total 2.31 | optim/lr 1.2e-04 | ...``."""
+    """One line: ``step 10/100 | loss/total 2.31 | optim/lr 1.2e-04 | ... | data/skipped 3``.
+
+    Every scalar is shown except the data pipeline's per-kind counters (``data/...``), which TensorBoard
+    keeps: the console sums the ``data/skipped/*`` ones into one ``data/skipped`` total.
+    """
     parts = [f"step {step}/{total}"]
+    skipped = None
     for name, value in scalars.items():
+        if name.startswith("data/"):
+            if name.startswith("data/skipped/"):
+                skipped = (skipped or 0) + value
+            continue
         parts.append(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}")
+    if skipped is not None:
+        parts.append(f"data/skipped {skipped:g}")
     return " | ".join(parts)
 
 

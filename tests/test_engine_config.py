@@ -193,6 +193,12 @@ def test_console_line_shows_step_and_every_scalar():
     assert line == "step 3/10 | loss/total 2.346 | optim/lr 0.0001"
 
 
+def test_console_line_sums_the_data_skip_counters_into_one_total():
+    scalars = {"loss/total": 1.0, "data/skipped/image_decode": 2.0, "data/skipped/text_empty": 3.0,
+               "data/samples/image": 40.0}  # fmt: skip
+    assert format_console(5, 10, scalars) == "step 5/10 | loss/total 1 | data/skipped 5"
+
+
 def test_engine_package_and_pure_modules_import_without_deepspeed():
     import subprocess
     import sys
