@@ -35,6 +35,7 @@ class Multiway(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor, num_vision: int, use_vl: bool = False) -> torch.Tensor:
+        """Leading ``num_vision`` tokens through A, the rest through B; all through C when ``use_vl``."""
         if use_vl and self.C is not None:
             return self.C(x)
         if num_vision >= x.shape[1]:
