@@ -118,6 +118,7 @@ def diagnose(pretrained: Path, spm: Path, model_name: str) -> str:
     """What the pretrained checkpoint knows before finetuning, against the same model at random init.
 
     * frozen image features: nearest-class-centroid accuracy of mean-pooled patch features on digits;
+    * frozen text features: the same for ``<s>`` outputs on WordNet glosses, and their mean cosine;
     * masked-token prediction: accuracy of ``mlm_head`` on 15 % masked tokens of WordNet glosses and
       Tux Paint captions (the tasks' texts), with the checkpoint's own tokenizer.
     """
@@ -140,34 +141,60 @@ def diagnose(pretrained: Path, spm: Path, model_name: str) -> str:
     texts += [ex["text"] for ex in load_tuxpaint(8).train.examples][:400]
     ids, pad = tok.encode_batch(texts, 32)
     masked = mask_captions(ids, pad, 0.15, tok.mask_id, torch.Generator().manual_seed(0))
-    rows = ["| starting point | digits nearest-centroid acc (frozen) | masked-token acc on task texts |",
-            "|---|---|---|"]  # fmt: skip
+    glosses = load_wordnet(max_train=1000, max_eval=500)
+    rows = ["| starting point | digits centroid acc (frozen) | WordNet `<s>` centroid acc (frozen) "
+            "| mean cosine between `<s>` features | masked-token acc on task texts |",
+            "|---|---|---|---|---|"]  # fmt: skip
     with torch.no_grad():
         for name, model in models.items():
-            acc_img = _centroid_accuracy(model, digits)
+            acc_img = _centroid_accuracy(*_image_features(model, digits))
+            acc_gloss, cosine = _text_probe(model, tok, glosses)
             h = model(text=masked["text"], text_padding_mask=pad)
             logits = model.mlm_head(h[masked["masked"]])[:, : tok.vocab_size]
             acc_txt = (logits.argmax(-1) == masked["labels"][masked["masked"]]).float().mean().item()
-            rows.append(f"| {name} | {acc_img:.3f} | {acc_txt:.3f} |")
+            rows.append(f"| {name} | {acc_img:.3f} | {acc_gloss:.3f} | {cosine:.3f} | {acc_txt:.3f} |")
     return "\n".join(rows)
 
 
-def _centroid_accuracy(model, digits) -> float:
-    """Nearest-class-centroid accuracy (cosine) of frozen mean-pooled patch features."""
+def _text_probe(model, tok, data) -> tuple[float, float]:
+    """Centroid accuracy of frozen ``<s>`` features on WordNet glosses, and their mean pairwise cosine
+    (near 1: the features hardly depend on the input)."""
     import torch
     import torch.nn.functional as F
 
+    feats = []
+    for split in (data.train, data.eval):
+        ids, pad = tok.encode_batch([ex["text"] for ex in split.examples], 32)
+        labels = torch.tensor([ex["label"] for ex in split.examples])
+        feats += [model(text=ids, text_padding_mask=pad)[:, 0], labels]
+    unit = F.normalize(feats[2], dim=-1)
+    n = len(unit)
+    cosine = ((unit @ unit.t()).sum() - n) / (n * n - n)
+    return _centroid_accuracy(*feats), cosine.item()
+
+
+def _image_features(model, digits) -> tuple:
+    """Mean-pooled patch features and labels of the digits train and eval splits."""
+    import torch
+
     from beit3.finetune.data.batches import images_to_float
 
-    def features(split) -> torch.Tensor:
+    out = []
+    for split in (digits.train, digits.eval):
         x = images_to_float(split.images)
-        return torch.cat([model(image=x[i : i + 256])[:, 1:].mean(1) for i in range(0, len(x), 256)])
+        out.append(torch.cat([model(image=x[i : i + 256])[:, 1:].mean(1) for i in range(0, len(x), 256)]))
+        out.append(torch.tensor([ex["label"] for ex in split.examples]))
+    return tuple(out)
 
-    train_y = torch.tensor([ex["label"] for ex in digits.train.examples])
-    eval_y = torch.tensor([ex["label"] for ex in digits.eval.examples])
-    train_f = features(digits.train)
-    centroids = F.normalize(torch.stack([train_f[train_y == c].mean(0) for c in range(10)]), dim=-1)
-    pred = (F.normalize(features(digits.eval), dim=-1) @ centroids.t()).argmax(-1)
+
+def _centroid_accuracy(train_f, train_y, eval_f, eval_y) -> float:
+    """Nearest-class-centroid accuracy (cosine) of frozen features."""
+    import torch
+    import torch.nn.functional as F
+
+    classes = int(train_y.max()) + 1
+    centroids = F.normalize(torch.stack([train_f[train_y == c].mean(0) for c in range(classes)]), dim=-1)
+    pred = (F.normalize(eval_f, dim=-1) @ centroids.t()).argmax(-1)
     return (pred == eval_y).float().mean().item()
 
 
