@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import ToyMultiwayTask, read_loss_rows, read_losses
+from engine_helpers import DS_CONFIGS, ToyMultiwayTask, read_loss_rows, read_losses
 
 from beit3.engine.checkpoint import latest_checkpoint
 from beit3.engine.consolidate import consolidate_checkpoint, verify_against_module
@@ -25,7 +25,13 @@ HELPER = str(Path(__file__).with_name("engine_helpers.py"))
 STEPS, SAVE_EVERY, KILL_AT_BATCH = 8, 3, 7  # killed in step 8, after the checkpoint of step 6
 FP32_STAGES = {"z1": 1, "z2": 2}
 BF16 = {"z3_bf16": "zero3_bf16.json", "z2_bf16": "zero2_bf16.json", "z1_bf16": "zero1_bf16.json"}
-SMALL_BATCH = {"train_batch_size": None, "train_micro_batch_size_per_gpu": 2}
+# bf16 runs use the fp32 reference's micro-batch so that their trajectories are comparable
+SMALL_BATCH = {
+    "train_batch_size": None,
+    "train_micro_batch_size_per_gpu": json.loads((DS_CONFIGS / "zero0_fp32.json").read_text())[
+        "train_micro_batch_size_per_gpu"
+    ],
+}
 
 
 def _free_port() -> int:

@@ -127,3 +127,12 @@ def test_every_shipped_recipe_parses(recipe):
 
     r = load_recipe(recipe)
     assert r.train.total_steps > 0
+
+
+@pytest.mark.parametrize("ds", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_deepspeed_config_splits_into_images_texts_and_pairs(ds):
+    from beit3.pretrain.recipe import PretrainRecipe, micro_batch_split
+
+    micro = json.loads(ds.read_text())["train_micro_batch_size_per_gpu"]
+    split = micro_batch_split(PretrainRecipe(), micro)
+    assert split["images"] == split["texts"] == split["pairs"] == micro // 3
