@@ -67,7 +67,7 @@ def run_one(recipe: str, start: str, args, spm: Path, shapes: dict) -> dict:
            "--set", f"data.tokenizer={spm}", "--set", f"model.name={args.model}"]  # fmt: skip
     if shapes:
         cmd += ["--set", "model.overrides={" + ", ".join(f"{k} = {v}" for k, v in shapes.items()) + "}"]
-    if start == "pretrained":
+    if start != "scratch":
         cmd += ["--set", f"model.pretrained={args.pretrained}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     t0 = time.perf_counter()
@@ -114,7 +114,7 @@ def format_table(results: dict, starts: list[str]) -> str:
     return "\n".join(rows)
 
 
-def diagnose(pretrained: Path, spm: Path, model_name: str) -> str:
+def diagnose(checkpoints: dict[str, Path], spm: Path, model_name: str) -> str:
     """What the pretrained checkpoint knows before finetuning, against the same model at random init.
 
     * frozen image features: nearest-class-centroid accuracy of mean-pooled patch features on digits;
@@ -130,12 +130,13 @@ def diagnose(pretrained: Path, spm: Path, model_name: str) -> str:
     from beit3.model import build_model, load_checkpoint
     from beit3.tokenizers.text import TextTokenizer
 
-    shapes = checkpoint_overrides(pretrained)
+    shapes = checkpoint_overrides(next(iter(checkpoints.values())))
     torch.manual_seed(0)
     models = {"random init": build_model(model_name, **shapes).eval()}
-    models["pretrained"] = build_model(model_name, **shapes).eval()
-    load_checkpoint(models["pretrained"], pretrained)
-    digits = load_digits_data(models["pretrained"].cfg.img_size, max_train=1000, max_eval=300)
+    for label, path in checkpoints.items():
+        models[label] = build_model(model_name, **shapes).eval()
+        load_checkpoint(models[label], path)
+    digits = load_digits_data(models["random init"].cfg.img_size, max_train=1000, max_eval=300)
     tok = TextTokenizer(spm)
     texts = [ex["text"] for ex in load_wordnet(max_train=400).train.examples]
     texts += [ex["text"] for ex in load_tuxpaint(8).train.examples][:400]
@@ -225,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--merge", type=Path, nargs="*", default=[], help="results .json of earlier runs to include"
     )
+    p.add_argument("--pretrained-label", default="pretrained", help="column name of the pretrained runs")
+    p.add_argument("--also", action="append", default=[], metavar="LABEL=PATH",
+                   help="another checkpoint (same tokenizer) for the diagnostics table")  # fmt: skip
     p.add_argument("--diagnose-only", action="store_true", help="only the frozen-checkpoint diagnostics")
     p.add_argument("--notes", type=Path, default=None, help="Markdown appended to the results (analysis)")
     args = p.parse_args(argv)
@@ -241,10 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         from beit3.tokenizers.text import TextTokenizer
 
         shapes = {"vocab_size": TextTokenizer(spm).vocab_size}
+    checkpoints = {args.pretrained_label: args.pretrained} if args.pretrained else {}
+    checkpoints.update({k: Path(v) for k, v in (item.split("=", 1) for item in args.also)})
     if args.diagnose_only:
-        print(diagnose(args.pretrained, spm, args.model))
+        print(diagnose(checkpoints, spm, args.model))
         return 0
-    starts = ["scratch"] + (["pretrained"] if args.pretrained else [])
+    starts = ["scratch"] + ([args.pretrained_label] if args.pretrained else [])
     to_run = args.starts.split(",") if args.starts else starts
     results: dict = {}
     for earlier in args.merge:  # runs made by another invocation (e.g. in parallel), same settings
@@ -256,10 +262,11 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault(recipe, {})[start] = r
             rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
             print(f"{recipe:26s} {start:10s} {json.dumps(rounded)}", flush=True)
-    table = format_table(results, starts)
+    starts += [s for r in results.values() for s in r if s not in starts]  # merged columns
+    table = format_table(results, list(dict.fromkeys(starts)))
     if args.pretrained is not None:
         table += "\n\nBefore finetuning (frozen checkpoint vs. the same model at random init):\n\n"
-        table += diagnose(args.pretrained, spm, args.model)
+        table += diagnose(checkpoints, spm, args.model)
     print(table)
     text = (
         f"# Finetuning the small demo model on offline tasks\n\n{environment()}\n"
