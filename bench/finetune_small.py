@@ -67,6 +67,8 @@ def run_one(recipe: str, start: str, args, spm: Path, shapes: dict) -> dict:
            "--set", f"data.tokenizer={spm}", "--set", f"model.name={args.model}"]  # fmt: skip
     if shapes:
         cmd += ["--set", "model.overrides={" + ", ".join(f"{k} = {v}" for k, v in shapes.items()) + "}"]
+    for item in args.set:
+        cmd += ["--set", item]
     if start != "scratch":
         cmd += ["--set", f"model.pretrained={args.pretrained}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--merge", type=Path, nargs="*", default=[], help="results .json of earlier runs to include"
     )
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="recipe override passed to every run (ablations)")  # fmt: skip
     p.add_argument("--pretrained-label", default="pretrained", help="column name of the pretrained runs")
     p.add_argument("--also", action="append", default=[], metavar="LABEL=PATH",
                    help="another checkpoint (same tokenizer) for the diagnostics table")  # fmt: skip
