@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from beit3.engine.ds_config import EngineConfigError
 from beit3.engine.lr import SCHEDULES
@@ -38,6 +40,17 @@ class TrainerConfig:
     eval_every: int = 0
     handle_signals: bool = True
     shutdown_at_end: bool = True  # barrier + destroy_process_group when fit() returns
+
+    @classmethod
+    def from_section(cls, section: Any, **fields: Any) -> TrainerConfig:
+        """Build from a recipe's ``[train]`` dataclass: every field the two share by name is copied, the
+        section's own extras (e.g. finetuning's ``layer_decay``) are left to its program, and ``fields``
+        (``output_dir``, ``resume``, ``run_info``, ...) are set directly."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        shared = {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in own}
+        if "betas" in shared:
+            shared["betas"] = tuple(shared["betas"])
+        return cls(**{**shared, **fields})
 
     def validate(self) -> None:
         """Raise EngineConfigError naming the field to fix."""

@@ -119,26 +119,10 @@ def build_task(recipe: PretrainRecipe, device):
 
 
 def trainer_config(recipe: PretrainRecipe, args, ds_config: dict) -> TrainerConfig:
-    t = recipe.train
-    return TrainerConfig(
-        output_dir=args.output_dir,
-        total_steps=t.total_steps,
-        log_every=t.log_every,
-        save_every=t.save_every,
-        keep_last=t.keep_last,
-        resume=args.resume,
-        seed=t.seed,
-        lr=t.lr,
-        min_lr=t.min_lr,
-        warmup_steps=t.warmup_steps,
-        schedule=t.schedule,
-        weight_decay=t.weight_decay,
-        betas=tuple(t.betas),
-        eps=t.eps,
-        optimizer=t.optimizer,
-        max_nonfinite_in_row=t.max_nonfinite_in_row,
-        tensorboard=t.tensorboard,
-        run_info={"recipe": to_dict(recipe), "command": sys.argv, "ds_config": ds_config},
+    """The engine's settings: the recipe's [train] section plus the run directory and what to record."""
+    run_info = {"recipe": to_dict(recipe), "command": sys.argv, "ds_config": ds_config}
+    return TrainerConfig.from_section(
+        recipe.train, output_dir=args.output_dir, resume=args.resume, run_info=run_info
     )
 
 

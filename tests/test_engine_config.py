@@ -209,3 +209,26 @@ def test_engine_package_and_pure_modules_import_without_deepspeed():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_trainer_config_from_a_recipe_section_copies_shared_fields_only():
+    import dataclasses
+
+    from beit3.engine.trainer_config import TrainerConfig
+
+    @dataclasses.dataclass
+    class Section:
+        total_steps: int = 7
+        lr: float = 3e-4
+        betas: list = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+        layer_decay: float = 0.65  # the program's own concern, not the engine's
+
+    cfg = TrainerConfig.from_section(Section(), output_dir="out", resume="none")
+    assert (cfg.total_steps, cfg.lr, cfg.betas, cfg.output_dir, cfg.resume) == (
+        7,
+        3e-4,
+        (0.9, 0.95),
+        "out",
+        "none",
+    )
+    assert not hasattr(cfg, "layer_decay")

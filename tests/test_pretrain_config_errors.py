@@ -136,3 +136,13 @@ def test_every_shipped_deepspeed_config_splits_into_images_texts_and_pairs(ds):
     micro = json.loads(ds.read_text())["train_micro_batch_size_per_gpu"]
     split = micro_batch_split(PretrainRecipe(), micro)
     assert split["images"] == split["texts"] == split["pairs"] == micro // 3
+
+
+def test_every_train_setting_of_the_recipe_reaches_the_engine():
+    import dataclasses
+
+    from beit3.engine.trainer_config import TrainerConfig
+    from beit3.pretrain.recipe import TrainSection
+
+    engine_fields = {f.name for f in dataclasses.fields(TrainerConfig)}
+    assert {f.name for f in dataclasses.fields(TrainSection)} <= engine_fields
