@@ -119,3 +119,15 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(assets, tmp_pat
     resumed = scalars(killed, "loss/total")
     for step in (5, 6):
         assert resumed[step] == expected[step], (step, resumed[step], expected[step])
+
+
+def test_runs_under_the_deepspeed_launcher(assets, tmp_path):
+    """`deepspeed --module beit3.pretrain.train` (it passes --local_rank) trains on 2 CPU ranks."""
+    out = tmp_path / "run"
+    cmd = command(assets, out, 2)
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                "--master_port", "29731", "--module", "beit3.pretrain.train"]  # fmt: skip
+    args = cmd[cmd.index("beit3.pretrain.train") + 1 :]
+    proc = subprocess.run(launcher + args, env=env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(scalars(out, "loss/total")) == [1, 2]
