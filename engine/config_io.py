@@ -43,6 +43,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def dotted_overrides(items: list[str]) -> dict[str, Any]:
+    """``["zero_optimization.stage=2"]`` -> ``{"zero_optimization.stage": 2}`` (for ``--ds-set``)."""
+    return {".".join(keys): value for keys, value in (parse_override(i) for i in items)}
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Set dotted keys in a nested dict (copying the dicts it changes)."""
     data = _deepcopy_dicts(data)

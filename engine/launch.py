@@ -65,6 +65,23 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
+def add_run_args(parser: argparse.ArgumentParser, config_help: str) -> argparse.ArgumentParser:
+    """The options every training program shares: recipe, DeepSpeed JSON, run directory, resume, overrides,
+    and the launcher's ``--local_rank``."""
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--ds-config", required=True,
+                        help="DeepSpeed JSON (ds_configs/*.json); batch sizes live there")  # fmt: skip
+    parser.add_argument("--output-dir", required=True,
+                        help="run directory: config.json, checkpoints/, tensorboard/")  # fmt: skip
+    parser.add_argument("--resume", default="auto",
+                        help="'auto' (latest checkpoint if any), 'none', or a checkpoint dir")  # fmt: skip
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a recipe value, e.g. --set train.lr=5e-4 (repeatable)")  # fmt: skip
+    parser.add_argument("--ds-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a DeepSpeed value, e.g. zero_optimization.stage=2")  # fmt: skip
+    return add_launcher_args(parser)
+
+
 def slurm_master_port(job_id: str | int, base: int = 20000, span: int = 20000) -> int:
     """A rendezvous port derived from the job id, so that two jobs sharing a node do not collide."""
     return base + int(job_id) % span

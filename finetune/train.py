@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch.distributed as torch_dist
 
-from beit3.engine.config_io import ConfigError, parse_override, to_dict
+from beit3.engine.config_io import ConfigError, dotted_overrides, to_dict
 from beit3.engine.ds_config import EngineConfigError, load_ds_config
-from beit3.engine.launch import add_launcher_args, init_distributed, shutdown_distributed
+from beit3.engine.launch import add_run_args, init_distributed, shutdown_distributed
 from beit3.finetune.builder import build_task
 from beit3.finetune.data.batches import BatchLoader, Collator, tokenize_split
 from beit3.finetune.data.build import load_task_data
@@ -47,22 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    p.add_argument("--config", required=True, help="recipe TOML (finetune/recipes/*.toml) or a recipe name")
+    add_run_args(p, config_help="recipe TOML (finetune/recipes/*.toml) or a recipe name")
     p.add_argument("--task", default=None, help="task name; overrides task.name of the recipe")
-    p.add_argument(
-        "--ds-config", required=True, help="DeepSpeed JSON (ds_configs/*.json); batch sizes live there"
-    )
-    p.add_argument("--output-dir", required=True, help="run directory")
-    p.add_argument(
-        "--resume", default="auto", help="'auto' (latest checkpoint if any), 'none', or a checkpoint dir"
-    )
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe value, e.g. --set train.lr=5e-4 (repeatable)")  # fmt: skip
-    p.add_argument("--ds-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a DeepSpeed value, e.g. --ds-set zero_optimization.stage=2")  # fmt: skip
     p.add_argument("--eval-only", metavar="CHECKPOINT", default=None,
                    help="evaluate a finetuned model.pth (released format) instead of training")  # fmt: skip
-    add_launcher_args(p)
     return p
 
 
@@ -72,17 +60,13 @@ def _decoding(recipe: FinetuneRecipe) -> BeamSearchConfig:
 
 
 def trainer_config(recipe: FinetuneRecipe, args, ds_config: dict):
-    """The engine's TrainerConfig from the recipe's [train] section."""
+    """The engine's TrainerConfig from the recipe's [train] section (layer decay and head scale stay here)."""
     from beit3.engine.trainer import TrainerConfig
 
-    t = recipe.train
-    return TrainerConfig(
-        output_dir=args.output_dir, total_steps=t.total_steps, log_every=t.log_every, save_every=t.save_every,
-        keep_last=t.keep_last, resume=args.resume, seed=t.seed, lr=t.lr, min_lr=t.min_lr,
-        warmup_steps=t.warmup_steps, schedule=t.schedule, weight_decay=t.weight_decay, betas=tuple(t.betas),
-        eps=t.eps, tensorboard=t.tensorboard, eval_every=t.eval_every,
+    run_info = {"recipe": to_dict(recipe), "command": sys.argv, "ds_config": ds_config}
+    return TrainerConfig.from_section(
+        recipe.train, output_dir=args.output_dir, resume=args.resume, run_info=run_info,
         shutdown_at_end=False,  # the final evaluation and the export still need the process group
-        run_info={"recipe": to_dict(recipe), "command": sys.argv, "ds_config": ds_config},
     )  # fmt: skip
 
 
@@ -118,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = list(args.set) + ([f"task.name={args.task}"] if args.task else [])
         recipe = load_recipe(args.config, overrides)
-        ds_overrides = {".".join(k): v for k, v in (parse_override(i) for i in args.ds_set)}
-        ds_config = load_ds_config(args.ds_config, dist.world_size, ds_overrides)
+        ds_config = load_ds_config(args.ds_config, dist.world_size, dotted_overrides(args.ds_set))
         tokenizer, data, task = prepare(recipe)
     except (ConfigError, EngineConfigError, DataSourceError, CheckpointError) as e:
         if dist.rank == 0:

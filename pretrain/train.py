@@ -17,9 +17,9 @@ import logging
 import sys
 from pathlib import Path
 
-from beit3.engine.config_io import ConfigError, to_dict
+from beit3.engine.config_io import ConfigError, dotted_overrides, to_dict
 from beit3.engine.ds_config import EngineConfigError, load_ds_config
-from beit3.engine.launch import add_launcher_args, init_distributed
+from beit3.engine.launch import add_run_args, init_distributed
 from beit3.engine.trainer import Trainer, TrainerConfig, seed_everything
 from beit3.pretrain.data import DataConfigError, build_pretrain_loader
 from beit3.pretrain.recipe import PretrainRecipe, grad_checkpoint_layers, load_recipe, validate
@@ -39,44 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    p.add_argument("--config", required=True, help="recipe TOML (pretrain/recipes/*.toml)")
-    p.add_argument(
-        "--ds-config", required=True, help="DeepSpeed JSON (ds_configs/*.json); batch sizes live there"
-    )
-    p.add_argument(
-        "--output-dir", required=True, help="run directory: checkpoints/, tensorboard/, config.json"
-    )
-    p.add_argument(
-        "--resume", default="auto", help="'auto' (latest checkpoint if any), 'none', or a checkpoint dir"
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a recipe value, e.g. --set train.lr=5e-4 (repeatable)",
-    )
-    p.add_argument(
-        "--ds-set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a DeepSpeed value, e.g. --ds-set zero_optimization.stage=2 (repeatable)",
-    )
-    p.add_argument(
-        "--export",
-        metavar="PATH",
-        default=None,
-        help="after a finished run, write the consolidated released-format checkpoint to PATH",
-    )
-    add_launcher_args(p)
+    add_run_args(p, config_help="recipe TOML (pretrain/recipes/*.toml)")
+    p.add_argument("--export", metavar="PATH", default=None,
+                   help="after a finished run, write the verified released-format checkpoint")  # fmt: skip
     return p
-
-
-def _parse_ds_overrides(items: list[str]) -> dict:
-    from beit3.engine.config_io import parse_override
-
-    return {".".join(keys): value for keys, value in (parse_override(i) for i in items)}
 
 
 def build_task(recipe: PretrainRecipe, device):
@@ -132,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     dist = init_distributed(args.local_rank)
     try:
         recipe = load_recipe(args.config, args.set)
-        ds_config = load_ds_config(args.ds_config, dist.world_size, _parse_ds_overrides(args.ds_set))
+        ds_config = load_ds_config(args.ds_config, dist.world_size, dotted_overrides(args.ds_set))
         split = validate(recipe, ds_config)
         seed_everything(recipe.train.seed)  # the same initial weights on every rank and every run
         task, text_tok = build_task(recipe, dist.device)
