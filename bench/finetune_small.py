@@ -1,6 +1,6 @@
 """Finetune the small demo model on five real offline tasks, from scratch and from a pretrained checkpoint.
 
-Tasks (reference offline-data.md; install them first):
+Tasks (reference offline-data.md; install them first with `bash scripts/install.sh --bench`):
 
 =====================  ==========================================  ============================
 recipe                 data                                        metric
