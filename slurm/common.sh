@@ -64,6 +64,9 @@ beit3_rendezvous() {
   : "${BEIT3_MASTER_PORT:=$((20000 + (SLURM_JOB_ID * 13 + ${SLURM_RESTART_COUNT:-0}) % 20000))}"
   MASTER_PORT=$BEIT3_MASTER_PORT
   export MASTER_ADDR MASTER_PORT
+  # Rank variables inherited from the submitting shell (sbatch exports its environment) would override
+  # SLURM_PROCID in every task: all ranks would claim rank 0. Each task's rank comes from Slurm.
+  unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK
   # One OpenMP thread per CPU Slurm gave the task, unless the environment chose already.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
   # On NCCL, a rank that dies makes the others raise after the timeout instead of hanging forever.
