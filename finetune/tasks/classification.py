@@ -17,48 +17,12 @@ from beit3.model import BEiT3Model
 HEAD_INIT_SCALE = 0.001  # released classification heads start near zero
 
 
-class ImageClassification(TaskModule):
-    """Mean of the patch tokens (CLS excluded) -> ``fc_norm`` -> ``head``, keys as released.
+class _PooledClassifier(TaskModule):
+    """A pooled encoder feature -> ``fc_norm`` -> ``head`` (keys as released), cross-entropy loss.
 
-    Build the encoder with ``configuration="vision", normalize_output=False`` (as released).
+    Subclasses say which configuration they run on and how they pool (:meth:`features`).
     """
 
-    configuration = "vision"
-    head_prefixes = ("head", "fc_norm")
-
-    def __init__(
-        self,
-        encoder: BEiT3Model,
-        num_classes: int,
-        label_smoothing: float = 0.1,
-        optim: OptimSettings | None = None,
-    ) -> None:
-        super().__init__(encoder, optim)
-        d = self.cfg.embed_dim
-        self.label_smoothing = label_smoothing
-        self.fc_norm = nn.LayerNorm(d, eps=self.cfg.layernorm_eps)
-        self.head = nn.Linear(d, num_classes)
-        init_head(self.fc_norm)
-        init_head(self.head, HEAD_INIT_SCALE)
-
-    def logits(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, num_classes) class scores."""
-        x = self.beit3(image=image)  # (B, 1 + Np, D)
-        return self.head(self.fc_norm(x[:, 1:].mean(dim=1)))
-
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits = self.logits(batch["image"])
-        loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
-        return loss, {"loss/cls": loss.detach(), "acc/top1": accuracy(logits, batch["label"])}
-
-
-class TextClassification(TaskModule):
-    """The ``<s>`` token's output (the language "CLS") -> ``fc_norm`` -> ``head``.
-
-    Build the encoder with ``configuration="language", normalize_output=False``.
-    """
-
-    configuration = "language"
     head_prefixes = ("head", "fc_norm")
 
     def __init__(
@@ -76,15 +40,51 @@ class TextClassification(TaskModule):
         init_head(self.fc_norm)
         init_head(self.head, HEAD_INIT_SCALE)
 
-    def logits(self, text: torch.Tensor, text_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, num_classes) class scores."""
-        x = self.beit3(text=text, text_padding_mask=text_padding_mask)  # (B, T, D)
-        return self.head(self.fc_norm(x[:, 0]))
+    def features(self, batch: dict) -> torch.Tensor:
+        """(B, D) pooled encoder output of a batch."""
+        raise NotImplementedError
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits = self.logits(batch["text"], batch.get("text_padding_mask"))
+        logits = self.head(self.fc_norm(self.features(batch)))
         loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
         return loss, {"loss/cls": loss.detach(), "acc/top1": accuracy(logits, batch["label"])}
+
+
+class ImageClassification(_PooledClassifier):
+    """Mean of the patch tokens (CLS excluded) -> ``fc_norm`` -> ``head``, keys as released.
+
+    Build the encoder with ``configuration="vision", normalize_output=False`` (as released).
+    """
+
+    configuration = "vision"
+
+    def __init__(self, encoder: BEiT3Model, num_classes: int, label_smoothing: float = 0.1,
+                 optim: OptimSettings | None = None) -> None:  # fmt: skip
+        super().__init__(encoder, num_classes, label_smoothing, optim)
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, num_classes) class scores."""
+        return self.head(self.fc_norm(self.features({"image": image})))
+
+    def features(self, batch: dict) -> torch.Tensor:
+        return self.beit3(image=batch["image"])[:, 1:].mean(dim=1)  # (B, 1 + Np, D) -> (B, D)
+
+
+class TextClassification(_PooledClassifier):
+    """The ``<s>`` token's output (the language "CLS") -> ``fc_norm`` -> ``head``.
+
+    Build the encoder with ``configuration="language", normalize_output=False``.
+    """
+
+    configuration = "language"
+
+    def logits(self, text: torch.Tensor, text_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, num_classes) class scores."""
+        return self.head(self.fc_norm(self.features({"text": text, "text_padding_mask": text_padding_mask})))
+
+    def features(self, batch: dict) -> torch.Tensor:
+        x = self.beit3(text=batch["text"], text_padding_mask=batch.get("text_padding_mask"))  # (B, T, D)
+        return x[:, 0]
 
 
 class PromptClassification(nn.Module):
