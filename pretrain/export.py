@@ -44,7 +44,7 @@ def model_from_run(run_dir: Path):
     if not path.is_file():
         raise ExportError(f"{path} is missing: is {run_dir} a beit3-pretrain run directory?")
     info = json.loads(path.read_text())
-    recipe = info.get("run_info", info).get("recipe")
+    recipe = info.get("recipe")  # the engine writes the run_info it was given at the top level
     if recipe is None:
         raise ExportError(f"{path} holds no recipe")
     m = recipe["model"]
