@@ -229,3 +229,44 @@ def test_a_stream_with_nothing_readable_fails_loudly_instead_of_hanging(tmp_path
     cfg = single_pass_cfg(tmp_path, image_shards=[bad], max_consecutive_skips=5)
     with pytest.raises(DataStreamError, match="bad samples in a row"):
         next(iter(build_pretrain_loader(cfg, tok, 1, 0, 0)))
+
+
+def test_no_exception_from_decoding_one_sample_escapes_it(tmp_path, tok, caplog):
+    """Defect 7: a deeply nested json member raised RecursionError through the decoder and ended the job."""
+    good = encode_image(uniform((0, 0, 255)))
+    pairs = [
+        {"jpg": good, "txt": b"blue"},
+        {"jpg": good, "json": b"[" * 100_000 + b"]" * 100_000},  # RecursionError in json.loads
+        {"jpg": good, "json": b'{"caption": ' + b"7" * 5000 + b"}"},  # int above Python's digit limit
+        {"jpg": good, "json": b'{"caption": "caf\xe9"}'},  # not UTF-8
+        {"jpg": good, "json": b'{"caption": "\\ud800"}'},  # a lone surrogate: no UTF-8 form
+        {"jpg": good, "json": b'["a caption, but in a list"]'},
+        {"jpg": good, "json": b'{"caption": 42}'},
+        {"jpg": good, "txt": b"red"},
+    ]
+    cfg = single_pass_cfg(tmp_path, pair_shards=[write(tmp_path / "p", pairs)], return_keys=True)
+    with caplog.at_level("DEBUG", logger="beit3.pretrain.data.loader"):
+        batch = next(iter(build_pretrain_loader(cfg, tok, 0, 0, 2)))
+    stats = batch["stats"]
+    assert batch["pair"]["keys"] == ["s000", "s007"]
+    assert stats["skipped/json_decode"] == 3 and stats["skipped/text_decode"] == 1
+    assert stats["skipped/missing_field"] == 2
+    assert any("s001" in r.getMessage() and "bad-000000.tar" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unexpected_error_on_one_sample_is_counted_as_sample_error(tmp_path, tok, monkeypatch):
+    from beit3.pretrain.data.samples import SampleProcessor
+
+    original = SampleProcessor.text
+
+    def flaky(self, raw, rng):
+        if raw.key == "s001":
+            raise ZeroDivisionError("a library bug on odd bytes")
+        return original(self, raw, rng)
+
+    monkeypatch.setattr(SampleProcessor, "text", flaky)
+    texts = [{"txt": b"the cat"}, {"txt": b"a dog"}, {"txt": b"a bird"}]
+    cfg = single_pass_cfg(tmp_path, text_shards=[write(tmp_path / "t", texts)], return_keys=True)
+    batch = next(iter(build_pretrain_loader(cfg, tok, 0, 2, 0)))
+    assert batch["text"]["keys"] == ["s000", "s002"]
+    assert batch["stats"]["skipped/sample_error"] == 1

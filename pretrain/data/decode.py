@@ -20,9 +20,11 @@ SKIP_KINDS = (
     "image_decode",  # not an image, truncated, or a mode that cannot become RGB
     "image_too_large",  # above max_image_pixels even at the smallest JPEG draft scale (or PIL's bomb guard)
     "text_empty",  # empty or whitespace-only text
-    "text_decode",  # text that is not UTF-8
+    "text_decode",  # text that is not UTF-8 (or a json caption that cannot be UTF-8)
+    "json_decode",  # a json member needed for the caption that is not JSON (invalid, not UTF-8, too deep)
     "missing_field",  # a sample without the image or the text field its stream needs
     "tar_read",  # a shard that could not be read to its end (truncated or damaged tar): counted per event
+    "sample_error",  # any other exception raised while one sample was decoded or transformed
 )
 
 
@@ -132,8 +134,11 @@ def text_field(fields: dict[str, bytes]) -> bytes:
     if "json" in fields:
         try:
             meta = json.loads(fields["json"])
-        except ValueError:
-            meta = None
+        except (ValueError, RecursionError) as e:  # invalid, not UTF-8, a huge int, or nested too deeply
+            raise SkipSample("json_decode", f"{type(e).__name__}: {str(e)[:80]}") from None
         if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
-            return meta["caption"].encode("utf-8")
+            try:
+                return meta["caption"].encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate escaped in the JSON ("\ud800")
+                raise SkipSample("text_decode", str(e)) from None
     raise SkipSample("missing_field", f"no text field among {sorted(fields)}")

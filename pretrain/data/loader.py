@@ -78,14 +78,17 @@ class BatchProducer:
             self.attempts[stream] += 1
             try:
                 out = fn(raw, rng)
-            except SkipSample as e:
-                self.stats[f"skipped/{e.kind}"] += 1
-                log.debug("%s: skipped %s in %s (%s)", stream, raw.key, raw.url, e)
+            except Exception as e:
+                # SkipSample names its kind; anything else (RecursionError from a deeply nested member, a
+                # library bug on odd bytes, a MemoryError from one huge field) is still about this one sample.
+                kind = e.kind if isinstance(e, SkipSample) else "sample_error"
+                self.stats[f"skipped/{kind}"] += 1
+                log.debug("%s: skipped %s in %s (%s: %r)", stream, raw.key, raw.url, kind, e)
                 skipped += 1
                 if skipped > self.cfg.max_consecutive_skips:
                     raise DataStreamError(
-                        f"{stream}: {skipped} bad samples in a row (last: {e} in {raw.url}); skip counts "
-                        f"{ {k: v for k, v in self.stats.items() if v} }: fix the shards or the config"
+                        f"{stream}: {skipped} bad samples in a row (last: {kind} {e!r} in {raw.url}); skip "
+                        f"counts { {k: v for k, v in self.stats.items() if v} }: fix the shards or the config"
                     ) from None
                 continue
             self.stats[f"samples/{stream}"] += 1
