@@ -27,7 +27,6 @@ from beit3.engine.checkpoint import (
     CheckpointManager,
     atomic_write_bytes,
     capture_rng,
-    resolve_resume,
     restore_rng,
 )
 from beit3.engine.ds_config import precision_of
@@ -69,6 +68,11 @@ class Trainer:
         cfg.validate()
         self.task, self.data, self.cfg, self.dist, self.eval_fn = task, data, cfg, dist, eval_fn
         self.ds_config = ds_config
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        self.ckpt = CheckpointManager(cfg.output_dir, dist.rank, dist.world_size, cfg.keep_last)
+        # Chosen before the engine exists: verified, agreed across ranks (docs/reliability.md).
+        self.ckpt.clean_incomplete()
+        self.resume_dir = self.ckpt.select(cfg.resume, cfg.output_dir)
         seed_everything(cfg.seed + dist.rank)
         task.to(dist.device)  # before the optimizer: torch's fused AdamW wants its parameters on the GPU
         optimizer = build_optimizer(
@@ -96,20 +100,19 @@ class Trainer:
         # DeepSpeed computes no gradient norm for plain fp32 without ZeRO: the trainer does, at log steps.
         self._own_grad_norm = self.engine.zero_optimization_stage() == 0 and precision_of(ds_config) == "fp32"
         self._grad_norm: torch.Tensor | None = None
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        self.ckpt = CheckpointManager(cfg.output_dir, dist.rank, dist.world_size, cfg.keep_last)
         self.step, self.skipped_steps, self.nonfinite_in_row, self.last_saved = 0, 0, 0, -1
         self.peak_flops = device_peak_flops(dist.device, cfg.peak_flops)
         self._stop_signal = 0
         self._data_counters: dict[str, float] = {}
         rng_state = self._resume()
-        # purge_step: TensorBoard hides events an interrupted run wrote after the step resumed from.
+        # purge_step: TensorBoard hides the events an interrupted run wrote after the checkpoint's step (the
+        # checkpoint's own step was logged before it was saved, so it stays).
         self.writer = MetricsWriter(
             Path(cfg.output_dir) / "tensorboard",
             enabled=dist.is_main,
             tensorboard=cfg.tensorboard,
             total_steps=cfg.total_steps,
-            purge_step=self.step or None,
+            purge_step=self.step + 1 if self.step else None,
         )
         self._iter = iter(self.data)
         if rng_state is not None:
@@ -121,8 +124,7 @@ class Trainer:
     # ----- setup -----
     def _resume(self) -> dict | None:
         """Load the checkpoint to resume from, if any; returns this rank's RNG states to restore last."""
-        self.ckpt.clean_incomplete()
-        tag_dir = resolve_resume(self.cfg.resume, self.cfg.output_dir)
+        tag_dir = self.resume_dir
         if tag_dir is None:
             return None
         rank_state, run_state = self.ckpt.load(self.engine, tag_dir)

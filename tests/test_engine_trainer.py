@@ -81,7 +81,9 @@ def test_nonfinite_losses_in_a_row_stop_the_run_after_a_checkpoint(tmp_path):
     assert _max_diff(full_parameters(trainer), full_parameters(after_first)) == 0.0
 
 
-def test_save_interrupted_before_the_pointer_leaves_the_previous_checkpoint_current(tmp_path, monkeypatch):
+def test_save_interrupted_between_marker_and_pointer_resumes_from_the_complete_checkpoint(
+    tmp_path, monkeypatch
+):
     trainer = make_trainer(tmp_path, "zero0_fp32.json", 4, save_every=2, task_kwargs=NO_DROPOUT)
     real_commit, calls = CheckpointManager.commit, []
 
@@ -95,14 +97,16 @@ def test_save_interrupted_before_the_pointer_leaves_the_previous_checkpoint_curr
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     monkeypatch.setattr(CheckpointManager, "commit", real_commit)
-    assert (tmp_path / "checkpoints" / "step00000004" / MARKER).is_file()  # written, never committed
-    (tmp_path / "checkpoints" / "step00000009").mkdir()  # a save killed inside DeepSpeed's write
-    assert latest_checkpoint(tmp_path).name == "step00000002"
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / "step00000004" / MARKER).is_file()  # complete, never committed
+    assert (ckpts / "latest").read_text() == "step00000002"
+    (ckpts / "step00000009").mkdir()  # a save killed inside DeepSpeed's write: no marker
 
     resumed = make_trainer(tmp_path, "zero0_fp32.json", 4, save_every=2, task_kwargs=NO_DROPOUT)
-    assert resumed.step == 2 and resumed.data.index == 2
-    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step"))
-    assert left == ["step00000002"]
+    assert resumed.step == 4 and resumed.data.index == 4  # the complete checkpoint is used, not dropped
+    left = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step"))
+    assert left == ["step00000002", "step00000004"]
+    assert (ckpts / "latest").read_text() == "step00000004"  # the pointer is repaired
     resumed.fit()
     straight = make_trainer(tmp_path / "straight", "zero0_fp32.json", 4, task_kwargs=NO_DROPOUT)
     straight.fit()
