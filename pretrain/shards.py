@@ -27,10 +27,10 @@ from multiprocessing import Pool
 
 from PIL import Image
 
-from beit3.pretrain.data.decode import SkipSample, decode_image, decode_text
+from beit3.pretrain.data.decode import IMAGE_FIELDS, SkipSample, decode_image, decode_text
 from beit3.pretrain.data.tario import ShardWriter, write_manifest
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".jfif")
+IMAGE_EXTENSIONS = tuple(f".{ext}" for ext in IMAGE_FIELDS)  # the loader's list: what is written can be read
 
 
 class ShardsError(ValueError):

@@ -7,6 +7,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from beit3.pretrain.data import DataStreamError, PretrainDataConfig, build_pretrain_loader
@@ -270,3 +271,78 @@ def test_an_unexpected_error_on_one_sample_is_counted_as_sample_error(tmp_path, 
     batch = next(iter(build_pretrain_loader(cfg, tok, 0, 2, 0)))
     assert batch["text"]["keys"] == ["s000", "s002"]
     assert batch["stats"]["skipped/sample_error"] == 1
+
+
+def float_tiff(values: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(values.astype(np.float32), "F").save(buf, "TIFF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_a_float_image_with_nonfinite_pixels_is_skipped_not_black(bad):
+    """Defect 9: NaN/inf made the min-max scaling NaN everywhere, and NaN became a black image."""
+    values = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    assert np.asarray(decode_image(float_tiff(values))).std() > 10  # a finite float image keeps its ramp
+    values[3, 5] = bad
+    with pytest.raises(SkipSample) as err:
+        decode_image(float_tiff(values))
+    assert err.value.kind == "image_nonfinite"
+
+
+def encode_as(ext: str) -> bytes:
+    fmt = {"jpg": "JPEG", "jpeg": "JPEG", "jfif": "JPEG", "tif": "TIFF", "tiff": "TIFF"}.get(ext, ext.upper())
+    return encode_image(uniform((200, 100, 50)), fmt)
+
+
+def test_every_image_extension_beit3_shards_reads_is_an_image_member_for_the_loader(tmp_path, tok):
+    """Defect 9: `.gif` (and `.jfif`) members were counted as missing_field though beit3-shards takes them."""
+    from beit3.pretrain.shards import IMAGE_EXTENSIONS
+
+    exts = [e.lstrip(".") for e in IMAGE_EXTENSIONS]
+    assert "gif" in exts and "jfif" in exts
+    cfg = single_pass_cfg(tmp_path, image_shards=[write(tmp_path / "i", [{e: encode_as(e)} for e in exts])])
+    batch = next(iter(build_pretrain_loader(cfg, tok, len(exts), 0, 0)))
+    assert sum(v for k, v in batch["stats"].items() if k.startswith("skipped/")) == 0
+    means = batch["image"]["tokenizer_image"].mean(dim=(2, 3)).numpy() * 255
+    assert np.allclose(means, (200, 100, 50), atol=8), dict(zip(exts, means.tolist()))
+
+
+def test_texts_that_tokenize_to_nothing_are_skipped_not_used_as_empty_rows(tmp_path, tok):
+    """Defect 9: a text of zero-width characters became the row `<s> </s>`."""
+    assert tok.encode("\u200b\u200c") == []
+    texts = [{"txt": b"the cat"}, {"txt": "\u200b\u200c".encode()}, {"txt": b"a dog"}]
+    pairs = [{"jpg": encode_image(uniform(9)), "txt": t} for t in (b"red", "\u200b".encode(), b"blue")]
+    cfg = single_pass_cfg(
+        tmp_path,
+        text_shards=[write(tmp_path / "t", texts)],
+        pair_shards=[write(tmp_path / "p", pairs)],
+        return_keys=True,
+    )
+    batch = next(iter(build_pretrain_loader(cfg, tok, 0, 2, 2)))
+    assert batch["text"]["keys"] == ["s000", "s002"] and batch["pair"]["keys"] == ["s000", "s002"]
+    assert batch["stats"]["skipped/text_no_tokens"] == 2
+    lengths = (~batch["text"]["text_padding_mask"]).sum(1)
+    assert (lengths > 2).all()  # every row holds a piece between <s> and </s>
+
+
+def test_two_samples_with_the_same_key_in_a_row_are_not_merged(tmp_path, tok):
+    """Defect 9: a repeated field (two `X.jpg` in a row) overwrote the first sample's bytes: one sample
+    of two, and a pair could take its image from one sample and its caption from the other."""
+    blue, red, green = (encode_image(uniform(c)) for c in ((0, 0, 255), (255, 0, 0), (0, 255, 0)))
+    w = ShardWriter(str(tmp_path / "p"), "dup")
+    w.write("x", {"jpg": blue, "txt": b"blue"})
+    w.write("x", {"jpg": red, "txt": b"red"})
+    w.write("y", {"jpg": green, "txt": b"green"})
+    w.close()
+    cfg = single_pass_cfg(tmp_path, pair_shards=[str(tmp_path / "p")], return_keys=True)
+    batch = next(iter(build_pretrain_loader(cfg, tok, 0, 0, 3)))
+    assert batch["pair"]["keys"] == ["x", "x", "y"]
+    assert batch["stats"]["skipped/duplicate_member"] == 1
+    means = batch["pair"]["tokenizer_image"].mean(dim=(2, 3)).numpy() * 255
+    assert np.allclose(means, [(0, 0, 255), (255, 0, 0), (0, 255, 0)], atol=6), means
+    pair = batch["pair"]
+    original = torch.where(pair["text_labels"] != -100, pair["text_labels"], pair["text"])
+    captions = [tok.decode([int(i) for i, pad in zip(row, m) if not pad][1:-1]) for row, m in
+                zip(original, pair["text_padding_mask"])]  # fmt: skip
+    assert captions == ["blue", "red", "green"]

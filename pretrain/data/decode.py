@@ -13,16 +13,21 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
+# The image extensions of both sides: `beit3-shards` reads input files with these extensions and the loader
+# takes a sample's image from a member with any of them (first match in this order).
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "jfif")
 TEXT_FIELDS = ("txt", "text", "caption")
 SKIP_KINDS = (
     "image_empty",  # zero-byte image field
     "image_decode",  # not an image, truncated, or a mode that cannot become RGB
     "image_too_large",  # above max_image_pixels even at the smallest JPEG draft scale (or PIL's bomb guard)
+    "image_nonfinite",  # a float image holding NaN or infinity
     "text_empty",  # empty or whitespace-only text
     "text_decode",  # text that is not UTF-8 (or a json caption that cannot be UTF-8)
+    "text_no_tokens",  # text that the tokenizer turns into no piece at all (e.g. only zero-width characters)
     "json_decode",  # a json member needed for the caption that is not JSON (invalid, not UTF-8, too deep)
     "missing_field",  # a sample without the image or the text field its stream needs
+    "duplicate_member",  # a member repeating a field of the sample before it under the same key
     "tar_read",  # a shard that could not be read to its end (truncated or damaged tar): counted per event
     "sample_error",  # any other exception raised while one sample was decoded or transformed
 )
@@ -73,6 +78,8 @@ def decode_image(data: bytes, max_pixels: int = 25_000_000) -> Image.Image:
         raise SkipSample("image_decode", f"empty image {img.size}")
     try:
         return to_rgb(img)
+    except SkipSample:
+        raise
     except Exception as e:
         raise SkipSample("image_decode", f"mode {img.mode}: {e}") from None
 
@@ -94,6 +101,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode.startswith("I") or mode == "F":
         # PIL's own I;16 -> RGB conversion clips at 255 (a white image); scale the range instead.
         arr = np.asarray(img).astype(np.float64)
+        if not np.isfinite(arr).all():
+            # NaN/inf would scale the whole picture to one value (black): not an image worth training on.
+            raise SkipSample("image_nonfinite", f"mode {mode} with NaN or infinite pixels")
         if mode == "F":
             lo, hi = float(arr.min()), float(arr.max())
             arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)

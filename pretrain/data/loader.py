@@ -59,13 +59,14 @@ class BatchProducer:
         self.attempts = dict.fromkeys(counts, 0)  # raw samples processed per stream (good or bad)
         self.sources = {
             s: SampleSource(
-                s, shards[s], slot, num_slots, seed, cfg.open_shards, cfg.shuffle_buffer, self._on_tar_error
+                s, shards[s], slot, num_slots, seed, cfg.open_shards, cfg.shuffle_buffer, self._on_skip
             )
             for s in counts
         }
 
-    def _on_tar_error(self, url: str, err: Exception) -> None:
-        self.stats["skipped/tar_read"] += 1
+    def _on_skip(self, kind: str, url: str, detail: str) -> None:
+        self.stats[f"skipped/{kind}"] += 1
+        log.debug("skipped %s in %s (%s)", kind, url, detail)
 
     def _sample(self, stream: str) -> dict:
         fn = getattr(self.processor, stream)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from beit3.pretrain.data.config import PretrainDataConfig
-from beit3.pretrain.data.decode import decode_image, decode_text, image_field, text_field
+from beit3.pretrain.data.decode import SkipSample, decode_image, decode_text, image_field, text_field
 from beit3.pretrain.data.tario import RawSample
 from beit3.pretrain.data.transforms import TwoViewTransform
 from beit3.tokenizers.masking import (
@@ -63,6 +63,8 @@ class SampleProcessor:
 
     def _tokens(self, text: str, max_len: int) -> np.ndarray:
         ids = self.tokenizer.encode(text)[: max_len - 2]
+        if not ids:  # e.g. only zero-width or control characters: a row of <s> </s> teaches nothing
+            raise SkipSample("text_no_tokens", f"{text[:40]!r}")
         return np.asarray([self.tokenizer.bos_id, *ids, self.tokenizer.eos_id], dtype=np.int64)
 
     def _mask_text(
@@ -94,9 +96,9 @@ class SampleProcessor:
 
     def pair(self, raw: RawSample, rng: np.random.Generator) -> dict:
         """An image-text pair: image and/or text masked according to ``pair_masking``."""
-        text = decode_text(text_field(raw.fields))  # before the image: the cheaper check first
+        # The text first: the cheaper checks (its tokens draw nothing from rng, so the order is free).
+        ids = self._tokens(decode_text(text_field(raw.fields)), self.cfg.pair_text_max_len)
         image, tok = self._views(raw, rng)
-        ids = self._tokens(text, self.cfg.pair_text_max_len)
         if self.cfg.pair_masking == "joint":
             mask_image = mask_text = True
         else:

@@ -68,7 +68,7 @@ class SampleSource:
         seed: int,
         open_shards: int = 4,
         buffer_size: int = 256,
-        on_tar_error=None,
+        on_skip=None,
     ) -> None:
         self.stream, self.shards, self.slot, self.seed = stream, shards, slot, seed
         self.units = units_for_slot(len(shards), slot, num_slots)
@@ -77,7 +77,8 @@ class SampleSource:
         # More open readers than units would read the same unit from its start twice, close together.
         self.open_shards, self.buffer_size = min(open_shards, len(self.units)), max(1, buffer_size)
         self._round: tuple[int, np.ndarray] | None = None
-        self.on_tar_error = on_tar_error or (lambda url, err: None)
+        # on_skip(kind, url, detail): counts what the reader drops or repairs (a kind of SKIP_KINDS).
+        self.on_skip = on_skip or (lambda kind, url, detail: None)
         self.draws = 0  # units drawn so far
         self.picks = 0  # samples taken out of the buffer so far
         self.reads = 0  # samples read from open units so far
@@ -109,7 +110,7 @@ class SampleSource:
             url = self.shards[shard]
             try:
                 if cur.iterator is None:
-                    cur.iterator = iter_shard(url, cur.offset, cur.index, part, parts)
+                    cur.iterator = iter_shard(url, cur.offset, cur.index, part, parts, self.on_skip)
                 while True:
                     sample, cur.offset, cur.index = next(cur.iterator)
                     if sample is not None:
@@ -121,7 +122,7 @@ class SampleSource:
                 log.warning(
                     "%s: shard %s unreadable after sample %d (%s); moving on", self.stream, url, cur.index, e
                 )
-                self.on_tar_error(url, e)
+                self.on_skip("tar_read", url, str(e))
             self.open[k] = self._draw()
             barren += 1
             if barren > 4 * len(self.units) + 16:
@@ -163,4 +164,4 @@ class SampleSource:
             try:
                 self.buffer.append(read_ref(ref))
             except TAR_ERRORS as e:  # the shard changed or vanished since: lose the sample, not the run
-                self.on_tar_error(ref[1], e)
+                self.on_skip("tar_read", ref[1], str(e))

@@ -56,29 +56,40 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
+def _no_report(kind: str, url: str, detail: str) -> None:
+    pass
+
+
 def iter_shard(
-    url: str, offset: int = 0, index: int = 0, part: int = 0, parts: int = 1
+    url: str, offset: int = 0, index: int = 0, part: int = 0, parts: int = 1, report=_no_report
 ) -> Iterator[tuple[RawSample | None, int, int]]:
     """Samples of a tar shard from a member-header byte ``offset``, as ``(sample, next_offset, next_index)``.
 
     ``index`` counts samples from the start of the shard; only samples with ``index % parts == part`` are
     read (the others are skipped by seeking and yielded as None so positions still advance). Damaged data
     raises one of :data:`TAR_ERRORS`; the samples before it have already been yielded.
+
+    A member whose field the current sample already has (two ``X.jpg`` in a row) starts a new sample with
+    the same key instead of replacing the first one's bytes: ``report("duplicate_member", url, detail)`` is
+    called once for it, by the reader that owns the new sample.
     """
     with open(url, "rb") as f:
         f.seek(offset)
         tf = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 (closed with f; a generator holds it)
-        key, fields, members = None, {}, []
+        key, fields, members, exts = None, {}, [], set()
         for info in tf:
             parsed = split_member_name(info.name) if info.isfile() else None
             if parsed is None:
                 continue
             mkey, ext = parsed
-            if mkey != key:
+            if mkey != key or ext in exts:
                 if key is not None:
                     yield _finish(key, url, fields, members, index, part, parts), info.offset, index + 1
                     index += 1
-                key, fields, members = mkey, {}, []
+                    if mkey == key and index % parts == part:
+                        report("duplicate_member", url, f"{info.name} at byte {info.offset} repeats a field")
+                key, fields, members, exts = mkey, {}, [], set()
+            exts.add(ext)
             if index % parts == part:
                 data = tf.extractfile(info).read()
                 if len(data) != info.size:
