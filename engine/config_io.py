@@ -7,6 +7,7 @@ typo in a recipe fails at start-up instead of silently keeping a default for two
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -109,6 +110,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = typing.get_args(tp)
+        fixed = origin is tuple and bool(args) and args[-1] is not Ellipsis
+        if fixed and len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)} ({list(value)!r})")
+        if fixed:
+            return tuple(_coerce(a, v, where) for a, v in zip(args, value))
         item = args[0] if args else Any
         items = [_coerce(item, v, where) for v in value]
         return tuple(items) if origin is tuple else items
@@ -137,3 +143,69 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """An interval of allowed values, written like ``"[0, 1)"``, ``"(0, inf)"`` or ``"[1, inf)"``.
+
+    NaN lies in no range, so ``lr = nan`` in a recipe is rejected like any other value out of range.
+    """
+
+    low: float
+    high: float
+    low_open: bool
+    high_open: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Range:
+        """``"[0, 1)"`` -> Range(0, 1, low_open=False, high_open=True)."""
+        text = text.strip()
+        low, high = (float(v) for v in text[1:-1].split(","))
+        return cls(low, high, text[0] == "(", text[-1] == ")")
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return bool(above and below)
+
+    def __str__(self) -> str:
+        if math.isinf(self.high) and not math.isinf(self.low):
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        if math.isinf(self.high) and math.isinf(self.low):
+            return "finite"
+        left, right = "(["[not self.low_open], ")]"[not self.high_open]
+        return f"in {left}{_number(self.low)}, {_number(self.high)}{right}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def range_problem(section: Any, where: str, rules: dict[str, str]) -> str | None:
+    """The first field of dataclass ``section`` outside its range in ``rules`` (name -> ``"[lo, hi)"``),
+    as a message naming the setting and the values it accepts; None if all lie in range. Lists and tuples
+    are checked element by element."""
+    for name, text in rules.items():
+        allowed = Range.parse(text)
+        value = getattr(section, name)
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if not numbers or any(v not in allowed for v in values):
+            shown = list(value) if isinstance(value, (list, tuple)) else value
+            each = "each value " if isinstance(value, (list, tuple)) else ""
+            return f"{where}.{name}={shown!r} is out of range: {each}must be {allowed}"
+    return None
+
+
+def numeric_fields(cls: type) -> list[str]:
+    """Names of the int/float fields (and tuples/lists of them) of dataclass ``cls``: the ones a range
+    table must cover."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        args = typing.get_args(tp) if typing.get_origin(tp) in (list, tuple) else (tp,)
+        if any(a in (int, float) for a in args):
+            out.append(f.name)
+    return out

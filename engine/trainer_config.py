@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from beit3.engine.ds_config import EngineConfigError
@@ -53,21 +56,149 @@ class TrainerConfig:
         return cls(**{**shared, **fields})
 
     def validate(self) -> None:
-        """Raise EngineConfigError naming the field to fix."""
-        checks = [
-            (self.total_steps >= 1, "total_steps must be >= 1"),
-            (self.log_every >= 1, "log_every must be >= 1"),
-            (self.save_every >= 0, "save_every must be >= 0 (0: only at the end)"),
-            (self.keep_last >= 1, "keep_last must be >= 1"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (self.max_nonfinite_in_row >= 1, "max_nonfinite_in_row must be >= 1"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
-            (self.eval_every >= 0, "eval_every must be >= 0 (0: no periodic evaluation)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise EngineConfigError(f"TrainerConfig: {message}")
+        """Raise EngineConfigError naming the field to fix (every numeric field has a range)."""
+        problem = train_settings_problem(self, "TrainerConfig")
+        if problem is None and self.peak_flops is not None and not self.peak_flops > 0:
+            problem = f"TrainerConfig.peak_flops={self.peak_flops!r} must be > 0 or None (from the device)"
+        if problem is not None:
+            raise EngineConfigError(problem)
+
+
+# The range of every numeric training setting; recipes' [train] sections are checked against the same table.
+TRAIN_RANGES = {
+    "total_steps": "[1, inf)",
+    "log_every": "[1, inf)",
+    "save_every": "[0, inf)",  # 0: only at the end
+    "keep_last": "[1, inf)",
+    "seed": "[0, inf)",
+    "lr": "(0, inf)",
+    "min_lr": "[0, inf)",
+    "warmup_steps": "[0, inf)",
+    "weight_decay": "[0, inf)",
+    "betas": "[0, 1)",
+    "eps": "(0, inf)",
+    "max_nonfinite_in_row": "[1, inf)",
+    "eval_every": "[0, inf)",  # 0: no periodic evaluation
+}
+
+
+def train_settings_problem(section: Any, where: str) -> str | None:
+    """The first problem of the training settings ``section`` holds (a TrainerConfig or a recipe's [train]
+    dataclass; fields it lacks are skipped), as one line naming ``where.field`` and the fix; None if none."""
+    from beit3.engine.config_io import range_problem
+
+    def has(name: str) -> bool:
+        return hasattr(section, name)
+
+    if has("betas") and len(section.betas) != 2:
+        return f"{where}.betas={list(section.betas)!r} needs two values, e.g. [0.9, 0.98]"
+    problem = range_problem(section, where, {k: v for k, v in TRAIN_RANGES.items() if has(k)})
+    if problem is not None:
+        return problem
+    checks = [
+        (not has("schedule") or section.schedule in SCHEDULES,
+         f"schedule={getattr(section, 'schedule', '')!r} is unknown: use one of {', '.join(SCHEDULES)}"),
+        (not has("optimizer") or section.optimizer in OPTIMIZERS,
+         f"optimizer={getattr(section, 'optimizer', '')!r} is unknown: use one of {', '.join(OPTIMIZERS)}"),
+        (not (has("min_lr") and has("lr")) or section.min_lr <= section.lr,
+         f"min_lr={getattr(section, 'min_lr', 0)!r} exceeds lr={getattr(section, 'lr', 0)!r}: "
+         "lower min_lr (the schedule decays from lr to min_lr)"),
+        (not (has("warmup_steps") and has("total_steps")) or section.warmup_steps <= section.total_steps,
+         f"warmup_steps={getattr(section, 'warmup_steps', 0)} exceeds "
+         f"total_steps={getattr(section, 'total_steps', 0)}: lower warmup_steps"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            return f"{where}.{message}"
+    return None
+
+
+def preflight(cfg: TrainerConfig, ds_config: dict, world_size: int) -> None:
+    """Everything about a run that can be wrong before a model exists: the settings, the DeepSpeed config as
+    DeepSpeed's own parser reads it, the precision this machine can train in, the run directory and the
+    resume choice. Raises EngineConfigError, or the checkpoint module's CheckpointError for a resume that
+    cannot be honoured; programs map both to exit 2."""
+    cfg.validate()
+    check_with_deepspeed_parser(ds_config, world_size)
+    check_precision_supported(ds_config)
+    check_output_dir(cfg.output_dir)
+    from beit3.engine.checkpoint import resolve_resume
+
+    resolve_resume(cfg.resume, cfg.output_dir)
+
+
+class _DataParallelSize:
+    """The one process-group question DeepSpeedConfig asks; lets it check batch sizes without a group."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.world_size
+
+
+def check_with_deepspeed_parser(ds_config: dict, world_size: int) -> None:
+    """Run DeepSpeed's config parser (no process group, no engine): a misspelt key inside a block such as
+    ``zero_optimization`` is refused here in one line instead of inside ``deepspeed.initialize``."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(copy.deepcopy(ds_config), mpu=_DataParallelSize(world_size))
+    except (ValueError, AssertionError, TypeError, KeyError) as e:
+        detail = " ".join(str(e).split())
+        if hasattr(e, "errors"):  # pydantic: the field path and what is wrong with it
+            fields = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()[:3]
+            )
+            detail = f"{getattr(e, 'title', '')} {fields}".strip()
+        raise EngineConfigError(
+            f"DeepSpeed refuses the config: {detail}; fix that key in the --ds-config JSON "
+            "(or its --ds-set override)"
+        ) from e
+
+
+def check_precision_supported(ds_config: dict) -> None:
+    """fp16/bf16 in the DeepSpeed config on an accelerator that cannot train in it (DeepSpeed refuses fp16
+    on most CPUs deep inside ``initialize``) is a configuration error."""
+    from deepspeed.accelerator import get_accelerator
+
+    from beit3.engine.ds_config import precision_of
+
+    precision = precision_of(ds_config)
+    accelerator = get_accelerator()
+    supported = {
+        "fp16": accelerator.is_fp16_supported,
+        "bf16": accelerator.is_bf16_supported,
+    }.get(precision, lambda: True)()
+    if not supported:
+        other = "bf16 or fp32" if precision == "fp16" else "fp16 or fp32"
+        raise EngineConfigError(
+            f"{precision}.enabled=true in the DeepSpeed config, but this machine's "
+            f"{accelerator.device_name()} device cannot train in {precision}: use a {other} config "
+            f"(ds_configs/*_{'bf16' if precision == 'fp16' else 'fp32'}.json) or a device that supports it"
+        )
+
+
+def check_output_dir(output_dir: str) -> None:
+    """The run directory must be a directory, or creatable: a file in its place (or above it), or a parent
+    that cannot be written, is reported before any model is built."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise EngineConfigError(
+            f"--output-dir {output_dir} is a file, not a directory: give a directory path"
+        )
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise EngineConfigError(
+            f"--output-dir {output_dir}: {existing} is a file, so the directory cannot be created: "
+            "give another path"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EngineConfigError(
+            f"--output-dir {output_dir}: {existing} is not writable: give a directory you can write to"
+        )
 
 
 @dataclass

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from beit3.engine.config_io import ConfigError, apply_overrides, from_dict, read_toml
+from beit3.engine.config_io import ConfigError, apply_overrides, from_dict, range_problem, read_toml
+from beit3.engine.ds_config import load_ds_config
+from beit3.engine.trainer_config import train_settings_problem
 from beit3.pretrain.data import DataConfigError, PretrainDataConfig
 from beit3.pretrain.objective import ObjectiveConfig
 
@@ -115,42 +117,193 @@ def grad_checkpoint_layers(spec: str, depth: int) -> list[int] | None:
     raise ConfigError(f"[model] grad_checkpointing={spec!r}: use 'none', 'all' or 'every:N'")
 
 
-def validate(recipe: PretrainRecipe, ds_config: dict) -> dict[str, int]:
-    """Check the recipe against itself and the resolved DeepSpeed config; returns the micro-batch split."""
-    from beit3.model import ModelConfigError, get_config
+# The range of every numeric recipe setting outside [train] (whose table is the engine's TRAIN_RANGES);
+# tests/test_recipes_shipped.py checks that no numeric field is left out.
+RANGES = {
+    "model": {"drop_path_rate": "[0, 1)"},
+    "batch": {"images": "[0, inf)", "texts": "[0, inf)", "pairs": "[0, inf)"},
+    "objective": {
+        "mim_weight": "[0, inf)",
+        "mlm_weight": "[0, inf)",
+        "vl_mlm_weight": "[0, inf)",
+        "vl_mim_weight": "[0, inf)",
+        "label_smoothing": "[0, 1)",
+    },
+    "data": {
+        "img_size": "[1, inf)",
+        "patch_size": "[1, inf)",
+        "tokenizer_img_size": "[1, inf)",
+        "mean": "(-inf, inf)",
+        "std": "(0, inf)",
+        "crop_scale": "(0, 1]",
+        "crop_ratio": "(0, inf)",
+        "hflip": "[0, 1]",
+        "color_jitter": "[0, 1)",
+        "text_max_len": "[3, inf)",
+        "pair_text_max_len": "[3, inf)",
+        "text_mask_ratio": "[0, 1]",
+        "pair_text_mask_ratio": "[0, 1]",
+        "image_mask_ratio": "[0, 1]",
+        "pair_image_mask_ratio": "[0, 1]",
+        "pair_image_mask_prob": "[0, 1]",
+        "min_num_patches": "[1, inf)",
+        "num_workers": "[0, inf)",
+        "shuffle_buffer": "[0, inf)",
+        "open_shards": "[1, inf)",
+        "max_image_pixels": "[1, inf)",
+        "max_consecutive_skips": "[0, inf)",
+        "prefetch_factor": "[1, inf)",
+        "seed": "[0, inf)",
+    },
+}
 
-    try:
-        model_cfg = get_config(recipe.model.name, **recipe.model.overrides)
-    except ModelConfigError as e:
-        raise ConfigError(f"[model] {e}") from e
-    split = micro_batch_split(recipe, int(ds_config["train_micro_batch_size_per_gpu"]))
-    if not recipe.tokenizers.text:
-        raise ConfigError("[tokenizers] text is empty: give the SentencePiece model file (beit3-spm train)")
-    if not Path(recipe.tokenizers.text).is_file():
-        raise ConfigError(f"[tokenizers] text={recipe.tokenizers.text!r} does not exist")
-    if recipe.tokenizers.visual_checkpoint and not Path(recipe.tokenizers.visual_checkpoint).is_file():
+
+def _check_values(recipe: PretrainRecipe) -> None:
+    """Every setting's own range and the orderings within a section (no files, no other sections)."""
+    problem = train_settings_problem(recipe.train, "train")
+    for section, rules in RANGES.items():
+        problem = problem or range_problem(getattr(recipe, section), section, rules)
+    if problem:
+        raise ConfigError(problem)
+    d = recipe.data
+    for name in ("crop_scale", "crop_ratio"):
+        low, high = getattr(d, name)
+        if low > high:
+            raise ConfigError(f"data.{name}={[low, high]} is reversed: give [min, max]")
+    o = recipe.objective
+    if not any((o.mim_weight, o.mlm_weight, o.vl_mlm_weight, o.vl_mim_weight)):
+        raise ConfigError("objective: every loss weight is 0, so nothing is learned: set one of them > 0")
+    if d.img_size % d.patch_size:
         raise ConfigError(
-            f"[tokenizers] visual_checkpoint={recipe.tokenizers.visual_checkpoint!r} does not exist"
+            f"data.img_size={d.img_size} is not a multiple of data.patch_size={d.patch_size}: change one"
         )
-    if recipe.data.img_size != model_cfg.img_size or recipe.data.patch_size != model_cfg.patch_size:
+    num_patches = d.grid_size**2
+    for name in ("image_mask_ratio", "pair_image_mask_ratio"):
+        masked = round(getattr(d, name) * num_patches)
+        if 0 < masked < d.min_num_patches:
+            raise ConfigError(
+                f"data.{name}={getattr(d, name)} masks {masked} of {num_patches} patches, fewer than "
+                f"data.min_num_patches={d.min_num_patches}: lower min_num_patches or raise the ratio"
+            )
+
+
+def validate_run(
+    recipe: PretrainRecipe, ds_config: dict, world_size: int, visual_overrides: dict | None = None
+) -> dict[str, int]:
+    """Check a recipe against itself, the model preset, the visual tokenizer's registry entry and the
+    DeepSpeed config on ``world_size`` ranks, without reading any file; returns the micro-batch split.
+    ``visual_overrides``: the tokenizer config changes its checkpoint records (e.g. ``codebook_size``).
+
+    Pure: it neither reads data, tokenizer or checkpoint files nor starts DeepSpeed, so every shipped
+    recipe and DeepSpeed config can be checked against each other in a test. Raises ConfigError or
+    EngineConfigError with one line naming the setting and the fix.
+    """
+    from beit3.model import ModelConfigError, get_config
+    from beit3.tokenizers.vqkd import VQKDConfigError, get_vqkd_config
+
+    _check_values(recipe)
+    overrides = {"drop_path_rate": recipe.model.drop_path_rate, **recipe.model.overrides}
+    try:
+        model_cfg = get_config(recipe.model.name, **overrides)
+    except (ModelConfigError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise ConfigError(f"[model] {e}") from e
+    ds_config = load_ds_config(ds_config, world_size)
+    split = micro_batch_split(recipe, int(ds_config["train_micro_batch_size_per_gpu"]))
+    d = recipe.data
+    if d.img_size != model_cfg.img_size or d.patch_size != model_cfg.patch_size:
         raise ConfigError(
-            f"[data] img_size/patch_size {recipe.data.img_size}/{recipe.data.patch_size} differ from the "
+            f"[data] img_size/patch_size {d.img_size}/{d.patch_size} differ from the "
             f"model's {model_cfg.img_size}/{model_cfg.patch_size}"
         )
-    for name, length in (
-        ("text_max_len", recipe.data.text_max_len),
-        ("pair_text_max_len", recipe.data.pair_text_max_len),
-    ):
+    for name, length in (("text_max_len", d.text_max_len), ("pair_text_max_len", d.pair_text_max_len)):
         if length > model_cfg.max_text_len:
             raise ConfigError(
                 f"[data] {name}={length} exceeds the model's max_text_len {model_cfg.max_text_len}"
             )
-    t = recipe.train
-    if t.total_steps <= 0 or t.warmup_steps < 0 or t.warmup_steps > t.total_steps:
-        raise ConfigError("[train] need total_steps > 0 and 0 <= warmup_steps <= total_steps")
+    try:
+        visual = get_vqkd_config(recipe.tokenizers.visual, **(visual_overrides or {}))
+    except VQKDConfigError as e:
+        raise ConfigError(f"[tokenizers] visual: {e}") from e
+    check_visual_tokenizer(recipe, visual.codebook_size, visual.patch_size, model_cfg)
     grad_checkpoint_layers(recipe.model.grad_checkpointing, model_cfg.depth)
+    return split
+
+
+def check_visual_tokenizer(recipe: PretrainRecipe, codebook_size: int, patch_size: int, model_cfg) -> None:
+    """The visual tokenizer's codes must be what the model's MIM head predicts, on the model's patch grid."""
+    name, size = recipe.tokenizers.visual, recipe.data.tokenizer_img_size
+    if codebook_size != model_cfg.visual_vocab_size:
+        raise ConfigError(
+            f"visual tokenizer {name} has {codebook_size} codes but the model's MIM head predicts "
+            f"{model_cfg.visual_vocab_size}: set [model.overrides] visual_vocab_size = {codebook_size}"
+        )
+    if size % patch_size or size // patch_size != model_cfg.grid_size:
+        raise ConfigError(
+            f"[data] tokenizer_img_size={size} gives the patch-{patch_size} visual tokenizer {name} a "
+            f"{size / patch_size:g}x{size / patch_size:g} grid but the model's patch grid is "
+            f"{model_cfg.grid_size}x{model_cfg.grid_size}: set tokenizer_img_size = "
+            f"{model_cfg.grid_size * patch_size}"
+        )
+
+
+def check_text_tokenizer(vocab_size: int, model_cfg) -> None:
+    """The text tokenizer's ids must all have a row in the model's text embedding."""
+    if vocab_size > model_cfg.vocab_size:
+        raise ConfigError(
+            f"the text tokenizer has {vocab_size} ids but the model's text embedding only "
+            f"{model_cfg.vocab_size} rows: set [model.overrides] vocab_size >= {vocab_size}"
+        )
+
+
+def validate(
+    recipe: PretrainRecipe, ds_config: dict, world_size: int = 1
+) -> tuple[dict[str, int], dict | None]:
+    """:func:`validate_run` plus the files the recipe names (tokenizers, shards).
+
+    Returns the micro-batch split and the visual tokenizer's checkpoint, read once here (None: random
+    tokenizer), whose recorded config overrides (``beit3-vqkd train``) take part in the size checks.
+    """
+    _check_values(recipe)
+    tok = recipe.tokenizers
+    if not tok.text:
+        raise ConfigError("[tokenizers] text is empty: give the SentencePiece model file (beit3-spm train)")
+    if not Path(tok.text).is_file():
+        raise ConfigError(f"[tokenizers] text={tok.text!r} does not exist")
+    visual_checkpoint = read_visual_checkpoint(tok.visual_checkpoint) if tok.visual_checkpoint else None
+    overrides = (visual_checkpoint or {}).get("overrides", {})
+    split = validate_run(recipe, ds_config, world_size, visual_overrides=overrides)
     try:
         recipe.data.validate()
     except DataConfigError as e:
         raise ConfigError(f"[data] {e}") from e
-    return split
+    return split, visual_checkpoint
+
+
+def read_visual_checkpoint(path: str) -> dict:
+    """The visual tokenizer checkpoint at ``path`` ({"model": weights, ...}), read with torch's safe loader;
+    anything else (a text file, a tensor, a dict without tensors) is a ConfigError naming the setting."""
+    import torch
+
+    where = f"[tokenizers] visual_checkpoint={path!r}"
+    fix = "give a VQ-KD checkpoint (written by `beit3-vqkd train`, or the released BEiT v2 tokenizer)"
+    if not Path(path).is_file():
+        raise ConfigError(f"{where} does not exist: {fix}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler raises many types for a file that is not a checkpoint
+        raise ConfigError(f"{where} is not a torch checkpoint ({_load_failure(e)}): {fix}") from e
+    weights = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else None
+    if not isinstance(weights, dict) or not any(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ConfigError(f"{where} holds no tokenizer weights (a {type(state).__name__}): {fix}")
+    if not isinstance(state.get("overrides", {}), dict):
+        raise ConfigError(f"{where} has a malformed 'overrides' entry: {fix}")
+    return state
+
+
+def _load_failure(error: Exception) -> str:
+    """What torch.load's error says, in a few words (its safe-loader message is a page of advice)."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].split("Check the documentation")[0].split(". Please use")[0]
+    return f"{type(error).__name__}: {' '.join(text.split())[:160]}"

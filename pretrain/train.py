@@ -17,12 +17,23 @@ import logging
 import sys
 from pathlib import Path
 
+from beit3.engine.checkpoint import CheckpointError
 from beit3.engine.config_io import ConfigError, dotted_overrides, to_dict
 from beit3.engine.ds_config import EngineConfigError, load_ds_config
-from beit3.engine.launch import add_run_args, init_distributed
+from beit3.engine.launch import LaunchError, add_run_args, init_distributed
+from beit3.engine.optim import OptimizerConfigError
 from beit3.engine.trainer import Trainer, TrainerConfig, seed_everything
+from beit3.engine.trainer_config import preflight
+from beit3.model import ModelConfigError
 from beit3.pretrain.data import DataConfigError, build_pretrain_loader
-from beit3.pretrain.recipe import PretrainRecipe, grad_checkpoint_layers, load_recipe, validate
+from beit3.pretrain.recipe import (
+    PretrainRecipe,
+    check_text_tokenizer,
+    check_visual_tokenizer,
+    grad_checkpoint_layers,
+    load_recipe,
+    validate,
+)
 from beit3.tokenizers.masking import MaskingError
 from beit3.tokenizers.text import TokenizerError
 from beit3.tokenizers.vqkd import VQKDConfigError
@@ -30,6 +41,19 @@ from beit3.tokenizers.vqkd import VQKDConfigError
 log = logging.getLogger("beit3.pretrain")
 
 EXIT_CONFIG = 2
+# Every exception type that means "the configuration is wrong": exit 2 with its one-line message.
+CONFIG_ERRORS = (
+    ConfigError,
+    EngineConfigError,
+    CheckpointError,
+    DataConfigError,
+    TokenizerError,
+    VQKDConfigError,
+    MaskingError,
+    ModelConfigError,
+    OptimizerConfigError,
+    LaunchError,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,38 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_task(recipe: PretrainRecipe, device):
-    """The model, frozen tokenizers and task module described by the recipe."""
-    from beit3.model import build_model
+def build_task(recipe: PretrainRecipe, device, visual_checkpoint: dict | None = None):
+    """The model, frozen tokenizers and task module described by the recipe.
+
+    The tokenizers are loaded and checked against the model's preset before the model is built, so a
+    mismatch costs seconds, not the construction of a 1.9B-parameter model.
+    """
+    from beit3.model import build_model, get_config
     from beit3.pretrain.objective import MaskedDataModeling
     from beit3.tokenizers.text import TextTokenizer
     from beit3.tokenizers.vqkd import build_visual_tokenizer
 
-    text_tok = TextTokenizer(recipe.tokenizers.text)
     overrides = {"drop_path_rate": recipe.model.drop_path_rate, **recipe.model.overrides}
-    model = build_model(recipe.model.name, **overrides)
-    if text_tok.vocab_size > model.cfg.vocab_size:
-        raise ConfigError(
-            f"the text tokenizer has {text_tok.vocab_size} ids but the model's text embedding only "
-            f"{model.cfg.vocab_size} rows: set [model.overrides] vocab_size >= {text_tok.vocab_size}"
-        )
+    model_cfg = get_config(recipe.model.name, **overrides)
+    text_tok = TextTokenizer(recipe.tokenizers.text)
+    check_text_tokenizer(text_tok.vocab_size, model_cfg)
     visual = build_visual_tokenizer(
         recipe.tokenizers.visual,
-        recipe.tokenizers.visual_checkpoint or None,
+        visual_checkpoint,
         device=device,
         input_size=recipe.data.tokenizer_img_size,
     )
-    if visual.codebook_size != model.cfg.visual_vocab_size:
-        raise ConfigError(
-            f"visual tokenizer {recipe.tokenizers.visual} has {visual.codebook_size} codes but the model's "
-            f"MIM head predicts {model.cfg.visual_vocab_size}: set [model.overrides] "
-            f"visual_vocab_size = {visual.codebook_size}"
-        )
-    if tuple(visual.grid) != (model.cfg.grid_size, model.cfg.grid_size):
-        raise ConfigError(
-            f"visual tokenizer grid {tuple(visual.grid)} does not match the model's patch grid "
-            f"{model.cfg.grid_size}x{model.cfg.grid_size}: change [data] tokenizer_img_size or the tokenizer"
-        )
+    check_visual_tokenizer(recipe, visual.codebook_size, visual.model.cfg.patch_size, model_cfg)
+    model = build_model(recipe.model.name, **overrides)
     layers = grad_checkpoint_layers(recipe.model.grad_checkpointing, model.cfg.depth)
     if layers:
         model.set_grad_checkpointing(True, layers)
@@ -95,29 +110,27 @@ def trainer_config(recipe: PretrainRecipe, args, ds_config: dict) -> TrainerConf
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    dist = init_distributed(args.local_rank)
     try:
+        dist = init_distributed(args.local_rank)
+    except LaunchError as e:
+        return config_error(e, rank=0)
+    try:
+        # Every check that needs no model runs first: a mistake costs seconds, on every rank alike.
         recipe = load_recipe(args.config, args.set)
         ds_config = load_ds_config(args.ds_config, dist.world_size, dotted_overrides(args.ds_set))
-        split = validate(recipe, ds_config)
+        split, visual_checkpoint = validate(recipe, ds_config, dist.world_size)
+        cfg = trainer_config(recipe, args, ds_config)
+        preflight(cfg, ds_config, dist.world_size)
         seed_everything(recipe.train.seed)  # the same initial weights on every rank and every run
-        task, text_tok = build_task(recipe, dist.device)
+        task, text_tok = build_task(recipe, dist.device, visual_checkpoint)
         loader = build_pretrain_loader(
             recipe.data, text_tok, split["images"], split["texts"], split["pairs"],
             rank=dist.rank, world_size=dist.world_size,
         )  # fmt: skip
-    except (
-        ConfigError,
-        EngineConfigError,
-        DataConfigError,
-        TokenizerError,
-        VQKDConfigError,
-        MaskingError,
-    ) as e:
-        if dist.rank == 0:
-            print(f"beit3-pretrain: error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    result = Trainer(task, loader, ds_config, trainer_config(recipe, args, ds_config), dist).fit()
+        trainer = Trainer(task, loader, ds_config, cfg, dist)
+    except CONFIG_ERRORS as e:
+        return config_error(e, dist.rank)
+    result = trainer.fit()
     if result.exit_reason != "finished":
         return result.exit_code
     if args.export and dist.rank == 0:
@@ -125,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
 
         export_run(Path(args.output_dir), Path(args.export))
     return 0
+
+
+def config_error(error: Exception, rank: int) -> int:
+    """Print the one-line message of a configuration error (rank 0) and return exit code 2."""
+    if rank == 0:
+        message = " ".join(str(error).split())
+        print(f"beit3-pretrain: error: {message[:600]}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def write_recipe(
     text = f"""
 [model]
 name = "{model}"
-overrides = {{vocab_size = 1000, visual_vocab_size = 64}}
+overrides = {{vocab_size = 1000, visual_vocab_size = 1024}}
 [tokenizers]
 text = "{spm}"
 visual = "vqkd_tiny_patch16_64"
@@ -30,6 +30,7 @@ tokenizer_img_size = 64
 text_max_len = 32
 pair_text_max_len = 32
 num_workers = 0
+min_num_patches = 2
 [train]
 total_steps = 2
 warmup_steps = 1
