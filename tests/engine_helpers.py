@@ -196,6 +196,8 @@ def run_one(spec: dict, dist) -> dict:
         max_nonfinite_in_row=spec.get("max_nonfinite_in_row", 3),
         shutdown_at_end=False,
     )
+    if spec.get("kill_in_save_at_step") is not None and dist.rank == spec.get("kill_rank", 1):
+        _kill_inside_save(spec["kill_in_save_at_step"])
     trainer = Trainer(task, data, ds, cfg, dist)
     result = trainer.fit()
     return {
@@ -205,6 +207,20 @@ def run_one(spec: dict, dist) -> dict:
         "exit_code": result.exit_code,
         "last_metrics": result.last_metrics,
     }
+
+
+def _kill_inside_save(step: int) -> None:
+    """SIGKILL this rank in the save of ``step``: after DeepSpeed wrote its files, before the marker."""
+    from beit3.engine import checkpoint
+
+    real = checkpoint.describe_files
+
+    def describe_then_die(tag_dir, names):
+        if tag_dir.name == checkpoint.tag_for_step(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(tag_dir, names)
+
+    checkpoint.describe_files = describe_then_die
 
 
 def main(argv: list[str] | None = None) -> int:

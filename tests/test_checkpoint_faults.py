@@ -238,3 +238,24 @@ def test_two_ranks_agree_to_fall_back_when_one_ranks_shard_is_damaged(tmp_path):
         assert sorted(resumed) == list(range(8)) and all(resumed[i] == straight[i] for i in straight)
     assert latest_checkpoint(tmp_path / "a").name == "step00000008"
     assert any(p.name.startswith("corrupt-step00000006") for p in (tmp_path / "a" / "checkpoints").iterdir())
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_rank_killed_inside_a_save_leaves_the_previous_checkpoint_and_resumes_exactly(tmp_path):
+    """Rank 1 is SIGKILLed in the save of step 6, after DeepSpeed's files and before the marker: the half
+    checkpoint is removed at the next start, the run resumes from step 3 and matches an uninterrupted run."""
+    spec = {"ds_config": "zero3_fp32.json", "save_every": 3}
+    straight = {**spec, "output_dir": str(tmp_path / "straight"), "steps": 8}
+    killed = {**spec, "output_dir": str(tmp_path / "a"), "steps": 8, "kill_in_save_at_step": 6}
+    out = _torchrun([straight, killed], tmp_path / "l1")
+    ckpts = tmp_path / "a" / "checkpoints"
+    assert out.returncode != 0 and (ckpts / "latest").read_text() == "step00000003"
+    assert (ckpts / "step00000006").is_dir() and not (ckpts / "step00000006" / MARKER).exists()
+    out = _torchrun([{**spec, "output_dir": str(tmp_path / "a"), "steps": 8}], tmp_path / "l2")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "removed incomplete checkpoint dirs ['step00000006']" in out.stdout + out.stderr
+    for rank in (0, 1):
+        want = read_losses(tmp_path / "straight" / "losses", rank)
+        got = read_losses(tmp_path / "a" / "losses", rank)
+        assert sorted(got) == list(range(8)) and all(got[i] == want[i] for i in want)
