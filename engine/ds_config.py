@@ -99,6 +99,27 @@ def resolve_batch_sizes(config: dict, world_size: int) -> dict:
     return config
 
 
+def keep_global_batch(config: dict, global_batch: int, world_size: int, source: str = "checkpoint") -> dict:
+    """A copy of a resolved config whose ``gradient_accumulation_steps`` keeps ``global_batch`` on
+    ``world_size`` ranks with its micro-batch (a resume on another world size keeps the global batch).
+    """
+    micro = config["train_micro_batch_size_per_gpu"]
+    if global_batch % (micro * world_size):
+        fixes = []
+        if global_batch % micro == 0:
+            fixes.append(f"resume on a number of ranks that divides {global_batch // micro}")
+        if global_batch % world_size == 0:
+            fixes.append(f"set train_micro_batch_size_per_gpu to a divisor of {global_batch // world_size}")
+        raise EngineConfigError(
+            f"cannot keep the global batch (train_batch_size) {global_batch} of {source} on {world_size} "
+            f"ranks: it is not a multiple of micro-batch {micro} x {world_size} ranks; "
+            + (" or ".join(fixes) or "choose a micro-batch and a number of ranks whose product divides it")
+        )
+    config = copy.deepcopy(config)
+    config.update(zip(BATCH_KEYS, (global_batch, micro, global_batch // (micro * world_size))))
+    return config
+
+
 def validate(config: dict) -> None:
     """Reject blocks the engine owns and contradictory precision settings."""
     for block in ("optimizer", "scheduler"):

@@ -34,6 +34,7 @@ from beit3.engine.launch import DistInfo, shutdown_distributed
 from beit3.engine.lr import lr_at
 from beit3.engine.metrics import MetricAccumulator, MetricsWriter, device_peak_flops
 from beit3.engine.optim import StepGuard, build_optimizer
+from beit3.engine.reshard import ensure_universal, plan_resume
 from beit3.engine.task import check_task
 from beit3.engine.trainer_config import EXIT_NONFINITE, EXIT_PREEMPTED, TrainerConfig, TrainResult
 
@@ -73,6 +74,12 @@ class Trainer:
         # Chosen before the engine exists: verified, agreed across ranks (docs/reliability.md).
         self.ckpt.clean_incomplete()
         self.resume_dir = self.ckpt.select(cfg.resume, cfg.output_dir)
+        # Another world size: keep the global batch, convert ZeRO shards to the universal format (reshard.py).
+        plan = plan_resume(self.resume_dir, ds_config, dist.world_size)
+        if plan is not None:
+            ds_config = self.ds_config = plan.ds_config
+            if plan.universal:
+                ensure_universal(plan.tag_dir, dist.rank)
         seed_everything(cfg.seed + dist.rank)
         task.to(dist.device)  # before the optimizer: torch's fused AdamW wants its parameters on the GPU
         optimizer = build_optimizer(
@@ -91,7 +98,10 @@ class Trainer:
         self.guard.skip = True
         try:
             self.engine, _, _, _ = deepspeed.initialize(
-                model=task, optimizer=optimizer, config=ds_config, dist_init_required=False
+                model=task,
+                optimizer=optimizer,
+                config=plan.init_config if plan is not None else ds_config,
+                dist_init_required=False,
             )
         finally:
             self.guard.skip = False

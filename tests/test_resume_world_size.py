@@ -1,0 +1,253 @@
+"""Resume on another number of ranks (2 -> 1 and 1 -> 2) at ZeRO-1/2/3 in bf16 and fp32 (engine/reshard.py).
+
+Three launches, each running many Trainers in one process: 1 rank trains the 1 -> 2 sources, 2 ranks train
+the 2 -> 1 sources and resume the 1 -> 2 ones, 1 rank resumes the 2 -> 1 ones. Every run dumps, on every
+rank, the full fp32 master weight, AdamW moments and step of each parameter through DeepSpeed's own
+accessors (``safe_get_full_*``): after training (what was saved) and right after the resume (what was
+loaded). Run as a script: ``python tests/test_resume_world_size.py --runs '<json>' --results DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from engine_helpers import DS_CONFIGS, ToyData, ToyMultiwayTask
+
+SCRIPT = str(Path(__file__).resolve())
+STEPS = 2  # trained before the change of world size; the resumed run trains one more
+STAGES = (1, 2, 3)
+PRECISIONS = {"fp32": "zero3_fp32.json", "bf16": "zero3_bf16.json"}
+DIRECTIONS = {"2to1": (2, 1), "1to2": (1, 2)}
+MICRO = 2
+STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def _overrides(stage: int, source_world: int) -> dict:
+    """Micro-batch 2 and a global batch of 4 on the source's world size (gas 2 on 1 rank, 1 on 2 ranks).
+
+    The resume passes the same overrides (as a requeue passes the same config): on the other world size they
+    give another global batch, and the trainer re-derives the accumulation steps to keep the checkpoint's.
+    """
+    return {
+        "zero_optimization.stage": stage,
+        "train_batch_size": None,
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": 4 // (MICRO * source_world),
+    }
+
+
+# ----- the script side (runs under torchrun) -----
+def dump_states(trainer) -> dict:
+    """Collective: every parameter's full fp32 master, moments and module weight, and the optimizer steps."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from engine_helpers import base_optimizer, full_parameters
+
+    optimizer = trainer.engine.optimizer
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO-1/2 and BF16_Optimizer link each parameter to its moments once, right after the first group's
+        # first step, when the other groups have no state yet (DeepSpeed 0.19.8, several groups): link again.
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+    params = {}
+    for name, param in trainer.engine.module.named_parameters():
+        params[name] = {
+            "fp32": safe_get_full_fp32_param(param).detach().float().cpu().clone(),
+            "exp_avg": safe_get_full_optimizer_state(param, "exp_avg").detach().float().cpu().clone(),
+            "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq").detach().float().cpu().clone(),
+        }
+    module = full_parameters(trainer)
+    steps = sorted({float(s["step"]) for s in base_optimizer(trainer).state.values() if "step" in s})
+    return {
+        "params": params,
+        "module": module,
+        "steps": steps,
+        "gas": trainer.engine.gradient_accumulation_steps(),
+    }
+
+
+def run_spec(spec: dict, dist) -> dict:
+    from beit3.engine.ds_config import EngineConfigError, load_ds_config
+    from beit3.engine.trainer import Trainer, TrainerConfig
+
+    torch.manual_seed(0)
+    task = ToyMultiwayTask(dropout=0.0)
+    ds = load_ds_config(DS_CONFIGS / spec["ds_config"], dist.world_size, spec["overrides"])
+    data = ToyData(ds["train_micro_batch_size_per_gpu"], rank=dist.rank)
+    cfg = TrainerConfig(
+        output_dir=spec["output_dir"],
+        total_steps=spec["steps"],
+        log_every=1,
+        save_every=0,
+        lr=1e-2,
+        warmup_steps=0,
+        schedule="constant",
+        tensorboard=False,
+        shutdown_at_end=False,
+    )
+    try:
+        trainer = Trainer(task, data, ds, cfg, dist)
+    except EngineConfigError as err:
+        return {"name": spec["name"], "error": str(err)}
+    out = {"name": spec["name"], "gas": trainer.gas, "ds_config": trainer.ds_config, "start": trainer.step}
+    if spec["phase"] == "resume":
+        states = dump_states(trainer)  # what the resume loaded, before any step
+        if dist.rank == 0:
+            torch.save(states, Path(spec["output_dir"]) / "loaded.pt")
+    result = trainer.fit()
+    out.update(step=result.step, exit_reason=result.exit_reason, loss=result.last_metrics.get("loss/total"))
+    if spec["phase"] == "train":
+        states = dump_states(trainer)  # what the final checkpoint holds
+        if dist.rank == 0:
+            torch.save(states, Path(spec["output_dir"]) / "saved.pt")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", required=True)
+    parser.add_argument("--results", required=True)
+    from beit3.engine.launch import add_launcher_args, init_distributed, shutdown_distributed
+
+    args = add_launcher_args(parser).parse_args(argv)
+    dist = init_distributed(args.local_rank)
+    results = [run_spec(spec, dist) for spec in json.loads(args.runs)]
+    Path(args.results, f"results_rank{dist.rank}.json").write_text(json.dumps(results))
+    shutdown_distributed()
+    return 0
+
+
+# ----- the pytest side -----
+def _launch(nproc: int, specs: list[dict], results: Path) -> None:
+    from test_engine_multirank import _clean_env, _free_port
+
+    results.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_free_port()), SCRIPT, "--runs", json.dumps(specs), "--results", str(results)]  # fmt: skip
+    proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def _combos() -> list[tuple[int, str, str]]:
+    return [(s, p, d) for d in DIRECTIONS for p in PRECISIONS for s in STAGES]
+
+
+def _name(stage: int, precision: str, direction: str) -> str:
+    return f"z{stage}_{precision}_{direction}"
+
+
+def _spec(root: Path, name: str, precision: str, stage: int, source_world: int, phase: str) -> dict:
+    spec = {"name": name, "output_dir": str(root / name), "ds_config": PRECISIONS[precision],
+            "overrides": _overrides(stage, source_world), "phase": phase,
+            "steps": STEPS if phase == "train" else STEPS + 1}  # fmt: skip
+    return spec
+
+
+def _snapshot(tag_dir: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tag_dir.iterdir()) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def resharded(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("reshard")
+    sources = {1: [], 2: []}
+    resumes = {1: [], 2: []}
+    for stage, precision, direction in _combos():
+        before, after = DIRECTIONS[direction]
+        name = _name(stage, precision, direction)
+        sources[before].append(_spec(root, name, precision, stage, before, "train"))
+        resumes[after].append(_spec(root, name, precision, stage, before, "resume"))
+    # A global batch that 2 ranks cannot keep: micro 2 x gas 1 on 1 rank.
+    impossible = {**_overrides(1, 1), "gradient_accumulation_steps": 1}
+    sources[1].append({**_spec(root, "impossible_1to2", "fp32", 1, 1, "train"), "overrides": impossible})
+    resumes[2].append({**_spec(root, "impossible_1to2", "fp32", 1, 1, "resume"), "overrides": impossible})
+    _launch(1, sources[1], root / "launch1")
+    _launch(2, sources[2] + resumes[2], root / "launch2")
+    snapshots = {s["name"]: _snapshot(Path(s["output_dir"]) / "checkpoints" / f"step{STEPS:08d}")
+                 for s in sources[2]}  # fmt: skip
+    _launch(1, resumes[1], root / "launch3")
+    for name, before in snapshots.items():
+        assert _snapshot(root / name / "checkpoints" / f"step{STEPS:08d}") == before, (
+            f"{name}: source changed"
+        )
+    return root
+
+
+def _results(root: Path, launch: str) -> dict[str, dict]:
+    return {r["name"]: r for r in json.loads((root / launch / "results_rank0.json").read_text())}
+
+
+def _max_diffs(saved: dict, loaded: dict) -> dict[str, float]:
+    diffs = {}
+    for key in STATE_KEYS:
+        diffs[key] = max((saved["params"][n][key] - loaded["params"][n][key]).abs().max().item()
+                         for n in saved["params"])  # fmt: skip
+    diffs["module"] = max(
+        (saved["module"][n] - loaded["module"][n]).abs().max().item() for n in saved["module"]
+    )
+    return diffs
+
+
+@pytest.mark.slow  # three launches, 13 short runs (about 60 s on 2 cores)
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("stage", "precision", "direction"), _combos())
+def test_resume_on_another_world_size_restores_weights_and_moments_exactly(
+    resharded, stage, precision, direction
+):
+    name = _name(stage, precision, direction)
+    before, after = DIRECTIONS[direction]
+    run = resharded / name
+    saved, loaded = torch.load(run / "saved.pt"), torch.load(run / "loaded.pt")
+    assert sorted(saved["params"]) == sorted(loaded["params"])
+    diffs = _max_diffs(saved, loaded)
+    print(f"{name}: max |diff| {diffs}")
+    assert diffs == dict.fromkeys(diffs, 0.0), diffs
+    assert saved["steps"] == [float(STEPS)] and loaded["steps"] == [float(STEPS)]
+    # The global batch is kept: 2 micro-batches of 2 on 1 rank, 1 on each of 2 ranks.
+    assert (saved["gas"], loaded["gas"]) == (4 // (MICRO * before), 4 // (MICRO * after))
+    tag_dir = run / "checkpoints" / f"step{STEPS:08d}"
+    assert (tag_dir / "universal" / "universal_complete.json").is_file()
+    assert not list(tag_dir.glob(".universal.tmp*"))
+    resumed = _results(resharded, "launch2" if after == 2 else "launch3")[name]
+    assert resumed["start"] == STEPS and resumed["exit_reason"] == "finished" and resumed["step"] == STEPS + 1
+    assert resumed["ds_config"]["train_batch_size"] == 4 and "checkpoint" not in resumed["ds_config"]
+    assert latest_tag(run) == f"step{STEPS + 1:08d}"
+
+
+def latest_tag(run: Path) -> str:
+    return (run / "checkpoints" / "latest").read_text().strip()
+
+
+@pytest.mark.slow  # shares the three launches
+@pytest.mark.multiprocess
+def test_a_global_batch_the_new_world_size_cannot_keep_is_a_config_error(resharded):
+    result = _results(resharded, "launch2")["impossible_1to2"]
+    assert "cannot keep the global batch (train_batch_size) 2" in result["error"]
+    assert "train_micro_batch_size_per_gpu to a divisor of 1" in result["error"]
+    assert not (resharded / "impossible_1to2" / "checkpoints" / f"step{STEPS:08d}" / "universal").exists()
+
+
+@pytest.mark.slow  # shares the three launches
+@pytest.mark.multiprocess
+def test_resharded_master_weights_equal_the_consolidated_source(resharded):
+    """engine/consolidate.py reads the original shards independently of DeepSpeed's converter."""
+    from beit3.engine.consolidate import consolidate_checkpoint
+
+    for stage, precision, direction in _combos():
+        run = resharded / _name(stage, precision, direction)
+        consolidated = consolidate_checkpoint(run / "checkpoints" / f"step{STEPS:08d}")
+        loaded = torch.load(run / "loaded.pt")["params"]
+        assert sorted(consolidated) == sorted(loaded)
+        assert all(torch.equal(consolidated[n], loaded[n]["fp32"]) for n in loaded), run.name
+
+
+if __name__ == "__main__":
+    sys.exit(main())
