@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from beit3.engine.config_io import ConfigError, apply_overrides, from_dict, read_toml
+from beit3.engine.config_io import ConfigError, apply_overrides, from_dict, range_problem, read_toml
+from beit3.engine.ds_config import load_ds_config
+from beit3.engine.trainer_config import train_settings_problem
 
 TASKS = (
     "image_classification",
@@ -114,20 +116,28 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Finetun
     return recipe
 
 
+# The range of every numeric recipe setting outside [train]'s engine fields (the engine's TRAIN_RANGES);
+# tests/test_recipes_shipped.py checks that no numeric field is left out.
+RANGES = {
+    "task": {"num_classes": "[0, inf)", "label_smoothing": "[0, 1)"},
+    "model": {"img_size": "[0, inf)", "drop_path_rate": "[0, 1)"},
+    "data": {"max_text_len": "[3, inf)", "max_train": "[0, inf)", "max_eval": "[0, inf)", "seed": "[0, inf)"},
+    "train": {"layer_decay": "(0, 1]", "head_lr_scale": "(0, inf)"},
+    "captioning": {"mask_prob": "(0, 1)", "num_beams": "[1, inf)", "max_len": "[3, inf)",
+                   "length_penalty": "(-inf, inf)"},
+}  # fmt: skip
+
+
 def validate(recipe: FinetuneRecipe) -> None:
-    """Raise ConfigError naming the key to fix."""
-    t, tr, c = recipe.task, recipe.train, recipe.captioning
+    """Raise ConfigError naming the key to fix: every value's range, then values that depend on each other."""
+    problem = train_settings_problem(recipe.train, "train")
+    for section, rules in RANGES.items():
+        problem = problem or range_problem(getattr(recipe, section), section, rules)
+    if problem:
+        raise ConfigError(f"finetune recipe: {problem}")
+    t = recipe.task
     checks = [
         (t.name in TASKS, f"task.name must be one of {TASKS}, got {t.name!r}"),
-        (t.num_classes >= 0, "task.num_classes must be >= 0 (0: from the data)"),
-        (0.0 <= t.label_smoothing < 1.0, "task.label_smoothing must lie in [0, 1)"),
-        (tr.total_steps >= 1, "train.total_steps must be >= 1"),
-        (0 <= tr.warmup_steps <= tr.total_steps, "train.warmup_steps must lie in [0, train.total_steps]"),
-        (0.0 < tr.layer_decay <= 1.0, "train.layer_decay must lie in (0, 1]"),
-        (tr.head_lr_scale > 0, "train.head_lr_scale must be positive"),
-        (0.0 < c.mask_prob < 1.0, "captioning.mask_prob must lie in (0, 1)"),
-        (c.num_beams >= 1 and c.max_len >= 3, "captioning.num_beams >= 1 and captioning.max_len >= 3"),
-        (recipe.data.max_text_len >= 3, "data.max_text_len must be >= 3 (<s>, a token, </s>)"),
         (bool(recipe.data.tokenizer) or t.name in ("image_classification",),
          "data.tokenizer must name a SentencePiece model file for tasks with text"),
         (recipe.data.source != "jsonl" or bool(recipe.data.train),
@@ -136,3 +146,43 @@ def validate(recipe: FinetuneRecipe) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"finetune recipe: {message}")
+
+
+def validate_run(recipe: FinetuneRecipe, ds_config: dict, world_size: int) -> dict:
+    """Check a recipe against itself, its model preset and the DeepSpeed config on ``world_size`` ranks,
+    without reading any file or starting DeepSpeed; returns the resolved DeepSpeed config.
+
+    Raises ConfigError or EngineConfigError with one line naming the setting and the fix. Shapes a
+    pretrained checkpoint imposes (vocabulary, text positions) are checked when it is loaded.
+    """
+    from beit3.model import ModelConfigError, get_config
+
+    validate(recipe)
+    m = recipe.model
+    overrides = {"drop_path_rate": m.drop_path_rate, **m.overrides}
+    if m.img_size:
+        overrides["img_size"] = m.img_size
+    try:
+        preset = get_config(m.name)
+    except ModelConfigError as e:
+        raise ConfigError(f"finetune recipe: model.name: {e}") from e
+    patch = m.overrides.get("patch_size", preset.patch_size)
+    if m.img_size and isinstance(patch, int) and patch > 0 and m.img_size % patch:
+        raise ConfigError(
+            f"finetune recipe: model.img_size={m.img_size} is not a multiple of the patch size {patch}: "
+            f"give a multiple of {patch} (0: the preset's {preset.img_size})"
+        )
+    try:
+        model_cfg = get_config(m.name, **overrides)
+    except (ModelConfigError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise ConfigError(f"finetune recipe: model.overrides: {e}") from e
+    lengths = [("data.max_text_len", recipe.data.max_text_len)]
+    if recipe.task.name == "captioning":
+        lengths.append(("captioning.max_len", recipe.captioning.max_len))
+    for name, length in lengths:
+        if length > model_cfg.max_text_len:
+            raise ConfigError(
+                f"finetune recipe: {name}={length} exceeds the model's max_text_len "
+                f"{model_cfg.max_text_len}: lower it or raise model.overrides.max_text_positions"
+            )
+    return load_ds_config(ds_config, world_size)

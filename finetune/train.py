@@ -23,21 +23,37 @@ from pathlib import Path
 
 import torch.distributed as torch_dist
 
+from beit3.engine.checkpoint import CheckpointError as ResumeError
 from beit3.engine.config_io import ConfigError, dotted_overrides, to_dict
 from beit3.engine.ds_config import EngineConfigError, load_ds_config
-from beit3.engine.launch import add_run_args, init_distributed, shutdown_distributed
+from beit3.engine.launch import LaunchError, add_run_args, init_distributed, shutdown_distributed
+from beit3.engine.optim import OptimizerConfigError
+from beit3.engine.trainer_config import preflight
 from beit3.finetune.builder import build_task
 from beit3.finetune.data.batches import BatchLoader, Collator, tokenize_split
 from beit3.finetune.data.build import load_task_data
 from beit3.finetune.data.sources import DataSourceError
 from beit3.finetune.decoding import BeamSearchConfig
 from beit3.finetune.evaluate import evaluate, sample_captions
-from beit3.finetune.recipe import FinetuneRecipe, load_recipe
-from beit3.model import CheckpointError
+from beit3.finetune.recipe import FinetuneRecipe, load_recipe, validate_run
+from beit3.model import CheckpointError, ModelConfigError
+from beit3.tokenizers.text import TokenizerError
 
 log = logging.getLogger("beit3.finetune")
 
 EXIT_CONFIG = 2
+# Every exception type that means "the configuration is wrong": exit 2 with its one-line message.
+CONFIG_ERRORS = (
+    ConfigError,
+    EngineConfigError,
+    ResumeError,
+    DataSourceError,
+    CheckpointError,
+    ModelConfigError,
+    TokenizerError,
+    OptimizerConfigError,
+    LaunchError,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,16 +114,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     owns_process_group = not torch_dist.is_initialized()  # an embedding caller keeps its own group
-    dist = init_distributed(args.local_rank)
     try:
+        dist = init_distributed(args.local_rank)
+    except LaunchError as e:
+        return config_error(e, rank=0)
+    try:
+        # Every check that needs neither data nor a model runs first: a mistake costs seconds.
         overrides = list(args.set) + ([f"task.name={args.task}"] if args.task else [])
         recipe = load_recipe(args.config, overrides)
         ds_config = load_ds_config(args.ds_config, dist.world_size, dotted_overrides(args.ds_set))
+        validate_run(recipe, ds_config, dist.world_size)
+        if args.eval_only:
+            if not Path(args.eval_only).is_file():
+                raise ConfigError(f"--eval-only {args.eval_only} does not exist: give a finetuned model.pth")
+        else:
+            preflight(trainer_config(recipe, args, ds_config), ds_config, dist.world_size)
         tokenizer, data, task = prepare(recipe)
-    except (ConfigError, EngineConfigError, DataSourceError, CheckpointError) as e:
-        if dist.rank == 0:
-            print(f"beit3-finetune: error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    except CONFIG_ERRORS as e:
+        return config_error(e, dist.rank)
     micro = ds_config["train_micro_batch_size_per_gpu"]
     name = recipe.task.name
 
@@ -139,9 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         mask_id=tokenizer.mask_id if tokenizer else 0,
     )
     loader = BatchLoader(data.train, collate, micro, dist.rank, dist.world_size, seed=recipe.data.seed)
-    trainer = Trainer(
-        task, loader, ds_config, trainer_config(recipe, args, ds_config), dist, eval_fn=run_eval
-    )
+    try:
+        trainer = Trainer(
+            task, loader, ds_config, trainer_config(recipe, args, ds_config), dist, eval_fn=run_eval
+        )
+    except CONFIG_ERRORS as e:
+        return config_error(e, dist.rank)
     result = trainer.fit()
     if result.exit_reason != "finished":
         _shutdown(owns_process_group)
@@ -157,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     export_finetuned(out, dist.rank)
     _shutdown(owns_process_group)
     return 0
+
+
+def config_error(error: Exception, rank: int) -> int:
+    """Print the one-line message of a configuration error (rank 0) and return exit code 2."""
+    if rank == 0:
+        message = " ".join(str(error).split())
+        print(f"beit3-finetune: error: {message[:600]}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def _shutdown(owns_process_group: bool) -> None:
