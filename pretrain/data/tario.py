@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-# Errors a damaged or truncated tar file raises while it is being read.
+# Errors a shard that cannot be opened or read at all raises (damage inside a shard is reported instead).
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,45 +63,199 @@ def _no_report(kind: str, url: str, detail: str) -> None:
     pass
 
 
+# ---- members: our own header walk, so that damage is seen instead of looking like the end of the shard ----
+BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
+_REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+             tarfile.GNUTYPE_LONGLINK)  # fmt: skip
+_warned: set[tuple[str, int]] = set()  # (shard, offset) pairs already logged by this process
+
+
+@dataclass
+class _Member:
+    name: str
+    regular: bool  # a regular file (not a directory, link, device, fifo)
+    size: int
+    header: int  # offset of its first header block (an extended header's, if any): where reading resumes
+    data: int  # offset of its data
+
+
+@dataclass
+class _Damage:
+    offset: int
+    detail: str
+
+
+def _header(block: bytes) -> tarfile.TarInfo | None:
+    """The member header in a 512-byte block, or None when the checksum or a number field is invalid."""
+    try:
+        return tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return None
+
+
+def _resync(f, pos: int, file_size: int) -> int | None:
+    """The offset of the next block at or after ``pos`` holding a valid ustar header (magic and checksum)."""
+    chunk = 1 << 20
+    while pos + BLOCK <= file_size:
+        f.seek(pos)
+        data = f.read(min(chunk, file_size - pos))
+        i = data.find(b"ustar")
+        while i >= 0:
+            start = i - 257  # the magic field's place in a header block
+            aligned = start >= 0 and start % BLOCK == 0 and start + BLOCK <= len(data)
+            if aligned and _header(data[start : start + BLOCK]) is not None:
+                return pos + start
+            i = data.find(b"ustar", i + 1)
+        step = len(data) // BLOCK * BLOCK - BLOCK  # overlap one block: a header cut by the chunk edge
+        if step <= 0:
+            return None
+        pos += step
+    return None
+
+
+def _parse_pax(raw: bytes) -> dict[str, str]:
+    """``"<len> <key>=<value>\\n"`` records of a pax extended header."""
+    out, i = {}, 0
+    while i < len(raw) and raw[i : i + 1] != b"\0":
+        sp = raw.index(b" ", i)
+        n = int(raw[i:sp])
+        if n <= sp - i or i + n > len(raw) or raw[i + n - 1 : i + n] != b"\n":
+            raise ValueError(f"bad pax record at {i}")
+        k, _, v = raw[sp + 1 : i + n - 1].partition(b"=")
+        out[k.decode("utf-8", "surrogateescape")] = v.decode("utf-8", "surrogateescape")
+        i += n
+    return out
+
+
+def _members(f, file_size: int, pos: int):
+    """The members from header offset ``pos`` on, as :class:`_Member`, with :class:`_Damage` in between.
+
+    After damage (a header with a bad checksum, a size beyond the end of the file, a file cut inside a
+    header or without its end-of-archive blocks) the walk resumes at the next valid header found on a
+    512-byte boundary, so one bad block does not lose the rest of the shard.
+    """
+    start, header, pax, long_name = pos, None, {}, None
+    while True:
+        if pos >= file_size:
+            if pos != start or start == 0:  # (a reader resumed exactly at the end has nothing to say)
+                what = "is empty" if file_size == 0 else "ends without its end-of-archive blocks (cut short?)"
+                yield _Damage(pos, f"the file {what}")
+            return
+        f.seek(pos)
+        block = f.read(BLOCK)
+        if pos == 0 and block[:2] == b"\x1f\x8b":
+            yield _Damage(0, "gzip-compressed: shards are read uncompressed (gunzip them)")
+            return
+        if len(block) < BLOCK:
+            yield _Damage(pos, f"the file ends inside a member header ({len(block)} of {BLOCK} bytes)")
+            return
+        info = None if block == _ZERO_BLOCK else _header(block)
+        size = -1 if info is None else info.size
+        if info is not None and "size" in pax:  # a pax size overrides the octal field (members over 8 GiB)
+            size = int(pax["size"]) if pax["size"].isdigit() else -1
+        if block == _ZERO_BLOCK:  # the end-of-archive marker, unless valid members follow (a zeroed block)
+            damage = "a block of zeros inside the shard"
+        elif info is None:
+            damage = "a member header with a bad checksum or number field"
+        elif size < 0 or pos + BLOCK + size > file_size:
+            damage = f"member {info.name!r} claims {size} bytes, {file_size - pos - BLOCK} remain"
+        else:
+            damage = None
+        if damage is not None:
+            nxt = _resync(f, pos + BLOCK, file_size)
+            if block == _ZERO_BLOCK and nxt is None:
+                return  # the end, followed only by padding
+            yield _Damage(pos, damage)
+            if nxt is None:
+                return
+            pos, header, pax, long_name = nxt, None, {}, None
+            continue
+        header = pos if header is None else header
+        data_at, pos = pos + BLOCK, pos + BLOCK + -(-size // BLOCK) * BLOCK
+        if info.type in _EXTENDED:
+            f.seek(data_at)
+            raw = f.read(size)
+            try:
+                if info.type in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
+                    pax = _parse_pax(raw)
+                elif info.type == tarfile.GNUTYPE_LONGNAME:
+                    long_name = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            except ValueError as e:
+                yield _Damage(header, f"a bad extended header ({e})")
+                nxt = _resync(f, pos, file_size)
+                if nxt is None:
+                    return
+                pos, header, pax, long_name = nxt, None, {}, None
+            continue
+        name = pax.get("path") or long_name or info.name
+        yield _Member(name, info.type in _REGULAR, size, header, data_at)
+        header, pax, long_name = None, {}, None
+
+
+def _log_damage_once(url: str, damage: _Damage) -> None:
+    if (url, damage.offset) not in _warned:
+        _warned.add((url, damage.offset))
+        log.warning("damaged shard %s at byte %d: %s; reading on from the next valid member",
+                    url, damage.offset, damage.detail)  # fmt: skip
+
+
 def iter_shard(
     url: str, offset: int = 0, index: int = 0, part: int = 0, parts: int = 1, report=_no_report
 ) -> Iterator[tuple[RawSample | None, int, int]]:
     """Samples of a tar shard from a member-header byte ``offset``, as ``(sample, next_offset, next_index)``.
 
     ``index`` counts samples from the start of the shard; only samples with ``index % parts == part`` are
-    read (the others are skipped by seeking and yielded as None so positions still advance). Damaged data
-    raises one of :data:`TAR_ERRORS`; the samples before it have already been yielded.
+    read (the others are skipped by seeking and yielded as None so positions still advance).
 
-    A member whose field the current sample already has (two ``X.jpg`` in a row) starts a new sample with
-    the same key instead of replacing the first one's bytes: ``report("duplicate_member", url, detail)`` is
-    called once for it, by the reader that owns the new sample.
+    What is dropped or repaired is passed to ``report(kind, url, detail)`` by the one reader that owns the
+    sample in progress (so readers of other parts of the shard do not count it again):
+
+    - ``tar_read``: damage (bad header checksum, a member larger than the rest of the file, a file cut inside
+      a header or without end-of-archive blocks, gzip). Logged once per shard and offset; reading resumes at
+      the next valid header, and the sample in progress ends there (no sample spans damage).
+    - ``tar_member``: a member that cannot be a field (a directory, link or device, a name without extension).
+    - ``duplicate_member``: a member whose field the current sample already has (two ``X.jpg`` in a row)
+      starts a new sample with the same key instead of replacing the first one's bytes.
+
+    A missing or unreadable file raises one of :data:`TAR_ERRORS`.
     """
     with open(url, "rb") as f:
-        f.seek(offset)
-        tf = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 (closed with f; a generator holds it)
-        key, fields, members, exts = None, {}, [], set()
-        for info in tf:
-            parsed = split_member_name(info.name) if info.isfile() else None
+        file_size = os.fstat(f.fileno()).st_size
+        key, fields, members, exts, broken = None, {}, [], set(), False
+        for m in _members(f, file_size, offset):
+            mine = index % parts == part
+            if isinstance(m, _Damage):
+                broken = True
+                if mine:
+                    _log_damage_once(url, m)
+                    report("tar_read", url, f"byte {m.offset}: {m.detail}")
+                continue
+            parsed = split_member_name(m.name) if m.regular else None
             if parsed is None:
+                if mine:
+                    report("tar_member", url, f"{m.name!r} at byte {m.header} is no sample field")
                 continue
             mkey, ext = parsed
-            if mkey != key or ext in exts:
-                if key is not None:
-                    yield _finish(key, url, fields, members, index, part, parts), info.offset, index + 1
-                    index += 1
-                    if mkey == key and index % parts == part:
-                        report("duplicate_member", url, f"{info.name} at byte {info.offset} repeats a field")
-                key, fields, members, exts = mkey, {}, [], set()
+            if key is not None and (mkey != key or ext in exts or broken):
+                yield _finish(key, url, fields, members, index, part, parts), m.header, index + 1
+                index += 1
+                if mkey == key and ext in exts and not broken and index % parts == part:
+                    report("duplicate_member", url, f"{m.name} at byte {m.header} repeats a field")
+                key = None
+            if key is None:
+                key, fields, members, exts, broken = mkey, {}, [], set(), False
             exts.add(ext)
             if index % parts == part:
-                data = tf.extractfile(info).read()
-                if len(data) != info.size:
-                    raise EOFError(f"{url}: member {info.name} is truncated")
+                f.seek(m.data)
+                data = f.read(m.size)
+                if len(data) != m.size:  # the file shrank while being read
+                    raise EOFError(f"{url}: member {m.name} is truncated")
                 fields[ext] = data
-                members.append((ext, info.offset_data, info.size))
-            tf.members.clear()  # a long shard would otherwise keep every header in memory
+                members.append((ext, m.data, m.size))
         if key is not None:
-            yield _finish(key, url, fields, members, index, part, parts), os.path.getsize(url), index + 1
+            yield _finish(key, url, fields, members, index, part, parts), file_size, index + 1
 
 
 def _finish(key, url, fields, members, index, part, parts) -> RawSample | None:
