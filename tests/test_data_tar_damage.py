@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import tarfile
 
 import pytest
 from bad_input_fixtures import (
@@ -145,3 +146,27 @@ def test_the_loader_counts_tar_read_logs_shard_and_offset_once_and_resumes_exact
     resumed.close()
     assert [b["image"]["keys"] for b in again] == [b["image"]["keys"] for b in more]
     assert [b["stats"] for b in again] == [b["stats"] for b in more]
+
+
+def test_members_that_cannot_be_fields_are_counted_as_tar_member(tmp_path, tok):
+    def special(name, kind, target=""):
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind, target
+        return info
+
+    path = tar_shard(
+        tmp_path / "m" / "m.tar",
+        [
+            special("k00", tarfile.DIRTYPE),
+            ("k00/a.jpg", jpeg()),
+            special("k01.jpg", tarfile.SYMTYPE, "k00/a.jpg"),
+            special("k02.jpg", tarfile.LNKTYPE, "k00/a.jpg"),
+            ("README", b"no extension"),
+            (".hidden", b"no stem"),
+            ("k03.jpg", jpeg()),
+        ],
+    )
+    keys, reports, _ = read_all(path)
+    assert keys == ["k00/a", "k03"] and [k for k, _ in reports] == ["tar_member"] * 5
+    batch = next(iter(build_pretrain_loader(cfg_for(path, shuffle_buffer=0), tok, 2, 0, 0)))
+    assert batch["image"]["keys"] == ["k00/a", "k03"] and batch["stats"]["skipped/tar_member"] == 5

@@ -28,6 +28,7 @@ SKIP_KINDS = (
     "json_decode",  # a json member needed for the caption that is not JSON (invalid, not UTF-8, too deep)
     "missing_field",  # a sample without the image or the text field its stream needs
     "duplicate_member",  # a member repeating a field of the sample before it under the same key
+    "tar_member",  # a tar member that is no sample field: not a regular file (directory, link), no extension
     "tar_read",  # a shard that could not be read to its end (truncated or damaged tar): counted per event
     "sample_error",  # any other exception raised while one sample was decoded or transformed
 )
