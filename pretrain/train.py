@@ -22,6 +22,7 @@ from beit3.engine.config_io import ConfigError, dotted_overrides, to_dict
 from beit3.engine.ds_config import EngineConfigError, load_ds_config
 from beit3.engine.launch import LaunchError, add_run_args, init_distributed
 from beit3.engine.optim import OptimizerConfigError
+from beit3.engine.supervise import supervised
 from beit3.engine.trainer import Trainer, TrainerConfig, seed_everything
 from beit3.engine.trainer_config import preflight
 from beit3.model import ModelConfigError
@@ -84,12 +85,19 @@ def build_task(recipe: PretrainRecipe, device, visual_checkpoint: dict | None = 
     model_cfg = get_config(recipe.model.name, **overrides)
     text_tok = TextTokenizer(recipe.tokenizers.text)
     check_text_tokenizer(text_tok.vocab_size, model_cfg)
-    visual = build_visual_tokenizer(
-        recipe.tokenizers.visual,
-        visual_checkpoint,
-        device=device,
-        input_size=recipe.data.tokenizer_img_size,
-    )
+    try:
+        visual = build_visual_tokenizer(
+            recipe.tokenizers.visual,
+            visual_checkpoint,
+            device=device,
+            input_size=recipe.data.tokenizer_img_size,
+        )
+    except VQKDConfigError as e:
+        raise ConfigError(
+            f"[tokenizers] visual_checkpoint={recipe.tokenizers.visual_checkpoint!r} does not fit "
+            f"visual={recipe.tokenizers.visual!r} ({' '.join(str(e).split())[:200]}): give the checkpoint "
+            "of that tokenizer, or set visual to the name it was trained as (beit3-vqkd list)"
+        ) from e
     check_visual_tokenizer(recipe, visual.codebook_size, visual.model.cfg.patch_size, model_cfg)
     model = build_model(recipe.model.name, **overrides)
     layers = grad_checkpoint_layers(recipe.model.grad_checkpointing, model.cfg.depth)
@@ -107,6 +115,7 @@ def trainer_config(recipe: PretrainRecipe, args, ds_config: dict) -> TrainerConf
     )
 
 
+@supervised  # under beit3-launch: the exit code reaches the launcher (engine/supervise.py)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
