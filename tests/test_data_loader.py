@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -253,8 +255,10 @@ def test_a_single_shard_is_not_read_twice_at_once(tmp_path, data):
     assert keys == [f"pair{i:05d}" for i in range(8)]
 
 
-def test_workers_survive_the_preemption_signal(data):
-    # Slurm sends SIGUSR1 to every process of a step; only the trainer acts on it.
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_workers_survive_stop_signals(data, sig):
+    # Slurm sends SIGUSR1 to every process of a step, torchrun/scancel/preemption SIGTERM to the process
+    # group, a terminal SIGINT; only the trainer acts on them.
     root, tok = data
     loader = build_pretrain_loader(make_cfg(root, num_workers=2), tok, 1, 1, 1)
     it = iter(loader)
@@ -262,9 +266,63 @@ def test_workers_survive_the_preemption_signal(data):
     workers = psutil.Process().children()
     assert len(workers) == 2
     for w in workers:
-        os.kill(w.pid, signal.SIGUSR1)
+        os.kill(w.pid, sig)
     time.sleep(0.3)
     for _ in range(4):
         next(it)
-    assert all(w.is_running() for w in workers)
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
     loader.close()
+    psutil.wait_procs(workers, timeout=10)
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+GROUP_CHILD = """
+import signal, sys, time
+import psutil
+from beit3.pretrain.data import PretrainDataConfig, build_pretrain_loader
+from beit3.tokenizers.text import TextTokenizer
+
+root, spm = sys.argv[1:3]
+received = []
+signal.signal(signal.SIGTERM, lambda s, f: received.append(s))  # the trainer's part: note it, carry on
+cfg = PretrainDataConfig(
+    image_shards=[root + "/images"], text_shards=[root + "/texts"], pair_shards=[root + "/pairs"],
+    img_size=32, patch_size=8, tokenizer_img_size=16, text_max_len=16, pair_text_max_len=12,
+    min_num_patches=2, num_workers=2, shuffle_buffer=4, open_shards=2,
+)
+it = iter(build_pretrain_loader(cfg, TextTokenizer(spm), 1, 1, 1))
+next(it), next(it)
+print("ready", *[c.pid for c in psutil.Process().children()], flush=True)
+deadline = time.time() + 30
+while not received and time.time() < deadline:
+    time.sleep(0.05)
+for _ in range(6):
+    next(it)
+print("survived", len(received), flush=True)
+# No loader.close(): the loader's exit hook must stop the workers, or the exit would wait for them forever.
+"""
+
+
+def test_a_sigterm_to_the_whole_process_group_leaves_the_loader_running_and_the_exit_clean(data):
+    root, tok = data
+    child = subprocess.Popen(
+        [sys.executable, "-c", GROUP_CHILD, str(root), tok.model_file],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as under torchrun or srun
+    )
+    try:
+        ready = child.stdout.readline().split()
+        assert ready[:1] == ["ready"] and len(ready) == 3, ready or child.stderr.read()
+        workers = [psutil.Process(int(pid)) for pid in ready[1:]]
+        os.killpg(child.pid, signal.SIGTERM)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 0, err[-2000:]
+    assert "survived 1" in out
+    assert "killed by signal" not in err
+    psutil.wait_procs(workers, timeout=10)
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)

@@ -9,9 +9,11 @@ Every batch carries its producer's state *after* that batch; the loader keeps th
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import signal
+import weakref
 
 import numpy as np
 import torch
@@ -148,12 +150,50 @@ def _identity(x):
     return x
 
 
-def _ignore_preemption_signal(worker_id: int) -> None:
-    """DataLoader worker init: ignore SIGUSR1, which Slurm sends to every process of a step before the time
-    limit. Only the training process acts on it (checkpoint and requeue); a worker started with ``spawn`` or
-    before the trainer's handler was installed would otherwise die of it and fail the step."""
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+# Stop signals that launchers, schedulers and terminals deliver to a whole process group (torchrun, `scancel`,
+# preemption, Slurm's pre-time-limit SIGUSR1, Ctrl-C). Only the training process acts on them.
+WORKER_IGNORED_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores SIGTERM, SIGUSR1 and SIGINT.
+
+    A worker that dies of a group-wide SIGTERM makes the trainer's next batch fail ("DataLoader worker is
+    killed by signal: Terminated") before it can checkpoint. Workers still end: when the loader shuts them
+    down, and when the training process is gone (torch's worker loop watches its parent). Torch's own
+    SIGTERM handler in the worker (exit when the parent sends it) is replaced, so a loader must be shut
+    down before the interpreter exits, or multiprocessing's exit hook waits for such a worker forever:
+    :class:`PretrainLoader` does it from an ``atexit`` hook (:func:`shut_down_at_exit`).
+    """
+    for name in WORKER_IGNORED_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+_open_loaders: weakref.WeakSet = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def shut_down_at_exit(loader) -> None:
+    """Have ``loader.close()`` called at interpreter exit, before multiprocessing joins the worker processes.
+
+    ``atexit`` runs hooks last-registered first: this one is registered after torch's (set when torch is
+    imported, it turns the DataLoader's own shutdown into a no-op) and after multiprocessing's (which
+    SIGTERMs daemonic workers and joins them without a timeout), so it runs before both.
+    """
+    global _exit_hook_registered
+    _open_loaders.add(loader)
+    if not _exit_hook_registered:
+        atexit.register(_close_open_loaders)
+        _exit_hook_registered = True
+
+
+def _close_open_loaders() -> None:
+    for loader in list(_open_loaders):
+        try:
+            loader.close()
+        except Exception as e:  # exiting anyway: say why a worker may linger, do not mask the exit status
+            log.warning("could not shut down the data loader workers at exit: %r", e)
 
 
 class PretrainLoader:
@@ -208,9 +248,10 @@ class PretrainLoader:
                     prefetch_factor=self.cfg.prefetch_factor,
                     persistent_workers=False,
                     pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
-                    worker_init_fn=_ignore_preemption_signal,
+                    worker_init_fn=ignore_stop_signals,
                 )
             )
+            shut_down_at_exit(self)
         try:
             for batch in source:
                 state = batch.pop("_producer_state")
