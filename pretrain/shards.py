@@ -15,7 +15,6 @@ kind in the manifest. A new shard starts after ``--max-samples`` samples or ``--
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import os
@@ -148,42 +147,93 @@ def iter_documents(sources: Iterable[str], field: str, skipped: Counter) -> Iter
 
 
 # ---- pairs -----------------------------------------------------------------------------------------------
+def _index_lines(f, count) -> Iterator[tuple[int, str]]:
+    """Non-blank lines of an index file as (line number, text); lines that are not UTF-8 are counted."""
+    for lineno, raw in enumerate(f, 1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            count("text_decode", lineno, "not UTF-8")
+            continue
+        line = line.lstrip("\ufeff") if lineno == 1 else line
+        if line.strip():
+            yield lineno, line
+
+
+def _tsv_rows(lines, image_field: str, text_field: str, count) -> Iterator[tuple[str, str]]:
+    cols, ncols = (0, 1), 2
+    for n, (lineno, line) in enumerate(lines):
+        cells = line.split("\t")
+        if n == 0 and (image_field in cells or text_field in cells):  # a header row: named columns
+            cols = (
+                cells.index(image_field) if image_field in cells else 0,
+                cells.index(text_field) if text_field in cells else 1,
+            )
+            ncols = len(cells)
+        elif len(cells) != ncols:
+            count("bad_line", lineno, f"{len(cells)} columns where {ncols} are expected")
+        else:
+            yield cells[cols[0]], cells[cols[1]]
+
+
+def _jsonl_rows(lines, image_field: str, text_field: str, count) -> Iterator[tuple[str, str]]:
+    for lineno, line in lines:
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError):
+            count("bad_line", lineno, f"not JSON: {line[:40]!r}")
+            continue
+        if not isinstance(rec, dict):
+            count("bad_line", lineno, f"a JSON {type(rec).__name__}, not an object")
+        elif not isinstance(rec.get(image_field), str) or not rec[image_field]:
+            count("missing_field", lineno, f"no {image_field!r} path")
+        elif not isinstance(rec.get(text_field), str):
+            count("missing_field", lineno, f"no {text_field!r} string")
+        else:
+            yield rec[image_field], rec[text_field]
+
+
 def read_pair_index(
-    src: str, image_field: str, text_field: str, image_root: str | None
+    src: str,
+    image_field: str,
+    text_field: str,
+    image_root: str | None,
+    skipped: Counter | None = None,
+    quiet: bool = True,
 ) -> list[tuple[str, str]]:
-    """(absolute image path, caption) rows of a .jsonl or .tsv index.
+    """(absolute image path, caption) rows of a .jsonl or .tsv index; unusable lines are counted, not fatal.
 
     A tsv whose first row holds ``image_field`` or ``text_field`` has a header naming its columns; otherwise
-    (and for a column the header does not name) column 0 is the image path and column 1 the caption.
+    (and for a column the header does not name) column 0 is the image path and column 1 the caption. A tsv
+    row with another number of columns than the header (two without one) is a ``bad_line``: a tab inside a
+    caption would otherwise cut it short. Counted in ``skipped``: ``bad_line`` (not JSON, not an object,
+    wrong column count), ``missing_field`` (no image path, or a caption that is missing or not a string),
+    ``text_decode`` (a line that is not UTF-8); the first five are also printed unless ``quiet``. An index
+    with lines but no usable row is a :class:`ShardsError` (most likely the wrong ``--image-field``).
     """
     base = image_root or os.path.dirname(os.path.abspath(src))
-    rows: list[tuple[str, str]] = []
     if not os.path.isfile(src):
         raise ShardsError(f"pair index {src} does not exist")
-    with open(src, encoding="utf-8", errors="replace", newline="") as f:
-        if src.endswith(".tsv"):
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            first = next(reader, None) or []
-            cols = (0, 1)
-            if image_field in first or text_field in first:  # a header row: named columns, else 0 and 1
-                cols = (
-                    first.index(image_field) if image_field in first else 0,
-                    first.index(text_field) if text_field in first else 1,
-                )
-            elif first:
-                rows.append((first[0], first[1] if len(first) > 1 else ""))
-            rows.extend((r[cols[0]], r[cols[1]] if len(r) > cols[1] else "") for r in reader if r)
-        else:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    rows.append((str(rec[image_field]), str(rec.get(text_field, ""))))
-                except (ValueError, KeyError, TypeError) as e:
-                    raise ShardsError(
-                        f"{src}: line {line[:60]!r} lacks {image_field!r}: set --image-field/--text-field"
-                    ) from e
+    bad: Counter = Counter()
+    first_bad: list[str] = []
+
+    def count(kind: str, lineno: int, detail: str) -> None:
+        bad[kind] += 1
+        if not first_bad:
+            first_bad.append(f"line {lineno}: {detail}")
+        if not quiet and sum(bad.values()) <= 5:
+            print(f"beit3-shards: {src}:{lineno}: skipped ({kind}: {detail})", file=sys.stderr)
+
+    rows_of = _tsv_rows if src.endswith(".tsv") else _jsonl_rows
+    with open(src, "rb") as f:
+        rows = list(rows_of(_index_lines(f, count), image_field, text_field, count))
+    if bad and not rows:
+        raise ShardsError(
+            f"{src}: no usable line ({dict(bad)}; {first_bad[0]}): check --image-field/--text-field "
+            f"({image_field!r}/{text_field!r})"
+        )
+    if skipped is not None:
+        skipped.update(bad)
     return [(os.path.join(base, p), c) for p, c in rows]
 
 
@@ -194,10 +244,12 @@ def _progress(total: int | None, unit: str, quiet: bool):
     return tqdm(total=total, unit=unit, disable=quiet, file=sys.stderr, dynamic_ncols=True)
 
 
-def _write_jobs(args, kind: str, jobs: list[tuple], extra: dict) -> dict:
-    """Run image jobs (in a pool when --workers > 1), write shards in input order, then the manifest."""
+def _write_jobs(args, kind: str, jobs: list[tuple], extra: dict, skipped: Counter | None = None) -> dict:
+    """Run image jobs (in a pool when --workers > 1), write shards in input order, then the manifest.
+
+    ``skipped`` holds counts from before the jobs (e.g. unusable index lines); the jobs' skips are added."""
     writer = ShardWriter(args.out_dir, args.prefix or kind, args.max_samples, args.max_bytes)
-    skipped: Counter = Counter()
+    skipped = Counter() if skipped is None else skipped
     bar = _progress(len(jobs), "sample", args.quiet)
     pool = Pool(args.workers) if args.workers > 1 else None
     results = pool.imap(_image_job, jobs, chunksize=8) if pool else map(_image_job, jobs)
@@ -246,14 +298,15 @@ def cmd_images(args) -> dict:
 
 def cmd_pairs(args) -> dict:
     """Image-text index files -> pair shards."""
+    skipped: Counter = Counter()  # unusable index lines, then the images and captions that fail
     rows = [
         r
         for src in args.sources
-        for r in read_pair_index(src, args.image_field, args.text_field, args.image_root)
+        for r in read_pair_index(src, args.image_field, args.text_field, args.image_root, skipped, args.quiet)
     ]
     rows = _maybe_shuffle(rows, args)
     jobs = [(p, c, args.max_image_pixels, args.shorter_side, args.quality) for p, c in rows]
-    return _write_jobs(args, "pairs", jobs, {"sources": args.sources})
+    return _write_jobs(args, "pairs", jobs, {"sources": args.sources}, skipped)
 
 
 def cmd_texts(args) -> dict:

@@ -172,3 +172,37 @@ def test_parallel_writing_gives_byte_identical_shards(tmp_path, image_folder):
     assert names == sorted(p.name for p in outs[1].iterdir()) and len(names) == 5  # 4 shards + manifest
     for name in names:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+def test_pairs_count_unusable_index_lines_and_keep_going(tmp_path, capsys):
+    """Issue 11 defect 13: one line that is not JSON aborted the whole conversion; a tab inside a tsv caption
+    silently cut the caption at the tab."""
+    rng = np.random.default_rng(3)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(noise_image(rng, 32, 32, fmt="PNG"))
+    lines = [
+        json.dumps({"image": "img/a.png", "caption": "first"}),
+        "{not json",
+        json.dumps(["img/a.png", "a list"]),
+        json.dumps({"image": "img/a.png", "caption": None}),
+        json.dumps({"caption": "no image"}),
+        json.dumps({"image": "img/a.png", "caption": 7}),
+        json.dumps({"image": "img/a.png", "caption": "second"}),
+    ]
+    jsonl = tmp_path / "index.jsonl"
+    jsonl.write_bytes("\n".join(lines).encode() + b"\n\xff\xfe not utf-8\n")
+    tsv = tmp_path / "index.tsv"
+    tsv.write_text("image\tcaption\nimg/a.png\ta dog\tand a cat\nimg/a.png\ta whole caption\n")
+    bare = tmp_path / "bare.tsv"
+    bare.write_text("img/a.png\tno header\nimg/a.png\tcut\there\nimg/a.png\n")
+    out = tmp_path / "out"
+    assert main(["pairs", str(out), str(jsonl), str(tsv), str(bare), "--shuffle-seed", "-1"]) == 0
+    m = manifest(out)
+    assert m["samples"] == 4
+    assert m["skipped"] == {"bad_line": 5, "missing_field": 3, "text_decode": 1}
+    files = members(out / m["shards"][0]["name"])
+    captions = [v.decode() for k, v in sorted(files.items()) if k.endswith(".txt")]
+    assert captions == ["first", "second", "a whole caption", "no header"]
+    err = capsys.readouterr().err
+    assert f"{jsonl}:2: skipped (bad_line" in err  # the first bad lines, named
+    assert "'bad_line': 5" in err and "4 samples" in err  # the summary at the end
