@@ -307,8 +307,11 @@ class _GuardedWrites:
 
 
 def capture_rng() -> dict[str, Any]:
-    """This process's RNG states (python, numpy, torch CPU, and the current CUDA device)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states (python, numpy, torch CPU, and the current CUDA device), as plain values and
+    tensors only: the trainer file then loads with torch's weights-only unpickler (engine/safe_load.py)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (name, keys.tolist(), int(pos), int(has_gauss), float(cached_gaussian))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -317,7 +320,8 @@ def capture_rng() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     """Inverse of ``capture_rng``."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -525,4 +529,6 @@ class CheckpointManager:
                 self.world_size,
             )
             return None, run_state
-        return torch.load(path, map_location="cpu", weights_only=False), run_state
+        from beit3.engine.safe_load import load_file  # imports this module
+
+        return load_file(path), run_state

@@ -2,6 +2,8 @@
 
 Upstream ``zero_to_fp32`` has had silent-corruption bugs (dropped tied or frozen parameters, all-zero
 shards), so a consolidated state dict should be checked against a live module with ``verify_against_module``.
+It also unpickles in full, so every file it reads passes ``safe_load.vet_files`` first; our own reads use
+``safe_load.load_file``: a checkpoint of unknown origin cannot run code here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 from beit3.engine.checkpoint import MARKER, POINTER, CheckpointError
+from beit3.engine.safe_load import load_file, vet_files
 
 
 class ConsolidationError(RuntimeError):
@@ -54,13 +57,14 @@ def consolidate_checkpoint(
     elif shards:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        vet_files(sorted(tag_dir.glob("*model_states.pt")) + shards)
         with contextlib.redirect_stdout(None):  # it prints per-tensor progress
             state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     else:
         path = tag_dir / "mp_rank_00_model_states.pt"
         if not path.is_file():
             raise CheckpointError(f"{tag_dir} holds neither ZeRO shards nor mp_rank_00_model_states.pt")
-        state = torch.load(path, map_location="cpu", weights_only=False)["module"]
+        state = load_file(path)["module"]
     return {k: v.detach().float().clone() if v.is_floating_point() else v.clone() for k, v in state.items()}
 
 
@@ -70,7 +74,7 @@ def _rank_of(path: Path) -> int:
 
 def _is_bf16_optimizer_shard(path: Path) -> bool:
     """BF16_Optimizer shards carry no ``zero_stage`` (ZeRO's own bf16 shards share the file name)."""
-    optim = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+    optim = load_file(path, mmap=True)["optimizer_state_dict"]
     return "zero_stage" not in optim and "param_slice_mappings" in optim
 
 
@@ -81,13 +85,11 @@ def _from_bf16_optimizer(shards: list[Path]) -> dict[str, torch.Tensor]:
     parameter fragment in it; a parameter is its fragments in rank order. Buffers, frozen and tied
     parameters keep the module state's values.
     """
-    model = torch.load(
-        shards[0].parent / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-    )
+    model = load_file(shards[0].parent / "mp_rank_00_model_states.pt")
     state = {k: v.float() if v.is_floating_point() else v for k, v in model["module"].items()}
     fragments: dict[str, list[torch.Tensor]] = {}
     for path in shards:
-        optim = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        optim = load_file(path)["optimizer_state_dict"]
         for flat, mapping in zip(optim["single_partition_of_fp32_groups"], optim["param_slice_mappings"]):
             for name, address in mapping.items():
                 fragments.setdefault(name, []).append(flat.narrow(0, address.start, address.numel))

@@ -79,7 +79,17 @@ def add_run_args(parser: argparse.ArgumentParser, config_help: str) -> argparse.
                         help="override a recipe value, e.g. --set train.lr=5e-4 (repeatable)")  # fmt: skip
     parser.add_argument("--ds-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a DeepSpeed value, e.g. zero_optimization.stage=2")  # fmt: skip
+    add_trust_arg(parser)
     return add_launcher_args(parser)
+
+
+def add_trust_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--trust-checkpoint``: unpickle checkpoint files in full; without it, files holding types beyond the
+    loaders' allowlists are refused (engine/safe_load.py, model/checkpoint.py)."""
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load checkpoint files in full, although unpickling can run code: only for "
+                        "files you trust (default: refuse types a weights file does not need)")  # fmt: skip
+    return parser
 
 
 def slurm_master_port(job_id: str | int, base: int = 20000, span: int = 20000) -> int:

@@ -35,6 +35,7 @@ from beit3.engine.lr import lr_at
 from beit3.engine.metrics import MetricAccumulator, MetricsWriter, device_peak_flops
 from beit3.engine.optim import StepGuard, build_optimizer
 from beit3.engine.reshard import ensure_universal, plan_resume
+from beit3.engine.safe_load import guard_engine
 from beit3.engine.task import check_task
 from beit3.engine.trainer_config import EXIT_NONFINITE, EXIT_PREEMPTED, TrainerConfig, TrainResult
 
@@ -106,6 +107,7 @@ class Trainer:
         finally:
             self.guard.skip = False
         self.guard.skipped = 0
+        guard_engine(self.engine)  # DeepSpeed's own loads unpickle in full: refuse unknown types instead
         self.gas = self.engine.gradient_accumulation_steps()
         # DeepSpeed computes no gradient norm for plain fp32 without ZeRO: the trainer does, at log steps.
         self._own_grad_norm = self.engine.zero_optimization_stage() == 0 and precision_of(ds_config) == "fp32"

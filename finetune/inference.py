@@ -125,9 +125,10 @@ def caption_images(
     return [tokenizer.decode(i) for i in ids]
 
 
-def load_finetuned_task(run_config: str | Path, checkpoint: str | Path | None = None):
+def load_finetuned_task(run_config: str | Path, checkpoint: str | Path | None = None, trusted: bool = False):
     """(task module in eval mode, tokenizer or None, class names) from a run's ``config.json`` and
-    ``model.pth`` (or ``checkpoint``).
+    ``model.pth`` (or ``checkpoint``; ``trusted=True`` only for a file whose origin one trusts, see
+    :func:`beit3.finetune.reload.load_finetuned`).
 
     Class / answer names come from the recipe's data source, so the data must be installed; for
     retrieval and captioning only their count matters.
@@ -139,5 +140,5 @@ def load_finetuned_task(run_config: str | Path, checkpoint: str | Path | None = 
     recipe = from_dict(FinetuneRecipe, json.loads(run_config.read_text())["recipe"])
     recipe.model.pretrained = ""  # the finetuned weights replace it
     tokenizer, data, task = prepare(recipe)
-    load_finetuned(task, checkpoint or run_config.parent / "model.pth")
+    load_finetuned(task, checkpoint or run_config.parent / "model.pth", trusted)
     return task.eval(), tokenizer, data.classes

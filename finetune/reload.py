@@ -13,13 +13,17 @@ part of it plus fresh task heads. Keys fall into four groups and the report list
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from beit3.engine import safe_load
 from beit3.model import CheckpointError, load_checkpoint, read_state_dict
+from beit3.model import checkpoint as model_checkpoint
 from beit3.model.checkpoint import unwrap_state_dict
 
 BACKBONE_PREFIX = "beit3."
@@ -27,6 +31,15 @@ BACKBONE_PREFIX = "beit3."
 
 class ReloadError(CheckpointError):
     """A checkpoint that does not belong to the task model's architecture."""
+
+
+@contextlib.contextmanager
+def trusted_checkpoints(enabled: bool = True) -> Iterator[None]:
+    """``--trust-checkpoint``: within this context both loaders unpickle in full (released files in
+    beit3.model, training checkpoints in beit3.engine); without it, types beyond their allowlists are
+    refused."""
+    with model_checkpoint.trusted_files(enabled), safe_load.trusted_files(enabled):
+        yield
 
 
 @dataclass
@@ -101,9 +114,13 @@ def fit_logit_scale(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -
     return sd
 
 
-def load_finetuned(task: nn.Module, source: str | os.PathLike | dict) -> None:
-    """Strictly load a finetuned task model (``model.pth`` of a run, or a released finetuned checkpoint)."""
-    sd = read_state_dict(source) if not isinstance(source, dict) else unwrap_state_dict(source)
+def load_finetuned(task: nn.Module, source: str | os.PathLike | dict, trusted: bool = False) -> None:
+    """Strictly load a finetuned task model (``model.pth`` of a run, or a released finetuned checkpoint).
+
+    Released finetuned files hold an ``argparse.Namespace`` beside the weights, which loads as is; other
+    non-tensor types need ``trusted=True`` (see :func:`beit3.model.checkpoint.read_state_dict`).
+    """
+    sd = read_state_dict(source, trusted) if not isinstance(source, dict) else unwrap_state_dict(source)
     try:
         load_checkpoint(task, fit_logit_scale(dict(sd), task.state_dict()), strict=True)
     except CheckpointError as e:

@@ -3,14 +3,24 @@
 A released BEiT-3 file is ``{"model": state_dict}`` (DeepSpeed-saved ones use ``"module"``) with keys
 ``beit3.*``, ``mlm_head.*`` and ``mim_head.*``. We read both, plus raw state dicts and safetensors files,
 and write ``{"model": state_dict}``.
+
+A ``.pth`` is a pickle, and unpickling one in full can call any function the file names. Files are read with
+torch's weights-only unpickler, which builds tensors, containers and plain values and, beyond those, exactly
+:data:`SAFE_GLOBALS`; anything else raises :class:`UntrustedCheckpointError` naming the file and the types.
+Loading a file one trusts beyond that is explicit: ``trusted=True`` or :func:`trusted_files`.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import contextvars
 import logging
 import math
 import os
 import pickle
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +33,27 @@ log = logging.getLogger(__name__)
 VISION_POSITIONS = "beit3.encoder.embed_positions.A.weight"
 # Rows of the vision table before the patch grid: two unused (fairseq offset) rows and the CLS row.
 _EXTRA_ROWS = 3
+# The one non-tensor type released files hold: the finetuning scripts save their argparse.Namespace as "args".
+SAFE_GLOBALS = (argparse.Namespace,)
+_TRUSTED = contextvars.ContextVar("beit3_model_trusted_files", default=False)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read or does not fit the model."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint holding types outside :data:`SAFE_GLOBALS`: unpickling it could run code."""
+
+
+@contextlib.contextmanager
+def trusted_files(enabled: bool = True) -> Iterator[None]:
+    """Within this context checkpoint files are unpickled in full: only for files of trusted origin."""
+    token = _TRUSTED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
 
 
 @dataclass
@@ -51,8 +78,12 @@ class LoadReport:
         return "; ".join(lines) or "all keys matched"
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint file (``.pth``/``.pt`` or ``.safetensors``), on CPU."""
+def read_state_dict(path: str | os.PathLike, trusted: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint file (``.pth``/``.pt`` or ``.safetensors``), on CPU.
+
+    ``trusted=True`` (or :func:`trusted_files`) unpickles beyond :data:`SAFE_GLOBALS`; otherwise such a file
+    raises :class:`UntrustedCheckpointError`.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
@@ -61,20 +92,38 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        return unwrap_state_dict(_torch_load(path), str(path))
+        return unwrap_state_dict(_torch_load(path, trusted or _TRUSTED.get()), str(path))
     except CheckpointError:
         raise
     except Exception as e:  # truncated, or not a checkpoint at all
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
 
 
-def _torch_load(path: Path) -> object:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Released finetuning checkpoints may carry argparse namespaces next to the weights.
-        log.warning("%s holds non-tensor objects; loading it with weights_only=False (trust the file)", path)
+def _torch_load(path: Path, trusted: bool) -> object:
+    if trusted:
+        log.info("loading %s in full (trusted file)", path)
         return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        names = _refused_types(path, err)
+        if not names:  # junk, or a pickle torch.save did not write: nothing ran, nothing to trust
+            raise CheckpointError(f"cannot read checkpoint {path}: not a file torch.save wrote") from None
+        raise UntrustedCheckpointError(
+            f"refusing to load {path}: it holds {names}, which a weights file does not "
+            "need, and unpickling it could run code; if you trust where it came from, load it with "
+            "trusted=True (--trust-checkpoint on the command line)"
+        ) from None
+
+
+def _refused_types(path: Path, err: Exception) -> str:
+    allowed = {f"{t.__module__}.{t.__qualname__}" for t in SAFE_GLOBALS}
+    try:  # torch's scan of the pickle names every type; its message only the first
+        names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed
+    except Exception:  # noqa: BLE001 - not a zip checkpoint
+        names = set(re.findall(r"GLOBAL ([\w.]+)", str(err)))
+    return ", ".join(sorted(names))
 
 
 def unwrap_state_dict(obj: object, where: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -126,14 +175,15 @@ def load_checkpoint(
     source: str | os.PathLike | dict,
     strict: bool = True,
     ignore: tuple[str, ...] = (),
+    trusted: bool = False,
 ) -> LoadReport:
     """Load a released-format checkpoint (path or dict) into ``model``.
 
     Vision positions are interpolated to the model's resolution. Keys starting with any prefix in
     ``ignore`` are dropped first. ``strict=True`` raises :class:`CheckpointError` naming the missing and
-    unexpected keys and any shape mismatch.
+    unexpected keys and any shape mismatch. ``trusted`` as in :func:`read_state_dict`.
     """
-    sd = read_state_dict(source) if not isinstance(source, dict) else unwrap_state_dict(source)
+    sd = read_state_dict(source, trusted) if not isinstance(source, dict) else unwrap_state_dict(source)
     sd = {k: v for k, v in sd.items() if not k.startswith(ignore)} if ignore else sd
     sd, interpolated = adapt_state_dict(sd, model)
     target = model.state_dict()

@@ -6,6 +6,11 @@ The output is ``{"model": state_dict}`` with exactly the model's keys (``beit3.*
 silent-corruption bugs, so every export is checked: the consolidated tensors load strictly into a freshly
 built model of the run's architecture, every tensor survives the round trip bit for bit, and the written file
 is read back and compared.
+
+Checkpoint files are read without unpickling anything beyond the types DeepSpeed's files need
+(beit3.engine.safe_load); ``--trust-checkpoint`` loads a file of trusted origin in full. Exit codes: 0
+written, 2 a path or file that cannot be used (missing run or checkpoint, refused file), 1 a failed
+verification.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from beit3.model import build_model, load_checkpoint, read_state_dict, save_checkpoint
+from beit3.engine.checkpoint import CheckpointError as TrainingCheckpointError
+from beit3.engine.launch import add_trust_arg
+from beit3.model import CheckpointError, build_model, load_checkpoint, read_state_dict, save_checkpoint
 
 log = logging.getLogger("beit3.export")
 
@@ -59,13 +66,22 @@ def verify_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None
             raise ExportError(f"tensor {name} changed in the round trip")
 
 
-def export_run(run_dir: Path, output: Path, tag: str | None = None, dtype: str = "fp32") -> Path:
-    """Consolidate the latest (or ``tag``) checkpoint of ``run_dir`` into ``output``, verified."""
+def export_run(
+    run_dir: Path, output: Path, tag: str | None = None, dtype: str = "fp32", trusted: bool = False
+) -> Path:
+    """Consolidate the latest (or ``tag``) checkpoint of ``run_dir`` into ``output``, verified.
+
+    ``trusted=True`` unpickles the checkpoint files in full (only for a run of trusted origin).
+    """
     from beit3.engine.consolidate import consolidate_checkpoint
+    from beit3.engine.safe_load import trusted_files
 
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {sorted(DTYPES)}")
-    state = model_state_from_task(consolidate_checkpoint(run_dir, tag))
+    if not Path(run_dir).exists():
+        raise TrainingCheckpointError(f"{run_dir} does not exist: give a beit3-pretrain run directory")
+    with trusted_files(trusted):
+        state = model_state_from_task(consolidate_checkpoint(run_dir, tag))
     verify_state(model_from_run(run_dir), state)
     save_checkpoint(state, output, dtype=DTYPES[dtype])
     written = read_state_dict(output)
@@ -84,15 +100,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, required=True, help="file to write (.pth, or .safetensors)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    add_trust_arg(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        export_run(args.run_dir, args.output, args.tag, args.dtype)
-    except (ExportError, FileNotFoundError) as e:
-        print(f"beit3-export: error: {e}", file=sys.stderr)
-        return 1
+        export_run(args.run_dir, args.output, args.tag, args.dtype, args.trust_checkpoint)
+    except (TrainingCheckpointError, CheckpointError, FileNotFoundError) as e:
+        return _error(e, 2)
+    except ExportError as e:
+        return _error(e, 1)
     print(f"wrote {args.output}")
     return 0
+
+
+def _error(error: Exception, code: int) -> int:
+    print("beit3-export: error: " + " ".join(str(error).split()), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
