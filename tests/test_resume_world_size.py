@@ -22,11 +22,16 @@ from engine_helpers import DS_CONFIGS, ToyData, ToyMultiwayTask
 
 SCRIPT = str(Path(__file__).resolve())
 STEPS = 2  # trained before the change of world size; the resumed run trains one more
-STAGES = (1, 2, 3)
-PRECISIONS = {"fp32": "zero3_fp32.json", "bf16": "zero3_bf16.json"}
+STAGES = (0, 1, 2, 3)  # 0 keeps whole states and loads as it is; 1-3 go through the universal format
+PRECISIONS = ("fp32", "bf16")
 DIRECTIONS = {"2to1": (2, 1), "1to2": (1, 2)}
 MICRO = 2
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def _ds_file(stage: int, precision: str) -> str:
+    """The shipped config of that precision (zero3_*: stage set by override; bf16 with fp32 accumulation)."""
+    return f"zero{0 if stage == 0 else 3}_{precision}.json"
 
 
 def _overrides(stage: int, source_world: int) -> dict:
@@ -49,6 +54,18 @@ def dump_states(trainer) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from engine_helpers import base_optimizer, full_parameters
 
+    module = full_parameters(trainer)
+    base = base_optimizer(trainer)
+    steps = sorted({float(s["step"]) for s in base.state.values() if "step" in s})
+    gas = trainer.engine.gradient_accumulation_steps()
+    if trainer.engine.zero_optimization_stage() == 0:
+        # No ZeRO: every rank's base optimizer holds the whole fp32 masters and moments.
+        flat = [p for group in base.param_groups for p in group["params"]]
+        params = {}
+        for i, p in enumerate(flat):
+            params[f"group_param{i}"] = {k: base.state[p][k].detach().float().clone() for k in STATE_KEYS[1:]}
+            params[f"group_param{i}"]["fp32"] = p.detach().float().clone()
+        return {"params": params, "module": module, "steps": steps, "gas": gas}
     optimizer = trainer.engine.optimizer
     if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
         # ZeRO-1/2 and BF16_Optimizer link each parameter to its moments once, right after the first group's
@@ -62,14 +79,7 @@ def dump_states(trainer) -> dict:
             "exp_avg": safe_get_full_optimizer_state(param, "exp_avg").detach().float().cpu().clone(),
             "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq").detach().float().cpu().clone(),
         }
-    module = full_parameters(trainer)
-    steps = sorted({float(s["step"]) for s in base_optimizer(trainer).state.values() if "step" in s})
-    return {
-        "params": params,
-        "module": module,
-        "steps": steps,
-        "gas": trainer.engine.gradient_accumulation_steps(),
-    }
+    return {"params": params, "module": module, "steps": steps, "gas": gas}
 
 
 def run_spec(spec: dict, dist) -> dict:
@@ -143,7 +153,7 @@ def _name(stage: int, precision: str, direction: str) -> str:
 
 
 def _spec(root: Path, name: str, precision: str, stage: int, source_world: int, phase: str) -> dict:
-    spec = {"name": name, "output_dir": str(root / name), "ds_config": PRECISIONS[precision],
+    spec = {"name": name, "output_dir": str(root / name), "ds_config": _ds_file(stage, precision),
             "overrides": _overrides(stage, source_world), "phase": phase,
             "steps": STEPS if phase == "train" else STEPS + 1}  # fmt: skip
     return spec
@@ -196,7 +206,7 @@ def _max_diffs(saved: dict, loaded: dict) -> dict[str, float]:
     return diffs
 
 
-@pytest.mark.slow  # three launches, 13 short runs (about 60 s on 2 cores)
+@pytest.mark.slow  # three launches of 17 short runs in all (about 70 s on 2 cores)
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(("stage", "precision", "direction"), _combos())
 def test_resume_on_another_world_size_restores_weights_and_moments_exactly(
@@ -214,7 +224,8 @@ def test_resume_on_another_world_size_restores_weights_and_moments_exactly(
     # The global batch is kept: 2 micro-batches of 2 on 1 rank, 1 on each of 2 ranks.
     assert (saved["gas"], loaded["gas"]) == (4 // (MICRO * before), 4 // (MICRO * after))
     tag_dir = run / "checkpoints" / f"step{STEPS:08d}"
-    assert (tag_dir / "universal" / "universal_complete.json").is_file()
+    # ZeRO shards were converted once, beside the untouched source; stage 0 loads as it is.
+    assert (tag_dir / "universal" / "universal_complete.json").is_file() == (stage > 0)
     assert not list(tag_dir.glob(".universal.tmp*"))
     resumed = _results(resharded, "launch2" if after == 2 else "launch3")[name]
     assert resumed["start"] == STEPS and resumed["exit_reason"] == "finished" and resumed["step"] == STEPS + 1
@@ -244,9 +255,48 @@ def test_resharded_master_weights_equal_the_consolidated_source(resharded):
     for stage, precision, direction in _combos():
         run = resharded / _name(stage, precision, direction)
         consolidated = consolidate_checkpoint(run / "checkpoints" / f"step{STEPS:08d}")
-        loaded = torch.load(run / "loaded.pt")["params"]
+        loaded = torch.load(run / "loaded.pt")
+        # Stage 0 consolidates to the module's weights as trained (bf16 ones for bf16).
+        loaded = {n: v.float() for n, v in loaded["module"].items()} if stage == 0 else {
+            n: states["fp32"] for n, states in loaded["params"].items()}  # fmt: skip
         assert sorted(consolidated) == sorted(loaded)
-        assert all(torch.equal(consolidated[n], loaded[n]["fp32"]) for n in loaded), run.name
+        assert all(torch.equal(consolidated[n], loaded[n]) for n in loaded), run.name
+
+
+@pytest.mark.slow  # shares the three launches
+@pytest.mark.multiprocess
+def test_a_half_written_conversion_is_never_used_and_a_complete_one_is_reused(resharded, tmp_path):
+    """Leftovers of a conversion killed mid-way (a temp dir, a universal/ without marker) are redone."""
+    import shutil
+
+    from beit3.engine.checkpoint import CheckpointError, CheckpointManager
+    from beit3.engine.reshard import UNIVERSAL_MARKER, convert_to_universal, is_converted
+
+    source = resharded / _name(3, "bf16", "2to1") / "checkpoints" / f"step{STEPS:08d}"
+    tag_dir = tmp_path / "checkpoints" / source.name
+    shutil.copytree(source, tag_dir, ignore=shutil.ignore_patterns("universal"))
+    (tag_dir / ".universal.tmp999").mkdir()
+    (tag_dir / ".universal.tmp999" / "zero").mkdir()
+    (tag_dir / "universal" / "zero").mkdir(parents=True)  # no marker: damaged (our rename follows it)
+    assert not is_converted(tag_dir)
+
+    class OneRankEngine:  # what CheckpointManager.load asks before loading anything
+        def zero_optimization_stage(self):
+            return 3
+
+        def load_universal_checkpoint(self):
+            return True
+
+    with pytest.raises(CheckpointError, match="ZeRO shards of 2 ranks"):
+        CheckpointManager(tmp_path, 0, 1).load(OneRankEngine(), tag_dir)
+    out = convert_to_universal(tag_dir)
+    assert is_converted(tag_dir) and not list(tag_dir.glob(".universal.tmp*"))
+    assert not (tag_dir / "latest_universal").exists()  # the converter's pointer is not left behind
+    assert sorted(p.name for p in (out / "zero").iterdir() if p.is_dir()) == sorted(
+        torch.load(resharded / _name(3, "bf16", "2to1") / "saved.pt")["params"]
+    )
+    marker = (out / UNIVERSAL_MARKER).stat().st_mtime_ns
+    assert convert_to_universal(tag_dir) == out and (out / UNIVERSAL_MARKER).stat().st_mtime_ns == marker
 
 
 if __name__ == "__main__":
