@@ -205,6 +205,8 @@ def numeric_fields(cls: type) -> list[str]:
     out = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[float]: the float part
+            tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
         args = typing.get_args(tp) if typing.get_origin(tp) in (list, tuple) else (tp,)
         if any(a in (int, float) for a in args):
             out.append(f.name)

@@ -120,6 +120,31 @@ def keep_global_batch(config: dict, global_batch: int, world_size: int, source: 
     return config
 
 
+def global_batch_problem(config: dict, expected: int, world_size: int, unit: int = 1) -> str | None:
+    """None if the resolved ``config`` trains with global batch ``expected`` (0: any) on ``world_size``
+    ranks, else one line with the ``--ds-set`` options that give it (a micro-batch that is a multiple of
+    ``unit``, e.g. the images:texts:pairs split, no larger than the config's)."""
+    got = config["train_batch_size"]
+    if not expected or got == expected:
+        return None
+    micro, gas = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
+    head = (
+        f"the recipe's schedule is written for global batch {expected} but the DeepSpeed config gives "
+        f"{micro} x {gas} accumulation x {world_size} ranks = {got}"
+    )
+    per_rank = expected // world_size if expected % world_size == 0 else 0
+    fits = [m for m in range(unit, min(micro, per_rank) + 1, unit) if per_rank % m == 0]
+    if not fits:
+        return (
+            f"{head}; no micro-batch (a multiple of {unit}) gives it on {world_size} ranks: change the ranks"
+        )
+    fix = fits[-1]
+    return (
+        f"{head}: --ds-set train_batch_size={expected} --ds-set train_micro_batch_size_per_gpu={fix} "
+        f"--ds-set gradient_accumulation_steps={per_rank // fix}"
+    )
+
+
 def validate(config: dict) -> None:
     """Reject blocks the engine owns and contradictory precision settings."""
     for block in ("optimizer", "scheduler"):

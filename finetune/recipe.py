@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from beit3.engine.config_io import ConfigError, apply_overrides, from_dict, range_problem, read_toml
-from beit3.engine.ds_config import load_ds_config
+from beit3.engine.ds_config import global_batch_problem, load_ds_config
 from beit3.engine.trainer_config import train_settings_problem
 
 TASKS = (
@@ -80,6 +80,9 @@ class TrainSection:
     log_every: int = 10
     save_every: int = 1000
     eval_every: int = 0  # 0: evaluate only at the end
+    # The global batch the step counts are written for (epochs), checked against the DeepSpeed config and
+    # world size at start-up (0: any). The size itself is set in the DeepSpeed JSON only.
+    global_batch_size: int = 0
     keep_last: int = 2
     seed: int = 0
     tensorboard: bool = True
@@ -122,7 +125,7 @@ RANGES = {
     "task": {"num_classes": "[0, inf)", "label_smoothing": "[0, 1)"},
     "model": {"img_size": "[0, inf)", "drop_path_rate": "[0, 1)"},
     "data": {"max_text_len": "[3, inf)", "max_train": "[0, inf)", "max_eval": "[0, inf)", "seed": "[0, inf)"},
-    "train": {"layer_decay": "(0, 1]", "head_lr_scale": "(0, inf)"},
+    "train": {"layer_decay": "(0, 1]", "head_lr_scale": "(0, inf)", "global_batch_size": "[0, inf)"},
     "captioning": {"mask_prob": "(0, 1)", "num_beams": "[1, inf)", "max_len": "[3, inf)",
                    "length_penalty": "(-inf, inf)"},
 }  # fmt: skip
@@ -185,4 +188,10 @@ def validate_run(recipe: FinetuneRecipe, ds_config: dict, world_size: int) -> di
                 f"finetune recipe: {name}={length} exceeds the model's max_text_len "
                 f"{model_cfg.max_text_len}: lower it or raise model.overrides.max_text_positions"
             )
-    return load_ds_config(ds_config, world_size)
+    ds_config = load_ds_config(ds_config, world_size)
+    problem = global_batch_problem(ds_config, recipe.train.global_batch_size, world_size)
+    if problem:
+        raise ConfigError(
+            f"finetune recipe: train.global_batch_size={recipe.train.global_batch_size}: {problem}"
+        )
+    return ds_config

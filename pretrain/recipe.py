@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from beit3.engine.config_io import ConfigError, apply_overrides, from_dict, range_problem, read_toml
-from beit3.engine.ds_config import load_ds_config
+from beit3.engine.ds_config import global_batch_problem, load_ds_config
 from beit3.engine.trainer_config import train_settings_problem
 from beit3.pretrain.data import DataConfigError, PretrainDataConfig
 from beit3.pretrain.objective import ObjectiveConfig
@@ -45,6 +45,9 @@ class BatchSection:
     images: int = 1
     texts: int = 1
     pairs: int = 1
+    # The global batch the recipe's step counts are written for, checked against the DeepSpeed config and
+    # world size at start-up (0: any). The size itself is set in the DeepSpeed JSON only.
+    global_batch_size: int = 0
 
 
 @dataclass
@@ -121,7 +124,12 @@ def grad_checkpoint_layers(spec: str, depth: int) -> list[int] | None:
 # tests/test_recipes_shipped.py checks that no numeric field is left out.
 RANGES = {
     "model": {"drop_path_rate": "[0, 1)"},
-    "batch": {"images": "[0, inf)", "texts": "[0, inf)", "pairs": "[0, inf)"},
+    "batch": {
+        "images": "[0, inf)",
+        "texts": "[0, inf)",
+        "pairs": "[0, inf)",
+        "global_batch_size": "[0, inf)",
+    },
     "objective": {
         "mim_weight": "[0, inf)",
         "mlm_weight": "[0, inf)",
@@ -209,6 +217,10 @@ def validate_run(
         raise ConfigError(f"[model] {e}") from e
     ds_config = load_ds_config(ds_config, world_size)
     split = micro_batch_split(recipe, int(ds_config["train_micro_batch_size_per_gpu"]))
+    b = recipe.batch
+    problem = global_batch_problem(ds_config, b.global_batch_size, world_size, b.images + b.texts + b.pairs)
+    if problem:
+        raise ConfigError(f"batch.global_batch_size={b.global_batch_size}: {problem}")
     d = recipe.data
     if d.img_size != model_cfg.img_size or d.patch_size != model_cfg.patch_size:
         raise ConfigError(
