@@ -42,11 +42,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class SlurmCluster:
-    """A running one-node cluster: its environment and thin wrappers over the real Slurm clients."""
+class ClusterRefused(RuntimeError):
+    """This machine cannot build the cluster asked for (e.g. the kernel refuses network namespaces)."""
 
-    def __init__(self, scratch: Path):
+
+class SlurmCluster:
+    """A running cluster: its environment and thin wrappers over the real Slurm clients.
+
+    ``nodes`` > 1 builds that many nodes (b3n1, b3n2, ...) out of network namespaces
+    (``BEIT3_SLURM_NODES``, see scripts/slurm_localhost.sh)."""
+
+    def __init__(self, scratch: Path, nodes: int = 1):
         self.scratch = scratch
+        self.nodes = nodes
         # Free ports, so that the test cluster never meets another one running on this machine.
         self.env = dict(
             os.environ,
@@ -54,13 +62,35 @@ class SlurmCluster:
             SLURM_CONF=str(scratch / "slurm.conf"),
             BEIT3_SLURM_CTLD_PORT=str(free_port()),
             BEIT3_SLURM_SLURMD_PORT=str(free_port()),
+            BEIT3_SLURM_NODES=str(nodes),
         )
+
+    @property
+    def netns_names(self) -> dict[str, str]:
+        """Prefixes of what a multi-node cluster creates outside its folder (see slurm_localhost.sh)."""
+        import hashlib
+
+        tag = hashlib.md5(str(self.scratch).encode()).hexdigest()[:6]
+        return {"netns": f"b3-{tag}-n", "bridge": f"b3br{tag}", "etc": f"/etc/netns/b3-{tag}-n"}
+
+    def leftovers(self) -> list[str]:
+        """Namespaces, bridge and /etc/netns files of this cluster that still exist (none after stop)."""
+        names = self.netns_names
+        found = []
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        found += [ns for ns in netns if ns.startswith(names["netns"])]
+        if subprocess.run(["ip", "link", "show", names["bridge"]], capture_output=True).returncode == 0:
+            found.append(names["bridge"])
+        found += [str(p) for p in Path("/etc/netns").glob(Path(names["etc"]).name + "*")]
+        return found
 
     def _run(self, *cmd: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, check=check)
 
     def start(self) -> None:
         proc = self._run("bash", str(LOCALHOST_SCRIPT), "start", timeout=120, check=False)
+        if proc.returncode == 3:
+            raise ClusterRefused(proc.stderr.strip())
         if proc.returncode != 0:
             raise RuntimeError(f"slurm_localhost.sh start failed:\n{proc.stdout}\n{proc.stderr}")
 
@@ -106,13 +136,19 @@ class SlurmCluster:
         self._run("scancel", "--batch", f"--signal={sig}", str(job_id))
 
 
-def start_cluster(scratch: Path) -> SlurmCluster:
-    """Start a cluster, or fail (CI) / skip (elsewhere) naming what is missing."""
+def start_cluster(scratch: Path, nodes: int = 1) -> SlurmCluster:
+    """Start a cluster, or fail (CI) / skip (elsewhere) naming what is missing.
+
+    A machine whose kernel refuses the namespaces of a multi-node cluster skips everywhere, CI included,
+    with the kernel's reason (pytest -rs shows it)."""
     import pytest
 
-    cluster = SlurmCluster(scratch)
+    cluster = SlurmCluster(scratch, nodes)
     try:
         cluster.start()
+    except ClusterRefused as err:
+        cluster.stop()
+        pytest.skip(f"cannot build a {nodes}-node Slurm from namespaces here: {err}")
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as err:
         cluster.stop()
         msg = f"cannot start the localhost Slurm cluster: {err}"
@@ -135,11 +171,93 @@ def wait_for_text(path: Path, pattern: str, timeout: float) -> re.Match:
     raise TimeoutError(f"{pattern!r} not in {path} after {timeout} s; it holds:\n{text[-3000:]}")
 
 
+ATTEMPT_COLUMNS = ("job_id", "restart", "start", "end", "exit_code", "reason", "decision", "last_step")
+ATTEMPT_COLUMNS += ("nodes", "failed_nodes")
+
+
+def read_attempts(run_dir: Path) -> list[dict[str, str]]:
+    """RUN_DIR/attempts.tsv as one dict per attempt, after checking the header and every line's shape."""
+    lines = (run_dir / "attempts.tsv").read_text().splitlines()
+    assert lines and tuple(lines[0].split("\t")) == ATTEMPT_COLUMNS, lines[:1]
+    rows = []
+    for line in lines[1:]:
+        fields = line.split("\t")
+        assert len(fields) == len(ATTEMPT_COLUMNS), f"malformed attempts.tsv line: {line!r}"
+        row = dict(zip(ATTEMPT_COLUMNS, fields))
+        assert re.fullmatch(r"\d+", row["job_id"]) and re.fullmatch(r"\d+", row["restart"]), line
+        assert re.fullmatch(r"-?\d+", row["exit_code"]), line
+        assert re.fullmatch(r"\d+|-", row["last_step"]), line
+        stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+        assert re.fullmatch(stamp, row["start"]) and re.fullmatch(stamp, row["end"]), line
+        assert row["start"] <= row["end"], line
+        rows.append(row)
+    return rows
+
+
+def write_pretrain_data(root: Path) -> Path:
+    """Tiny real shards of the three kinds and a tiny SentencePiece model under ``root``, for the real
+    beit3-pretrain (see :func:`pretrain_args`)."""
+    from beit3.pretrain.data.fixtures import tiny_tokenizer, write_tiny_shards
+
+    for kind in ("images", "texts", "pairs"):
+        write_tiny_shards(str(root / kind), kind, 24, 8, seed=len(kind))
+    tiny_tokenizer(str(root / "spm"), vocab_size=48)
+    return root
+
+
+def pretrain_args(data: Path, steps: int) -> str:
+    """BEIT3_EXTRA_ARGS for the demo recipe on the tiny data (no spaces inside a value: the list is split)."""
+    return " ".join(
+        [
+            "--ds-set train_micro_batch_size_per_gpu=3",
+            f"--set tokenizers.text={data}/spm/tiny.model",
+            "--set tokenizers.visual_checkpoint=",
+            *(
+                f'--set data.{kind[:-1]}_shards=["{data}/{kind}/*.tar"]'
+                for kind in ("images", "texts", "pairs")
+            ),
+            "--set model.name=beit3_tiny_patch16_64",
+            "--set model.overrides={vocab_size=64,visual_vocab_size=1024}",
+            "--set data.num_workers=1",
+            f"--set train.total_steps={steps}",
+            "--set train.warmup_steps=2",
+            "--set train.log_every=1",
+            "--set train.save_every=1000",  # only the preemption and the final checkpoint
+        ]
+    )
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """Step -> the last value written for ``tag`` across every event file of the run (oldest first)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events in sorted((run_dir / "tensorboard").rglob("events.out.tfevents.*"), key=os.path.getmtime):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
 # --- the stand-in trainer ---------------------------------------------------------------------------------
 
 
 def _settings(overrides: list[str]) -> dict[str, float]:
-    settings = {"steps": 20, "step_time": 0.2, "save_every": 5, "fail_at_step": -1}
+    settings = {
+        "steps": 20,
+        "step_time": 0.2,
+        "save_every": 5,
+        "fail_at_step": -1,
+        # A fault at step ``fault_at_step`` on rank ``fault_rank`` (-1: every rank), only in attempts with
+        # SLURM_RESTART_COUNT < ``fault_attempts``: exit with ``fault_exit`` (e.g. 76 hung, 2 config), or, if
+        # ``fault_signal`` > 0, die of that signal (9: what the kernel's OOM killer does).
+        "fault_at_step": -1,
+        "fault_rank": -1,
+        "fault_attempts": 1000,
+        "fault_exit": 1,
+        "fault_signal": 0,
+    }
     for item in overrides:
         key, _, value = item.partition("=")
         name = key.removeprefix("standin.")
@@ -151,7 +269,7 @@ def _settings(overrides: list[str]) -> dict[str, float]:
 
 def _save(out: Path, step: int) -> None:
     """Checkpoint then pointer, the pointer replaced atomically and last (as the engine does)."""
-    ckpt = out / "checkpoints" / f"step_{step:06d}"
+    ckpt = out / "checkpoints" / f"step{step:08d}"  # the engine's tag format
     ckpt.mkdir(parents=True, exist_ok=True)
     (ckpt / "state.json").write_text(json.dumps({"step": step}))
     tmp = out / "checkpoints" / "latest.tmp"
@@ -202,7 +320,8 @@ def standin_main(argv: list[str] | None = None) -> int:
     if rank == 0:
         (out / "config.json").write_text(json.dumps({"settings": settings, "config": args.config}))
     print(
-        f"standin rank={rank} world={world} SLURM_RESTART_COUNT={env.get('SLURM_RESTART_COUNT', 0)} "
+        f"standin rank={rank} world={world} node={env.get('SLURMD_NODENAME', '?')} "
+        f"SLURM_RESTART_COUNT={env.get('SLURM_RESTART_COUNT', 0)} "
         f"resumed_from={step}",
         flush=True,
     )
@@ -211,6 +330,17 @@ def standin_main(argv: list[str] | None = None) -> int:
         step += 1
         if step == settings["fail_at_step"]:
             raise RuntimeError(f"stand-in failure at step {step} (a real error)")
+        if (
+            step == settings["fault_at_step"]
+            and settings["fault_rank"] in (-1, rank)
+            and int(env.get("SLURM_RESTART_COUNT", 0)) < settings["fault_attempts"]
+        ):
+            if settings["fault_signal"] > 0:
+                print(f"stand-in rank {rank} dies of signal {int(settings['fault_signal'])}", flush=True)
+                os.kill(os.getpid(), int(settings["fault_signal"]))
+                time.sleep(60)
+            print(f"stand-in rank {rank} exits {int(settings['fault_exit'])} at step {step}", flush=True)
+            os._exit(int(settings["fault_exit"]))
         # Every rank must agree on stopping at the same step boundary, as the engine does.
         flags = torch.tensor([1.0, 1.0 if stop["signal"] else 0.0])
         dist.all_reduce(flags)

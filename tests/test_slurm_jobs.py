@@ -13,7 +13,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from slurm_fixtures import REPO, SlurmCluster, start_cluster, wait_for_text
+from slurm_fixtures import (
+    REPO,
+    SlurmCluster,
+    pretrain_args,
+    read_attempts,
+    start_cluster,
+    tensorboard_scalars,
+    wait_for_text,
+    write_pretrain_data,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -61,55 +70,18 @@ def submit(
 
 
 def attempts(run_dir: Path) -> list[tuple[str, str, str]]:
-    """(restart count, exit code, decision) per attempt, from logs/attempts.tsv."""
-    lines = (run_dir / "logs" / "attempts.tsv").read_text().splitlines()
-    return [tuple(line.split("\t")[2:5]) for line in lines]
+    """(restart count, exit code, decision) per attempt, from RUN_DIR/attempts.tsv (checked line by line)."""
+    return [(row["restart"], row["exit_code"], row["decision"]) for row in read_attempts(run_dir)]
 
 
 @pytest.fixture(scope="module")
 def pretrain_data(tmp_path_factory) -> Path:
     """Tiny real shards of the three kinds and a tiny SentencePiece model, for the real beit3-pretrain."""
-    from beit3.pretrain.data.fixtures import tiny_tokenizer, write_tiny_shards
-
-    root = tmp_path_factory.mktemp("pretrain_data")
-    for kind in ("images", "texts", "pairs"):
-        write_tiny_shards(str(root / kind), kind, 24, 8, seed=len(kind))
-    tiny_tokenizer(str(root / "spm"), vocab_size=48)
-    return root
-
-
-def pretrain_args(data: Path, steps: int) -> str:
-    """BEIT3_EXTRA_ARGS for the demo recipe on the tiny data (no spaces inside a value: the list is split)."""
-    return " ".join(
-        [
-            "--ds-set train_micro_batch_size_per_gpu=3",
-            f"--set tokenizers.text={data}/spm/tiny.model",
-            "--set tokenizers.visual_checkpoint=",
-            *(
-                f'--set data.{kind[:-1]}_shards=["{data}/{kind}/*.tar"]'
-                for kind in ("images", "texts", "pairs")
-            ),
-            "--set model.name=beit3_tiny_patch16_64",
-            "--set model.overrides={vocab_size=64,visual_vocab_size=1024}",
-            "--set data.num_workers=1",
-            f"--set train.total_steps={steps}",
-            "--set train.warmup_steps=2",
-            "--set train.log_every=1",
-            "--set train.save_every=1000",  # only the preemption and the final checkpoint
-        ]
-    )
+    return write_pretrain_data(tmp_path_factory.mktemp("pretrain_data"))
 
 
 def tensorboard_steps(run_dir: Path, tag: str) -> set[int]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    steps: set[int] = set()
-    for events in (run_dir / "tensorboard").rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            steps.update(e.step for e in acc.Scalars(tag))
-    return steps
+    return set(tensorboard_scalars(run_dir, tag))
 
 
 def test_preempted_pretraining_checkpoints_requeues_and_resumes_to_the_end(
@@ -296,3 +268,98 @@ def test_deepspeed_launcher_path_preempts_and_resumes(slurm_cluster, tmp_path):
     assert "preempted at step" in text and "finished at step 15" in text
     assert attempts(run_dir) == [("0", "75", "requeue"), ("1", "0", "finished")]
     assert (run_dir / "logs" / f"hostfile-{job}").read_text() == "localhost slots=2\n"
+
+
+# --- requeue beyond preemption: hangs and node faults within a failure budget ------------------------------
+
+
+def standin_args(*settings: str) -> str:
+    """BEIT3_EXTRA_ARGS: a short stand-in run (8 steps of 0.1 s, a checkpoint every 2) plus ``settings``."""
+    base = ("steps=8", "step_time=0.1", "save_every=2", *settings)
+    return " ".join(f"--set standin.{item}" for item in base)
+
+
+def test_a_hung_step_requeues_counts_a_failure_and_resumes(slurm_cluster, tmp_path):
+    """Exit 76 (the watchdog's "hung") on the first attempt: requeued within the failure budget, resumed."""
+    job, log, run_dir = submit(
+        slurm_cluster,
+        "pretrain_giant.sbatch",
+        tmp_path,
+        "hung",
+        BEIT3_EXTRA_ARGS=standin_args("fault_at_step=5", "fault_exit=76", "fault_attempts=1"),
+    )
+    info = slurm_cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=120)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text[-3000:])
+    rows = read_attempts(run_dir)
+    assert [(r["restart"], r["exit_code"], r["reason"], r["decision"]) for r in rows] == [
+        ("0", "76", "hung", "requeue"),
+        ("1", "0", "finished", "finished"),
+    ]
+    assert {r["job_id"] for r in rows} == {str(job)}
+    assert [r["last_step"] for r in rows] == ["4", "8"], (
+        "last step: the checkpoint before the hang, then the end"
+    )
+    assert "failure 1 of BEIT3_MAX_FAILURES=3" in text
+    assert "resumed_from=4" in text.split("SLURM_RESTART_COUNT=1", 1)[1]
+
+
+def test_a_rank_killed_by_sigkill_requeues_as_a_node_fault(slurm_cluster, tmp_path):
+    """Rank 1 dies of SIGKILL (the OOM killer's way), rank 0 then fails at its collective: a node fault.
+
+    The one node of this cluster is named but not excluded: the requeued job would have nowhere to run."""
+    job, log, run_dir = submit(
+        slurm_cluster,
+        "pretrain_giant.sbatch",
+        tmp_path,
+        "killed",
+        BEIT3_EXTRA_ARGS=standin_args(
+            "fault_at_step=3", "fault_rank=1", "fault_signal=9", "fault_attempts=1"
+        ),
+    )
+    info = slurm_cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=120)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text[-3000:])
+    rows = read_attempts(run_dir)
+    assert [(r["exit_code"], r["reason"], r["decision"], r["failed_nodes"]) for r in rows] == [
+        ("137", "node_fault", "requeue", "localhost"),
+        ("0", "finished", "finished", "-"),
+    ]
+    assert "not excluding localhost: the partition would keep 0 node(s) for a 1-node job" in text
+    assert info.get("ExcNodeList") in ("(null)", None), info
+
+
+def test_the_failure_budget_stops_requeues(slurm_cluster, tmp_path):
+    """A run that hangs on every attempt: with BEIT3_MAX_FAILURES=1 the second hang ends the job (76)."""
+    job, log, run_dir = submit(
+        slurm_cluster,
+        "pretrain_base_ablation.sbatch",
+        tmp_path,
+        "budget",
+        BEIT3_MAX_FAILURES="1",
+        BEIT3_EXTRA_ARGS=standin_args("fault_at_step=3", "fault_exit=76"),
+    )
+    info = slurm_cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=120)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1" and info["ExitCode"] == "76:0", info
+    assert [(r["restart"], r["reason"], r["decision"]) for r in read_attempts(run_dir)] == [
+        ("0", "hung", "requeue"),
+        ("1", "hung", "budget"),
+    ]
+    assert "the failure budget BEIT3_MAX_FAILURES=1" in text and "is used up" in text
+
+
+def test_a_configuration_error_is_never_requeued(slurm_cluster, tmp_path):
+    job, log, run_dir = submit(
+        slurm_cluster,
+        "pretrain_giant.sbatch",
+        tmp_path,
+        "config",
+        BEIT3_EXTRA_ARGS=standin_args("fault_at_step=1", "fault_exit=2"),
+    )
+    info = slurm_cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=90)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0" and info["ExitCode"] == "2:0", info
+    assert [(r["exit_code"], r["reason"], r["decision"]) for r in read_attempts(run_dir)] == [
+        ("2", "config", "failed")
+    ]
+    assert "(config): not requeued" in log.read_text()

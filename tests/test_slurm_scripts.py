@@ -7,6 +7,7 @@ The jobs themselves run under a real Slurm in tests/test_slurm_jobs.py.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -17,7 +18,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from slurm_fixtures import in_ci
+from slurm_fixtures import in_ci, read_attempts
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = REPO / "slurm" / "common.sh"
@@ -132,26 +133,258 @@ def test_base_ablation_script_is_the_papers_base_setting():
 
 
 @pytest.mark.parametrize(
-    ("rc", "restarts", "terminating", "decision"),
+    ("reason", "restarts", "terminating", "failures", "decision"),
     [
-        (0, 0, 0, "finished"),
-        (0, 5, 0, "finished"),
-        (75, 0, 0, "requeue"),
-        (75, 2, 0, "requeue"),
-        (75, 3, 0, "cap"),
-        (75, 0, 1, "cancelled"),
-        (1, 0, 0, "failed"),
-        (2, 0, 0, "failed"),
-        (138, 0, 0, "failed"),
+        ("finished", 0, 0, 0, "finished"),
+        ("finished", 5, 0, 9, "finished"),
+        ("preempted", 0, 0, 0, "requeue"),
+        ("preempted", 2, 0, 0, "requeue"),
+        ("preempted", 3, 0, 0, "cap"),
+        ("preempted", 2, 0, 2, "requeue"),  # preemptions do not spend the failure budget
+        ("preempted", 0, 1, 0, "cancelled"),
+        ("hung", 0, 0, 0, "requeue"),
+        ("hung", 1, 0, 1, "requeue"),
+        ("hung", 2, 0, 2, "budget"),
+        ("node_fault", 0, 0, 0, "requeue"),
+        ("node_fault", 2, 0, 2, "budget"),
+        ("node_fault", 3, 0, 0, "cap"),
+        ("node_fault", 0, 1, 0, "cancelled"),
+        ("config", 0, 0, 0, "failed"),
+        ("nonfinite", 0, 0, 0, "failed"),
+        ("error", 0, 0, 0, "failed"),
     ],
 )
-def test_requeue_decision(rc, restarts, terminating, decision):
-    """Only a checkpointed stop (exit 75) under the cap, while Slurm is not ending the job, is requeued."""
+def test_requeue_decision(tmp_path, reason, restarts, terminating, failures, decision):
+    """Preemptions requeue under the restart cap; hangs and node faults also within the failure budget
+    (BEIT3_MAX_FAILURES=2, earlier failures counted from attempts.tsv); config, non-finite and real errors
+    never; nothing while Slurm is ending the job."""
+    lines = ["job_id\trestart\tstart\tend\texit_code\treason\tdecision\tlast_step\tnodes\tfailed_nodes"]
+    lines += [f"41\t{i}\tt\tt\t76\thung\trequeue\t-\tn1\t-" for i in range(failures)]
+    lines += ["41\t9\tt\tt\t75\tpreempted\trequeue\t-\tn1\t-"]  # preemptions are not failures
+    lines += ["40\t0\tt\tt\t76\thung\trequeue\t-\tn1\t-"] * 5  # another job's failures do not count
+    (tmp_path / "attempts.tsv").write_text("\n".join(lines) + "\n")
     proc = run_bash(
-        f"BEIT3_MAX_REQUEUES=3 SLURM_RESTART_COUNT={restarts} BEIT3_TERMINATING={terminating} "
-        f"beit3_decide {rc}"
+        f"BEIT3_RUN_DIR={tmp_path} SLURM_JOB_ID=41 BEIT3_MAX_REQUEUES=3 BEIT3_MAX_FAILURES=2 "
+        f"SLURM_RESTART_COUNT={restarts} BEIT3_TERMINATING={terminating} beit3_decide {reason}"
     )
     assert proc.stdout.strip() == decision, proc.stderr
+
+
+def classify(tmp_path: Path, rc: int, records: dict[int, tuple[str, int]], env: dict | None = None) -> list:
+    """beit3_classify on task records {task id: (node, exit code)}; returns [reason, failed nodes]."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir(exist_ok=True)
+    for task, (node, code) in records.items():
+        (tasks / str(task)).write_text(f"{node}\t{code}\n")
+    proc = run_bash(
+        f'BEIT3_TASK_DIR={tasks}; beit3_classify {rc}; echo "$BEIT3_REASON|$BEIT3_FAILED_NODES"',
+        env={"BEIT3_STEP_TASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]", **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split("|")
+
+
+@pytest.mark.parametrize(
+    ("rc", "codes", "reason", "failed"),
+    [
+        (0, (0, 0), "finished", ""),
+        (75, (75, 75), "preempted", ""),
+        (76, (76, 76), "hung", ""),
+        (76, (76, 75), "hung", ""),  # one rank's watchdog fired while the other was stopping
+        (2, (2, 2), "config", ""),
+        (3, (3, 1), "nonfinite", ""),
+        (1, (1, 1), "error", ""),
+        (1, (75, 1), "error", ""),
+        # rank 1 killed by the kernel (SIGKILL) on n2, rank 0 failed at its next collective: n2 is to blame
+        (137, (1, 137), "node_fault", "n2"),
+        (139, (139, 0), "node_fault", "n1"),  # a segfault
+        (134, (134, 134), "node_fault", ""),  # every rank aborted (NCCL timeout): no node to blame
+        (138, (138, 75), "node_fault", ""),  # died of our own USR1 before its handler: not the node's fault
+    ],
+)
+def test_classify_tells_faults_from_errors_by_every_tasks_exit_code(tmp_path, rc, codes, reason, failed):
+    records = {task: (f"n{task + 1}", code) for task, code in enumerate(codes)}
+    assert classify(tmp_path, rc, records) == [reason, failed]
+
+
+def test_classify_blames_a_node_whose_task_left_no_record(tmp_path, slurm_conf):
+    """A node that went away takes its task's record with it."""
+    assert classify(tmp_path, 1, {0: ("n1", 1)}, env={"SLURM_CONF": str(slurm_conf)}) == ["node_fault", "n2"]
+
+
+@pytest.mark.parametrize(
+    ("rc", "reason"),
+    [(0, "finished"), (2, "config"), (3, "nonfinite"), (75, "preempted"), (76, "hung"), (1, "error"),
+     (137, "node_fault")],
+)  # fmt: skip
+def test_classify_without_task_records_reads_the_step_exit_code(tmp_path, rc, reason):
+    assert classify(tmp_path, rc, {}) == [reason, ""]
+
+
+def test_task_wrapper_records_node_and_exit_code_and_survives_the_step_signals(tmp_path):
+    """slurm/task.sh outlives USR1 sent to the whole step and records what ended its program."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    child = (
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGUSR1, lambda *_: sys.exit(75))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "BEIT3_TASK_DIR": str(tasks), "SLURMD_NODENAME": "gpu7"}
+    task = subprocess.Popen(
+        ["bash", str(REPO / "slurm" / "task.sh"), sys.executable, "-c", child],
+        env={**env, "SLURM_PROCID": "3"},
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert task.stdout.readline().strip() == "ready"
+    os.killpg(task.pid, signal.SIGUSR1)  # what srun does: every process of the step
+    assert task.wait(timeout=20) == 75
+    assert (tasks / "3").read_text() == "gpu7\t75\n"
+
+    killed = subprocess.run(
+        ["bash", str(REPO / "slurm" / "task.sh"), sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"],
+        env={**env, "SLURM_PROCID": "4"},
+        timeout=30,
+    )
+    assert killed.returncode == 137
+    assert (tasks / "4").read_text() == "gpu7\t137\n"
+
+
+def test_attempts_file_has_a_header_and_one_line_per_attempt_with_the_last_step(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step00001000")
+    proc = run_bash(
+        f"BEIT3_RUN_DIR={tmp_path} SLURM_JOB_ID=12 SLURM_JOB_NODELIST=n[1-2]\n"
+        "BEIT3_ATTEMPT_START=$(beit3_now)\n"
+        "beit3_record_attempt 76 hung requeue\n"
+        "SLURM_RESTART_COUNT=1 BEIT3_FAILED_NODES=n2 beit3_record_attempt 0 finished finished\n"
+        "beit3_failures_so_far"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "1", "the hung attempt counts against the failure budget"
+    rows = read_attempts(tmp_path)
+    assert [(r["job_id"], r["restart"], r["exit_code"], r["reason"], r["decision"]) for r in rows] == [
+        ("12", "0", "76", "hung", "requeue"),
+        ("12", "1", "0", "finished", "finished"),
+    ]
+    assert [r["last_step"] for r in rows] == ["1000", "1000"]
+    assert [r["failed_nodes"] for r in rows] == ["-", "n2"]
+    assert rows[0]["nodes"] == "n[1-2]"
+
+
+# The flight-recorder variables the scripts export, each checked against torch's own sources below.
+FLIGHT_RECORDER = (
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+    "TORCH_FR_BUFFER_SIZE",
+    "TORCH_NCCL_TRACE_BUFFER_SIZE",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT",
+    "TORCH_NCCL_ENABLE_MONITORING",
+    "TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
+    "TORCH_FR_DUMP_TEMP_FILE",
+)
+
+
+def test_flight_recorder_variable_names_are_the_ones_torch_reads():
+    """A misspelt variable is silently ignored: every name must occur in the installed torch, in its
+    c10d headers (ProcessGroupNCCL.hpp declares the NCCL-only ones, absent from a CPU build's library) or
+    as a string in its library (the flight recorder's dump-file names)."""
+    import mmap
+
+    import torch
+
+    root = Path(torch.__file__).parent
+    headers = "".join(
+        p.read_text(errors="replace") for p in root.glob("include/torch/csrc/distributed/c10d/*.hpp")
+    )
+    missing = [name for name in FLIGHT_RECORDER if f'"{name}"' not in headers]
+    lib = root / "lib" / "libtorch_cpu.so"
+    if missing and lib.is_file():
+        with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            missing = [name for name in missing if data.find(name.encode() + b"\0") < 0]
+    assert not missing, f"torch {torch.__version__} does not read {missing}"
+
+
+@pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
+def test_sbatch_scripts_export_timeouts_and_the_flight_recorder_to_the_step(script, tmp_path):
+    """Run the script with stand-ins for srun and scontrol; the step's environment is what srun got."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/bash\nenv > {tmp_path}/step.env\nexit 0\n")
+    (bin_dir / "scontrol").write_text("#!/bin/bash\n[[ $2 == hostnames ]] && echo node1\nexit 0\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        ["bash", str(script)],
+        env={
+            "PATH": f"{bin_dir}:/usr/bin:/bin",
+            "BEIT3_REPO": str(REPO),
+            "BEIT3_PYTHON": sys.executable,
+            "BEIT3_TASK": "vqav2_base",
+            "BEIT3_RUN_DIR": str(run_dir),
+            "SLURM_JOB_ID": "5",
+            "SLURM_JOB_NODELIST": "node1",
+            "SLURM_JOB_NUM_NODES": "1",
+            "SLURM_NTASKS": "1",
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    step_env = dict(
+        line.split("=", 1) for line in (tmp_path / "step.env").read_text().splitlines() if "=" in line
+    )
+    opts = {
+        name: script_default(script, name) for name in ("BEIT3_INIT_TIMEOUT_S", "BEIT3_COLLECTIVE_TIMEOUT_S")
+    }
+    for name, value in opts.items():
+        assert int(value) >= 60 and step_env[name] == value, name
+    assert int(opts["BEIT3_COLLECTIVE_TIMEOUT_S"]) >= int(opts["BEIT3_INIT_TIMEOUT_S"]) // 2
+    assert "BEIT3_WATCHDOG_S" not in step_env, "empty: the program derives it from the step time"
+    assert int(step_env["TORCH_FR_BUFFER_SIZE"]) > 0
+    assert step_env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert step_env["TORCH_NCCL_ENABLE_MONITORING"] == "1"
+    assert step_env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    prefix = Path(step_env["TORCH_FR_DUMP_TEMP_FILE"])
+    assert prefix.parent == run_dir / "nccl_trace" and prefix.parent.is_dir()
+    # torch 2.13 warns about the older names on every rank: they are set only for an older torch
+    assert (
+        "TORCH_NCCL_TRACE_BUFFER_SIZE" not in step_env and "TORCH_NCCL_DEBUG_INFO_TEMP_FILE" not in step_env
+    )
+    assert [r["reason"] for r in read_attempts(run_dir)] == ["finished"]
+
+
+def test_an_older_torch_gets_the_older_flight_recorder_names_too(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/bash\necho 2.5.1+cu124\n")
+    fake.chmod(0o755)
+    proc = run_bash(
+        f"BEIT3_PYTHON={fake} BEIT3_RUN_DIR={tmp_path}/run; beit3_fault_env\n"
+        'echo "$TORCH_NCCL_TRACE_BUFFER_SIZE $TORCH_NCCL_DEBUG_INFO_TEMP_FILE $TORCH_FR_BUFFER_SIZE"'
+    )
+    assert proc.stdout.split() == ["2000", f"{tmp_path}/run/nccl_trace/rank_", "2000"], proc.stderr
+
+
+def test_a_site_value_wins_over_the_defaults_and_a_bad_timeout_is_refused(tmp_path):
+    env = {
+        "SLURM_JOB_ID": "7",
+        "BEIT3_REPO": str(REPO),
+        "BEIT3_PYTHON": sys.executable,
+        "BEIT3_RECIPE": "pretrain/recipes/demo.toml",
+        "BEIT3_DS_CONFIG": "ds_configs/zero0_fp32.json",
+        "BEIT3_RUN_DIR": str(tmp_path / "run"),
+    }
+    proc = run_bash(
+        "beit3_defaults; beit3_fault_env; echo $TORCH_NCCL_TRACE_BUFFER_SIZE $BEIT3_WATCHDOG_S",
+        env={**env, "TORCH_NCCL_TRACE_BUFFER_SIZE": "50", "BEIT3_WATCHDOG_S": "300"},
+    )
+    assert proc.stdout.split() == ["50", "300"], proc.stderr
+    proc = run_bash("beit3_main beit3.pretrain.train", env={**env, "BEIT3_COLLECTIVE_TIMEOUT_S": "30m"})
+    assert proc.returncode == 2 and "BEIT3_COLLECTIVE_TIMEOUT_S=30m" in proc.stderr
 
 
 def test_batch_shell_forwards_usr1_to_the_step_and_returns_its_exit_code(tmp_path):
