@@ -1,0 +1,72 @@
+"""The bad-input catalogue (tests/bad_input_fixtures.py, written with Python's tarfile): every kind of damaged
+input is skipped and counted under its kind, nothing else is counted, and the good samples around it are read;
+odd but valid inputs are converted and used. Then one loader over all of them at once, with workers."""
+
+from __future__ import annotations
+
+import pytest
+from bad_input_fixtures import FIXTURES, clean_shard, expected_keys, write_all, write_fixture
+
+from beit3.pretrain.data import PretrainDataConfig, build_pretrain_loader
+from beit3.pretrain.data.decode import SKIP_KINDS
+from beit3.pretrain.data.fixtures import tiny_tokenizer
+
+COUNTS = {"image": (1, 0, 0), "text": (0, 1, 0), "pair": (0, 0, 1)}
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return tiny_tokenizer(str(tmp_path_factory.mktemp("spm")))
+
+
+def cfg(**kw) -> PretrainDataConfig:
+    base = dict(
+        img_size=32, patch_size=8, tokenizer_img_size=16, min_num_patches=2, text_max_len=16,
+        pair_text_max_len=12, max_image_pixels=64 * 64, num_workers=0, shuffle_buffer=0, open_shards=1,
+        return_keys=True,
+    )  # fmt: skip
+    return PretrainDataConfig(**{**base, **kw})
+
+
+def test_the_catalogue_has_at_least_30_kinds_of_damage_across_images_texts_pairs_and_tar():
+    damaged = [fx for fx in FIXTURES if fx.kind is not None]
+    assert len(damaged) >= 30
+    assert {fx.stream for fx in damaged} == {"image", "text", "pair"}
+    assert sum(fx.kind == "tar_read" for fx in damaged) >= 8
+
+
+@pytest.mark.parametrize("fx", FIXTURES, ids=lambda fx: fx.name)
+def test_each_bad_input_is_counted_under_its_kind_and_the_good_samples_around_it_are_read(fx, tmp_path, tok):
+    shards = [str(write_fixture(tmp_path, fx))]
+    keys = expected_keys(fx)
+    if not keys:  # nothing readable in the shard: a clean one keeps the stream alive
+        shards.append(str(clean_shard(tmp_path / "clean" / "c.tar", fx.stream, ("c0",))))
+    loader = build_pretrain_loader(cfg(**{f"{fx.stream}_shards": shards}), tok, *COUNTS[fx.stream])
+    it = iter(loader)
+    batches = [next(it) for _ in range(max(len(keys), 3))]
+    loader.close()
+    read = [b[fx.stream]["keys"][0] for b in batches]
+    if keys:
+        assert tuple(read[: len(keys)]) == keys
+    else:
+        assert set(read) == {"c0"}
+    stats = batches[-1 if not keys else len(keys) - 1]["stats"]
+    counted = {k.split("/", 1)[1] for k, v in stats.items() if k.startswith("skipped/") and v}
+    assert counted == ({fx.kind, *fx.also} - {None}), stats
+
+
+def test_one_loader_over_every_fixture_with_workers_counts_every_kind(tmp_path, tok):
+    shards = write_all(tmp_path)
+    c = cfg(image_shards=shards["image"], text_shards=shards["text"], pair_shards=shards["pair"],
+            num_workers=2, open_shards=2, shuffle_buffer=4)  # fmt: skip
+    loader = build_pretrain_loader(c, tok, 4, 2, 2)
+    wanted = {f"skipped/{fx.kind}" for fx in FIXTURES if fx.kind}
+    it = iter(loader)
+    for _ in range(200):
+        stats = next(it)["stats"]
+        if all(stats[k] for k in wanted):
+            break
+    loader.close()
+    assert all(stats[k] for k in wanted), {k: stats[k] for k in wanted if not stats[k]}
+    streams = {"samples/image", "samples/text", "samples/pair"}
+    assert set(stats) == {f"skipped/{k}" for k in SKIP_KINDS} | streams  # stable names, all always present
