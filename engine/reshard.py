@@ -180,7 +180,7 @@ def ensure_universal(tag_dir: Path, rank: int) -> Path:
         try:
             convert_to_universal(tag_dir)
         except Exception as err:  # every rank raises the same error below
-            error = f"{type(err).__name__}: {err}"
+            error = str(err) if isinstance(err, CheckpointError) else f"{type(err).__name__}: {err}"
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         box = [error]
         torch_dist.broadcast_object_list(box, src=0)
