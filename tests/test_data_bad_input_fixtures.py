@@ -4,6 +4,11 @@ odd but valid inputs are converted and used. Then one loader over all of them at
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 from bad_input_fixtures import FIXTURES, clean_shard, expected_keys, write_all, write_fixture
 
@@ -70,3 +75,40 @@ def test_one_loader_over_every_fixture_with_workers_counts_every_kind(tmp_path, 
     assert all(stats[k] for k in wanted), {k: stats[k] for k in wanted if not stats[k]}
     streams = {"samples/image", "samples/text", "samples/pair"}
     assert set(stats) == {f"skipped/{k}" for k in SKIP_KINDS} | streams  # stable names, all always present
+
+
+@pytest.mark.slow
+def test_beit3_pretrain_over_every_fixture_exits_0_and_counts_every_kind_in_tensorboard(tmp_path, tok):
+    """One real `beit3-pretrain` run (tiny model, one process, 2 loader workers) whose three streams hold
+    every fixture: it finishes, and TensorBoard's `data/skipped/<kind>` shows each kind of damage."""
+    from test_pretrain_e2e import REPO, scalars
+
+    shards = write_all(tmp_path / "fx")
+    steps = 30
+    cmd = [
+        sys.executable, "-m", "beit3.pretrain.train",
+        "--config", str(REPO / "pretrain/recipes/demo.toml"),
+        "--ds-config", str(REPO / "ds_configs/zero0_fp32.json"),
+        "--ds-set", "train_micro_batch_size_per_gpu=12",  # 4 images, 4 texts, 4 pairs
+        "--output-dir", str(tmp_path / "run"),
+        "--set", f"tokenizers.text={tok.model_file}",
+        "--set", "tokenizers.visual_checkpoint=",
+        "--set", "model.name=beit3_tiny_patch16_64",
+        "--set", "model.overrides={vocab_size = 64, visual_vocab_size = 1024}",
+        *[a for s, urls in shards.items() for a in ("--set", f"data.{s}_shards={json.dumps(urls)}")],
+        "--set", "data.num_workers=2",
+        "--set", "data.shuffle_buffer=0",  # every sample of a shard in turn: every fixture is reached
+        "--set", "data.open_shards=1",
+        "--set", "data.max_image_pixels=4096",
+        "--set", f"train.total_steps={steps}",
+        "--set", "train.warmup_steps=2",
+        "--set", "train.log_every=10",
+        "--set", "train.save_every=1000",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = {fx.kind: scalars(tmp_path / "run", f"data/skipped/{fx.kind}").get(steps, 0.0) for fx in FIXTURES}
+    assert all(last[k] >= 1 for k in last if k), last
+    assert scalars(tmp_path / "run", "data/samples/image")[steps] == 4 * steps
+    assert "damaged shard" in proc.stderr and "killed by signal" not in proc.stderr

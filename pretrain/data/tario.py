@@ -197,8 +197,8 @@ def _members(f, file_size: int, pos: int):
 def _log_damage_once(url: str, damage: _Damage) -> None:
     if (url, damage.offset) not in _warned:
         _warned.add((url, damage.offset))
-        log.warning("damaged shard %s at byte %d: %s; reading on from the next valid member",
-                    url, damage.offset, damage.detail)  # fmt: skip
+        log.warning("damaged shard %s at byte %d: %s (counted as tar_read; valid members after it are still "
+                    "read)", url, damage.offset, damage.detail)  # fmt: skip
 
 
 def iter_shard(
