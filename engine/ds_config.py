@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 
@@ -120,11 +121,24 @@ def keep_global_batch(config: dict, global_batch: int, world_size: int, source: 
     return config
 
 
-def global_batch_problem(config: dict, expected: int, world_size: int, unit: int = 1) -> str | None:
+def global_batch_problem(
+    config: dict, expected: int, world_size: int, unit: int = 1, trained: int | None = None
+) -> str | None:
     """None if the resolved ``config`` trains with global batch ``expected`` (0: any) on ``world_size``
     ranks, else one line with the ``--ds-set`` options that give it (a micro-batch that is a multiple of
-    ``unit``, e.g. the images:texts:pairs split, no larger than the config's)."""
+    ``unit``, e.g. the images:texts:pairs split, no larger than the config's).
+
+    ``trained``: the global batch of the checkpoint being resumed, which a resume on another world size
+    keeps (engine/reshard.py) whatever the config now resolves to.
+    """
     got = config["train_batch_size"]
+    if trained is not None and trained != got:
+        if not expected or trained == expected:
+            return None
+        return (
+            f"the checkpoint being resumed was trained with global batch {trained} but the recipe's "
+            f"schedule is written for {expected}: resume with the recipe it was trained with"
+        )
     if not expected or got == expected:
         return None
     micro, gas = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
@@ -143,6 +157,20 @@ def global_batch_problem(config: dict, expected: int, world_size: int, unit: int
         f"{head}: --ds-set train_batch_size={expected} --ds-set train_micro_batch_size_per_gpu={fix} "
         f"--ds-set gradient_accumulation_steps={per_rank // fix}"
     )
+
+
+def trained_global_batch(tag_dir: os.PathLike | None) -> int | None:
+    """The global batch (``train_batch_size``) the checkpoint ``tag_dir`` was trained with, from its marker;
+    None for a fresh run (``tag_dir`` None) or a marker that does not record it."""
+    if tag_dir is None:
+        return None
+    from beit3.engine.checkpoint import CheckpointError, read_marker
+
+    try:
+        value = (read_marker(Path(tag_dir)).get("ds_config") or {}).get("train_batch_size")
+    except CheckpointError:
+        return None  # the trainer reports an unreadable marker when it resumes
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def validate(config: dict) -> None:

@@ -151,12 +151,15 @@ def validate(recipe: FinetuneRecipe) -> None:
             raise ConfigError(f"finetune recipe: {message}")
 
 
-def validate_run(recipe: FinetuneRecipe, ds_config: dict, world_size: int) -> dict:
+def validate_run(
+    recipe: FinetuneRecipe, ds_config: dict, world_size: int, trained_global_batch: int | None = None
+) -> dict:
     """Check a recipe against itself, its model preset and the DeepSpeed config on ``world_size`` ranks,
     without reading any file or starting DeepSpeed; returns the resolved DeepSpeed config.
 
     Raises ConfigError or EngineConfigError with one line naming the setting and the fix. Shapes a
     pretrained checkpoint imposes (vocabulary, text positions) are checked when it is loaded.
+    ``trained_global_batch``: that of the checkpoint being resumed (a resume on other ranks keeps it).
     """
     from beit3.model import ModelConfigError, get_config
 
@@ -189,7 +192,8 @@ def validate_run(recipe: FinetuneRecipe, ds_config: dict, world_size: int) -> di
                 f"{model_cfg.max_text_len}: lower it or raise model.overrides.max_text_positions"
             )
     ds_config = load_ds_config(ds_config, world_size)
-    problem = global_batch_problem(ds_config, recipe.train.global_batch_size, world_size)
+    expected = recipe.train.global_batch_size
+    problem = global_batch_problem(ds_config, expected, world_size, trained=trained_global_batch)
     if problem:
         raise ConfigError(
             f"finetune recipe: train.global_batch_size={recipe.train.global_batch_size}: {problem}"

@@ -196,11 +196,16 @@ def _check_values(recipe: PretrainRecipe) -> None:
 
 
 def validate_run(
-    recipe: PretrainRecipe, ds_config: dict, world_size: int, visual_overrides: dict | None = None
+    recipe: PretrainRecipe,
+    ds_config: dict,
+    world_size: int,
+    visual_overrides: dict | None = None,
+    trained_global_batch: int | None = None,
 ) -> dict[str, int]:
     """Check a recipe against itself, the model preset, the visual tokenizer's registry entry and the
     DeepSpeed config on ``world_size`` ranks, without reading any file; returns the micro-batch split.
-    ``visual_overrides``: the tokenizer config changes its checkpoint records (e.g. ``codebook_size``).
+    ``visual_overrides``: the tokenizer config changes its checkpoint records (e.g. ``codebook_size``);
+    ``trained_global_batch``: that of the checkpoint being resumed (a resume on other ranks keeps it).
 
     Pure: it neither reads data, tokenizer or checkpoint files nor starts DeepSpeed, so every shipped
     recipe and DeepSpeed config can be checked against each other in a test. Raises ConfigError or
@@ -218,7 +223,8 @@ def validate_run(
     ds_config = load_ds_config(ds_config, world_size)
     split = micro_batch_split(recipe, int(ds_config["train_micro_batch_size_per_gpu"]))
     b = recipe.batch
-    problem = global_batch_problem(ds_config, b.global_batch_size, world_size, b.images + b.texts + b.pairs)
+    unit = b.images + b.texts + b.pairs
+    problem = global_batch_problem(ds_config, b.global_batch_size, world_size, unit, trained_global_batch)
     if problem:
         raise ConfigError(f"batch.global_batch_size={b.global_batch_size}: {problem}")
     d = recipe.data
@@ -268,7 +274,7 @@ def check_text_tokenizer(vocab_size: int, model_cfg) -> None:
 
 
 def validate(
-    recipe: PretrainRecipe, ds_config: dict, world_size: int = 1
+    recipe: PretrainRecipe, ds_config: dict, world_size: int = 1, trained_global_batch: int | None = None
 ) -> tuple[dict[str, int], dict | None]:
     """:func:`validate_run` plus the files the recipe names (tokenizers, shards).
 
@@ -283,7 +289,7 @@ def validate(
         raise ConfigError(f"[tokenizers] text={tok.text!r} does not exist")
     visual_checkpoint = read_visual_checkpoint(tok.visual_checkpoint) if tok.visual_checkpoint else None
     overrides = (visual_checkpoint or {}).get("overrides", {})
-    split = validate_run(recipe, ds_config, world_size, visual_overrides=overrides)
+    split = validate_run(recipe, ds_config, world_size, overrides, trained_global_batch)
     try:
         recipe.data.validate()
     except DataConfigError as e:

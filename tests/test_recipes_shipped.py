@@ -289,3 +289,32 @@ def test_validate_run_refuses_a_finetuning_recipe_that_disagrees(overrides, expe
     assert validate_run(load_recipe("coco_captioning_base"), config, 8)["train_batch_size"] == 256
     with pytest.raises(ConfigError, match=re.escape(expected)):
         validate_run(recipe, config, 8)
+
+
+def test_a_resume_on_other_ranks_is_checked_against_the_global_batch_it_keeps():
+    """engine/reshard.py keeps a checkpoint's global batch on another world size: base_ablation trained at
+    6144 on 64 GPUs (gas 4) resumes on 32 with gas 8, although the JSON alone now resolves to 3072."""
+    from beit3.pretrain.recipe import validate_run
+
+    recipe = pretrain("base_ablation")
+    config = {**ds(REPO / "ds_configs" / "zero2_bf16.json"), "gradient_accumulation_steps": 4}
+    assert validate_run(recipe, config, 64)["pairs"] == 8
+    with pytest.raises(ConfigError, match="gives 24 x 4 accumulation x 32 ranks = 3072"):
+        validate_run(recipe, config, 32)
+    assert validate_run(recipe, config, 32, trained_global_batch=6144)["pairs"] == 8
+    with pytest.raises(ConfigError, match="checkpoint being resumed was trained with global batch 1536"):
+        validate_run(recipe, config, 32, trained_global_batch=1536)
+
+
+def test_trained_global_batch_reads_the_checkpoint_marker(tmp_path):
+    from beit3.engine.ds_config import trained_global_batch
+
+    tag = tmp_path / "step00000010"
+    tag.mkdir()
+    assert trained_global_batch(None) is None
+    (tag / "complete.json").write_text(
+        json.dumps({"step": 10, "world_size": 2, "ds_config": {"train_batch_size": 48}})
+    )
+    assert trained_global_batch(tag) == 48
+    (tag / "complete.json").write_text(json.dumps({"step": 10, "world_size": 2}))
+    assert trained_global_batch(tag) is None
