@@ -24,11 +24,12 @@ from pathlib import Path
 import torch.distributed as torch_dist
 
 from beit3.engine.checkpoint import CheckpointError as ResumeError
+from beit3.engine.checkpoint import resolve_resume
 from beit3.engine.config_io import ConfigError, dotted_overrides, to_dict
-from beit3.engine.ds_config import EngineConfigError, load_ds_config
+from beit3.engine.ds_config import EngineConfigError, load_ds_config, trained_global_batch
 from beit3.engine.launch import LaunchError, add_run_args, init_distributed, shutdown_distributed
 from beit3.engine.optim import OptimizerConfigError
-from beit3.engine.trainer_config import preflight
+from beit3.engine.trainer_config import check_output_dir, preflight
 from beit3.finetune.builder import build_task
 from beit3.finetune.data.batches import BatchLoader, Collator, tokenize_split
 from beit3.finetune.data.build import load_task_data
@@ -123,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.set) + ([f"task.name={args.task}"] if args.task else [])
         recipe = load_recipe(args.config, overrides)
         ds_config = load_ds_config(args.ds_config, dist.world_size, dotted_overrides(args.ds_set))
-        validate_run(recipe, ds_config, dist.world_size)
+        trained = None
+        if not args.eval_only:
+            check_output_dir(args.output_dir)
+            trained = trained_global_batch(resolve_resume(args.resume, args.output_dir))
+        validate_run(recipe, ds_config, dist.world_size, trained)
         if args.eval_only:
             if not Path(args.eval_only).is_file():
                 raise ConfigError(f"--eval-only {args.eval_only} does not exist: give a finetuned model.pth")

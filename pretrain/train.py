@@ -17,14 +17,14 @@ import logging
 import sys
 from pathlib import Path
 
-from beit3.engine.checkpoint import CheckpointError
+from beit3.engine.checkpoint import CheckpointError, resolve_resume
 from beit3.engine.config_io import ConfigError, dotted_overrides, to_dict
-from beit3.engine.ds_config import EngineConfigError, load_ds_config
+from beit3.engine.ds_config import EngineConfigError, load_ds_config, trained_global_batch
 from beit3.engine.launch import LaunchError, add_run_args, init_distributed
 from beit3.engine.optim import OptimizerConfigError
 from beit3.engine.supervise import supervised
 from beit3.engine.trainer import Trainer, TrainerConfig, seed_everything
-from beit3.engine.trainer_config import preflight
+from beit3.engine.trainer_config import check_output_dir, preflight
 from beit3.model import ModelConfigError
 from beit3.pretrain.data import DataConfigError, build_pretrain_loader
 from beit3.pretrain.recipe import (
@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         # Every check that needs no model runs first: a mistake costs seconds, on every rank alike.
         recipe = load_recipe(args.config, args.set)
         ds_config = load_ds_config(args.ds_config, dist.world_size, dotted_overrides(args.ds_set))
-        split, visual_checkpoint = validate(recipe, ds_config, dist.world_size)
+        check_output_dir(args.output_dir)
+        resume_from = resolve_resume(args.resume, args.output_dir)  # a --resume that cannot be honoured
+        trained = trained_global_batch(resume_from)  # a resume on other ranks keeps its global batch
+        split, visual_checkpoint = validate(recipe, ds_config, dist.world_size, trained)
         cfg = trainer_config(recipe, args, ds_config)
         preflight(cfg, ds_config, dist.world_size)
         seed_everything(recipe.train.seed)  # the same initial weights on every rank and every run
