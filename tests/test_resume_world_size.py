@@ -299,5 +299,57 @@ def test_a_half_written_conversion_is_never_used_and_a_complete_one_is_reused(re
     assert convert_to_universal(tag_dir) == out and (out / UNIVERSAL_MARKER).stat().st_mtime_ns == marker
 
 
+# ----- the pure parts, without ranks -----
+def _resolved(stage: int, micro: int, gas: int, world: int) -> dict:
+    from beit3.engine.ds_config import load_ds_config
+
+    overrides = {"zero_optimization.stage": stage, "train_batch_size": None,
+                 "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas}  # fmt: skip
+    return load_ds_config(DS_CONFIGS / "zero3_fp32.json", world, overrides)
+
+
+def _marker(tmp_path: Path, world: int, ds_config: dict) -> Path:
+    tag_dir = tmp_path / "checkpoints" / "step00000010"
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "complete.json").write_text(
+        json.dumps({"step": 10, "world_size": world, "ds_config": ds_config})
+    )
+    return tag_dir
+
+
+def test_keep_global_batch_rederives_accumulation_or_names_the_fix():
+    from beit3.engine.ds_config import EngineConfigError, keep_global_batch
+
+    on_64 = _resolved(3, 24, 1, 64)  # global 1536
+    assert keep_global_batch(on_64, 1536, 32)["gradient_accumulation_steps"] == 2
+    assert keep_global_batch(on_64, 1536, 16)["gradient_accumulation_steps"] == 4
+    assert on_64["gradient_accumulation_steps"] == 1  # a copy
+    with pytest.raises(EngineConfigError) as err:
+        keep_global_batch(on_64, 1536, 48)  # 1536 / 24 = 64 micro-batches: 48 ranks cannot share them
+    assert "cannot keep the global batch (train_batch_size) 1536" in str(err.value)
+    assert "resume on a number of ranks that divides 64" in str(err.value)
+    assert "set train_micro_batch_size_per_gpu to a divisor of 32" in str(err.value)
+
+
+def test_plan_resume_converts_only_zero_shards_of_another_world_size(tmp_path):
+    from beit3.engine.ds_config import EngineConfigError
+    from beit3.engine.reshard import plan_resume
+
+    saved = _resolved(2, 2, 1, 4)  # global 8 on 4 ranks
+    tag_dir = _marker(tmp_path, 4, saved)
+    assert plan_resume(None, saved, 4) is None
+    same = plan_resume(tag_dir, saved, 4)
+    assert not same.universal and same.ds_config == saved and same.init_config == saved
+    fewer = plan_resume(tag_dir, _resolved(2, 2, 1, 2), 2)  # the same config on 2 ranks: global 4
+    assert fewer.universal and fewer.ds_config["gradient_accumulation_steps"] == 2
+    assert fewer.ds_config["train_batch_size"] == 8 and "checkpoint" not in fewer.ds_config
+    assert fewer.init_config["checkpoint"] == {"load_universal": True}
+    with pytest.raises(EngineConfigError, match="zero_optimization.stage=2"):
+        plan_resume(tag_dir, _resolved(3, 2, 1, 2), 2)
+    stage0 = _marker(tmp_path / "z0", 4, _resolved(0, 2, 1, 4))
+    plan = plan_resume(stage0, _resolved(0, 2, 1, 2), 2)
+    assert not plan.universal and plan.ds_config["gradient_accumulation_steps"] == 2
+
+
 if __name__ == "__main__":
     sys.exit(main())
