@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,184 @@ def test_trainer_config_from_a_recipe_section_copies_shared_fields_only():
         "none",
     )
     assert not hasattr(cfg, "layer_decay")
+
+
+# ----- ranges: every numeric setting is checked, with a message that names it -----
+
+
+@pytest.mark.parametrize(
+    "text,inside,outside,shown",
+    [
+        ("[0, 1)", [0, 0.5], [1, -0.1, float("nan")], "in [0, 1)"),
+        ("(0, inf)", [1e-12, 3], [0, -1, float("inf"), float("nan")], "> 0"),
+        ("[1, inf)", [1, 10**9], [0, 0.99], ">= 1"),
+        ("(0, 1]", [1, 0.1], [0, 1.01], "in (0, 1]"),
+        ("(-inf, inf)", [-5.0, 0, 7], [float("nan"), float("inf"), -float("inf")], "finite"),
+    ],
+)
+def test_a_range_holds_its_values_and_says_what_it_accepts(text, inside, outside, shown):
+    from beit3.engine.config_io import Range
+
+    allowed = Range.parse(text)
+    assert all(v in allowed for v in inside) and not any(v in allowed for v in outside)
+    assert str(allowed) == shown
+
+
+def test_range_problem_names_the_setting_checks_each_element_and_refuses_bools():
+    import dataclasses
+
+    from beit3.engine.config_io import range_problem
+
+    @dataclasses.dataclass
+    class Section:
+        lr: float = 1e-3
+        betas: tuple = (0.9, 0.98)
+        steps: int = 3
+
+    rules = {"lr": "(0, inf)", "betas": "[0, 1)", "steps": "[1, inf)"}
+    assert range_problem(Section(), "train", rules) is None
+    assert range_problem(Section(lr=-1.0), "train", rules) == "train.lr=-1.0 is out of range: must be > 0"
+    message = range_problem(Section(betas=(0.9, 1.0)), "train", rules)
+    assert message == "train.betas=[0.9, 1.0] is out of range: each value must be in [0, 1)"
+    assert "train.steps=True" in range_problem(Section(steps=True), "train", rules)
+
+
+def test_a_fixed_length_tuple_in_a_recipe_needs_exactly_that_many_values():
+    import dataclasses
+
+    from beit3.engine.config_io import ConfigError, from_dict
+
+    @dataclasses.dataclass
+    class Section:
+        crop_scale: tuple[float, float] = (0.2, 1.0)
+        sizes: tuple[int, ...] = (1,)
+
+    assert from_dict(Section, {"crop_scale": [0.5, 1], "sizes": [1, 2, 3]}).crop_scale == (0.5, 1.0)
+    with pytest.raises(ConfigError, match=r"crop_scale: expected 2 values, got 1 \(\[0.5\]\)"):
+        from_dict(Section, {"crop_scale": [0.5]})
+    with pytest.raises(ConfigError, match="crop_scale: expected 2 values, got 3"):
+        from_dict(Section, {"crop_scale": [0.1, 0.5, 1.0]})
+    with pytest.raises(ConfigError, match="crop_scale: expected float"):
+        from_dict(Section, {"crop_scale": ["a", 1.0]})
+
+
+def _outside(text: str, value):
+    """A value just outside the range ``text`` (below its low end, or above its high end)."""
+    from beit3.engine.config_io import Range
+
+    r = Range.parse(text)
+    step = 1 if isinstance(value, int) else 0.5
+    below = r.low - (0 if r.low_open else step)
+    return type(value)(below) if not math.isinf(below) else type(value)(r.high + (0 if r.high_open else step))
+
+
+def _trainer_fields():
+    from beit3.engine.trainer_config import TRAIN_RANGES
+
+    return sorted(TRAIN_RANGES)
+
+
+@pytest.mark.parametrize("name", _trainer_fields())
+def test_every_trainer_setting_out_of_range_is_refused_by_name(name, tmp_path):
+    import dataclasses
+
+    from beit3.engine.trainer_config import TRAIN_RANGES, TrainerConfig
+
+    cfg = TrainerConfig(output_dir=str(tmp_path), total_steps=10, lr=1e-3, min_lr=0.0)
+    cfg.validate()
+    value = getattr(cfg, name)
+    bad = (
+        tuple(_outside(TRAIN_RANGES[name], v) for v in value)
+        if isinstance(value, tuple)
+        else _outside(TRAIN_RANGES[name], value)
+    )
+    with pytest.raises(EngineConfigError, match=f"TrainerConfig.{name}="):
+        dataclasses.replace(cfg, **{name: bad}).validate()
+
+
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        ({"min_lr": 1.0}, "min_lr=1.0 exceeds lr=0.001"),
+        ({"warmup_steps": 11}, "warmup_steps=11 exceeds total_steps=10"),
+        ({"schedule": "step"}, "schedule='step' is unknown"),
+        ({"optimizer": "sgd"}, "optimizer='sgd' is unknown"),
+        ({"betas": (0.9,)}, "betas=[0.9] needs two values"),
+    ],
+)
+def test_trainer_settings_that_contradict_each_other_are_refused(changes, expected, tmp_path):
+    from beit3.engine.trainer_config import TrainerConfig
+
+    with pytest.raises(EngineConfigError, match=re.escape(expected)):
+        TrainerConfig(output_dir=str(tmp_path), total_steps=10, lr=1e-3, **changes).validate()
+
+
+def test_an_output_dir_that_is_or_lies_below_a_file_is_refused(tmp_path):
+    from beit3.engine.trainer_config import check_output_dir
+
+    check_output_dir(str(tmp_path / "new" / "run"))  # creatable: fine, and nothing is created
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EngineConfigError, match="is a file, not a directory"):
+        check_output_dir(str(tmp_path / "file"))
+    with pytest.raises(EngineConfigError, match="cannot be created"):
+        check_output_dir(str(tmp_path / "file" / "run"))
+
+
+def test_a_precision_the_device_cannot_train_in_is_refused(monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    from beit3.engine.trainer_config import check_precision_supported
+
+    accelerator = get_accelerator()
+    monkeypatch.setattr(accelerator, "is_fp16_supported", lambda: False)
+    monkeypatch.setattr(accelerator, "is_bf16_supported", lambda: False)
+    check_precision_supported({"train_micro_batch_size_per_gpu": 1})  # fp32 runs anywhere
+    with pytest.raises(
+        EngineConfigError, match="fp16.enabled=true .* cannot train in fp16: use a bf16 or fp32"
+    ):
+        check_precision_supported({"fp16": {"enabled": True}})
+    with pytest.raises(EngineConfigError, match="bf16.enabled=true .* cannot train in bf16"):
+        check_precision_supported({"bf16": {"enabled": True}})
+    monkeypatch.setattr(accelerator, "is_fp16_supported", lambda: True)
+    check_precision_supported({"fp16": {"enabled": True}})
+
+
+def test_deepspeeds_own_parser_refuses_a_misspelt_key_in_one_line():
+    from beit3.engine.trainer_config import check_with_deepspeed_parser
+
+    config = load_ds_config(DS_CONFIGS[0].with_name("zero2_bf16.json"), 8)
+    check_with_deepspeed_parser(config, 8)
+    config["zero_optimization"]["reduce_scater"] = True
+    with pytest.raises(EngineConfigError) as err:
+        check_with_deepspeed_parser(config, 8)
+    assert "reduce_scater" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "expected,world,unit,fix",
+    [
+        (128, 8, 1, "micro_batch_size_per_gpu=16 --ds-set gradient_accumulation_steps=1"),
+        (6144, 64, 3, "micro_batch_size_per_gpu=24 --ds-set gradient_accumulation_steps=4"),
+        (100, 8, 1, "change the ranks"),
+        (192, 8, 1, None),
+        (0, 8, 1, None),
+    ],
+)  # fmt: skip
+def test_a_global_batch_the_config_does_not_give_is_refused_with_the_options_that_do(
+    expected, world, unit, fix
+):
+    from beit3.engine.ds_config import global_batch_problem
+
+    config = {"train_micro_batch_size_per_gpu": 24}
+    resolved = load_ds_config(config, world)
+    problem = global_batch_problem(resolved, expected, world, unit)
+    if fix is None:
+        assert problem is None
+        return
+    assert fix in problem
+    if "--ds-set" in problem:
+        from beit3.engine.config_io import dotted_overrides
+
+        fixed = load_ds_config({**config, **dotted_overrides(re.findall(r"--ds-set (\S+)", problem))}, world)
+        assert fixed["train_batch_size"] == expected and fixed["train_micro_batch_size_per_gpu"] % unit == 0
