@@ -67,7 +67,6 @@ setup(
             "beit3-pretrain=beit3.pretrain.train:main",
             "beit3-export=beit3.pretrain.export:main",
             "beit3-finetune=beit3.finetune.train:main",
-            "beit3-bench=beit3.pretrain.bench:main",
         ]
     },
 )

@@ -4,7 +4,7 @@ Reads the measured per-worker throughput of each stream (``bench/loader_throughp
 --tokenizer-img-size 256``, i.e. the giant's two views) and compares it with how fast one GPU consumes samples
 at a given step time: the paper's observed 1.21 s/step (1M steps in about two weeks on 256 A100), and the step
 time implied by a target MFU on A100 and H100 (model FLOPs of the paper's per-GPU batch from
-``beit3.pretrain.flops``). Prints the workers (= CPU cores) needed per GPU and per 8-GPU node.
+``beit3.model.flops``). Prints the workers (= CPU cores) needed per GPU and per 8-GPU node.
 
     python bench/loader_headroom.py [--throughput bench/results/loader_throughput_giant.json]
 """
@@ -16,23 +16,22 @@ import json
 import sys
 from pathlib import Path
 
+from beit3.engine.metrics import PEAK_FLOPS
 from beit3.model import get_config
-from beit3.pretrain import flops
+from beit3.model.flops import Pass, training_flops
 
 ROOT = Path(__file__).resolve().parents[1]
-PEAK = {"A100": 312e12, "H100": 989e12}
 NODE_CORES = {"A100": 128, "H100": 112}  # DGX A100 (2x64) and DGX H100 (2x56) CPU cores
 
 
 def per_gpu_step_flops(text_len: int, caption_len: int, per_kind: int = 8) -> float:
     """Model FLOPs of one GPU's micro-batch of the paper's composition (8 images, 8 texts, 8 pairs)."""
     cfg = get_config("beit3_giant_patch14_224")
-    nv = cfg.num_vision_tokens
-    f = sum(flops.encoder_flops(cfg, per_kind, n) for n in (nv, text_len, nv + caption_len))
-    f += flops.patch_embed_flops(cfg, 2 * per_kind)
+    passes = [Pass(per_kind, image=True), Pass(per_kind, text_len=text_len),
+              Pass(per_kind, image=True, text_len=caption_len)]  # fmt: skip
     masked_text = int(0.15 * per_kind * text_len + 0.5 * per_kind / 2 * caption_len)
     masked_patches = int(0.4 * cfg.num_patches * per_kind * 1.5)
-    return f + flops.head_flops(cfg, masked_text, masked_patches)
+    return training_flops(cfg, passes, masked_text, masked_patches)
 
 
 def mixed_rate(rates: dict[str, float], mix: dict[str, int]) -> float:
@@ -54,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     worker = mixed_rate(rates, {"image": 1, "text": 1, "pair": 1})
     step_flops = per_gpu_step_flops(args.text_len, args.caption_len)
     scenarios = {"paper run, A100 (observed 1.21 s/step)": 1.21}
-    for gpu, peak in PEAK.items():
-        scenarios[f"{gpu} at {100 * args.mfu:.0f}% MFU"] = step_flops / (args.mfu * peak)
+    for gpu in NODE_CORES:
+        scenarios[f"{gpu} at {100 * args.mfu:.0f}% MFU"] = step_flops / (args.mfu * PEAK_FLOPS[gpu])
     rows = []
     for name, step_s in scenarios.items():
         demand = 24 / step_s

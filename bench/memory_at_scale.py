@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
+from train_step import build_parser as bench_parser  # bench/train_step.py, beside this file
+from train_step import run as bench_run
 
 from beit3.model import build_model, count_parameters
-from beit3.pretrain.bench import build_parser as bench_parser
-from beit3.pretrain.bench import run as bench_run
 
 GIB = 2**30
 ROOT = Path(__file__).resolve().parents[1]

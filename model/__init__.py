@@ -11,7 +11,7 @@ from beit3.model.checkpoint import (
     save_checkpoint,
 )
 from beit3.model.config import ModelConfig, ModelConfigError
-from beit3.model.params import count_parameters, layer_id_for_lr_decay, parameter_group
+from beit3.model.params import build_param_groups, count_parameters, layer_id_for_lr_decay, parameter_group
 from beit3.model.registry import build_model, get_config, list_models, register
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "ModelConfig",
     "ModelConfigError",
     "build_model",
+    "build_param_groups",
     "count_parameters",
     "get_config",
     "interpolate_vision_positions",

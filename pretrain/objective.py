@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from beit3.model import BEiT3Model
-from beit3.pretrain import flops
+from beit3.model import BEiT3Model, build_param_groups
+from beit3.model.flops import Pass, training_flops
 
 SUBBATCHES = ("image", "text", "pair")
 
@@ -143,37 +143,30 @@ class MaskedDataModeling(nn.Module):
 
     def param_groups(self) -> list[dict]:
         """AdamW groups: weight decay except on biases, norms, position tables, CLS and mask tokens."""
-        exempt = {f"model.{n}" for n in self.model.no_weight_decay()}
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name in exempt else decay).append(p)
-        return [
-            {"params": decay, "weight_decay": self.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        return build_param_groups(
+            self.named_parameters(),
+            depth=self.model.cfg.depth,
+            weight_decay=self.weight_decay,
+            no_weight_decay={f"model.{n}" for n in self.model.no_weight_decay()},
+        )
 
     def batch_stats(self, batch: dict) -> dict:
         """Samples, tokens and training FLOPs of a micro-batch (call on the CPU batch: no device sync)."""
         cfg = self.model.cfg
-        samples = tokens = 0
-        total = 0.0
+        passes = []
         masked_text = masked_patches = 0
-        nv = cfg.num_vision_tokens
         for key in SUBBATCHES:
             if key not in batch:
                 continue
             b = batch[key]
             n = (b["image"] if "image" in b else b["text"]).shape[0]
-            length = (nv if "image" in b else 0) + (b["text"].shape[1] if "text" in b else 0)
-            samples += n
-            tokens += n * length
-            total += flops.encoder_flops(cfg, n, length)
+            passes.append(Pass(n, image="image" in b, text_len=b["text"].shape[1] if "text" in b else 0))
             if "image" in b:
-                total += flops.patch_embed_flops(cfg, n)
                 masked_patches += int(b["image_mask"].sum())
             if "text_labels" in b:
                 masked_text += int(b["text_labels"].ne(-100).sum())
-        total += flops.head_flops(cfg, masked_text, masked_patches)
-        return {"samples": samples, "tokens": tokens, "flops": total}
+        return {
+            "samples": sum(p.samples for p in passes),
+            "tokens": sum(p.samples * p.seq_len(cfg) for p in passes),
+            "flops": training_flops(cfg, passes, masked_text, masked_patches),
+        }

@@ -1,8 +1,11 @@
-"""beit3-bench runs on CPU and reports consistent quantities (a harness check, not a timing test)."""
+"""bench/train_step.py runs on CPU and reports consistent quantities (a harness check, not a timing test)."""
 
 import json
+import sys
+from pathlib import Path
 
-from beit3.pretrain import bench
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import train_step as bench  # noqa: E402
 
 
 def test_bench_writes_a_row_per_checkpointing_setting(tmp_path):

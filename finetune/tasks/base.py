@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from beit3.finetune.optim import build_param_groups
-from beit3.model import BEiT3Model
+from beit3.model import BEiT3Model, build_param_groups
+from beit3.model.flops import Pass, linear_flops, training_flops
 
 
 @dataclass
@@ -55,7 +55,6 @@ class TaskModule(nn.Module):
         self.beit3 = encoder.beit3
         self.optim = optim or OptimSettings()
         self._no_weight_decay = encoder.no_weight_decay() | {"logit_scale"}
-        self._flops_params: dict[str, int] | None = None  # computed once heads exist (first batch_stats)
 
     # --- engine protocol -------------------------------------------------------------------------------
     def prepare_batch(self, batch: dict, device: torch.device | str) -> dict:
@@ -86,46 +85,38 @@ class TaskModule(nn.Module):
         )
 
     def batch_stats(self, batch: dict) -> dict:
-        """Samples, tokens and approximate training FLOPs of one micro-batch.
+        """Samples, tokens (padding left out) and training FLOPs of one micro-batch.
 
-        FLOPs = 6 x (per-token parameters) x tokens + 12 x depth x width x (sequence length)^2 per sample.
+        FLOPs: :func:`beit3.model.flops.training_flops` of the backbone passes (:meth:`passes`) plus the
+        task heads (:meth:`head_flops`).
         """
-        vision, text, seq, samples = self.token_counts(batch)
-        d, depth = self.cfg.embed_dim, self.cfg.depth
-        if self._flops_params is None:
-            self._flops_params = _per_token_parameters(self)
-        flops = 6.0 * (vision * self._flops_params["vision"] + text * self._flops_params["text"])
-        flops += 12.0 * depth * d * seq**2 * samples
+        vision, text, samples = self.token_counts(batch)
+        flops = training_flops(self.cfg, self.passes(batch)) + self.head_flops(batch)
         return {"samples": samples, "tokens": vision + text, "flops": flops}
 
-    def token_counts(self, batch: dict) -> tuple[int, int, int, int]:
-        """(vision tokens, text tokens, sequence length, samples) of a micro-batch; override for pairs."""
-        samples, vision, text, seq = 0, 0, 0, 0
+    def token_counts(self, batch: dict) -> tuple[int, int, int]:
+        """(vision tokens, text tokens without padding, samples) of a micro-batch; override for pairs."""
+        samples, vision, text = 0, 0, 0
         if "image" in batch:
             samples = batch["image"].shape[0]
             vision = samples * self.cfg.num_vision_tokens
-            seq += self.cfg.num_vision_tokens
         if "text" in batch:
             samples = batch["text"].shape[0]
             pad = batch.get("text_padding_mask")
             text = int((~pad.bool()).sum()) if pad is not None else batch["text"].numel()
-            seq += batch["text"].shape[1]
-        return vision, text, seq, samples
+        return vision, text, samples
 
+    def passes(self, batch: dict) -> list[Pass]:
+        """The backbone passes of a micro-batch: by default one over all it holds (image, text or both)."""
+        key = "image" if "image" in batch else "text"
+        text_len = batch["text"].shape[1] if "text" in batch else 0
+        return [Pass(batch[key].shape[0], image="image" in batch, text_len=text_len)]
 
-def _per_token_parameters(module: nn.Module) -> dict[str, int]:
-    """Parameters a vision / a text token passes through: shared weights plus its expert copy.
-
-    Lookup tables (text embedding, position tables) cost no multiply-adds and are left out; heads are
-    counted for every token, an over-estimate for heads applied to few tokens.
-    """
-    out = {"vision": 0, "text": 0}
-    for name, p in module.named_parameters():
-        if "text_embed" in name or "embed_positions" in name:
-            continue
-        parts = set(name.split("."))
-        if "B" not in parts:
-            out["vision"] += p.numel()
-        if "A" not in parts:
-            out["text"] += p.numel()
-    return out
+    def head_flops(self, batch: dict) -> float:
+        """Training FLOPs of the task heads: each weight matrix applied once per example (pooled heads)."""
+        rows = batch["image" if "image" in batch else "text"].shape[0]
+        return sum(
+            linear_flops(rows, *p.shape[::-1])
+            for name, p in self.named_parameters()
+            if p.ndim == 2 and name.startswith(self.head_prefixes)
+        )

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from beit3.finetune.tasks.base import OptimSettings, TaskModule
 from beit3.model import BEiT3Model
+from beit3.model.flops import linear_flops
 
 FIRST_ORDINARY_ID = 4  # XLM-R ids: <s> 0, <pad> 1, </s> 2, <unk> 3; random replacements avoid them
 
@@ -118,3 +119,7 @@ class Captioning(TaskModule):
         loss = label_smoothed_loss(logits, labels, self.label_smoothing)
         acc = (logits.argmax(-1) == labels).float().mean().item()
         return loss, {"loss/caption": loss.detach(), "acc/masked_tokens": acc}
+
+    def head_flops(self, batch: dict) -> float:
+        """``mlm_head`` runs at the masked positions only."""
+        return linear_flops(int(batch["masked"].sum()), self.cfg.embed_dim, self.cfg.vocab_size)

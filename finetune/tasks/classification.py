@@ -13,6 +13,7 @@ from torch import nn
 from beit3.finetune.metrics import accuracy
 from beit3.finetune.tasks.base import OptimSettings, TaskModule, init_head
 from beit3.model import BEiT3Model
+from beit3.model.flops import linear_flops
 
 HEAD_INIT_SCALE = 0.001  # released classification heads start near zero
 
@@ -125,5 +126,6 @@ class PromptClassification(nn.Module):
         prompts = self.retrieval.batch_stats(
             {"text": self.prompt_ids, "text_padding_mask": self.prompt_padding_mask}
         )
+        scores = linear_flops(batch["image"].shape[0], self.retrieval.cfg.embed_dim, self.prompt_ids.shape[0])
         return {"samples": stats["samples"], "tokens": stats["tokens"] + prompts["tokens"],
-                "flops": stats["flops"] + prompts["flops"]}  # fmt: skip
+                "flops": stats["flops"] + prompts["flops"] + scores}  # fmt: skip

@@ -14,6 +14,7 @@ from torch import nn
 
 from beit3.finetune.tasks.base import OptimSettings, TaskModule, init_head
 from beit3.model import BEiT3Model
+from beit3.model.flops import Pass, linear_flops
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -99,11 +100,18 @@ class Retrieval(TaskModule):
         acc = (logits.argmax(-1) == batch["label"]).float().mean().item()
         return loss, {"loss/cls": loss.detach(), "acc/top1": acc}
 
-    def token_counts(self, batch: dict) -> tuple[int, int, int, int]:
-        vision, text, _, samples = super().token_counts(batch)
-        # Two separate passes: attention is quadratic in each length, not in their sum.
-        seq = math.isqrt(
-            (self.cfg.num_vision_tokens**2 if "image" in batch else 0)
-            + (batch["text"].shape[1] ** 2 if "text" in batch else 0)
-        )
-        return vision, text, seq, samples
+    def passes(self, batch: dict) -> list[Pass]:
+        """Images and texts are encoded apart: one pass each."""
+        out = [Pass(batch["image"].shape[0], image=True)] if "image" in batch else []
+        if "text" in batch:
+            out.append(Pass(batch["text"].shape[0], text_len=batch["text"].shape[1]))
+        return out
+
+    def head_flops(self, batch: dict) -> float:
+        """The projection heads, and the similarity logits of the contrastive loss (against all ranks)."""
+        d = self.cfg.embed_dim
+        flops = sum(linear_flops(batch[k].shape[0], d, d) for k in ("image", "text") if k in batch)
+        if "image" in batch and "text" in batch:
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            flops += 2 * linear_flops(batch["image"].shape[0], d, world * batch["text"].shape[0])
+        return flops

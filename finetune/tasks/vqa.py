@@ -13,6 +13,7 @@ from torch import nn
 from beit3.finetune.metrics import accuracy, vqa_score
 from beit3.finetune.tasks.base import OptimSettings, TaskModule, init_head
 from beit3.model import BEiT3Model
+from beit3.model.flops import Pass
 
 
 class Pooler(nn.Module):
@@ -114,6 +115,9 @@ class NLVR2(TaskModule):
         loss = F.cross_entropy(logits.float(), batch["label"])
         return loss, {"loss/nlvr2": loss.detach(), "acc/nlvr2": accuracy(logits, batch["label"])}
 
-    def token_counts(self, batch: dict) -> tuple[int, int, int, int]:
-        vision, text, seq, samples = super().token_counts(batch)
-        return 2 * vision, 2 * text, seq, 2 * samples
+    def token_counts(self, batch: dict) -> tuple[int, int, int]:
+        vision, text, samples = super().token_counts(batch)
+        return 2 * vision, 2 * text, 2 * samples
+
+    def passes(self, batch: dict) -> list[Pass]:
+        return [Pass(2 * batch["image"].shape[0], image=True, text_len=batch["text"].shape[1])]

@@ -1,5 +1,7 @@
 """Synthetic mixed micro-batches with the data pipeline's batch contract, for benchmarks and tests.
 
+Imported by ``bench/train_step.py`` and the tests (``tests/test_flops.py``) with ``bench/`` on ``sys.path``.
+
 Random images, random token ids and masks drawn at the recipe's ratios: never zeros (timing on zeros
 flatters some kernels), and no data loader in the way.
 """

@@ -1,11 +1,11 @@
-"""``beit3-bench``: training-step throughput, MFU/HFU and memory of any model config on one device.
+"""Training-step throughput, MFU/HFU and memory of any model config on one device.
 
 Times the full pretraining step (image, text and pair sub-batches, masked-position heads, one backward, the
 optimizer step) on synthetic batches with the paper's composition, in plain PyTorch on one device, so the
 figure isolates the model's compute efficiency from communication (docs/performance.md). Prints a table
 and writes JSON + Markdown under ``bench/results/``::
 
-    beit3-bench --model beit3_giant_patch14_224 --depth 8 --images 8 --texts 8 --pairs 8 \\
+    python bench/train_step.py --model beit3_giant_patch14_224 --depth 8 --images 8 --texts 8 --pairs 8 \\
         --precision bf16 --grad-ckpt all --device cuda --name giant_h100
 """
 
@@ -20,28 +20,12 @@ import time
 from pathlib import Path
 
 import torch
+from synthetic import synthetic_batch  # bench/synthetic.py, beside this file
 
+from beit3.engine.metrics import device_peak_flops
 from beit3.model import build_model, count_parameters
+from beit3.model.flops import recompute_flops
 from beit3.pretrain.objective import MaskedDataModeling
-from beit3.pretrain.synthetic import synthetic_batch
-
-# Dense bf16 peaks (FLOP/s) by device-name fragment; performance.md.
-PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
-
-
-def peak_flops(device: torch.device, override: float | None) -> float | None:
-    """The device's dense bf16 peak, or None on CPU (MFU is not reported there)."""
-    if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-def recompute_flops(stats_flops: float, ckpt_fraction: float) -> float:
-    """Extra FLOPs of recomputation: one more forward (1/3 of fwd+bwd) of the checkpointed layers."""
-    return stats_flops * ckpt_fraction / 3.0
 
 
 def saved_activation_bytes(task: MaskedDataModeling, batch: dict) -> int:
@@ -112,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
     with amp:
         act_bytes = saved_activation_bytes(task, batch)
     opt.zero_grad(set_to_none=True)
-    peak = peak_flops(device, args.peak_flops)
+    peak = device_peak_flops(device, args.peak_flops)
     ckpt_fraction = 1.0 if args.grad_ckpt == "all" else 0.0
     hw_flops = stats["flops"] + recompute_flops(stats["flops"], ckpt_fraction)
     samples = stats["samples"]
@@ -143,7 +127,7 @@ def run(args: argparse.Namespace) -> dict:
         if device.type == "cuda"
         else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "command": " ".join(["beit3-bench", *sys.argv[1:]]),
+        "command": " ".join(["python bench/train_step.py", *sys.argv[1:]]),
     }
     return result
 
@@ -175,7 +159,7 @@ def format_table(results: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="beit3-bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="bench/train_step.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="beit3_tiny_patch16_64")
     p.add_argument("--depth", type=int, default=0, help="override the number of layers (0: the preset's)")
     p.add_argument(
@@ -219,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         args.results_dir.mkdir(parents=True, exist_ok=True)
         (args.results_dir / f"{args.name}.json").write_text(json.dumps(results, indent=2))
         (args.results_dir / f"{args.name}.md").write_text(
-            f"# beit3-bench: {args.name}\n\nCommand: `{results[0]['command']}`\n\n"
+            f"# bench/train_step.py: {args.name}\n\nCommand: `{results[0]['command']}`\n\n"
             f"Device: {results[0]['device']}, torch {results[0]['torch']}\n\n{table}\n"
         )
     return 0

@@ -1,0 +1,89 @@
+"""Training FLOPs of the Multiway Transformer for MFU (docs/performance.md): the one count every task uses.
+
+Training FLOPs per token = 6 x (active matmul parameters) + 12 x layers x hidden x sequence length
+(attention scores and weighted values, forward and backward). A token activates one expert per Multiway
+module, so the active count is the same for both layouts and every configuration: 4 d^2 (Q, K, V, O) +
+2 d f (FFN) per layer. Recomputation under activation checkpointing is not counted (that would be HFU: add
+:func:`recompute_flops`). Embedding look-ups are free; the patch projection and the prediction heads
+(evaluated at the predicted positions only) are counted. Padded positions are computed, so they count.
+
+``tests/test_flops.py`` checks :func:`training_flops` against ``torch.utils.flop_counter.FlopCounterMode``
+over the real model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from beit3.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward (and backward) of ``samples`` sequences through the backbone.
+
+    A sequence holds the image's tokens (CLS first) when ``image`` is set, then ``text_len`` text positions
+    (padding included).
+    """
+
+    samples: int
+    image: bool = False
+    text_len: int = 0
+
+    def seq_len(self, cfg: ModelConfig) -> int:
+        """Positions of one sequence."""
+        return (cfg.num_vision_tokens if self.image else 0) + self.text_len
+
+
+def active_params_per_token(cfg: ModelConfig) -> int:
+    """Matmul parameters a token passes through in the encoder."""
+    d, f = cfg.embed_dim, cfg.ffn_dim
+    return cfg.depth * (4 * d * d + 2 * d * f)
+
+
+def linear_flops(rows: int, in_features: int, out_features: int) -> float:
+    """Forward+backward FLOPs of a Linear layer over ``rows`` inputs (2 for the forward, 4 for backward)."""
+    return 6.0 * rows * in_features * out_features
+
+
+def encoder_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
+    """Forward+backward FLOPs of ``batch`` sequences of ``seq_len`` positions through the encoder."""
+    per_token = 6 * active_params_per_token(cfg) + 12 * cfg.depth * cfg.embed_dim * seq_len
+    return float(batch * seq_len * per_token)
+
+
+def patch_embed_flops(cfg: ModelConfig, images: int) -> float:
+    """Forward+backward FLOPs of the patch projection: 2 for the forward and 2 for the weight gradient per
+    multiply-add (an image needs no gradient of its own)."""
+    return 4.0 * images * cfg.num_patches * cfg.in_chans * cfg.patch_size**2 * cfg.embed_dim
+
+
+def head_flops(cfg: ModelConfig, predicted_text: int, predicted_patches: int) -> float:
+    """Forward+backward FLOPs of the MLM / MIM heads at the predicted positions."""
+    d = cfg.embed_dim
+    return linear_flops(predicted_text, d, cfg.vocab_size) + linear_flops(
+        predicted_patches, d, cfg.visual_vocab_size
+    )
+
+
+def training_flops(
+    cfg: ModelConfig, passes: Iterable[Pass], predicted_text: int = 0, predicted_patches: int = 0
+) -> float:
+    """Model training FLOPs of one micro-batch: its backbone passes plus the MLM / MIM heads.
+
+    ``predicted_text`` / ``predicted_patches``: positions whose ``mlm_head`` / ``mim_head`` logits are
+    computed (the masked ones). Task heads of finetuning add :func:`linear_flops` of their own.
+    """
+    total = 0.0
+    for p in passes:
+        total += encoder_flops(cfg, p.samples, p.seq_len(cfg))
+        if p.image:
+            total += patch_embed_flops(cfg, p.samples)
+    return total + head_flops(cfg, predicted_text, predicted_patches)
+
+
+def recompute_flops(flops: float, checkpointed_fraction: float) -> float:
+    """Extra FLOPs of activation recomputation: one more forward (1/3 of forward+backward) of the
+    checkpointed share of the model (hardware FLOPs = model FLOPs + this)."""
+    return flops * checkpointed_fraction / 3.0
