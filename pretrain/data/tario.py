@@ -4,6 +4,10 @@ A member ``dir/abc.seg.jpg`` belongs to sample ``dir/abc`` under field ``seg.jpg
 dot of the file name, as in webdataset and img2dataset). Reading works from any member-header byte offset, so
 a reader's position in a shard is one integer, and every sample keeps the offsets of its members so that it
 can be read again later (the shuffle buffer is restored that way on resume).
+
+The reader walks the member headers itself instead of through ``tarfile``'s iterator, which takes a bad
+header after the first one for the end of the archive: damage (bad checksums, sizes beyond the file, cut
+files) is reported, and reading resumes at the next valid header (docs/data.md, "Bad input").
 """
 
 from __future__ import annotations
@@ -115,6 +119,25 @@ def _resync(f, pos: int, file_size: int) -> int | None:
     return None
 
 
+def _check_header(block: bytes, pax: dict, remaining: int) -> tuple[tarfile.TarInfo | None, int, str | None]:
+    """A header block -> (header, member size, None), or what is wrong with it as the third item.
+
+    An all-zero block is the end-of-archive marker; it is reported here as damage and the caller decides
+    (it is damage only when valid members follow). ``remaining``: the bytes after the block.
+    """
+    if block == _ZERO_BLOCK:
+        return None, -1, "a block of zeros inside the shard"
+    info = _header(block)
+    if info is None:
+        return None, -1, "a member header with a bad checksum or number field"
+    size = info.size
+    if "size" in pax:  # a pax size overrides the octal field (members over 8 GiB)
+        size = int(pax["size"]) if pax["size"].isdigit() else -1
+    if size < 0 or size > remaining:
+        return info, size, f"member {info.name!r} claims {size} bytes, {max(remaining, 0)} remain"
+    return info, size, None
+
+
 def _parse_pax(raw: bytes) -> dict[str, str]:
     """``"<len> <key>=<value>\\n"`` records of a pax extended header."""
     out, i = {}, 0
@@ -151,18 +174,7 @@ def _members(f, file_size: int, pos: int):
         if len(block) < BLOCK:
             yield _Damage(pos, f"the file ends inside a member header ({len(block)} of {BLOCK} bytes)")
             return
-        info = None if block == _ZERO_BLOCK else _header(block)
-        size = -1 if info is None else info.size
-        if info is not None and "size" in pax:  # a pax size overrides the octal field (members over 8 GiB)
-            size = int(pax["size"]) if pax["size"].isdigit() else -1
-        if block == _ZERO_BLOCK:  # the end-of-archive marker, unless valid members follow (a zeroed block)
-            damage = "a block of zeros inside the shard"
-        elif info is None:
-            damage = "a member header with a bad checksum or number field"
-        elif size < 0 or pos + BLOCK + size > file_size:
-            damage = f"member {info.name!r} claims {size} bytes, {file_size - pos - BLOCK} remain"
-        else:
-            damage = None
+        info, size, damage = _check_header(block, pax, file_size - pos - BLOCK)
         if damage is not None:
             nxt = _resync(f, pos + BLOCK, file_size)
             if block == _ZERO_BLOCK and nxt is None:
