@@ -28,8 +28,10 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} does not exist")
     try:
         return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: {e}") from e
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not a valid TOML recipe: {e}") from e
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror})") from e
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

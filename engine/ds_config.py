@@ -31,8 +31,12 @@ def _read(path_or_dict: str | os.PathLike | dict) -> dict:
         raise EngineConfigError(
             f"DeepSpeed config {path_or_dict} does not exist; pick one in ds_configs/"
         ) from err
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise EngineConfigError(f"DeepSpeed config {path_or_dict} is not valid JSON: {err}") from err
+    except OSError as err:
+        raise EngineConfigError(
+            f"DeepSpeed config {path_or_dict} cannot be read ({err.strerror}): give a JSON file"
+        ) from err
     if not isinstance(config, dict):
         raise EngineConfigError(f"DeepSpeed config {path_or_dict} must hold a JSON object")
     return config
@@ -187,6 +191,9 @@ def validate(config: dict) -> None:
         raise EngineConfigError(
             "fp16 and bf16 are both enabled; set one of fp16.enabled / bf16.enabled to false"
         )
+    clip = config.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 <= clip < float("inf"):
+        raise EngineConfigError(f"gradient_clipping={clip!r} must be a number >= 0 (0: no clipping)")
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise EngineConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")

@@ -218,7 +218,11 @@ def validate_run(
     overrides = {"drop_path_rate": recipe.model.drop_path_rate, **recipe.model.overrides}
     try:
         model_cfg = get_config(recipe.model.name, **overrides)
-    except (ModelConfigError, TypeError, ValueError, ZeroDivisionError) as e:
+    except ZeroDivisionError as e:
+        raise ConfigError(
+            f"[model] overrides={recipe.model.overrides}: a size is 0: give positive sizes"
+        ) from e
+    except (ModelConfigError, TypeError, ValueError) as e:
         raise ConfigError(f"[model] {e}") from e
     ds_config = load_ds_config(ds_config, world_size)
     split = micro_batch_split(recipe, int(ds_config["train_micro_batch_size_per_gpu"]))

@@ -371,3 +371,43 @@ def test_the_console_program_exits_2_without_a_traceback(
     expected = {"keep_last": "train.keep_last", "resume_none": "--resume none",
                 "visual_checkpoint": "not a torch checkpoint"}[case]  # fmt: skip
     assert_config_error(proc.returncode, proc.stderr, expected)
+
+
+@pytest.mark.parametrize(
+    "entries,expected",
+    [
+        ({"gradient_clipping": -1.0}, "gradient_clipping=-1.0 must be a number >= 0"),
+        ({"gradient_clipping": "3"}, "gradient_clipping='3'"),
+        ({"zero_optimization": {"stage": 5}}, "zero_optimization.stage must be 0, 1, 2 or 3"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be a positive integer"),
+    ],
+)
+def test_a_deepspeed_value_out_of_range_exits_2(tmp_path, capsys, tiny_spm, shard, entries, expected):
+    recipe = write_recipe(tmp_path, tiny_spm, shard)
+    code, err = run_main(capsys, recipe, write_ds(tmp_path, **entries), tmp_path)
+    assert_config_error(code, err, expected)
+
+
+def test_files_that_cannot_be_read_as_recipe_or_deepspeed_config_exit_2(tmp_path, capsys, tiny_spm, shard):
+    recipe = write_recipe(tmp_path, tiny_spm, shard)
+    code, err = run_main(capsys, recipe, tmp_path, tmp_path)  # a directory as --ds-config
+    assert_config_error(code, err, "DeepSpeed config", "cannot be read")
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe\x00\x01")
+    code, err = run_main(capsys, binary, write_ds(tmp_path), tmp_path)
+    assert_config_error(code, err, "binary.toml is not a valid TOML recipe")
+
+
+def test_a_text_tokenizer_that_is_not_a_sentencepiece_model_exits_2(tmp_path, capsys, tiny_spm, shard):
+    notes = tmp_path / "notes.model"
+    notes.write_text("not a model\n")
+    recipe = write_recipe(tmp_path, tiny_spm, shard)
+    code, err = run_main(capsys, recipe, write_ds(tmp_path), tmp_path, "--set", f"tokenizers.text={notes}")
+    assert_config_error(code, err, "is not a SentencePiece model")
+
+
+def test_a_model_size_of_zero_exits_2(tmp_path, capsys, tiny_spm, shard):
+    recipe = write_recipe(tmp_path, tiny_spm, shard)
+    sets = ["--set", "model.overrides={patch_size = 0, vocab_size = 1000, visual_vocab_size = 1024}"]
+    code, err = run_main(capsys, recipe, write_ds(tmp_path), tmp_path, *sets)
+    assert_config_error(code, err, "[model]", "give positive sizes")
