@@ -411,3 +411,30 @@ def test_a_model_size_of_zero_exits_2(tmp_path, capsys, tiny_spm, shard):
     sets = ["--set", "model.overrides={patch_size = 0, vocab_size = 1000, visual_vocab_size = 1024}"]
     code, err = run_main(capsys, recipe, write_ds(tmp_path), tmp_path, *sets)
     assert_config_error(code, err, "[model]", "give positive sizes")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_under_torchrun_both_exit_2_and_rank_0_alone_prints(tmp_path, tiny_spm, shard):
+    """Every rank finds the same mistake before any collective, so none waits for another (no hang)."""
+    recipe = write_recipe(tmp_path, tiny_spm, shard)
+    launch = [
+        sys.executable,
+        "-m",
+        "beit3.engine.supervise",
+        "--",
+        "torchrun",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    ds = str(write_ds(tmp_path))
+    cmd = [*launch, "-m", "beit3.pretrain.train", "--config", str(recipe), "--ds-config", ds,
+           "--output-dir", str(tmp_path / "run"), "--set", "train.keep_last=0"]  # fmt: skip
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert len(error_lines(out)) == 1 and "train.keep_last=0" in error_lines(out)[0]
+    assert "rank exit codes 2 x 2" in out
