@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from beit3.model.config import ModelConfig
+from beit3.tokenizers.text import BOS_ID, EOS_ID, FIRST_ORDINARY_ID, UNK_ID
 
 
 def synthetic_batch(
@@ -42,13 +43,13 @@ def synthetic_batch(
         return out
 
     def text_part(n: int, length: int, ratio: float) -> dict:
-        ids = torch.randint(4, min(cfg.vocab_size, 64000), (n, length), generator=g)
-        ids[:, 0], ids[:, -1] = 0, 2
+        ids = torch.randint(FIRST_ORDINARY_ID, min(cfg.vocab_size, 64000), (n, length), generator=g)
+        ids[:, 0], ids[:, -1] = BOS_ID, EOS_ID
         chosen = torch.rand(n, length, generator=g) < ratio
         chosen[:, 0] = chosen[:, -1] = False
         chosen[:, 1] = True
         labels = torch.where(chosen, ids, torch.full_like(ids, -100))
-        masked = torch.where(chosen, torch.full_like(ids, 3), ids)
+        masked = torch.where(chosen, torch.full_like(ids, UNK_ID), ids)  # any id stands in for <mask>
         return {
             "text": masked,
             "text_padding_mask": torch.zeros(n, length, dtype=torch.bool),

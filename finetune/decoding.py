@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from beit3.finetune.tasks.captioning import Captioning, captioning_attention_mask
 from beit3.model import KVCache
 from beit3.model.beit3 import POSITION_OFFSET
+from beit3.tokenizers.text import PAD_ID  # never generated
 
 # step(tokens (N, L) incl. <s>, parents (N,) rows of the previous step each row continues) -> (N, V) log-probs
-PAD_ID = 1  # XLM-R <pad>, never generated
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

@@ -14,8 +14,7 @@ from beit3.finetune.data.batches import Collator, images_to_float, pad_texts
 from beit3.finetune.data.sources import Split
 from beit3.finetune.decoding import BeamSearchConfig, generate_captions
 from beit3.finetune.metrics import bleu, cider_d, recall_at_k
-
-BOS_ID, EOS_ID = 0, 2
+from beit3.tokenizers.text import BOS_ID, EOS_ID
 
 
 def _batches(split: Split, collate: Collator, batch_size: int) -> Iterator[dict]:

@@ -1,4 +1,4 @@
-"""Python inference helpers over finetuned task models: embed, retrieve, answer, caption, classify.
+"""Python inference helpers over finetuned task models: embed, retrieve, answer, caption.
 
 Typical use, from a finished ``beit3-finetune`` run::
 
@@ -25,8 +25,8 @@ from beit3.finetune.data.batches import images_to_float
 from beit3.finetune.data.sources import load_image
 from beit3.finetune.decoding import BeamSearchConfig, generate_captions
 from beit3.finetune.recipe import FinetuneRecipe
+from beit3.tokenizers.text import BOS_ID, EOS_ID
 
-BOS_ID, EOS_ID = 0, 2
 ImageLike = str | Path | Image.Image | torch.Tensor
 
 
@@ -98,13 +98,6 @@ def answer_questions(
     ids, pad = _texts(task, tokenizer, questions, max_len)
     logits = task.eval().logits(_images(task, images), ids, pad)
     return [answers[i] for i in logits.argmax(-1).tolist()]
-
-
-@torch.no_grad()
-def classify_images(task, images: Sequence[ImageLike], classes: Sequence[str]) -> list[str]:
-    """The predicted class name of each image (image or prompt classification models)."""
-    logits = task.eval().logits(_images(task, images))
-    return [classes[i] for i in logits.argmax(-1).tolist()]
 
 
 def caption_images(

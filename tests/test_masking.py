@@ -12,6 +12,7 @@ from beit3.tokenizers.masking import (
     IGNORE_INDEX,
     BlockMaskingGenerator,
     MaskingError,
+    bert_corruption,
     bert_mask_tokens,
     num_masking_patches,
 )
@@ -185,3 +186,11 @@ def test_bert_masking_rejects_bad_ratio():
     ids, pad, _ = _batch(rows=2)
     with pytest.raises(MaskingError, match="ratio"):
         bert_mask_tokens(ids, pad, 0.0, MASK, 4, 999, SPECIALS, np.random.default_rng(0))
+
+
+def test_bert_corruption_is_one_rule_for_numpy_and_torch():
+    action = np.array([0.0, 0.79, 0.8, 0.85, 0.9, 0.99])
+    for draws in (action, torch.from_numpy(action)):
+        to_mask, to_random = bert_corruption(draws)
+        assert list(map(bool, to_mask)) == [True, True, False, False, False, False]
+        assert list(map(bool, to_random)) == [False, False, True, True, False, False]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (torch cross-entropy's default ignore_index)
+MASK_SHARE, RANDOM_SHARE = 0.8, 0.1  # BERT's corruption of chosen tokens; the remaining 0.1 stays unchanged
 
 
 class MaskingError(ValueError):
@@ -112,6 +113,17 @@ class BlockMaskingGenerator:
         return mask
 
 
+def bert_corruption(action):
+    """BERT's 80/10/10 rule: ``(to_mask, to_random)`` selections from uniform draws in [0, 1), one per chosen
+    token; draws below 0.8 become ``<mask>``, those in [0.8, 0.9) a random ordinary id, the rest stay.
+
+    Works on numpy arrays and torch tensors alike (element-wise comparisons), so both the pretraining data
+    (numpy generators) and caption masking (torch generators) apply the one rule.
+    """
+    to_mask = action < MASK_SHARE
+    return to_mask, ~to_mask & (action < MASK_SHARE + RANDOM_SHARE)
+
+
 def bert_mask_tokens(
     ids: np.ndarray | torch.Tensor,
     padding_mask: np.ndarray | torch.Tensor | None,
@@ -127,9 +139,9 @@ def bert_mask_tokens(
     Per row, ``round(ratio * n)`` (half up, at least 1) of the ``n`` positions that are neither padding
     (``padding_mask`` True) nor in ``special_ids`` are chosen uniformly without replacement. Each chosen
     token independently becomes ``mask_id`` with probability 0.8, a random id from ``[vocab_low,
-    vocab_high)`` with 0.1, or stays unchanged with 0.1. ``labels`` hold the original id at chosen positions
-    and -100 elsewhere. Rows without a candidate position get no labels. Computation is in numpy; torch
-    inputs come back as torch tensors (int64), numpy inputs as numpy arrays.
+    vocab_high)`` with 0.1, or stays unchanged with 0.1 (:func:`bert_corruption`). ``labels`` hold the
+    original id at chosen positions and -100 elsewhere. Rows without a candidate position get no labels.
+    Computation is in numpy; torch inputs come back as torch tensors (int64), numpy inputs as numpy arrays.
     """
     if not 0.0 < ratio <= 1.0:
         raise MaskingError(f"text mask ratio {ratio} is outside (0, 1]")
@@ -154,11 +166,9 @@ def bert_mask_tokens(
         k = max(1, int(math.floor(ratio * positions.size + 0.5)))
         chosen = rng.choice(positions, k, replace=False)
         labels[row, chosen] = arr[row, chosen]
-        action = rng.random(k)
-        to_mask = chosen[action < 0.8]
-        to_random = chosen[(action >= 0.8) & (action < 0.9)]
-        arr[row, to_mask] = mask_id
-        arr[row, to_random] = rng.integers(vocab_low, vocab_high, size=to_random.size)
+        to_mask, to_random = bert_corruption(rng.random(k))
+        arr[row, chosen[to_mask]] = mask_id
+        arr[row, chosen[to_random]] = rng.integers(vocab_low, vocab_high, size=int(to_random.sum()))
     if is_torch:
         return torch.from_numpy(arr), torch.from_numpy(labels)
     return arr, labels

@@ -35,6 +35,7 @@ BOS_ID = 0
 PAD_ID = 1
 EOS_ID = 2
 UNK_ID = 3
+FIRST_ORDINARY_ID = UNK_ID + 1  # the lowest id of an ordinary piece (random replacements start here)
 ID_OFFSET = 1  # fairseq's shift of ordinary SentencePiece ids
 
 

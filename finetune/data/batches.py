@@ -15,8 +15,7 @@ import torch
 
 from beit3.finetune.data.sources import Split
 from beit3.finetune.tasks.captioning import mask_captions
-
-BOS_ID, PAD_ID, EOS_ID = 0, 1, 2
+from beit3.tokenizers.text import BOS_ID, EOS_ID, PAD_ID
 
 
 class BatchError(ValueError):

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from beit3.finetune.tasks.base import OptimSettings, TaskModule
 from beit3.model import BEiT3Model
 from beit3.model.flops import linear_flops
-
-FIRST_ORDINARY_ID = 4  # XLM-R ids: <s> 0, <pad> 1, </s> 2, <unk> 3; random replacements avoid them
+from beit3.tokenizers.masking import bert_corruption
+from beit3.tokenizers.text import FIRST_ORDINARY_ID
 
 
 def captioning_attention_mask(
@@ -48,8 +48,9 @@ def mask_captions(
 
     Per caption of n tokens (``<s>`` and ``</s>`` included): round(mask_prob * n) positions, at least 1 and
     at most n - 1, drawn uniformly among positions 1..n-1 (never ``<s>``; ``</s>`` may be chosen so that the
-    model learns to stop). Of the chosen: 80 % -> ``mask_id``, 10 % kept, 10 % -> a random id in
-    [4, mask_id). Returns ``text`` (corrupted ids), ``masked`` (bool) and ``labels`` (the original ids).
+    model learns to stop). Of the chosen: 80 % -> ``mask_id``, 10 % -> a random id in
+    [``FIRST_ORDINARY_ID``, mask_id), 10 % kept (:func:`beit3.tokenizers.masking.bert_corruption`).
+    Returns ``text`` (corrupted ids), ``masked`` (bool) and ``labels`` (the original ids).
     """
     b, t = ids.shape
     valid = ~padding_mask.bool()
@@ -62,11 +63,10 @@ def mask_captions(
     noise[~eligible] = 2.0  # never chosen: sorted last
     rank = noise.argsort(dim=1).argsort(dim=1)  # rank of each position in a random order of eligibles
     masked = (rank < k[:, None]) & eligible
-    action = torch.rand(b, t, generator=generator)
+    to_mask, to_random = bert_corruption(torch.rand(b, t, generator=generator))
     random_ids = torch.randint(FIRST_ORDINARY_ID, mask_id, (b, t), generator=generator)
-    text = ids.clone()
-    text = torch.where(masked & (action < 0.8), torch.full_like(ids, mask_id), text)
-    text = torch.where(masked & (action >= 0.9), random_ids, text)
+    text = torch.where(masked & to_mask, torch.full_like(ids, mask_id), ids)
+    text = torch.where(masked & to_random, random_ids, text)
     return {"text": text, "masked": masked, "labels": ids}
 
 

@@ -23,8 +23,7 @@ from beit3.tokenizers.masking import (
     bert_mask_tokens,
     num_masking_patches,
 )
-
-FIRST_PIECE_ID = 4  # ids below are <s>, <pad>, </s>, <unk>: random replacements come from ordinary pieces
+from beit3.tokenizers.text import FIRST_ORDINARY_ID  # random replacements come from ordinary pieces
 
 
 class SampleProcessor:
@@ -74,7 +73,7 @@ class SampleProcessor:
             return ids, np.full_like(ids, IGNORE_INDEX)
         tok = self.tokenizer
         masked, labels = bert_mask_tokens(
-            ids[None], None, ratio, tok.mask_id, FIRST_PIECE_ID, tok.mask_id, tok.special_ids, rng
+            ids[None], None, ratio, tok.mask_id, FIRST_ORDINARY_ID, tok.mask_id, tok.special_ids, rng
         )
         return masked[0], labels[0]
 
