@@ -62,7 +62,7 @@ setup(
         "console_scripts": [
             "beit3-model-info=beit3.model.info:main",
             "beit3-spm=beit3.tokenizers.spm_cli:main",
-            "beit3-vqkd=beit3.tokenizers.vqkd_cli:main",
+            "beit3-vqkd=beit3.pretrain.vqkd_train:main",
             "beit3-shards=beit3.pretrain.shards:main",
             "beit3-pretrain=beit3.pretrain.train:main",
             "beit3-export=beit3.pretrain.export:main",

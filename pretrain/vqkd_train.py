@@ -1,0 +1,234 @@
+"""``beit3-vqkd train``: train a VQ-KD visual tokenizer against a frozen teacher, as a task on the engine.
+
+DeepSpeed (ZeRO 0-2, fp32 with optional bf16 autocast of the ViTs), exact resume, preemption by signal, the
+run directory of every training program (``config.json``, ``checkpoints/``, ``tensorboard/``). At the end
+rank 0 writes the frozen tokenizer file ``tokenizer.pth`` (``{"model": weights, "step", "overrides"}``, the
+released layout ``beit3.tokenizers.vqkd.build_visual_tokenizer`` loads) and ``summary.json`` (evaluation
+before and after). Runs as ``beit3-vqkd train``, or under torchrun / srun as
+``-m beit3.pretrain.vqkd_train``::
+
+    beit3-vqkd train --config pretrain/recipes/vqkd/tiny.toml --ds-config ds_configs/vqkd_fp32.json \\
+        --output-dir runs/vqkd_tiny --set 'data.paths=["photos/"]'
+    torchrun --nproc_per_node 8 -m beit3.pretrain.vqkd_train --config pretrain/recipes/vqkd/base_clip.toml \\
+        --ds-config ds_configs/vqkd_fp32.json --output-dir runs/vqkd_base
+
+Exit codes: 0 finished, 75 checkpointed after SIGTERM/SIGUSR1 (requeue), 2 bad configuration, 3 stopped after
+too many non-finite losses in a row, 1 anything else. ``beit3-vqkd list`` and ``beit3-vqkd codes`` are the
+tokenizer's own commands (``beit3.tokenizers.vqkd_cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from beit3.engine.checkpoint import CheckpointError
+from beit3.engine.config_io import ConfigError, dotted_overrides, to_dict
+from beit3.engine.ds_config import EngineConfigError, load_ds_config
+from beit3.engine.launch import LaunchError, add_run_args, init_distributed
+from beit3.engine.optim import OptimizerConfigError
+from beit3.engine.trainer import Trainer, seed_everything
+from beit3.engine.trainer_config import preflight
+from beit3.pretrain.vqkd_recipe import VQKDRecipe, load_recipe, validate, with_run
+from beit3.tokenizers.images import ImageInputError
+from beit3.tokenizers.teachers import TeacherError
+from beit3.tokenizers.vqkd import VQKDConfigError
+
+log = logging.getLogger("beit3.vqkd")
+
+PROGRAM = "beit3-vqkd train"
+EXIT_CONFIG = 2
+TOKENIZER_FILE = "tokenizer.pth"
+SUMMARY_FILE = "summary.json"
+CONFIG_ERRORS = (
+    ConfigError,
+    EngineConfigError,
+    CheckpointError,
+    OptimizerConfigError,
+    LaunchError,
+    VQKDConfigError,
+    TeacherError,
+    ImageInputError,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    return add_run_args(p, config_help="recipe TOML (pretrain/recipes/vqkd/*.toml)")
+
+
+def build_run(recipe: VQKDRecipe, ds_config: dict, dist, seed: int):
+    """The task (tokenizer + frozen teacher on the device), this rank's data stream and evaluation views.
+
+    The teacher's width is checked against the tokenizer config before any image is read.
+    """
+    from beit3.pretrain.vqkd_task import CachedViews, OnlineCrops, VQKDTask, teacher_features
+    from beit3.tokenizers.images import find_images, fixed_views
+    from beit3.tokenizers.teachers import build_teacher
+    from beit3.tokenizers.vqkd import build_vqkd
+
+    tok, data = recipe.tokenizer, recipe.data
+    teacher = build_teacher(recipe.teacher.name, recipe.teacher.weights or None).to(dist.device)
+    vqkd = build_vqkd(tok.name, seed=seed, **tok.overrides)
+    if teacher.dim != vqkd.cfg.teacher_dim:
+        raise ConfigError(
+            f"teacher {recipe.teacher.name} gives {teacher.dim}-d features but tokenizer {tok.name} "
+            f"reconstructs {vqkd.cfg.teacher_dim}: set tokenizer.overrides.teacher_dim={teacher.dim}"
+        )
+    micro = int(ds_config["train_micro_batch_size_per_gpu"])
+    gas = int(ds_config["gradient_accumulation_steps"])
+    size, rank, world = vqkd.cfg.img_size, dist.rank, dist.world_size
+    paths = find_images(data.paths)
+    if data.online:
+        shard = paths[rank::world]
+        if not shard:
+            raise ConfigError(f"data.paths: {world} ranks but only {len(paths)} images: add images")
+        eval_views = fixed_views(shard[: data.eval_images], size, 1, data.seed)
+        stream = OnlineCrops(shard, size, data.crop_scale, micro, data.num_workers, data.seed + 1000 * rank)
+        eval_targets = teacher_features(teacher, eval_views, dist.device)
+    else:
+        views = fixed_views(paths, size, data.views_per_image, data.seed, data.crop_scale)[rank::world]
+        if len(views) == 0:
+            raise ConfigError(
+                f"data.paths: {world} ranks but only {len(paths)} images: add images or data.views_per_image"
+            )
+        eval_views, eval_targets = views, teacher_features(teacher, views, dist.device)
+        stream = CachedViews(views, eval_targets, micro, data.seed + 1000 * rank)
+    task = VQKDTask(
+        vqkd,
+        None if not data.online else teacher,
+        weight_decay=recipe.train.weight_decay,
+        kmeans_init=recipe.codebook.kmeans_init,
+        restart_every=recipe.codebook.restart_every,
+        dead_fraction=recipe.codebook.dead_fraction,
+        autocast=tok.autocast,
+        gas=gas,
+        seed=seed,
+    )
+    return task, stream, (eval_views, eval_targets)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """The training program; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        dist = init_distributed(args.local_rank)
+    except LaunchError as e:
+        return config_error(e, rank=0)
+    try:
+        recipe = load_recipe(args.config, args.set, args.output_dir)
+        ds_config = load_ds_config(args.ds_config, dist.world_size, dotted_overrides(args.ds_set))
+        ds_config = validate(recipe, ds_config, dist.world_size)
+        # config.json: the recipe without [train], which the engine records as its trainer config.
+        record = {k: v for k, v in to_dict(recipe).items() if k != "train"}
+        cfg = with_run(recipe, args.output_dir, args.resume, {"recipe": record, "command": sys.argv})
+        preflight(cfg, ds_config, dist.world_size)
+        seed_everything(cfg.seed)  # the same initial weights on every rank and every run
+        task, stream, (eval_views, eval_targets) = build_run(recipe, ds_config, dist, cfg.seed)
+        last_eval: dict = {}
+        trainer = Trainer(
+            task, stream, ds_config, cfg, dist, eval_fn=_eval_fn(task, eval_views, eval_targets, last_eval)
+        )
+    except CONFIG_ERRORS as e:
+        return config_error(e, dist.rank)
+    out = Path(args.output_dir)
+    if trainer.step == 0:  # a fresh run: measure the untrained tokenizer (random codebook, before k-means)
+        from beit3.pretrain.vqkd_task import evaluate
+
+        before = evaluate(task.vqkd, eval_views, eval_targets)
+        if dist.is_main:
+            _write_json(out / SUMMARY_FILE, {"before": before, "world_size": dist.world_size})
+    start = time.perf_counter()
+    result = trainer.fit()
+    if result.exit_reason != "finished":
+        return result.exit_code
+    if dist.is_main:
+        export_tokenizer(task.vqkd, out / TOKENIZER_FILE, result.step, recipe.tokenizer.overrides)
+        if last_eval:  # evaluated at the last step of this invocation (not when it resumed a finished run)
+            summary = _read_json(out / SUMMARY_FILE)
+            summary.update(
+                recipe=record,
+                world_size=dist.world_size,
+                step=result.step,
+                after=last_eval["after"],
+                codebook_rank_max_diff=last_eval["codebook_rank_max_diff"],
+                train_seconds=time.perf_counter() - start,
+            )
+            _write_json(out / SUMMARY_FILE, summary)
+            before, after = summary.get("before"), summary["after"]
+            if before:
+                print(
+                    f"rec loss {before['loss_rec']:.4f} -> {after['loss_rec']:.4f}; used codes "
+                    f"{before['used_codes']:.0f} -> {after['used_codes']:.0f}; perplexity "
+                    f"{before['perplexity']:.1f} -> {after['perplexity']:.1f}; wrote {out / TOKENIZER_FILE}",
+                    flush=True,
+                )
+    return 0
+
+
+def _eval_fn(task, eval_views, eval_targets, last_eval: dict):
+    """The engine's evaluation hook: reconstruction and code usage on the fixed views (all ranks), and
+    whether the ranks' codebooks still agree (they must: the EMA is all-reduced, restarts broadcast)."""
+    from beit3.pretrain.vqkd_task import evaluate, ranks_agree
+
+    def eval_fn(step: int) -> dict[str, float]:
+        after = evaluate(task.vqkd, eval_views, eval_targets)
+        diff = ranks_agree(task.vqkd.quantize.embedding.weight)
+        last_eval.update(after=after, codebook_rank_max_diff=diff)
+        return {**{f"eval/{k}": v for k, v in after.items()}, "eval/codebook_rank_max_diff": diff}
+
+    return eval_fn
+
+
+def export_tokenizer(vqkd, path: Path, step: int, overrides: dict) -> None:
+    """The frozen tokenizer file (``save_vqkd_checkpoint``'s format), written to a temp file then renamed."""
+    from beit3.tokenizers.vqkd import save_vqkd_checkpoint
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_vqkd_checkpoint(vqkd, tmp, step=step, overrides=dict(overrides))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def config_error(error: Exception, rank: int) -> int:
+    """Print the one-line message of a configuration error (rank 0) and return exit code 2."""
+    if rank == 0:
+        message = " ".join(str(error).split())
+        print(f"{PROGRAM}: error: {message[:600]}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``beit3-vqkd``: ``train`` runs here, ``list`` and ``codes`` in the tokenizer's CLI."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    positional = [i for i, a in enumerate(argv) if not a.startswith("-")]
+    if positional and argv[positional[0]] == "train":
+        return train_main(argv[: positional[0]] + argv[positional[0] + 1 :])
+    from beit3.tokenizers.vqkd_cli import main as tokenizer_main
+
+    return tokenizer_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())
