@@ -37,6 +37,7 @@ from beit3.finetune.data.sources import DataSourceError
 from beit3.finetune.decoding import BeamSearchConfig
 from beit3.finetune.evaluate import evaluate, sample_captions
 from beit3.finetune.recipe import FinetuneRecipe, load_recipe, validate_run
+from beit3.finetune.reload import trusted_checkpoints
 from beit3.model import CheckpointError, ModelConfigError
 from beit3.tokenizers.text import TokenizerError
 
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--eval-only {args.eval_only} does not exist: give a finetuned model.pth")
         else:
             preflight(trainer_config(recipe, args, ds_config), ds_config, dist.world_size)
-        tokenizer, data, task = prepare(recipe)
+        with trusted_checkpoints(args.trust_checkpoint):  # model.pretrained: refused beyond the allowlist
+            tokenizer, data, task = prepare(recipe)
     except CONFIG_ERRORS as e:
         return config_error(e, dist.rank)
     micro = ds_config["train_micro_batch_size_per_gpu"]
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         from beit3.finetune.reload import load_finetuned
 
         try:
-            load_finetuned(task, args.eval_only)
+            load_finetuned(task, args.eval_only, trusted=args.trust_checkpoint)
         except CheckpointError as e:
             print(f"beit3-finetune: error: {e}", file=sys.stderr)
             return EXIT_CONFIG
@@ -169,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     loader = BatchLoader(data.train, collate, micro, dist.rank, dist.world_size, seed=recipe.data.seed)
     try:
-        trainer = Trainer(
-            task, loader, ds_config, trainer_config(recipe, args, ds_config), dist, eval_fn=run_eval
-        )
+        with trusted_checkpoints(args.trust_checkpoint):  # resume from a checkpoint of another origin
+            trainer = Trainer(
+                task, loader, ds_config, trainer_config(recipe, args, ds_config), dist, eval_fn=run_eval
+            )
     except CONFIG_ERRORS as e:
         return config_error(e, dist.rank)
     result = trainer.fit()

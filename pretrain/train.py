@@ -22,6 +22,7 @@ from beit3.engine.config_io import ConfigError, dotted_overrides, to_dict
 from beit3.engine.ds_config import EngineConfigError, load_ds_config, trained_global_batch
 from beit3.engine.launch import LaunchError, add_run_args, init_distributed
 from beit3.engine.optim import OptimizerConfigError
+from beit3.engine.safe_load import trusted_files
 from beit3.engine.trainer import Trainer, TrainerConfig, seed_everything
 from beit3.engine.trainer_config import check_output_dir, preflight
 from beit3.model import ModelConfigError
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             recipe.data, text_tok, split["images"], split["texts"], split["pairs"],
             rank=dist.rank, world_size=dist.world_size,
         )  # fmt: skip
-        trainer = Trainer(task, loader, ds_config, cfg, dist)
+        with trusted_files(args.trust_checkpoint):  # resume from a checkpoint of another origin
+            trainer = Trainer(task, loader, ds_config, cfg, dist)
     except CONFIG_ERRORS as e:
         return config_error(e, dist.rank)
     result = trainer.fit()

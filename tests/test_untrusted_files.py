@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,20 @@ def plant(tag_dir: Path, name: str, payload: TouchPayload) -> Path:
     if "files" in marker:
         marker["files"].update(describe_files(tag_dir, [name]))
         (tag_dir / MARKER).write_text(json.dumps(marker))
+    return path
+
+
+def plant_old_trainer_file(tag_dir: Path) -> Path:
+    """The trainer file as the engine wrote it before: numpy RNG state as arrays (beyond the allowlist)."""
+    import numpy as np
+
+    path = tag_dir / "trainer_rank00000.pt"
+    state = load_file(path)
+    state["rng"]["numpy"] = np.random.get_state()
+    torch.save(state, path)
+    marker = json.loads((tag_dir / MARKER).read_text())
+    marker["files"].update(describe_files(tag_dir, [path.name]))
+    (tag_dir / MARKER).write_text(json.dumps(marker))
     return path
 
 
@@ -160,7 +175,13 @@ def test_finetune_eval_only_refuses_a_crafted_model_file_with_exit_2(tmp_path, c
 
 
 # ----- trainer resume: the engine's files and DeepSpeed's -----
-SMALL_BATCH = {"train_batch_size": None, "train_micro_batch_size_per_gpu": 4}
+# bf16 configs: a micro-batch the toy data fits, and small buckets (the shipped 2e8-element ones cost seconds)
+SMALL_BATCH = {
+    "train_batch_size": None,
+    "train_micro_batch_size_per_gpu": 4,
+    "zero_optimization.reduce_bucket_size": 10**5,
+    "zero_optimization.allgather_bucket_size": 10**5,
+}
 RESUME_FILES = {
     "trainer file": ("zero0_fp32.json", {}, "trainer_rank00000.pt"),
     "model states": ("zero0_fp32.json", {}, "mp_rank_00_model_states.pt"),
@@ -211,17 +232,8 @@ def test_real_checkpoints_of_every_stage_load_without_trust(tmp_path, ds_name, o
 
 
 def test_an_old_trainer_file_with_numpy_state_resumes_only_when_trusted(tmp_path):
-    import numpy as np
-
     make_trainer(tmp_path, "zero0_fp32.json", 2).fit()
-    tag_dir = latest_checkpoint(tmp_path)
-    path = tag_dir / "trainer_rank00000.pt"
-    state = load_file(path)
-    state["rng"]["numpy"] = np.random.get_state()  # what the trainer wrote before: numpy arrays and dtypes
-    torch.save(state, path)
-    marker = json.loads((tag_dir / MARKER).read_text())
-    marker["files"].update(describe_files(tag_dir, [path.name]))
-    (tag_dir / MARKER).write_text(json.dumps(marker))
+    plant_old_trainer_file(latest_checkpoint(tmp_path))
     with pytest.raises(UntrustedFileError, match=r"numpy.*--trust-checkpoint"):
         make_trainer(tmp_path, "zero0_fp32.json", 3)
     with trusted_files():
@@ -229,10 +241,12 @@ def test_an_old_trainer_file_with_numpy_state_resumes_only_when_trusted(tmp_path
 
 
 # ----- beit3-export -----
-def export(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "beit3.pretrain.export", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+def export(capsys, *args: str) -> tuple[int, str]:
+    """``beit3-export`` in this process: (exit code, stderr)."""
+    from beit3.pretrain.export import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -244,13 +258,13 @@ def export(*args: str) -> subprocess.CompletedProcess:
     ],
     ids=["stage0-model-states", "zero_to_fp32-shard", "bf16-optimizer-shard"],
 )  # fmt: skip
-def test_export_refuses_a_payload_shard_with_exit_2(tmp_path, ds_name, overrides, name):
+def test_export_refuses_a_payload_shard_with_exit_2(tmp_path, capsys, ds_name, overrides, name):
     make_trainer(tmp_path / "run", ds_name, 2, overrides).fit()
     payload = TouchPayload(tmp_path / "payload-ran")
     path = plant(latest_checkpoint(tmp_path / "run"), name, payload)
-    proc = export(str(tmp_path / "run"), "--output", str(tmp_path / "out.pth"))
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert_refused(one_error_line(proc.stderr, "beit3-export"), path, payload)
+    code, err = export(capsys, str(tmp_path / "run"), "--output", str(tmp_path / "out.pth"))
+    assert code == 2
+    assert_refused(one_error_line(err, "beit3-export"), path, payload)
     assert not (tmp_path / "out.pth").exists()
 
 
@@ -259,10 +273,10 @@ def test_export_of_a_missing_checkpoint_exits_2_with_one_line(tmp_path, where):
     run = tmp_path / "run"
     if where == "no-checkpoints":
         run.mkdir()
-    proc = export(str(run), "--output", str(tmp_path / "out.pth"))
+    proc = program("beit3.pretrain.export", [str(run), "--output", str(tmp_path / "out.pth")])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert str(run) in one_error_line(proc.stderr, "beit3-export")
-    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr  # the console program prints nothing else
 
 
 def test_a_trusted_export_loads_what_the_allowlist_refuses(tmp_path):
@@ -281,3 +295,86 @@ def test_a_trusted_export_loads_what_the_allowlist_refuses(tmp_path):
         export_run(run, tmp_path / "out.pth")
     export_run(run, tmp_path / "out.pth", trusted=True)
     assert read_state_dict(tmp_path / "out.pth").keys() == build_model(TINY).state_dict().keys()
+
+
+# ----- resume through the programs: exit 2, unless --trust-checkpoint is given -----
+def test_finetune_resume_refuses_a_payload_with_exit_2_and_trusts_only_on_request(tmp_path, capsys):
+    run, other = tmp_path / "run", tmp_path / "other"
+    assert finetune(tmp_path, run) == 0
+    shutil.copytree(run, other)
+    payload = TouchPayload(tmp_path / "payload-ran")
+    path = plant(latest_checkpoint(run), "trainer_rank00000.pt", payload)
+    assert finetune(tmp_path, run, "--set", "train.total_steps=3") == 2
+    assert_refused(one_error_line(capsys.readouterr().err, "beit3-finetune"), path, payload)
+    run = other
+    plant_old_trainer_file(latest_checkpoint(run))  # benign, but beyond the allowlist
+    assert finetune(tmp_path, run, "--set", "train.total_steps=3") == 2
+    assert "numpy" in one_error_line(capsys.readouterr().err, "beit3-finetune")
+    assert finetune(tmp_path, run, "--set", "train.total_steps=3", "--trust-checkpoint") == 0
+    assert latest_checkpoint(run).name == "step00000003"
+
+
+def test_finetune_loads_a_released_style_file_with_its_argparse_namespace(tmp_path):
+    import argparse
+
+    path = tmp_path / "released.pth"
+    args = argparse.Namespace(model="beit3_tiny_patch16_64", lr=5e-4, layer_decay=0.65, drop_path=0.1)
+    torch.save({"model": build_model(TINY).state_dict(), "args": args}, path)
+    assert finetune(tmp_path, tmp_path / "run", pretrained=path) == 0
+
+
+@pytest.fixture(scope="module")
+def pretrain_assets(tmp_path_factory) -> dict:
+    from beit3.pretrain.data.fixtures import tiny_tokenizer, write_tiny_shards
+
+    root = tmp_path_factory.mktemp("pretrain_assets")
+    for kind in ("images", "texts", "pairs"):
+        write_tiny_shards(str(root / kind), kind, 12, 6, seed=len(kind))
+    return {"root": root, "spm": tiny_tokenizer(str(root / "spm"), vocab_size=48).model_file}
+
+
+def pretrain_args(assets: dict, run: Path, steps: int, *extra: str) -> list[str]:
+    root = assets["root"]
+    return [
+        "--config", str(REPO / "pretrain/recipes/demo.toml"),
+        "--ds-config", str(DS_CONFIGS / "zero0_fp32.json"),
+        "--ds-set", "train_micro_batch_size_per_gpu=3", "--output-dir", str(run),
+        "--set", f"tokenizers.text={assets['spm']}", "--set", "tokenizers.visual_checkpoint=",
+        "--set", f'data.image_shards=["{root}/images/*.tar"]',
+        "--set", f'data.text_shards=["{root}/texts/*.tar"]',
+        "--set", f'data.pair_shards=["{root}/pairs/*.tar"]',
+        "--set", "model.overrides={vocab_size = 64, visual_vocab_size = 1024}",
+        "--set", "model.name=beit3_tiny_patch16_64", "--set", f"train.total_steps={steps}",
+        "--set", "train.warmup_steps=1", "--set", "train.save_every=0", "--set", "data.num_workers=0",
+        *extra,
+    ]  # fmt: skip
+
+
+def program(module: str, args: list[str]) -> subprocess.CompletedProcess:
+    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # this process's own
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=240,
+                          env=env)  # fmt: skip
+
+
+@pytest.mark.slow  # two short beit3-pretrain runs in subprocesses (a finished run ends its process group)
+def test_pretrain_resume_refuses_a_payload_with_exit_2_and_trusts_only_on_request(
+    tmp_path, capsys, pretrain_assets
+):
+    from beit3.pretrain.train import main
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    proc = program("beit3.pretrain.train", pretrain_args(pretrain_assets, run, 1))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shutil.copytree(run, other)
+    payload = ExecPayload(tmp_path / "payload-ran")
+    path = plant(latest_checkpoint(run), "mp_rank_00_model_states.pt", payload)
+    assert main(pretrain_args(pretrain_assets, run, 2)) == 2  # refused before training: in-process is fine
+    assert_refused(one_error_line(capsys.readouterr().err, "beit3-pretrain"), path, payload)
+    plant_old_trainer_file(latest_checkpoint(other))  # benign, but beyond the allowlist
+    assert main(pretrain_args(pretrain_assets, other, 2)) == 2
+    assert "numpy" in one_error_line(capsys.readouterr().err, "beit3-pretrain")
+    proc = program("beit3.pretrain.train", pretrain_args(pretrain_assets, other, 2, "--trust-checkpoint"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert latest_checkpoint(other).name == "step00000002"
