@@ -1,6 +1,10 @@
-"""Released-format checkpoints: round trips, wrappers, dtypes, strict-load errors, resolution change."""
+"""Released-format checkpoints: round trips, wrappers, dtypes, strict-load errors, resolution change, and
+the types a file may hold (payloads that would run code: test_untrusted_files.py)."""
 
 from __future__ import annotations
+
+import argparse
+from pathlib import PurePosixPath
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from beit3.model import (
     read_state_dict,
     save_checkpoint,
 )
+from beit3.model.checkpoint import UntrustedCheckpointError, trusted_files
 
 TINY = "beit3_tiny_patch16_64"
 
@@ -124,6 +129,26 @@ def test_unreadable_files_raise_checkpoint_error(tmp_path):
     torch.save({"optimizer": 1}, tmp_path / "noweights.pth")
     with pytest.raises(CheckpointError, match="'model' or 'module'"):
         read_state_dict(tmp_path / "noweights.pth")
+
+
+def test_a_released_finetuned_file_with_its_argparse_namespace_loads(tmp_path):
+    src, dst = _model(0), _model(1)
+    args = argparse.Namespace(model="beit3_base_patch16_224", lr=3e-5, layer_decay=0.9, input_size=224)
+    torch.save({"model": src.state_dict(), "args": args}, tmp_path / "released.pth")
+    load_checkpoint(dst, tmp_path / "released.pth")
+    _assert_same_weights(src, dst)
+
+
+def test_other_types_are_refused_unless_the_file_is_trusted(tmp_path):
+    path = tmp_path / "extra.pth"
+    torch.save({"model": _model(0).state_dict(), "source": PurePosixPath("runs/x")}, path)
+    with pytest.raises(UntrustedCheckpointError, match=r"extra\.pth: it holds pathlib\.PurePosixPath"):
+        read_state_dict(path)
+    assert read_state_dict(path, trusted=True).keys() == _model(0).state_dict().keys()
+    with trusted_files():
+        load_checkpoint(_model(1), path)
+    with pytest.raises(UntrustedCheckpointError):  # the trust ends with its context
+        read_state_dict(path)
 
 
 def test_interpolation_keeps_leading_rows_and_resizes_the_grid():
