@@ -25,6 +25,7 @@ from beit3.finetune.data.batches import images_to_float
 from beit3.finetune.data.sources import load_image
 from beit3.finetune.decoding import BeamSearchConfig, generate_captions
 from beit3.finetune.recipe import FinetuneRecipe
+from beit3.tokenizers.images import to_rgb
 from beit3.tokenizers.text import BOS_ID, EOS_ID
 
 ImageLike = str | Path | Image.Image | torch.Tensor
@@ -37,7 +38,7 @@ def preprocess_images(images: Sequence[ImageLike], size: int) -> torch.Tensor:
         if isinstance(img, (str, Path)):
             t = load_image(img, size)
         elif isinstance(img, Image.Image):
-            rgb = img.convert("RGB").resize((size, size), Image.BICUBIC)
+            rgb = to_rgb(img).resize((size, size), Image.BICUBIC)
             t = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
         else:
             t = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode="bicubic")[0]

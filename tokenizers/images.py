@@ -1,6 +1,8 @@
-"""Image files to [0, 1] tensors for tokenizer training: file discovery, decoding, seeded random crops.
+"""Image primitives of every package: RGB on white, seeded random-resized crops, [0, 1] tensors, files.
 
-Kept free of torchvision: PIL decodes and resizes, numpy draws the crop boxes from a seeded generator.
+The pretraining data (``beit3.pretrain.data``), finetuning data and tokenizer training all convert and crop
+with these. Kept free of torchvision (not a dependency): PIL decodes and resizes, numpy draws the crop
+boxes from a seeded generator.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ class ImageInputError(ValueError):
     """Image inputs that cannot be used (no files, unreadable files); the message names the fix."""
 
 
+class NonFiniteImageError(ImageInputError):
+    """A float image holding NaN or infinity: scaled to 8 bits it would be one flat value."""
+
+
 def find_images(inputs: Iterable[str | Path]) -> list[Path]:
     """Image files among ``inputs`` (files, or directories searched recursively), sorted for determinism."""
     found: list[Path] = []
@@ -36,20 +42,80 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
     return found
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: alpha composited on white (stamps, emoji), 16-bit and float scaled down, CMYK etc.
+    converted. Float images with NaN or infinity raise :class:`NonFiniteImageError`."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+        if mode == "RGB":
+            return img
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        # PIL's own I;16 -> RGB conversion clips at 255 (a white image); scale the range instead.
+        arr = np.asarray(img).astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise NonFiniteImageError(f"mode {mode} with NaN or infinite pixels")
+        if mode == "F":
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        elif arr.max() > 255:
+            arr = arr / 257.0
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    return img.convert("RGB")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
-    """An RGB image; transparent pixels are composited onto white (stamps, emoji)."""
+    """The image file at ``path`` in RGB (:func:`to_rgb`)."""
     with Image.open(path) as img:
         img.load()
-        if img.mode in ("RGBA", "LA", "P"):
-            img = img.convert("RGBA")
-            canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            return Image.alpha_composite(canvas, img).convert("RGB")
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """(3, H, W) float32 in [0, 1]."""
     return torch.from_numpy(np.array(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def sample_crop(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: np.random.Generator,
+) -> tuple[int, int, int, int]:
+    """A random crop box ``(left, top, crop_w, crop_h)`` covering ``scale`` of the area at aspect ``ratio``.
+
+    Ten tries of area ~ U(scale) and log-aspect ~ U(log ratio); if none fits, the largest centred crop whose
+    aspect lies within ``ratio`` (the usual random-resized-crop fallback).
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= width and 0 < ch <= height:
+            left = int(rng.integers(0, width - cw + 1))
+            top = int(rng.integers(0, height - ch + 1))
+            return left, top, cw, ch
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        cw, ch = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        cw, ch = int(round(height * ratio[1])), height
+    else:
+        cw, ch = width, height
+    cw, ch = max(1, min(cw, width)), max(1, min(ch, height))
+    return (width - cw) // 2, (height - ch) // 2, cw, ch
 
 
 def random_resized_crop(
@@ -60,23 +126,10 @@ def random_resized_crop(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     hflip: float = 0.5,
 ) -> Image.Image:
-    """A crop of random area fraction ``scale`` and log-uniform aspect ``ratio``, resized (bicubic) to
-    ``size``; falls back to the largest centred crop after 10 tries (the Inception-style recipe BEiT v2 uses).
-    """
-    W, H = img.size
-    box = None
-    for _ in range(10):
-        area = W * H * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < w <= W and 0 < h <= H:
-            left, top = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
-            box = (left, top, left + w, top + h)
-            break
-    if box is None:
-        side = min(W, H)
-        box = ((W - side) // 2, (H - side) // 2, (W - side) // 2 + side, (H - side) // 2 + side)
-    out = img.resize((size, size), Image.BICUBIC, box=box)
+    """A :func:`sample_crop` box resized (bicubic) to ``size``, mirrored with probability ``hflip`` (the
+    Inception-style recipe BEiT v2 uses)."""
+    left, top, cw, ch = sample_crop(img.width, img.height, scale, ratio, rng)
+    out = img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
     if rng.random() < hflip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return out

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from beit3.tokenizers.images import ImageInputError, to_rgb
+
 
 class DataSourceError(RuntimeError):
     """A data source that is missing or malformed; the message says what to install or fix."""
@@ -54,11 +56,10 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
         img.load()
     except OSError as e:
         raise DataSourceError(f"cannot read image {path}: {e}") from e
-    if img.mode in ("RGBA", "LA", "P"):
-        img = img.convert("RGBA")
-        canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(canvas, img)
-    img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+    try:
+        img = to_rgb(img).resize((size, size), Image.BICUBIC)
+    except ImageInputError as e:
+        raise DataSourceError(f"cannot use image {path}: {e}") from e
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 

@@ -10,8 +10,9 @@ import io
 import json
 import warnings
 
-import numpy as np
 from PIL import Image, ImageOps
+
+from beit3.tokenizers.images import NonFiniteImageError, to_rgb
 
 # The image extensions of both sides: `beit3-shards` reads input files with these extensions and the loader
 # takes a sample's image from a member with any of them (first match in this order).
@@ -79,40 +80,11 @@ def decode_image(data: bytes, max_pixels: int = 25_000_000) -> Image.Image:
         raise SkipSample("image_decode", f"empty image {img.size}")
     try:
         return to_rgb(img)
-    except SkipSample:
-        raise
+    except NonFiniteImageError as e:
+        # NaN/inf would scale the whole picture to one value (black): not an image worth training on.
+        raise SkipSample("image_nonfinite", str(e)) from None
     except Exception as e:
         raise SkipSample("image_decode", f"mode {img.mode}: {e}") from None
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: alpha composited on white, 16-bit and float scaled down, CMYK etc. converted."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
-        if mode == "RGB":
-            return img
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if mode.startswith("I") or mode == "F":
-        # PIL's own I;16 -> RGB conversion clips at 255 (a white image); scale the range instead.
-        arr = np.asarray(img).astype(np.float64)
-        if not np.isfinite(arr).all():
-            # NaN/inf would scale the whole picture to one value (black): not an image worth training on.
-            raise SkipSample("image_nonfinite", f"mode {mode} with NaN or infinite pixels")
-        if mode == "F":
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        elif arr.max() > 255:
-            arr = arr / 257.0
-        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    return img.convert("RGB")
 
 
 def decode_text(data: bytes | None) -> str:

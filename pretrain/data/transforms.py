@@ -8,11 +8,11 @@ describe exactly what the model sees.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
+
+from beit3.tokenizers.images import sample_crop
 
 # Colour jitter as blends with a degenerate image (black, mean grey, greyscale), done by PIL on uint8 in C:
 # the same definitions torchvision's ColorJitter uses on PIL images.
@@ -21,40 +21,6 @@ _ENHANCERS = {
     "contrast": ImageEnhance.Contrast,
     "saturation": ImageEnhance.Color,
 }
-
-
-def sample_crop(
-    width: int,
-    height: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    rng: np.random.Generator,
-) -> tuple[int, int, int, int]:
-    """A random crop box ``(left, top, crop_w, crop_h)`` covering ``scale`` of the area at aspect ``ratio``.
-
-    Ten tries of area ~ U(scale) and log-aspect ~ U(log ratio); if none fits, the largest centred crop whose
-    aspect lies within ``ratio`` (the usual random-resized-crop fallback).
-    """
-    area = width * height
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        cw = int(round(math.sqrt(target * aspect)))
-        ch = int(round(math.sqrt(target / aspect)))
-        if 0 < cw <= width and 0 < ch <= height:
-            left = int(rng.integers(0, width - cw + 1))
-            top = int(rng.integers(0, height - ch + 1))
-            return left, top, cw, ch
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        cw, ch = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        cw, ch = int(round(height * ratio[1])), height
-    else:
-        cw, ch = width, height
-    cw, ch = max(1, min(cw, width)), max(1, min(ch, height))
-    return (width - cw) // 2, (height - ch) // 2, cw, ch
 
 
 class TwoViewTransform:
