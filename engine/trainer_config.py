@@ -57,7 +57,7 @@ class TrainerConfig:
 
     def validate(self) -> None:
         """Raise EngineConfigError naming the field to fix (every numeric field has a range)."""
-        problem = train_settings_problem(self, "TrainerConfig")
+        problem = train_settings_problem(self, "TrainerConfig", warmup_within_total=False)
         if problem is None and self.peak_flops is not None and not self.peak_flops > 0:
             problem = f"TrainerConfig.peak_flops={self.peak_flops!r} must be > 0 or None (from the device)"
         if problem is not None:
@@ -82,9 +82,13 @@ TRAIN_RANGES = {
 }
 
 
-def train_settings_problem(section: Any, where: str) -> str | None:
+def train_settings_problem(section: Any, where: str, warmup_within_total: bool = True) -> str | None:
     """The first problem of the training settings ``section`` holds (a TrainerConfig or a recipe's [train]
-    dataclass; fields it lacks are skipped), as one line naming ``where.field`` and the fix; None if none."""
+    dataclass; fields it lacks are skipped), as one line naming ``where.field`` and the fix; None if none.
+
+    ``warmup_within_total``: refuse ``warmup_steps > total_steps`` (recipes do; the engine runs it, the LR
+    then never leaves its warmup ramp).
+    """
     from beit3.engine.config_io import range_problem
 
     def has(name: str) -> bool:
@@ -103,7 +107,8 @@ def train_settings_problem(section: Any, where: str) -> str | None:
         (not (has("min_lr") and has("lr")) or section.min_lr <= section.lr,
          f"min_lr={getattr(section, 'min_lr', 0)!r} exceeds lr={getattr(section, 'lr', 0)!r}: "
          "lower min_lr (the schedule decays from lr to min_lr)"),
-        (not (has("warmup_steps") and has("total_steps")) or section.warmup_steps <= section.total_steps,
+        (not (warmup_within_total and has("warmup_steps") and has("total_steps"))
+         or section.warmup_steps <= section.total_steps,
          f"warmup_steps={getattr(section, 'warmup_steps', 0)} exceeds "
          f"total_steps={getattr(section, 'total_steps', 0)}: lower warmup_steps"),
     ]  # fmt: skip
