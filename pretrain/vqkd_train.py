@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from beit3.engine.checkpoint import CheckpointError
+from beit3.engine.checkpoint import CheckpointError, atomic_write_bytes
 from beit3.engine.config_io import ConfigError, dotted_overrides, to_dict
 from beit3.engine.ds_config import EngineConfigError, load_ds_config
 from beit3.engine.launch import LaunchError, add_run_args, init_distributed
@@ -206,9 +206,7 @@ def _read_json(path: Path) -> dict:
 
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(data, indent=2).encode())
 
 
 def config_error(error: Exception, rank: int) -> int:

@@ -158,10 +158,12 @@ def test_training_lowers_teacher_loss_and_raises_codebook_usage(photos, tmp_path
 def test_codes_command_writes_codes_of_every_image(photos, tmp_path):
     out = tmp_path / "codes.pt"
     argv = ["codes", "--name", "vqkd_tiny_patch16_64", "--data", str(photos), "--output", str(out)]
+    argv += ["--set", "codebook_size=128"]
     with pytest.warns(UserWarning, match="random weights"):
         assert vqkd_train.main(argv) == 0  # beit3-vqkd codes: the tokenizer's own command
     saved = torch.load(out, weights_only=True)
     assert saved["codes"].shape == (len(saved["paths"]), 16) and len(saved["paths"]) >= len(PHOTOS)
+    assert int(saved["codes"].max()) < 128
 
 
 def test_tokenizer_cli_points_train_to_the_engine_program(capsys):

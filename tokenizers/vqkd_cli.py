@@ -50,7 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("codes", help="codes of images (centred square view) saved with torch.save")
     c.add_argument("--name", required=True)
     c.add_argument("--checkpoint", default=None, help="omit only for smoke tests (random tokenizer)")
-    c.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="tokenizer config overrides")
+    c.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a tokenizer config field, e.g. --set codebook_size=256 (repeatable)",
+    )
     c.add_argument("--data", nargs="+", required=True)
     c.add_argument("--input-size", type=int, default=None, help="view size (default: the config's img_size)")
     c.add_argument("--output", required=True, help='writes {"paths": [...], "codes": LongTensor (N, h*w)}')
