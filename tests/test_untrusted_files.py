@@ -378,3 +378,21 @@ def test_pretrain_resume_refuses_a_payload_with_exit_2_and_trusts_only_on_reques
     proc = program("beit3.pretrain.train", pretrain_args(pretrain_assets, other, 2, "--trust-checkpoint"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert latest_checkpoint(other).name == "step00000002"
+
+
+def test_a_universal_checkpoint_is_vetted_before_deepspeed_unpickles_it(tmp_path):
+    """DeepSpeed's universal loader calls torch.load in full itself: guard_engine vets the dir first."""
+    from beit3.engine.reshard import convert_to_universal
+
+    zero1 = {"zero_optimization.stage": 1}
+    make_trainer(tmp_path / "run", "zero0_fp32.json", 2, zero1).fit()
+    universal = convert_to_universal(latest_checkpoint(tmp_path / "run"))
+    fragment = sorted(universal.rglob("fp32.pt"))[0]
+    payload = TouchPayload(tmp_path / "payload-ran")
+    torch.save({"original": load_file(fragment), "note": payload}, fragment)
+    trainer = make_trainer(
+        tmp_path / "fresh", "zero0_fp32.json", 2, {**zero1, "checkpoint.load_universal": True}
+    )
+    with pytest.raises(UntrustedFileError) as err:
+        trainer.engine.load_checkpoint(str(universal.parent), tag=universal.name)
+    assert_refused(str(err.value), fragment, payload)
