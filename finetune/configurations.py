@@ -17,13 +17,13 @@ seq2seq       image-text pairs, masked    as fusion, plus ``mlm_head`` (captioni
 ============  ==========================  =====================================================
 
 No configuration keeps ``mim_head`` or the vision ``mask_token``: finetuning never masks image patches.
+A pruned model given an input its configuration does not take (an image for ``language``, a pair for
+``dual``) raises :class:`beit3.model.ModalityError` saying which inputs it takes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from torch import nn
 
 from beit3.model import BEiT3Model, build_model
 from beit3.model.layers import Multiway, MultiwayBlock
@@ -98,6 +98,7 @@ def prune(model: BEiT3Model, conf: Configuration) -> None:
         b3.vision_embed = None
     if not conf.language:
         b3.text_embed = None
+    b3.restrict_inputs(conf.name, conf.modes)  # another input fails with a ModalityError naming these
 
 
 def _prune_block(layer: MultiwayBlock, conf: Configuration) -> None:
@@ -128,13 +129,3 @@ def full_model_keys(model_name: str, **overrides) -> set[str]:
     overrides = {k: v for k, v in overrides.items() if k not in ("normalize_output", "pretraining_heads")}
     full = build_model(model_name, device="meta", normalize_output=True, pretraining_heads=True, **overrides)
     return set(full.state_dict())
-
-
-def expert_summary(module: nn.Module) -> dict[str, int]:
-    """Parameter counts by expert copy (``A``, ``B``, ``C``) and ``shared``: what a configuration holds."""
-    counts = {"A": 0, "B": 0, "C": 0, "shared": 0}
-    for name, p in module.named_parameters():
-        parts = name.split(".")
-        key = next((x for x in parts if x in ("A", "B", "C")), "shared")
-        counts[key] += p.numel()
-    return counts

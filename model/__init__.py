@@ -1,6 +1,6 @@
 """The BEiT-3 Multiway Transformer (pure PyTorch): presets, construction, parameter counts, checkpoints."""
 
-from beit3.model.beit3 import BEiT3, BEiT3Model
+from beit3.model.beit3 import BEiT3, BEiT3Model, ModalityError
 from beit3.model.cache import KVCache
 from beit3.model.checkpoint import (
     CheckpointError,
@@ -20,6 +20,7 @@ __all__ = [
     "CheckpointError",
     "KVCache",
     "LoadReport",
+    "ModalityError",
     "ModelConfig",
     "ModelConfigError",
     "build_model",

@@ -22,6 +22,18 @@ from beit3.model.layers import Multiway, MultiwayBlock
 # never read. Kept so that position tables have the released shapes.
 POSITION_OFFSET = 2
 
+# The kinds of input a forward takes; a pruned model (a finetuning configuration) accepts some of them.
+INPUT_MODES = ("image", "text", "pair")
+_DESCRIBE = {
+    "image": "images (image=...)",
+    "text": "texts (text=...)",
+    "pair": "image-text pairs (image= and text= together)",
+}
+
+
+class ModalityError(ValueError):
+    """An input the model's configuration does not take (an image for a language-only encoder, ...)."""
+
 
 class VisionEmbedding(nn.Module):
     """Patchify with a strided convolution, put ``mask_token`` at masked patches, prepend ``cls_token``."""
@@ -89,6 +101,27 @@ class BEiT3(nn.Module):
         self.vision_embed = VisionEmbedding(cfg)
         self.encoder = Encoder(cfg)
         self.checkpoint_layers: frozenset[int] = frozenset()
+        self.configuration = ""  # the name of the configuration it is pruned to ("" when whole)
+        self.accepts: tuple[str, ...] = INPUT_MODES  # the input modes whose weights the model holds
+
+    def restrict_inputs(self, configuration: str, modes: tuple[str, ...]) -> None:
+        """Record that the model was pruned to ``configuration``, which takes only ``modes`` (of
+        :data:`INPUT_MODES`): a forward with another kind of input raises :class:`ModalityError`."""
+        unknown = set(modes) - set(INPUT_MODES)
+        if unknown or not modes:
+            raise ValueError(f"input modes {modes!r} must be some of {INPUT_MODES}")
+        self.configuration, self.accepts = configuration, tuple(modes)
+
+    def _check_input_mode(self, has_image: bool, has_text: bool) -> None:
+        mode = "pair" if has_image and has_text else "image" if has_image else "text"
+        if mode in self.accepts:
+            return
+        takes = " or ".join(_DESCRIBE[m] for m in self.accepts)
+        raise ModalityError(
+            f"this model is pruned to the {self.configuration!r} configuration, which takes {takes} only; "
+            f"it was given {_DESCRIBE[mode]}: pass {takes}, or build the model with a configuration that "
+            f"takes {_DESCRIBE[mode].split(' (')[0]}"
+        )
 
     def embed(
         self,
@@ -148,6 +181,11 @@ class BEiT3(nn.Module):
             raise ValueError("give an image, a text, or both")
         if cache is not None and image is not None and len(cache):
             raise ValueError("image tokens come first: feed the image in the first step of a cached decode")
+        if len(self.accepts) < len(INPUT_MODES):
+            self._check_input_mode(
+                image is not None or (cache is not None and cache.num_vision > 0),
+                text is not None or (cache is not None and cache.num_text > 0),
+            )
         text_start = cache.num_text if cache is not None else 0
         x, num_vision = self.embed(image, text, image_mask, text_positions, text_start)
         b, t, _ = x.shape

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from beit3.finetune.reload import ReloadError, checkpoint_overrides, load_pretra
 from beit3.finetune.tasks.base import TaskModule
 from beit3.finetune.tasks.captioning import Captioning
 from beit3.finetune.tasks.classification import ImageClassification
-from beit3.model import build_model, save_checkpoint
+from beit3.model import ModalityError, build_model, save_checkpoint
 
 SMALL = {"vocab_size": 40, "max_text_positions": 20}  # keep the tiny text tables tiny
 MODELS = ("beit3_tiny_patch16_64", "beit3_tiny_paper_patch16_64")
@@ -77,6 +79,42 @@ def test_only_seq2seq_keeps_the_mlm_head():
 def test_unknown_configuration_names_the_choices():
     with pytest.raises(ConfigurationError, match="dual"):
         build_encoder("beit3_tiny_patch16_64", "duel")
+
+
+WRONG_INPUTS = [  # (configuration, input it holds no weights for, what the message must say it takes)
+    ("language", "image", "takes texts"),
+    ("vision", "text", "takes images"),
+    ("vision", "pair", "takes images"),
+    ("dual", "pair", "takes images (image=...) or texts"),
+    ("fusion", "image", "takes image-text pairs"),
+    ("fusion", "text", "takes image-text pairs"),
+    ("seq2seq", "text", "takes image-text pairs"),
+]
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize(("configuration", "given", "takes"), WRONG_INPUTS)
+def test_an_input_the_configuration_does_not_take_is_a_clear_error(model_name, configuration, given, takes):
+    """Not "TypeError: 'NoneType' object is not callable" from a pruned expert: the accepted inputs."""
+    model = build_encoder(model_name, configuration, **SMALL)
+    inputs = {"image": torch.randn(2, 3, 64, 64), "text": torch.randint(4, 40, (2, 6))}
+    if given != "pair":
+        inputs = {given: inputs[given]}
+    expected = rf"'{configuration}' configuration, which {re.escape(takes)}.*given"
+    with pytest.raises(ModalityError, match=expected) as err:
+        model(**inputs)
+    assert isinstance(err.value, ValueError)
+
+
+def test_cached_decoding_counts_the_cached_image_as_part_of_the_pair():
+    model = build_encoder("beit3_tiny_patch16_64", "seq2seq", **SMALL).eval()
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(image=torch.randn(1, 3, 64, 64), text=torch.randint(4, 40, (1, 2)), cache=cache)
+        out = model(text=torch.randint(4, 40, (1, 1)), cache=cache)  # text alone, the image in the cache
+    assert out.shape[1] == 1
+    with pytest.raises(ModalityError, match="image-text pairs"):
+        model(text=torch.randint(4, 40, (1, 3)))  # no cache: a text-only pass
 
 
 @pytest.fixture(scope="module")
