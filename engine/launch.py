@@ -21,6 +21,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
+from beit3.engine.supervise import register_rank
+
 
 class LaunchError(RuntimeError):
     """The environment does not describe a usable rendezvous."""
@@ -172,11 +174,42 @@ def _skip_shm_op_build() -> None:
     module.build_shm_op = lambda: None
 
 
-def init_distributed(local_rank: int = -1, timeout_s: int = 1800) -> DistInfo:
-    """Initialise torch.distributed and DeepSpeed's comm layer once; later calls return the same DistInfo."""
+INIT_TIMEOUT_ENV, COLLECTIVE_TIMEOUT_ENV = "BEIT3_INIT_TIMEOUT_S", "BEIT3_COLLECTIVE_TIMEOUT_S"
+DEFAULT_INIT_TIMEOUT_S = DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
+
+
+def timeout_from_env(name: str, default: float, env: dict[str, str] | None = None) -> float:
+    """Seconds from the environment variable ``name`` (``default`` when unset or empty); LaunchError naming
+    the variable when it is not a positive number."""
+    raw = (os.environ if env is None else env).get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise LaunchError(f"{name}={raw!r} must be a number of seconds > 0 (default {default:g})")
+    return value
+
+
+def init_distributed(
+    local_rank: int = -1, timeout_s: float | None = None, collective_timeout_s: float | None = None
+) -> DistInfo:
+    """Initialise torch.distributed and DeepSpeed's comm layer once; later calls return the same DistInfo.
+
+    ``timeout_s`` bounds the rendezvous and process-group set-up (else ``BEIT3_INIT_TIMEOUT_S``, default
+    1800 s), ``collective_timeout_s`` every collective afterwards (else ``BEIT3_COLLECTIVE_TIMEOUT_S``,
+    default 1800 s): a collective that waits longer raises on gloo, aborts the communicator on NCCL. Keep
+    it above the hang watchdog's limit (engine/watchdog.py) so that a hang ends in stack dumps.
+    """
     global _CURRENT
     if _CURRENT is not None and torch_dist.is_initialized():
         return _CURRENT
+    if timeout_s is None:
+        timeout_s = timeout_from_env(INIT_TIMEOUT_ENV, DEFAULT_INIT_TIMEOUT_S)
+    if collective_timeout_s is None:
+        collective_timeout_s = timeout_from_env(COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S)
     rendezvous = resolve_rendezvous(dict(os.environ), local_rank)
     os.environ.update(rendezvous)
     rank, world, local = (int(rendezvous[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -201,10 +234,28 @@ def init_distributed(local_rank: int = -1, timeout_s: int = 1800) -> DistInfo:
             rank=rank,
             world_size=world,
         )
+        if collective_timeout_s != timeout_s:
+            _set_collective_timeout(collective_timeout_s)
     else:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     _CURRENT = DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
+    register_rank(rank)  # under beit3-launch: signals are forwarded to this pid, its exit code is collected
     return _CURRENT
+
+
+def _set_collective_timeout(seconds: float) -> None:
+    """The default group's timeout after set-up (torch's ``_set_pg_timeout``, present since torch 2.3)."""
+    from torch.distributed import distributed_c10d
+
+    setter = getattr(distributed_c10d, "_set_pg_timeout", None)
+    if setter is None:
+        warnings.warn(
+            f"this torch cannot change a process group's timeout: collectives keep the set-up timeout "
+            f"({COLLECTIVE_TIMEOUT_ENV} ignored)",
+            stacklevel=2,
+        )
+        return
+    setter(timedelta(seconds=seconds))
 
 
 def shutdown_distributed() -> None:

@@ -29,6 +29,7 @@ from beit3.engine.config_io import ConfigError, dotted_overrides, to_dict
 from beit3.engine.ds_config import EngineConfigError, load_ds_config, trained_global_batch
 from beit3.engine.launch import LaunchError, add_run_args, init_distributed, shutdown_distributed
 from beit3.engine.optim import OptimizerConfigError
+from beit3.engine.supervise import supervised
 from beit3.engine.trainer_config import check_output_dir, preflight
 from beit3.finetune.builder import build_task
 from beit3.finetune.data.batches import BatchLoader, Collator, tokenize_split
@@ -112,6 +113,7 @@ def _preset_img_size(name: str) -> int:
     return get_config(name).img_size
 
 
+@supervised  # under beit3-launch: the exit code reaches the launcher (engine/supervise.py)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -23,6 +23,7 @@ from beit3.engine.ds_config import EngineConfigError, load_ds_config, trained_gl
 from beit3.engine.launch import LaunchError, add_run_args, init_distributed
 from beit3.engine.optim import OptimizerConfigError
 from beit3.engine.safe_load import trusted_files
+from beit3.engine.supervise import supervised
 from beit3.engine.trainer import Trainer, TrainerConfig, seed_everything
 from beit3.engine.trainer_config import check_output_dir, preflight
 from beit3.model import ModelConfigError
@@ -115,6 +116,7 @@ def trainer_config(recipe: PretrainRecipe, args, ds_config: dict) -> TrainerConf
     )
 
 
+@supervised  # under beit3-launch: the exit code reaches the launcher (engine/supervise.py)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
