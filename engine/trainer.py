@@ -36,12 +36,28 @@ from beit3.engine.metrics import MetricAccumulator, MetricsWriter, device_peak_f
 from beit3.engine.optim import StepGuard, build_optimizer
 from beit3.engine.reshard import ensure_universal, plan_resume
 from beit3.engine.safe_load import guard_engine
+from beit3.engine.supervise import pending_signal
 from beit3.engine.task import check_task
-from beit3.engine.trainer_config import EXIT_NONFINITE, EXIT_PREEMPTED, TrainerConfig, TrainResult
+from beit3.engine.trainer_config import (
+    EXIT_HUNG,
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    TrainerConfig,
+    TrainResult,
+)
+from beit3.engine.watchdog import Watchdog, limit_from_env
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EXIT_NONFINITE", "EXIT_PREEMPTED", "TrainResult", "Trainer", "TrainerConfig", "seed_everything"]
+__all__ = [
+    "EXIT_HUNG",
+    "EXIT_NONFINITE",
+    "EXIT_PREEMPTED",
+    "TrainResult",
+    "Trainer",
+    "TrainerConfig",
+    "seed_everything",
+]
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -173,30 +189,54 @@ class Trainer:
 
     # ----- signals -----
     def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = signum  # acted on at the next step boundary, agreed across ranks
+        # Only a flag, so a signal during a collective, during a save or a second time is harmless; acted on
+        # at the next step boundary, agreed across ranks in the step's flag all-reduce.
+        self._stop_signal = self._stop_signal or signum
 
     def _install_signals(self) -> dict:
         if not self.cfg.handle_signals:
             return {}
         try:
-            return {sig: signal.signal(sig, self._on_signal) for sig in PREEMPT_SIGNALS}
+            previous = {sig: signal.signal(sig, self._on_signal) for sig in PREEMPT_SIGNALS}
         except ValueError:  # not the main thread: the caller owns signals
             return {}
+        for sig in PREEMPT_SIGNALS:  # restart interrupted system calls (socket and file I/O), never EINTR
+            signal.siginterrupt(sig, False)
+        # A signal that arrived while the job was being set up (caught by supervise.register_rank).
+        self._stop_signal = self._stop_signal or pending_signal()
+        return previous
+
+    def _start_watchdog(self) -> Watchdog:
+        self._watchdog = Watchdog(
+            self.cfg.output_dir,
+            self.dist.rank,
+            self.dist.world_size,
+            fixed_s=limit_from_env(self.cfg.watchdog_s),
+            floor_s=self.cfg.watchdog_floor_s,
+            factor=self.cfg.watchdog_factor,
+        )
+        return self._watchdog.start(self.step)
 
     # ----- the loop -----
     def fit(self) -> TrainResult:
         """Train until total_steps, a preemption signal, or too many non-finite losses in a row."""
         previous = self._install_signals()
+        watchdog = self._start_watchdog()
         try:
-            result = self._loop()
+            try:
+                result = self._loop()
+            finally:
+                self.writer.close()
+            if self.cfg.shutdown_at_end:
+                shutdown_distributed()
+            elif torch_dist.is_initialized():
+                torch_dist.barrier()
         finally:
+            watchdog.stop()
+            # After the last barrier: a late or repeated signal (a launcher tearing down) cannot kill a rank
+            # that has saved but not yet returned its exit code.
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self.writer.close()
-        if self.cfg.shutdown_at_end:
-            shutdown_distributed()
-        elif torch_dist.is_initialized():
-            torch_dist.barrier()
         return result
 
     def _set_lr(self) -> float:
@@ -263,8 +303,10 @@ class Trainer:
         while self.step < self.cfg.total_steps:
             lr = self._set_lr()
             log_step = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.cfg.total_steps
+            self._watchdog.step_begins()
             step_metrics, nonfinite, skipped, stop = self._train_step(stats, log_step)
             self.step += 1
+            self._watchdog.progress(self.step)
             steps_in_window += 1
             self.skipped_steps += skipped
             self.nonfinite_in_row = self.nonfinite_in_row + 1 if nonfinite else 0

@@ -15,6 +15,7 @@ from beit3.engine.optim import OPTIMIZERS
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the Slurm scripts requeue the job on this code
 EXIT_NONFINITE = 3
+EXIT_HUNG = 76  # the watchdog found no step progress: stacks dumped; requeued within a failure budget
 
 
 @dataclass
@@ -43,6 +44,12 @@ class TrainerConfig:
     eval_every: int = 0
     handle_signals: bool = True
     shutdown_at_end: bool = True  # barrier + destroy_process_group when fit() returns
+    # Hang watchdog (engine/watchdog.py): seconds without step progress before stacks are dumped and the
+    # process exits EXIT_HUNG. None: max(watchdog_floor_s, watchdog_factor x median step time); 0: off.
+    # BEIT3_WATCHDOG_S in the environment overrides watchdog_s.
+    watchdog_s: float | None = None
+    watchdog_floor_s: float = 600.0
+    watchdog_factor: float = 10.0
 
     @classmethod
     def from_section(cls, section: Any, **fields: Any) -> TrainerConfig:
@@ -60,8 +67,22 @@ class TrainerConfig:
         problem = train_settings_problem(self, "TrainerConfig", warmup_within_total=False)
         if problem is None and self.peak_flops is not None and not self.peak_flops > 0:
             problem = f"TrainerConfig.peak_flops={self.peak_flops!r} must be > 0 or None (from the device)"
+        if problem is None:
+            problem = _watchdog_problem(self)
         if problem is not None:
             raise EngineConfigError(problem)
+
+
+def _watchdog_problem(cfg: TrainerConfig) -> str | None:
+    from beit3.engine.watchdog import limit_from_env
+
+    if cfg.watchdog_s is not None and not cfg.watchdog_s >= 0:
+        return f"TrainerConfig.watchdog_s={cfg.watchdog_s!r} must be >= 0 (0: off) or None (derived)"
+    try:
+        limit_from_env(cfg.watchdog_s)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 # The range of every numeric training setting; recipes' [train] sections are checked against the same table.
@@ -79,6 +100,8 @@ TRAIN_RANGES = {
     "eps": "(0, inf)",
     "max_nonfinite_in_row": "[1, inf)",
     "eval_every": "[0, inf)",  # 0: no periodic evaluation
+    "watchdog_floor_s": "(0, inf)",
+    "watchdog_factor": "[1, inf)",
 }
 
 
