@@ -10,11 +10,24 @@ checked against the rules:
   (it sees BEiT-3 only through the task protocol);
 * ``finetune`` never imports ``beit3.pretrain``; ``pretrain`` never imports ``beit3.finetune``;
 * ``tokenizers`` uses ``beit3.model`` at most.
+
+Each primitive is written once, in the package that owns it (issue 12), also checked on the parsed source:
+
+* special token ids (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, the first ordinary id, ``<mask>``) are
+  defined only in ``beit3.tokenizers.text``: no other module binds an int literal to a name such as
+  ``BOS_ID``, ``pad_id`` or ``FIRST_PIECE_ID`` (assignments, class fields, argument defaults);
+* peak FLOP/s only in ``beit3.engine.metrics``: no other module defines a name with ``peak`` in it bound to a
+  literal, or a dict literal keyed by GPU names;
+* FLOPs counting only in ``beit3.model.flops``: no other module defines a module-level function or constant
+  with ``flops`` in its name (task modules call the owner's functions from their ``batch_stats``);
+* no module defines a module-level function with the name of an owner's public primitive (``to_rgb``,
+  ``sample_crop``, ``bert_corruption``, ``build_param_groups``, ``lr_at``, ...).
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -139,3 +152,190 @@ def test_checker_accepts_allowed_imports(folder, source):
 def test_relative_imports_resolve_against_the_package():
     found = imported_modules("from ...engine import x\nfrom . import y\n", "beit3.pretrain.data", True)
     assert [n for _, n in found] == ["beit3.engine.x", "beit3.pretrain.data.y"]
+
+
+# ---- each primitive once -----------------------------------------------------------------------------------
+
+SPECIAL_IDS_OWNER = "beit3.tokenizers.text"
+PEAK_FLOPS_OWNER = "beit3.engine.metrics"
+FLOPS_OWNERS = {"beit3.model.flops", PEAK_FLOPS_OWNER}  # the count, and the device peak it is divided by
+# Modules whose public module-level functions are the one implementation of their primitive.
+PRIMITIVE_OWNERS = (
+    "beit3.model.flops",
+    "beit3.model.params",
+    "beit3.engine.lr",
+    "beit3.engine.metrics",
+    "beit3.tokenizers.images",
+    "beit3.tokenizers.masking",
+    "beit3.tokenizers.text",
+)
+_SPECIAL_ID_NAME = re.compile(
+    r"(bos|pad|eos|unk|mask|cls|sep|special|ordinary|piece)\w*_ids?$", re.IGNORECASE
+)
+_GPU_NAME = re.compile(r"^[ABHLV]\d{2,3}", re.IGNORECASE)  # A100, H100, H200, V100, L40...
+
+
+def _int_literals(node: ast.AST | None) -> bool:
+    """An int literal, or a tuple / list / set of them (``0``, ``(0, 2)``)."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, int) and not isinstance(node.value, bool)
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return bool(node.elts) and all(_int_literals(e) for e in node.elts)
+    return False
+
+
+def _literal(node: ast.AST | None) -> bool:
+    """A number, or a container literal (the shape of a table)."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, (int, float)) and not isinstance(node.value, bool)
+    return isinstance(node, (ast.Dict, ast.Tuple, ast.List))
+
+
+def _bound_names(target: ast.AST) -> list[str]:
+    if isinstance(target, ast.Name):
+        return [target.id]
+    if isinstance(target, ast.Attribute):
+        return [target.attr]
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [n for e in target.elts for n in _bound_names(e)]
+    return []
+
+
+def _bindings(tree: ast.Module):
+    """(line, name, value) of every assignment anywhere, annotated class fields and argument defaults."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                values = node.value.elts if isinstance(node.value, ast.Tuple) else None
+                names = _bound_names(target)
+                if isinstance(target, ast.Tuple) and values is not None and len(values) == len(names):
+                    yield from ((node.lineno, n, v) for n, v in zip(names, values))
+                else:
+                    yield from ((node.lineno, n, node.value) for n in names)
+        elif isinstance(node, ast.AnnAssign):
+            yield from ((node.lineno, n, node.value) for n in _bound_names(node.target))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = node.args
+            positional = args.posonlyargs + args.args
+            pairs = list(zip(positional[len(positional) - len(args.defaults) :], args.defaults))
+            pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+            yield from ((node.lineno, a.arg, d) for a, d in pairs)
+
+
+def _module_level(tree: ast.Module):
+    """(line, name, kind) of the module's top-level functions, classes and assigned names."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node.lineno, node.name, "function"
+        elif isinstance(node, ast.ClassDef):
+            yield node.lineno, node.name, "class"
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                yield from ((node.lineno, n, "name") for n in _bound_names(target))
+
+
+def owned_primitives() -> dict[str, str]:
+    """Public module-level function name -> its owner module, over :data:`PRIMITIVE_OWNERS`."""
+    out = {}
+    for module in PRIMITIVE_OWNERS:
+        path = ROOT / Path(*module.split(".")[1:]).with_suffix(".py")
+        for _, name, kind in _module_level(ast.parse(path.read_text())):
+            if kind == "function" and not name.startswith("_"):
+                out[name] = module
+    return out
+
+
+def repetitions(module: str, source: str, primitives: dict[str, str] | None = None) -> list[str]:
+    """The places where ``module`` defines a primitive another package owns."""
+    tree = ast.parse(source)
+    out = []
+    if module != SPECIAL_IDS_OWNER:
+        for line, name, value in _bindings(tree):
+            if _SPECIAL_ID_NAME.search(name) and _int_literals(value):
+                out.append(
+                    f"line {line}: special token id {name} defined here; import it from {SPECIAL_IDS_OWNER}"
+                )
+    if module != PEAK_FLOPS_OWNER:
+        for line, name, value in _bindings(tree):
+            if "peak" in name.lower() and _literal(value):
+                out.append(f"line {line}: peak FLOPs {name} defined here; use {PEAK_FLOPS_OWNER}")
+        for node in ast.walk(tree):
+            keys = [k.value for k in getattr(node, "keys", []) if isinstance(k, ast.Constant)]
+            if isinstance(node, ast.Dict) and any(isinstance(k, str) and _GPU_NAME.match(k) for k in keys):
+                out.append(
+                    f"line {node.lineno}: a table keyed by GPU names; peak FLOPs live in {PEAK_FLOPS_OWNER}"
+                )
+    for line, name, kind in _module_level(tree):
+        if module not in FLOPS_OWNERS and "flops" in name.lower() and kind != "class":
+            out.append(f"line {line}: FLOPs counting {name} defined here; use beit3.model.flops")
+        owner = (primitives or {}).get(name)
+        if kind == "function" and owner and owner != module:
+            out.append(f"line {line}: {name} is {owner}'s primitive; import it instead of defining it again")
+    return out
+
+
+def test_every_primitive_is_defined_once_by_its_owner():
+    primitives = owned_primitives()
+    problems = []
+    for path in _sources():
+        found = repetitions(module_name(path), path.read_text(), primitives)
+        problems += [f"{path.relative_to(ROOT)} {v}" for v in found]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_owners_define_what_they_own():
+    primitives = owned_primitives()
+    assert {
+        "training_flops",
+        "build_param_groups",
+        "lr_at",
+        "to_rgb",
+        "sample_crop",
+        "bert_corruption",
+    } <= set(primitives)
+    text = (ROOT / "tokenizers/text.py").read_text()
+    assert repetitions("beit3.finetune.example", text), "the special-id rule no longer sees the owner's ids"
+    metrics = (ROOT / "engine/metrics.py").read_text()
+    assert repetitions("beit3.pretrain.example", metrics), (
+        "the peak-FLOPs rule no longer sees the owner's table"
+    )
+
+
+@pytest.mark.parametrize(
+    ("source", "fragment"),
+    [
+        ("BOS_ID, EOS_ID = 0, 2\n", "special token id BOS_ID"),
+        ("FIRST_PIECE_ID = 4\n", "special token id FIRST_PIECE_ID"),
+        ("class C:\n    pad_id: int = 1\n", "special token id pad_id"),
+        ("def decode(ids, eos_id=2):\n    pass\n", "special token id eos_id"),
+        ("def f(*, mask_id: int = 64001):\n    pass\n", "special token id mask_id"),
+        ("self_special_ids = {0, 1, 2, 3}\n", "special token id"),
+        ("PEAK = {'A100': 312e12}\n", "peak FLOPs PEAK"),
+        ("TABLE = {'H100': 989e12}\n", "keyed by GPU names"),
+        ("def device_peak(d):\n    return {'A100': 1.0}.get(d)\n", "keyed by GPU names"),
+        ("def step_flops(cfg):\n    return 6.0\n", "FLOPs counting step_flops"),
+        ("FLOPS_PER_TOKEN = 6\n", "FLOPs counting FLOPS_PER_TOKEN"),
+        ("def to_rgb(img):\n    return img\n", "beit3.tokenizers.images's primitive"),
+        ("def build_param_groups(named):\n    return []\n", "beit3.model.params's primitive"),
+    ],
+)
+def test_repetition_checker_reports_each_kind(source, fragment):
+    found = repetitions("beit3.finetune.example", source, owned_primitives())
+    assert any(fragment in v for v in found), found
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from beit3.tokenizers.text import BOS_ID, EOS_ID\nids = [BOS_ID, 5, EOS_ID]\n",
+        "def f(tokenizer):\n    pad_id = tokenizer.pad_id\n    return pad_id\n",
+        "layer_id = 0\nstream_ids = {'image': 0}\n",
+        "from beit3.engine.metrics import PEAK_FLOPS\npeak = PEAK_FLOPS['A100']\n",
+        "from beit3.model.flops import training_flops\n"
+        "class T:\n    def batch_stats(self, b):\n        return {'flops': training_flops(b)}\n",
+        "from beit3.tokenizers.images import to_rgb\n",
+    ],
+)
+def test_repetition_checker_accepts_imports_and_uses(source):
+    assert repetitions("beit3.finetune.example", source, owned_primitives()) == []

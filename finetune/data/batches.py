@@ -61,7 +61,7 @@ class Collator:
     num_answers: int = 0
     hflip: bool = False
     mask_prob: float = 0.6
-    mask_id: int = 0
+    mask_id: int | None = None  # the tokenizer's <mask>: captioning batches need it
 
     def __call__(self, examples: list[dict], generator: torch.Generator) -> dict:
         batch: dict = {}
@@ -81,6 +81,8 @@ class Collator:
         elif self.task in ("image_classification", "prompt_classification", "text_classification", "nlvr2"):
             batch["label"] = torch.tensor([ex["label"] for ex in examples])
         if self.task == "captioning":
+            if self.mask_id is None:
+                raise BatchError("captioning batches need Collator(mask_id=tokenizer.mask_id)")
             batch.update(
                 mask_captions(
                     batch["text"], batch["text_padding_mask"], self.mask_prob, self.mask_id, generator
