@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.config, args.set)
         ds_config = load_ds_config(args.ds_config, dist.world_size, dotted_overrides(args.ds_set))
         check_output_dir(args.output_dir)
+        check_export_path(args.export)  # a two-week run must not end on a path it cannot write
         resume_from = resolve_resume(args.resume, args.output_dir)  # a --resume that cannot be honoured
         trained = trained_global_batch(resume_from)  # a resume on other ranks keeps its global batch
         split, visual_checkpoint = validate(recipe, ds_config, dist.world_size, trained)
@@ -152,6 +154,20 @@ def main(argv: list[str] | None = None) -> int:
 
         export_run(Path(args.output_dir), Path(args.export))
     return 0
+
+
+def check_export_path(path: str | None) -> None:
+    """``--export`` must name a file that can be written once the run has finished."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--export {path} is a directory: give a file path (.pth, or .safetensors)")
+    existing = target.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--export {path}: {existing} is not a writable directory: give another path")
 
 
 def config_error(error: Exception, rank: int) -> int:

@@ -438,3 +438,15 @@ def test_two_ranks_under_torchrun_both_exit_2_and_rank_0_alone_prints(tmp_path, 
     assert proc.returncode == 2, out
     assert len(error_lines(out)) == 1 and "train.keep_last=0" in error_lines(out)[0]
     assert "rank exit codes 2 x 2" in out
+
+
+@pytest.mark.parametrize("where", ["directory", "below_a_file"])
+def test_an_export_path_that_cannot_be_written_exits_2_before_training(
+    tmp_path, capsys, tiny_spm, shard, where
+):
+    recipe = write_recipe(tmp_path, tiny_spm, shard)
+    (tmp_path / "file").write_text("x")
+    target = tmp_path if where == "directory" else tmp_path / "file" / "model.pth"
+    code, err = run_main(capsys, recipe, write_ds(tmp_path), tmp_path, "--export", str(target))
+    assert_config_error(code, err, "--export", "is a directory" if where == "directory" else "not a writable")
+    assert not (tmp_path / "run").exists()
