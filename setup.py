@@ -67,6 +67,7 @@ setup(
             "beit3-pretrain=beit3.pretrain.train:main",
             "beit3-export=beit3.pretrain.export:main",
             "beit3-finetune=beit3.finetune.train:main",
+            "beit3-launch=beit3.engine.supervise:main",
         ]
     },
 )

@@ -33,7 +33,8 @@ if [[ ! -f "$RUN/vqkd.pth" ]]; then
 fi
 
 echo "== 4/5 pretraining: $RANKS ranks, ZeRO-3, $STEPS steps -> $RUN/pretrain (tensorboard --logdir $RUN/pretrain/tensorboard)"
-python3 -m torch.distributed.run --standalone --nproc_per_node "$RANKS" -m beit3.pretrain.train \
+# beit3-launch keeps the exit codes (75: checkpointed after Ctrl-C/SIGTERM, re-run to resume) and forwards signals.
+beit3-launch torchrun --standalone --nproc_per_node "$RANKS" -m beit3.pretrain.train \
   --config pretrain/recipes/demo.toml --ds-config ds_configs/zero3_fp32.json \
   --ds-set train_micro_batch_size_per_gpu=12 \
   --output-dir "$RUN/pretrain" --resume auto \

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -180,3 +181,29 @@ def test_a_stopped_rank_ends_the_job_with_76_stack_dumps_and_its_name(tmp_path):
         except psutil.NoSuchProcess:
             pass
     assert not left, left
+
+
+# ----- collective timeouts -----
+def test_timeouts_come_from_the_environment_and_mistakes_name_the_variable():
+    from beit3.engine.launch import LaunchError, timeout_from_env
+
+    assert timeout_from_env("BEIT3_INIT_TIMEOUT_S", 1800.0, {}) == 1800.0
+    assert timeout_from_env("BEIT3_INIT_TIMEOUT_S", 1800.0, {"BEIT3_INIT_TIMEOUT_S": "90"}) == 90.0
+    for bad in ("0", "-5", "soon"):
+        with pytest.raises(LaunchError, match=f"BEIT3_COLLECTIVE_TIMEOUT_S='{bad}'"):
+            timeout_from_env("BEIT3_COLLECTIVE_TIMEOUT_S", 1800.0, {"BEIT3_COLLECTIVE_TIMEOUT_S": bad})
+
+
+def test_the_training_collectives_get_their_own_timeout(tmp_path):
+    """A process group set up under BEIT3_INIT_TIMEOUT_S=77 carries BEIT3_COLLECTIVE_TIMEOUT_S=123 after."""
+    probe = (
+        "import torch; from torch.distributed import distributed_c10d as c; "
+        "from beit3.engine.launch import init_distributed; init_distributed(); "
+        "print(c._get_default_group()._get_backend(torch.device('cpu')).options._timeout.total_seconds())"
+    )
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
+    env.update(BEIT3_INIT_TIMEOUT_S="77", BEIT3_COLLECTIVE_TIMEOUT_S="123")
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "123.0"
