@@ -125,10 +125,11 @@ sys.exit(supervised(engine_helpers.main)())
 """
 
 
-def _toy_command(tmp_path: Path, launcher: str, out: Path) -> list[str]:
+def _toy_command(tmp_path: Path, launcher: str, out: Path, save_every: int = 0) -> list[str]:
     script = tmp_path / "toy_rank.py"
     script.write_text(TOY_SCRIPT)
-    spec = [{"output_dir": str(out), "ds_config": "zero0_fp32.json", "steps": 100000, "log_every": 50}]
+    spec = [{"output_dir": str(out), "ds_config": "zero0_fp32.json", "steps": 100000, "log_every": 50,
+             "save_every": save_every}]  # fmt: skip
     args = (str(script), "--runs", json.dumps(spec), "--results", str(out))
     return LAUNCH + (torchrun if launcher == "torchrun" else deepspeed)(*args)
 
@@ -192,28 +193,36 @@ def _assert_preempted_and_saved(out: Path, proc: subprocess.Popen) -> str:
     ("launcher", "target", "sig"),
     [
         ("torchrun", "launcher", signal.SIGUSR1),
+        ("torchrun", "launcher twice", signal.SIGTERM),
+        ("torchrun", "launcher during set-up", signal.SIGUSR1),  # before fit(): acted on at the first step
         ("torchrun", "one rank", signal.SIGTERM),
+        ("torchrun", "one rank while saving", signal.SIGUSR1),  # a checkpoint every step
         ("torchrun", "every process", signal.SIGTERM),
         ("torchrun", "torchrun", signal.SIGTERM),
         ("torchrun", "torchrun", signal.SIGUSR1),  # kills torchrun: beit3-launch ends the orphaned ranks
-        ("deepspeed", "launcher", signal.SIGUSR1),
-        ("deepspeed", "every process", signal.SIGTERM),
+        pytest.param("deepspeed", "launcher", signal.SIGUSR1, marks=pytest.mark.slow),
+        pytest.param("deepspeed", "every process", signal.SIGTERM, marks=pytest.mark.slow),
     ],
     ids=lambda v: v.name if isinstance(v, signal.Signals) else v.replace(" ", "-"),
 )
 def test_a_signal_anywhere_ends_in_a_checkpoint_and_75_on_every_rank(tmp_path, launcher, target, sig):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_toy_command(tmp_path, launcher, out), env=_env(tmp_path),
+    save_every = 1 if "saving" in target else 0
+    proc = subprocess.Popen(_toy_command(tmp_path, launcher, out, save_every), env=_env(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
     try:
         deadline = time.time() + 150
         ranks = _rank_pids(tmp_path, deadline)
-        _wait_training(out, proc, deadline)
+        if "set-up" not in target:
+            _wait_training(out, proc, deadline)
         everything = _tree(proc.pid)
-        if target == "launcher":
+        if target.startswith("launcher"):
             os.kill(proc.pid, sig)
-        elif target == "one rank":
+            if "twice" in target:
+                time.sleep(0.05)
+                os.kill(proc.pid, sig)
+        elif target.startswith("one rank"):
             os.kill(ranks[1], sig)
         elif target == "torchrun":
             (child,) = psutil.Process(proc.pid).children()
@@ -224,6 +233,8 @@ def test_a_signal_anywhere_ends_in_a_checkpoint_and_75_on_every_rank(tmp_path, l
         proc.wait(timeout=120)
         stderr = _assert_preempted_and_saved(out, proc)
         _assert_gone(everything)
+        if "set-up" in target:  # caught before the Trainer's handler existed, acted on at its first step
+            assert json.loads((out / "results_rank0.json").read_text())[-1]["step"] <= 2
         if target == "torchrun" and sig == signal.SIGUSR1:
             assert "the launcher ended with 2 rank(s) still running" in stderr, stderr[-2000:]
     finally:
