@@ -47,10 +47,16 @@ def linear_flops(rows: int, in_features: int, out_features: int) -> float:
     return 6.0 * rows * in_features * out_features
 
 
+def transformer_flops(matmul_params: int, depth: int, dim: int, sequences: int, seq_len: int) -> float:
+    """Forward+backward FLOPs of ``sequences`` sequences of ``seq_len`` positions through a Transformer of
+    ``depth`` layers of width ``dim`` whose weight matrices a token passes through hold ``matmul_params``
+    parameters: 6 per parameter and position, plus attention's 12 x depth x dim x seq_len per position."""
+    return float(sequences * seq_len * (6 * matmul_params + 12 * depth * dim * seq_len))
+
+
 def encoder_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
     """Forward+backward FLOPs of ``batch`` sequences of ``seq_len`` positions through the encoder."""
-    per_token = 6 * active_params_per_token(cfg) + 12 * cfg.depth * cfg.embed_dim * seq_len
-    return float(batch * seq_len * per_token)
+    return transformer_flops(active_params_per_token(cfg), cfg.depth, cfg.embed_dim, batch, seq_len)
 
 
 def patch_embed_flops(cfg: ModelConfig, images: int) -> float:

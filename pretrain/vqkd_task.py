@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from beit3.model import build_param_groups
+from beit3.model.flops import transformer_flops
 from beit3.tokenizers.images import load_rgb, random_resized_crop, to_tensor
 from beit3.tokenizers.quantizer import all_reduce_sum, broadcast_from_rank0
 from beit3.tokenizers.vqkd import VQKD, cosine_reconstruction_loss
@@ -132,16 +134,10 @@ class VQKDTask(nn.Module):
     def param_groups(self) -> list[dict]:
         """AdamW groups (BEiT v2): no weight decay on biases, norms and the cls/position tables; the codebook
         is EMA-updated, never trained."""
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            exempt = p.ndim < 2 or name.endswith(("cls_token", "pos_embed"))
-            (no_decay if exempt else decay).append(p)
-        return [
-            {"params": decay, "weight_decay": self.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        named = list(self.named_parameters())
+        exempt = {name for name, _ in named if name.endswith(("cls_token", "pos_embed"))}
+        groups = build_param_groups(named, depth=0, weight_decay=self.weight_decay, no_weight_decay=exempt)
+        return sorted(groups, key=lambda g: g["weight_decay"] == 0.0)  # the decayed group first
 
     def batch_stats(self, batch: dict) -> dict:
         """Samples, code positions, and training FLOPs of encoder + decoder (6 N tokens + attention)."""
@@ -154,8 +150,7 @@ class VQKDTask(nn.Module):
             (self.vqkd.decoder, cfg.decoder_dim, cfg.decoder_depth),
         ):
             matrices = sum(p.numel() for p in vit.blocks.parameters() if p.ndim == 2)
-            tokens = grid + 1  # + CLS
-            flops += 6.0 * matrices * n * tokens + 12.0 * depth * dim * n * tokens**2
+            flops += transformer_flops(matrices, depth, dim, n, grid + 1)  # + CLS
         return {"samples": n, "tokens": n * grid, "flops": flops}
 
 
