@@ -173,10 +173,13 @@ class Watchdog:
         self._step = self._first_step = step
         if not self.enabled or self._thread is not None:
             return self
-        (self.run_dir / "heartbeat").mkdir(parents=True, exist_ok=True)
         self._last_progress, self._last_progress_wall = time.monotonic(), time.time()
         self._started_wall = time.time()
-        self._write_heartbeat()
+        try:
+            (self.run_dir / "heartbeat").mkdir(parents=True, exist_ok=True)
+            self._write_heartbeat()
+        except OSError as err:  # the watch itself still works; only the report of the others is lost
+            log.warning("watchdog: cannot write heartbeats in %s (%s)", self.run_dir, err)
         self._thread = threading.Thread(target=self._run, name="beit3-watchdog", daemon=True)
         self._thread.start()
         return self
@@ -194,7 +197,12 @@ class Watchdog:
                 self._write_heartbeat()
             idle = time.monotonic() - self._last_progress
             if idle > self.limit() and not self._stop.is_set():
-                self._fire(idle)
+                try:
+                    self._fire(idle)
+                except Exception:  # the exit below must happen whatever the report hit
+                    log.exception("watchdog: the hang report failed")
+                    record_exit(EXIT_HUNG)
+                    self._exit(EXIT_HUNG)
 
     def _heartbeat_path(self, rank: int) -> Path:
         return self.run_dir / "heartbeat" / f"rank{rank:05d}.json"
