@@ -39,6 +39,7 @@ beit3_defaults() {
   : "${BEIT3_INIT_TIMEOUT_S:=600}"
   : "${BEIT3_COLLECTIVE_TIMEOUT_S:=1800}"
   : "${BEIT3_WATCHDOG_S:=}"
+  : "${BEIT3_HUNG_GRACE_S:=30}"
   : "${BEIT3_EXTRA_ARGS:=}"
   : "${BEIT3_SRUN_ARGS:=}"
   : "${BEIT3_RUN_DIR:=$BEIT3_REPO/runs/${SLURM_JOB_NAME:-beit3}}"
@@ -57,10 +58,14 @@ environment in BEIT3_ENV_SETUP or set BEIT3_PYTHON"
   [[ $BEIT3_MAX_FAILURES =~ ^[0-9]+$ ]] || beit3_die "BEIT3_MAX_FAILURES must be a number >= 0"
   [[ $BEIT3_EXCLUDE_FAILED_NODES =~ ^[01]$ ]] || beit3_die "BEIT3_EXCLUDE_FAILED_NODES must be 0 or 1"
   local var
-  for var in BEIT3_INIT_TIMEOUT_S BEIT3_COLLECTIVE_TIMEOUT_S BEIT3_WATCHDOG_S; do
+  for var in BEIT3_INIT_TIMEOUT_S BEIT3_COLLECTIVE_TIMEOUT_S; do
     [[ -z ${!var} || ${!var} =~ ^[1-9][0-9]*$ ]] || beit3_die "$var=${!var} must be a number of seconds >= 1 \
 (or empty for the program's default)"
   done
+  [[ -z $BEIT3_WATCHDOG_S || $BEIT3_WATCHDOG_S =~ ^[0-9]+$ ]] \
+    || beit3_die "BEIT3_WATCHDOG_S=$BEIT3_WATCHDOG_S must be a number of seconds (0: no watchdog; empty: \
+derived from the step time)"
+  [[ $BEIT3_HUNG_GRACE_S =~ ^[0-9]+$ ]] || beit3_die "BEIT3_HUNG_GRACE_S must be a number of seconds >= 0"
   [[ $BEIT3_GPUS_PER_NODE =~ ^[1-9][0-9]*$ ]] || beit3_die "BEIT3_GPUS_PER_NODE must be a number >= 1"
   case $BEIT3_LAUNCHER in
     srun | deepspeed) ;;
@@ -253,6 +258,29 @@ beit3_on_term() {
   beit3_log "TERM received: Slurm is ending the job; the step got TERM from Slurm and will checkpoint"
 }
 
+# A rank that exited 76 (its watchdog fired) while others are still in the step: those are stuck in a
+# collective or stopped (SIGSTOP, a frozen node), and srun would wait for them forever. After
+# BEIT3_HUNG_GRACE_S seconds, in which the other ranks' watchdogs normally fire too, the step's remaining
+# tasks get SIGKILL (a stopped process dies only of that). Runs in the background beside the step.
+beit3_watch_for_hang() {
+  local step_pid=$1 since= step
+  trap '' USR1
+  while kill -0 "$step_pid" 2>/dev/null; do
+    if [[ -z $since ]] && grep -qs $'\t'"$BEIT3_EXIT_HUNG"'$' "$BEIT3_TASK_DIR"/*; then
+      since=$SECONDS
+      beit3_log "a rank exited $BEIT3_EXIT_HUNG (hung): the others get ${BEIT3_HUNG_GRACE_S}s to end"
+    fi
+    if [[ -n $since ]] && ((SECONDS - since >= BEIT3_HUNG_GRACE_S)); then
+      beit3_log "the step still runs ${BEIT3_HUNG_GRACE_S}s after a rank hung: killing its remaining tasks"
+      for step in $(squeue -h -s -j "$SLURM_JOB_ID" -o %i 2>/dev/null | grep -E "^$SLURM_JOB_ID\.[0-9]+$"); do
+        scancel --signal=KILL "$step" 2>/dev/null  # it complains about tasks that are gone already
+      done
+      return
+    fi
+    sleep 1
+  done
+}
+
 # Start the step in the background and wait for it; `wait` returns early when a trapped signal arrives, so
 # wait again until the step itself has exited. Returns the step's exit code.
 beit3_run_step() {
@@ -260,6 +288,11 @@ beit3_run_step() {
   trap beit3_on_term TERM
   "$@" &
   BEIT3_STEP_PID=$!
+  local watcher=
+  if [[ -n ${BEIT3_TASK_DIR:-} && -d $BEIT3_TASK_DIR ]]; then
+    beit3_watch_for_hang "$BEIT3_STEP_PID" &
+    watcher=$!
+  fi
   local rc again seen
   while :; do
     seen=$BEIT3_SIGNALS
@@ -275,6 +308,10 @@ beit3_run_step() {
     ((rc > 128 && BEIT3_SIGNALS != seen)) || break
   done
   BEIT3_STEP_PID=
+  if [[ -n $watcher ]]; then
+    kill "$watcher" 2>/dev/null
+    wait "$watcher" 2>/dev/null
+  fi
   return "$rc"
 }
 
@@ -339,19 +376,21 @@ beit3_classify() {
       [[ -n ${with_record[$node]:-} ]] || lost+=("$node")
     done
   fi
-  if ((${#killed_nodes[@]} || ${#lost[@]} || (other && rc > 128))); then
-    BEIT3_REASON=node_fault
-    # Blame a node only when some task elsewhere behaved: if every rank died the same way, no node is known.
-    if ((healthy || ${#lost[@]})); then
-      BEIT3_FAILED_NODES=$(printf '%s\n' "${killed_nodes[@]}" "${lost[@]}" | sed '/^$/d' | sort -u \
-        | paste -sd,)
-    fi
-  elif ((any2)); then
+  # Blame a node only when some task elsewhere behaved: if every rank died the same way, no node is known.
+  if ((${#killed_nodes[@]} || ${#lost[@]})) && ((healthy || ${#lost[@]})); then
+    BEIT3_FAILED_NODES=$(printf '%s\n' "${killed_nodes[@]}" "${lost[@]}" | sed '/^$/d' | sort -u \
+      | paste -sd,)
+  fi
+  # A configuration mistake or non-finite losses outrank everything (requeueing cannot help); a hang
+  # (some rank's watchdog fired; the ranks it waited for were killed afterwards) outranks the kills.
+  if ((any2)); then
     BEIT3_REASON=config
   elif ((any3)); then
     BEIT3_REASON=nonfinite
   elif ((any76)); then
     BEIT3_REASON=hung
+  elif ((${#killed_nodes[@]} || ${#lost[@]} || (other && rc > 128))); then
+    BEIT3_REASON=node_fault
   elif ((any75 && !other)); then
     BEIT3_REASON=preempted
   else

@@ -200,6 +200,9 @@ def classify(tmp_path: Path, rc: int, records: dict[int, tuple[str, int]], env: 
         (139, (139, 0), "node_fault", "n1"),  # a segfault
         (134, (134, 134), "node_fault", ""),  # every rank aborted (NCCL timeout): no node to blame
         (138, (138, 75), "node_fault", ""),  # died of our own USR1 before its handler: not the node's fault
+        # rank 0's watchdog fired (76); rank 1, stopped, was then killed on n2: a hang, and n2 is behind
+        (137, (76, 137), "hung", "n2"),
+        (2, (2, 137), "config", "n2"),  # a configuration mistake is never requeued, whatever else happened
     ],
 )
 def test_classify_tells_faults_from_errors_by_every_tasks_exit_code(tmp_path, rc, codes, reason, failed):
@@ -219,6 +222,33 @@ def test_classify_blames_a_node_whose_task_left_no_record(tmp_path, slurm_conf):
 )  # fmt: skip
 def test_classify_without_task_records_reads_the_step_exit_code(tmp_path, rc, reason):
     assert classify(tmp_path, rc, {}) == [reason, ""]
+
+
+def test_a_step_left_running_after_a_rank_hung_is_killed_after_the_grace(tmp_path):
+    """A rank exits 76 while another stays stuck (stopped): srun would wait forever. The batch shell kills the
+    step's remaining tasks (scancel --signal=KILL JOB.STEP) BEIT3_HUNG_GRACE_S after the 76 is recorded."""
+    tasks, bin_dir = tmp_path / "tasks", tmp_path / "bin"
+    tasks.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/bash\necho 5.0\necho 5.batch\n")
+    (bin_dir / "scancel").write_text(
+        f'#!/bin/bash\necho "$@" > {tmp_path}/scancel\nkill -9 $(cat {tmp_path}/pid)\n'
+    )
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    step = tmp_path / "step.sh"  # records 76 for task 0, then stays stuck as a stopped rank would
+    step.write_text(f"echo $$ > {tmp_path}/pid\nprintf 'n1\\t76\\n' > {tasks}/0\nexec sleep 60\n")
+    start = time.monotonic()
+    proc = run_bash(
+        f"BEIT3_TASK_DIR={tasks} SLURM_JOB_ID=5 BEIT3_HUNG_GRACE_S=2\n"
+        f"rc=0; beit3_run_step bash {step} || rc=$?; echo rc=$rc",
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+    )
+    elapsed = time.monotonic() - start
+    assert proc.stdout.strip().splitlines()[-1] == "rc=137", proc.stdout + proc.stderr
+    assert (tmp_path / "scancel").read_text().split() == ["--signal=KILL", "5.0"]
+    assert 2 <= elapsed < 15, elapsed
+    assert "killing its remaining tasks" in proc.stdout
 
 
 def test_task_wrapper_records_node_and_exit_code_and_survives_the_step_signals(tmp_path):

@@ -5,6 +5,8 @@ bridge between them. The sbatch scripts run across both nodes with 1 rank per no
 - the real beit3-pretrain: rendezvous from the node list (MASTER_ADDR = the first node, resolved inside the
   nodes), one rank per node, USR1 to the batch shell forwarded to the ranks on both nodes, checkpoint, exit 75
   on every node, requeue, and a resumed run whose losses equal an uninterrupted run's exactly;
+- a rank stopped (SIGSTOP) on the second node: the first node's watchdog dumps stacks and exits 76, the batch
+  shell kills the stopped rank after a grace, the job is requeued as a hang and resumes from its checkpoint;
 - a rank killed by SIGKILL: the node it ran on is excluded and the requeued job runs on the other one.
 
 If the kernel refuses namespaces, the module skips with the kernel's reason (also under CI).
@@ -12,7 +14,12 @@ If the kernel refuses namespaces, the module skips with the kernel's reason (als
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -154,3 +161,55 @@ def test_a_rank_killed_on_one_node_excludes_that_node_from_the_requeued_job(two_
     assert info["ExcNodeList"] == failed, info
     assert f"excluding {failed} from the requeued job" in text
     assert "resumed_from=2" in text.split("SLURM_RESTART_COUNT=1", 1)[1]
+
+
+def test_a_rank_stopped_on_one_node_ends_in_stack_dumps_and_a_requeue_as_a_hang(two_nodes, tmp_path):
+    """Real beit3-pretrain on two nodes; the rank on b3n2 is stopped (SIGSTOP) after step 3. The watchdog of
+    the rank on b3n1 (BEIT3_WATCHDOG_S=30, passed on by the sbatch script) dumps its stacks and exits 76; 5 s
+    later (BEIT3_HUNG_GRACE_S) the batch shell kills the stopped rank; the attempt counts as a hang against
+    the failure budget, is requeued and resumes from its last checkpoint, within the limit plus a minute."""
+    steps = 6
+    data = write_pretrain_data(tmp_path / "data")
+    run_dir, log = tmp_path / "run", tmp_path / "hang.out"
+    args = pretrain_args(data, steps) + " --set train.save_every=2"
+    job = submit(
+        two_nodes,
+        run_dir,
+        log,
+        BEIT3_MODULE="beit3.pretrain.train",
+        BEIT3_RECIPE="pretrain/recipes/demo.toml",
+        BEIT3_DS_CONFIG="ds_configs/zero3_fp32.json",
+        BEIT3_EXTRA_ARGS=args,
+        BEIT3_WATCHDOG_S="30",
+        BEIT3_HUNG_GRACE_S="5",
+        PYTHONWARNINGS="ignore",
+    )
+    wait_for_text(log, rf"step 3/{steps} ", timeout=240)
+    beat = json.loads((run_dir / "heartbeat" / "rank00001.json").read_text())
+    assert beat["host"] == "b3n2", beat
+    os.kill(beat["pid"], signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        wait_for_text(log, r"requeueing job", timeout=30 + 60)
+        hung_for = time.monotonic() - stopped_at
+        info = two_nodes.wait_for(job, DONE, timeout=240)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(beat["pid"], signal.SIGKILL)  # never leave a stopped process behind a failed test
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text[-3000:])
+    first, second = read_attempts(run_dir)
+    assert (first["reason"], first["decision"], first["failed_nodes"]) == ("hung", "requeue", "b3n2"), first
+    assert first["last_step"] in ("2", "4") and second["reason"] == "finished", (first, second)
+    # rank 0 exited 76 on b3n1; the stopped rank left no record (it was killed)
+    assert task_records(run_dir, job, 0) == {"0": ("b3n1", "76")}
+    dumps = list((run_dir / "hang").glob("rank00000-*.txt"))
+    assert dumps and "Thread" in dumps[0].read_text(), "no stack dump from the rank that waited"
+    assert "rank 1 (pid" in text and "on b3n2" in text, "the log does not say which rank is behind"
+    assert "failure 1 of BEIT3_MAX_FAILURES=3" in text
+    assert "not excluding b3n2: the partition would keep 1 node(s) for a 2-node job" in text
+    resumed = [
+        int(n) for n in re.findall(rf"^step (\d+)/{steps} ", text.split("SLURM_RESTART_COUNT=1", 1)[1], re.M)
+    ]
+    assert resumed == list(range(int(first["last_step"]) + 1, steps + 1)), resumed
+    print(f"stopped rank -> requeue decision in {hung_for:.0f} s")
