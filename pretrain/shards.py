@@ -133,8 +133,13 @@ def iter_documents(sources: Iterable[str], field: str, skipped: Counter) -> Iter
                     continue
                 if is_jsonl and line.strip():
                     try:
-                        line = json.loads(line)[field]
-                    except (ValueError, KeyError, TypeError):
+                        record = json.loads(line)
+                    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
+                        skipped["bad_line"] += 1
+                        continue
+                    try:
+                        line = record[field]
+                    except (KeyError, TypeError, IndexError):
                         skipped["missing_field"] += 1
                         continue
                     if not isinstance(line, str):

@@ -88,12 +88,14 @@ def test_texts_from_txt_and_jsonl_split_documents_and_count_bad_lines(tmp_path):
     txt = tmp_path / "docs.txt"
     txt.write_bytes(b"one two three four five\n\n\xff\xfe bad bytes\nsix seven\n")
     jsonl = tmp_path / "docs.jsonl"
-    jsonl.write_text(json.dumps({"text": "eight nine ten"}) + "\n" + json.dumps({"title": "no text"}) + "\n")
+    nested = "[" * 100_000  # past the JSON parser's depth: RecursionError
+    lines = [json.dumps({"text": "eight nine ten"}), json.dumps({"title": "no text"}), nested, "{not json"]
+    jsonl.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     assert main(["texts", str(out), str(txt), str(jsonl), "--max-units", "3", "--quiet"]) == 0
     m = manifest(out)
     assert m["unit"] == "words" and m["max_units"] == 3
-    assert m["skipped"] == {"text_empty": 1, "text_decode": 1, "missing_field": 1}
+    assert m["skipped"] == {"text_empty": 1, "text_decode": 1, "missing_field": 1, "bad_line": 2}
     texts = [v.decode() for v in members(out / m["shards"][0]["name"]).values()]
     assert texts == ["one two three", "four five", "six seven", "eight nine ten"]
 
