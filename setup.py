@@ -43,7 +43,10 @@ setup(
     python_requires=">=3.11",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"beit3.pretrain": ["recipes/*.toml"], "beit3.finetune": ["recipes/*.toml"]},
+    package_data={
+        "beit3.pretrain": ["recipes/*.toml", "recipes/vqkd/*.toml"],
+        "beit3.finetune": ["recipes/*.toml"],
+    },
     install_requires=[
         TORCH,
         "deepspeed==0.19.8",
