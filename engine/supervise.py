@@ -160,6 +160,7 @@ def child_command(cmd: list[str]) -> list[str]:
 
 def _torchrun(argv: list[str]) -> int:
     """torchrun's main without its ``@record`` wrapper: a failed rank ends in exit 1, not a traceback."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -167,6 +168,8 @@ def _torchrun(argv: list[str]) -> int:
         run(parse_args(argv))
     except ChildFailedError:
         return EXIT_OTHER
+    except SignalException as err:  # torchrun itself was signalled: it has already stopped its workers
+        return 128 + int(err.sigval)
     return EXIT_OK
 
 
