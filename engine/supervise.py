@@ -18,7 +18,8 @@ they get SIGTERM, then SIGKILL after ``--grace`` seconds. When a rank reports 76
 running get SIGKILL after 10 s: they are stuck in a collective or stopped.
 
 Exit code: the most severe code the ranks recorded, in the order 2 (configuration) > 3 (non-finite) >
-1 (any other failure, including unknown codes) > 76 (hung) > 75 (preempted) > 0 (finished). Without any
+76 (hung) > 1 (any other failure, including unknown codes) > 75 (preempted) > 0 (finished), the order in
+which the Slurm scripts rank a step's tasks. Without any
 record (a program without the hooks), the launcher's own code (0, 2, 3, 75, 76 kept; anything else 1).
 One summary line replaces torchrun's traceback.
 
@@ -46,9 +47,10 @@ from pathlib import Path
 
 ENV_DIR = "BEIT3_LAUNCH_DIR"
 EXIT_OK, EXIT_OTHER, EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_HUNG = 0, 1, 2, 3, 75, 76
-# Most severe first: a configuration error or non-finite stop will not go away by retrying; a crash is the
-# root cause of its peers' hangs; a hang outranks a preemption; finishing is the least severe.
-SEVERITY = (EXIT_CONFIG, EXIT_NONFINITE, EXIT_OTHER, EXIT_HUNG, EXIT_PREEMPTED, EXIT_OK)
+# Most severe first, as the Slurm scripts rank a step's tasks (slurm/common.sh): a configuration error or a
+# non-finite stop will not go away by retrying; a hang (requeued within the failure budget) outranks the
+# failures it causes in its peers; a preemption counts only when nothing failed.
+SEVERITY = (EXIT_CONFIG, EXIT_NONFINITE, EXIT_HUNG, EXIT_OTHER, EXIT_PREEMPTED, EXIT_OK)
 FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1,
              signal.SIGINT: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}  # fmt: skip
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

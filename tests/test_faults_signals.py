@@ -59,7 +59,8 @@ def test_the_most_severe_rank_code_is_the_job_code():
     assert combine_exit_codes([0, 0]) == 0
     assert combine_exit_codes([75, 2]) == 2
     assert combine_exit_codes([76, 75]) == 76
-    assert combine_exit_codes([76, 1]) == 1
+    assert combine_exit_codes([76, 1]) == 76  # a hang outranks the errors it causes (as slurm/common.sh)
+    assert combine_exit_codes([75, 1]) == 1
     assert combine_exit_codes([3, 1]) == 3
     assert combine_exit_codes([0, 137]) == 1  # an unknown code counts as "other"
     assert combine_exit_codes([]) == 1
