@@ -157,7 +157,8 @@ def child_command(cmd: list[str]) -> list[str]:
     start = _is_torchrun(cmd)
     if start < 0:
         return cmd
-    return [sys.executable, "-m", "beit3.engine.supervise", "_torchrun", *cmd[start:]]
+    python = cmd[0] if start == 3 else sys.executable  # `python -m torch.distributed.run`: that python
+    return [python, "-m", "beit3.engine.supervise", "_torchrun", *cmd[start:]]
 
 
 def _torchrun(argv: list[str]) -> int:
