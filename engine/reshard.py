@@ -34,6 +34,7 @@ import torch.distributed as torch_dist
 
 from beit3.engine.checkpoint import MARKER, CheckpointError, atomic_write_bytes
 from beit3.engine.ds_config import EngineConfigError, keep_global_batch
+from beit3.engine.safe_load import vet_files
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ def convert_to_universal(tag_dir: Path) -> Path:
         shutil.rmtree(target)
     tmp = tag_dir / f".{UNIVERSAL_TAG}.tmp{os.getpid()}"
     start = time.perf_counter()
+    vet_files(sorted(tag_dir.glob("*.pt")))  # DeepSpeed's converter unpickles them in full
     _run_deepspeed_converter(tag_dir, tmp)
     # The converter points a `latest_universal` file beside its output at it: not part of our layout.
     (tag_dir / "latest_universal").unlink(missing_ok=True)

@@ -396,3 +396,17 @@ def test_a_universal_checkpoint_is_vetted_before_deepspeed_unpickles_it(tmp_path
     with pytest.raises(UntrustedFileError) as err:
         trainer.engine.load_checkpoint(str(universal.parent), tag=universal.name)
     assert_refused(str(err.value), fragment, payload)
+
+
+def test_a_resume_on_another_world_size_vets_the_shards_before_deepspeeds_converter(tmp_path):
+    """ds_to_universal unpickles the source shards in full: they are vetted before it runs."""
+    from beit3.engine.reshard import convert_to_universal, universal_dir
+
+    make_trainer(tmp_path / "run", "zero0_fp32.json", 2, {"zero_optimization.stage": 1}).fit()
+    tag_dir = latest_checkpoint(tmp_path / "run")
+    payload = TouchPayload(tmp_path / "payload-ran")
+    path = plant(tag_dir, "zero_pp_rank_0_mp_rank_00_optim_states.pt", payload)
+    with pytest.raises(UntrustedFileError) as err:
+        convert_to_universal(tag_dir)
+    assert_refused(str(err.value), path, payload)
+    assert not universal_dir(tag_dir).exists()
