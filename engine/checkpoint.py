@@ -150,22 +150,36 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
         return None
     if resume == "auto":
         return latest_checkpoint(output_dir)
-    path = Path(resume)
-    if (path / MARKER).is_file():
+    try:
+        return find_checkpoint(resume)
+    except CheckpointError as err:
+        raise CheckpointError(f"--resume {resume}: {err}; pass auto, none or such a path") from None
+
+
+def find_checkpoint(path: str | os.PathLike, tag: str | None = None) -> Path:
+    """The tag dir a path names (the one function that resolves checkpoint paths): a tag dir itself, or, for
+    a run dir or its ``checkpoints`` dir, the tag ``tag`` or else the newest complete checkpoint.
+
+    A tag dir is one with ``complete.json``, or (given without ``tag``) one holding DeepSpeed model states.
+    """
+    path = Path(path)
+    if tag is None and ((path / MARKER).is_file() or any(path.glob("*model_states.pt"))):
         return path
-    found = latest_checkpoint(_run_dir_of(path))
+    run_dir = path.parent if path.name == "checkpoints" and not (path / "checkpoints").is_dir() else path
+    root = checkpoint_root(run_dir)
+    if tag is not None:
+        if (root / tag).is_dir():
+            return root / tag
+        saved = ", ".join(complete_tags(root)) or "none"
+        raise CheckpointError(f"{root} has no checkpoint {tag!r} (complete ones: {saved})")
+    found = latest_checkpoint(run_dir)
     if found is not None:
         return found
     what = "does not exist" if not path.exists() else "holds no complete checkpoint"
     raise CheckpointError(
-        f"--resume {resume}: the path {what} (expected a tag dir with {MARKER}, a checkpoints dir or a run "
-        "dir holding complete checkpoints); pass auto, none or such a path"
+        f"{path} {what} (expected a tag dir with {MARKER}, a checkpoints dir or a run dir holding complete "
+        "checkpoints)"
     )
-
-
-def _run_dir_of(path: Path) -> Path:
-    """The run dir of a path naming a run dir or its checkpoints dir."""
-    return path.parent if path.name == "checkpoints" and not (path / "checkpoints").is_dir() else path
 
 
 def file_crc32(path: Path, chunk: int = 1 << 22) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from beit3.engine.checkpoint import MARKER, POINTER, CheckpointError
+from beit3.engine.checkpoint import CheckpointError, find_checkpoint
 from beit3.engine.safe_load import load_file, vet_files
 
 
@@ -23,34 +23,18 @@ class ConsolidationError(RuntimeError):
     """A consolidated state dict that does not match the module it should describe."""
 
 
-def _locate(path: Path, tag: str | None) -> tuple[Path, str]:
-    """(checkpoints root, tag) from a run dir, a checkpoints dir or a tag dir."""
-    if (path / MARKER).is_file() or (tag is None and any(path.glob("*model_states.pt"))):
-        return path.parent, path.name
-    for root in (path / "checkpoints", path):
-        if tag is not None and (root / tag).is_dir():
-            return root, tag
-        if tag is None and (root / POINTER).is_file():
-            return root, (root / POINTER).read_text().strip()
-    raise CheckpointError(
-        f"no checkpoint found at {path} (tag={tag}); pass a run dir with checkpoints/latest, "
-        "a checkpoints dir, or a tag dir"
-    )
-
-
 def consolidate_checkpoint(
     run_dir_or_ckpt_dir: str | os.PathLike, tag: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """The task module's fp32 state dict from a checkpoint of any ZeRO stage (``latest`` unless ``tag``).
+    """The task module's fp32 state dict from a checkpoint of any ZeRO stage: the newest complete one of a
+    run unless ``tag`` (``beit3.engine.checkpoint.find_checkpoint`` resolves the path).
 
     Stages 1-3 rebuild the fp32 master weights from the optimizer shards (DeepSpeed's zero_to_fp32, or
     the BF16_Optimizer's shards that ZeRO-1 with bf16 and fp32 accumulation writes); stage 0 has no
     shards and returns the module weights of ``mp_rank_00_model_states.pt`` as fp32.
     """
-    root, tag = _locate(Path(run_dir_or_ckpt_dir), tag)
-    tag_dir = root / tag
-    if not tag_dir.is_dir():
-        raise CheckpointError(f"checkpoint tag dir {tag_dir} does not exist; list {root} for saved tags")
+    tag_dir = find_checkpoint(run_dir_or_ckpt_dir, tag)
+    root, tag = tag_dir.parent, tag_dir.name
     shards = sorted(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_rank_of)
     if shards and _is_bf16_optimizer_shard(shards[0]):
         state = _from_bf16_optimizer(shards)  # ZeRO-1 + bf16 + fp32 accumulation: not zero_to_fp32's format

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from engine_helpers import (
     full_parameters,
     make_trainer,
@@ -259,3 +260,16 @@ def test_rank_killed_inside_a_save_leaves_the_previous_checkpoint_and_resumes_ex
         want = read_losses(tmp_path / "straight" / "losses", rank)
         got = read_losses(tmp_path / "a" / "losses", rank)
         assert sorted(got) == list(range(8)) and all(got[i] == want[i] for i in want)
+
+
+def test_consolidation_finds_the_newest_complete_checkpoint_without_latest(tmp_path):
+    from beit3.engine.consolidate import consolidate_checkpoint
+
+    run = tmp_path / "run"
+    _run_with_two_checkpoints(run)
+    (run / "checkpoints" / "latest").unlink()
+    newest = consolidate_checkpoint(run / "checkpoints" / "step00000004")
+    got = consolidate_checkpoint(run)
+    assert got.keys() == newest.keys() and all(torch.equal(got[k], newest[k]) for k in got)
+    with pytest.raises(CheckpointError, match=r"no checkpoint 'step00000003' \(complete ones: step00000002"):
+        consolidate_checkpoint(run, tag="step00000003")
