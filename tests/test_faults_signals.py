@@ -74,9 +74,12 @@ def test_torchrun_runs_through_the_shim_and_other_launchers_unchanged():
     assert child_command(["deepspeed", "--num_gpus", "2", "x.py"]) == ["deepspeed", "--num_gpus", "2", "x.py"]
 
 
-def test_no_command_is_a_usage_error(tmp_path):
+def test_no_command_or_a_missing_launcher_is_a_usage_error(tmp_path):
     proc = subprocess.run(LAUNCH, env=_env(tmp_path), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no command" in proc.stderr
+    missing = [*LAUNCH, "--", "no-such-launcher", "x.py"]
+    proc = subprocess.run(missing, env=_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "cannot start no-such-launcher" in proc.stderr, proc.stderr
 
 
 # ----- exit codes through the launchers (ranks that only return a code) -----
