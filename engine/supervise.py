@@ -15,7 +15,8 @@ SIGTERM, SIGUSR1, SIGINT and SIGHUP and sends them to the registered ranks only 
 SIGTERM), never to the launcher, so the ranks checkpoint and exit 75 before anyone tears them down; ranks
 that register after a signal get it too. When the launcher ends and ranks are still alive (it was killed),
 they get SIGTERM, then SIGKILL after ``--grace`` seconds. When a rank reports 76 (hung), the ranks still
-running get SIGKILL after 10 s: they are stuck in a collective or stopped.
+running get SIGKILL after ``BEIT3_HUNG_GRACE_S`` seconds (30, as in the Slurm scripts): they are stuck in
+a collective or stopped.
 
 Exit code: the most severe code the ranks recorded, in the order 2 (configuration) > 3 (non-finite) >
 76 (hung) > 1 (any other failure, including unknown codes) > 75 (preempted) > 0 (finished), the order in
@@ -54,7 +55,7 @@ SEVERITY = (EXIT_CONFIG, EXIT_NONFINITE, EXIT_HUNG, EXIT_OTHER, EXIT_PREEMPTED, 
 FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1,
              signal.SIGINT: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}  # fmt: skip
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-HUNG_KILL_AFTER_S = 10.0
+HUNG_GRACE_ENV, HUNG_GRACE_DEFAULT_S = "BEIT3_HUNG_GRACE_S", 30.0  # as slurm/common.sh
 
 _pending_signal = 0  # a preemption signal that arrived before the Trainer installed its handler
 
@@ -220,8 +221,9 @@ def _children() -> list[int]:
 class Supervisor:
     """Starts the launcher, forwards signals to the registered ranks, collects their exit codes."""
 
-    def __init__(self, cmd: list[str], grace_s: float, directory: Path, out=sys.stderr):
+    def __init__(self, cmd: list[str], grace_s: float, directory: Path, hung_grace_s: float, out=sys.stderr):
         self.cmd, self.grace_s, self.dir, self.out = cmd, grace_s, directory, out
+        self.hung_grace_s = hung_grace_s
         self.signals: list[int] = []  # received, not yet forwarded
         self.forwarded: int = 0  # the last signal forwarded to the ranks
         self.signalled: set[int] = set()  # rank pids that got it
@@ -318,7 +320,7 @@ class Supervisor:
             self._reap()
             if hung_since is None and EXIT_HUNG in self.recorded().values():
                 hung_since = time.monotonic()
-            if hung_since is not None and time.monotonic() - hung_since > HUNG_KILL_AFTER_S:
+            if hung_since is not None and time.monotonic() - hung_since > self.hung_grace_s:
                 self._kill_stuck_ranks()
                 hung_since = float("inf")
             time.sleep(0.1)
@@ -411,9 +413,17 @@ def main(argv: list[str] | None = None) -> int:
         print("beit3-launch: error: no command: give e.g. `beit3-launch torchrun --nproc_per_node 2 -m "
               "beit3.pretrain.train ...`", file=sys.stderr)  # fmt: skip
         return EXIT_CONFIG
+    raw = os.environ.get(HUNG_GRACE_ENV, "").strip()
+    try:
+        hung_grace = float(raw) if raw else HUNG_GRACE_DEFAULT_S
+    except ValueError:
+        hung_grace = -1.0
+    if not hung_grace >= 0:
+        print(f"beit3-launch: error: {HUNG_GRACE_ENV}={raw!r} must be seconds >= 0", file=sys.stderr)
+        return EXIT_CONFIG
     with tempfile.TemporaryDirectory(prefix="beit3-launch-") as directory:
         try:
-            return Supervisor(cmd, args.grace, Path(directory)).run()
+            return Supervisor(cmd, args.grace, Path(directory), hung_grace).run()
         except FileNotFoundError as err:
             print(f"beit3-launch: error: cannot start {shlex.join(cmd[:1])}: {err.strerror}", file=sys.stderr)
             return EXIT_CONFIG

@@ -141,8 +141,9 @@ def test_a_stopped_rank_ends_the_job_with_76_stack_dumps_and_its_name(tmp_path):
     script.write_text(TOY_SCRIPT)
     spec = [{"output_dir": str(out), "ds_config": "zero0_fp32.json", "steps": 100000, "log_every": 50}]
     cmd = LAUNCH + torchrun(str(script), "--runs", json.dumps(spec), "--results", str(out))
-    proc = subprocess.Popen(cmd, env=_env(tmp_path, BEIT3_WATCHDOG_S=str(limit)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    env = _env(tmp_path, BEIT3_WATCHDOG_S=str(limit), BEIT3_HUNG_GRACE_S="5")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
     stopped = None
     try:
         deadline = time.time() + 150
