@@ -72,28 +72,63 @@ def derived_limit(
 
 
 def behind_report(heartbeats: list[dict], now: float, stale_after_s: float, host: str) -> str:
-    """One sentence naming the ranks that are behind: the lowest step, and every rank whose heartbeat
-    stopped (older than ``stale_after_s``), with the process state when it runs on ``host``. Pure but for
-    reading ``/proc`` of stale ranks on this host."""
+    """One sentence naming the ranks that are behind. In order of evidence: ranks whose heartbeat stopped
+    (older than ``stale_after_s``: stopped or frozen, with the process state when it runs on ``host``); else
+    ranks outside any collective while others wait in one (the heartbeat's ``collective`` and ``where``);
+    else the lowest step. Pure but for reading ``/proc`` of stale ranks on this host."""
     if not heartbeats:
         return "no heartbeat files found"
-    low = min(hb["step"] for hb in heartbeats)
-    high = max(hb["step"] for hb in heartbeats)
+    beats = sorted(heartbeats, key=lambda h: h["rank"])
+    stale = [hb for hb in beats if now - hb["written"] > stale_after_s]
+    live = [hb for hb in beats if hb not in stale]
+    waiting = [hb for hb in live if hb.get("collective")]
+    elsewhere = [hb for hb in live if "collective" in hb and not hb["collective"]]
+    low = min(hb["step"] for hb in beats)
+
+    def name(hb: dict) -> str:
+        return f"rank {hb['rank']} (pid {hb['pid']} on {hb['host']}) at step {hb['step']}"
+
     parts = []
-    for hb in sorted(heartbeats, key=lambda h: h["rank"]):
+    for hb in stale:
+        state = _state_words(hb["pid"]) if hb["host"] == host else "its state is unknown (another host)"
         age = now - hb["written"]
-        stale = age > stale_after_s
-        if not stale and (hb["step"] > low or low == high):
-            continue
-        what = f"rank {hb['rank']} (pid {hb['pid']} on {hb['host']}) at step {hb['step']}"
-        if stale:
-            state = _state_words(hb["pid"]) if hb["host"] == host else "its state is unknown (another host)"
-            what += (f": heartbeat stopped {age:.0f} s ago, {state}; it cannot dump its own stacks, "
-                     "its peers' dumps show where they wait for it")  # fmt: skip
-        parts.append(what)
+        parts.append(f"{name(hb)}: heartbeat stopped {age:.0f} s ago, {state}; it cannot dump its own "
+                     "stacks, its peers' dumps show where they wait for it")  # fmt: skip
+    if not parts and waiting and elsewhere:
+        peers = f"{len(waiting)} rank(s) wait in {waiting[0].get('where', 'a collective')}"
+        for hb in elsewhere:
+            parts.append(f"{name(hb)}: outside any collective, in {hb.get('where', '?')}, while {peers}")
+    if not parts and low < max(hb["step"] for hb in beats):
+        parts = [f"{name(hb)}: the lowest step" for hb in beats if hb["step"] == low]
     if not parts:
-        return f"no rank is behind: every rank is at step {low} and alive (a collective or the data on all)"
+        where = beats[0].get("where", "?")
+        return f"no rank is behind: every rank is alive at step {low} (rank {beats[0]['rank']} in {where})"
     return "behind: " + "; ".join(parts)
+
+
+COLLECTIVES = frozenset({
+    "all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "reduce_scatter",
+    "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "barrier", "monitored_barrier",
+    "all_to_all", "all_to_all_single", "reduce", "gather", "scatter", "send", "recv",
+})  # fmt: skip
+
+
+def main_thread_position() -> tuple[str, bool]:
+    """Where the main thread is (innermost frame, ``function (file:line)``) and whether it is inside a
+    torch.distributed collective: what a heartbeat tells the peers about this rank."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    if frame is None:
+        return "?", False
+    where = f"{frame.f_code.co_name} ({Path(frame.f_code.co_filename).name}:{frame.f_lineno})"
+    collective, depth = False, 0
+    while frame is not None and depth < 12:
+        code = frame.f_code
+        if code.co_name in COLLECTIVES and "distributed" in code.co_filename:
+            collective = True
+            where = f"{code.co_name} ({Path(code.co_filename).name}:{frame.f_lineno})"
+            break
+        frame, depth = frame.f_back, depth + 1
+    return where, collective
 
 
 def _state_words(pid: int) -> str:
@@ -208,7 +243,10 @@ class Watchdog:
         return self.run_dir / "heartbeat" / f"rank{rank:05d}.json"
 
     def _write_heartbeat(self) -> None:
+        where, collective = main_thread_position()
         beat = {
+            "where": where,
+            "collective": collective,
             "rank": self.rank,
             "pid": os.getpid(),
             "host": self._host,

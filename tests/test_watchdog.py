@@ -18,7 +18,13 @@ import pytest
 
 from beit3.engine.ds_config import EngineConfigError
 from beit3.engine.trainer_config import TrainerConfig
-from beit3.engine.watchdog import Watchdog, behind_report, derived_limit, limit_from_env
+from beit3.engine.watchdog import (
+    Watchdog,
+    behind_report,
+    derived_limit,
+    limit_from_env,
+    main_thread_position,
+)
 
 TESTS = Path(__file__).resolve().parent
 
@@ -81,6 +87,41 @@ def test_the_report_names_the_stopped_rank_and_says_it_cannot_dump_its_stacks():
     report = behind_report(lagging, now, 5, "h")
     assert "rank 1" in report and "rank 0" not in report
     assert "no rank is behind" in behind_report([beats[0], beats[2]], now, 5, "h")
+
+
+def test_the_report_names_the_rank_outside_the_collective_the_others_wait_in():
+    now = time.time()
+    beat = {"host": "h", "step": 7, "written": now, "pid": 1}
+    beats = [
+        {**beat, "rank": 0, "collective": True, "where": "all_reduce (distributed_c10d.py:3252)"},
+        {**beat, "rank": 1, "collective": False, "where": "_next_batch (trainer.py:281)"},
+        {**beat, "rank": 2, "collective": True, "where": "all_reduce (distributed_c10d.py:3252)"},
+    ]
+    report = behind_report(beats, now, stale_after_s=5, host="h")
+    assert report.startswith("behind: rank 1 (pid 1 on h) at step 7: outside any collective")
+    assert "_next_batch (trainer.py:281)" in report and "2 rank(s) wait in all_reduce" in report
+    assert "rank 0" not in report and "rank 2" not in report
+
+
+def test_a_heartbeat_says_whether_the_main_thread_waits_in_a_collective():
+    """The position of the main thread as another thread (the watchdog's) sees it."""
+    namespace: dict = {}
+    fake = "def all_reduce(done):\n    done.wait(10)\n"  # a collective's name in a torch.distributed file
+    exec(compile(fake, "/site-packages/torch/distributed/distributed_c10d.py", "exec"), namespace)
+    seen, done = [], threading.Event()
+
+    def look():
+        time.sleep(0.3)
+        seen.append(main_thread_position())
+        done.set()
+
+    threading.Thread(target=look).start()
+    namespace["all_reduce"](done)
+    assert seen[0][1] is True and seen[0][0].startswith("all_reduce (distributed_c10d.py:")
+    done.clear()
+    threading.Thread(target=look).start()
+    time.sleep(0.6)  # the main thread sleeps here, in this test, outside any collective
+    assert seen[1][1] is False and "test_a_heartbeat_says" in seen[1][0]
 
 
 def test_no_progress_dumps_every_thread_writes_heartbeats_and_exits_76(tmp_path):
