@@ -249,3 +249,58 @@ def test_the_training_collectives_get_their_own_timeout(tmp_path):
     proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-1] == "123.0"
+
+
+STUCK_SCRIPT = f"""
+import os, sys, time
+sys.path.insert(0, {str(TESTS)!r})
+import engine_helpers
+from beit3.engine.supervise import supervised
+
+forward = engine_helpers.ToyMultiwayTask.forward
+
+
+def stuck_forward(self, batch):  # rank 1 stops making progress (alive, outside any collective) on request
+    while os.environ["RANK"] == "1" and os.path.exists(os.environ["STUCK_TRIGGER"]):
+        time.sleep(0.05)
+    return forward(self, batch)
+
+
+engine_helpers.ToyMultiwayTask.forward = stuck_forward
+sys.exit(supervised(engine_helpers.main)())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_rank_stuck_outside_a_collective_is_named_and_every_rank_dumps_its_stacks(tmp_path):
+    from test_faults_signals import LAUNCH, _env, _tree, torchrun
+
+    out, trigger = tmp_path / "run", tmp_path / "stuck"
+    script = tmp_path / "stuck_rank.py"
+    script.write_text(STUCK_SCRIPT)
+    spec = [{"output_dir": str(out), "ds_config": "zero0_fp32.json", "steps": 100000, "log_every": 50}]
+    cmd = LAUNCH + torchrun(str(script), "--runs", json.dumps(spec), "--results", str(out))
+    env = _env(tmp_path, BEIT3_WATCHDOG_S="4", STUCK_TRIGGER=str(trigger))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        beat = out / "heartbeat" / "rank00001.json"
+        deadline = time.time() + 150
+        while time.time() < deadline and proc.poll() is None:
+            if beat.is_file() and json.loads(beat.read_text())["step"] >= 20:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the job ended before a rank could get stuck"
+        trigger.touch()
+        proc.wait(timeout=64)
+        stderr = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            for p in _tree(proc.pid)[::-1]:
+                p.kill()
+    assert proc.returncode == 76, stderr[-4000:]
+    dumps = {p.name[:9]: p.read_text() for p in (out / "hang").glob("*.txt")}
+    assert sorted(dumps) == ["rank00000", "rank00001"]
+    assert "stuck_forward" in dumps["rank00001"] and "all_reduce" in dumps["rank00000"]
+    assert "behind: rank 1" in stderr and "outside any collective, in stuck_forward" in stderr, stderr[-4000:]
