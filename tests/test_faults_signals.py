@@ -120,6 +120,47 @@ def test_the_launcher_returns_the_ranks_code_in_one_line(tmp_path, launcher, cod
     assert line.startswith(f"beit3-launch: exit {expected}: rank exit codes")
 
 
+DEAF_RANK = """
+import os, signal, sys, time
+from beit3.engine.supervise import register_rank, supervised
+
+@supervised
+def main():
+    register_rank(int(os.environ["RANK"]))
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a rank that will not stop by itself
+    open(os.environ["READY"] + os.environ["RANK"], "w").close()
+    time.sleep(600)
+
+sys.exit(main())
+"""
+
+
+def test_a_second_ctrl_c_kills_every_process(tmp_path):
+    script = tmp_path / "deaf_rank.py"
+    script.write_text(DEAF_RANK)
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(LAUNCH + torchrun(str(script)), env=_env(tmp_path, READY=str(ready)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not all(Path(f"{ready}{r}").exists() for r in (0, 1)):
+            time.sleep(0.1)
+        everything = _tree(proc.pid)
+        os.kill(proc.pid, signal.SIGINT)  # forwarded as SIGTERM, which these ranks ignore
+        time.sleep(1.0)
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            for p in _tree(proc.pid)[::-1]:
+                p.kill()
+    stderr = proc.stderr.read()
+    assert proc.returncode == 1 and "second interrupt" in stderr, stderr[-2000:]
+    _assert_gone(everything)
+
+
 # ----- real Trainers (the toy task, real DeepSpeed on gloo) and real signals -----
 TOY_SCRIPT = f"""
 import sys
