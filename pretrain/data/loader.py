@@ -249,6 +249,9 @@ class PretrainLoader:
                     persistent_workers=False,
                     pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
                     worker_init_fn=ignore_stop_signals,
+                    # Its own generator: the workers' base seed is drawn from it, not from the global torch
+                    # RNG, which this (lazy) iterator would otherwise consume after a resume's RNG restore.
+                    generator=torch.Generator().manual_seed(mix(self.seed, self.rank, self.batches) % 2**63),
                 )
             )
             shut_down_at_exit(self)
