@@ -293,6 +293,8 @@ def test_a_signal_anywhere_ends_in_a_checkpoint_and_75_on_every_rank(tmp_path, l
 # ----- acceptance: beit3-pretrain with DataLoader workers, SIGTERM to torchrun, exact resume -----
 @pytest.mark.slow
 def test_sigterm_to_torchrun_with_workers_saves_exits_75_and_resumes_exactly(tmp_path):
+    """As the SIGKILL test of test_pretrain_e2e (its helpers, checkpoints every 2 steps), but the run is
+    stopped by SIGTERM to torchrun right after its step-2 checkpoint and must save its own."""
     import test_pretrain_e2e as e2e
 
     from beit3.pretrain.data.fixtures import tiny_tokenizer, write_tiny_shards
@@ -300,24 +302,26 @@ def test_sigterm_to_torchrun_with_workers_saves_exits_75_and_resumes_exactly(tmp
     for kind in ("images", "texts", "pairs"):
         write_tiny_shards(str(tmp_path / kind), kind, 24, 8, seed=len(kind))
     assets = {"root": tmp_path, "spm": tiny_tokenizer(str(tmp_path / "spm"), vocab_size=48).model_file}
-    steps = ("--set", "train.save_every=100")  # the only checkpoint is the preemption's
-    env = _env(tmp_path)
+    steps, env = 8, _env(tmp_path)
 
     reference = tmp_path / "reference"
-    proc = subprocess.run(LAUNCH + e2e.command(assets, reference, 6, *steps), env=env, capture_output=True,
+    proc = subprocess.run(LAUNCH + e2e.command(assets, reference, steps), env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = e2e.scalars(reference, "loss/total")
-    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+    assert sorted(expected) == list(range(1, steps + 1))
 
     run = tmp_path / "preempted"
-    victim = subprocess.Popen(LAUNCH + e2e.command(assets, run, 6, *steps), env=env,
+    victim = subprocess.Popen(LAUNCH + e2e.command(assets, run, steps), env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)  # fmt: skip
+    pointer = run / "checkpoints" / "latest"
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and victim.poll() is None and len(e2e.scalars(run, "loss/total")) < 3:
-            time.sleep(0.3)
+        while time.time() < deadline and victim.poll() is None:
+            if pointer.is_file() and pointer.read_text().strip() == "step00000002":
+                break
+            time.sleep(0.1)
         assert victim.poll() is None, "the run ended before the signal"
         everything = _tree(victim.pid)
         (torchrun_proc,) = psutil.Process(victim.pid).children()
@@ -325,18 +329,19 @@ def test_sigterm_to_torchrun_with_workers_saves_exits_75_and_resumes_exactly(tmp
         victim.wait(timeout=120)
         stderr = victim.stderr.read()
         assert victim.returncode == 75, stderr[-4000:]
-        assert "DataLoader worker" not in stderr, stderr[-4000:]
+        assert "DataLoader worker" not in stderr and "Traceback" not in stderr, stderr[-4000:]
         _assert_gone(everything)
     finally:
         if victim.poll() is None:
             for p in _tree(victim.pid)[::-1]:
                 p.kill()
-    saved = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step"))
-    assert 3 <= saved < 6
+    saved = int(pointer.read_text().strip().removeprefix("step"))
+    assert 3 <= saved < steps  # the preemption's own checkpoint
 
-    proc = subprocess.run(LAUNCH + e2e.command(assets, run, 6, *steps), env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(LAUNCH + e2e.command(assets, run, steps), env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {pointer.parent / f'step{saved:08d}'} at step {saved}" in proc.stderr
     resumed = e2e.scalars(run, "loss/total")
-    for step in range(saved + 1, 7):
+    for step in range(saved + 1, steps + 1):
         assert resumed[step] == expected[step], (step, resumed[step], expected[step])
