@@ -3,5 +3,7 @@
 Import-light on purpose: importing ``beit3.engine`` loads neither DeepSpeed nor torch.distributed state.
 Modules: ``launch`` (process group), ``ds_config`` (DeepSpeed JSON), ``lr`` (schedules), ``task`` (the
 protocol a trained module follows), ``optim`` (AdamW and the step guard), ``trainer`` and ``trainer_config``
-(the loop and its settings), ``checkpoint``, ``consolidate``, ``metrics``, ``config_io`` (typed TOML recipes).
+(the loop and its settings), ``checkpoint`` (verified saves and resume), ``reshard`` (resume on another world
+size), ``safe_load`` (checkpoint files that cannot run code), ``supervise`` (``beit3-launch``), ``watchdog``
+(hangs), ``consolidate``, ``metrics``, ``config_io`` (typed TOML recipes).
 """
