@@ -32,6 +32,7 @@ from beit3.engine.config_io import ConfigError, dotted_overrides, to_dict
 from beit3.engine.ds_config import EngineConfigError, load_ds_config
 from beit3.engine.launch import LaunchError, add_run_args, init_distributed
 from beit3.engine.optim import OptimizerConfigError
+from beit3.engine.supervise import supervised
 from beit3.engine.trainer import Trainer, seed_everything
 from beit3.engine.trainer_config import preflight
 from beit3.pretrain.vqkd_recipe import VQKDRecipe, load_recipe, validate, with_run
@@ -118,6 +119,7 @@ def build_run(recipe: VQKDRecipe, ds_config: dict, dist, seed: int):
     return task, stream, (eval_views, eval_targets)
 
 
+@supervised  # under beit3-launch: the exit code reaches the launcher (engine/supervise.py)
 def train_main(argv: list[str] | None = None) -> int:
     """The training program; returns the exit status."""
     args = build_parser().parse_args(argv)
