@@ -263,5 +263,9 @@ def shutdown_distributed() -> None:
     global _CURRENT
     if torch_dist.is_initialized():
         torch_dist.barrier()
-        torch_dist.destroy_process_group()
+        # DeepSpeed's own call: it also drops the groups DeepSpeed cached, so that a later init_distributed
+        # and Trainer in the same process get fresh ones ("Group ... is not registered" otherwise).
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
     _CURRENT = None
