@@ -133,7 +133,7 @@ start_node() {
 write_conf() {
   mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
   local cpus mem_mb
-  cpus=$(nproc)
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS
   # 90% of the machine's memory, so the node never registers more than slurmd can see (else it drains).
   mem_mb=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
   local ctld_host=localhost slurmd_files node_lines partition_nodes=localhost i

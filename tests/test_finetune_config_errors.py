@@ -162,9 +162,10 @@ def finished_run(tmp_path_factory, spm) -> Path:
     """A finished finetuning run (2 steps): its run directory holds a complete checkpoint."""
     tmp = tmp_path_factory.mktemp("finished")
     out = tmp / "run"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = ["--config", write_recipe(tmp, spm), "--ds-config", DS_CONFIG, "--output-dir", str(out)]
-    assert main(args) == 0
+    with pytest.MonkeyPatch.context() as patch:  # never leak into later tests (nproc reads it)
+        patch.setenv("OMP_NUM_THREADS", "1")
+        assert main(args) == 0
     assert (out / "checkpoints" / "latest").is_file()
     return out
 
