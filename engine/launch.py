@@ -2,16 +2,16 @@
 
 Reads the rendezvous from, in order: torchrun or the ``deepspeed`` launcher (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK`` or ``--local_rank``), a Slurm ``srun`` step (``SLURM_PROCID``, ``SLURM_LOCALID``,
-``SLURM_STEP_NUM_TASKS``/``SLURM_NTASKS``), or a bare single process (a local rendezvous on a free port, so
-DeepSpeed never tries MPI discovery). CUDA ranks use NCCL and bind their device; CPU ranks use gloo, and
-DeepSpeed's shared-memory op is not JIT-compiled (45 s per machine, used only by inference all-reduce).
+``SLURM_STEP_NUM_TASKS``/``SLURM_NTASKS``), or a bare single process (a local rendezvous on a port the
+kernel picks, so DeepSpeed never tries MPI discovery). CUDA ranks use NCCL and bind their device; CPU ranks
+use gloo, and DeepSpeed's shared-memory op is not JIT-compiled (45 s per machine, used only by inference
+all-reduce).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -99,12 +99,6 @@ def slurm_master_port(job_id: str | int, base: int = 20000, span: int = 20000) -
     return base + int(job_id) % span
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _slurm_master_addr(nodelist: str) -> str:
     try:
         out = subprocess.run(
@@ -128,7 +122,7 @@ def _slurm_master_addr(nodelist: str) -> str:
 def resolve_rendezvous(env: dict[str, str], local_rank_arg: int = -1) -> dict[str, str]:
     """The torch.distributed env variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
 
-    Pure except for the Slurm node-list expansion and the free-port probe of a single process.
+    Pure except for the Slurm node-list expansion.
     """
     if "RANK" in env and "WORLD_SIZE" in env:
         local = env.get("LOCAL_RANK", str(max(local_rank_arg, 0)))
@@ -160,7 +154,9 @@ def resolve_rendezvous(env: dict[str, str], local_rank_arg: int = -1) -> dict[st
         "WORLD_SIZE": "1",
         "LOCAL_RANK": str(max(local_rank_arg, 0)),
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": env.get("MASTER_PORT") or str(_free_port()),
+        # Port 0: the store binds a port the kernel picks, at bind time (a probed "free" port can be taken
+        # by another process before the bind: EADDRINUSE). No other rank needs to know it.
+        "MASTER_PORT": env.get("MASTER_PORT") or "0",
     }
 
 

@@ -170,7 +170,8 @@ def test_slurm_without_scontrol_or_master_addr_says_to_export_it(monkeypatch):
 def test_bare_process_gets_a_local_single_rank_rendezvous():
     out = resolve_rendezvous({})
     assert (out["RANK"], out["WORLD_SIZE"], out["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
-    assert int(out["MASTER_PORT"]) > 0
+    assert out["MASTER_PORT"] == "0"  # bound by the kernel's choice: no probe-then-bind race
+    assert resolve_rendezvous({"MASTER_PORT": "29123"})["MASTER_PORT"] == "29123"
 
 
 def test_metric_means_count_only_the_micro_batches_that_reported_each_metric():
@@ -363,8 +364,8 @@ def test_a_precision_the_device_cannot_train_in_is_refused(monkeypatch):
     from beit3.engine.trainer_config import check_precision_supported
 
     accelerator = get_accelerator()
-    monkeypatch.setattr(accelerator, "is_fp16_supported", lambda: False)
-    monkeypatch.setattr(accelerator, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(type(accelerator), "is_fp16_supported", lambda self: False)
+    monkeypatch.setattr(type(accelerator), "is_bf16_supported", lambda self: False)
     check_precision_supported({"train_micro_batch_size_per_gpu": 1})  # fp32 runs anywhere
     with pytest.raises(
         EngineConfigError, match="fp16.enabled=true .* cannot train in fp16: use a bf16 or fp32"
@@ -372,7 +373,7 @@ def test_a_precision_the_device_cannot_train_in_is_refused(monkeypatch):
         check_precision_supported({"fp16": {"enabled": True}})
     with pytest.raises(EngineConfigError, match="bf16.enabled=true .* cannot train in bf16"):
         check_precision_supported({"bf16": {"enabled": True}})
-    monkeypatch.setattr(accelerator, "is_fp16_supported", lambda: True)
+    monkeypatch.setattr(type(accelerator), "is_fp16_supported", lambda self: True)
     check_precision_supported({"fp16": {"enabled": True}})
 
 
