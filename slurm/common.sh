@@ -258,6 +258,12 @@ beit3_on_term() {
   beit3_log "TERM received: Slurm is ending the job; the step got TERM from Slurm and will checkpoint"
 }
 
+# Installed when this file is sourced, not when the step starts: a USR1 that arrives during the set-up
+# (environment, checks) would otherwise kill the batch shell (bash's default for USR1), and the job would
+# end FAILED with no checkpoint and no requeue.
+trap beit3_on_usr1 USR1
+trap beit3_on_term TERM
+
 # A rank that exited 76 (its watchdog fired) while others are still in the step: those are stuck in a
 # collective or stopped (SIGSTOP, a frozen node), and srun would wait for them forever. After
 # BEIT3_HUNG_GRACE_S seconds, in which the other ranks' watchdogs normally fire too, the step's remaining
@@ -328,6 +334,11 @@ BEIT3_REQUESTED_SIGNALS=" 10 15 "
 # error) and BEIT3_FAILED_NODES (comma-separated nodes to exclude, or empty).
 beit3_classify() {
   local rc=$1 f node code ntasks seen=0 killed_nodes=() healthy=0 any2=0 any3=0 any76=0 any75=0 other=0
+  if [[ ${BEIT3_PREEMPTED_BEFORE_STEP:-0} == 1 ]]; then  # no task ran: no task could report
+    BEIT3_REASON=preempted
+    BEIT3_FAILED_NODES=
+    return 0
+  fi
   declare -A with_record=()
   BEIT3_FAILED_NODES=
   ntasks=${BEIT3_STEP_TASKS:-0}
@@ -527,7 +538,15 @@ beit3_main() {
   beit3_log "step: ${BEIT3_STEP[*]}"
   local rc=0
   BEIT3_ATTEMPT_START=$(beit3_now)
-  beit3_run_step "${BEIT3_STEP[@]}" || rc=$?
-  beit3_log "training step exited with code $rc"
+  if ((BEIT3_SIGNALS > 0)); then
+    # Asked to stop before any training ran: nothing to save, so the step is not started (its programs
+    # could not yet act on the signal); the attempt counts as preempted and is requeued like one.
+    beit3_log "the stop signal came before the training step started: not starting it"
+    BEIT3_PREEMPTED_BEFORE_STEP=1
+    rc=$BEIT3_EXIT_PREEMPTED
+  else
+    beit3_run_step "${BEIT3_STEP[@]}" || rc=$?
+    beit3_log "training step exited with code $rc"
+  fi
   beit3_finish "$rc"
 }
