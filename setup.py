@@ -59,7 +59,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "ruff", "tokenizers"],
+        "dev": ["pytest", "pytest-timeout", "ruff==0.17.6", "tokenizers"],  # ruff pinned: CI checks format
     },
     entry_points={
         "console_scripts": [

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --tests
 python3 -m ruff check .
+python3 -m ruff format --check .
 python3 -m pytest "$@"
