@@ -155,6 +155,19 @@ def single_rank():
     return init_distributed()
 
 
+def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """Step -> the last value written for ``tag`` across every event file of the run (oldest first)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events in sorted((run_dir / "tensorboard").rglob("events.out.tfevents.*"), key=os.path.getmtime):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
 def read_loss_rows(record_path: str | Path, rank: int) -> list[tuple[int, float]]:
     """Every (batch index, loss) that ToyMultiwayTask recorded, in order (re-run batches appear twice)."""
     with open(f"{record_path}_rank{rank}.jsonl") as f:

@@ -227,19 +227,6 @@ def pretrain_args(data: Path, steps: int) -> str:
     )
 
 
-def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    """Step -> the last value written for ``tag`` across every event file of the run (oldest first)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted((run_dir / "tensorboard").rglob("events.out.tfevents.*"), key=os.path.getmtime):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
-
-
 # --- the stand-in trainer ---------------------------------------------------------------------------------
 
 

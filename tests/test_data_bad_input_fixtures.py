@@ -81,7 +81,8 @@ def test_one_loader_over_every_fixture_with_workers_counts_every_kind(tmp_path, 
 def test_beit3_pretrain_over_every_fixture_exits_0_and_counts_every_kind_in_tensorboard(tmp_path, tok):
     """One real `beit3-pretrain` run (tiny model, one process, 2 loader workers) whose three streams hold
     every fixture: it finishes, and TensorBoard's `data/skipped/<kind>` shows each kind of damage."""
-    from test_pretrain_e2e import REPO, scalars
+    from engine_helpers import tensorboard_scalars as scalars
+    from test_pretrain_e2e import REPO
 
     shards = write_all(tmp_path / "fx")
     steps = 30

@@ -296,6 +296,7 @@ def test_sigterm_to_torchrun_with_workers_saves_exits_75_and_resumes_exactly(tmp
     """As the SIGKILL test of test_pretrain_e2e (its helpers, checkpoints every 2 steps), but the run is
     stopped by SIGTERM to torchrun right after its step-2 checkpoint and must save its own."""
     import test_pretrain_e2e as e2e
+    from engine_helpers import tensorboard_scalars
 
     from beit3.pretrain.data.fixtures import tiny_tokenizer, write_tiny_shards
 
@@ -308,7 +309,7 @@ def test_sigterm_to_torchrun_with_workers_saves_exits_75_and_resumes_exactly(tmp
     proc = subprocess.run(LAUNCH + e2e.command(assets, reference, steps), env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    expected = e2e.scalars(reference, "loss/total")
+    expected = tensorboard_scalars(reference, "loss/total")
     assert sorted(expected) == list(range(1, steps + 1))
 
     run = tmp_path / "preempted"
@@ -342,6 +343,6 @@ def test_sigterm_to_torchrun_with_workers_saves_exits_75_and_resumes_exactly(tmp
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {pointer.parent / f'step{saved:08d}'} at step {saved}" in proc.stderr
-    resumed = e2e.scalars(run, "loss/total")
+    resumed = tensorboard_scalars(run, "loss/total")
     for step in range(saved + 1, steps + 1):
         assert resumed[step] == expected[step], (step, resumed[step], expected[step])

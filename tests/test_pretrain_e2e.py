@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from engine_helpers import tensorboard_scalars
 
 from beit3.model import build_model, load_checkpoint
 
@@ -61,19 +62,6 @@ def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    """The last value written for each step of ``tag`` across every event file of the run."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted((run_dir / "tensorboard").rglob("events.out.tfevents.*"), key=os.path.getmtime):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
-
-
 def test_two_ranks_zero3_train_log_export_and_reload(assets, tmp_path):
     out = tmp_path / "run"
     export = tmp_path / "export" / "model.pth"
@@ -82,8 +70,8 @@ def test_two_ranks_zero3_train_log_export_and_reload(assets, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for tag in ("loss/total", "loss/mim", "loss/mlm", "loss/vl_mlm", "acc/mlm", "optim/lr", "optim/grad_norm",
                 "perf/samples_per_sec", "perf/tokens_per_sec", "data/skipped/image_decode"):  # fmt: skip
-        assert sorted(scalars(out, tag)) == [1, 2, 3, 4], tag
-    assert all(v == v and v < 1e4 for v in scalars(out, "loss/total").values())
+        assert sorted(tensorboard_scalars(out, tag)) == [1, 2, 3, 4], tag
+    assert all(v == v and v < 1e4 for v in tensorboard_scalars(out, "loss/total").values())
     model = build_model("beit3_tiny_patch16_64", vocab_size=64, visual_vocab_size=1024)
     report = load_checkpoint(model, export, strict=True)
     assert not report.missing and not report.unexpected
@@ -102,7 +90,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(assets, tmp_pat
         command(assets, reference, steps), env=env(), capture_output=True, text=True, timeout=240
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    expected = scalars(reference, "loss/total")
+    expected = tensorboard_scalars(reference, "loss/total")
     assert sorted(expected) == list(range(1, steps + 1))
 
     killed = tmp_path / "killed"
@@ -131,7 +119,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(assets, tmp_pat
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"at step {saved}" in proc.stdout + proc.stderr  # it resumed and trained the rest
-    resumed = scalars(killed, "loss/total")
+    resumed = tensorboard_scalars(killed, "loss/total")
     for step in range(saved + 1, steps + 1):
         assert resumed[step] == expected[step], (step, resumed[step], expected[step])
 
@@ -145,4 +133,4 @@ def test_runs_under_the_deepspeed_launcher(assets, tmp_path):
     args = cmd[cmd.index("beit3.pretrain.train") + 1 :]
     proc = subprocess.run(launcher + args, env=env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert sorted(scalars(out, "loss/total")) == [1, 2]
+    assert sorted(tensorboard_scalars(out, "loss/total")) == [1, 2]

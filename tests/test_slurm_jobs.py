@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from engine_helpers import tensorboard_scalars
 from slurm_fixtures import (
     REPO,
     SlurmCluster,
     pretrain_args,
     read_attempts,
     start_cluster,
-    tensorboard_scalars,
     wait_for_text,
     write_pretrain_data,
 )
