@@ -151,9 +151,15 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
     if resume == "auto":
         return latest_checkpoint(output_dir)
     try:
-        return find_checkpoint(resume)
+        found = find_checkpoint(resume)
     except CheckpointError as err:
         raise CheckpointError(f"--resume {resume}: {err}; pass auto, none or such a path") from None
+    if not (found / MARKER).is_file():  # consolidation reads such dirs; a resume needs the whole state
+        raise CheckpointError(
+            f"--resume {resume}: {found} has no {MARKER} (a save that did not finish, or not this engine's "
+            "checkpoint); pass auto, none or a complete checkpoint"
+        )
+    return found
 
 
 def find_checkpoint(path: str | os.PathLike, tag: str | None = None) -> Path:
@@ -385,7 +391,7 @@ class CheckpointManager:
         """
         first = resolve_resume(resume, output_dir)  # every rank: a bad value raises everywhere
         candidates: list[Path] = []
-        tag_given = first is not None and resume not in ("auto", "none") and (Path(resume) / MARKER).is_file()
+        tag_given = first is not None and first == Path(resume)  # a tag dir, not a run dir, was named
         if first is not None:
             run_dir = first.parent.parent
             candidates = [first] if tag_given else resume_candidates(run_dir)

@@ -74,6 +74,15 @@ def test_resume_none_refuses_a_dir_with_complete_checkpoints_even_without_latest
         resolve_resume("none", run)
 
 
+def test_resume_naming_a_tag_dir_without_marker_is_an_error_not_a_fresh_start(tmp_path):
+    """A DeepSpeed-only dir (a save that did not finish) is readable for consolidation, not for a resume."""
+    make_trainer(tmp_path / "a", "zero0_fp32.json", 2, save_every=2).fit()
+    tag = tmp_path / "a" / "checkpoints" / "step00000002"
+    (tag / MARKER).unlink()
+    with pytest.raises(CheckpointError, match="has no complete.json"):
+        make_trainer(tmp_path / "b", "zero0_fp32.json", 4, resume=str(tag))
+
+
 def test_resume_path_that_does_not_exist_names_it(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_resume(str(tmp_path / "nowhere"), tmp_path / "run")
