@@ -11,6 +11,7 @@ from beit3.finetune.tasks.captioning import Captioning
 from beit3.finetune.tasks.classification import ImageClassification, PromptClassification, TextClassification
 from beit3.finetune.tasks.retrieval import Retrieval
 from beit3.finetune.tasks.vqa import NLVR2, VQA
+from beit3.model import ModelConfig
 
 # Task -> (configuration, final LayerNorm kept), as in the released finetuning models.
 TASK_CONFIGURATIONS = {
@@ -34,6 +35,11 @@ def model_overrides(recipe: FinetuneRecipe) -> dict:
         shapes = checkpoint_overrides(m.pretrained)
         overrides.update({k: v for k, v in shapes.items() if k in ("vocab_size", "max_text_positions")})
     return overrides
+
+
+def model_config(task) -> ModelConfig:
+    """The resolved model configuration of a task module's backbone (recorded in config.json, model.pth)."""
+    return task.retrieval.cfg if isinstance(task, PromptClassification) else task.cfg
 
 
 def build_task(

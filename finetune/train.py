@@ -31,7 +31,7 @@ from beit3.engine.launch import LaunchError, add_run_args, init_distributed, shu
 from beit3.engine.optim import OptimizerConfigError
 from beit3.engine.supervise import supervised
 from beit3.engine.trainer_config import check_output_dir, preflight
-from beit3.finetune.builder import build_task
+from beit3.finetune.builder import build_task, model_config
 from beit3.finetune.data.batches import BatchLoader, Collator, tokenize_split
 from beit3.finetune.data.build import load_task_data
 from beit3.finetune.data.sources import DataSourceError
@@ -78,11 +78,15 @@ def _decoding(recipe: FinetuneRecipe) -> BeamSearchConfig:
     return BeamSearchConfig(num_beams=c.num_beams, max_len=c.max_len, length_penalty=c.length_penalty)
 
 
-def trainer_config(recipe: FinetuneRecipe, args, ds_config: dict):
-    """The engine's TrainerConfig from the recipe's [train] section (layer decay and head scale stay here)."""
+def trainer_config(recipe: FinetuneRecipe, args, ds_config: dict, model: dict | None = None):
+    """The engine's TrainerConfig from the recipe's [train] section (layer decay and head scale stay here).
+
+    ``run_info`` (config.json): the recipe, the command and ``model``, the resolved model configuration of
+    the task's backbone (builder.model_config); the engine records the DeepSpeed config itself.
+    """
     from beit3.engine.trainer import TrainerConfig
 
-    run_info = {"recipe": to_dict(recipe), "command": sys.argv, "ds_config": ds_config}
+    run_info = {"recipe": to_dict(recipe), "command": sys.argv, "model": model}
     return TrainerConfig.from_section(
         recipe.train, output_dir=args.output_dir, resume=args.resume, run_info=run_info,
         shutdown_at_end=False,  # the final evaluation and the export still need the process group
@@ -174,9 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     loader = BatchLoader(data.train, collate, micro, dist.rank, dist.world_size, seed=recipe.data.seed)
     try:
         with trusted_checkpoints(args.trust_checkpoint):  # resume from a checkpoint of another origin
-            trainer = Trainer(
-                task, loader, ds_config, trainer_config(recipe, args, ds_config), dist, eval_fn=run_eval
-            )
+            cfg = trainer_config(recipe, args, ds_config, model_config(task).to_dict())
+            trainer = Trainer(task, loader, ds_config, cfg, dist, eval_fn=run_eval)
     except CONFIG_ERRORS as e:
         return config_error(e, dist.rank)
     result = trainer.fit()

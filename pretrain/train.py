@@ -83,7 +83,7 @@ def build_task(recipe: PretrainRecipe, device, visual_checkpoint: dict | None = 
     from beit3.tokenizers.text import TextTokenizer
     from beit3.tokenizers.vqkd import build_visual_tokenizer
 
-    overrides = {"drop_path_rate": recipe.model.drop_path_rate, **recipe.model.overrides}
+    overrides = model_overrides(recipe)
     model_cfg = get_config(recipe.model.name, **overrides)
     text_tok = TextTokenizer(recipe.tokenizers.text)
     check_text_tokenizer(text_tok.vocab_size, model_cfg)
@@ -109,9 +109,21 @@ def build_task(recipe: PretrainRecipe, device, visual_checkpoint: dict | None = 
     return task, text_tok
 
 
+def model_overrides(recipe: PretrainRecipe) -> dict:
+    """The preset overrides of the recipe's [model] section (drop_path_rate, then ``overrides``)."""
+    return {"drop_path_rate": recipe.model.drop_path_rate, **recipe.model.overrides}
+
+
 def trainer_config(recipe: PretrainRecipe, args, ds_config: dict) -> TrainerConfig:
-    """The engine's settings: the recipe's [train] section plus the run directory and what to record."""
-    run_info = {"recipe": to_dict(recipe), "command": sys.argv, "ds_config": ds_config}
+    """The engine's settings: the recipe's [train] section plus the run directory and what to record.
+
+    ``run_info`` (config.json): the recipe, the command and the resolved model configuration; the engine
+    records the DeepSpeed config itself.
+    """
+    from beit3.model import get_config
+
+    model = get_config(recipe.model.name, **model_overrides(recipe)).to_dict()
+    run_info = {"recipe": to_dict(recipe), "command": sys.argv, "model": model}
     return TrainerConfig.from_section(
         recipe.train, output_dir=args.output_dir, resume=args.resume, run_info=run_info
     )

@@ -20,6 +20,7 @@ tokenizer's own commands (``beit3.tokenizers.vqkd_cli``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ from beit3.engine.trainer_config import preflight
 from beit3.pretrain.vqkd_recipe import VQKDRecipe, load_recipe, validate, with_run
 from beit3.tokenizers.images import ImageInputError
 from beit3.tokenizers.teachers import TeacherError
-from beit3.tokenizers.vqkd import VQKDConfigError
+from beit3.tokenizers.vqkd import VQKDConfigError, get_vqkd_config
 
 log = logging.getLogger("beit3.vqkd")
 
@@ -134,7 +135,9 @@ def train_main(argv: list[str] | None = None) -> int:
         ds_config = validate(recipe, ds_config, dist.world_size)
         # config.json: the recipe without [train], which the engine records as its trainer config.
         record = {k: v for k, v in to_dict(recipe).items() if k != "train"}
-        cfg = with_run(recipe, args.output_dir, args.resume, {"recipe": record, "command": sys.argv})
+        model = dataclasses.asdict(get_vqkd_config(recipe.tokenizer.name, **recipe.tokenizer.overrides))
+        run_info = {"recipe": record, "command": sys.argv, "model": model}  # model: the resolved tokenizer
+        cfg = with_run(recipe, args.output_dir, args.resume, run_info)
         preflight(cfg, ds_config, dist.world_size)
         seed_everything(cfg.seed)  # the same initial weights on every rank and every run
         task, stream, (eval_views, eval_targets) = build_run(recipe, ds_config, dist, cfg.seed)
