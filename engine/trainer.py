@@ -171,11 +171,17 @@ class Trainer:
             log.info("resumed from %s at step %d", tag_dir, self.step)
         return rank_state["rng"] if rank_state is not None else None
 
+    def _trainer_settings(self) -> dict:
+        """The trainer config as recorded: every field but ``run_info`` (config.json has it at the top)."""
+        return {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "run_info"}
+
     def _write_run_config(self) -> None:
+        """``config.json``: the program's ``run_info`` at the top level (recipe, command, resolved model
+        config) and, under ``engine``, what the engine ran with; each recorded once (docs/engine.md)."""
         import deepspeed
 
         engine_info = {
-            "trainer": dataclasses.asdict(self.cfg),
+            "trainer": self._trainer_settings(),
             "ds_config": self.ds_config,
             "world_size": self.dist.world_size,
             "precision": precision_of(self.ds_config),
@@ -401,7 +407,9 @@ class Trainer:
             "nonfinite_in_row": self.nonfinite_in_row,
             "data_counters": dict(self._data_counters),
         }
-        run_state = {"ds_config": self.ds_config, "trainer": dataclasses.asdict(self.cfg)}
+        # The marker: what a resume needs (the DeepSpeed config: its global batch, reshard.py) and the trainer
+        # settings this checkpoint was trained with; the recipe stays in config.json only.
+        run_state = {"ds_config": self.ds_config, "trainer": self._trainer_settings()}
         self.ckpt.save(self.engine, self.step, rank_state, run_state)
         self.last_saved = self.step
         return time.perf_counter() - start
