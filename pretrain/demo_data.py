@@ -18,7 +18,15 @@ import json
 import os
 import random
 import sys
-from collections import Counter
+
+from beit3.pretrain.errors import PretrainError
+from beit3.pretrain.shard_writer import (
+    image_result,
+    shard_dir_summary,
+    split_segments,
+    text_results,
+    write_shard_dir,
+)
 
 # Photos that ship inside the scikit-image wheel (others download at run time and would fail offline).
 SKIMAGE_PHOTOS = (
@@ -34,7 +42,7 @@ CAPTION_TEMPLATES = (
 )
 
 
-class DemoDataError(RuntimeError):
+class DemoDataError(PretrainError, RuntimeError):
     """A demo source package is missing; the message names the pip command."""
 
 
@@ -114,27 +122,16 @@ def pydoc_paragraphs(min_words: int = 8) -> list[str]:
 
 def _write_images(out_dir: str, kind: str, items: list[tuple], max_samples: int) -> dict:
     """items: (path or bytes, caption or None); captions are written only for pairs."""
-    from beit3.pretrain.data.decode import SkipSample, decode_text
-    from beit3.pretrain.data.tario import ShardWriter, write_manifest
-    from beit3.pretrain.shards import prepare_image
 
-    writer = ShardWriter(out_dir, kind, max_samples=max_samples)
-    skipped: Counter = Counter()
-    for i, (src, caption) in enumerate(items):
-        if isinstance(src, str):
-            with open(src, "rb") as f:
-                src = f.read()
-        try:
-            fields = {"jpg": prepare_image(src, 25_000_000)}
-            if kind == "pairs":
-                fields["txt"] = decode_text((caption or "").encode()).encode()
-        except SkipSample as e:
-            skipped[e.kind] += 1
-            continue
-        writer.write(f"{i:09d}", fields)
-    writer.close()
-    write_manifest(out_dir, kind, writer.shards, dict(skipped), {"created_by": "beit3-shards demo"})
-    return {"samples": sum(s["samples"] for s in writer.shards), "shards": len(writer.shards)}
+    def results():
+        for src, caption in items:
+            if isinstance(src, str):
+                with open(src, "rb") as f:
+                    src = f.read()
+            yield image_result(src, (caption or "") if kind == "pairs" else None, 25_000_000)
+
+    extra = {"created_by": "beit3-shards demo"}
+    return shard_dir_summary(write_shard_dir(out_dir, kind, results(), extra, max_samples=max_samples))
 
 
 def build_demo(
@@ -148,9 +145,6 @@ def build_demo(
 
     ``max_emoji`` keeps every n-th emoji so that about that many remain (None: all 4,009), for quick tests.
     """
-    from beit3.pretrain.data.tario import ShardWriter, write_manifest
-    from beit3.pretrain.shards import split_segments
-
     emojis = emoji_items()
     if max_emoji is not None:
         emojis = emojis[:: max(1, len(emojis) // max_emoji)]
@@ -165,13 +159,11 @@ def build_demo(
     texts = [seg for para in pydoc_paragraphs() for seg in split_segments(para, segment_words)]
     texts += [c for _, c in captioned]
     random.Random(0).shuffle(texts)
-    writer = ShardWriter(os.path.join(out_dir, "texts"), "texts", max_samples=max_samples)
-    for i, text in enumerate(texts):
-        writer.write(f"{i:09d}", {"txt": text.encode()})
-    writer.close()
     extra = {"created_by": "beit3-shards demo", "unit": "words", "max_units": segment_words}
-    write_manifest(os.path.join(out_dir, "texts"), "texts", writer.shards, {}, extra)
-    summary["texts"] = {"samples": len(texts), "shards": len(writer.shards)}
+    manifest = write_shard_dir(
+        os.path.join(out_dir, "texts"), "texts", text_results(texts), extra, max_samples=max_samples
+    )
+    summary["texts"] = shard_dir_summary(manifest)
     with open(os.path.join(out_dir, "corpus.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(texts) + "\n")
     with open(os.path.join(out_dir, "demo.json"), "w") as f:

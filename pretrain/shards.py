@@ -15,7 +15,6 @@ kind in the manifest. A new shard starts after ``--max-samples`` samples or ``--
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random
@@ -24,39 +23,18 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import Pool
 
-from PIL import Image
-
-from beit3.pretrain.data.decode import IMAGE_FIELDS, SkipSample, decode_image, decode_text
-from beit3.pretrain.data.tario import ShardWriter, write_manifest
+from beit3.pretrain.data.decode import IMAGE_FIELDS
+from beit3.pretrain.errors import PretrainError
+from beit3.pretrain.shard_writer import image_result, split_segments, text_results, write_shard_dir
 
 IMAGE_EXTENSIONS = tuple(f".{ext}" for ext in IMAGE_FIELDS)  # the loader's list: what is written can be read
 
 
-class ShardsError(ValueError):
+class ShardsError(PretrainError, ValueError):
     """Bad command-line input (missing sources, unknown columns); the message names the fix."""
 
 
 # ---- images ----------------------------------------------------------------------------------------------
-def prepare_image(data: bytes, max_pixels: int, shorter_side: int = 0, quality: int = 95) -> bytes:
-    """Validated JPEG bytes of an image (decoded, converted to RGB, optionally downscaled), or SkipSample."""
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            fmt, mode, size = probe.format, probe.mode, probe.size
-    except Exception:
-        fmt = mode = size = None  # decode_image below names the problem
-    img = decode_image(data, max_pixels)
-    resize = shorter_side and min(img.size) > shorter_side
-    # The size check catches large JPEGs that decode_image drafted to a smaller scale.
-    if fmt == "JPEG" and mode in ("RGB", "L") and not resize and img.size == size:
-        return data
-    if resize:
-        scale = shorter_side / min(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def list_images(sources: Iterable[str]) -> list[str]:
     """Image files under directories (recursively, sorted) and in list files (one path a line)."""
     paths: list[str] = []
@@ -86,38 +64,10 @@ def _image_job(args: tuple) -> tuple[str, dict | None]:
             data = f.read()
     except OSError:
         return "missing_file", None
-    try:
-        fields = {"jpg": prepare_image(data, max_pixels, shorter_side, quality)}
-        if caption is not None:
-            fields["txt"] = decode_text(caption.encode("utf-8")).encode("utf-8")
-    except SkipSample as e:
-        return e.kind, None
-    return "ok", fields
+    return image_result(data, caption, max_pixels, shorter_side, quality)
 
 
 # ---- texts -----------------------------------------------------------------------------------------------
-def split_segments(text: str, max_units: int, unit: str = "words") -> list[str]:
-    """Cut a document into consecutive segments of at most ``max_units`` words (or characters).
-
-    Words are whitespace-separated and re-joined with single spaces. In character mode a segment ends at the
-    last whitespace before the limit when there is one, so words are only cut when longer than a segment.
-    """
-    if unit == "words":
-        words = text.split()
-        return [" ".join(words[i : i + max_units]) for i in range(0, len(words), max_units)]
-    text = " ".join(text.split())
-    out = []
-    while text:
-        if len(text) <= max_units:
-            out.append(text)
-            break
-        cut = text.rfind(" ", 0, max_units + 1)
-        cut = cut if cut > 0 else max_units
-        out.append(text[:cut].strip())
-        text = text[cut:].lstrip()
-    return out
-
-
 def iter_documents(sources: Iterable[str], field: str, skipped: Counter) -> Iterator[str]:
     """Documents from .txt (one a line) and .jsonl (``field``) files; bad lines are counted in ``skipped``."""
     for src in sources:
@@ -253,35 +203,37 @@ def _write_jobs(args, kind: str, jobs: list[tuple], extra: dict, skipped: Counte
     """Run image jobs (in a pool when --workers > 1), write shards in input order, then the manifest.
 
     ``skipped`` holds counts from before the jobs (e.g. unusable index lines); the jobs' skips are added."""
-    writer = ShardWriter(args.out_dir, args.prefix or kind, args.max_samples, args.max_bytes)
-    skipped = Counter() if skipped is None else skipped
     bar = _progress(len(jobs), "sample", args.quiet)
     pool = Pool(args.workers) if args.workers > 1 else None
     results = pool.imap(_image_job, jobs, chunksize=8) if pool else map(_image_job, jobs)
+    return _finish(args, kind, _counted(results, bar), extra, skipped, bar, pool)
+
+
+def _counted(items: Iterable, bar) -> Iterator:
+    for item in items:
+        bar.update(1)
+        yield item
+
+
+def _finish(
+    args, kind: str, results: Iterable, extra: dict, skipped: Counter | None, bar, pool: Pool | None = None
+) -> dict:
+    """Write ``results`` under ``args.out_dir`` (shards, manifest), close ``pool`` and ``bar``, then print
+    the summary."""
+    skipped = Counter() if skipped is None else skipped
+    extra = {"created_by": f"beit3-shards {kind}", **extra}
     try:
-        for i, (status, fields) in enumerate(results):
-            bar.update(1)
-            if status == "ok":
-                writer.write(f"{i:09d}", fields)
-            else:
-                skipped[status] += 1
+        manifest = write_shard_dir(
+            args.out_dir, kind, results, extra, args.prefix, args.max_samples, args.max_bytes, skipped
+        )
     finally:
         if pool:
             pool.terminate()
         bar.close()
-        writer.close()
-    return _finish(args, kind, writer, skipped, extra)
-
-
-def _finish(args, kind: str, writer: ShardWriter, skipped: Counter, extra: dict) -> dict:
-    write_manifest(
-        args.out_dir, kind, writer.shards, dict(skipped), {"created_by": f"beit3-shards {kind}", **extra}
-    )
-    with open(os.path.join(args.out_dir, "manifest.json")) as f:
-        manifest = json.load(f)
     if not args.quiet:
+        shards = len(manifest["shards"])
         print(
-            f"{kind}: {manifest['samples']} samples in {len(writer.shards)} shards under {args.out_dir}; "
+            f"{kind}: {manifest['samples']} samples in {shards} shards under {args.out_dir}; "
             f"skipped {dict(skipped) or 0}",
             file=sys.stderr,
         )
@@ -316,21 +268,12 @@ def cmd_pairs(args) -> dict:
 
 def cmd_texts(args) -> dict:
     """Documents -> text segment shards (streamed: input order is kept)."""
-    writer = ShardWriter(args.out_dir, args.prefix or "texts", args.max_samples, args.max_bytes)
     skipped: Counter = Counter()
     bar = _progress(None, "doc", args.quiet)
-    n = 0
-    try:
-        for doc in iter_documents(args.sources, args.field, skipped):
-            bar.update(1)
-            for seg in split_segments(doc, args.max_units, args.unit):
-                writer.write(f"{n:09d}", {"txt": seg.encode("utf-8")})
-                n += 1
-    finally:
-        bar.close()
-        writer.close()
+    docs = _counted(iter_documents(args.sources, args.field, skipped), bar)
+    segments = (seg for doc in docs for seg in split_segments(doc, args.max_units, args.unit))
     extra = {"sources": args.sources, "unit": args.unit, "max_units": args.max_units}
-    return _finish(args, "texts", writer, skipped, extra)
+    return _finish(args, "texts", text_results(segments), extra, skipped, bar)
 
 
 def cmd_demo(args) -> dict:
