@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import contextvars
+import json
 import logging
 import math
 import os
@@ -28,9 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from beit3.model.config import ModelConfig
+
 log = logging.getLogger(__name__)
 
 VISION_POSITIONS = "beit3.encoder.embed_positions.A.weight"
+# Where a file we write carries its model configuration: the "config" entry beside "model" (a .pth), or this
+# metadata key (a .safetensors). Released files carry none.
+CONFIG_KEY = "config"
 # Rows of the vision table before the patch grid: two unused (fairseq offset) rows and the CLS row.
 _EXTRA_ROWS = 3
 # The one non-tensor type released files hold: the finetuning scripts save their argparse.Namespace as "args".
@@ -205,11 +211,17 @@ def save_checkpoint(
     model_or_state: nn.Module | dict[str, torch.Tensor],
     path: str | os.PathLike,
     dtype: torch.dtype | None = None,
+    config: ModelConfig | dict | None = None,
 ) -> Path:
     """Write ``{"model": state_dict}`` (or a safetensors file for a ``.safetensors`` path) atomically.
 
-    ``dtype`` casts floating-point tensors (e.g. ``torch.bfloat16`` halves the file).
+    ``dtype`` casts floating-point tensors (e.g. ``torch.bfloat16`` halves the file). ``config`` (a
+    ModelConfig or its dict) is stored beside the weights, ``{"model": sd, "config": {...}}`` (safetensors:
+    JSON metadata), so the file describes its architecture (:func:`read_config`); readers of the released
+    format take ``"model"`` and ignore it.
     """
+    if isinstance(config, ModelConfig):
+        config = config.to_dict()
     sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     sd = {
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
@@ -221,8 +233,48 @@ def save_checkpoint(
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(sd, str(tmp))
+        save_file(sd, str(tmp), metadata=None if config is None else {CONFIG_KEY: json.dumps(config)})
     else:
-        torch.save({"model": sd}, tmp)
+        torch.save({"model": sd} if config is None else {"model": sd, CONFIG_KEY: dict(config)}, tmp)
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated file under the final name
     return path
+
+
+def read_config(source: str | os.PathLike | dict, trusted: bool = False) -> dict | None:
+    """The model configuration a checkpoint carries (as :meth:`ModelConfig.to_dict` wrote it), or None for a
+    file without one: released checkpoints, DeepSpeed files, raw state dicts.
+
+    A ``.pth`` is memory-mapped, so the weights are not read; ``trusted`` as in :func:`read_state_dict`.
+    """
+    if isinstance(source, dict):
+        obj = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} does not exist")
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as f:
+                    text = (f.metadata() or {}).get(CONFIG_KEY)
+                obj = {CONFIG_KEY: json.loads(text)} if text else {}
+            else:
+                obj = _torch_load_mmap(path, trusted or _TRUSTED.get())
+        except CheckpointError:
+            raise
+        except Exception as e:  # truncated, or not a checkpoint at all
+            raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    config = obj.get(CONFIG_KEY) if isinstance(obj, dict) else None
+    return dict(config) if isinstance(config, dict) else None
+
+
+def _torch_load_mmap(path: Path, trusted: bool) -> object:
+    """Like ``_torch_load`` without reading the tensors (files of the legacy, non-zip format are read)."""
+    if trusted:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError):  # legacy format, or refused types: _torch_load says which
+        return _torch_load(path, trusted)

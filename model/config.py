@@ -103,4 +103,50 @@ class ModelConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
+        """Every field as a plain value (JSON and weights-only pickle); :meth:`from_dict` reads it back."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """The config :meth:`to_dict` wrote (config.json's ``"model"``, an export's ``"config"``), validated.
+
+        An unknown field or a value of the wrong type raises ModelConfigError; a missing field takes its
+        default (a record written before the field existed).
+        """
+        if not isinstance(data, dict):
+            raise ModelConfigError(f"a model config is a mapping of its fields, got {type(data).__name__}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(types))
+        if unknown:
+            raise ModelConfigError(f"unknown model config field(s) {unknown}; known: {sorted(types)}")
+        for name, value in data.items():
+            want = _FIELD_TYPES[types[name]]
+            if isinstance(value, bool) != (want is bool) or not isinstance(value, want):
+                raise ModelConfigError(f"model config field {name}={value!r} is not of type {types[name]}")
+        return cls(**data)
+
+
+# ``from_dict``'s type check, by annotation (an int is a valid float; a bool is no int).
+_FIELD_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool}
+
+# The fields that fix a model's parameters and computation: weights trained under one value do not fit
+# another. The others may differ between a pretrained file and the model it is loaded into: resolution
+# (positions are interpolated), table sizes (taken from the file's shapes), regularisation, initialisation,
+# and which heads and final LayerNorm a task keeps.
+ARCHITECTURE_FIELDS = (
+    "layout",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "ffn_dim",
+    "patch_size",
+    "in_chans",
+    "vl_expert_layers",
+    "subln",
+    "layernorm_eps",
+)
+
+
+def architecture_differences(a: ModelConfig, b: ModelConfig) -> dict[str, tuple]:
+    """``{field: (a's value, b's value)}`` for each of :data:`ARCHITECTURE_FIELDS` that differs."""
+    return {n: (getattr(a, n), getattr(b, n)) for n in ARCHITECTURE_FIELDS if getattr(a, n) != getattr(b, n)}
