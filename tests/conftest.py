@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_data import pydoc_spm, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -13,13 +14,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 @pytest.fixture(scope="session")
 def tiny_spm(tmp_path_factory) -> Path:
-    """A SentencePiece model trained on Python's own documentation text (always installed)."""
-    from pydoc_data.topics import topics
+    """A 500-piece SentencePiece model trained on Python's own documentation text (tiny_data.pydoc_spm)."""
+    return pydoc_spm(tmp_path_factory.mktemp("spm"))
 
-    from beit3.tokenizers.text import train_sentencepiece
 
-    root = tmp_path_factory.mktemp("spm")
-    corpus = root / "corpus.txt"
-    lines = [line.strip() for text in topics.values() for line in text.splitlines() if line.strip()]
-    corpus.write_text("\n".join(lines[:20000]))
-    return train_sentencepiece([corpus], root / "tiny", vocab_size=500)
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """The 48-piece ``TextTokenizer`` of tiny_data.tiny_tokenizer, for the data pipeline tests."""
+    return tiny_tokenizer(str(tmp_path_factory.mktemp("spm")))

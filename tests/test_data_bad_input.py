@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_data import encode_image, noise_image
 
 from beit3.pretrain.data import DataStreamError, PretrainDataConfig, build_pretrain_loader
 from beit3.pretrain.data.decode import SkipSample, decode_image, decode_text
-from beit3.pretrain.data.fixtures import encode_image, noise_image, tiny_tokenizer
 from beit3.pretrain.data.tario import ShardWriter
 
 
@@ -114,11 +114,6 @@ def test_bad_texts_are_skipped_with_their_kind(data, kind):
 
 def test_text_keeps_utf8_and_drops_bom_and_whitespace():
     assert decode_text("\ufeff  café ☕ \n".encode()) == "café ☕"
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return tiny_tokenizer(str(tmp_path_factory.mktemp("spm")))
 
 
 def single_pass_cfg(tmp_path, **kw) -> PretrainDataConfig:

@@ -14,14 +14,8 @@ from bad_input_fixtures import FIXTURES, clean_shard, expected_keys, write_all, 
 
 from beit3.pretrain.data import PretrainDataConfig, build_pretrain_loader
 from beit3.pretrain.data.decode import SKIP_KINDS
-from beit3.pretrain.data.fixtures import tiny_tokenizer
 
 COUNTS = {"image": (1, 0, 0), "text": (0, 1, 0), "pair": (0, 0, 1)}
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return tiny_tokenizer(str(tmp_path_factory.mktemp("spm")))
 
 
 def cfg(**kw) -> PretrainDataConfig:

@@ -12,9 +12,9 @@ import time
 import psutil
 import pytest
 import torch
+from tiny_data import tiny_tokenizer, write_tiny_shards
 
 from beit3.pretrain.data import DataConfigError, PretrainDataConfig, build_pretrain_loader
-from beit3.pretrain.data.fixtures import tiny_tokenizer, write_tiny_shards
 
 IMAGES, TEXTS, PAIRS = 3, 2, 4
 

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
+from tiny_data import noise_image, sentence
 
 from beit3.pretrain.data import PretrainDataConfig
-from beit3.pretrain.data.fixtures import noise_image, sentence, tiny_tokenizer
 from beit3.pretrain.data.samples import SampleProcessor, collate
 from beit3.pretrain.data.tario import RawSample
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return tiny_tokenizer(str(tmp_path_factory.mktemp("spm")))
 
 
 def cfg(**kw) -> PretrainDataConfig:

@@ -21,15 +21,9 @@ from bad_input_fixtures import (
 )
 
 from beit3.pretrain.data import PretrainDataConfig, build_pretrain_loader
-from beit3.pretrain.data.fixtures import tiny_tokenizer
 from beit3.pretrain.data.tario import iter_shard
 
 KEYS = [f"k{i:02d}" for i in range(6)]
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return tiny_tokenizer(str(tmp_path_factory.mktemp("spm")))
 
 
 def shard(tmp_path, name="s.tar"):

@@ -9,9 +9,9 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_data import noise_image, tiny_tokenizer
 
 from beit3.pretrain.data import PretrainDataConfig, build_pretrain_loader
-from beit3.pretrain.data.fixtures import noise_image, tiny_tokenizer
 from beit3.pretrain.data.tario import ShardWriter
 from beit3.pretrain.shards import main, split_segments
 
