@@ -1,13 +1,18 @@
-"""Tiny synthetic shards and a tiny SentencePiece model, for tests and benchmarks of the data pipeline.
+"""The tests' tiny data: synthetic shards and the small SentencePiece models, each built in one place.
 
 Images are random-noise PNG/JPEG files, texts are short sentences over a 20-word vocabulary; sample keys are
-``<kind><index>`` so tests can trace every sample back to its shard.
+``<kind><index>`` so tests can trace every sample back to its shard. :func:`write_pretrain_data` writes the
+three kinds and a tokenizer for a real ``beit3-pretrain`` run, :func:`tiny_pretrain_settings` points the demo
+recipe at them. The tokenizers: :func:`tiny_tokenizer` (48 pieces over :func:`sentence` texts),
+:func:`pydoc_spm` (500 pieces over Python's documentation) and :func:`shapes_spm` (40 pieces over the
+generated shapes captions and questions of the finetuning tasks).
 """
 
 from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -71,3 +76,58 @@ def tiny_tokenizer(out_dir: str, vocab_size: int = 48):
         f.write("\n".join(sentence(i) for i in range(400)) + "\n")
     model = train_sentencepiece([corpus], os.path.join(out_dir, "tiny"), vocab_size)
     return TextTokenizer(model)
+
+
+def write_pretrain_data(root: str | Path, num_samples: int = 24, samples_per_shard: int = 8) -> dict:
+    """Image, text and pair shards under ``root/<kind>`` and a :func:`tiny_tokenizer` under ``root/spm``.
+
+    Returns ``{"root": root, "spm": the model file}`` (see :func:`tiny_pretrain_settings`)."""
+    root = Path(root)
+    for kind in ("images", "texts", "pairs"):
+        write_tiny_shards(str(root / kind), kind, num_samples, samples_per_shard, seed=len(kind))
+    return {"root": root, "spm": tiny_tokenizer(str(root / "spm"), vocab_size=48).model_file}
+
+
+def tiny_pretrain_settings(assets: dict) -> list[str]:
+    """``--set`` values (no spaces) that run the demo recipe's tiny model on :func:`write_pretrain_data`."""
+    root = assets["root"]
+    return [
+        f"tokenizers.text={assets['spm']}",
+        "tokenizers.visual_checkpoint=",
+        *(f'data.{kind[:-1]}_shards=["{root}/{kind}/*.tar"]' for kind in ("images", "texts", "pairs")),
+        "model.name=beit3_tiny_patch16_64",
+        "model.overrides={vocab_size=64,visual_vocab_size=1024}",
+    ]
+
+
+def set_args(settings: list[str]) -> list[str]:
+    """``["--set", s1, "--set", s2, ...]``."""
+    return [arg for s in settings for arg in ("--set", s)]
+
+
+def pydoc_spm(root: str | Path) -> Path:
+    """A 500-piece SentencePiece model trained on Python's own documentation text (always installed)."""
+    from pydoc_data.topics import topics
+
+    from beit3.tokenizers.text import train_sentencepiece
+
+    root = Path(root)
+    corpus = root / "corpus.txt"
+    lines = [line.strip() for text in topics.values() for line in text.splitlines() if line.strip()]
+    corpus.write_text("\n".join(lines[:20000]))
+    return train_sentencepiece([corpus], root / "tiny", vocab_size=500)
+
+
+def shapes_spm(root: str | Path) -> str:
+    """A 40-piece SentencePiece model trained on the shapes captions and questions of the finetuning tasks."""
+    from beit3.finetune.data.build import COLORS, QUESTIONS, SHAPES
+    from beit3.tokenizers.text import train_sentencepiece
+
+    root = Path(root)
+    lines = (
+        [f"a {c} {s}." for c in COLORS for s in SHAPES]
+        + list(QUESTIONS)
+        + [f"a picture of {c}." for c in COLORS]
+    )
+    (root / "corpus.txt").write_text("\n".join(lines * 10))
+    return str(train_sentencepiece([root / "corpus.txt"], root / "shapes", 40))
