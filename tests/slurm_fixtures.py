@@ -197,27 +197,21 @@ def read_attempts(run_dir: Path) -> list[dict[str, str]]:
 def write_pretrain_data(root: Path) -> Path:
     """Tiny real shards of the three kinds and a tiny SentencePiece model under ``root``, for the real
     beit3-pretrain (see :func:`pretrain_args`)."""
-    from beit3.pretrain.data.fixtures import tiny_tokenizer, write_tiny_shards
+    from tiny_data import write_pretrain_data
 
-    for kind in ("images", "texts", "pairs"):
-        write_tiny_shards(str(root / kind), kind, 24, 8, seed=len(kind))
-    tiny_tokenizer(str(root / "spm"), vocab_size=48)
+    write_pretrain_data(root)
     return root
 
 
 def pretrain_args(data: Path, steps: int) -> str:
     """BEIT3_EXTRA_ARGS for the demo recipe on the tiny data (no spaces inside a value: the list is split)."""
+    from tiny_data import tiny_pretrain_settings
+
+    settings = tiny_pretrain_settings({"root": data, "spm": f"{data}/spm/tiny.model"})
     return " ".join(
         [
             "--ds-set train_micro_batch_size_per_gpu=3",
-            f"--set tokenizers.text={data}/spm/tiny.model",
-            "--set tokenizers.visual_checkpoint=",
-            *(
-                f'--set data.{kind[:-1]}_shards=["{data}/{kind}/*.tar"]'
-                for kind in ("images", "texts", "pairs")
-            ),
-            "--set model.name=beit3_tiny_patch16_64",
-            "--set model.overrides={vocab_size=64,visual_vocab_size=1024}",
+            *(f"--set {s}" for s in settings),
             "--set data.num_workers=1",
             f"--set train.total_steps={steps}",
             "--set train.warmup_steps=2",

@@ -297,12 +297,9 @@ def test_sigterm_to_torchrun_with_workers_saves_exits_75_and_resumes_exactly(tmp
     stopped by SIGTERM to torchrun right after its step-2 checkpoint and must save its own."""
     import test_pretrain_e2e as e2e
     from engine_helpers import tensorboard_scalars
+    from tiny_data import write_pretrain_data
 
-    from beit3.pretrain.data.fixtures import tiny_tokenizer, write_tiny_shards
-
-    for kind in ("images", "texts", "pairs"):
-        write_tiny_shards(str(tmp_path / kind), kind, 24, 8, seed=len(kind))
-    assets = {"root": tmp_path, "spm": tiny_tokenizer(str(tmp_path / "spm"), vocab_size=48).model_file}
+    assets = write_pretrain_data(tmp_path)
     steps, env = 8, _env(tmp_path)
 
     reference = tmp_path / "reference"

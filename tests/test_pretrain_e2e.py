@@ -14,6 +14,7 @@ import psutil
 import pytest
 import torch
 from engine_helpers import tensorboard_scalars
+from tiny_data import set_args, tiny_pretrain_settings, write_pretrain_data
 
 from beit3.model import build_model, load_checkpoint
 
@@ -23,17 +24,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
-    from beit3.pretrain.data.fixtures import tiny_tokenizer, write_tiny_shards
-
-    root = tmp_path_factory.mktemp("pretrain_e2e")
-    for kind in ("images", "texts", "pairs"):
-        write_tiny_shards(str(root / kind), kind, 24, 8, seed=len(kind))
-    tok = tiny_tokenizer(str(root / "spm"), vocab_size=48)
-    return {"root": root, "spm": tok.model_file}
+    return write_pretrain_data(tmp_path_factory.mktemp("pretrain_e2e"))
 
 
 def command(assets: dict, out: Path, steps: int, *extra: str) -> list[str]:
-    root = assets["root"]
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "beit3.pretrain.train",
@@ -41,13 +35,7 @@ def command(assets: dict, out: Path, steps: int, *extra: str) -> list[str]:
         "--ds-config", str(REPO / "ds_configs/zero3_fp32.json"),
         "--ds-set", "train_micro_batch_size_per_gpu=3",
         "--output-dir", str(out),
-        "--set", f"tokenizers.text={assets['spm']}",
-        "--set", "tokenizers.visual_checkpoint=",
-        "--set", f'data.image_shards=["{root}/images/*.tar"]',
-        "--set", f'data.text_shards=["{root}/texts/*.tar"]',
-        "--set", f'data.pair_shards=["{root}/pairs/*.tar"]',
-        "--set", "model.overrides={vocab_size = 64, visual_vocab_size = 1024}",
-        "--set", "model.name=beit3_tiny_patch16_64",
+        *set_args(tiny_pretrain_settings(assets)),
         "--set", "model.drop_path_rate=0.1",  # stochastic depth: its RNG must be restored too
         "--set", f"train.total_steps={steps}",
         "--set", "train.warmup_steps=2",

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from engine_helpers import DS_CONFIGS, make_trainer, single_rank  # noqa: F401  (a fixture)
+from tiny_data import set_args, tiny_pretrain_settings, write_pretrain_data
 
 from beit3.engine.checkpoint import MARKER, describe_files, latest_checkpoint
 from beit3.engine.safe_load import UntrustedFileError, load_file, trusted_files
@@ -325,26 +326,15 @@ def test_finetune_loads_a_released_style_file_with_its_argparse_namespace(tmp_pa
 
 @pytest.fixture(scope="module")
 def pretrain_assets(tmp_path_factory) -> dict:
-    from beit3.pretrain.data.fixtures import tiny_tokenizer, write_tiny_shards
-
-    root = tmp_path_factory.mktemp("pretrain_assets")
-    for kind in ("images", "texts", "pairs"):
-        write_tiny_shards(str(root / kind), kind, 12, 6, seed=len(kind))
-    return {"root": root, "spm": tiny_tokenizer(str(root / "spm"), vocab_size=48).model_file}
+    return write_pretrain_data(tmp_path_factory.mktemp("pretrain_assets"), 12, 6)
 
 
 def pretrain_args(assets: dict, run: Path, steps: int, *extra: str) -> list[str]:
-    root = assets["root"]
     return [
         "--config", str(REPO / "pretrain/recipes/demo.toml"),
         "--ds-config", str(DS_CONFIGS / "zero0_fp32.json"),
         "--ds-set", "train_micro_batch_size_per_gpu=3", "--output-dir", str(run),
-        "--set", f"tokenizers.text={assets['spm']}", "--set", "tokenizers.visual_checkpoint=",
-        "--set", f'data.image_shards=["{root}/images/*.tar"]',
-        "--set", f'data.text_shards=["{root}/texts/*.tar"]',
-        "--set", f'data.pair_shards=["{root}/pairs/*.tar"]',
-        "--set", "model.overrides={vocab_size = 64, visual_vocab_size = 1024}",
-        "--set", "model.name=beit3_tiny_patch16_64", "--set", f"train.total_steps={steps}",
+        *set_args(tiny_pretrain_settings(assets)), "--set", f"train.total_steps={steps}",
         "--set", "train.warmup_steps=1", "--set", "train.save_every=0", "--set", "data.num_workers=0",
         *extra,
     ]  # fmt: skip
