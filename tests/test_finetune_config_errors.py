@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_data import shapes_spm
 
 from beit3.finetune.train import main
 
@@ -19,14 +20,7 @@ PROGRAM = "beit3-finetune"
 
 @pytest.fixture(scope="module")
 def spm(tmp_path_factory) -> str:
-    from beit3.finetune.data.build import COLORS, SHAPES
-    from beit3.tokenizers.text import train_sentencepiece
-
-    d = tmp_path_factory.mktemp("spm")
-    (d / "corpus.txt").write_text(
-        "\n".join([f"what color is the {s}? a {c} {s}." for c in COLORS for s in SHAPES] * 10)
-    )
-    return str(train_sentencepiece([d / "corpus.txt"], d / "shapes", 40))
+    return shapes_spm(tmp_path_factory.mktemp("spm"))
 
 
 def write_recipe(tmp_path: Path, spm: str, task: str = "vqa") -> str:

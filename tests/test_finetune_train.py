@@ -6,8 +6,8 @@ import json
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny_data import shapes_spm
 
-from beit3.finetune.data.build import COLORS, QUESTIONS, SHAPES
 from beit3.finetune.train import main
 
 DS_CONFIG = "ds_configs/zero0_fp32.json"
@@ -24,16 +24,7 @@ def process_group():
 @pytest.fixture(scope="module")
 def spm(tmp_path_factory):
     """A small SentencePiece model trained on the shapes captions and questions."""
-    from beit3.tokenizers.text import train_sentencepiece
-
-    d = tmp_path_factory.mktemp("spm")
-    lines = (
-        [f"a {c} {s}." for c in COLORS for s in SHAPES]
-        + list(QUESTIONS)
-        + [f"a picture of {c}." for c in COLORS]
-    )
-    (d / "corpus.txt").write_text("\n".join(lines * 10))
-    return str(train_sentencepiece([d / "corpus.txt"], d / "shapes", 40))
+    return shapes_spm(tmp_path_factory.mktemp("spm"))
 
 
 def _recipe(tmp_path, spm: str, task: str, steps: int) -> str:

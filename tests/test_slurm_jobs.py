@@ -125,12 +125,9 @@ def test_preempted_pretraining_checkpoints_requeues_and_resumes_to_the_end(
 
 def shapes_recipe(root: Path, steps: int) -> Path:
     """A finetuning recipe for the tiny model on generated shapes data (no download), with its tokenizer."""
-    from beit3.finetune.data.build import COLORS, QUESTIONS, SHAPES
-    from beit3.tokenizers.text import train_sentencepiece
+    from tiny_data import shapes_spm
 
-    lines = [f"a {c} {s}." for c in COLORS for s in SHAPES] + list(QUESTIONS)
-    (root / "corpus.txt").write_text("\n".join(lines * 10))
-    spm = train_sentencepiece([root / "corpus.txt"], root / "shapes", 40)
+    spm = shapes_spm(root)
     recipe = root / "shapes_classification.toml"
     recipe.write_text(
         "\n".join(
