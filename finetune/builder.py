@@ -5,13 +5,13 @@ from __future__ import annotations
 from beit3.engine.config_io import ConfigError
 from beit3.finetune.configurations import build_encoder, full_model_keys
 from beit3.finetune.recipe import FinetuneRecipe
-from beit3.finetune.reload import ReloadReport, checkpoint_overrides, load_pretrained
+from beit3.finetune.reload import ReloadReport, check_architecture, checkpoint_overrides, load_pretrained
 from beit3.finetune.tasks.base import OptimSettings, TaskModule
 from beit3.finetune.tasks.captioning import Captioning
 from beit3.finetune.tasks.classification import ImageClassification, PromptClassification, TextClassification
 from beit3.finetune.tasks.retrieval import Retrieval
 from beit3.finetune.tasks.vqa import NLVR2, VQA
-from beit3.model import ModelConfig
+from beit3.model import ModelConfig, get_config
 
 # Task -> (configuration, final LayerNorm kept), as in the released finetuning models.
 TASK_CONFIGURATIONS = {
@@ -49,6 +49,9 @@ def build_task(
     name = recipe.task.name
     configuration, normalize_output = TASK_CONFIGURATIONS[name]
     overrides = model_overrides(recipe)
+    if recipe.model.pretrained:  # a file that records its model configuration must fit the recipe's model
+        cfg = get_config(recipe.model.name, **overrides)
+        check_architecture(cfg, recipe.model.pretrained, f"model.name={recipe.model.name}")
     encoder = build_encoder(recipe.model.name, configuration, normalize_output=normalize_output, **overrides)
     if tokenizer is not None and tokenizer.vocab_size > encoder.cfg.vocab_size:
         raise ConfigError(

@@ -9,6 +9,11 @@ part of it plus fresh task heads. Keys fall into four groups and the report list
 * fresh: task-head parameters the checkpoint lacks (``head.*``, ``pooler.*``, ...): initialised anew;
 * errors: a backbone parameter the checkpoint lacks, or a checkpoint key the architecture does not have at
   all. Both mean the checkpoint belongs to another architecture and raise :class:`ReloadError`.
+
+A file this version wrote (``beit3-export``, a finetuning run's ``model.pth``) also carries its model
+configuration: :func:`check_architecture` refuses it up front, naming the fields, when the model it is loaded
+into differs in an architecture field (``beit3.model.config.ARCHITECTURE_FIELDS``). Released files carry
+none and are checked key by key.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from torch import nn
 from beit3.engine import safe_load
 from beit3.model import CheckpointError, load_checkpoint, read_state_dict
 from beit3.model import checkpoint as model_checkpoint
-from beit3.model.checkpoint import unwrap_state_dict
+from beit3.model.checkpoint import read_config, unwrap_state_dict
+from beit3.model.config import ModelConfig, ModelConfigError, architecture_differences
+from beit3.model.registry import get_config, list_models
 
 BACKBONE_PREFIX = "beit3."
 
@@ -63,6 +70,38 @@ class ReloadReport:
         if self.interpolated:
             lines.append(f"positions interpolated: {show(self.interpolated)}")
         return "; ".join(lines)
+
+
+def check_architecture(
+    cfg: ModelConfig, source: str | os.PathLike | dict, built_from: str, trusted: bool = False
+) -> None:
+    """Refuse ``source`` when the model configuration it carries differs from ``cfg`` (the model it is to be
+    loaded into; ``built_from`` says where that came from, e.g. ``model.name=...``) in an architecture field.
+
+    The message names both sides of every differing field and the preset the file matches, if any. A file
+    without a configuration (the released ones) passes: its keys and shapes are checked on load.
+    """
+    recorded = read_config(source, trusted)
+    if recorded is None:
+        return
+    where = "the checkpoint" if isinstance(source, dict) else str(source)
+    try:
+        theirs = ModelConfig.from_dict(recorded)
+    except ModelConfigError as e:
+        raise ReloadError(f"{where} records a model configuration this version cannot read: {e}") from e
+    differences = architecture_differences(theirs, cfg)
+    if not differences:
+        return
+    fields = ", ".join(f"{k} {mine!r} (the file: {file!r})" for k, (file, mine) in differences.items())
+    presets = [n for n in list_models() if not architecture_differences(theirs, get_config(n))]
+    fix = (
+        f"set model.name={presets[0]}, the preset the file matches"
+        if presets
+        else "set model.name and model.overrides to the file's configuration"
+    )
+    raise ReloadError(
+        f"{where} was trained as another architecture than {built_from}, which has {fields}: {fix}"
+    )
 
 
 def load_pretrained(
@@ -118,9 +157,14 @@ def load_finetuned(task: nn.Module, source: str | os.PathLike | dict, trusted: b
     """Strictly load a finetuned task model (``model.pth`` of a run, or a released finetuned checkpoint).
 
     Released finetuned files hold an ``argparse.Namespace`` beside the weights, which loads as is; other
-    non-tensor types need ``trusted=True`` (see :func:`beit3.model.checkpoint.read_state_dict`).
+    non-tensor types need ``trusted=True`` (see :func:`beit3.model.checkpoint.read_state_dict`). A file that
+    carries its model configuration (our ``model.pth``) is checked against the task's first
+    (:func:`check_architecture`).
     """
     sd = read_state_dict(source, trusted) if not isinstance(source, dict) else unwrap_state_dict(source)
+    cfg = getattr(task, "cfg", None) or getattr(getattr(task, "retrieval", None), "cfg", None)
+    if isinstance(cfg, ModelConfig):
+        check_architecture(cfg, source, "the task model this recipe builds", trusted)
     try:
         load_checkpoint(task, fit_logit_scale(dict(sd), task.state_dict()), strict=True)
     except CheckpointError as e:

@@ -215,14 +215,17 @@ def _shutdown(owns_process_group: bool) -> None:
 
 
 def export_finetuned(run_dir: Path, rank: int) -> Path | None:
-    """Consolidate the last checkpoint into ``run_dir/model.pth`` ({"model": sd}, released key names)."""
+    """Consolidate the last checkpoint into ``run_dir/model.pth``: ``{"model": sd, "config": ...}``, released
+    key names in "model" (all the released finetuning code reads) and, in "config", the backbone's model
+    configuration that ``run_dir/config.json`` records (none for a run directory without one)."""
     from beit3.engine.consolidate import consolidate_checkpoint
     from beit3.model import save_checkpoint
 
     if rank != 0:
         return None
     state = consolidate_checkpoint(run_dir)
-    return save_checkpoint(state, run_dir / "model.pth")
+    recorded = json.loads((run_dir / "config.json").read_text()).get("model")
+    return save_checkpoint(state, run_dir / "model.pth", config=recorded)
 
 
 if __name__ == "__main__":

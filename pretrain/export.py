@@ -1,11 +1,13 @@
 """``beit3-export``: a DeepSpeed (ZeRO 0-3) checkpoint -> one released-format file, verified.
 
-The output is ``{"model": state_dict}`` with exactly the model's keys (``beit3.*``, ``mlm_head.*``,
-``mim_head.*``; the paper layout adds shared ``self_attn.*`` and ``.C.`` vision-language experts), loadable by
-``beit3.model.load_checkpoint`` and by the released finetuning code. Upstream ZeRO consolidation has shipped
-silent-corruption bugs, so every export is checked: the consolidated tensors load strictly into a freshly
-built model of the run's architecture, every tensor survives the round trip bit for bit, and the written file
-is read back and compared.
+The output is ``{"model": state_dict, "config": model config}``: exactly the model's keys (``beit3.*``,
+``mlm_head.*``, ``mim_head.*``; the paper layout adds shared ``self_attn.*`` and ``.C.`` vision-language
+experts), loadable by ``beit3.model.load_checkpoint`` and by the released finetuning code (which reads
+``"model"`` only), and the resolved model configuration the run directory's ``config.json`` records, so the
+file describes its architecture (``beit3.model.checkpoint.read_config``). Upstream ZeRO consolidation has
+shipped silent-corruption bugs, so every export is checked: the consolidated tensors load strictly into a
+model freshly built from that configuration, every tensor survives the round trip bit for bit, and the
+written file is read back and compared.
 
 Checkpoint files are read without unpickling anything beyond the types DeepSpeed's files need
 (beit3.engine.safe_load); ``--trust-checkpoint`` loads a file of trusted origin in full. Exit codes: 0
@@ -25,7 +27,11 @@ import torch
 
 from beit3.engine.checkpoint import CheckpointError as TrainingCheckpointError
 from beit3.engine.launch import add_trust_arg
-from beit3.model import CheckpointError, build_model, load_checkpoint, read_state_dict, save_checkpoint
+from beit3.model import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
+from beit3.model.beit3 import BEiT3Model
+from beit3.model.checkpoint import read_config
+from beit3.model.config import ModelConfig, ModelConfigError
+from beit3.model.registry import get_config
 
 log = logging.getLogger("beit3.export")
 
@@ -45,17 +51,36 @@ def model_state_from_task(task_state: dict[str, torch.Tensor]) -> dict[str, torc
     return {k[len(TASK_PREFIX) :]: v for k, v in task_state.items()}
 
 
-def model_from_run(run_dir: Path):
-    """A freshly built model of the architecture recorded in ``run_dir/config.json``."""
+def model_config_from_run(run_dir: Path) -> ModelConfig:
+    """The resolved model configuration ``run_dir/config.json`` records (its ``"model"``).
+
+    A run directory of an earlier version recorded only the recipe: its [model] section (preset name,
+    drop_path_rate, overrides) is resolved instead, as that version's training did.
+    """
     path = run_dir / "config.json"
     if not path.is_file():
         raise ExportError(f"{path} is missing: is {run_dir} a beit3-pretrain run directory?")
     info = json.loads(path.read_text())
-    recipe = info.get("recipe")  # the engine writes the run_info it was given at the top level
+    recorded = info.get("model")  # the engine writes the run_info it was given at the top level
+    if recorded is not None:
+        try:
+            return ModelConfig.from_dict(recorded)
+        except ModelConfigError as e:
+            raise ExportError(
+                f'{path} records a "model" that is no BEiT-3 model configuration ({e}): is {run_dir} a '
+                "beit3-pretrain run directory?"
+            ) from e
+    recipe = info.get("recipe")
     if recipe is None:
-        raise ExportError(f"{path} holds no recipe")
+        raise ExportError(f"{path} records neither the model configuration nor a recipe")
+    log.info("%s records no model configuration (an earlier version): resolving its recipe's [model]", path)
     m = recipe["model"]
-    return build_model(m["name"], **{"drop_path_rate": m["drop_path_rate"], **m.get("overrides", {})})
+    return get_config(m["name"], **{"drop_path_rate": m["drop_path_rate"], **m.get("overrides", {})})
+
+
+def model_from_run(run_dir: Path) -> BEiT3Model:
+    """A freshly built model of the architecture recorded in ``run_dir/config.json``."""
+    return BEiT3Model(model_config_from_run(run_dir))
 
 
 def verify_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -82,11 +107,14 @@ def export_run(
         raise TrainingCheckpointError(f"{run_dir} does not exist: give a beit3-pretrain run directory")
     with trusted_files(trusted):
         state = model_state_from_task(consolidate_checkpoint(run_dir, tag))
-    verify_state(model_from_run(run_dir), state)
-    save_checkpoint(state, output, dtype=DTYPES[dtype])
+    cfg = model_config_from_run(run_dir)
+    verify_state(BEiT3Model(cfg), state)
+    save_checkpoint(state, output, dtype=DTYPES[dtype], config=cfg)
     written = read_state_dict(output)
-    if written.keys() != state.keys() or any(
-        not torch.equal(written[k], state[k].to(written[k].dtype)) for k in state
+    if (
+        written.keys() != state.keys()
+        or any(not torch.equal(written[k], state[k].to(written[k].dtype)) for k in state)
+        or read_config(output) != cfg.to_dict()
     ):
         raise ExportError(f"{output} does not read back as written")
     n = sum(v.numel() for v in state.values())
