@@ -184,3 +184,28 @@ def test_checkpoint_overrides_read_vocabulary_and_text_positions(released_file):
         "max_text_positions": 20,
         "visual_vocab_size": 8192,
     }
+
+
+def test_a_file_that_records_another_architecture_is_refused_naming_both(tmp_path):
+    from beit3.finetune.reload import check_architecture
+    from beit3.model import get_config
+
+    full = build_model("beit3_tiny_patch16_64", **SMALL)
+    path = save_checkpoint(full, tmp_path / "exported.pth", config=full.cfg)
+    # Resolution, regularisation and kept heads may differ from the file's: positions interpolate.
+    same = get_config("beit3_tiny_patch16_64", img_size=128, drop_path_rate=0.1, normalize_output=False)
+    check_architecture(same, path, "model.name=beit3_tiny_patch16_64")
+    base = get_config("beit3_base_patch16_224")
+    with pytest.raises(ReloadError) as err:
+        check_architecture(base, path, "model.name=beit3_base_patch16_224")
+    message = str(err.value)
+    assert "model.name=beit3_base_patch16_224" in message and "depth 12 (the file: 2)" in message
+    assert "embed_dim 768 (the file: 64)" in message and "set model.name=beit3_tiny_patch16_64" in message
+
+
+def test_a_released_file_without_a_config_is_checked_key_by_key_only(released_file):
+    from beit3.finetune.reload import check_architecture
+    from beit3.model import get_config
+
+    path, _ = released_file
+    check_architecture(get_config("beit3_base_patch16_224"), path, "model.name=beit3_base_patch16_224")

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from run_record import assert_marker_holds_no_recipe, assert_recorded_once
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny_data import shapes_spm
 
+from beit3.engine.checkpoint import latest_checkpoint, read_marker
 from beit3.finetune.train import main
+from beit3.model import ModelConfig, get_config
 
 DS_CONFIG = "ds_configs/zero0_fp32.json"
 
@@ -76,6 +80,13 @@ def test_finetuning_lowers_the_loss_then_evaluates_and_exports(tmp_path, spm, mo
     scores = json.loads((run / "eval.json").read_text())
     assert scores["step"] == 30 and 0.0 <= scores["eval/accuracy"] <= 1.0
     assert (run / "model.pth").is_file() and (run / "config.json").is_file()
+    # The run describes itself: config.json records each thing once, model.pth carries the model config.
+    config = json.loads((run / "config.json").read_text())
+    assert_recorded_once(config)
+    want = get_config("beit3_tiny_patch16_64", vocab_size=48, max_text_positions=34, normalize_output=False)
+    assert ModelConfig.from_dict(config["model"]) == want  # image classification keeps no final LayerNorm
+    assert torch.load(run / "model.pth", map_location="cpu", weights_only=True)["config"] == config["model"]
+    assert_marker_holds_no_recipe(read_marker(latest_checkpoint(run)), config["recipe"])
     # The exported model reloads strictly and reproduces the final evaluation.
     capsys.readouterr()
     assert main(args + ["--eval-only", str(run / "model.pth")]) == 0

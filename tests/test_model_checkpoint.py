@@ -4,6 +4,7 @@ the types a file may hold (payloads that would run code: test_untrusted_files.py
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import PurePosixPath
 
 import pytest
@@ -18,7 +19,10 @@ from beit3.model import (
     read_state_dict,
     save_checkpoint,
 )
-from beit3.model.checkpoint import UntrustedCheckpointError, trusted_files
+from beit3.model.beit3 import BEiT3Model
+from beit3.model.checkpoint import UntrustedCheckpointError, read_config, trusted_files
+from beit3.model.config import ModelConfig, ModelConfigError
+from beit3.model.registry import get_config, list_models
 
 TINY = "beit3_tiny_patch16_64"
 
@@ -184,3 +188,48 @@ def test_checkpoint_at_64px_loads_strictly_into_a_128px_model(tmp_path):
 def test_save_is_atomic_and_leaves_no_temporary_file(tmp_path):
     save_checkpoint(_model(0), tmp_path / "sub" / "c.pth")
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["c.pth"]
+
+
+# ----- files that describe their architecture: {"model": sd, "config": ModelConfig.to_dict()} -----
+@pytest.mark.parametrize("name", list_models())
+def test_a_model_config_round_trips_through_a_dict_and_json(name):
+    cfg = get_config(name, drop_path_rate=0.1)
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"depthh": 2}, r"unknown model config field\(s\) \['depthh'\]"),
+        ({"depth": "2"}, "depth='2' is not of type int"),
+        ({"subln": 1}, "subln=1 is not of type bool"),
+        ({"num_heads": 3}, "not divisible by num_heads"),
+    ],
+)
+def test_a_bad_model_config_dict_names_the_field(bad, message):
+    with pytest.raises(ModelConfigError, match=message):
+        ModelConfig.from_dict({**get_config(TINY).to_dict(), **bad})
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_file_with_its_config_builds_the_model_it_holds(tmp_path, suffix):
+    src = _model(0, drop_path_rate=0.1, vocab_size=48)
+    path = save_checkpoint(src, tmp_path / f"m{suffix}", config=src.cfg)
+    cfg = ModelConfig.from_dict(read_config(path))
+    assert cfg == src.cfg
+    dst = BEiT3Model(cfg)
+    load_checkpoint(dst, path, strict=True)
+    _assert_same_weights(src, dst)
+    if suffix == ".pth":  # what the released readers see: a plain state dict under "model"
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        assert set(raw) == {"model", "config"} and raw["model"].keys() == src.state_dict().keys()
+
+
+def test_a_released_format_file_carries_no_config_and_still_loads(tmp_path):
+    src = _model(0)
+    path = save_checkpoint(src, tmp_path / "released.pth")
+    assert set(torch.load(path, map_location="cpu", weights_only=True)) == {"model"}
+    assert read_config(path) is None and read_config({"model": src.state_dict()}) is None
+    dst = _model(1)
+    load_checkpoint(dst, path, strict=True)
+    _assert_same_weights(src, dst)
