@@ -3,6 +3,7 @@ exact resume after SIGKILL."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,9 +15,12 @@ import psutil
 import pytest
 import torch
 from engine_helpers import tensorboard_scalars
+from run_record import assert_marker_holds_no_recipe, assert_recorded_once
 from tiny_data import set_args, tiny_pretrain_settings, write_pretrain_data
 
-from beit3.model import build_model, load_checkpoint
+from beit3.engine.checkpoint import latest_checkpoint, read_marker
+from beit3.model import ModelConfig, build_model, get_config, load_checkpoint
+from beit3.model.beit3 import BEiT3Model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -64,9 +68,19 @@ def test_two_ranks_zero3_train_log_export_and_reload(assets, tmp_path):
     report = load_checkpoint(model, export, strict=True)
     assert not report.missing and not report.unexpected
     sd = torch.load(export, map_location="cpu", weights_only=True)
-    assert set(sd) == {"model"} and all(
+    assert set(sd) == {"model", "config"} and all(
         k.startswith(("beit3.", "mlm_head.", "mim_head.")) for k in sd["model"]
     )
+    # The run describes itself: config.json records the recipe and the DeepSpeed config once and the resolved
+    # model configuration, which the export carries and builds the model from; the marker copies no recipe.
+    config = json.loads((out / "config.json").read_text())
+    assert_recorded_once(config)
+    m = config["recipe"]["model"]
+    want = get_config(m["name"], drop_path_rate=m["drop_path_rate"], **m["overrides"])
+    assert ModelConfig.from_dict(config["model"]) == want == model.cfg.replace(drop_path_rate=0.1)
+    assert sd["config"] == config["model"]
+    load_checkpoint(BEiT3Model(ModelConfig.from_dict(sd["config"])), export, strict=True)
+    assert_marker_holds_no_recipe(read_marker(latest_checkpoint(out)), config["recipe"])
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(assets, tmp_path):
