@@ -155,17 +155,25 @@ def single_rank():
     return init_distributed()
 
 
-def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    """Step -> the last value written for ``tag`` across every event file of the run (oldest first)."""
+def tensorboard_run(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Tag -> step -> the last value written for it across every event file of the run (oldest file first),
+    in step order: a step that a resumed run logs again has the resumed run's value. The tests' one reader of
+    TensorBoard event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    values: dict[int, float] = {}
-    for events in sorted((run_dir / "tensorboard").rglob("events.out.tfevents.*"), key=os.path.getmtime):
+    values: dict[str, dict[int, float]] = {}
+    files = sorted((Path(run_dir) / "tensorboard").rglob("events.out.tfevents.*"), key=os.path.getmtime)
+    for events in files:
         acc = EventAccumulator(str(events))
         acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
+        for tag in acc.Tags()["scalars"]:
+            values.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return {tag: dict(sorted(steps.items())) for tag, steps in values.items()}
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """Step -> the last value written for ``tag`` (see :func:`tensorboard_run`); empty if never written."""
+    return tensorboard_run(run_dir).get(tag, {})
 
 
 def read_loss_rows(record_path: str | Path, rank: int) -> list[tuple[int, float]]:

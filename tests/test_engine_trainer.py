@@ -15,6 +15,7 @@ from engine_helpers import (
     make_trainer,
     read_losses,
     single_rank,  # noqa: F401  (a fixture)
+    tensorboard_run,
 )
 
 from beit3.engine.checkpoint import MARKER, CheckpointError, CheckpointManager, latest_checkpoint
@@ -120,11 +121,7 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
 
 
 def _scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return {tag: list(steps.items()) for tag, steps in tensorboard_run(log_dir.parent).items()}
 
 
 def test_tensorboard_tags_read_back_match_the_run(tmp_path, capsys):

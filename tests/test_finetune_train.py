@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from engine_helpers import tensorboard_scalars
 from run_record import assert_marker_holds_no_recipe, assert_recorded_once
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny_data import shapes_spm
 
 from beit3.engine.checkpoint import latest_checkpoint, read_marker
@@ -64,9 +64,7 @@ num_beams = 2
 
 
 def _scalars(run_dir, tag: str) -> list[float]:
-    acc = EventAccumulator(str(run_dir / "tensorboard"))
-    acc.Reload()
-    return [e.value for e in acc.Scalars(tag)]
+    return list(tensorboard_scalars(run_dir, tag).values())
 
 
 def test_finetuning_lowers_the_loss_then_evaluates_and_exports(tmp_path, spm, monkeypatch, capsys):

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engine_helpers import tensorboard_run, tensorboard_scalars
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from beit3.pretrain import vqkd_train
 from beit3.pretrain.vqkd_task import CachedViews, OnlineCrops, VQKDTask, codebook_usage
@@ -75,9 +75,7 @@ def beit3_vqkd_train(argv: list[str]) -> subprocess.CompletedProcess:
 
 
 def scalars(run: Path, tag: str) -> list[tuple[int, float]]:
-    events = EventAccumulator(str(run / "tensorboard"))
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
+    return list(tensorboard_scalars(run, tag).items())
 
 
 def test_codebook_usage_metrics():
@@ -136,9 +134,7 @@ def test_training_lowers_teacher_loss_and_raises_codebook_usage(photos, tmp_path
     assert config["engine"]["trainer"]["betas"] == [0.9, 0.99] and config["engine"]["trainer"]["eps"] == 1e-8
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000120"
     # TensorBoard tags are an interface: read them back from tensorboard/.
-    events = EventAccumulator(str(out / "tensorboard"))
-    events.Reload()
-    tags = set(events.Tags()["scalars"])
+    tags = set(tensorboard_run(out))
     assert {"loss/rec", "loss/quant", "loss/total", "codebook/used_codes", "codebook/perplexity"} <= tags
     assert {"codebook/restarted", "optim/lr", "optim/grad_norm", "eval/loss_rec", "eval/perplexity"} <= tags
     rec = [value for _, value in scalars(out, "loss/rec")]
