@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+from beit3.engine.errors import EngineError
+
 log = logging.getLogger(__name__)
 
 POINTER = "latest"
@@ -43,7 +45,7 @@ MARKER = "complete.json"
 TAG_PATTERN = re.compile(r"^step(\d{8,})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(EngineError, RuntimeError):
     """A checkpoint that cannot be found or read; the message says what to pass instead."""
 
 

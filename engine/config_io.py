@@ -14,10 +14,12 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from beit3.engine.errors import EngineError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(EngineError, ValueError):
     """A recipe or command-line override that cannot be applied; the message names the fix."""
 
 

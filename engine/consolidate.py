@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from beit3.engine.checkpoint import CheckpointError, find_checkpoint
+from beit3.engine.errors import EngineError
 from beit3.engine.safe_load import load_file, vet_files
 
 
-class ConsolidationError(RuntimeError):
+class ConsolidationError(EngineError, RuntimeError):
     """A consolidated state dict that does not match the module it should describe."""
 
 

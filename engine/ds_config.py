@@ -13,8 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from beit3.engine.errors import EngineError
 
-class EngineConfigError(ValueError):
+
+class EngineConfigError(EngineError, ValueError):
     """A DeepSpeed config (or an override of it) that the engine cannot run; the message names the fix."""
 
 

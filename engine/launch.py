@@ -21,10 +21,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
+from beit3.engine.errors import EngineError
 from beit3.engine.supervise import register_rank
 
 
-class LaunchError(RuntimeError):
+class LaunchError(EngineError, RuntimeError):
     """The environment does not describe a usable rendezvous."""
 
 

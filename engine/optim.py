@@ -6,12 +6,14 @@ import logging
 
 import torch
 
+from beit3.engine.errors import EngineError
+
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "apex_fused_adam")
 
 
-class OptimizerConfigError(ValueError):
+class OptimizerConfigError(EngineError, ValueError):
     """An optimizer name or parameter group the engine cannot build."""
 
 

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from beit3.finetune.errors import FinetuneError
 from beit3.model import BEiT3Model, build_model
 from beit3.model.layers import Multiway, MultiwayBlock
 
 
-class ConfigurationError(ValueError):
+class ConfigurationError(FinetuneError, ValueError):
     """An unknown configuration name or an input the configuration cannot take."""
 
 

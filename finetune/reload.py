@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from beit3.engine import safe_load
-from beit3.model import CheckpointError, load_checkpoint, read_state_dict
+from beit3.finetune.errors import FinetuneError
+from beit3.model import WeightsFileError, load_checkpoint, read_state_dict
 from beit3.model import checkpoint as model_checkpoint
 from beit3.model.checkpoint import read_config, unwrap_state_dict
 from beit3.model.config import ModelConfig, ModelConfigError, architecture_differences
@@ -36,7 +37,7 @@ from beit3.model.registry import get_config, list_models
 BACKBONE_PREFIX = "beit3."
 
 
-class ReloadError(CheckpointError):
+class ReloadError(FinetuneError, WeightsFileError):
     """A checkpoint that does not belong to the task model's architecture."""
 
 
@@ -138,7 +139,7 @@ def load_pretrained(
     kept = fit_logit_scale({k: v for k, v in sd.items() if k in own}, own)
     try:
         report = load_checkpoint(task, kept, strict=False)
-    except CheckpointError as e:
+    except WeightsFileError as e:
         raise ReloadError(f"{e}; build the task model with the checkpoint's sizes (model name, vocab)") from e
     return ReloadReport(
         loaded=sorted(kept), unused=unused, fresh=sorted(report.missing), interpolated=report.interpolated
@@ -167,7 +168,7 @@ def load_finetuned(task: nn.Module, source: str | os.PathLike | dict, trusted: b
         check_architecture(cfg, source, "the task model this recipe builds", trusted)
     try:
         load_checkpoint(task, fit_logit_scale(dict(sd), task.state_dict()), strict=True)
-    except CheckpointError as e:
+    except WeightsFileError as e:
         raise ReloadError(f"{e}; build the task with the recipe the checkpoint was trained with") from e
 
 

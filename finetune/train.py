@@ -39,7 +39,7 @@ from beit3.finetune.decoding import BeamSearchConfig
 from beit3.finetune.evaluate import evaluate, sample_captions
 from beit3.finetune.recipe import FinetuneRecipe, load_recipe, validate_run
 from beit3.finetune.reload import trusted_checkpoints
-from beit3.model import CheckpointError, ModelConfigError
+from beit3.model import ModelConfigError, WeightsFileError
 from beit3.tokenizers.text import TokenizerError
 
 log = logging.getLogger("beit3.finetune")
@@ -51,7 +51,7 @@ CONFIG_ERRORS = (
     EngineConfigError,
     ResumeError,
     DataSourceError,
-    CheckpointError,
+    WeightsFileError,
     ModelConfigError,
     TokenizerError,
     OptimizerConfigError,
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             load_finetuned(task, args.eval_only, trusted=args.trust_checkpoint)
-        except CheckpointError as e:
+        except WeightsFileError as e:
             print(f"beit3-finetune: error: {e}", file=sys.stderr)
             return EXIT_CONFIG
         task.to(dist.device)

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from beit3.model.cache import KVCache
 from beit3.model.config import ModelConfig
+from beit3.model.errors import ModelError
 from beit3.model.layers import Multiway, MultiwayBlock
 
 # Position indices start at 2 in both tables, as in the released (fairseq-derived) code; rows 0 and 1 are
@@ -31,7 +32,7 @@ _DESCRIBE = {
 }
 
 
-class ModalityError(ValueError):
+class ModalityError(ModelError, ValueError):
     """An input the model's configuration does not take (an image for a language-only encoder, ...)."""
 
 

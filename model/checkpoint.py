@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from beit3.model.config import ModelConfig
+from beit3.model.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,11 @@ SAFE_GLOBALS = (argparse.Namespace,)
 _TRUSTED = contextvars.ContextVar("beit3_model_trusted_files", default=False)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read or does not fit the model."""
+class WeightsFileError(ModelError, RuntimeError):
+    """A weights file (a released-format checkpoint, a state dict) that cannot be read or does not fit."""
 
 
-class UntrustedCheckpointError(CheckpointError):
+class UntrustedCheckpointError(WeightsFileError):
     """A checkpoint holding types outside :data:`SAFE_GLOBALS`: unpickling it could run code."""
 
 
@@ -92,17 +93,17 @@ def read_state_dict(path: str | os.PathLike, trusted: bool = False) -> dict[str,
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} does not exist")
+        raise WeightsFileError(f"checkpoint file {path} does not exist")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
         return unwrap_state_dict(_torch_load(path, trusted or _TRUSTED.get()), str(path))
-    except CheckpointError:
+    except WeightsFileError:
         raise
     except Exception as e:  # truncated, or not a checkpoint at all
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        raise WeightsFileError(f"cannot read checkpoint {path}: {e}") from e
 
 
 def _torch_load(path: Path, trusted: bool) -> object:
@@ -115,7 +116,7 @@ def _torch_load(path: Path, trusted: bool) -> object:
     except pickle.UnpicklingError as err:
         names = _refused_types(path, err)
         if not names:  # junk, or a pickle torch.save did not write: nothing ran, nothing to trust
-            raise CheckpointError(f"cannot read checkpoint {path}: not a file torch.save wrote") from None
+            raise WeightsFileError(f"cannot read checkpoint {path}: not a file torch.save wrote") from None
         raise UntrustedCheckpointError(
             f"refusing to load {path}: it holds {names}, which a weights file does not "
             "need, and unpickling it could run code; if you trust where it came from, load it with "
@@ -140,7 +141,7 @@ def unwrap_state_dict(obj: object, where: str = "checkpoint") -> dict[str, torch
                 return obj[key]
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
-    raise CheckpointError(f"{where} holds no state dict under 'model' or 'module'")
+    raise WeightsFileError(f"{where} holds no state dict under 'model' or 'module'")
 
 
 def interpolate_vision_positions(table: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -153,7 +154,7 @@ def interpolate_vision_positions(table: torch.Tensor, num_rows: int) -> torch.Te
     new_grid = num_rows - _EXTRA_ROWS
     old_side, new_side = math.isqrt(old_grid), math.isqrt(new_grid)
     if old_side**2 != old_grid or new_side**2 != new_grid:
-        raise CheckpointError(f"vision position table of {table.shape[0]} rows is not 3 + a square grid")
+        raise WeightsFileError(f"vision position table of {table.shape[0]} rows is not 3 + a square grid")
     extra, grid = table[:_EXTRA_ROWS], table[_EXTRA_ROWS:]
     dim = table.shape[1]
     grid = grid.float().reshape(1, old_side, old_side, dim).permute(0, 3, 1, 2)
@@ -186,7 +187,7 @@ def load_checkpoint(
     """Load a released-format checkpoint (path or dict) into ``model``.
 
     Vision positions are interpolated to the model's resolution. Keys starting with any prefix in
-    ``ignore`` are dropped first. ``strict=True`` raises :class:`CheckpointError` naming the missing and
+    ``ignore`` are dropped first. ``strict=True`` raises :class:`WeightsFileError` naming the missing and
     unexpected keys and any shape mismatch. ``trusted`` as in :func:`read_state_dict`.
     """
     sd = read_state_dict(source, trusted) if not isinstance(source, dict) else unwrap_state_dict(source)
@@ -199,11 +200,11 @@ def load_checkpoint(
         if k in target and v.shape != target[k].shape
     ]
     if mismatched:
-        raise CheckpointError("shape mismatch: " + "; ".join(mismatched))
+        raise WeightsFileError("shape mismatch: " + "; ".join(mismatched))
     result = model.load_state_dict(sd, strict=False)
     report = LoadReport(sorted(result.missing_keys), sorted(result.unexpected_keys), interpolated)
     if strict and (report.missing or report.unexpected):
-        raise CheckpointError(f"checkpoint does not match the model: {report}")
+        raise WeightsFileError(f"checkpoint does not match the model: {report}")
     return report
 
 
@@ -251,7 +252,7 @@ def read_config(source: str | os.PathLike | dict, trusted: bool = False) -> dict
     else:
         path = Path(source)
         if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} does not exist")
+            raise WeightsFileError(f"checkpoint file {path} does not exist")
         try:
             if path.suffix == ".safetensors":
                 from safetensors import safe_open
@@ -261,10 +262,10 @@ def read_config(source: str | os.PathLike | dict, trusted: bool = False) -> dict
                 obj = {CONFIG_KEY: json.loads(text)} if text else {}
             else:
                 obj = _torch_load_mmap(path, trusted or _TRUSTED.get())
-        except CheckpointError:
+        except WeightsFileError:
             raise
         except Exception as e:  # truncated, or not a checkpoint at all
-            raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+            raise WeightsFileError(f"cannot read checkpoint {path}: {e}") from e
     config = obj.get(CONFIG_KEY) if isinstance(obj, dict) else None
     return dict(config) if isinstance(config, dict) else None
 

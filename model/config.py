@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from beit3.model.errors import ModelError
+
 LAYOUTS = ("released", "paper")
 INITS = ("beit", "magneto")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(ModelError, ValueError):
     """An architecture configuration that cannot be built."""
 
 

@@ -27,11 +27,12 @@ import torch
 
 from beit3.engine.checkpoint import CheckpointError as TrainingCheckpointError
 from beit3.engine.launch import add_trust_arg
-from beit3.model import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
+from beit3.model import WeightsFileError, load_checkpoint, read_state_dict, save_checkpoint
 from beit3.model.beit3 import BEiT3Model
 from beit3.model.checkpoint import read_config
 from beit3.model.config import ModelConfig, ModelConfigError
 from beit3.model.registry import get_config
+from beit3.pretrain.errors import PretrainError
 
 log = logging.getLogger("beit3.export")
 
@@ -39,7 +40,7 @@ TASK_PREFIX = "model."  # the task module holds the BEiT-3 model as its `model` 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class ExportError(RuntimeError):
+class ExportError(PretrainError, RuntimeError):
     """A checkpoint that cannot be exported faithfully."""
 
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         export_run(args.run_dir, args.output, args.tag, args.dtype, args.trust_checkpoint)
-    except (TrainingCheckpointError, CheckpointError, FileNotFoundError) as e:
+    except (TrainingCheckpointError, WeightsFileError, FileNotFoundError) as e:
         return _error(e, 2)
     except ExportError as e:
         return _error(e, 1)

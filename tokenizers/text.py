@@ -31,6 +31,8 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
+from beit3.tokenizers.errors import TokenizersError
+
 BOS_ID = 0
 PAD_ID = 1
 EOS_ID = 2
@@ -39,7 +41,7 @@ FIRST_ORDINARY_ID = UNK_ID + 1  # the lowest id of an ordinary piece (random rep
 ID_OFFSET = 1  # fairseq's shift of ordinary SentencePiece ids
 
 
-class TokenizerError(ValueError):
+class TokenizerError(TokenizersError, ValueError):
     """A tokenizer model or argument that cannot work; the message names the fix."""
 
 

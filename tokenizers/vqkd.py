@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from beit3.tokenizers.errors import TokenizersError
 from beit3.tokenizers.quantizer import NormEMAVectorQuantizer
 from beit3.tokenizers.vit import VisionTransformer, ViTConfig
 
@@ -39,7 +40,7 @@ OPTIONAL_KEYS = (
 )
 
 
-class VQKDConfigError(ValueError):
+class VQKDConfigError(TokenizersError, ValueError):
     """Unknown tokenizer name, bad override or checkpoint that does not fit; the message names the fix."""
 
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from beit3.finetune.data.sources import Split
+from beit3.finetune.errors import FinetuneError
 from beit3.finetune.tasks.captioning import mask_captions
 from beit3.tokenizers.text import BOS_ID, EOS_ID, PAD_ID
 
 
-class BatchError(ValueError):
+class BatchError(FinetuneError, ValueError):
     """A split that cannot fill one batch per rank."""
 
 

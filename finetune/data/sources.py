@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from beit3.finetune.errors import FinetuneError
 from beit3.tokenizers.images import ImageInputError, to_rgb
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(FinetuneError, RuntimeError):
     """A data source that is missing or malformed; the message says what to install or fix."""
 
 

@@ -8,15 +8,17 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from beit3.pretrain.errors import PretrainError
+
 STREAMS = ("image", "text", "pair")
 PAIR_MASKING_MODES = ("separate", "joint")
 
 
-class DataConfigError(ValueError):
+class DataConfigError(PretrainError, ValueError):
     """A data configuration that cannot work (missing shards, impossible sizes); the message names the fix."""
 
 
-class DataStreamError(RuntimeError):
+class DataStreamError(PretrainError, RuntimeError):
     """A stream that cannot produce samples at run time (every shard unreadable, every sample bad)."""
 
 

@@ -36,7 +36,13 @@ SKIP_KINDS = (
 
 
 class SkipSample(Exception):
-    """A sample that cannot be used; ``kind`` is one of :data:`SKIP_KINDS`."""
+    """A sample that cannot be used; ``kind`` is one of :data:`SKIP_KINDS`.
+
+    Not a :class:`beit3.pretrain.errors.PretrainError`, on purpose: it is the verdict on one sample, which
+    the loader, ``beit3-shards`` and the demo data catch, count under its kind and skip; it is never an
+    error of the run. Kept outside the error family, one that escapes (a bug) ends with its traceback
+    instead of being reported as a configuration mistake (exit 2) by a program that catches the bases.
+    """
 
     def __init__(self, kind: str, detail: str = "") -> None:
         super().__init__(f"{kind}: {detail}" if detail else kind)
