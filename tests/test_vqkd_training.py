@@ -6,6 +6,7 @@ identical codebooks."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,11 +20,12 @@ import pytest
 import torch
 from engine_helpers import tensorboard_run, tensorboard_scalars
 from PIL import Image
+from run_record import assert_recorded_once
 
 from beit3.pretrain import vqkd_train
 from beit3.pretrain.vqkd_task import CachedViews, OnlineCrops, VQKDTask, codebook_usage
 from beit3.tokenizers import vqkd_cli
-from beit3.tokenizers.vqkd import build_visual_tokenizer, build_vqkd
+from beit3.tokenizers.vqkd import build_visual_tokenizer, build_vqkd, get_vqkd_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "pretrain" / "recipes" / "vqkd" / "tiny.toml"
@@ -132,6 +134,9 @@ def test_training_lowers_teacher_loss_and_raises_codebook_usage(photos, tmp_path
     config = json.loads((out / "config.json").read_text())
     assert config["recipe"]["tokenizer"]["overrides"] == {"codebook_size": 256}
     assert config["engine"]["trainer"]["betas"] == [0.9, 0.99] and config["engine"]["trainer"]["eps"] == 1e-8
+    assert_recorded_once(config)  # and "model", the resolved tokenizer configuration
+    name = config["recipe"]["tokenizer"]["name"]
+    assert config["model"] == dataclasses.asdict(get_vqkd_config(name, codebook_size=256))
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000120"
     # TensorBoard tags are an interface: read them back from tensorboard/.
     tags = set(tensorboard_run(out))
