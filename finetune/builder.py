@@ -6,7 +6,7 @@ from beit3.engine.config_io import ConfigError
 from beit3.finetune.configurations import build_encoder, full_model_keys
 from beit3.finetune.recipe import FinetuneRecipe
 from beit3.finetune.reload import ReloadReport, check_architecture, checkpoint_overrides, load_pretrained
-from beit3.finetune.tasks.base import OptimSettings, TaskModule
+from beit3.finetune.tasks.base import FinetuneTask, OptimSettings
 from beit3.finetune.tasks.captioning import Captioning
 from beit3.finetune.tasks.classification import ImageClassification, PromptClassification, TextClassification
 from beit3.finetune.tasks.retrieval import Retrieval
@@ -44,7 +44,7 @@ def model_config(task) -> ModelConfig:
 
 def build_task(
     recipe: FinetuneRecipe, classes: list[str], tokenizer=None
-) -> tuple[TaskModule, ReloadReport | None]:
+) -> tuple[FinetuneTask, ReloadReport | None]:
     """The task module for ``recipe`` (loaded from ``model.pretrained`` when set) and the load report."""
     name = recipe.task.name
     configuration, normalize_output = TASK_CONFIGURATIONS[name]

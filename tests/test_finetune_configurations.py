@@ -9,7 +9,7 @@ import torch
 
 from beit3.finetune.configurations import CONFIGURATIONS, ConfigurationError, build_encoder, full_model_keys
 from beit3.finetune.reload import ReloadError, checkpoint_overrides, load_pretrained
-from beit3.finetune.tasks.base import TaskModule
+from beit3.finetune.tasks.base import FinetuneTask
 from beit3.finetune.tasks.captioning import Captioning
 from beit3.finetune.tasks.classification import ImageClassification
 from beit3.model import ModalityError, build_model, save_checkpoint
@@ -155,7 +155,7 @@ def test_captioning_reuses_the_pretrained_mlm_head(released_file):
 def test_loading_at_a_new_resolution_interpolates_vision_positions(released_file):
     path, _ = released_file
     encoder = build_encoder("beit3_tiny_patch16_64", "vision", img_size=96, **SMALL)
-    task = TaskModule(encoder)
+    task = FinetuneTask(encoder)
     report = load_pretrained(task, path, full_model_keys("beit3_tiny_patch16_64", **SMALL))
     assert report.interpolated == ["beit3.encoder.embed_positions.A.weight"]
     assert task.beit3.encoder.embed_positions.A.weight.shape[0] == 36 + 3
@@ -164,7 +164,7 @@ def test_loading_at_a_new_resolution_interpolates_vision_positions(released_file
 def test_a_checkpoint_of_another_layout_is_an_error(tmp_path):
     paper = build_model("beit3_tiny_paper_patch16_64", **SMALL)
     save_checkpoint(paper, tmp_path / "paper.pth")
-    task = TaskModule(build_encoder("beit3_tiny_patch16_64", "dual", **SMALL))
+    task = FinetuneTask(build_encoder("beit3_tiny_patch16_64", "dual", **SMALL))
     with pytest.raises(ReloadError, match="architecture"):
         load_pretrained(task, tmp_path / "paper.pth", full_model_keys("beit3_tiny_patch16_64", **SMALL))
 
@@ -172,7 +172,7 @@ def test_a_checkpoint_of_another_layout_is_an_error(tmp_path):
 def test_a_checkpoint_missing_backbone_weights_is_an_error(released_file):
     _, full = released_file
     partial = {k: v for k, v in full.items() if "layers.1." not in k}
-    task = TaskModule(build_encoder("beit3_tiny_patch16_64", "dual", **SMALL))
+    task = FinetuneTask(build_encoder("beit3_tiny_patch16_64", "dual", **SMALL))
     with pytest.raises(ReloadError, match="lacks backbone parameters"):
         load_pretrained(task, {"model": partial}, full_model_keys("beit3_tiny_patch16_64", **SMALL))
 

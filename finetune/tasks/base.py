@@ -18,7 +18,7 @@ from beit3.model.flops import Pass, linear_flops, training_flops
 
 @dataclass
 class OptimSettings:
-    """Optimizer conventions the task applies in :meth:`TaskModule.param_groups`."""
+    """Optimizer conventions the task applies in :meth:`FinetuneTask.param_groups`."""
 
     weight_decay: float = 0.05
     layer_decay: float = 1.0
@@ -43,8 +43,9 @@ def init_head(module: nn.Module, scale: float = 1.0) -> None:
             nn.init.zeros_(m.bias)
 
 
-class TaskModule(nn.Module):
-    """Base class: a pruned backbone (``self.beit3``) plus task heads, speaking the engine's protocol."""
+class FinetuneTask(nn.Module):
+    """Base class of the finetuning tasks: a pruned backbone (``self.beit3``) plus task heads, speaking the
+    engine's protocol (:class:`beit3.engine.task.TaskModule`)."""
 
     configuration: str = ""
     head_prefixes: tuple[str, ...] = ("head",)

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from beit3.finetune.tasks.base import OptimSettings, TaskModule
+from beit3.finetune.tasks.base import FinetuneTask, OptimSettings
 from beit3.model import BEiT3Model
 from beit3.model.flops import linear_flops
 from beit3.tokenizers.masking import bert_corruption
@@ -84,7 +84,7 @@ def label_smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: f
     return (cross - entropy).mean()
 
 
-class Captioning(TaskModule):
+class Captioning(FinetuneTask):
     """Masked finetuning of the seq2seq configuration; ``mlm_head`` is the pretrained MLM head (reused).
 
     Build the encoder with ``configuration="seq2seq"``.

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from beit3.finetune.metrics import accuracy
-from beit3.finetune.tasks.base import OptimSettings, TaskModule, init_head
+from beit3.finetune.tasks.base import FinetuneTask, OptimSettings, init_head
 from beit3.model import BEiT3Model
 from beit3.model.flops import linear_flops
 
 HEAD_INIT_SCALE = 0.001  # released classification heads start near zero
 
 
-class _PooledClassifier(TaskModule):
+class _PooledClassifier(FinetuneTask):
     """A pooled encoder feature -> ``fc_norm`` -> ``head`` (keys as released), cross-entropy loss.
 
     Subclasses say which configuration they run on and how they pool (:meth:`features`).

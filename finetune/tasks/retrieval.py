@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from beit3.finetune.tasks.base import OptimSettings, TaskModule, init_head
+from beit3.finetune.tasks.base import FinetuneTask, OptimSettings, init_head
 from beit3.model import BEiT3Model
 from beit3.model.flops import Pass, linear_flops
 
@@ -54,7 +54,7 @@ def contrastive_loss(
     return loss, metrics
 
 
-class Retrieval(TaskModule):
+class Retrieval(FinetuneTask):
     """Dual encoder: vision CLS -> ``vision_head``, text ``<s>`` -> ``language_head``, both L2-normalised.
 
     Heads are bias-free Linear(D, D); ``logit_scale`` starts at log(1/0.07) and is not clamped, as released.

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from beit3.finetune.metrics import accuracy, vqa_score
-from beit3.finetune.tasks.base import OptimSettings, TaskModule, init_head
+from beit3.finetune.tasks.base import FinetuneTask, OptimSettings, init_head
 from beit3.model import BEiT3Model
 from beit3.model.flops import Pass
 
@@ -28,7 +28,7 @@ class Pooler(nn.Module):
         return torch.tanh(self.dense(self.norm(x[:, 0])))
 
 
-class VQA(TaskModule):
+class VQA(FinetuneTask):
     """Answer classification over a fixed answer vocabulary, trained with soft-score BCE.
 
     Head ``head`` = Linear(D, 2D) -> LayerNorm -> GELU -> Linear(2D, num_answers) (keys ``head.0/1/3``).
@@ -79,7 +79,7 @@ class TwoLayerMLP(nn.Module):
         return self.dense2(F.gelu(self.norm2(self.dense1(self.norm1(x)))))
 
 
-class NLVR2(TaskModule):
+class NLVR2(FinetuneTask):
     """Is the statement true of the two images? Two fused passes (image_a, text) and (image_b, text).
 
     Per pair: [vision CLS ; language CLS (the ``<s>`` output)] (2D); the two pairs concatenated (4D) ->
