@@ -67,6 +67,18 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def refuse_moved(data: dict, moved: dict[str, str]) -> None:
+    """A key a recipe of an earlier version had in another table (``{"train.layer_decay":
+    "param_groups.layer_decay"}``) is refused with where it lives now, not as an unknown key."""
+    for old, new in moved.items():
+        node: Any = data
+        for key in old.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            table = new.rsplit(".", 1)[0]
+            raise ConfigError(f"{old} is now {new}: move it to the [{table}] table")
+
+
 def _deepcopy_dicts(d: dict) -> dict:
     return {k: _deepcopy_dicts(v) if isinstance(v, dict) else v for k, v in d.items()}
 
@@ -186,13 +198,45 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(value)
 
 
+RANGE_KEY = "range"
+
+
+def bounded(
+    default: Any = dataclasses.MISSING, interval: str = "", *, factory: Any = dataclasses.MISSING
+) -> Any:
+    """A dataclass field with its allowed interval beside it: ``lr: float = bounded(1e-3, "(0, inf)")``
+    (``factory`` for a list default). The range is checked by :func:`section_problem`, so a new numeric
+    setting is declared, ranged and validated in the one place its dataclass lives."""
+    Range.parse(interval)  # a malformed interval fails at import, not at validation
+    return dataclasses.field(default=default, default_factory=factory, metadata={RANGE_KEY: interval})
+
+
+def declared_ranges(cls: type) -> dict[str, str]:
+    """``{field: interval}`` of the fields of dataclass ``cls`` declared with :func:`bounded`."""
+    return {f.name: f.metadata[RANGE_KEY] for f in dataclasses.fields(cls) if RANGE_KEY in f.metadata}
+
+
+def section_problem(obj: Any, where: str = "") -> str | None:
+    """The first declared range that a dataclass tree violates, naming ``where.section.field``; nested
+    dataclass fields are checked as sections of their own (a recipe is checked in one call)."""
+    prefix = f"{where}." if where else ""
+    problem = range_problem(obj, where or type(obj).__name__, declared_ranges(type(obj)))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if problem is None and dataclasses.is_dataclass(value) and not isinstance(value, type):
+            problem = section_problem(value, f"{prefix}{f.name}")
+    return problem
+
+
 def range_problem(section: Any, where: str, rules: dict[str, str]) -> str | None:
     """The first field of dataclass ``section`` outside its range in ``rules`` (name -> ``"[lo, hi)"``),
     as a message naming the setting and the values it accepts; None if all lie in range. Lists and tuples
-    are checked element by element."""
+    are checked element by element; None (an Optional setting left unset) passes."""
     for name, text in rules.items():
         allowed = Range.parse(text)
         value = getattr(section, name)
+        if value is None:  # an Optional setting left unset (derived elsewhere): nothing to check
+            continue
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         if not numbers or any(v not in allowed for v in values):

@@ -36,15 +36,9 @@ from beit3.engine.metrics import MetricAccumulator, MetricsWriter, device_peak_f
 from beit3.engine.optim import StepGuard, build_optimizer
 from beit3.engine.reshard import ensure_universal, plan_resume
 from beit3.engine.safe_load import guard_engine
-from beit3.engine.supervise import pending_signal
+from beit3.engine.supervise import EXIT_HUNG, EXIT_NONFINITE, EXIT_PREEMPTED, pending_signal
 from beit3.engine.task import check_task
-from beit3.engine.trainer_config import (
-    EXIT_HUNG,
-    EXIT_NONFINITE,
-    EXIT_PREEMPTED,
-    TrainerConfig,
-    TrainResult,
-)
+from beit3.engine.trainer_config import TrainerConfig, TrainResult
 from beit3.engine.watchdog import Watchdog, limit_from_env
 
 log = logging.getLogger(__name__)

@@ -7,137 +7,162 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from beit3.engine.config_io import (
+    ConfigError,
+    apply_overrides,
+    bounded,
+    declared_ranges,
+    from_dict,
+    range_problem,
+    read_toml,
+    refuse_moved,
+)
 from beit3.engine.ds_config import EngineConfigError
 from beit3.engine.lr import SCHEDULES
 from beit3.engine.optim import OPTIMIZERS
+from beit3.engine.supervise import EXIT_NONFINITE, EXIT_PREEMPTED  # the exit-code contract
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the Slurm scripts requeue the job on this code
-EXIT_NONFINITE = 3
-EXIT_HUNG = 76  # the watchdog found no step progress: stacks dumped; requeued within a failure budget
+T = TypeVar("T")
+
 
 
 @dataclass
-class TrainerConfig:
-    """Loop, optimizer and schedule settings (batch sizes and ZeRO live in the DeepSpeed JSON)."""
+class TrainSettings:
+    """The ``[train]`` table of every recipe (pretraining, finetuning, VQ-KD): loop, optimizer, schedule,
+    intervals and the hang watchdog. Batch sizes and ZeRO live in the DeepSpeed JSON; task-specific
+    optimisation (finetuning's layer decay) has a table of its own in the task's recipe.
 
-    output_dir: str
-    total_steps: int
-    log_every: int = 10
-    save_every: int = 1000
-    keep_last: int = 3
-    resume: str = "auto"  # "auto" | "none" | a checkpoint path
-    seed: int = 0
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    warmup_steps: int = 0
+    Every numeric field carries its range (:func:`~beit3.engine.config_io.bounded`); :meth:`problem` is
+    the one validation of these settings.
+    """
+
+    total_steps: int = bounded(1000, "[1, inf)")
+    log_every: int = bounded(10, "[1, inf)")
+    save_every: int = bounded(1000, "[0, inf)")  # 0: only at the end
+    keep_last: int = bounded(3, "[1, inf)")
+    seed: int = bounded(0, "[0, inf)")
+    lr: float = bounded(1e-3, "(0, inf)")
+    min_lr: float = bounded(0.0, "[0, inf)")
+    warmup_steps: int = bounded(0, "[0, inf)")
     schedule: str = "cosine"
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
+    weight_decay: float = bounded(0.05, "[0, inf)")
+    betas: tuple[float, float] = bounded((0.9, 0.98), "[0, 1)")
+    eps: float = bounded(1e-6, "(0, inf)")
     optimizer: str = "adamw"  # "adamw" | "apex_fused_adam"
-    max_nonfinite_in_row: int = 5
+    max_nonfinite_in_row: int = bounded(5, "[1, inf)")
+    eval_every: int = bounded(0, "[0, inf)")  # 0: no periodic evaluation
+    # The global batch the step counts are written for (epochs, the paper's schedule), checked against the
+    # DeepSpeed config and world size at start-up (0: any). The size itself is set in the DeepSpeed JSON only.
+    global_batch_size: int = bounded(0, "[0, inf)")
     tensorboard: bool = True
-    peak_flops: float | None = None
-    run_info: dict = field(default_factory=dict)
-    eval_every: int = 0
-    handle_signals: bool = True
-    shutdown_at_end: bool = True  # barrier + destroy_process_group when fit() returns
+    peak_flops: float | None = bounded(None, "(0, inf)")  # None: from the device (engine/metrics.py)
     # Hang watchdog (engine/watchdog.py): seconds without step progress before stacks are dumped and the
     # process exits EXIT_HUNG. None: max(watchdog_floor_s, watchdog_factor x median step time); 0: off.
     # BEIT3_WATCHDOG_S in the environment overrides watchdog_s.
-    watchdog_s: float | None = None
-    watchdog_floor_s: float = 600.0
-    watchdog_factor: float = 10.0
+    watchdog_s: float | None = bounded(None, "[0, inf)")
+    watchdog_floor_s: float = bounded(600.0, "(0, inf)")
+    watchdog_factor: float = bounded(10.0, "[1, inf)")
 
-    @classmethod
-    def from_section(cls, section: Any, **fields: Any) -> TrainerConfig:
-        """Build from a recipe's ``[train]`` dataclass: every field the two share by name is copied, the
-        section's own extras (e.g. finetuning's ``layer_decay``) are left to its program, and ``fields``
-        (``output_dir``, ``resume``, ``run_info``, ...) are set directly."""
-        own = {f.name for f in dataclasses.fields(cls)}
-        shared = {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in own}
-        if "betas" in shared:
-            shared["betas"] = tuple(shared["betas"])
-        return cls(**{**shared, **fields})
+    def problem(self, where: str = "train", warmup_within_total: bool = True) -> str | None:
+        """The first problem of these settings, as one line naming ``where.field`` and the fix; None if none.
 
-    def validate(self) -> None:
-        """Raise EngineConfigError naming the field to fix (every numeric field has a range)."""
-        problem = train_settings_problem(self, "TrainerConfig", warmup_within_total=False)
-        if problem is None and self.peak_flops is not None and not self.peak_flops > 0:
-            problem = f"TrainerConfig.peak_flops={self.peak_flops!r} must be > 0 or None (from the device)"
-        if problem is None:
-            problem = _watchdog_problem(self)
+        ``warmup_within_total``: refuse ``warmup_steps > total_steps`` (recipes do; the engine runs it, the
+        LR then never leaves its warmup ramp).
+        """
+        if len(self.betas) != 2:
+            return f"{where}.betas={list(self.betas)!r} needs two values, e.g. [0.9, 0.98]"
+        problem = range_problem(self, where, declared_ranges(TrainSettings))
+        if problem is not None:
+            return problem
+        checks = [
+            (self.schedule in SCHEDULES,
+             f"schedule={self.schedule!r} is unknown: use one of {', '.join(SCHEDULES)}"),
+            (self.optimizer in OPTIMIZERS,
+             f"optimizer={self.optimizer!r} is unknown: use one of {', '.join(OPTIMIZERS)}"),
+            (self.min_lr <= self.lr,
+             f"min_lr={self.min_lr!r} exceeds lr={self.lr!r}: "
+             "lower min_lr (the schedule decays from lr to min_lr)"),
+            (not warmup_within_total or self.warmup_steps <= self.total_steps,
+             f"warmup_steps={self.warmup_steps} exceeds total_steps={self.total_steps}: lower warmup_steps"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                return f"{where}.{message}"
+        return _watchdog_problem(self.watchdog_s)
+
+    def validate(self, where: str = "train") -> None:
+        """Raise EngineConfigError with :meth:`problem`'s message."""
+        problem = self.problem(where)
         if problem is not None:
             raise EngineConfigError(problem)
 
 
-def _watchdog_problem(cfg: TrainerConfig) -> str | None:
-    from beit3.engine.watchdog import limit_from_env
+@dataclass
+class TrainerConfig(TrainSettings):
+    """A recipe's :class:`TrainSettings` plus where this run lives and how it is embedded: the run
+    directory and resume choice (command line), what ``config.json`` records, and the process handling."""
 
-    if cfg.watchdog_s is not None and not cfg.watchdog_s >= 0:
-        return f"TrainerConfig.watchdog_s={cfg.watchdog_s!r} must be >= 0 (0: off) or None (derived)"
-    try:
-        limit_from_env(cfg.watchdog_s)
-    except ValueError as err:
-        return str(err)
-    return None
+    output_dir: str = ""
+    resume: str = "auto"  # "auto" | "none" | a checkpoint path
+    run_info: dict = field(default_factory=dict)
+    handle_signals: bool = True
+    shutdown_at_end: bool = True  # barrier + destroy_process_group when fit() returns
+
+    @classmethod
+    def for_run(cls, settings: TrainSettings, output_dir: str, **run: Any) -> TrainerConfig:
+        """``settings`` (a recipe's [train] table) for the run in ``output_dir``; ``run`` sets the other
+        run fields (``resume``, ``run_info``, ``shutdown_at_end``, ...)."""
+        own = {f.name: getattr(settings, f.name) for f in dataclasses.fields(TrainSettings)}
+        return cls(**own, output_dir=output_dir, **run)
+
+    def settings(self) -> TrainSettings:
+        """The recipe part of this config (what ``config.json`` records as the trainer settings)."""
+        return TrainSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)})
+
+    def validate(self, where: str = "TrainerConfig") -> None:
+        """Raise EngineConfigError naming the field to fix (every numeric field has a range)."""
+        problem = self.problem(where, warmup_within_total=False)
+        if problem is None and not self.output_dir:
+            problem = f"{where}.output_dir is empty: give the run directory (--output-dir)"
+        if problem is not None:
+            raise EngineConfigError(problem)
 
 
-# The range of every numeric training setting; recipes' [train] sections are checked against the same table.
-TRAIN_RANGES = {
-    "total_steps": "[1, inf)",
-    "log_every": "[1, inf)",
-    "save_every": "[0, inf)",  # 0: only at the end
-    "keep_last": "[1, inf)",
-    "seed": "[0, inf)",
-    "lr": "(0, inf)",
-    "min_lr": "[0, inf)",
-    "warmup_steps": "[0, inf)",
-    "weight_decay": "[0, inf)",
-    "betas": "[0, 1)",
-    "eps": "(0, inf)",
-    "max_nonfinite_in_row": "[1, inf)",
-    "eval_every": "[0, inf)",  # 0: no periodic evaluation
-    "watchdog_floor_s": "(0, inf)",
-    "watchdog_factor": "[1, inf)",
+# Fields of TrainerConfig a run sets, not a recipe: a recipe's [train] naming one is told where it belongs.
+RUN_FIELDS = {
+    "output_dir": "--output-dir",
+    "resume": "--resume",
+    "run_info": "the program",
+    "handle_signals": "the program",
+    "shutdown_at_end": "the program",
 }
 
 
-def train_settings_problem(section: Any, where: str, warmup_within_total: bool = True) -> str | None:
-    """The first problem of the training settings ``section`` holds (a TrainerConfig or a recipe's [train]
-    dataclass; fields it lacks are skipped), as one line naming ``where.field`` and the fix; None if none.
+def read_recipe(
+    cls: type[T], path: str | Path, overrides: list[str] | None = None, moved: dict | None = None
+) -> T:
+    """The one reader of recipe files: TOML, then ``section.key=value`` overrides, then dataclass ``cls``
+    (unknown keys refused). ``moved``: keys of earlier recipe layouts and where they live now
+    (:func:`~beit3.engine.config_io.refuse_moved`); a run's own fields in ``[train]`` are refused naming the
+    option that sets them."""
+    data = apply_overrides(read_toml(path), overrides or [])
+    refuse_moved(data, moved or {})
+    train = data.get("train", {})
+    for key, where in RUN_FIELDS.items():
+        if isinstance(train, dict) and key in train:
+            raise ConfigError(f"[train] {key} is set by {where}, not by the recipe: remove it")
+    return from_dict(cls, data)
 
-    ``warmup_within_total``: refuse ``warmup_steps > total_steps`` (recipes do; the engine runs it, the LR
-    then never leaves its warmup ramp).
-    """
-    from beit3.engine.config_io import range_problem
 
-    def has(name: str) -> bool:
-        return hasattr(section, name)
+def _watchdog_problem(watchdog_s: float | None) -> str | None:
+    from beit3.engine.watchdog import limit_from_env
 
-    if has("betas") and len(section.betas) != 2:
-        return f"{where}.betas={list(section.betas)!r} needs two values, e.g. [0.9, 0.98]"
-    problem = range_problem(section, where, {k: v for k, v in TRAIN_RANGES.items() if has(k)})
-    if problem is not None:
-        return problem
-    checks = [
-        (not has("schedule") or section.schedule in SCHEDULES,
-         f"schedule={getattr(section, 'schedule', '')!r} is unknown: use one of {', '.join(SCHEDULES)}"),
-        (not has("optimizer") or section.optimizer in OPTIMIZERS,
-         f"optimizer={getattr(section, 'optimizer', '')!r} is unknown: use one of {', '.join(OPTIMIZERS)}"),
-        (not (has("min_lr") and has("lr")) or section.min_lr <= section.lr,
-         f"min_lr={getattr(section, 'min_lr', 0)!r} exceeds lr={getattr(section, 'lr', 0)!r}: "
-         "lower min_lr (the schedule decays from lr to min_lr)"),
-        (not (warmup_within_total and has("warmup_steps") and has("total_steps"))
-         or section.warmup_steps <= section.total_steps,
-         f"warmup_steps={getattr(section, 'warmup_steps', 0)} exceeds "
-         f"total_steps={getattr(section, 'total_steps', 0)}: lower warmup_steps"),
-    ]  # fmt: skip
-    for ok, message in checks:
-        if not ok:
-            return f"{where}.{message}"
+    try:
+        limit_from_env(watchdog_s)
+    except ValueError as err:
+        return str(err)
     return None
 
 

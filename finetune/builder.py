@@ -59,8 +59,8 @@ def build_task(
             f"{encoder.cfg.vocab_size} rows: "
             f"set model.overrides.vocab_size >= {tokenizer.vocab_size}"
         )
-    t, tr = recipe.task, recipe.train
-    optim = OptimSettings(tr.weight_decay, tr.layer_decay, tr.head_lr_scale)
+    t, groups = recipe.task, recipe.param_groups
+    optim = OptimSettings(recipe.train.weight_decay, groups.layer_decay, groups.head_lr_scale)
     num_classes = t.num_classes or len(classes)
     if name == "image_classification":
         task = ImageClassification(encoder, num_classes, t.label_smoothing, optim)

@@ -128,11 +128,11 @@ def load_finetuned_task(run_config: str | Path, checkpoint: str | Path | None = 
     retrieval and captioning only their count matters.
     """
     from beit3.finetune.reload import load_finetuned
-    from beit3.finetune.train import prepare
+    from beit3.finetune.train import build_run
 
     run_config = Path(run_config)
     recipe = from_dict(FinetuneRecipe, json.loads(run_config.read_text())["recipe"])
     recipe.model.pretrained = ""  # the finetuned weights replace it
-    tokenizer, data, task = prepare(recipe)
+    tokenizer, data, task = build_run(recipe)
     load_finetuned(task, checkpoint or run_config.parent / "model.pth", trusted)
     return task.eval(), tokenizer, data.classes

@@ -1,8 +1,11 @@
 """The finetuning recipe: a TOML file (``finetune/recipes/*.toml``) read into typed sections, plus overrides.
 
-Sections: ``[task]``, ``[model]``, ``[data]``, ``[train]``, ``[captioning]``. Unknown keys are rejected by
-:func:`beit3.engine.config_io.from_dict`; :func:`validate` checks the values that depend on each other, with
-messages that name the fix. Batch sizes live in the DeepSpeed JSON only.
+Sections: ``[task]``, ``[model]``, ``[data]``, ``[train]`` (the engine's
+:class:`~beit3.engine.trainer_config.TrainSettings`, the same table in every recipe), ``[param_groups]``
+(layer decay, head learning-rate scale) and ``[captioning]``. Unknown keys are rejected by
+:func:`beit3.engine.config_io.from_dict`; every numeric setting declares its range beside it (``bounded``);
+:func:`validate` checks the values that depend on each other, with messages that name the fix. Batch sizes
+live in the DeepSpeed JSON only.
 """
 
 from __future__ import annotations
@@ -10,9 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from beit3.engine.config_io import ConfigError, apply_overrides, from_dict, range_problem, read_toml
+from beit3.engine.config_io import (
+    ConfigError,
+    bounded,
+    section_problem,
+)
 from beit3.engine.ds_config import global_batch_problem, load_ds_config
-from beit3.engine.trainer_config import train_settings_problem
+from beit3.engine.trainer_config import TrainSettings, read_recipe
 
 TASKS = (
     "image_classification",
@@ -24,6 +31,9 @@ TASKS = (
     "captioning",
 )
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+MOVED = {
+    f"train.{k}": f"param_groups.{k}" for k in ("layer_decay", "head_lr_scale")
+}  # keys of earlier recipes
 
 
 @dataclass
@@ -31,8 +41,8 @@ class TaskSection:
     """Which task, and its label space (0: taken from the data)."""
 
     name: str = "image_classification"
-    num_classes: int = 0
-    label_smoothing: float = 0.0
+    num_classes: int = bounded(0, "[0, inf)")
+    label_smoothing: float = bounded(0.0, "[0, 1)")
     prompt: str = "a picture of {}."  # prompt_classification: class-name template
 
 
@@ -42,8 +52,8 @@ class ModelSection:
 
     name: str = "beit3_base_patch16_224"
     pretrained: str = ""  # released-format checkpoint; empty: from scratch
-    img_size: int = 0  # 0: the preset's; positions are interpolated on load
-    drop_path_rate: float = 0.1
+    img_size: int = bounded(0, "[0, inf)")  # 0: the preset's; positions are interpolated on load
+    drop_path_rate: float = bounded(0.1, "[0, 1)")
     overrides: dict = field(default_factory=dict)  # any other ModelConfig field
 
 
@@ -56,46 +66,30 @@ class DataSection:
     eval: str = ""  # jsonl: eval index file
     root: str = ""  # jsonl: folder image paths are relative to
     tokenizer: str = ""  # SentencePiece model file (XLM-R ids via beit3.tokenizers.text)
-    max_text_len: int = 64
-    max_train: int = 0  # cap on training examples (0: all)
-    max_eval: int = 0  # cap on evaluation examples (0: all)
+    max_text_len: int = bounded(64, "[3, inf)")
+    max_train: int = bounded(0, "[0, inf)")  # cap on training examples (0: all)
+    max_eval: int = bounded(0, "[0, inf)")  # cap on evaluation examples (0: all)
     hflip: bool = False  # random horizontal flips while training
-    seed: int = 0
+    seed: int = bounded(0, "[0, inf)")
 
 
 @dataclass
-class TrainSection:
-    """Schedule and optimizer (released recipe values in the task recipes)."""
+class ParamGroupSection:
+    """How finetuning scales the learning rate per parameter (``beit3.model.build_param_groups``): layer-wise
+    decay from the heads down (BEiT), and a factor for the task head (the released VQA recipe uses 20)."""
 
-    total_steps: int = 1000
-    lr: float = 5e-4
-    min_lr: float = 1e-6
-    warmup_steps: int = 100
-    schedule: str = "cosine"
-    weight_decay: float = 0.05
-    layer_decay: float = 0.65
-    head_lr_scale: float = 1.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    log_every: int = 10
-    save_every: int = 1000
-    eval_every: int = 0  # 0: evaluate only at the end
-    # The global batch the step counts are written for (epochs), checked against the DeepSpeed config and
-    # world size at start-up (0: any). The size itself is set in the DeepSpeed JSON only.
-    global_batch_size: int = 0
-    keep_last: int = 2
-    seed: int = 0
-    tensorboard: bool = True
+    layer_decay: float = bounded(0.65, "(0, 1]")
+    head_lr_scale: float = bounded(1.0, "(0, inf)")
 
 
 @dataclass
 class CaptioningSection:
     """Masked finetuning and decoding (released: mask_prob 0.6 (docs 0.7), 3 beams, length penalty 0.6)."""
 
-    mask_prob: float = 0.6
-    num_beams: int = 3
-    max_len: int = 32
-    length_penalty: float = 0.6
+    mask_prob: float = bounded(0.6, "(0, 1)")
+    num_beams: int = bounded(3, "[1, inf)")
+    max_len: int = bounded(32, "[3, inf)")
+    length_penalty: float = bounded(0.6, "(-inf, inf)")
 
 
 @dataclass
@@ -105,7 +99,8 @@ class FinetuneRecipe:
     task: TaskSection = field(default_factory=TaskSection)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
-    train: TrainSection = field(default_factory=TrainSection)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    param_groups: ParamGroupSection = field(default_factory=ParamGroupSection)
     captioning: CaptioningSection = field(default_factory=CaptioningSection)
 
 
@@ -114,28 +109,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Finetun
     path = Path(path)
     if not path.is_file() and (RECIPE_DIR / f"{path}.toml").is_file():
         path = RECIPE_DIR / f"{path}.toml"
-    recipe = from_dict(FinetuneRecipe, apply_overrides(read_toml(path), overrides or []))
+    recipe = read_recipe(FinetuneRecipe, path, overrides, MOVED)
     validate(recipe)
     return recipe
 
 
-# The range of every numeric recipe setting outside [train]'s engine fields (the engine's TRAIN_RANGES);
-# tests/test_recipes_shipped.py checks that no numeric field is left out.
-RANGES = {
-    "task": {"num_classes": "[0, inf)", "label_smoothing": "[0, 1)"},
-    "model": {"img_size": "[0, inf)", "drop_path_rate": "[0, 1)"},
-    "data": {"max_text_len": "[3, inf)", "max_train": "[0, inf)", "max_eval": "[0, inf)", "seed": "[0, inf)"},
-    "train": {"layer_decay": "(0, 1]", "head_lr_scale": "(0, inf)", "global_batch_size": "[0, inf)"},
-    "captioning": {"mask_prob": "(0, 1)", "num_beams": "[1, inf)", "max_len": "[3, inf)",
-                   "length_penalty": "(-inf, inf)"},
-}  # fmt: skip
-
-
 def validate(recipe: FinetuneRecipe) -> None:
     """Raise ConfigError naming the key to fix: every value's range, then values that depend on each other."""
-    problem = train_settings_problem(recipe.train, "train")
-    for section, rules in RANGES.items():
-        problem = problem or range_problem(getattr(recipe, section), section, rules)
+    problem = recipe.train.problem("train") or section_problem(recipe)
     if problem:
         raise ConfigError(f"finetune recipe: {problem}")
     t = recipe.task

@@ -21,47 +21,31 @@ import logging
 import sys
 from pathlib import Path
 
-import torch.distributed as torch_dist
-
-from beit3.engine.checkpoint import CheckpointError as ResumeError
-from beit3.engine.checkpoint import resolve_resume
 from beit3.engine.config_io import ConfigError, dotted_overrides, to_dict
-from beit3.engine.ds_config import EngineConfigError, load_ds_config, trained_global_batch
-from beit3.engine.launch import LaunchError, add_run_args, init_distributed, shutdown_distributed
-from beit3.engine.optim import OptimizerConfigError
+from beit3.engine.launch import add_run_args
+from beit3.engine.program import Built, RunContext, TrainingRun, config_error, run_training, setup_logging
 from beit3.engine.supervise import supervised
-from beit3.engine.trainer_config import check_output_dir, preflight
 from beit3.finetune.builder import build_task, model_config
 from beit3.finetune.data.batches import BatchLoader, Collator, tokenize_split
 from beit3.finetune.data.build import load_task_data
-from beit3.finetune.data.sources import DataSourceError
 from beit3.finetune.decoding import BeamSearchConfig
+from beit3.finetune.errors import FinetuneError
 from beit3.finetune.evaluate import evaluate, sample_captions
 from beit3.finetune.recipe import FinetuneRecipe, load_recipe, validate_run
 from beit3.finetune.reload import trusted_checkpoints
-from beit3.model import ModelConfigError, WeightsFileError
-from beit3.tokenizers.text import TokenizerError
+from beit3.model import ModelError
+from beit3.tokenizers.errors import TokenizersError
 
 log = logging.getLogger("beit3.finetune")
 
-EXIT_CONFIG = 2
-# Every exception type that means "the configuration is wrong": exit 2 with its one-line message.
-CONFIG_ERRORS = (
-    ConfigError,
-    EngineConfigError,
-    ResumeError,
-    DataSourceError,
-    WeightsFileError,
-    ModelConfigError,
-    TokenizerError,
-    OptimizerConfigError,
-    LaunchError,
-)
+PROGRAM = "beit3-finetune"
+# The error bases that mean "this configuration cannot run" (exit 2), beside the engine's.
+CONFIG_ERRORS = (FinetuneError, ModelError, TokenizersError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="beit3-finetune",
+        prog=PROGRAM,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
@@ -78,22 +62,7 @@ def _decoding(recipe: FinetuneRecipe) -> BeamSearchConfig:
     return BeamSearchConfig(num_beams=c.num_beams, max_len=c.max_len, length_penalty=c.length_penalty)
 
 
-def trainer_config(recipe: FinetuneRecipe, args, ds_config: dict, model: dict | None = None):
-    """The engine's TrainerConfig from the recipe's [train] section (layer decay and head scale stay here).
-
-    ``run_info`` (config.json): the recipe, the command and ``model``, the resolved model configuration of
-    the task's backbone (builder.model_config); the engine records the DeepSpeed config itself.
-    """
-    from beit3.engine.trainer import TrainerConfig
-
-    run_info = {"recipe": to_dict(recipe), "command": sys.argv, "model": model}
-    return TrainerConfig.from_section(
-        recipe.train, output_dir=args.output_dir, resume=args.resume, run_info=run_info,
-        shutdown_at_end=False,  # the final evaluation and the export still need the process group
-    )  # fmt: skip
-
-
-def prepare(recipe: FinetuneRecipe):
+def build_run(recipe: FinetuneRecipe):
     """Tokenizer, task data (tokenised) and the task module a recipe describes."""
     tokenizer = None
     if recipe.data.tokenizer:
@@ -111,6 +80,12 @@ def prepare(recipe: FinetuneRecipe):
     return tokenizer, data, task
 
 
+def _evaluate(recipe: FinetuneRecipe, task, data, tokenizer, batch_size: int, device) -> dict[str, float]:
+    """The task metric on the eval split (every rank takes part)."""
+    return evaluate(recipe.task.name, task, data.eval, batch_size, device, num_answers=len(data.classes),
+                    tokenizer=tokenizer, decoding=_decoding(recipe))  # fmt: skip
+
+
 def _preset_img_size(name: str) -> int:
     from beit3.model import get_config
 
@@ -120,98 +95,93 @@ def _preset_img_size(name: str) -> int:
 @supervised  # under beit3-launch: the exit code reaches the launcher (engine/supervise.py)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    owns_process_group = not torch_dist.is_initialized()  # an embedding caller keeps its own group
-    try:
-        dist = init_distributed(args.local_rank)
-    except LaunchError as e:
-        return config_error(e, rank=0)
-    try:
-        # Every check that needs neither data nor a model runs first: a mistake costs seconds.
-        overrides = list(args.set) + ([f"task.name={args.task}"] if args.task else [])
-        recipe = load_recipe(args.config, overrides)
-        ds_config = load_ds_config(args.ds_config, dist.world_size, dotted_overrides(args.ds_set))
-        trained = None
-        if not args.eval_only:
-            check_output_dir(args.output_dir)
-            trained = trained_global_batch(resolve_resume(args.resume, args.output_dir))
-        validate_run(recipe, ds_config, dist.world_size, trained)
-        if args.eval_only:
-            if not Path(args.eval_only).is_file():
-                raise ConfigError(f"--eval-only {args.eval_only} does not exist: give a finetuned model.pth")
-        else:
-            preflight(trainer_config(recipe, args, ds_config), ds_config, dist.world_size)
-        with trusted_checkpoints(args.trust_checkpoint):  # model.pretrained: refused beyond the allowlist
-            tokenizer, data, task = prepare(recipe)
-    except CONFIG_ERRORS as e:
-        return config_error(e, dist.rank)
+    if args.eval_only:
+        return evaluate_only(args)
+    return run_training(PROGRAM, args, prepare, CONFIG_ERRORS)
+
+
+def _recipe(args) -> FinetuneRecipe:
+    overrides = list(args.set) + ([f"task.name={args.task}"] if args.task else [])
+    return load_recipe(args.config, overrides)
+
+
+def prepare(context: RunContext) -> TrainingRun:
+    """Read and check the recipe (no data, no model yet); the run's ``build`` loads the tokenizer, the task
+    data and the (pretrained) task model, and ``finish`` evaluates and exports after a finished run."""
+    args, dist = context.args, context.dist
+    recipe = _recipe(args)
+    ds_config = validate_run(recipe, context.ds_config, dist.world_size, context.trained_global_batch)
     micro = ds_config["train_micro_batch_size_per_gpu"]
     name = recipe.task.name
+    built: dict = {}
 
     def run_eval(step: int = 0) -> dict[str, float]:
-        return evaluate(name, task, data.eval, micro, dist.device, num_answers=len(data.classes),
-                        tokenizer=tokenizer, decoding=_decoding(recipe))  # fmt: skip
+        return _evaluate(recipe, built["task"], built["data"], built["tokenizer"], micro, dist.device)
 
-    if args.eval_only:
-        from beit3.finetune.reload import load_finetuned
+    def build() -> Built:
+        with trusted_checkpoints(args.trust_checkpoint):  # model.pretrained: refused beyond the allowlist
+            tokenizer, data, task = build_run(recipe)
+        built.update(tokenizer=tokenizer, data=data, task=task)
+        collate = Collator(
+            name,
+            data.train.images,
+            num_answers=len(data.classes),
+            hflip=recipe.data.hflip,
+            mask_prob=recipe.captioning.mask_prob,
+            mask_id=tokenizer.mask_id if tokenizer else 0,
+        )
+        loader = BatchLoader(data.train, collate, micro, dist.rank, dist.world_size, seed=recipe.data.seed)
+        return Built(task, loader, eval_fn=run_eval, record={"model": model_config(task).to_dict()})
 
-        try:
-            load_finetuned(task, args.eval_only, trusted=args.trust_checkpoint)
-        except WeightsFileError as e:
-            print(f"beit3-finetune: error: {e}", file=sys.stderr)
-            return EXIT_CONFIG
-        task.to(dist.device)
+    def finish(trainer, result) -> int:
+        tokenizer, data, task = built["tokenizer"], built["data"], built["task"]
         scores = run_eval()
+        out = Path(args.output_dir)
+        report = {"step": result.step, **scores}
+        if name == "captioning" and data.eval.examples:
+            report["samples"] = sample_captions(task, data.eval, tokenizer, 4, _decoding(recipe))
         if dist.rank == 0:
-            print(json.dumps(scores, indent=1))
+            (out / "eval.json").write_text(json.dumps(report, indent=1))
+            log.info("eval: %s", scores)
+        export_finetuned(out, dist.rank)
         return 0
-    from beit3.engine.trainer import Trainer
 
-    collate = Collator(
-        name,
-        data.train.images,
-        num_answers=len(data.classes),
-        hflip=recipe.data.hflip,
-        mask_prob=recipe.captioning.mask_prob,
-        mask_id=tokenizer.mask_id if tokenizer else 0,
-    )
-    loader = BatchLoader(data.train, collate, micro, dist.rank, dist.world_size, seed=recipe.data.seed)
+    return TrainingRun(
+        recipe.train, {"recipe": to_dict(recipe)}, build, ds_config=ds_config, finish=finish,
+        keep_process_group=True,  # the final evaluation gathers over every rank
+    )  # fmt: skip
+
+
+def evaluate_only(args) -> int:
+    """``--eval-only CHECKPOINT``: the task metric of a finetuned ``model.pth`` on the recipe's eval split."""
+    from beit3.engine.ds_config import load_ds_config
+    from beit3.engine.errors import EngineError
+    from beit3.engine.launch import init_distributed
+    from beit3.finetune.reload import load_finetuned
+
+    setup_logging()
+    errors = (EngineError, *CONFIG_ERRORS)
+    rank = 0
     try:
-        with trusted_checkpoints(args.trust_checkpoint):  # resume from a checkpoint of another origin
-            cfg = trainer_config(recipe, args, ds_config, model_config(task).to_dict())
-            trainer = Trainer(task, loader, ds_config, cfg, dist, eval_fn=run_eval)
-    except CONFIG_ERRORS as e:
-        return config_error(e, dist.rank)
-    result = trainer.fit()
-    if result.exit_reason != "finished":
-        _shutdown(owns_process_group)
-        return result.exit_code
-    scores = run_eval()
-    out = Path(args.output_dir)
-    report = {"step": result.step, **scores}
-    if name == "captioning" and data.eval.examples:
-        report["samples"] = sample_captions(task, data.eval, tokenizer, 4, _decoding(recipe))
+        dist = init_distributed(args.local_rank)
+        rank = dist.rank
+        recipe = _recipe(args)
+        ds_config = load_ds_config(args.ds_config, dist.world_size, dotted_overrides(args.ds_set))
+        ds_config = validate_run(recipe, ds_config, dist.world_size)
+        if not Path(args.eval_only).is_file():
+            raise ConfigError(f"--eval-only {args.eval_only} does not exist: give a finetuned model.pth")
+        with trusted_checkpoints(args.trust_checkpoint):
+            tokenizer, data, task = build_run(recipe)
+        load_finetuned(task, args.eval_only, trusted=args.trust_checkpoint)
+    except errors as e:
+        return config_error(PROGRAM, e, rank)
+    task.to(dist.device)
+    scores = _evaluate(
+        recipe, task, data, tokenizer, ds_config["train_micro_batch_size_per_gpu"], dist.device
+    )
     if dist.rank == 0:
-        (out / "eval.json").write_text(json.dumps(report, indent=1))
-        log.info("eval: %s", scores)
-    export_finetuned(out, dist.rank)
-    _shutdown(owns_process_group)
+        print(json.dumps(scores, indent=1))
     return 0
-
-
-def config_error(error: Exception, rank: int) -> int:
-    """Print the one-line message of a configuration error (rank 0) and return exit code 2."""
-    if rank == 0:
-        message = " ".join(str(error).split())
-        print(f"beit3-finetune: error: {message[:600]}", file=sys.stderr)
-    return EXIT_CONFIG
-
-
-def _shutdown(owns_process_group: bool) -> None:
-    if owns_process_group:
-        shutdown_distributed()
-    elif torch_dist.is_initialized():
-        torch_dist.barrier()  # ranks leave together; the caller destroys the group
 
 
 def export_finetuned(run_dir: Path, rank: int) -> Path | None:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from beit3.engine.config_io import bounded
 from beit3.model import BEiT3Model, build_param_groups
 from beit3.model.flops import Pass, training_flops
 
@@ -33,11 +34,11 @@ SUBBATCHES = ("image", "text", "pair")
 class ObjectiveConfig:
     """Loss weights of the masked-data-modeling terms."""
 
-    mim_weight: float = 1.0
-    mlm_weight: float = 1.0
-    vl_mlm_weight: float = 1.0
-    vl_mim_weight: float = 1.0
-    label_smoothing: float = 0.0
+    mim_weight: float = bounded(1.0, "[0, inf)")
+    mlm_weight: float = bounded(1.0, "[0, inf)")
+    vl_mlm_weight: float = bounded(1.0, "[0, inf)")
+    vl_mim_weight: float = bounded(1.0, "[0, inf)")
+    label_smoothing: float = bounded(0.0, "[0, 1)")
 
 
 def _masked_ce(

@@ -1,9 +1,13 @@
 """The pretraining recipe: a TOML file read into typed sections, command-line overrides, one validation.
 
 Sections: ``[model]``, ``[tokenizers]``, ``[data]`` (:class:`beit3.pretrain.data.PretrainDataConfig`),
-``[batch]``, ``[objective]``, ``[train]``. Batch *sizes* live in the DeepSpeed JSON only; the recipe says how
-a micro-batch is split between images, texts and pairs. Everything is checked in :func:`validate` against
-the DeepSpeed config and world size, with messages that name the fix.
+``[batch]``, ``[objective]``, ``[train]`` (the engine's :class:`~beit3.engine.trainer_config.TrainSettings`,
+the same table in every recipe). Batch *sizes* live in the DeepSpeed JSON only; the recipe says how a
+micro-batch is split between images, texts and pairs. Every numeric setting declares its range beside it
+(``bounded``). :func:`validate_run` checks a recipe against itself, the model preset, the visual tokenizer
+and the DeepSpeed config without reading a file; :func:`validate` adds the files it names; the tokenizers'
+sizes are checked again once they are loaded (:func:`check_text_tokenizer`, :func:`check_visual_tokenizer`).
+Messages name the fix.
 """
 
 from __future__ import annotations
@@ -11,11 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from beit3.engine.config_io import ConfigError, apply_overrides, from_dict, range_problem, read_toml
+from beit3.engine.config_io import (
+    ConfigError,
+    bounded,
+    section_problem,
+)
 from beit3.engine.ds_config import global_batch_problem, load_ds_config
-from beit3.engine.trainer_config import train_settings_problem
+from beit3.engine.trainer_config import TrainSettings, read_recipe
 from beit3.pretrain.data import DataConfigError, PretrainDataConfig
 from beit3.pretrain.objective import ObjectiveConfig
+
+MOVED = {"batch.global_batch_size": "train.global_batch_size"}  # keys of earlier recipe layouts
 
 
 @dataclass
@@ -23,7 +33,7 @@ class ModelSection:
     """Which architecture, and what to change in its preset."""
 
     name: str = "beit3_giant_patch14_224"
-    drop_path_rate: float = 0.1
+    drop_path_rate: float = bounded(0.1, "[0, 1)")
     # Layers whose activations are recomputed in backward: "none", "all", or "every:N" (every N-th layer).
     grad_checkpointing: str = "none"
     overrides: dict = field(default_factory=dict)  # any other ModelConfig field, e.g. {init = "magneto"}
@@ -42,33 +52,9 @@ class TokenizerSection:
 class BatchSection:
     """Composition of every micro-batch (paper: 2048 images + 2048 texts + 2048 pairs per global batch)."""
 
-    images: int = 1
-    texts: int = 1
-    pairs: int = 1
-    # The global batch the recipe's step counts are written for, checked against the DeepSpeed config and
-    # world size at start-up (0: any). The size itself is set in the DeepSpeed JSON only.
-    global_batch_size: int = 0
-
-
-@dataclass
-class TrainSection:
-    """Schedule, optimizer and intervals (paper recipe defaults, Table 11)."""
-
-    total_steps: int = 1_000_000
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    warmup_steps: int = 10_000
-    schedule: str = "cosine"
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    optimizer: str = "adamw"
-    log_every: int = 50
-    save_every: int = 2000
-    keep_last: int = 3
-    seed: int = 0
-    max_nonfinite_in_row: int = 20
-    tensorboard: bool = True
+    images: int = bounded(1, "[0, inf)")
+    texts: int = bounded(1, "[0, inf)")
+    pairs: int = bounded(1, "[0, inf)")
 
 
 @dataclass
@@ -80,13 +66,12 @@ class PretrainRecipe:
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     batch: BatchSection = field(default_factory=BatchSection)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    train: TrainSection = field(default_factory=TrainSection)
+    train: TrainSettings = field(default_factory=TrainSettings)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> PretrainRecipe:
     """Read a recipe file and apply ``section.key=value`` overrides; unknown keys raise ConfigError."""
-    data = apply_overrides(read_toml(path), overrides or [])
-    return from_dict(PretrainRecipe, data)
+    return read_recipe(PretrainRecipe, path, overrides, MOVED)
 
 
 def micro_batch_split(recipe: PretrainRecipe, micro_batch_size: int) -> dict[str, int]:
@@ -120,57 +105,9 @@ def grad_checkpoint_layers(spec: str, depth: int) -> list[int] | None:
     raise ConfigError(f"[model] grad_checkpointing={spec!r}: use 'none', 'all' or 'every:N'")
 
 
-# The range of every numeric recipe setting outside [train] (whose table is the engine's TRAIN_RANGES);
-# tests/test_recipes_shipped.py checks that no numeric field is left out.
-RANGES = {
-    "model": {"drop_path_rate": "[0, 1)"},
-    "batch": {
-        "images": "[0, inf)",
-        "texts": "[0, inf)",
-        "pairs": "[0, inf)",
-        "global_batch_size": "[0, inf)",
-    },
-    "objective": {
-        "mim_weight": "[0, inf)",
-        "mlm_weight": "[0, inf)",
-        "vl_mlm_weight": "[0, inf)",
-        "vl_mim_weight": "[0, inf)",
-        "label_smoothing": "[0, 1)",
-    },
-    "data": {
-        "img_size": "[1, inf)",
-        "patch_size": "[1, inf)",
-        "tokenizer_img_size": "[1, inf)",
-        "mean": "(-inf, inf)",
-        "std": "(0, inf)",
-        "crop_scale": "(0, 1]",
-        "crop_ratio": "(0, inf)",
-        "hflip": "[0, 1]",
-        "color_jitter": "[0, 1)",
-        "text_max_len": "[3, inf)",
-        "pair_text_max_len": "[3, inf)",
-        "text_mask_ratio": "[0, 1]",
-        "pair_text_mask_ratio": "[0, 1]",
-        "image_mask_ratio": "[0, 1]",
-        "pair_image_mask_ratio": "[0, 1]",
-        "pair_image_mask_prob": "[0, 1]",
-        "min_num_patches": "[1, inf)",
-        "num_workers": "[0, inf)",
-        "shuffle_buffer": "[0, inf)",
-        "open_shards": "[1, inf)",
-        "max_image_pixels": "[1, inf)",
-        "max_consecutive_skips": "[0, inf)",
-        "prefetch_factor": "[1, inf)",
-        "seed": "[0, inf)",
-    },
-}
-
-
 def _check_values(recipe: PretrainRecipe) -> None:
     """Every setting's own range and the orderings within a section (no files, no other sections)."""
-    problem = train_settings_problem(recipe.train, "train")
-    for section, rules in RANGES.items():
-        problem = problem or range_problem(getattr(recipe, section), section, rules)
+    problem = recipe.train.problem("train") or section_problem(recipe)
     if problem:
         raise ConfigError(problem)
     d = recipe.data
@@ -226,11 +163,11 @@ def validate_run(
         raise ConfigError(f"[model] {e}") from e
     ds_config = load_ds_config(ds_config, world_size)
     split = micro_batch_split(recipe, int(ds_config["train_micro_batch_size_per_gpu"]))
-    b = recipe.batch
+    b, expected = recipe.batch, recipe.train.global_batch_size
     unit = b.images + b.texts + b.pairs
-    problem = global_batch_problem(ds_config, b.global_batch_size, world_size, unit, trained_global_batch)
+    problem = global_batch_problem(ds_config, expected, world_size, unit, trained_global_batch)
     if problem:
-        raise ConfigError(f"batch.global_batch_size={b.global_batch_size}: {problem}")
+        raise ConfigError(f"train.global_batch_size={expected}: {problem}")
     d = recipe.data
     if d.img_size != model_cfg.img_size or d.patch_size != model_cfg.patch_size:
         raise ConfigError(

@@ -18,17 +18,12 @@ import os
 import sys
 from pathlib import Path
 
-from beit3.engine.checkpoint import CheckpointError, resolve_resume
-from beit3.engine.config_io import ConfigError, dotted_overrides, to_dict
-from beit3.engine.ds_config import EngineConfigError, load_ds_config, trained_global_batch
-from beit3.engine.launch import LaunchError, add_run_args, init_distributed
-from beit3.engine.optim import OptimizerConfigError
-from beit3.engine.safe_load import trusted_files
+from beit3.engine.config_io import ConfigError, to_dict
+from beit3.engine.launch import add_run_args
+from beit3.engine.program import Built, RunContext, TrainingRun, run_training
 from beit3.engine.supervise import supervised
-from beit3.engine.trainer import Trainer, TrainerConfig, seed_everything
-from beit3.engine.trainer_config import check_output_dir, preflight
-from beit3.model import ModelConfigError
-from beit3.pretrain.data import DataConfigError, build_pretrain_loader
+from beit3.model import ModelError
+from beit3.pretrain.errors import PretrainError
 from beit3.pretrain.recipe import (
     PretrainRecipe,
     check_text_tokenizer,
@@ -37,31 +32,18 @@ from beit3.pretrain.recipe import (
     load_recipe,
     validate,
 )
-from beit3.tokenizers.masking import MaskingError
-from beit3.tokenizers.text import TokenizerError
-from beit3.tokenizers.vqkd import VQKDConfigError
+from beit3.tokenizers.errors import TokenizersError
 
 log = logging.getLogger("beit3.pretrain")
 
-EXIT_CONFIG = 2
-# Every exception type that means "the configuration is wrong": exit 2 with its one-line message.
-CONFIG_ERRORS = (
-    ConfigError,
-    EngineConfigError,
-    CheckpointError,
-    DataConfigError,
-    TokenizerError,
-    VQKDConfigError,
-    MaskingError,
-    ModelConfigError,
-    OptimizerConfigError,
-    LaunchError,
-)
+PROGRAM = "beit3-pretrain"
+# The error bases that mean "this configuration cannot run" (exit 2), beside the engine's.
+CONFIG_ERRORS = (PretrainError, ModelError, TokenizersError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="beit3-pretrain",
+        prog=PROGRAM,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
@@ -81,7 +63,7 @@ def build_task(recipe: PretrainRecipe, device, visual_checkpoint: dict | None = 
     from beit3.model import build_model, get_config
     from beit3.pretrain.objective import MaskedDataModeling
     from beit3.tokenizers.text import TextTokenizer
-    from beit3.tokenizers.vqkd import build_visual_tokenizer
+    from beit3.tokenizers.vqkd import VQKDConfigError, build_visual_tokenizer
 
     overrides = model_overrides(recipe)
     model_cfg = get_config(recipe.model.name, **overrides)
@@ -114,58 +96,42 @@ def model_overrides(recipe: PretrainRecipe) -> dict:
     return {"drop_path_rate": recipe.model.drop_path_rate, **recipe.model.overrides}
 
 
-def trainer_config(recipe: PretrainRecipe, args, ds_config: dict) -> TrainerConfig:
-    """The engine's settings: the recipe's [train] section plus the run directory and what to record.
-
-    ``run_info`` (config.json): the recipe, the command and the resolved model configuration; the engine
-    records the DeepSpeed config itself.
-    """
-    from beit3.model import get_config
-
-    model = get_config(recipe.model.name, **model_overrides(recipe)).to_dict()
-    run_info = {"recipe": to_dict(recipe), "command": sys.argv, "model": model}
-    return TrainerConfig.from_section(
-        recipe.train, output_dir=args.output_dir, resume=args.resume, run_info=run_info
-    )
-
-
 @supervised  # under beit3-launch: the exit code reaches the launcher (engine/supervise.py)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        dist = init_distributed(args.local_rank)
-    except LaunchError as e:
-        return config_error(e, rank=0)
-    try:
-        # Every check that needs no model runs first: a mistake costs seconds, on every rank alike.
-        recipe = load_recipe(args.config, args.set)
-        ds_config = load_ds_config(args.ds_config, dist.world_size, dotted_overrides(args.ds_set))
-        check_output_dir(args.output_dir)
-        check_export_path(args.export)  # a two-week run must not end on a path it cannot write
-        resume_from = resolve_resume(args.resume, args.output_dir)  # a --resume that cannot be honoured
-        trained = trained_global_batch(resume_from)  # a resume on other ranks keeps its global batch
-        split, visual_checkpoint = validate(recipe, ds_config, dist.world_size, trained)
-        cfg = trainer_config(recipe, args, ds_config)
-        preflight(cfg, ds_config, dist.world_size)
-        seed_everything(recipe.train.seed)  # the same initial weights on every rank and every run
+    return run_training(PROGRAM, args, prepare, CONFIG_ERRORS)
+
+
+def prepare(context: RunContext) -> TrainingRun:
+    """Read and check the recipe against the DeepSpeed config and world size (no model yet); the model,
+    tokenizers and loader are built by the returned run's ``build``."""
+    from beit3.model import get_config
+    from beit3.pretrain.data import build_pretrain_loader
+
+    args, dist = context.args, context.dist
+    recipe = load_recipe(args.config, args.set)
+    check_export_path(args.export)  # a two-week run must not end on a path it cannot write
+    split, visual_checkpoint = validate(
+        recipe, context.ds_config, dist.world_size, context.trained_global_batch
+    )
+    model = get_config(recipe.model.name, **model_overrides(recipe)).to_dict()
+
+    def build() -> Built:
         task, text_tok = build_task(recipe, dist.device, visual_checkpoint)
         loader = build_pretrain_loader(
             recipe.data, text_tok, split["images"], split["texts"], split["pairs"],
             rank=dist.rank, world_size=dist.world_size,
         )  # fmt: skip
-        with trusted_files(args.trust_checkpoint):  # resume from a checkpoint of another origin
-            trainer = Trainer(task, loader, ds_config, cfg, dist)
-    except CONFIG_ERRORS as e:
-        return config_error(e, dist.rank)
-    result = trainer.fit()
-    if result.exit_reason != "finished":
-        return result.exit_code
-    if args.export and dist.rank == 0:
-        from beit3.pretrain.export import export_run
+        return Built(task, loader)
 
-        export_run(Path(args.output_dir), Path(args.export))
-    return 0
+    def finish(trainer, result) -> int:
+        if args.export and dist.rank == 0:
+            from beit3.pretrain.export import export_run
+
+            export_run(Path(args.output_dir), Path(args.export))
+        return 0
+
+    return TrainingRun(recipe.train, {"recipe": to_dict(recipe), "model": model}, build, finish=finish)
 
 
 def check_export_path(path: str | None) -> None:
@@ -180,14 +146,6 @@ def check_export_path(path: str | None) -> None:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--export {path}: {existing} is not a writable directory: give another path")
-
-
-def config_error(error: Exception, rank: int) -> int:
-    """Print the one-line message of a configuration error (rank 0) and return exit code 2."""
-    if rank == 0:
-        message = " ".join(str(error).split())
-        print(f"beit3-pretrain: error: {message[:600]}", file=sys.stderr)
-    return EXIT_CONFIG
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The VQ-KD tokenizer-training recipe: a TOML file read into typed sections, overrides, one validation.
 
 Sections: ``[tokenizer]`` (which VQ-KD config, its overrides, autocast), ``[teacher]``, ``[data]``,
-``[codebook]`` (k-means init, dead-code restarts) and ``[train]``, which *is* the engine's
-:class:`~beit3.engine.trainer_config.TrainerConfig` (steps, LR schedule, AdamW, intervals), validated by
-``TrainerConfig.validate``; its ``output_dir`` and ``resume`` come from the command line. Batch sizes,
+``[codebook]`` (k-means init, dead-code restarts) and ``[train]``, the engine's
+:class:`~beit3.engine.trainer_config.TrainSettings` (steps, LR schedule, AdamW, intervals), the same table in
+every recipe; the run directory and resume choice come from the command line. Batch sizes,
 gradient clipping and precision live in the DeepSpeed JSON (``ds_configs/vqkd_fp32.json``). Checks that need
 no file are in :func:`validate`; the teacher's width is checked once the teacher is built, still before any
 training.
@@ -14,13 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from beit3.engine.config_io import ConfigError, apply_overrides, from_dict, range_problem, read_toml
+from beit3.engine.config_io import (
+    ConfigError,
+    bounded,
+    section_problem,
+)
 from beit3.engine.ds_config import load_ds_config, precision_of
-from beit3.engine.trainer_config import TrainerConfig, train_settings_problem
+from beit3.engine.trainer_config import TrainSettings, read_recipe
 from beit3.pretrain.vqkd_task import AUTOCAST
 
 TEACHERS = ("mobilenet_v2", "clip")
-COMMAND_LINE_TRAIN_KEYS = {"output_dir": "--output-dir", "resume": "--resume", "run_info": "(the program)"}
 
 
 @dataclass
@@ -47,11 +50,12 @@ class DataSection:
 
     paths: list[str] = field(default_factory=list)  # image files or folders (searched recursively)
     online: bool = False
-    views_per_image: int = 4  # cached mode: a centred view + random crops per image
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    num_workers: int = 4  # online mode: decoding workers
-    eval_images: int = 256  # online mode: centred views of this many files (per rank) measure progress
-    seed: int = 0
+    views_per_image: int = bounded(4, "[1, inf)")  # cached mode: a centred view + random crops per image
+    crop_scale: tuple[float, float] = bounded((0.08, 1.0), "(0, 1]")
+    num_workers: int = bounded(4, "[0, inf)")  # online mode: decoding workers
+    # Online mode: centred views of this many files (per rank) measure progress.
+    eval_images: int = bounded(256, "[1, inf)")
+    seed: int = bounded(0, "[0, inf)")
 
 
 @dataclass
@@ -59,12 +63,9 @@ class CodebookSection:
     """Codebook care: spherical k-means init on the first batch, dead-code restarts."""
 
     kmeans_init: bool = True
-    restart_every: int = 20  # optimizer steps between dead-code restarts (0: never)
-    dead_fraction: float = 0.03  # a code is dead below this fraction of the mean EMA usage per code
-
-
-def _default_train() -> TrainerConfig:
-    return TrainerConfig(output_dir="", total_steps=200)
+    restart_every: int = bounded(20, "[0, inf)")  # optimizer steps between dead-code restarts (0: never)
+    # A code is dead below this fraction of the mean EMA usage per code.
+    dead_fraction: float = bounded(0.03, "[0, 1)")
 
 
 @dataclass
@@ -75,35 +76,12 @@ class VQKDRecipe:
     teacher: TeacherSection = field(default_factory=TeacherSection)
     data: DataSection = field(default_factory=DataSection)
     codebook: CodebookSection = field(default_factory=CodebookSection)
-    train: TrainerConfig = field(default_factory=_default_train)
+    train: TrainSettings = field(default_factory=TrainSettings)
 
 
-RANGES = {
-    "data": {
-        "views_per_image": "[1, inf)",
-        "crop_scale": "(0, 1]",
-        "num_workers": "[0, inf)",
-        "eval_images": "[1, inf)",
-        "seed": "[0, inf)",
-    },
-    "codebook": {"restart_every": "[0, inf)", "dead_fraction": "[0, 1)"},
-}
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir: str = "") -> VQKDRecipe:
-    """Read a recipe file and apply ``section.key=value`` overrides; unknown keys raise ConfigError.
-    ``[train] output_dir`` is ``output_dir`` (the command line's)."""
-    data = apply_overrides(read_toml(path), overrides or [])
-    train = data.setdefault("train", {})
-    if not isinstance(train, dict):
-        raise ConfigError("[train] must be a table")
-    for key, where in COMMAND_LINE_TRAIN_KEYS.items():
-        if key in train:
-            raise ConfigError(f"[train] {key} is set by {where}, not by the recipe: remove it")
-    if "total_steps" not in train:
-        raise ConfigError("[train] total_steps is missing: set it, e.g. --set train.total_steps=200")
-    train["output_dir"] = output_dir
-    return from_dict(VQKDRecipe, data)
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> VQKDRecipe:
+    """Read a recipe file and apply ``section.key=value`` overrides; unknown keys raise ConfigError."""
+    return read_recipe(VQKDRecipe, path, overrides)
 
 
 def validate(recipe: VQKDRecipe, ds_config: dict, world_size: int = 1) -> dict:
@@ -112,13 +90,9 @@ def validate(recipe: VQKDRecipe, ds_config: dict, world_size: int = 1) -> dict:
     one line naming the setting and the fix."""
     from beit3.tokenizers.vqkd import VQKDConfigError, get_vqkd_config
 
-    # The checks of TrainerConfig.validate, with messages naming the recipe's [train] keys.
-    problem = train_settings_problem(recipe.train, "train")
-    for section, rules in RANGES.items():
-        problem = problem or range_problem(getattr(recipe, section), section, rules)
+    problem = recipe.train.problem("train") or section_problem(recipe)
     if problem:
         raise ConfigError(problem)
-    recipe.train.validate()
     tok, data = recipe.tokenizer, recipe.data
     try:
         get_vqkd_config(tok.name, **tok.overrides)
@@ -158,14 +132,8 @@ def validate(recipe: VQKDRecipe, ds_config: dict, world_size: int = 1) -> dict:
     return ds_config
 
 
-def with_run(recipe: VQKDRecipe, output_dir: str, resume: str, run_info: dict) -> TrainerConfig:
-    """The recipe's [train] table with the run's directory, resume choice and record; evaluation at the
-    end at least (``eval_every = 0`` becomes ``total_steps``)."""
+def train_settings(recipe: VQKDRecipe) -> TrainSettings:
+    """The recipe's [train] table with evaluation at the end at least (``eval_every = 0`` becomes
+    ``total_steps``): the summary compares the tokenizer before and after training."""
     train = recipe.train
-    return replace(
-        train,
-        output_dir=output_dir,
-        resume=resume,
-        run_info=run_info,
-        eval_every=train.eval_every or train.total_steps,
-    )
+    return replace(train, eval_every=train.eval_every or train.total_steps)

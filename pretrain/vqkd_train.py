@@ -28,35 +28,22 @@ import sys
 import time
 from pathlib import Path
 
-from beit3.engine.checkpoint import CheckpointError, atomic_write_bytes
-from beit3.engine.config_io import ConfigError, dotted_overrides, to_dict
-from beit3.engine.ds_config import EngineConfigError, load_ds_config
-from beit3.engine.launch import LaunchError, add_run_args, init_distributed
-from beit3.engine.optim import OptimizerConfigError
+from beit3.engine.checkpoint import atomic_write_bytes
+from beit3.engine.config_io import ConfigError, to_dict
+from beit3.engine.launch import add_run_args
+from beit3.engine.program import Built, RunContext, TrainingRun, run_training
 from beit3.engine.supervise import supervised
-from beit3.engine.trainer import Trainer, seed_everything
-from beit3.engine.trainer_config import preflight
-from beit3.pretrain.vqkd_recipe import VQKDRecipe, load_recipe, validate, with_run
-from beit3.tokenizers.images import ImageInputError
-from beit3.tokenizers.teachers import TeacherError
-from beit3.tokenizers.vqkd import VQKDConfigError, get_vqkd_config
+from beit3.pretrain.errors import PretrainError
+from beit3.pretrain.vqkd_recipe import VQKDRecipe, load_recipe, train_settings, validate
+from beit3.tokenizers.errors import TokenizersError
 
 log = logging.getLogger("beit3.vqkd")
 
 PROGRAM = "beit3-vqkd train"
-EXIT_CONFIG = 2
 TOKENIZER_FILE = "tokenizer.pth"
 SUMMARY_FILE = "summary.json"
-CONFIG_ERRORS = (
-    ConfigError,
-    EngineConfigError,
-    CheckpointError,
-    OptimizerConfigError,
-    LaunchError,
-    VQKDConfigError,
-    TeacherError,
-    ImageInputError,
-)
+# The error bases that mean "this configuration cannot run" (exit 2), beside the engine's.
+CONFIG_ERRORS = (PretrainError, TokenizersError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,63 +110,70 @@ def build_run(recipe: VQKDRecipe, ds_config: dict, dist, seed: int):
 @supervised  # under beit3-launch: the exit code reaches the launcher (engine/supervise.py)
 def train_main(argv: list[str] | None = None) -> int:
     """The training program; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        dist = init_distributed(args.local_rank)
-    except LaunchError as e:
-        return config_error(e, rank=0)
-    try:
-        recipe = load_recipe(args.config, args.set, args.output_dir)
-        ds_config = load_ds_config(args.ds_config, dist.world_size, dotted_overrides(args.ds_set))
-        ds_config = validate(recipe, ds_config, dist.world_size)
-        # config.json: the recipe without [train], which the engine records as its trainer config.
-        record = {k: v for k, v in to_dict(recipe).items() if k != "train"}
-        model = dataclasses.asdict(get_vqkd_config(recipe.tokenizer.name, **recipe.tokenizer.overrides))
-        run_info = {"recipe": record, "command": sys.argv, "model": model}  # model: the resolved tokenizer
-        cfg = with_run(recipe, args.output_dir, args.resume, run_info)
-        preflight(cfg, ds_config, dist.world_size)
-        seed_everything(cfg.seed)  # the same initial weights on every rank and every run
-        task, stream, (eval_views, eval_targets) = build_run(recipe, ds_config, dist, cfg.seed)
-        last_eval: dict = {}
-        trainer = Trainer(
-            task, stream, ds_config, cfg, dist, eval_fn=_eval_fn(task, eval_views, eval_targets, last_eval)
-        )
-    except CONFIG_ERRORS as e:
-        return config_error(e, dist.rank)
-    out = Path(args.output_dir)
-    if trainer.step == 0:  # a fresh run: measure the untrained tokenizer (random codebook, before k-means)
-        from beit3.pretrain.vqkd_task import evaluate
+    return run_training(PROGRAM, build_parser().parse_args(argv), prepare, CONFIG_ERRORS)
 
-        before = evaluate(task.vqkd, eval_views, eval_targets)
+
+def prepare(context: RunContext) -> TrainingRun:
+    """Check the recipe against the tokenizer registry and the DeepSpeed config (no image read yet); the
+    run's ``build`` makes the tokenizer, teacher and data, ``start`` measures the untrained tokenizer on a
+    fresh run, ``finish`` writes the tokenizer file and the summary."""
+    from beit3.tokenizers.vqkd import get_vqkd_config
+
+    args, dist = context.args, context.dist
+    recipe = load_recipe(args.config, args.set)
+    ds_config = validate(recipe, context.ds_config, dist.world_size)
+    # config.json: the recipe without [train], which the engine records as its trainer settings.
+    record = {k: v for k, v in to_dict(recipe).items() if k != "train"}
+    model = dataclasses.asdict(get_vqkd_config(recipe.tokenizer.name, **recipe.tokenizer.overrides))
+    settings = train_settings(recipe)
+    out, state = Path(args.output_dir), {}
+
+    def build() -> Built:
+        task, stream, (views, targets) = build_run(recipe, ds_config, dist, settings.seed)
+        state.update(task=task, views=views, targets=targets, last_eval={})
+        return Built(task, stream, eval_fn=_eval_fn(task, views, targets, state["last_eval"]))
+
+    def start(trainer) -> None:
+        if trainer.step == 0:  # a fresh run: the untrained tokenizer (random codebook, before k-means)
+            from beit3.pretrain.vqkd_task import evaluate
+
+            before = evaluate(state["task"].vqkd, state["views"], state["targets"])
+            if dist.is_main:
+                _write_json(out / SUMMARY_FILE, {"before": before, "world_size": dist.world_size})
+        state["start"] = time.perf_counter()
+
+    def finish(trainer, result) -> int:
         if dist.is_main:
-            _write_json(out / SUMMARY_FILE, {"before": before, "world_size": dist.world_size})
-    start = time.perf_counter()
-    result = trainer.fit()
-    if result.exit_reason != "finished":
-        return result.exit_code
-    if dist.is_main:
-        export_tokenizer(task.vqkd, out / TOKENIZER_FILE, result.step, recipe.tokenizer.overrides)
-        if last_eval:  # evaluated at the last step of this invocation (not when it resumed a finished run)
-            summary = _read_json(out / SUMMARY_FILE)
-            summary.update(
-                recipe=record,
-                world_size=dist.world_size,
-                step=result.step,
-                after=last_eval["after"],
-                codebook_rank_max_diff=last_eval["codebook_rank_max_diff"],
-                train_seconds=time.perf_counter() - start,
-            )
-            _write_json(out / SUMMARY_FILE, summary)
-            before, after = summary.get("before"), summary["after"]
-            if before:
-                print(
-                    f"rec loss {before['loss_rec']:.4f} -> {after['loss_rec']:.4f}; used codes "
-                    f"{before['used_codes']:.0f} -> {after['used_codes']:.0f}; perplexity "
-                    f"{before['perplexity']:.1f} -> {after['perplexity']:.1f}; wrote {out / TOKENIZER_FILE}",
-                    flush=True,
-                )
-    return 0
+            vqkd, overrides = state["task"].vqkd, recipe.tokenizer.overrides
+            export_tokenizer(vqkd, out / TOKENIZER_FILE, result.step, overrides)
+            if state["last_eval"]:  # evaluated at this invocation's last step (not a resumed finished run)
+                _write_summary(out, record, dist.world_size, result.step, state)
+        return 0
+
+    return TrainingRun(settings, {"recipe": record, "model": model}, build, ds_config, start, finish)
+
+
+def _write_summary(out: Path, record: dict, world_size: int, step: int, state: dict) -> None:
+    """summary.json: evaluation before and after training; one console line with the change."""
+    last_eval = state["last_eval"]
+    summary = _read_json(out / SUMMARY_FILE)
+    summary.update(
+        recipe=record,
+        world_size=world_size,
+        step=step,
+        after=last_eval["after"],
+        codebook_rank_max_diff=last_eval["codebook_rank_max_diff"],
+        train_seconds=time.perf_counter() - state["start"],
+    )
+    _write_json(out / SUMMARY_FILE, summary)
+    before, after = summary.get("before"), summary["after"]
+    if before:
+        print(
+            f"rec loss {before['loss_rec']:.4f} -> {after['loss_rec']:.4f}; used codes "
+            f"{before['used_codes']:.0f} -> {after['used_codes']:.0f}; perplexity "
+            f"{before['perplexity']:.1f} -> {after['perplexity']:.1f}; wrote {out / TOKENIZER_FILE}",
+            flush=True,
+        )
 
 
 def _eval_fn(task, eval_views, eval_targets, last_eval: dict):
@@ -212,14 +206,6 @@ def _read_json(path: Path) -> dict:
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps(data, indent=2).encode())
-
-
-def config_error(error: Exception, rank: int) -> int:
-    """Print the one-line message of a configuration error (rank 0) and return exit code 2."""
-    if rank == 0:
-        message = " ".join(str(error).split())
-        print(f"{PROGRAM}: error: {message[:600]}", file=sys.stderr)
-    return EXIT_CONFIG
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -213,19 +213,13 @@ def test_engine_package_and_pure_modules_import_without_deepspeed():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_trainer_config_from_a_recipe_section_copies_shared_fields_only():
+def test_trainer_config_for_a_run_is_the_recipe_table_plus_the_run_fields():
     import dataclasses
 
-    from beit3.engine.trainer_config import TrainerConfig
+    from beit3.engine.trainer_config import TrainerConfig, TrainSettings
 
-    @dataclasses.dataclass
-    class Section:
-        total_steps: int = 7
-        lr: float = 3e-4
-        betas: list = dataclasses.field(default_factory=lambda: [0.9, 0.95])
-        layer_decay: float = 0.65  # the program's own concern, not the engine's
-
-    cfg = TrainerConfig.from_section(Section(), output_dir="out", resume="none")
+    settings = TrainSettings(total_steps=7, lr=3e-4, betas=(0.9, 0.95))
+    cfg = TrainerConfig.for_run(settings, "out", resume="none", shutdown_at_end=False)
     assert (cfg.total_steps, cfg.lr, cfg.betas, cfg.output_dir, cfg.resume) == (
         7,
         3e-4,
@@ -233,7 +227,12 @@ def test_trainer_config_from_a_recipe_section_copies_shared_fields_only():
         "out",
         "none",
     )
-    assert not hasattr(cfg, "layer_decay")
+    assert not cfg.shutdown_at_end
+    assert cfg.settings() == settings  # config.json records the table as the recipe gave it
+    run_fields = {f.name for f in dataclasses.fields(TrainerConfig)} - {
+        f.name for f in dataclasses.fields(TrainSettings)
+    }
+    assert run_fields == {"output_dir", "resume", "run_info", "handle_signals", "shutdown_at_end"}
 
 
 # ----- ranges: every numeric setting is checked, with a message that names it -----
@@ -305,25 +304,29 @@ def _outside(text: str, value):
     return type(value)(below) if not math.isinf(below) else type(value)(r.high + (0 if r.high_open else step))
 
 
-def _trainer_fields():
-    from beit3.engine.trainer_config import TRAIN_RANGES
+def _train_ranges() -> dict[str, str]:
+    from beit3.engine.config_io import declared_ranges
+    from beit3.engine.trainer_config import TrainSettings
 
-    return sorted(TRAIN_RANGES)
+    return declared_ranges(TrainSettings)
 
 
-@pytest.mark.parametrize("name", _trainer_fields())
+@pytest.mark.parametrize("name", sorted(_train_ranges()))
 def test_every_trainer_setting_out_of_range_is_refused_by_name(name, tmp_path):
     import dataclasses
 
-    from beit3.engine.trainer_config import TRAIN_RANGES, TrainerConfig
+    from beit3.engine.trainer_config import TrainerConfig
 
-    cfg = TrainerConfig(output_dir=str(tmp_path), total_steps=10, lr=1e-3, min_lr=0.0)
+    ranges = _train_ranges()
+    cfg = TrainerConfig(
+        output_dir=str(tmp_path), total_steps=10, lr=1e-3, min_lr=0.0, peak_flops=1e12, watchdog_s=30.0
+    )
     cfg.validate()
     value = getattr(cfg, name)
     bad = (
-        tuple(_outside(TRAIN_RANGES[name], v) for v in value)
+        tuple(_outside(ranges[name], v) for v in value)
         if isinstance(value, tuple)
-        else _outside(TRAIN_RANGES[name], value)
+        else _outside(ranges[name], value)
     )
     with pytest.raises(EngineConfigError, match=f"TrainerConfig.{name}="):
         dataclasses.replace(cfg, **{name: bad}).validate()

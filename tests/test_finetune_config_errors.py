@@ -69,16 +69,12 @@ def assert_config_error(code: int, err: str, *expected: str) -> None:
 
 def test_the_base_recipe_passes_every_check(tmp_path, spm):
     from beit3.engine.ds_config import load_ds_config
-    from beit3.engine.trainer_config import preflight
+    from beit3.engine.trainer_config import TrainerConfig, preflight
     from beit3.finetune.recipe import load_recipe, validate_run
-    from beit3.finetune.train import build_parser, trainer_config
 
     recipe = load_recipe(write_recipe(tmp_path, spm))
     ds = validate_run(recipe, load_ds_config(DS_CONFIG, 1), 1)
-    args = build_parser().parse_args(
-        ["--config", "x", "--ds-config", "y", "--output-dir", str(tmp_path / "r")]
-    )
-    preflight(trainer_config(recipe, args, ds), ds, 1)
+    preflight(TrainerConfig.for_run(recipe.train, str(tmp_path / "r")), ds, 1)
 
 
 RECIPE_MISTAKES = [
@@ -95,8 +91,8 @@ RECIPE_MISTAKES = [
     ("negative_eval_every", ["train.eval_every=-1"], "train.eval_every=-1"),
     ("betas_one_value", ["train.betas=[0.9]"], "train.betas: expected 2 values"),
     ("beta_above_1", ["train.betas=[0.9, 1.5]"], "train.betas=[0.9, 1.5]"),
-    ("layer_decay_0", ["train.layer_decay=0.0"], "train.layer_decay=0.0"),
-    ("head_lr_scale_negative", ["train.head_lr_scale=-2.0"], "train.head_lr_scale=-2.0"),
+    ("layer_decay_0", ["param_groups.layer_decay=0.0"], "param_groups.layer_decay=0.0"),
+    ("head_lr_scale_negative", ["param_groups.head_lr_scale=-2.0"], "param_groups.head_lr_scale=-2.0"),
     ("drop_path_one", ["model.drop_path_rate=1.0"], "model.drop_path_rate=1.0"),
     ("img_size_not_a_patch_multiple", ["model.img_size=70"], "model.img_size=70"),
     ("negative_img_size", ["model.img_size=-64"], "model.img_size=-64"),

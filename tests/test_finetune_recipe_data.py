@@ -33,7 +33,7 @@ def test_every_shipped_recipe_loads_and_validates(path):
 
 def test_released_vqa_recipe_carries_the_released_hyperparameters():
     r = load_recipe("vqav2_base")
-    assert (r.train.lr, r.train.head_lr_scale, r.train.weight_decay) == (3e-5, 20.0, 0.01)
+    assert (r.train.lr, r.param_groups.head_lr_scale, r.train.weight_decay) == (3e-5, 20.0, 0.01)
     assert r.model.img_size == 480
     assert r.task.num_classes == 3129 and tuple(r.train.betas) == (0.9, 0.98)
 

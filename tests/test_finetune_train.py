@@ -52,9 +52,10 @@ max_eval = 16
 total_steps = {steps}
 warmup_steps = 2
 lr = 2e-3
-layer_decay = 1.0
 log_every = 5
 save_every = 0
+[param_groups]
+layer_decay = 1.0
 [captioning]
 max_len = 8
 num_beams = 2
@@ -93,9 +94,16 @@ def test_finetuning_lowers_the_loss_then_evaluates_and_exports(tmp_path, spm, mo
 
 def test_a_bad_recipe_value_exits_with_code_2_and_names_the_key(tmp_path, spm, capsys):
     args = ["--config", _recipe(tmp_path, spm, "vqa", 4), "--ds-config", DS_CONFIG,
-            "--output-dir", str(tmp_path / "run"), "--set", "train.layer_decay=1.5"]  # fmt: skip
+            "--output-dir", str(tmp_path / "run"), "--set", "param_groups.layer_decay=1.5"]  # fmt: skip
     assert main(args) == 2
-    assert "train.layer_decay" in capsys.readouterr().err
+    assert "param_groups.layer_decay" in capsys.readouterr().err
+
+
+def test_a_key_of_an_earlier_recipe_layout_says_where_it_lives_now(tmp_path, spm, capsys):
+    args = ["--config", _recipe(tmp_path, spm, "vqa", 4), "--ds-config", DS_CONFIG,
+            "--output-dir", str(tmp_path / "run"), "--set", "train.layer_decay=0.9"]  # fmt: skip
+    assert main(args) == 2
+    assert "train.layer_decay is now param_groups.layer_decay" in capsys.readouterr().err
 
 
 @pytest.mark.slow

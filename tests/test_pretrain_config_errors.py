@@ -149,14 +149,22 @@ def test_every_shipped_deepspeed_config_splits_into_images_texts_and_pairs(ds):
     assert split["images"] == split["texts"] == split["pairs"] == micro // 3
 
 
-def test_every_train_setting_of_the_recipe_reaches_the_engine():
+def test_every_recipe_has_the_engines_train_table_and_every_setting_reaches_the_engine():
     import dataclasses
+    import typing
 
-    from beit3.engine.trainer_config import TrainerConfig
-    from beit3.pretrain.recipe import TrainSection
+    from beit3.engine.trainer_config import TrainerConfig, TrainSettings
+    from beit3.finetune.recipe import FinetuneRecipe
+    from beit3.pretrain.recipe import PretrainRecipe
+    from beit3.pretrain.vqkd_recipe import VQKDRecipe
 
+    for recipe in (PretrainRecipe, FinetuneRecipe, VQKDRecipe):
+        assert typing.get_type_hints(recipe)["train"] is TrainSettings, recipe.__name__
     engine_fields = {f.name for f in dataclasses.fields(TrainerConfig)}
-    assert {f.name for f in dataclasses.fields(TrainSection)} <= engine_fields
+    assert {f.name for f in dataclasses.fields(TrainSettings)} <= engine_fields
+    cfg = TrainerConfig.for_run(TrainSettings(lr=3e-4, keep_last=7), "out", resume="none")
+    assert (cfg.lr, cfg.keep_last, cfg.output_dir, cfg.resume) == (3e-4, 7, "out", "none")
+    assert cfg.settings() == TrainSettings(lr=3e-4, keep_last=7)
 
 
 # ----- every configuration mistake: exit 2, one line naming the setting, before any model is built -----
@@ -178,16 +186,14 @@ def assert_config_error(code: int, err: str, *expected: str, program: str = "bei
 def test_the_base_recipe_passes_every_check(tmp_path, tiny_spm, shard):
     """The cases below each change one setting of this recipe, so their errors are theirs alone."""
     from beit3.engine.ds_config import load_ds_config
-    from beit3.engine.trainer_config import preflight
+    from beit3.engine.trainer_config import TrainerConfig, preflight
     from beit3.pretrain.recipe import load_recipe, validate
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_spm, shard))
     ds = load_ds_config(write_ds(tmp_path), 1)
     split, visual = validate(recipe, ds, 1)
     assert split == {"images": 1, "texts": 1, "pairs": 1} and visual is None
-    cfg = train.trainer_config(recipe, train.build_parser().parse_args(
-        ["--config", "x", "--ds-config", "y", "--output-dir", str(tmp_path / "run")]), ds)  # fmt: skip
-    preflight(cfg, ds, 1)
+    preflight(TrainerConfig.for_run(recipe.train, str(tmp_path / "run")), ds, 1)
 
 
 # (id, --set overrides, expected text in the one error line)

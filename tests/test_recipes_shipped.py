@@ -77,15 +77,15 @@ def test_every_pretraining_recipe_with_every_deepspeed_config(recipe_path, ds_pa
     with no_file_reads_paused():
         recipe, config = load_recipe(recipe_path), ds(ds_path)
     for world in WORLD_SIZES:
-        checked = check_or_apply_fix(validate_run, recipe, config, world, recipe.batch.global_batch_size, 3)
+        checked = check_or_apply_fix(validate_run, recipe, config, world, recipe.train.global_batch_size, 3)
         if checked is None:
             continue
         split, used = checked
         resolved = load_ds_config(used, world)
         assert sum(split.values()) == resolved["train_micro_batch_size_per_gpu"]
         assert split["images"] == split["texts"] == split["pairs"]  # every shipped recipe mixes 1:1:1
-        if recipe.batch.global_batch_size:
-            assert resolved["train_batch_size"] == recipe.batch.global_batch_size
+        if recipe.train.global_batch_size:
+            assert resolved["train_batch_size"] == recipe.train.global_batch_size
 
 
 @pytest.mark.parametrize("ds_path", DS_CONFIGS, ids=lambda p: p.stem)
@@ -146,7 +146,7 @@ def test_the_pretraining_sbatch_scripts_run_their_recipe_at_its_global_batch(scr
     recipe = load_recipe(REPO / job["recipe"])
     config = apply_overrides(ds(REPO / job["ds_config"]), job["ds_set"])
     split = validate_run(recipe, config, job["world"])
-    assert load_ds_config(config, job["world"])["train_batch_size"] == recipe.batch.global_batch_size == 6144
+    assert load_ds_config(config, job["world"])["train_batch_size"] == recipe.train.global_batch_size == 6144
     assert split == {"images": 8, "texts": 8, "pairs": 8}
 
 
@@ -177,37 +177,51 @@ def test_recipes_name_only_deepspeed_configs_that_exist():
 # ----- the range tables cover every numeric setting, so a new field cannot skip validation -----
 
 
-def test_every_numeric_pretraining_setting_has_a_range():
-    from beit3.engine.trainer_config import TRAIN_RANGES
-    from beit3.pretrain.recipe import RANGES, PretrainRecipe
-
-    hints = {f.name: f.default_factory for f in dataclasses.fields(PretrainRecipe)}
-    for section, factory in hints.items():
-        table = TRAIN_RANGES if section == "train" else RANGES.get(section, {})
-        missing = set(numeric_fields(type(factory()))) - set(table)
-        assert not missing, f"[{section}] has numeric fields without a range: {sorted(missing)}"
-
-
-def test_every_numeric_finetuning_setting_has_a_range():
-    from beit3.engine.trainer_config import TRAIN_RANGES
-    from beit3.finetune.recipe import RANGES, FinetuneRecipe
-
-    for f in dataclasses.fields(FinetuneRecipe):
-        table = {**RANGES.get(f.name, {}), **(TRAIN_RANGES if f.name == "train" else {})}
-        missing = set(numeric_fields(type(f.default_factory()))) - set(table)
-        assert not missing, f"[{f.name}] has numeric fields without a range: {sorted(missing)}"
-
-
-def test_every_numeric_engine_setting_has_a_range():
-    """Optional ones (``peak_flops``: None or > 0, from the device) have their own check in validate()."""
+def _sections(cls: type, where: str = ""):
+    """Every dataclass of a recipe tree with its dotted name."""
     import typing
 
-    from beit3.engine.trainer_config import TRAIN_RANGES, TrainerConfig
+    yield where or cls.__name__, cls
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            yield from _sections(tp, f"{where}.{name}" if where else name)
 
-    hints = typing.get_type_hints(TrainerConfig)
-    optional = {name for name, tp in hints.items() if type(None) in typing.get_args(tp)}
-    assert "peak_flops" in optional
-    assert set(numeric_fields(TrainerConfig)) - set(TRAIN_RANGES) <= optional
+
+@pytest.mark.parametrize("recipe", ["PretrainRecipe", "FinetuneRecipe", "VQKDRecipe"])
+def test_every_numeric_recipe_setting_declares_a_range(recipe):
+    from beit3.engine.config_io import declared_ranges
+    from beit3.finetune.recipe import FinetuneRecipe
+    from beit3.pretrain.recipe import PretrainRecipe
+    from beit3.pretrain.vqkd_recipe import VQKDRecipe
+
+    cls = {"PretrainRecipe": PretrainRecipe, "FinetuneRecipe": FinetuneRecipe, "VQKDRecipe": VQKDRecipe}[
+        recipe
+    ]
+    for where, section in _sections(cls):
+        missing = set(numeric_fields(section)) - set(declared_ranges(section))
+        assert not missing, f"[{where}] has numeric fields without a range: {sorted(missing)}"
+
+
+def test_a_range_declared_beside_a_field_is_checked_in_any_section():
+    from beit3.engine.config_io import bounded, section_problem
+
+    @dataclasses.dataclass
+    class Inner:
+        ratio: float = bounded(0.5, "[0, 1]")
+        sizes: list = bounded(factory=lambda: [1, 2], interval="[1, inf)")
+
+    @dataclasses.dataclass
+    class Outer:
+        inner: Inner = dataclasses.field(default_factory=Inner)
+        count: int = bounded(1, "[1, inf)")
+
+    assert section_problem(Outer()) is None
+    assert section_problem(Outer(count=0)) == "Outer.count=0 is out of range: must be >= 1"
+    message = section_problem(Outer(inner=Inner(sizes=[1, 0])))
+    assert message == "inner.sizes=[1, 0] is out of range: each value must be >= 1"
+    assert section_problem(Outer(inner=Inner(ratio=float("nan")))).startswith("inner.ratio=nan")
+    with pytest.raises(ValueError):
+        bounded(1, "0..1")  # a malformed interval fails where it is declared
 
 
 def test_the_engine_refuses_an_optional_setting_out_of_range(tmp_path):
@@ -240,7 +254,7 @@ GIANT_DS = REPO / "ds_configs" / "zero3_bf16.json"
         (["data.text_max_len=2000"], "exceeds the model's max_text_len"),
         (["batch.pairs=3"], "cannot be split 1:1:3"),
         (
-            ["batch.global_batch_size=3072"],
+            ["train.global_batch_size=3072"],
             "train_batch_size=3072 --ds-set train_micro_batch_size_per_gpu=12",
         ),
         (["model.grad_checkpointing=some"], "grad_checkpointing='some'"),

@@ -8,6 +8,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from beit3.engine.config_io import bounded
 from beit3.pretrain.errors import PretrainError
 
 STREAMS = ("image", "text", "pair")
@@ -34,36 +35,45 @@ class PretrainDataConfig:
     image_shards: list[str] = field(default_factory=list)
     text_shards: list[str] = field(default_factory=list)
     pair_shards: list[str] = field(default_factory=list)
-    img_size: int = 224
-    patch_size: int = 16
-    tokenizer_img_size: int = (
-        224  # the visual tokenizer's view of the same crop (e.g. 256 for a patch-14 model)
-    )
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # model view: (x - mean) / std on values in [0, 1]
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # random-resized-crop area fraction (BEiT v2 pretraining)
-    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
-    hflip: float = 0.5
-    color_jitter: float = 0.4  # brightness, contrast and saturation factors drawn from [1 - cj, 1 + cj]
-    text_max_len: int = 128  # tokens, including <s> and </s>; longer segments are truncated
-    pair_text_max_len: int = 64
+    img_size: int = bounded(224, "[1, inf)")
+    patch_size: int = bounded(16, "[1, inf)")
+    # The visual tokenizer's view of the same crop (e.g. 256 for a patch-14 model).
+    tokenizer_img_size: int = bounded(224, "[1, inf)")
+    # Model view: (x - mean) / std on values in [0, 1].
+    mean: tuple[float, float, float] = bounded((0.5, 0.5, 0.5), "(-inf, inf)")
+    std: tuple[float, float, float] = bounded((0.5, 0.5, 0.5), "(0, inf)")
+    # Random-resized-crop area fraction (BEiT v2 pretraining).
+    crop_scale: tuple[float, float] = bounded((0.2, 1.0), "(0, 1]")
+    crop_ratio: tuple[float, float] = bounded((0.75, 1.3333333333333333), "(0, inf)")
+    hflip: float = bounded(0.5, "[0, 1]")
+    # Brightness, contrast and saturation factors drawn from [1 - cj, 1 + cj].
+    color_jitter: float = bounded(0.4, "[0, 1)")
+    # Tokens, including <s> and </s>; longer segments are truncated.
+    text_max_len: int = bounded(128, "[3, inf)")
+    pair_text_max_len: int = bounded(64, "[3, inf)")
     pad_text_to_max_len: bool = True  # fixed text shapes (False: pad each sub-batch to its longest row)
-    text_mask_ratio: float = 0.15
-    pair_text_mask_ratio: float = 0.5
-    image_mask_ratio: float = 0.4
-    pair_image_mask_ratio: float = 0.4
+    text_mask_ratio: float = bounded(0.15, "[0, 1]")
+    pair_text_mask_ratio: float = bounded(0.5, "[0, 1]")
+    image_mask_ratio: float = bounded(0.4, "[0, 1]")
+    pair_image_mask_ratio: float = bounded(0.4, "[0, 1]")
     pair_masking: str = "separate"  # "separate": each pair masks its image or its text; "joint": both
-    pair_image_mask_prob: float = 0.5  # separate mode: probability that a pair masks its image
-    min_num_patches: int = 16  # smallest masking block (BEiT v2 default)
-    num_workers: int = 2  # DataLoader worker processes per rank (0: produce batches in the training process)
-    shuffle_buffer: int = 256  # samples held per stream per worker and drawn from at random
-    open_shards: int = 4  # shards read concurrently per stream per worker, samples interleaved at random
-    max_image_pixels: int = 25_000_000  # larger images are decoded at reduced scale (JPEG) or skipped
-    max_consecutive_skips: int = 1000  # a stream skipping more bad samples in a row stops with an error
-    prefetch_factor: int = 2
+    # Separate mode: probability that a pair masks its image.
+    pair_image_mask_prob: float = bounded(0.5, "[0, 1]")
+    min_num_patches: int = bounded(16, "[1, inf)")  # smallest masking block (BEiT v2 default)
+    # DataLoader worker processes per rank (0: produce batches in the training process).
+    num_workers: int = bounded(2, "[0, inf)")
+    # Samples held per stream per worker and drawn from at random.
+    shuffle_buffer: int = bounded(256, "[0, inf)")
+    # Shards read concurrently per stream per worker, samples interleaved at random.
+    open_shards: int = bounded(4, "[1, inf)")
+    # Larger images are decoded at reduced scale (JPEG) or skipped.
+    max_image_pixels: int = bounded(25_000_000, "[1, inf)")
+    # A stream skipping more bad samples in a row stops with an error.
+    max_consecutive_skips: int = bounded(1000, "[0, inf)")
+    prefetch_factor: int = bounded(2, "[1, inf)")
     pin_memory: bool = False  # page-locked batches (asynchronous host-to-GPU copies); needs num_workers > 0
     return_keys: bool = False  # add each sub-batch's sample keys as "keys" (list of str), for debugging
-    seed: int = 0
+    seed: int = bounded(0, "[0, inf)")
 
     @property
     def grid_size(self) -> int:
