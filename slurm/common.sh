@@ -6,7 +6,7 @@
 # requeue decision. The sbatch files only set their #SBATCH lines and recipe defaults, then call beit3_main.
 # Behaviour and every variable are documented in docs/slurm.md.
 
-# Exit codes of the training programs (engine/trainer_config.py): 2 a configuration mistake, 3 too many
+# Exit codes of the training programs (engine/supervise.py): 2 a configuration mistake, 3 too many
 # non-finite losses (neither is ever requeued: the next attempt would fail the same way), 75 a checkpoint
 # saved because the job was asked to stop (requeued within BEIT3_MAX_REQUEUES), 76 the watchdog found no step
 # progress and dumped the stacks (requeued within the failure budget BEIT3_MAX_FAILURES, like a rank killed by
