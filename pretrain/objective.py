@@ -40,6 +40,12 @@ class ObjectiveConfig:
     vl_mim_weight: float = bounded(1.0, "[0, inf)")
     label_smoothing: float = bounded(0.0, "[0, 1)")
 
+    def loss_weights(self) -> dict[str, float]:
+        """``{term: weight}`` of every loss term (the fields named ``<term>_weight``)."""
+        return {
+            name[: -len("_weight")]: value for name, value in vars(self).items() if name.endswith("_weight")
+        }
+
 
 def _masked_ce(
     logits_fn, hidden: torch.Tensor, select: torch.Tensor, targets: torch.Tensor, smoothing: float

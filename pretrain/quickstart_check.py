@@ -14,21 +14,22 @@ import torch
 from beit3.model import load_checkpoint
 from beit3.pretrain.export import model_from_run
 
-LOSSES = ("loss/total", "loss/mim", "loss/mlm", "loss/vl_mlm", "loss/vl_mim")
+LOSS_PREFIX = "loss/"  # every loss term the objective logs (loss/total, loss/mim, ...)
 
 
 def loss_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every loss tag's (step, value) pairs from the run's event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    curves: dict[str, dict[int, float]] = {tag: {} for tag in LOSSES}
+    curves: dict[str, dict[int, float]] = {}
     for events in sorted((run_dir / "tensorboard").rglob("events.out.tfevents.*")):
         acc = EventAccumulator(str(events))
         acc.Reload()
-        for tag in LOSSES:
-            if tag in acc.Tags()["scalars"]:
-                curves[tag].update({e.step: e.value for e in acc.Scalars(tag)})
-    return {tag: sorted(values.items()) for tag, values in curves.items() if values}
+        for tag in acc.Tags()["scalars"]:
+            if tag.startswith(LOSS_PREFIX):
+                curves.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    order = sorted(curves, key=lambda tag: (tag != "loss/total", tag))  # the total first
+    return {tag: sorted(curves[tag].items()) for tag in order if curves[tag]}
 
 
 def main(argv: list[str] | None = None) -> int:

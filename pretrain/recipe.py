@@ -116,7 +116,7 @@ def _check_values(recipe: PretrainRecipe) -> None:
         if low > high:
             raise ConfigError(f"data.{name}={[low, high]} is reversed: give [min, max]")
     o = recipe.objective
-    if not any((o.mim_weight, o.mlm_weight, o.vl_mlm_weight, o.vl_mim_weight)):
+    if not any(o.loss_weights().values()):
         raise ConfigError("objective: every loss weight is 0, so nothing is learned: set one of them > 0")
     if d.img_size % d.patch_size:
         raise ConfigError(
