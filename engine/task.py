@@ -1,4 +1,7 @@
-"""The task protocol: all the engine knows about the model it trains (see docs/architecture.md)."""
+"""The task protocol: all the engine knows about the model it trains (see docs/architecture.md).
+
+Its counterpart for the batches, the data-source protocol, is :mod:`beit3.engine.data_source`.
+"""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from beit3.engine.checkpoint import (
     capture_rng,
     restore_rng,
 )
+from beit3.engine.data_source import DataSource, check_data_source, counter_values
 from beit3.engine.ds_config import precision_of
 from beit3.engine.launch import DistInfo, shutdown_distributed
 from beit3.engine.lr import lr_at
@@ -63,12 +64,13 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """Trains a task module (beit3.engine.task) with DeepSpeed; ``fit()`` runs to total_steps or a stop."""
+    """Trains a task module (beit3.engine.task) on a data source (beit3.engine.data_source) with DeepSpeed;
+    ``fit()`` runs to total_steps or a stop."""
 
     def __init__(
         self,
         task: torch.nn.Module,
-        data: Iterable,
+        data: DataSource,
         ds_config: dict,
         cfg: TrainerConfig,
         dist: DistInfo,
@@ -77,6 +79,7 @@ class Trainer:
         import deepspeed
 
         check_task(task)
+        check_data_source(data)
         cfg.validate()
         self.task, self.data, self.cfg, self.dist, self.eval_fn = task, data, cfg, dist, eval_fn
         self.ds_config = ds_config
@@ -125,7 +128,6 @@ class Trainer:
         self.step, self.skipped_steps, self.nonfinite_in_row, self.last_saved = 0, 0, 0, -1
         self.peak_flops = device_peak_flops(dist.device, cfg.peak_flops)
         self._stop_signal = 0
-        self._data_counters: dict[str, float] = {}
         rng_state = self._resume()
         # purge_step: TensorBoard hides the events an interrupted run wrote after the checkpoint's step (the
         # checkpoint's own step was logged before it was saved, so it stays).
@@ -154,12 +156,11 @@ class Trainer:
         if rank_state is not None:
             self.skipped_steps = rank_state.get("skipped_steps", 0)
             self.nonfinite_in_row = rank_state.get("nonfinite_in_row", 0)
-            self._data_counters = rank_state.get("data_counters", {})
-            if rank_state.get("data") is not None and hasattr(self.data, "load_state_dict"):
+            if rank_state.get("data") is not None:  # its counters included
                 self.data.load_state_dict(rank_state["data"])
-        elif self.step and hasattr(self.data, "start_at"):
-            # Another world size: per-rank data states cannot be mapped. A loader that can re-seed from the
-            # position continues with fresh streams instead of replaying its first batches.
+        elif self.step:
+            # Another world size: per-rank data states cannot be mapped. The source continues at the position
+            # (e.g. on re-seeded streams) instead of replaying its first batches.
             self.data.start_at(self.step * self.gas)
         if self.dist.is_main:
             log.info("resumed from %s at step %d", tag_dir, self.step)
@@ -270,8 +271,6 @@ class Trainer:
         nonfinite = torch.zeros((), device=device)
         for micro in range(self.gas):
             batch = self._next_batch()
-            if isinstance(batch, dict) and isinstance(batch.get("stats"), dict):
-                self._data_counters.update(batch["stats"])
             for key, value in self.task.batch_stats(batch).items():
                 window_stats[key] = window_stats.get(key, 0.0) + float(value)
             batch = self.task.prepare_batch(batch, device)
@@ -355,7 +354,8 @@ class Trainer:
     def _log(self, window: MetricAccumulator, stats: dict, lr: float, elapsed: float, steps: int) -> dict:
         metric_names, counters = self._gather_names(window)
         extra = {f"perf/{k}": stats.get(k, 0.0) for k in ("samples", "tokens", "flops")}
-        extra.update({f"data/{k}": float(self._data_counters.get(k, 0.0)) for k in counters})
+        values = counter_values(self.data)
+        extra.update({f"data/{k}": values.get(k, 0.0) for k in counters})
         means, sums = window.reduce(metric_names, extra)
         elapsed = max(elapsed, 1e-9)
         scalars = dict(means)
@@ -380,7 +380,7 @@ class Trainer:
     def _gather_names(self, window: MetricAccumulator) -> tuple[list[str], list[str]]:
         """Unions over ranks of the metric and data-counter names seen (one small all_gather_object per
         log step), so that the flat all-reduce has the same layout everywhere and can never mismatch."""
-        names = (sorted(window.sums), sorted(self._data_counters))
+        names = (sorted(window.sums), sorted(self.data.counter_names))
         if self.dist.world_size == 1:
             return names
         gathered: list = [None] * self.dist.world_size
@@ -393,13 +393,12 @@ class Trainer:
         if self.last_saved == self.step:
             return 0.0
         start = time.perf_counter()
-        data_state = self.data.state_dict() if hasattr(self.data, "state_dict") else None
         rank_state = {
-            "data": data_state,
+            "data": self.data.state_dict(),
             "rng": capture_rng(),
             "skipped_steps": self.skipped_steps,
             "nonfinite_in_row": self.nonfinite_in_row,
-            "data_counters": dict(self._data_counters),
+            "data_counters": counter_values(self.data),  # a record: the data state restores them
         }
         # The marker: what a resume needs (the DeepSpeed config: its global batch, reshard.py) and the trainer
         # settings this checkpoint was trained with; the recipe stays in config.json only.

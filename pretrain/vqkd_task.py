@@ -160,11 +160,14 @@ class VQKDTask(nn.Module):
 class CachedViews:
     """Fixed views with cached teacher features; endless batches drawn at random without replacement.
 
-    The batch is ``{"images": (B, 3, S, S) in [0, 1], "targets": (B, h*w, dim)}`` on the CPU.
+    The batch is ``{"images": (B, 3, S, S) in [0, 1], "targets": (B, h*w, dim)}`` on the CPU. An engine data
+    source (:mod:`beit3.engine.data_source`) without counters.
     """
 
+    counter_names: tuple[str, ...] = ()
+
     def __init__(self, views: torch.Tensor, targets: torch.Tensor, batch_size: int, seed: int) -> None:
-        self.views, self.targets, self.batch_size = views, targets, batch_size
+        self.views, self.targets, self.batch_size, self.seed = views, targets, batch_size, seed
         self.rng = np.random.default_rng(seed)
 
     def __iter__(self):
@@ -178,6 +181,13 @@ class CachedViews:
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+
+    def start_at(self, micro_batches: int) -> None:
+        """Draw from a generator seeded by (seed, micro_batches): fresh batches, not the first ones again."""
+        self.rng = np.random.default_rng([self.seed, int(micro_batches)])
+
+    def counters(self) -> dict[str, float]:
+        return {}
 
 
 class RandomCrops(torch.utils.data.Dataset):
@@ -214,7 +224,10 @@ class EndlessShuffle(torch.utils.data.Sampler):
 
 class OnlineCrops:
     """Fresh random crops of ``paths`` decoded by DataLoader workers: ``{"images": (B, 3, S, S)}`` (the task
-    runs the teacher). Its state is the number of samples handed out, so a resume continues the sequence."""
+    runs the teacher). Its state is the number of samples handed out, so a resume continues the sequence. An
+    engine data source (:mod:`beit3.engine.data_source`) without counters."""
+
+    counter_names: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -245,6 +258,13 @@ class OnlineCrops:
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
+
+    def start_at(self, micro_batches: int) -> None:
+        """Continue the sequence after ``micro_batches`` batches of this rank."""
+        self.position = int(micro_batches) * self.batch_size
+
+    def counters(self) -> dict[str, float]:
+        return {}
 
 
 @torch.no_grad()

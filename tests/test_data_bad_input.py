@@ -174,9 +174,10 @@ def test_loader_skips_and_counts_every_kind_of_bad_sample(tmp_path, tok):
         text_shards=[write(tmp_path / "t", texts)],
         pair_shards=[write(tmp_path / "p", pairs)],
     )
-    it = iter(build_pretrain_loader(cfg, tok, 6, 2, 2))
+    loader = build_pretrain_loader(cfg, tok, 6, 2, 2)
+    it = iter(loader)
     batch = next(it)
-    stats = batch["stats"]
+    stats = loader.counters()
     assert stats["skipped/image_decode"] == 2
     assert stats["skipped/image_empty"] == 2  # one image, one pair image
     assert stats["skipped/image_too_large"] == 1
@@ -188,7 +189,8 @@ def test_loader_skips_and_counts_every_kind_of_bad_sample(tmp_path, tok):
     expected = [(0, 0, 255), (255,) * 3, (128,) * 3, (255,) * 3, (0, 255, 0), (255, 255, 0)]
     assert np.allclose(means, expected, atol=6), means
     # Counts are cumulative: the next pass over the same shards adds the same skips again.
-    assert next(it)["stats"]["skipped/image_decode"] == 4
+    next(it)
+    assert loader.counters()["skipped/image_decode"] == 4
 
 
 def _truncate_inside_member(path: str, member_index: int) -> None:
@@ -207,11 +209,12 @@ def test_truncated_tar_moves_on_to_the_next_shard(tmp_path, tok):
     first, second = (str(tmp_path / "shards" / s["name"]) for s in w.shards)
     _truncate_inside_member(first, 4)  # k04's image is cut in half
     cfg = single_pass_cfg(tmp_path, image_shards=[first, second], return_keys=True, open_shards=2)
-    it = iter(build_pretrain_loader(cfg, tok, 4, 0, 0))
+    loader = build_pretrain_loader(cfg, tok, 4, 0, 0)
+    it = iter(loader)
     batches = [next(it) for _ in range(12)]
     keys = {k for b in batches for k in b["image"]["keys"]}
     assert keys == {f"k{i:02d}" for i in (0, 1, 2, 3, *range(6, 12))}
-    assert batches[-1]["stats"]["skipped/tar_read"] >= 1
+    assert loader.counters()["skipped/tar_read"] >= 1
 
 
 def test_a_stream_with_nothing_readable_fails_loudly_instead_of_hanging(tmp_path, tok):
@@ -242,8 +245,9 @@ def test_no_exception_from_decoding_one_sample_escapes_it(tmp_path, tok, caplog)
     ]
     cfg = single_pass_cfg(tmp_path, pair_shards=[write(tmp_path / "p", pairs)], return_keys=True)
     with caplog.at_level("DEBUG", logger="beit3.pretrain.data.loader"):
-        batch = next(iter(build_pretrain_loader(cfg, tok, 0, 0, 2)))
-    stats = batch["stats"]
+        loader = build_pretrain_loader(cfg, tok, 0, 0, 2)
+        batch = next(iter(loader))
+    stats = loader.counters()
     assert batch["pair"]["keys"] == ["s000", "s007"]
     assert stats["skipped/json_decode"] == 3 and stats["skipped/text_decode"] == 1
     assert stats["skipped/missing_field"] == 2
@@ -263,9 +267,10 @@ def test_an_unexpected_error_on_one_sample_is_counted_as_sample_error(tmp_path, 
     monkeypatch.setattr(SampleProcessor, "text", flaky)
     texts = [{"txt": b"the cat"}, {"txt": b"a dog"}, {"txt": b"a bird"}]
     cfg = single_pass_cfg(tmp_path, text_shards=[write(tmp_path / "t", texts)], return_keys=True)
-    batch = next(iter(build_pretrain_loader(cfg, tok, 0, 2, 0)))
+    loader = build_pretrain_loader(cfg, tok, 0, 2, 0)
+    batch = next(iter(loader))
     assert batch["text"]["keys"] == ["s000", "s002"]
-    assert batch["stats"]["skipped/sample_error"] == 1
+    assert loader.counters()["skipped/sample_error"] == 1
 
 
 def float_tiff(values: np.ndarray) -> bytes:
@@ -297,8 +302,9 @@ def test_every_image_extension_beit3_shards_reads_is_an_image_member_for_the_loa
     exts = [e.lstrip(".") for e in IMAGE_EXTENSIONS]
     assert "gif" in exts and "jfif" in exts
     cfg = single_pass_cfg(tmp_path, image_shards=[write(tmp_path / "i", [{e: encode_as(e)} for e in exts])])
-    batch = next(iter(build_pretrain_loader(cfg, tok, len(exts), 0, 0)))
-    assert sum(v for k, v in batch["stats"].items() if k.startswith("skipped/")) == 0
+    loader = build_pretrain_loader(cfg, tok, len(exts), 0, 0)
+    batch = next(iter(loader))
+    assert sum(v for k, v in loader.counters().items() if k.startswith("skipped/")) == 0
     means = batch["image"]["tokenizer_image"].mean(dim=(2, 3)).numpy() * 255
     assert np.allclose(means, (200, 100, 50), atol=8), dict(zip(exts, means.tolist()))
 
@@ -314,9 +320,10 @@ def test_texts_that_tokenize_to_nothing_are_skipped_not_used_as_empty_rows(tmp_p
         pair_shards=[write(tmp_path / "p", pairs)],
         return_keys=True,
     )
-    batch = next(iter(build_pretrain_loader(cfg, tok, 0, 2, 2)))
+    loader = build_pretrain_loader(cfg, tok, 0, 2, 2)
+    batch = next(iter(loader))
     assert batch["text"]["keys"] == ["s000", "s002"] and batch["pair"]["keys"] == ["s000", "s002"]
-    assert batch["stats"]["skipped/text_no_tokens"] == 2
+    assert loader.counters()["skipped/text_no_tokens"] == 2
     lengths = (~batch["text"]["text_padding_mask"]).sum(1)
     assert (lengths > 2).all()  # every row holds a piece between <s> and </s>
 
@@ -331,9 +338,10 @@ def test_two_samples_with_the_same_key_in_a_row_are_not_merged(tmp_path, tok):
     w.write("y", {"jpg": green, "txt": b"green"})
     w.close()
     cfg = single_pass_cfg(tmp_path, pair_shards=[str(tmp_path / "p")], return_keys=True)
-    batch = next(iter(build_pretrain_loader(cfg, tok, 0, 0, 3)))
+    loader = build_pretrain_loader(cfg, tok, 0, 0, 3)
+    batch = next(iter(loader))
     assert batch["pair"]["keys"] == ["x", "x", "y"]
-    assert batch["stats"]["skipped/duplicate_member"] == 1
+    assert loader.counters()["skipped/duplicate_member"] == 1
     means = batch["pair"]["tokenizer_image"].mean(dim=(2, 3)).numpy() * 255
     assert np.allclose(means, [(0, 0, 255), (255, 0, 0), (0, 255, 0)], atol=6), means
     pair = batch["pair"]

@@ -42,14 +42,17 @@ def test_each_bad_input_is_counted_under_its_kind_and_the_good_samples_around_it
         shards.append(str(clean_shard(tmp_path / "clean" / "c.tar", fx.stream, ("c0",))))
     loader = build_pretrain_loader(cfg(**{f"{fx.stream}_shards": shards}), tok, *COUNTS[fx.stream])
     it = iter(loader)
-    batches = [next(it) for _ in range(max(len(keys), 3))]
+    batches, counted_after = [], []  # each batch, and the loader's counters right after it
+    for _ in range(max(len(keys), 3)):
+        batches.append(next(it))
+        counted_after.append(loader.counters())
     loader.close()
     read = [b[fx.stream]["keys"][0] for b in batches]
     if keys:
         assert tuple(read[: len(keys)]) == keys
     else:
         assert set(read) == {"c0"}
-    stats = batches[-1 if not keys else len(keys) - 1]["stats"]
+    stats = counted_after[-1 if not keys else len(keys) - 1]
     counted = {k.split("/", 1)[1] for k, v in stats.items() if k.startswith("skipped/") and v}
     assert counted == ({fx.kind, *fx.also} - {None}), stats
 
@@ -62,7 +65,8 @@ def test_one_loader_over_every_fixture_with_workers_counts_every_kind(tmp_path, 
     wanted = {f"skipped/{fx.kind}" for fx in FIXTURES if fx.kind}
     it = iter(loader)
     for _ in range(200):
-        stats = next(it)["stats"]
+        next(it)
+        stats = loader.counters()
         if all(stats[k] for k in wanted):
             break
     loader.close()

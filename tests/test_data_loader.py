@@ -57,8 +57,9 @@ def take(loader, n):
 def test_batch_contract_shapes_dtypes_and_specials(data):
     root, tok = data
     cfg = make_cfg(root)
-    (batch,) = take(build_pretrain_loader(cfg, tok, IMAGES, TEXTS, PAIRS), 1)
-    assert set(batch) == {"image", "text", "pair", "stats"}
+    loader = build_pretrain_loader(cfg, tok, IMAGES, TEXTS, PAIRS)
+    (batch,) = take(loader, 1)
+    assert set(batch) == {"image", "text", "pair"}  # counters are the loader's, not the batch's
     img = batch["image"]
     assert img["image"].shape == (IMAGES, 3, 32, 32) and img["image"].dtype == torch.float32
     assert img["tokenizer_image"].shape == (IMAGES, 3, 16, 16)
@@ -87,7 +88,9 @@ def test_batch_contract_shapes_dtypes_and_specials(data):
         "text_padding_mask",
         "text_labels",
     }
-    assert batch["stats"]["samples/image"] == IMAGES and batch["stats"]["samples/pair"] == PAIRS
+    counts = loader.counters()
+    assert counts["samples/image"] == IMAGES and counts["samples/pair"] == PAIRS
+    assert tuple(counts) == loader.counter_names
 
 
 def test_every_batch_holds_exactly_the_configured_counts(data):
@@ -102,7 +105,7 @@ def test_every_batch_holds_exactly_the_configured_counts(data):
 def test_zero_count_leaves_the_sub_batch_out(data):
     root, tok = data
     (batch,) = take(build_pretrain_loader(make_cfg(root, pair_shards=[]), tok, 2, 2, 0), 1)
-    assert set(batch) == {"image", "text", "stats"}
+    assert set(batch) == {"image", "text"}
 
 
 def _keys(batches, stream):
@@ -177,10 +180,14 @@ def test_resume_on_another_world_size_reseeds_and_keeps_counts(data):
     fresh = take(build_pretrain_loader(cfg, tok, 1, 1, 2, rank=0, world_size=2), 3)
     moved = build_pretrain_loader(cfg, tok, 1, 1, 2, rank=0, world_size=2)
     moved.load_state_dict(state)
-    got = take(moved, 3)
+    it = iter(moved)
+    got = [next(it)]
+    after_first = moved.counters()
+    got += [next(it) for _ in range(2)]
+    moved.close()
     # Not the new layout's stream from its start, and the counters go on from the old run.
     assert _keys(got, "pair") != _keys(fresh, "pair")
-    assert got[0]["stats"]["samples/pair"] == 5 * 2 + 2
+    assert after_first["samples/pair"] == 5 * 2 + 2
     assert moved.state_dict()["batches"] == 8
 
 

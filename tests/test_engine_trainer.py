@@ -151,6 +151,53 @@ def test_tensorboard_tags_read_back_match_the_run(tmp_path, capsys):
     assert "step 4/4 | " in capsys.readouterr().out
 
 
+class CountingData(ToyData):
+    """Adding a data counter: declared in ``counter_names``, counted in ``counters()``; no engine change."""
+
+    counter_names = (*ToyData.counter_names, "samples/toy")
+
+    def counters(self) -> dict[str, float]:
+        return {**super().counters(), "samples/toy": self.index * self.micro_batch}
+
+
+def test_a_counter_the_data_source_declares_is_logged_as_data_name_and_checkpointed(tmp_path):
+    trainer = make_trainer(tmp_path, "zero0_fp32.json", 4, data_cls=CountingData)
+    trainer.fit()
+    per_step = trainer.gas * trainer.data.micro_batch
+    scalars = _scalars(tmp_path / "tensorboard")
+    assert scalars["data/samples/toy"] == [(2, 2.0 * per_step), (4, 4.0 * per_step)]
+    assert scalars["data/skipped/corrupt"][-1] == (4, float((4 * trainer.gas) // 3))
+    state = torch.load(latest_checkpoint(tmp_path) / "trainer_rank00000.pt", weights_only=False)
+    assert state["data_counters"] == {
+        "skipped/corrupt": float((4 * trainer.gas) // 3),
+        "samples/toy": 4.0 * per_step,
+    }
+
+
+class _NoStartAt(ToyData):
+    start_at = None
+
+
+class _UndeclaredCounter(ToyData):
+    def counters(self) -> dict[str, float]:
+        return {**super().counters(), "extra": 1.0}
+
+
+def test_a_data_source_outside_the_protocol_is_refused_naming_what_it_lacks(tmp_path):
+    from beit3.engine.data_source import DataSource, check_data_source
+
+    check_data_source(ToyData(2))
+    assert isinstance(ToyData(2), DataSource)
+    with pytest.raises(
+        TypeError, match="list lacks state_dict, load_state_dict, start_at, counters, counter_names"
+    ):
+        check_data_source([{"xa": torch.zeros(1, 8)}])
+    with pytest.raises(TypeError, match=r"undeclared: \['extra'\], not returned: \[\]"):
+        check_data_source(_UndeclaredCounter(2))
+    with pytest.raises(TypeError, match="_NoStartAt lacks start_at"):
+        make_trainer(tmp_path, "zero0_fp32.json", 2, data_cls=_NoStartAt)
+
+
 def test_mfu_is_omitted_on_cpu_without_a_peak_override(tmp_path):
     make_trainer(tmp_path, "zero0_fp32.json", 2).fit()
     assert "perf/mfu_pct" not in _scalars(tmp_path / "tensorboard")

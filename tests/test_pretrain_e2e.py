@@ -21,6 +21,7 @@ from tiny_data import set_args, tiny_pretrain_settings, write_pretrain_data
 from beit3.engine.checkpoint import latest_checkpoint, read_marker
 from beit3.model import ModelConfig, build_model, get_config, load_checkpoint
 from beit3.model.beit3 import BEiT3Model
+from beit3.pretrain.data.loader import COUNTER_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -63,6 +64,8 @@ def test_two_ranks_zero3_train_log_export_and_reload(assets, tmp_path):
     for tag in ("loss/total", "loss/mim", "loss/mlm", "loss/vl_mlm", "acc/mlm", "optim/lr", "optim/grad_norm",
                 "perf/samples_per_sec", "perf/tokens_per_sec", "data/skipped/image_decode"):  # fmt: skip
         assert sorted(tensorboard_scalars(out, tag)) == [1, 2, 3, 4], tag
+    for name in COUNTER_NAMES:  # every counter the loader declares, logged with no engine code naming it
+        assert sorted(tensorboard_scalars(out, f"data/{name}")) == [1, 2, 3, 4], name
     assert all(v == v and v < 1e4 for v in tensorboard_scalars(out, "loss/total").values())
     model = build_model("beit3_tiny_patch16_64", vocab_size=64, visual_vocab_size=1024)
     report = load_checkpoint(model, export, strict=True)

@@ -64,11 +64,13 @@ def test_the_loader_and_tokenizer_accept_the_demo(demo, tmp_path):
         text_max_len=64,
         pair_text_max_len=32,
     )
-    it = iter(build_pretrain_loader(cfg, tok, 4, 4, 4))
+    loader = build_pretrain_loader(cfg, tok, 4, 4, 4)
+    it = iter(loader)
     for _ in range(3):
         batch = next(it)
-    assert all(v == 0 for k, v in batch["stats"].items() if k.startswith("skipped/"))
-    assert batch["stats"]["samples/pair"] == 12
+    counts = loader.counters()
+    assert all(v == 0 for k, v in counts.items() if k.startswith("skipped/"))
+    assert counts["samples/pair"] == 12
     assert (batch["text"]["text_padding_mask"].sum(1) < 64).all()
 
 

@@ -97,8 +97,12 @@ class BatchLoader:
 
     Each epoch shuffles all examples with ``seed + epoch``, gives rank r every world_size-th example, and
     drops the tail so that every rank yields the same number of full batches (unequal counts would hang
-    collectives). ``state_dict`` holds (epoch, batch position); the engine saves it with each checkpoint.
+    collectives). An engine data source (:mod:`beit3.engine.data_source`) without counters: ``state_dict``
+    holds (epoch, batch position), which the engine saves with each checkpoint; ``start_at`` continues at the
+    epoch and position a number of batches reach.
     """
+
+    counter_names: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -145,3 +149,10 @@ class BatchLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def start_at(self, micro_batches: int) -> None:
+        """Continue after ``micro_batches`` batches of this rank (a resume on another world size)."""
+        self.epoch, self.position = divmod(int(micro_batches), len(self))
+
+    def counters(self) -> dict[str, float]:
+        return {}

@@ -3,8 +3,10 @@
 Each DataLoader worker (or the training process itself with ``num_workers=0``) is a *producer slot* that
 owns one :class:`~beit3.pretrain.data.streams.SampleSource` per stream and builds whole micro-batches; PyTorch
 hands out worker batches round-robin, so batch ``n`` of a rank always comes from slot ``n % num_workers``.
-Every batch carries its producer's state *after* that batch; the loader keeps the latest state per slot, so
-:meth:`PretrainLoader.state_dict` describes exactly the batches consumed, never those prefetched.
+Every batch carries its producer's state *after* that batch (its counters included) from the worker to the
+loader, which keeps the latest state per slot and strips it from the batch: :meth:`PretrainLoader.state_dict`
+and :meth:`PretrainLoader.counters` describe exactly the batches consumed, never those prefetched. The loader
+is an engine data source (:mod:`beit3.engine.data_source`), its counters declared in :data:`COUNTER_NAMES`.
 """
 
 from __future__ import annotations
@@ -36,9 +38,14 @@ STATE_VERSION = 1
 _RESEED = 0x5EED
 
 
-def empty_stats(streams: tuple[str, ...] = STREAMS) -> dict[str, int]:
-    """All counters at zero: ``skipped/<kind>`` for every kind, ``samples/<stream>`` for every stream."""
-    return {**{f"skipped/{k}": 0 for k in SKIP_KINDS}, **{f"samples/{s}": 0 for s in streams}}
+# The counters of every rank's loader, logged as TensorBoard ``data/<name>`` (summed over ranks): a sample
+# skipped, by kind, and a sample used, by stream. All are always present, so the tags are stable.
+COUNTER_NAMES = (*(f"skipped/{k}" for k in SKIP_KINDS), *(f"samples/{s}" for s in STREAMS))
+
+
+def empty_stats() -> dict[str, int]:
+    """Every counter of :data:`COUNTER_NAMES` at zero."""
+    return dict.fromkeys(COUNTER_NAMES, 0)
 
 
 class BatchProducer:
@@ -197,10 +204,13 @@ def _close_open_loaders() -> None:
 
 
 class PretrainLoader:
-    """Endless per-rank micro-batches ``{"image", "text", "pair", "stats"}`` with ``state_dict`` for resume.
+    """Endless per-rank micro-batches ``{"image", "text", "pair"}``: an engine data source with exact resume
+    (``state_dict``), re-seeding (``start_at``) and the cumulative :data:`COUNTER_NAMES` (``counters``).
 
     Iterating again (or after :meth:`load_state_dict`) continues from the last consumed batch.
     """
+
+    counter_names = COUNTER_NAMES
 
     def __init__(
         self, cfg: PretrainDataConfig, tokenizer, counts: dict[str, int], rank: int, world_size: int
@@ -217,12 +227,13 @@ class PretrainLoader:
         # Build one producer now so that shard/slot problems surface at construction, not in a worker.
         _SlotFactory(self)(self.rank * self.num_slots)
 
-    def stats(self) -> dict[str, int]:
-        """Cumulative counts on this rank over the consumed batches."""
-        total = dict(self.stats_base)
-        for state in self.producer_states.values():
-            for k, v in state["stats"].items():
-                total[k] = total.get(k, 0) + v
+    def counters(self) -> dict[str, int]:
+        """Cumulative counts of :data:`COUNTER_NAMES` on this rank over the consumed batches."""
+        total = empty_stats()
+        for part in (self.stats_base, *(state["stats"] for state in self.producer_states.values())):
+            for k, v in part.items():
+                if k in total:  # a counter an older version declared is dropped
+                    total[k] += v
         return total
 
     def __iter__(self):
@@ -260,7 +271,6 @@ class PretrainLoader:
                 state = batch.pop("_producer_state")
                 self.producer_states[state["slot"] - self.rank * n] = state
                 self.batches += 1
-                batch["stats"] = self.stats()
                 yield batch
         finally:
             # Stop the workers now, not whenever the garbage collector reaches the iterator.
