@@ -1,7 +1,7 @@
 """Decoding untrusted sample bytes: images to RGB PIL images, texts to clean strings, or a counted skip.
 
 Used both when shards are written (validation) and when they are read (training never stops on bad input).
-Every rejection raises :class:`SkipSample` with a *kind*; the loader counts kinds in ``batch["stats"]``.
+Every rejection raises :class:`SkipSample` with a *kind*; the loader counts kinds (``skipped/<kind>``).
 """
 
 from __future__ import annotations
