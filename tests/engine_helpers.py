@@ -12,6 +12,8 @@ import argparse
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -174,6 +176,31 @@ def tensorboard_run(run_dir: Path) -> dict[str, dict[int, float]]:
 def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
     """Step -> the last value written for ``tag`` (see :func:`tensorboard_run`); empty if never written."""
     return tensorboard_run(run_dir).get(tag, {})
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a launcher's ``--master_port``)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict:
+    """This environment without the rendezvous the in-process tests set or a Slurm job's variables, one
+    thread per rank, and ``extra``."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def torchrun(
+    specs: list[dict], results: Path, nproc: int = 2, script: str = __file__, timeout: int = 240
+) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N script --runs <specs> --results <results>``; ``script``: this file."""
+    Path(results).mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), script, "--runs", json.dumps(specs), "--results", str(results)]  # fmt: skip
+    return subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def read_loss_rows(record_path: str | Path, rank: int) -> list[tuple[int, float]]:

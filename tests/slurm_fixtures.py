@@ -19,7 +19,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,13 +34,6 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class ClusterRefused(RuntimeError):
     """This machine cannot build the cluster asked for (e.g. the kernel refuses network namespaces)."""
 
@@ -53,6 +45,8 @@ class SlurmCluster:
     (``BEIT3_SLURM_NODES``, see scripts/slurm_localhost.sh)."""
 
     def __init__(self, scratch: Path, nodes: int = 1):
+        from engine_helpers import free_port
+
         self.scratch = scratch
         self.nodes = nodes
         # Free ports, so that the test cluster never meets another one running on this machine.

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from engine_helpers import (
     read_losses,
     single_rank,  # noqa: F401  (a fixture)
     tensorboard_scalars,
+    torchrun,
 )
 
 from beit3.engine.checkpoint import (
@@ -195,25 +195,6 @@ def test_full_disk_says_no_space_left_and_keeps_the_last_good_checkpoint(small_f
 
 
 # ----- two real ranks -----
-HELPER = str(Path(__file__).with_name("engine_helpers.py"))
-
-
-def _torchrun(specs: list[dict], results: Path) -> subprocess.CompletedProcess:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
-    results.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           HELPER, "--runs", json.dumps(specs), "--results", str(results)]  # fmt: skip
-    return subprocess.run(
-        cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
-    )
-
-
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_ranks_agree_to_fall_back_when_one_ranks_shard_is_damaged(tmp_path):
@@ -227,11 +208,11 @@ def test_two_ranks_agree_to_fall_back_when_one_ranks_shard_is_damaged(tmp_path):
         "steps": 8,
         "kill_at_batch": 7,
     }  # after step 6's save
-    out = _torchrun([straight, killed], tmp_path / "l1")
+    out = torchrun([straight, killed], tmp_path / "l1", timeout=300)
     assert out.returncode != 0 and (tmp_path / "a" / "checkpoints" / "step00000006" / MARKER).is_file()
     shard = tmp_path / "a" / "checkpoints" / "step00000006" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     _damage(shard, "truncate")
-    out = _torchrun([{**spec, "output_dir": str(tmp_path / "a"), "steps": 8}], tmp_path / "l2")
+    out = torchrun([{**spec, "output_dir": str(tmp_path / "a"), "steps": 8}], tmp_path / "l2", timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in out.stdout + out.stderr
     results = [json.loads((tmp_path / "l2" / f"results_rank{r}.json").read_text())[0] for r in (0, 1)]
@@ -252,11 +233,11 @@ def test_rank_killed_inside_a_save_leaves_the_previous_checkpoint_and_resumes_ex
     spec = {"ds_config": "zero3_fp32.json", "save_every": 3}
     straight = {**spec, "output_dir": str(tmp_path / "straight"), "steps": 8}
     killed = {**spec, "output_dir": str(tmp_path / "a"), "steps": 8, "kill_in_save_at_step": 6}
-    out = _torchrun([straight, killed], tmp_path / "l1")
+    out = torchrun([straight, killed], tmp_path / "l1", timeout=300)
     ckpts = tmp_path / "a" / "checkpoints"
     assert out.returncode != 0 and (ckpts / "latest").read_text() == "step00000003"
     assert (ckpts / "step00000006").is_dir() and not (ckpts / "step00000006" / MARKER).exists()
-    out = _torchrun([{**spec, "output_dir": str(tmp_path / "a"), "steps": 8}], tmp_path / "l2")
+    out = torchrun([{**spec, "output_dir": str(tmp_path / "a"), "steps": 8}], tmp_path / "l2", timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "removed incomplete checkpoint dirs ['step00000006']" in out.stdout + out.stderr
     for rank in (0, 1):

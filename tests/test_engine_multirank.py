@@ -7,7 +7,6 @@ cheap after the first). The toy task records every per-batch loss, so trajectori
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import DS_CONFIGS, ToyMultiwayTask, read_loss_rows, read_losses, tensorboard_run
+from engine_helpers import (
+    DS_CONFIGS,
+    ToyMultiwayTask,
+    clean_env,
+    read_loss_rows,
+    read_losses,
+    tensorboard_run,
+    torchrun,
+)
 
 from beit3.engine.checkpoint import latest_checkpoint
 from beit3.engine.consolidate import consolidate_checkpoint, verify_against_module
@@ -32,27 +39,6 @@ SMALL_BATCH = {
         "train_micro_batch_size_per_gpu"
     ],
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _clean_env(**extra: str) -> dict:
-    """This environment without the rendezvous the in-process tests set, one thread per rank."""
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
-
-
-def torchrun(runs: list[dict], results: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 engine_helpers.py --runs ...``."""
-    results.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), HELPER, "--runs", json.dumps(runs), "--results", str(results)]  # fmt: skip
-    return subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _spec(root: Path, name: str, ds_config: str, steps: int = STEPS, **kw) -> dict:
@@ -181,7 +167,7 @@ def test_sigusr1_on_one_srun_rank_saves_on_all_and_exits_75(tmp_path):
     job = str(50000 + os.getpid() % 10000)
     procs = []
     for rank in (0, 1):
-        env = _clean_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2", SLURM_JOB_ID=job,
+        env = clean_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2", SLURM_JOB_ID=job,
                          MASTER_ADDR="127.0.0.1")  # fmt: skip
         cmd = [sys.executable, HELPER, "--runs", json.dumps([spec]), "--results", str(tmp_path)]
         procs.append(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from engine_helpers import clean_env, free_port
 
 from beit3.engine.supervise import child_command, combine_exit_codes
 
@@ -24,29 +24,21 @@ LAUNCH = [sys.executable, "-m", "beit3.engine.supervise"]
 pytestmark = pytest.mark.multiprocess
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _env(tmp_path: Path, **extra: str) -> dict:
     """No inherited rendezvous; the launcher's pid directory under ``tmp_path`` (TMPDIR) for the test."""
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "BEIT3_LAUNCH_DIR")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
+    env = {k: v for k, v in clean_env().items() if k != "BEIT3_LAUNCH_DIR"}
     (tmp_path / "tmp").mkdir(exist_ok=True)
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TMPDIR": str(tmp_path / "tmp"),
-            **extra}  # fmt: skip
+    return {**env, "PYTHONWARNINGS": "ignore", "TMPDIR": str(tmp_path / "tmp"), **extra}
 
 
 def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(_free_port()), *args]  # fmt: skip
+            "--master_port", str(free_port()), *args]  # fmt: skip
 
 
 def deepspeed(*args: str) -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-            "--master_port", str(_free_port()), *args]  # fmt: skip
+            "--master_port", str(free_port()), *args]  # fmt: skip
 
 
 def summary_lines(stderr: str) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -135,12 +134,9 @@ def main(argv: list[str] | None = None) -> int:
 
 # ----- the pytest side -----
 def _launch(nproc: int, specs: list[dict], results: Path) -> None:
-    from test_engine_multirank import _clean_env, _free_port
+    from engine_helpers import torchrun
 
-    results.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), SCRIPT, "--runs", json.dumps(specs), "--results", str(results)]  # fmt: skip
-    proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=600)
+    proc = torchrun(specs, results, nproc, SCRIPT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
