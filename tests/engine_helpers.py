@@ -100,9 +100,11 @@ class ToyData:
     """An endless, per-rank stream of mixed micro-batches; sample j depends only on (seed, rank, j).
 
     Micro-batch i holds samples [i*m, (i+1)*m), so 4 micro-batches of 1 see the same samples as one of 4.
-    ``nan_batches`` fills the ``a`` inputs of those batch indices with NaN. Counters in ``stats`` mimic a
-    loader's cumulative skip counts.
+    ``nan_batches`` fills the ``a`` inputs of those batch indices with NaN. Its one counter (the engine's
+    data-source protocol) mimics a loader's cumulative skip count: ``(i + 1) // 3 + rank`` after batch ``i``.
     """
+
+    counter_names = ("skipped/corrupt",)
 
     def __init__(
         self,
@@ -137,8 +139,7 @@ class ToyData:
             if i in self.nan_batches:
                 xa = torch.full_like(xa, float("nan"))
             self.index += 1
-            yield {"xa": xa, "ya": ya, "xb": xb, "yb": yb, "index": i,
-                   "stats": {"skipped/corrupt": (i + 1) // 3 + self.rank}}  # fmt: skip
+            yield {"xa": xa, "ya": ya, "xb": xb, "yb": yb, "index": i}
 
     def state_dict(self) -> dict:
         """The next batch index."""
@@ -147,6 +148,14 @@ class ToyData:
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position."""
         self.index = state["index"]
+
+    def start_at(self, micro_batches: int) -> None:
+        """Continue at batch ``micro_batches`` (a resume on another world size)."""
+        self.index = micro_batches
+
+    def counters(self) -> dict[str, float]:
+        """The skip count after the batches handed out."""
+        return {"skipped/corrupt": self.index // 3 + self.rank}
 
 
 @pytest.fixture(scope="session")
