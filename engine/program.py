@@ -79,6 +79,14 @@ class TrainingRun:
     keep_process_group: bool = False
 
 
+def recipe_record(recipe: Any) -> dict:
+    """A recipe as ``config.json`` records it: every table but ``[train]``, which the engine records (as
+    run) under ``engine.trainer``, so that each setting is written once."""
+    from beit3.engine.config_io import to_dict
+
+    return {name: table for name, table in to_dict(recipe).items() if name != "train"}
+
+
 def setup_logging() -> None:
     """The console log format of every program: time, logger, level, message."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)

@@ -21,9 +21,17 @@ import logging
 import sys
 from pathlib import Path
 
-from beit3.engine.config_io import ConfigError, dotted_overrides, to_dict
+from beit3.engine.config_io import ConfigError, dotted_overrides
 from beit3.engine.launch import add_run_args
-from beit3.engine.program import Built, RunContext, TrainingRun, config_error, run_training, setup_logging
+from beit3.engine.program import (
+    Built,
+    RunContext,
+    TrainingRun,
+    config_error,
+    recipe_record,
+    run_training,
+    setup_logging,
+)
 from beit3.engine.supervise import supervised
 from beit3.finetune.builder import build_task, model_config
 from beit3.finetune.data.batches import BatchLoader, Collator, tokenize_split
@@ -147,7 +155,7 @@ def prepare(context: RunContext) -> TrainingRun:
         return 0
 
     return TrainingRun(
-        recipe.train, {"recipe": to_dict(recipe)}, build, ds_config=ds_config, finish=finish,
+        recipe.train, {"recipe": recipe_record(recipe)}, build, ds_config=ds_config, finish=finish,
         keep_process_group=True,  # the final evaluation gathers over every rank
     )  # fmt: skip
 

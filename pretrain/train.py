@@ -18,9 +18,9 @@ import os
 import sys
 from pathlib import Path
 
-from beit3.engine.config_io import ConfigError, to_dict
+from beit3.engine.config_io import ConfigError
 from beit3.engine.launch import add_run_args
-from beit3.engine.program import Built, RunContext, TrainingRun, run_training
+from beit3.engine.program import Built, RunContext, TrainingRun, recipe_record, run_training
 from beit3.engine.supervise import supervised
 from beit3.model import ModelError
 from beit3.pretrain.errors import PretrainError
@@ -131,7 +131,7 @@ def prepare(context: RunContext) -> TrainingRun:
             export_run(Path(args.output_dir), Path(args.export))
         return 0
 
-    return TrainingRun(recipe.train, {"recipe": to_dict(recipe), "model": model}, build, finish=finish)
+    return TrainingRun(recipe.train, {"recipe": recipe_record(recipe), "model": model}, build, finish=finish)
 
 
 def check_export_path(path: str | None) -> None:

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 from beit3.engine.checkpoint import atomic_write_bytes
-from beit3.engine.config_io import ConfigError, to_dict
+from beit3.engine.config_io import ConfigError
 from beit3.engine.launch import add_run_args
-from beit3.engine.program import Built, RunContext, TrainingRun, run_training
+from beit3.engine.program import Built, RunContext, TrainingRun, recipe_record, run_training
 from beit3.engine.supervise import supervised
 from beit3.pretrain.errors import PretrainError
 from beit3.pretrain.vqkd_recipe import VQKDRecipe, load_recipe, train_settings, validate
@@ -122,8 +122,7 @@ def prepare(context: RunContext) -> TrainingRun:
     args, dist = context.args, context.dist
     recipe = load_recipe(args.config, args.set)
     ds_config = validate(recipe, context.ds_config, dist.world_size)
-    # config.json: the recipe without [train], which the engine records as its trainer settings.
-    record = {k: v for k, v in to_dict(recipe).items() if k != "train"}
+    record = recipe_record(recipe)
     model = dataclasses.asdict(get_vqkd_config(recipe.tokenizer.name, **recipe.tokenizer.overrides))
     settings = train_settings(recipe)
     out, state = Path(args.output_dir), {}

@@ -29,6 +29,8 @@ def assert_recorded_once(config: dict) -> None:
         assert keys(config).count(name) == 1, f"more than one {name!r} key"
     assert "run_info" not in keys(config)
     assert "run_info" not in config["engine"]["trainer"] and config["engine"]["trainer"]["total_steps"] >= 1
+    # the recipe's [train] table is recorded once, as run, by the engine
+    assert "train" not in config["recipe"] and keys(config).count("total_steps") == 1
 
 
 def assert_marker_holds_no_recipe(marker: dict, recipe: dict) -> None:
