@@ -79,6 +79,20 @@ class TrainingRun:
     keep_process_group: bool = False
 
 
+def program_parser(program: str, doc: str, config_help: str) -> argparse.ArgumentParser:
+    """A training program's parser: its name, the module docstring ``doc`` as description (first paragraph)
+    and epilog, and the options of every training program (:func:`~beit3.engine.launch.add_run_args`)."""
+    from beit3.engine.launch import add_run_args
+
+    parser = argparse.ArgumentParser(
+        prog=program,
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc,
+    )
+    return add_run_args(parser, config_help=config_help)
+
+
 def recipe_record(recipe: Any) -> dict:
     """A recipe as ``config.json`` records it: every table but ``[train]``, which the engine records (as
     run) under ``engine.trainer``, so that each setting is written once."""

@@ -22,12 +22,12 @@ import sys
 from pathlib import Path
 
 from beit3.engine.config_io import ConfigError, dotted_overrides
-from beit3.engine.launch import add_run_args
 from beit3.engine.program import (
     Built,
     RunContext,
     TrainingRun,
     config_error,
+    program_parser,
     recipe_record,
     run_training,
     setup_logging,
@@ -52,13 +52,7 @@ CONFIG_ERRORS = (FinetuneError, ModelError, TokenizersError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROGRAM,
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
-    add_run_args(p, config_help="recipe TOML (finetune/recipes/*.toml) or a recipe name")
+    p = program_parser(PROGRAM, __doc__, "recipe TOML (finetune/recipes/*.toml) or a recipe name")
     p.add_argument("--task", default=None, help="task name; overrides task.name of the recipe")
     p.add_argument("--eval-only", metavar="CHECKPOINT", default=None,
                    help="evaluate a finetuned model.pth (released format) instead of training")  # fmt: skip

@@ -107,29 +107,11 @@ def grad_checkpoint_layers(spec: str, depth: int) -> list[int] | None:
 
 def _check_values(recipe: PretrainRecipe) -> None:
     """Every setting's own range and the orderings within a section (no files, no other sections)."""
-    problem = recipe.train.problem("train") or section_problem(recipe)
+    problem = recipe.train.problem("train") or section_problem(recipe) or recipe.data.problem("data")
     if problem:
         raise ConfigError(problem)
-    d = recipe.data
-    for name in ("crop_scale", "crop_ratio"):
-        low, high = getattr(d, name)
-        if low > high:
-            raise ConfigError(f"data.{name}={[low, high]} is reversed: give [min, max]")
-    o = recipe.objective
-    if not any(o.loss_weights().values()):
+    if not any(recipe.objective.loss_weights().values()):
         raise ConfigError("objective: every loss weight is 0, so nothing is learned: set one of them > 0")
-    if d.img_size % d.patch_size:
-        raise ConfigError(
-            f"data.img_size={d.img_size} is not a multiple of data.patch_size={d.patch_size}: change one"
-        )
-    num_patches = d.grid_size**2
-    for name in ("image_mask_ratio", "pair_image_mask_ratio"):
-        masked = round(getattr(d, name) * num_patches)
-        if 0 < masked < d.min_num_patches:
-            raise ConfigError(
-                f"data.{name}={getattr(d, name)} masks {masked} of {num_patches} patches, fewer than "
-                f"data.min_num_patches={d.min_num_patches}: lower min_num_patches or raise the ratio"
-            )
 
 
 def validate_run(

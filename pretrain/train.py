@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 from beit3.engine.config_io import ConfigError
-from beit3.engine.launch import add_run_args
-from beit3.engine.program import Built, RunContext, TrainingRun, recipe_record, run_training
+from beit3.engine.program import Built, RunContext, TrainingRun, program_parser, recipe_record, run_training
 from beit3.engine.supervise import supervised
 from beit3.model import ModelError
 from beit3.pretrain.errors import PretrainError
@@ -42,13 +41,7 @@ CONFIG_ERRORS = (PretrainError, ModelError, TokenizersError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROGRAM,
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
-    add_run_args(p, config_help="recipe TOML (pretrain/recipes/*.toml)")
+    p = program_parser(PROGRAM, __doc__, "recipe TOML (pretrain/recipes/*.toml)")
     p.add_argument("--export", metavar="PATH", default=None,
                    help="after a finished run, write the verified released-format checkpoint")  # fmt: skip
     return p

@@ -30,8 +30,7 @@ from pathlib import Path
 
 from beit3.engine.checkpoint import atomic_write_bytes
 from beit3.engine.config_io import ConfigError
-from beit3.engine.launch import add_run_args
-from beit3.engine.program import Built, RunContext, TrainingRun, recipe_record, run_training
+from beit3.engine.program import Built, RunContext, TrainingRun, program_parser, recipe_record, run_training
 from beit3.engine.supervise import supervised
 from beit3.pretrain.errors import PretrainError
 from beit3.pretrain.vqkd_recipe import VQKDRecipe, load_recipe, train_settings, validate
@@ -47,13 +46,7 @@ CONFIG_ERRORS = (PretrainError, TokenizersError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROGRAM,
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
-    return add_run_args(p, config_help="recipe TOML (pretrain/recipes/vqkd/*.toml)")
+    return program_parser(PROGRAM, __doc__, "recipe TOML (pretrain/recipes/vqkd/*.toml)")
 
 
 def build_run(recipe: VQKDRecipe, ds_config: dict, dist, seed: int):

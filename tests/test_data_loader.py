@@ -202,9 +202,9 @@ def test_config_errors_name_the_fix(tmp_path, data):
         make_cfg(root, text_shards=[str(tmp_path / "empty")]).validate()
     with pytest.raises(DataConfigError, match="pair_masking"):
         make_cfg(root, pair_masking="both").validate()
-    with pytest.raises(DataConfigError, match="multiple of patch_size"):
+    with pytest.raises(DataConfigError, match="is not a multiple of"):
         make_cfg(root, img_size=30).validate()
-    with pytest.raises(DataConfigError, match="must lie in"):
+    with pytest.raises(DataConfigError, match="text_mask_ratio=1.5 is out of range"):
         make_cfg(root, text_mask_ratio=1.5).validate()
     with pytest.raises(DataConfigError, match="min_num_patches"):
         make_cfg(root, min_num_patches=16).validate()

@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from beit3.engine.config_io import bounded
+from beit3.engine.config_io import bounded, section_problem
 from beit3.pretrain.errors import PretrainError
 
 STREAMS = ("image", "text", "pair")
@@ -84,8 +84,39 @@ class PretrainDataConfig:
         """The configured shard patterns of ``stream`` ("image", "text" or "pair")."""
         return {"image": self.image_shards, "text": self.text_shards, "pair": self.pair_shards}[stream]
 
+    def problem(self, where: str = "data") -> str | None:
+        """The first problem of these settings that needs no file (ranges, orderings, sizes that must fit
+        each other), as one line naming ``where.field`` and the fix; None if none."""
+        problem = section_problem(self, where)
+        if problem is not None:
+            return problem
+        for name in ("crop_scale", "crop_ratio"):
+            low, high = getattr(self, name)
+            if low > high:
+                return f"{where}.{name}={[low, high]} is reversed: give [min, max]"
+        if self.img_size % self.patch_size:
+            size, patch = self.img_size, self.patch_size
+            return f"{where}.img_size={size} is not a multiple of {where}.patch_size={patch}: change one"
+        num_patches = self.grid_size**2
+        for name in ("image_mask_ratio", "pair_image_mask_ratio"):
+            masked = round(getattr(self, name) * num_patches)
+            if 0 < masked < self.min_num_patches:
+                return (
+                    f"{where}.{name}={getattr(self, name)} masks {masked} of {num_patches} patches, fewer "
+                    f"than {where}.min_num_patches={self.min_num_patches}: lower min_num_patches or raise "
+                    "the ratio"
+                )
+        if self.pair_masking not in PAIR_MASKING_MODES:
+            return f"{where}.pair_masking={self.pair_masking!r}: use one of {PAIR_MASKING_MODES}"
+        if len(self.mean) != 3 or len(self.std) != 3:
+            return f"{where}.mean and {where}.std need three values each: e.g. mean = [0.5, 0.5, 0.5]"
+        return None
+
     def validate(self) -> None:
-        """Raise :class:`DataConfigError` naming the fix for the first problem found."""
+        """Raise :class:`DataConfigError` naming the fix for the first problem found, the shards included."""
+        problem = self.problem()
+        if problem is not None:
+            raise DataConfigError(problem)
         if not any(self.shards_for(s) for s in STREAMS):
             raise DataConfigError(
                 "no shards configured: set image_shards, text_shards and/or pair_shards "
@@ -94,52 +125,6 @@ class PretrainDataConfig:
         for stream in STREAMS:
             if self.shards_for(stream):
                 expand_shards(self.shards_for(stream), f"{stream}_shards")
-        if self.img_size % self.patch_size:
-            raise DataConfigError(
-                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}: "
-                "change one of them"
-            )
-        for name in ("img_size", "patch_size", "tokenizer_img_size", "text_max_len", "pair_text_max_len"):
-            if getattr(self, name) < (3 if "text" in name else 1):
-                raise DataConfigError(f"{name}={getattr(self, name)} is too small: give a positive size")
-        self._validate_ratios()
-        if self.pair_masking not in PAIR_MASKING_MODES:
-            raise DataConfigError(f"pair_masking={self.pair_masking!r}: use one of {PAIR_MASKING_MODES}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise DataConfigError("mean and std need three values each, std > 0: e.g. mean = [0.5, 0.5, 0.5]")
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise DataConfigError(f"crop_scale={list(self.crop_scale)} must satisfy 0 < min <= max <= 1")
-        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise DataConfigError(f"crop_ratio={list(self.crop_ratio)} must satisfy 0 < min <= max")
-        num_patches = self.grid_size**2
-        for name in ("image_mask_ratio", "pair_image_mask_ratio"):
-            masked = round(getattr(self, name) * num_patches)
-            if 0 < masked < self.min_num_patches:
-                raise DataConfigError(
-                    f"{name}={getattr(self, name)} masks {masked} of {num_patches} patches, fewer than "
-                    f"min_num_patches={self.min_num_patches}: lower min_num_patches or raise the ratio"
-                )
-        for name in ("num_workers", "shuffle_buffer", "max_consecutive_skips"):
-            if getattr(self, name) < 0:
-                raise DataConfigError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.open_shards < 1 or self.prefetch_factor < 1:
-            raise DataConfigError("open_shards and prefetch_factor must be >= 1")
-
-    def _validate_ratios(self) -> None:
-        for name in (
-            "text_mask_ratio",
-            "pair_text_mask_ratio",
-            "image_mask_ratio",
-            "pair_image_mask_ratio",
-            "pair_image_mask_prob",
-            "hflip",
-        ):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise DataConfigError(f"{name}={value} must lie in [0, 1]")
-        if not 0.0 <= self.color_jitter < 1.0:
-            raise DataConfigError(f"color_jitter={self.color_jitter} must lie in [0, 1) (0 turns it off)")
 
 
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
