@@ -69,6 +69,7 @@ setup(
             "beit3-shards=beit3.pretrain.shards:main",
             "beit3-pretrain=beit3.pretrain.train:main",
             "beit3-export=beit3.pretrain.export:main",
+            "beit3-plan=beit3.pretrain.plan:main",
             "beit3-finetune=beit3.finetune.train:main",
             "beit3-launch=beit3.engine.supervise:main",
         ]

@@ -17,6 +17,16 @@ log = logging.getLogger(__name__)
 
 # Dense bf16 peak per device (TFLOP/s x 1e12), matched against torch.cuda.get_device_name().
 PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+# Memory of each device variant the capacity planner (beit3.pretrain.plan) plans for, in bytes as nvidia-smi
+# reports it (A100 40 GB: 40960 MiB, ...); the part before "-" names its PEAK_FLOPS entry.
+DEVICE_MEMORY = {
+    "A100-40GB": 40960 * 2**20,
+    "A100-80GB": 81920 * 2**20,
+    "H100-80GB": 81559 * 2**20,
+    "H200-141GB": 143771 * 2**20,
+}
+# NVLink bandwidth per GPU and direction, bytes/s (SXM parts: NVLink 3 600 GB/s, NVLink 4 900 GB/s both ways).
+NVLINK_BANDWIDTH = {"A100": 300e9, "H100": 450e9, "H200": 450e9}
 
 
 def device_peak_flops(device: torch.device, override: float | None = None) -> float | None:
