@@ -36,17 +36,16 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from beit3.engine.errors import EngineError
+from beit3.engine.errors import CheckpointError
+from beit3.engine.safe_load import load_file
 
 log = logging.getLogger(__name__)
 
 POINTER = "latest"
 MARKER = "complete.json"
 TAG_PATTERN = re.compile(r"^step(\d{8,})$")
-
-
-class CheckpointError(EngineError, RuntimeError):
-    """A checkpoint that cannot be found or read; the message says what to pass instead."""
+UNIVERSAL_TAG = "universal"  # <tag dir>/universal, loaded by DeepSpeed as tag "universal" of <tag dir>
+UNIVERSAL_MARKER = "universal_complete.json"  # written last by engine/reshard.py's conversion
 
 
 class CheckpointSpaceError(CheckpointError):
@@ -527,8 +526,6 @@ class CheckpointManager:
         if run_state["world_size"] != self.world_size and engine.zero_optimization_stage() > 0:
             # ZeRO shards of another world size: the universal copy that engine/reshard.py made before the
             # engine was built with checkpoint.load_universal.
-            from beit3.engine.reshard import UNIVERSAL_TAG, is_converted
-
             if not engine.load_universal_checkpoint() or not is_converted(tag_dir):
                 raise CheckpointError(
                     f"{tag_dir} holds ZeRO shards of {run_state['world_size']} ranks, this run has "
@@ -551,6 +548,26 @@ class CheckpointManager:
                 self.world_size,
             )
             return None, run_state
-        from beit3.engine.safe_load import load_file  # imports this module
-
         return load_file(path), run_state
+
+
+def universal_dir(tag_dir: Path) -> Path:
+    """Where engine/reshard.py puts the universal conversion of the ZeRO checkpoint in ``tag_dir``."""
+    return tag_dir / UNIVERSAL_TAG
+
+
+def is_converted(tag_dir: Path) -> bool:
+    """True when ``<tag dir>/universal`` holds a complete conversion (its marker is written last)."""
+    return (universal_dir(tag_dir) / UNIVERSAL_MARKER).is_file()
+
+
+def trained_global_batch(tag_dir: os.PathLike | None) -> int | None:
+    """The global batch (``train_batch_size``) the checkpoint ``tag_dir`` was trained with, from its marker;
+    None for a fresh run (``tag_dir`` None) or a marker that does not record it."""
+    if tag_dir is None:
+        return None
+    try:
+        value = (read_marker(Path(tag_dir)).get("ds_config") or {}).get("train_batch_size")
+    except CheckpointError:
+        return None  # the trainer reports an unreadable marker when it resumes
+    return value if isinstance(value, int) and value > 0 else None

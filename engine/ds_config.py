@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 from beit3.engine.errors import EngineError
@@ -163,20 +162,6 @@ def global_batch_problem(
         f"{head}: --ds-set train_batch_size={expected} --ds-set train_micro_batch_size_per_gpu={fix} "
         f"--ds-set gradient_accumulation_steps={per_rank // fix}"
     )
-
-
-def trained_global_batch(tag_dir: os.PathLike | None) -> int | None:
-    """The global batch (``train_batch_size``) the checkpoint ``tag_dir`` was trained with, from its marker;
-    None for a fresh run (``tag_dir`` None) or a marker that does not record it."""
-    if tag_dir is None:
-        return None
-    from beit3.engine.checkpoint import CheckpointError, read_marker
-
-    try:
-        value = (read_marker(Path(tag_dir)).get("ds_config") or {}).get("train_batch_size")
-    except CheckpointError:
-        return None  # the trainer reports an unreadable marker when it resumes
-    return value if isinstance(value, int) and value > 0 else None
 
 
 def validate(config: dict) -> None:

@@ -9,3 +9,11 @@ class EngineError(Exception):
 
     Each specific error also derives from ``ValueError`` (a bad setting) or ``RuntimeError`` (the world).
     """
+
+
+class CheckpointError(EngineError, RuntimeError):
+    """A checkpoint that cannot be found or read; the message says what to pass instead.
+
+    Defined here, beside the base, so that every engine module raising it (checkpoint, safe_load, reshard)
+    imports it without importing another of them: the engine's modules form no import cycle.
+    """

@@ -125,9 +125,9 @@ def run_training(
     ``args`` must carry the options of :func:`~beit3.engine.launch.add_run_args`; ``errors`` are the
     exception bases (beside the engine's) that mean "this configuration cannot run".
     """
-    from beit3.engine.checkpoint import resolve_resume
+    from beit3.engine.checkpoint import resolve_resume, trained_global_batch
     from beit3.engine.config_io import dotted_overrides
-    from beit3.engine.ds_config import load_ds_config, trained_global_batch
+    from beit3.engine.ds_config import load_ds_config
     from beit3.engine.launch import init_distributed
     from beit3.engine.safe_load import trusted_files
     from beit3.engine.trainer import Trainer, seed_everything

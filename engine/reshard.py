@@ -32,14 +32,19 @@ from pathlib import Path
 
 import torch.distributed as torch_dist
 
-from beit3.engine.checkpoint import MARKER, CheckpointError, atomic_write_bytes
+from beit3.engine.checkpoint import (
+    MARKER,
+    UNIVERSAL_MARKER,
+    UNIVERSAL_TAG,
+    CheckpointError,
+    atomic_write_bytes,
+    is_converted,
+    universal_dir,
+)
 from beit3.engine.ds_config import EngineConfigError, keep_global_batch
 from beit3.engine.safe_load import vet_files
 
 log = logging.getLogger(__name__)
-
-UNIVERSAL_TAG = "universal"  # <tag dir>/universal, loaded by DeepSpeed as tag "universal" of <tag dir>
-UNIVERSAL_MARKER = "universal_complete.json"
 
 
 @dataclass
@@ -101,15 +106,6 @@ def plan_resume(tag_dir: Path | None, ds_config: dict, world_size: int) -> Resum
             f"{world_size}) keeps the stage: set zero_optimization.stage={saved_stage}"
         )
     return ResumePlan(tag_dir, saved_world, world_size, config, universal=saved_stage > 0)
-
-
-def universal_dir(tag_dir: Path) -> Path:
-    return tag_dir / UNIVERSAL_TAG
-
-
-def is_converted(tag_dir: Path) -> bool:
-    """True when ``<tag dir>/universal`` holds a complete conversion (its marker is written last)."""
-    return (universal_dir(tag_dir) / UNIVERSAL_MARKER).is_file()
 
 
 def convert_to_universal(tag_dir: Path) -> Path:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from beit3.engine.checkpoint import CheckpointError
+from beit3.engine.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ checked against the rules:
   (it sees BEiT-3 only through the task protocol);
 * ``finetune`` never imports ``beit3.pretrain``; ``pretrain`` never imports ``beit3.finetune``;
 * ``tokenizers`` uses ``beit3.model`` at most;
-* no two modules import each other, directly or through others (an import cycle), except the engine's
-  checkpoint modules listed in :data:`KNOWN_CYCLES`, which break theirs with function-level imports.
+* no two modules import each other, directly or through others (an import cycle), at module level or
+  inside functions.
 
 Each primitive is written once, in the package that owns it (issue 12), also checked on the parsed source:
 
@@ -153,19 +153,6 @@ def test_checker_accepts_allowed_imports(folder, source):
 
 # ---- no import cycles --------------------------------------------------------------------------------------
 
-# Cycles that exist today, closed by imports inside functions; one that grows or any other is an error.
-KNOWN_CYCLES = (
-    frozenset(
-        {
-            "beit3.engine.checkpoint",
-            "beit3.engine.ds_config",
-            "beit3.engine.reshard",
-            "beit3.engine.safe_load",
-        }
-    ),
-)
-
-
 def import_graph(sources: dict[str, tuple[str, bool]]) -> dict[str, set[str]]:
     """Module -> the modules of ``sources`` it imports; ``sources``: module -> (source, is_package).
 
@@ -206,8 +193,7 @@ def import_cycles(graph: dict[str, set[str]]) -> list[set[str]]:
 def test_no_import_cycle_between_modules():
     sources = {module_name(p): (p.read_text(), p.name == "__init__.py") for p in _sources()}
     cycles = import_cycles(import_graph(sources))
-    unknown = [sorted(c) for c in cycles if not any(c <= known for known in KNOWN_CYCLES)]
-    assert not unknown, f"import cycles: {unknown}"
+    assert not cycles, f"import cycles: {[sorted(c) for c in cycles]}"
 
 
 def test_cycle_checker_sees_direct_and_indirect_cycles():

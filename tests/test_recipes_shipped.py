@@ -321,7 +321,7 @@ def test_a_resume_on_other_ranks_is_checked_against_the_global_batch_it_keeps():
 
 
 def test_trained_global_batch_reads_the_checkpoint_marker(tmp_path):
-    from beit3.engine.ds_config import trained_global_batch
+    from beit3.engine.checkpoint import trained_global_batch
 
     tag = tmp_path / "step00000010"
     tag.mkdir()
