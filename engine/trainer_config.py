@@ -27,7 +27,6 @@ from beit3.engine.supervise import EXIT_NONFINITE, EXIT_PREEMPTED  # the exit-co
 T = TypeVar("T")
 
 
-
 @dataclass
 class TrainSettings:
     """The ``[train]`` table of every recipe (pretraining, finetuning, VQ-KD): loop, optimizer, schedule,
