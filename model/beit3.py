@@ -3,12 +3,14 @@
 Module names reproduce the released checkpoints' keys (``beit3.encoder.layers.0.ffn.A.fc1.weight``), so a
 released file loads strictly into the released layout. The model takes tensors and returns tensors: it knows
 nothing of DeepSpeed, data files or losses. Activation checkpointing is switched on from outside with
-:meth:`BEiT3Model.set_grad_checkpointing`.
+:meth:`BEiT3Model.set_grad_checkpointing`. :meth:`BEiT3.forward_mixed` encodes several sub-batches (images,
+texts, pairs) in one pass, layer by layer, each module called once on all the tokens routed to it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -17,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from beit3.model.cache import KVCache
 from beit3.model.config import ModelConfig
 from beit3.model.errors import ModelError
-from beit3.model.layers import Multiway, MultiwayBlock
+from beit3.model.layers import Multiway, MultiwayBlock, Packing, apply_packed
 
 # Position indices start at 2 in both tables, as in the released (fairseq-derived) code; rows 0 and 1 are
 # never read. Kept so that position tables have the released shapes.
@@ -25,6 +27,8 @@ POSITION_OFFSET = 2
 
 # The kinds of input a forward takes; a pruned model (a finetuning configuration) accepts some of them.
 INPUT_MODES = ("image", "text", "pair")
+# The inputs a sub-batch of :meth:`BEiT3.forward_mixed` may hold.
+MIXED_INPUTS = ("image", "text", "text_padding_mask", "image_mask", "attn_mask")
 _DESCRIBE = {
     "image": "images (image=...)",
     "text": "texts (text=...)",
@@ -194,12 +198,13 @@ class BEiT3(nn.Module):
         if text_padding_mask is not None:
             if text is None or text_padding_mask.shape != text.shape:
                 raise ValueError("text_padding_mask must have the shape of text")
-            pad = text_padding_mask.bool()
+            pad = _padding(text_padding_mask)
+        if pad is not None:
             if num_vision:
                 pad = torch.cat([pad.new_zeros(b, num_vision), pad], dim=1)
             # As in the release: padded positions enter the layers as zero vectors.
             x = x.masked_fill(pad.unsqueeze(-1), 0.0)
-        mask = self._attention_mask(pad if cache is None else None, attn_mask)
+        mask = self._attention_mask(pad if cache is None else None, attn_mask, _compute_dtype(x))
         # Image-text input (the paper layout's vision-language experts apply) counts cached tokens too.
         has_image = num_vision > 0 or (cache is not None and cache.num_vision > 0)
         has_text = t > num_vision or (cache is not None and cache.num_text > 0)
@@ -215,16 +220,172 @@ class BEiT3(nn.Module):
             x = self.encoder.layer_norm(x, num_vision)
         return x  # (B, Nv + Nt, D)
 
+    def forward_mixed(
+        self, subbatches: Mapping[str, Mapping[str, torch.Tensor | None]]
+    ) -> dict[str, torch.Tensor]:
+        """Encode several sub-batches in one pass: ``{name: inputs}`` -> ``{name: (B, Nv + Nt, D)}``.
+
+        Each sub-batch's inputs are those of :meth:`forward` (of :data:`MIXED_INPUTS`: ``image``, ``text``,
+        ``text_padding_mask``, ``image_mask``, ``attn_mask``; no cache, default positions), e.g. images, texts
+        and image-text pairs of a pretraining micro-batch. The result equals one :meth:`forward` per
+        sub-batch in the given order (to rounding), stochastic-depth draws included, but every module's
+        parameters are used once: layer by layer, each Linear/LayerNorm expert runs once on the
+        concatenation of all the tokens routed to it (image tokens of images and pairs through A, text
+        tokens of texts and pairs through B, pair tokens through the vision-language C where a layer has
+        it; shared modules on all tokens), the embeddings once each; only the attention (no parameters)
+        runs per sub-batch, on its own tensors (no padding across sub-batches).
+        """
+        names = list(subbatches)
+        if not names:
+            raise ValueError("give at least one sub-batch")
+        subs, shapes = [], []
+        for name in names:
+            sb = dict(subbatches[name])
+            unknown = sorted(set(sb) - set(MIXED_INPUTS))
+            if unknown:
+                raise ValueError(f"sub-batch {name!r}: unknown inputs {unknown}; known: {list(MIXED_INPUTS)}")
+            image, text = sb.get("image"), sb.get("text")
+            if image is None and text is None:
+                raise ValueError(f"sub-batch {name!r}: give an image, a text, or both")
+            if len(self.accepts) < len(INPUT_MODES):
+                self._check_input_mode(image is not None, text is not None)
+            b = (image if image is not None else text).shape[0]
+            nt = 0
+            if text is not None:
+                nt = text.shape[1]
+                if image is not None and text.shape[0] != b:
+                    raise ValueError(f"sub-batch {name!r}: {b} images but {text.shape[0]} texts")
+                if nt > self.cfg.max_text_len:
+                    raise ValueError(
+                        f"sub-batch {name!r}: text positions up to {nt} exceed max_text_len "
+                        f"{self.cfg.max_text_len}: shorten the text or build the model with a larger "
+                        "max_text_positions"
+                    )
+            pad = sb.get("text_padding_mask")
+            if pad is not None:
+                if text is None or pad.shape != text.shape:
+                    raise ValueError(f"sub-batch {name!r}: text_padding_mask must have the shape of text")
+                sb["text_padding_mask"] = _padding(pad)
+            subs.append(sb)
+            shapes.append((b, self.cfg.num_vision_tokens if image is not None else 0, nt))
+        packing = Packing(shapes)
+        x = self._embed_packed(subs, packing)
+        dtype = _compute_dtype(x)
+        masks = []
+        for sb, (b, nv, _) in zip(subs, shapes):
+            pad = sb.get("text_padding_mask")
+            if pad is not None and nv:
+                pad = torch.cat([pad.new_zeros(b, nv), pad], dim=1)
+            masks.append(self._attention_mask(pad, sb.get("attn_mask"), dtype))
+        drops = self._drop_path_rows(packing, dtype, x.device)
+        for i, layer in enumerate(self.encoder.layers):
+            if i in self.checkpoint_layers and torch.is_grad_enabled():
+                x = checkpoint(layer.forward_packed, x, packing, masks, drops[i], use_reentrant=False)
+            else:
+                x = layer.forward_packed(x, packing, masks, drops[i])
+        pieces = [(0, x)]
+        if self.encoder.layer_norm is not None:
+            pieces = apply_packed([self.encoder.layer_norm], pieces, packing.groups())
+        return dict(zip(names, packing.sequences(pieces)))
+
+    def _embed_packed(self, subs: list[dict], packing: Packing) -> torch.Tensor:
+        """Token plus position embeddings of every sub-batch as packed rows (N, D), padded text positions
+        zero; the patch embedding, the text embedding and each position table called once."""
+        positions = self.encoder.embed_positions
+        rows = []
+        if packing.vision_order:
+            images = [subs[i]["image"] for i in packing.vision_order]
+            masks = [subs[i].get("image_mask") for i in packing.vision_order]
+            mask = None
+            if any(m is not None for m in masks):
+                np_ = self.cfg.num_patches
+                mask = torch.cat(
+                    [
+                        m.bool()
+                        if m is not None
+                        else torch.zeros(img.shape[0], np_, dtype=torch.bool, device=img.device)
+                        for img, m in zip(images, masks)
+                    ]
+                )
+            x = self.vision_embed(_cat(images), mask)  # (sum B, Nv, D)
+            idx = torch.arange(POSITION_OFFSET, POSITION_OFFSET + x.shape[1], device=x.device)
+            rows.append((x + positions.A(idx).to(x.dtype)).flatten(0, 1))
+        if packing.text_order:
+            texts = [subs[i]["text"] for i in packing.text_order]
+            ids = _cat([t.reshape(-1) for t in texts])
+            emb = self.text_embed(ids)
+            longest = max(t.shape[1] for t in texts)
+            idx = torch.arange(POSITION_OFFSET, POSITION_OFFSET + longest, device=emb.device)
+            table = positions.B(idx).to(emb.dtype)  # (longest, D)
+            start = 0
+            for i, t in zip(packing.text_order, texts):
+                n, length = t.shape
+                x = emb[start : start + n * length].view(n, length, -1) + table[:length]
+                start += n * length
+                pad = subs[i].get("text_padding_mask")
+                if pad is not None:
+                    # As in the release: padded positions enter the layers as zero vectors.
+                    x = x.masked_fill(pad.unsqueeze(-1), 0.0)
+                rows.append(x.flatten(0, 1))
+        return _cat(rows)
+
+    def _drop_path_rows(self, packing: Packing, dtype: torch.dtype, device: torch.device) -> list[tuple]:
+        """Per layer, the (N, 1) stochastic-depth keep masks of its two branches (None where off), drawn in
+        the order one forward per sub-batch would draw them (sub-batch by sub-batch, then layer by layer,
+        attention before FFN), so that both give the same draws."""
+        layers = self.encoder.layers
+        active = [layer.drop_path is not None and layer.drop_path.training for layer in layers]
+        draws: list[list[list[torch.Tensor]]] = [[[], []] for _ in layers]  # layer -> branch -> per sub
+        for b, nv, nt in packing.shapes:
+            for i, layer in enumerate(layers):
+                if active[i]:
+                    for branch in draws[i]:
+                        branch.append(layer.drop_path.sample(b, dtype, device).expand(b, nv + nt, 1))
+        return [
+            tuple(packing.pack(branch) for branch in d) if on else (None, None)
+            for d, on in zip(draws, active)
+        ]
+
     @staticmethod
-    def _attention_mask(pad: torch.Tensor | None, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """One boolean SDPA mask (True = may attend), or None so that SDPA may use its fastest kernel."""
+    def _attention_mask(
+        pad: torch.Tensor | None, attn_mask: torch.Tensor | None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor | None:
+        """One additive SDPA mask (0 = may attend, -inf = blocked) in the queries' dtype, built once per
+        forward (SDPA would convert a boolean mask in every layer), or None so that SDPA may use its fastest
+        (flash) kernel."""
         allowed = None
         if pad is not None:
             allowed = ~pad[:, None, None, :]  # (B, 1, 1, S)
         if attn_mask is not None:
             a = ~attn_mask.bool()[None, None]  # (1, 1, T, S)
             allowed = a if allowed is None else allowed & a
-        return allowed
+        if allowed is None:
+            return None
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+            ~allowed, float("-inf")
+        )
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _padding(text_padding_mask: torch.Tensor) -> torch.Tensor | None:
+    """The padding mask as bool, or None when it pads nothing and that is known without a device
+    synchronisation (a CPU tensor): then SDPA gets no mask and may take its flash kernel. Callers with
+    device tensors pass None themselves when nothing is padded (pretraining's prepare_batch does)."""
+    pad = text_padding_mask.bool()
+    if pad.device.type == "cpu" and not pad.any():
+        return None
+    return pad
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layers' matmuls produce from ``x``: autocast's where it is on, else ``x``'s."""
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
 
 
 class BEiT3Model(nn.Module):
@@ -265,6 +426,12 @@ class BEiT3Model(nn.Module):
             text_positions=text_positions,
             cache=cache,
         )
+
+    def forward_mixed(
+        self, subbatches: Mapping[str, Mapping[str, torch.Tensor | None]]
+    ) -> dict[str, torch.Tensor]:
+        """Several sub-batches in one pass, each module once: see :meth:`BEiT3.forward_mixed`."""
+        return self.beit3.forward_mixed(subbatches)
 
     def new_cache(self) -> KVCache:
         """An empty key/value cache for incremental decoding (pass it as ``cache=`` step after step)."""

@@ -5,11 +5,16 @@ integer ``num_vision`` says how many leading tokens belong to the image. Modules
 :class:`Multiway` send the first ``num_vision`` tokens through expert ``A`` (vision) and the rest through
 expert ``B`` (language); expert ``C`` (vision-language, paper layout only) takes the whole sequence of an
 image-text input. Expert names are the released checkpoint's key names (``ffn.A.fc1.weight``).
+
+Several sub-batches (images, texts, pairs) can also run through a layer together (``forward_packed``):
+their tokens lie in one packed stream of rows (:class:`Packing`) ordered so that each expert's rows are one
+contiguous slice, every expert and shared module is called once on all its rows, and only the attention
+(which has no parameters) runs per sub-batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +78,103 @@ def _route_chain(
     return torch.cat(parts, dim=1)
 
 
+class Packing:
+    """Where the tokens of several sub-batches lie in one packed stream of rows (N, D).
+
+    ``shapes`` gives (samples, image tokens, text tokens) per sub-batch. The rows are, each part sample-major:
+    the image tokens of the image-only sub-batches, the image tokens of the image-text sub-batches, the text
+    tokens of the image-text sub-batches, the text tokens of the text-only sub-batches. So every expert's
+    rows are one contiguous slice (:meth:`groups`): A (vision) the leading image rows, B (language) the text
+    rows after them; in a layer with vision-language experts, C takes all the pairs' rows (the middle), A the
+    image-only rows before them and B the text-only rows after.
+    """
+
+    def __init__(self, shapes: Sequence[tuple[int, int, int]]) -> None:
+        self.shapes = tuple(shapes)
+        image_only = [i for i, (_, nv, nt) in enumerate(self.shapes) if nv and not nt]
+        pairs = [i for i, (_, nv, nt) in enumerate(self.shapes) if nv and nt]
+        text_only = [i for i, (_, nv, nt) in enumerate(self.shapes) if nt and not nv]
+        #: sub-batch indices in the order their image (text) tokens appear in the stream
+        self.vision_order = image_only + pairs
+        self.text_order = pairs + text_only
+        self.segments: dict[tuple[int, bool], tuple[int, int]] = {}  # (sub-batch, image?) -> rows
+        row = 0
+        for i, vision in [(i, True) for i in self.vision_order] + [(i, False) for i in self.text_order]:
+            b, nv, nt = self.shapes[i]
+            self.segments[i, vision] = (row, row + b * (nv if vision else nt))
+            row += b * (nv if vision else nt)
+        self.rows = row
+        self.vision_rows = sum(self.shapes[i][0] * self.shapes[i][1] for i in self.vision_order)
+        first_pair = sum(self.shapes[i][0] * self.shapes[i][1] for i in image_only)
+        last_pair = self.vision_rows + sum(self.shapes[i][0] * self.shapes[i][2] for i in pairs)
+        self.pair_rows = (first_pair, last_pair)
+
+    def groups(self, use_vl: bool = False) -> list[tuple[str, int, int]]:
+        """(expert, first row, end row) of each non-empty expert slice, in row order."""
+        if use_vl:
+            s, e = self.pair_rows
+            bounds = [("A", 0, s), ("C", s, e), ("B", e, self.rows)]
+        else:
+            bounds = [("A", 0, self.vision_rows), ("B", self.vision_rows, self.rows)]
+        return [g for g in bounds if g[2] > g[1]]
+
+    def pack(self, per_sub: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Rows (N, ...) from per-sub-batch tensors (B, T, ...) laid out image tokens first."""
+        parts = []
+        for (i, vision), (s, e) in self.segments.items():
+            if e > s:
+                nv = self.shapes[i][1]
+                t = per_sub[i][:, :nv] if vision else per_sub[i][:, nv:]
+                parts.append(t.reshape((e - s,) + t.shape[2:]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def sequences(self, pieces: Sequence[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+        """Each sub-batch's (B, T, D) sequence, image tokens first, from the packed rows.
+
+        ``pieces``: (first row, rows) that cover the stream in order, e.g. ``[(0, x)]``, or one piece per
+        expert slice; no segment straddles two pieces. Single-modality sub-batches come back as views.
+        """
+        out = []
+        for i, (b, nv, nt) in enumerate(self.shapes):
+            parts = []
+            for vision, n in ((True, nv), (False, nt)):
+                if not n:
+                    continue
+                s, e = self.segments[i, vision]
+                first, rows = next((p, t) for p, t in pieces if p <= s and e <= p + t.shape[0])
+                parts.append(rows[s - first : e - first].view(b, n, rows.shape[-1]))
+            out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+        return out
+
+
+Pieces = list[tuple[int, torch.Tensor]]  # (first row, rows) covering a packed stream, in row order
+
+
+def join_pieces(pieces: Pieces) -> torch.Tensor:
+    return pieces[0][1] if len(pieces) == 1 else torch.cat([t for _, t in pieces])
+
+
+def apply_packed(modules: list[nn.Module], pieces: Pieces, groups: list[tuple[str, int, int]]) -> Pieces:
+    """Apply token-wise modules one after the other on packed rows: each Multiway expert once on its slice
+    (``groups``), a shared module once on all rows. Returns the result in pieces (one per expert slice
+    after a Multiway module), so that the next Multiway module takes them without a copy."""
+    for m in modules:
+        if isinstance(m, Multiway):
+            if [p for p, _ in pieces] != [s for _, s, _ in groups]:
+                x = join_pieces(pieces)
+                pieces = [(s, x[s:e]) for _, s, e in groups]
+            out = []
+            for (expert, s, _), (_, rows) in zip(groups, pieces):
+                module = getattr(m, expert)
+                if module is None:
+                    raise ValueError(f"{type(m).__name__} has no expert {expert}")
+                out.append((s, module(rows)))
+            pieces = out
+        else:
+            pieces = [(0, m(join_pieces(pieces)))]
+    return pieces
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops the residual branch per sample with probability ``p`` during training."""
 
@@ -80,12 +182,18 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: a keep mask broadcastable to ``x`` drawn by :meth:`sample` (default: drawn here)."""
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        if mask is None:
+            mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
         return x * mask / keep
+
+    def sample(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The (n, 1, 1) keep mask ``forward`` draws for a (n, T, D) branch of that dtype (same RNG use)."""
+        return torch.empty((n, 1, 1), dtype=dtype, device=device).bernoulli_(1.0 - self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -152,6 +260,23 @@ class SelfAttention(nn.Module):
         post = [self.out_proj] if self.inner_attn_ln is None else [self.inner_attn_ln, self.out_proj]
         return _route_chain(post, out, num_vision)
 
+    def forward_packed(self, h: Pieces, packing: Packing, masks: Sequence[torch.Tensor | None]) -> Pieces:
+        """Attention over several sub-batches at once: ``h`` their packed, normalised rows; ``masks`` one SDPA
+        mask per sub-batch (None: none). Each projection (each expert) runs once on all its rows; the
+        attention itself per sub-batch on its own (B, H, T, hd) tensors, no padding across sub-batches."""
+        groups = packing.groups()
+        qkv = [
+            packing.sequences(apply_packed([m], h, groups)) for m in (self.q_proj, self.k_proj, self.v_proj)
+        ]
+        outs = []
+        for (b, nv, nt), q, k, v, mask in zip(packing.shapes, *qkv, masks):
+            t = nv + nt
+            q, k, v = (y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for y in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
+            outs.append(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        post = [self.out_proj] if self.inner_attn_ln is None else [self.inner_attn_ln, self.out_proj]
+        return apply_packed(post, [(0, packing.pack(outs))], groups)
+
     def _project(self, x: torch.Tensor, num_vision: int) -> tuple[torch.Tensor, ...]:
         """Queries, keys and values (B, T, D); a mixed sequence is split (contiguously) once for all three."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
@@ -208,3 +333,24 @@ class MultiwayBlock(nn.Module):
         x = self._residual(x, self.self_attn(h, num_vision, mask, cache, layer_idx))
         branch = _route_chain([self.final_layer_norm, self.ffn], x, num_vision, use_vl)
         return self._residual(x, branch)
+
+    def forward_packed(
+        self,
+        x: torch.Tensor,  # (N, D) packed rows of several sub-batches
+        packing: Packing,
+        masks: Sequence[torch.Tensor | None],
+        drop: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    ) -> torch.Tensor:
+        """The layer on the packed rows of several sub-batches: each module (each expert) called once on
+        all its rows, attention per sub-batch (``masks``, one per sub-batch). ``drop``: the (N, 1) per-row
+        stochastic-depth keep masks of the attention and FFN branches (None: no drop path). An image-text
+        sub-batch's rows go through the vision-language experts where the layer has them."""
+        h = apply_packed([self.self_attn_layer_norm], [(0, x)], packing.groups())
+        x = self._residual_packed(x, join_pieces(self.self_attn.forward_packed(h, packing, masks)), drop[0])
+        ffn = apply_packed([self.final_layer_norm, self.ffn], [(0, x)], packing.groups(self.with_vl))
+        return self._residual_packed(x, join_pieces(ffn), drop[1])
+
+    def _residual_packed(
+        self, x: torch.Tensor, branch: torch.Tensor, keep: torch.Tensor | None
+    ) -> torch.Tensor:
+        return x + (branch if keep is None or self.drop_path is None else self.drop_path(branch, keep))
