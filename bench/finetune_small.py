@@ -85,11 +85,9 @@ def run_one(recipe: str, start: str, args, spm: Path, shapes: dict) -> dict:
 
 
 def _losses(run: Path) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from beit3.engine.metrics import read_scalars
 
-    acc = EventAccumulator(str(run / "tensorboard"))
-    acc.Reload()
-    return [e.value for e in acc.Scalars("loss/total")] or [float("nan")]
+    return list(read_scalars(run).get("loss/total", {}).values()) or [float("nan")]
 
 
 def format_table(results: dict, starts: list[str]) -> str:

@@ -151,3 +151,22 @@ class MetricsWriter:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def read_scalars(run_dir: str | os.PathLike) -> dict[str, dict[int, float]]:
+    """Tag -> step -> value from every TensorBoard event file of the run directory ``run_dir`` (what
+    :class:`MetricsWriter` wrote under ``run_dir/tensorboard``), in step order. Files are read oldest first,
+    so a step that a resumed run logged again has the resumed run's value. The project's one reader of event
+    files (tests, the quickstart summary and the benchmarks use it)."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[str, dict[int, float]] = {}
+    files = sorted((Path(run_dir) / "tensorboard").rglob("events.out.tfevents.*"), key=os.path.getmtime)
+    for events in files:
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            values.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return {tag: dict(sorted(steps.items())) for tag, steps in values.items()}

@@ -19,15 +19,9 @@ LOSS_PREFIX = "loss/"  # every loss term the objective logs (loss/total, loss/mi
 
 def loss_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every loss tag's (step, value) pairs from the run's event files."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from beit3.engine.metrics import read_scalars
 
-    curves: dict[str, dict[int, float]] = {}
-    for events in sorted((run_dir / "tensorboard").rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            if tag.startswith(LOSS_PREFIX):
-                curves.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    curves = {tag: steps for tag, steps in read_scalars(run_dir).items() if tag.startswith(LOSS_PREFIX)}
     order = sorted(curves, key=lambda tag: (tag != "loss/total", tag))  # the total first
     return {tag: sorted(curves[tag].items()) for tag in order if curves[tag]}
 

@@ -168,18 +168,11 @@ def single_rank():
 
 def tensorboard_run(run_dir: Path) -> dict[str, dict[int, float]]:
     """Tag -> step -> the last value written for it across every event file of the run (oldest file first),
-    in step order: a step that a resumed run logs again has the resumed run's value. The tests' one reader of
-    TensorBoard event files."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    in step order: a step that a resumed run logs again has the resumed run's value
+    (:func:`beit3.engine.metrics.read_scalars`, the project's one reader of event files)."""
+    from beit3.engine.metrics import read_scalars
 
-    values: dict[str, dict[int, float]] = {}
-    files = sorted((Path(run_dir) / "tensorboard").rglob("events.out.tfevents.*"), key=os.path.getmtime)
-    for events in files:
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            values.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
-    return {tag: dict(sorted(steps.items())) for tag, steps in values.items()}
+    return read_scalars(run_dir)
 
 
 def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
