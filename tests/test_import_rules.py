@@ -153,6 +153,7 @@ def test_checker_accepts_allowed_imports(folder, source):
 
 # ---- no import cycles --------------------------------------------------------------------------------------
 
+
 def import_graph(sources: dict[str, tuple[str, bool]]) -> dict[str, set[str]]:
     """Module -> the modules of ``sources`` it imports; ``sources``: module -> (source, is_package).
 
