@@ -34,6 +34,7 @@ from beit3.pretrain.plan import (
     activation_bytes,
     estimate_activations,
     model_state_bytes,
+    persistent_parameters,
 )
 from beit3.pretrain.recipe import load_recipe
 
@@ -96,12 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     params = count_parameters(cfg_model)["total"]
     depth = cfg_model.cfg.depth
     ds = json.loads(args.ds_config.read_text())
-    states = model_state_bytes(params, args.gpus, ds)
+    persistent = persistent_parameters(cfg_model, ds)
+    states = model_state_bytes(params, args.gpus, ds, persistent)
     batch = (8, 8, 8)
     measured = measured_activations(args.device, batch, text_len, pair_len)
     modelled = modelled_activations(cfg_model.cfg, batch, text_len, pair_len)
     result = {
         "params": params,
+        "persistent_params": persistent,
         "gpus": args.gpus,
         "device_measured": args.device,
         "batch": dict(zip(("images", "texts", "pairs"), batch)),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,23 @@ def _param_bytes(ds: dict) -> int:
     return 4 if precision_of(ds) == "fp32" else 2
 
 
-def model_state_bytes(params: int, gpus: int, ds: dict) -> dict[str, float]:
+def persistent_parameters(model, ds: dict) -> int:
+    """Parameters ZeRO-3 never partitions away: each tensor under ``stage3_param_persistence_threshold``
+    elements (DeepSpeed's default 1e5) while their sum stays under ``model_persistence_threshold``. They
+    stay gathered on every GPU, so the forward and backward gathers skip them. 0 below stage 3."""
+    z = ds.get("zero_optimization", {})
+    if int(z.get("stage", 0)) < 3:
+        return 0
+    threshold = float(z.get("stage3_param_persistence_threshold", 1e5))
+    budget = float(z.get("model_persistence_threshold", math.inf))
+    total = 0
+    for p in model.parameters():
+        if p.numel() < threshold and total + p.numel() < budget:
+            total += p.numel()
+    return total
+
+
+def model_state_bytes(params: int, gpus: int, ds: dict, persistent: int = 0) -> dict[str, float]:
     """Model states per GPU (bytes) under the DeepSpeed config ``ds``: partitions plus ZeRO's working set.
 
     Mixed precision keeps 16-bit weights, an fp32 master copy and two fp32 Adam moments (12 B/param);
@@ -122,7 +139,8 @@ def model_state_bytes(params: int, gpus: int, ds: dict) -> dict[str, float]:
     ``data_types.grad_accum_dtype`` (fp32: 4 B) or the weights' dtype. Stage 1 partitions the optimizer
     states over the GPUs, stage 2 the gradients too, stage 3 the weights too (plus its gathered-parameter
     working set, prefetch bucket and, with ZeRO++ ``zero_hpz_partition_size``, a secondary weight partition
-    within the node). Buckets are DeepSpeed's defaults where the JSON does not set them.
+    within the node, and a whole copy of the ``persistent`` parameters: :func:`persistent_parameters`).
+    Buckets are DeepSpeed's defaults where the JSON does not set them.
     """
     z = ds.get("zero_optimization", {})
     stage = int(z.get("stage", 0))
@@ -141,7 +159,9 @@ def model_state_bytes(params: int, gpus: int, ds: dict) -> dict[str, float]:
     if stage >= 3:
         live = float(z.get("stage3_max_live_parameters", 1e9))
         prefetch = float(z.get("stage3_prefetch_bucket_size", 5e7))
-        rows[f"gathered parameters (max live, {dt})"] = pb * min(live, params)
+        if persistent:
+            rows[f"persistent parameters ({dt}, whole)"] = pb * persistent
+        rows[f"gathered parameters (max live, {dt})"] = pb * min(live, params - persistent)
         rows[f"prefetch bucket ({dt})"] = pb * prefetch
         hpz = int(z.get("zero_hpz_partition_size", 1))
         if hpz > 1:
@@ -171,7 +191,12 @@ class Collective:
 
 
 def collectives(
-    params: int, ds: dict, gpus: int, passes: int = PASSES_PER_MICRO_BATCH, micro_batches: int = 1
+    params: int,
+    ds: dict,
+    gpus: int,
+    passes: int = PASSES_PER_MICRO_BATCH,
+    micro_batches: int = 1,
+    persistent: int = 0,
 ) -> list[Collective]:
     """ZeRO's collectives of one optimizer step of ``micro_batches`` micro-batches of ``passes`` forward
     passes each.
@@ -179,7 +204,8 @@ def collectives(
     * stage 3: every pass all-gathers the weights in its forward and again in its backward (an upper bound:
       DeepSpeed keeps some within ``stage3_max_reuse_distance``); every micro-batch's backward
       reduce-scatters the gradients. With ``zero_hpz_partition_size`` h the backward gathers from the
-      secondary partition, within groups of h GPUs. ZeRO++ ``zero_quantized_weights`` sends the forward
+      secondary partition, within groups of h GPUs. The ``persistent`` parameters are never gathered (their
+      gradients are reduce-scattered with the rest). ZeRO++ ``zero_quantized_weights`` sends the forward
       gathers in int8 (1 B/param), ``zero_quantized_gradients`` the reduce-scatters in int4.
     * stage 2: a reduce-scatter per micro-batch, one all-gather of the updated weights per step.
     * stage 0-1: one all-reduce of the gradients per step (reduce-scatter + all-gather in bytes).
@@ -194,12 +220,15 @@ def collectives(
     weights, grads = params * pb, params * gb
     if stage >= 3:
         hpz = int(z.get("zero_hpz_partition_size", 1))
-        fwd = params * 1 if z.get("zero_quantized_weights") else weights
+        gathered = params - persistent
+        fwd = gathered * (1 if z.get("zero_quantized_weights") else pb)
         rs = params * 0.5 if z.get("zero_quantized_gradients") else grads
         n = passes * micro_batches
         return [
             Collective("parameter all-gather, forward", fwd, gpus, n),
-            Collective("parameter all-gather, backward", weights, min(hpz, gpus) if hpz > 1 else gpus, n),
+            Collective(
+                "parameter all-gather, backward", gathered * pb, min(hpz, gpus) if hpz > 1 else gpus, n
+            ),
             Collective("gradient reduce-scatter", rs, gpus, micro_batches),
         ]
     if stage == 2:
@@ -328,7 +357,9 @@ def plan(
     split = micro_batch_split(recipe, micro)
     r = recipe.model
     cfg = get_config(r.name, drop_path_rate=r.drop_path_rate, **r.overrides)
-    params = count_parameters(build_model(r.name, device="meta", **r.overrides))["total"]
+    meta = build_model(r.name, device="meta", **r.overrides)
+    params = count_parameters(meta)["total"]
+    persistent = persistent_parameters(meta, ds)
     spec = checkpointing if checkpointing is not None else r.grad_checkpointing
     ckpt = checkpointed_layers(spec, cfg.depth)
     d = recipe.data
@@ -361,7 +392,7 @@ def plan(
         overlap=overlap,
         steps=steps if steps is not None else recipe.train.total_steps,
     )
-    p.states = model_state_bytes(params, gpus, ds)
+    p.states = model_state_bytes(params, gpus, ds, persistent)
     p.activations = activation_bytes(act, cfg.depth, ckpt)
     p.memory = sum(p.states.values()) + p.activations
     p.memory_limit = DEVICE_MEMORY[gpu]
@@ -371,7 +402,7 @@ def plan(
     family = gpu_family(gpu)
     p.compute_s = (p.model_work + p.recompute_work) / (mfu * PEAK_FLOPS[family])
     node_bw, nvlink = gbps * 1e9 / 8, NVLINK_BANDWIDTH[family]
-    for c in collectives(params, ds, gpus, passes, micro_batches):
+    for c in collectives(params, ds, gpus, passes, micro_batches, persistent):
         t = collective_seconds(c, gpus_per_node, node_bw, nvlink)
         p.comm.append(
             {

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from beit3.engine.metrics import DEVICE_MEMORY, NVLINK_BANDWIDTH, PEAK_FLOPS
 from beit3.model import get_config
@@ -108,6 +109,25 @@ def test_model_states_per_stage_by_hand():
     z3 |= {"stage3_prefetch_bucket_size": 1e7, "zero_hpz_partition_size": 8}
     s3 = planner.model_state_bytes(n, 10, {**base, "zero_optimization": z3})
     assert sum(s3.values()) == pytest.approx(1.8 * n + 2e8 + 2e7 + 4e6 + 2 * n / 8)
+    # 3e8 persistent parameters: a whole bf16 copy on every GPU; the gathered working set excludes them
+    s3p = planner.model_state_bytes(
+        n, 10, {**base, "zero_optimization": {**z3, "stage3_max_live_parameters": 1e9}}, 3 * 10**8
+    )
+    assert (
+        s3p["persistent parameters (bf16, whole)"] == 6e8
+        and s3p["gathered parameters (max live, bf16)"] == 1.4e9
+    )
+
+
+def test_persistent_parameters_are_the_tensors_under_the_threshold():
+    model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(100, 100))  # 100+10, 10000+100
+    z = {"stage": 3, "stage3_param_persistence_threshold": 1000}
+    assert planner.persistent_parameters(model, {"zero_optimization": z}) == 100 + 10 + 100
+    assert (
+        planner.persistent_parameters(model, {"zero_optimization": {**z, "model_persistence_threshold": 150}})
+        == 110
+    )
+    assert planner.persistent_parameters(model, {"zero_optimization": {**z, "stage": 2}}) == 0
 
 
 def test_byte_model_by_hand():
@@ -139,6 +159,8 @@ def test_byte_model_by_hand():
     z0 = {**ZERO3, "zero_optimization": {"stage": 0}}
     (allreduce,) = planner.collectives(n, z0, 16)
     assert allreduce.per_gpu() == 2 * 1.875e9
+    fwd, bwd, rs = planner.collectives(n, ZERO3, 16, persistent=2 * 10**8)  # 0.2e9 never gathered
+    assert (fwd.per_gpu(), bwd.per_gpu(), rs.per_gpu()) == (1.5e9, 1.5e9, 1.875e9)
     one_node = planner.collectives(n, ZERO3, 8)[0]  # 7/8 of 2 GB over NVLink only
     assert planner.collective_seconds(one_node, 8, node, nvlink) == pytest.approx(1.75e9 / 300e9)
 
