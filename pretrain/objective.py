@@ -1,8 +1,10 @@
 """Masked data modeling (paper §2.2): one objective over images, texts and image-text pairs.
 
-The task module the engine trains. Each micro-batch holds three sub-batches, forwarded in a fixed order
-(images, texts, pairs) so that every optimizer step touches every parameter on every rank (ZeRO-3 re-applies
-stale gradients to parameters unused in a step; docs/engine.md). Losses:
+The task module the engine trains. Each micro-batch holds three sub-batches (images, texts, pairs), encoded
+together in one pass (``BEiT3Model.forward_mixed``: layer by layer, each expert once on all the tokens routed
+to it, so that ZeRO-3 gathers each layer's parameters once per micro-batch); every optimizer step touches
+every parameter on every rank (ZeRO-3 re-applies stale gradients to parameters unused in a step;
+docs/engine.md). Losses:
 
 * ``mim``: masked image modeling on images: predict the visual-tokenizer code of every masked patch.
 * ``mlm``: masked language modeling on texts.
@@ -10,7 +12,8 @@ stale gradients to parameters unused in a step; docs/engine.md). Losses:
   masking mode), with the other modality visible.
 
 Each loss is a mean over its masked tokens; the total is their weighted sum. Logits are computed only at
-masked positions (the 64k-way MLM head would otherwise dominate the step). The visual tokenizer is frozen and
+masked positions (the 64k-way MLM head would otherwise dominate the step), each head once on the masked
+positions of all its terms. The visual tokenizer is frozen and
 is deliberately not a submodule: it runs in :meth:`prepare_batch` under no_grad, outside the DeepSpeed module,
 so its weights are never partitioned, optimized or saved with the model.
 """
@@ -48,17 +51,15 @@ class ObjectiveConfig:
 
 
 def _masked_ce(
-    logits_fn, hidden: torch.Tensor, select: torch.Tensor, targets: torch.Tensor, smoothing: float
+    logits: torch.Tensor, target: torch.Tensor, count: torch.Tensor, smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-entropy mean over selected positions, with the number of correct predictions and positions.
+    """Cross-entropy mean over the selected positions' logits (M, V), with the number of correct
+    predictions and of positions.
 
-    Empty selections give a zero loss (not NaN) while still running the head, so its parameters take part
-    in every step.
+    Empty selections give a zero loss (not NaN); the head still ran (on no rows), so its parameters take
+    part in every step.
     """
-    logits = logits_fn(hidden[select]).float()  # (M, V)
-    target = targets[select]
     loss_sum = F.cross_entropy(logits, target, reduction="sum", label_smoothing=smoothing)
-    count = select.sum()
     correct = (logits.argmax(-1) == target).sum()
     return loss_sum / count.clamp(min=1), correct, count
 
@@ -85,8 +86,17 @@ class MaskedDataModeling(nn.Module):
     # ---- engine protocol -------------------------------------------------------------------------
     @torch.no_grad()
     def prepare_batch(self, batch: dict, device: torch.device) -> dict:
-        """Move tensors to ``device`` and replace tokenizer views by visual-token codes."""
+        """Move tensors to ``device`` and replace tokenizer views by visual-token codes; a text padding mask
+        that pads nothing becomes None (the model then passes no attention mask)."""
         out = {}
+        # Decided on the host before the copy (on the device the check would synchronise).
+        pads_nothing = {
+            key: not sub["text_padding_mask"].any()
+            for key, sub in batch.items()
+            if key in SUBBATCHES
+            and torch.is_tensor(sub.get("text_padding_mask"))
+            and sub["text_padding_mask"].device.type == "cpu"
+        }
         for key, sub in batch.items():
             if key not in SUBBATCHES:
                 out[key] = sub
@@ -98,6 +108,8 @@ class MaskedDataModeling(nn.Module):
                 sub["image_codes"] = self.visual_tokenizer.codes(sub.pop("tokenizer_image")).to(device)
             if "image" in sub:
                 sub["image"] = sub["image"].to(self._param_dtype())
+            if pads_nothing.get(key):
+                sub["text_padding_mask"] = None  # no attention mask: SDPA may take its flash kernel
             out[key] = sub
         return out
 
@@ -106,29 +118,35 @@ class MaskedDataModeling(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = self.cfg
-        model = self.model
-        terms: list[tuple[str, float, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        if "image" in batch:
-            b = batch["image"]
-            h = model(image=b["image"], image_mask=b["image_mask"])
-            terms.append(("mim", c.mim_weight, *self._image_loss(h, b)))
-        if "text" in batch:
-            b = batch["text"]
-            h = model(text=b["text"], text_padding_mask=b["text_padding_mask"])
-            terms.append(("mlm", c.mlm_weight, *self._text_loss(h, b)))
-        if "pair" in batch:
-            b = batch["pair"]
-            h = model(
-                image=b["image"],
-                text=b["text"],
-                text_padding_mask=b["text_padding_mask"],
-                image_mask=b["image_mask"],
-            )
-            num_vision = h.shape[1] - b["text"].shape[1]
-            terms.append(("vl_mlm", c.vl_mlm_weight, *self._text_loss(h[:, num_vision:], b)))
-            terms.append(("vl_mim", c.vl_mim_weight, *self._image_loss(h[:, :num_vision], b)))
-        if not terms:
+        present = [key for key in SUBBATCHES if key in batch]
+        if not present:
             raise ValueError(f"batch holds none of the sub-batches {SUBBATCHES}")
+        hidden = self.model.forward_mixed({key: _model_inputs(batch[key]) for key in present})
+        # (term, weight, hidden rows at the masked positions, their targets, their count), in loss order
+        selected = []
+        if "image" in hidden:
+            selected.append(("mim", c.mim_weight, *self._image_rows(hidden["image"], batch["image"])))
+        if "text" in hidden:
+            selected.append(("mlm", c.mlm_weight, *self._text_rows(hidden["text"], batch["text"])))
+        if "pair" in hidden:
+            h, b = hidden["pair"], batch["pair"]
+            num_vision = h.shape[1] - b["text"].shape[1]
+            selected.append(("vl_mlm", c.vl_mlm_weight, *self._text_rows(h[:, num_vision:], b)))
+            selected.append(("vl_mim", c.vl_mim_weight, *self._image_rows(h[:, :num_vision], b)))
+        losses = {}
+        for head, kind in (
+            (self.model.mlm_head, ("mlm", "vl_mlm")),
+            (self.model.mim_head, ("mim", "vl_mim")),
+        ):
+            terms = [t for t in selected if t[0] in kind]
+            if not terms:
+                continue
+            # One head call for all its terms (each parameter used once per micro-batch).
+            rows = [t[2] for t in terms]
+            logits = head(rows[0] if len(rows) == 1 else torch.cat(rows)).float()
+            for (name, _, _, target, count), lg in zip(terms, logits.split([r.shape[0] for r in rows])):
+                losses[name] = _masked_ce(lg, target, count, c.label_smoothing)
+        terms = [(name, weight, *losses[name]) for name, weight, *_ in selected]
         total = sum(w * loss for _, w, loss, _, _ in terms)
         metrics: dict[str, torch.Tensor] = {}
         for name, _, loss, correct, count in terms:
@@ -136,17 +154,14 @@ class MaskedDataModeling(nn.Module):
             metrics[f"acc/{name}"] = correct.float() / count.clamp(min=1)
         return total, metrics
 
-    def _image_loss(self, hidden: torch.Tensor, b: dict):
+    def _image_rows(self, hidden: torch.Tensor, b: dict):
         # hidden: (B, Np + 1, D) image part; position 0 is the vision CLS, which is never masked.
-        return _masked_ce(
-            self.model.mim_head, hidden[:, 1:], b["image_mask"], b["image_codes"], self.cfg.label_smoothing
-        )
+        select = b["image_mask"]
+        return hidden[:, 1:][select], b["image_codes"][select], select.sum()
 
-    def _text_loss(self, hidden: torch.Tensor, b: dict):
-        labels = b["text_labels"]
-        return _masked_ce(
-            self.model.mlm_head, hidden, labels.ne(-100), labels.clamp(min=0), self.cfg.label_smoothing
-        )
+    def _text_rows(self, hidden: torch.Tensor, b: dict):
+        select = b["text_labels"].ne(-100)
+        return hidden[select], b["text_labels"][select], select.sum()
 
     def param_groups(self) -> list[dict]:
         """AdamW groups: weight decay except on biases, norms, position tables, CLS and mask tokens."""
@@ -177,3 +192,8 @@ class MaskedDataModeling(nn.Module):
             "tokens": sum(p.samples * p.seq_len(cfg) for p in passes),
             "flops": training_flops(cfg, passes, masked_text, masked_patches),
         }
+
+
+def _model_inputs(b: dict) -> dict:
+    """The model's inputs of one sub-batch (its labels and codes stay out)."""
+    return {k: b[k] for k in ("image", "image_mask", "text", "text_padding_mask") if k in b}
