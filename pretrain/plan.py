@@ -338,6 +338,7 @@ def plan(
     overlap: float = OVERLAP,
     steps: int | None = None,
     overrides: list[str] | None = None,
+    micro_batch: int | None = None,
 ) -> Plan:
     """Project memory and time per GPU and step; raises :class:`PlanError` (or the recipe's / DeepSpeed
     config's error) for a setting that cannot be planned. Memory that does not fit is reported in
@@ -351,6 +352,8 @@ def plan(
     recipe = load_recipe(recipe_path, overrides)
     global_batch = recipe.train.global_batch_size  # the recipe's, as beit3-pretrain keeps it
     batch_keys = {"train_batch_size": global_batch, "gradient_accumulation_steps": None}
+    if micro_batch is not None:
+        batch_keys["train_micro_batch_size_per_gpu"] = micro_batch
     ds = load_ds_config(ds_config, gpus, batch_keys)
     micro = int(ds["train_micro_batch_size_per_gpu"])
     micro_batches = int(ds["gradient_accumulation_steps"])
@@ -441,7 +444,7 @@ def refusal(p: Plan, **settings) -> str:
             continue
         if other.fits:
             return f"{head}: use {flag} ({other.memory * MARGIN / GIB:.1f} GiB)"
-    return f"{head}: use a GPU with more memory or a smaller train_micro_batch_size_per_gpu"
+    return f"{head}: use a GPU with more memory or a smaller --micro-batch"
 
 
 def format_plan(p: Plan) -> str:
@@ -507,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overlap", type=float, default=OVERLAP, help="share of compute that hides communication")
     p.add_argument("--steps", type=int, default=None, help="default: the recipe's total_steps")
+    p.add_argument("--micro-batch", type=int, default=None, help="default: the DeepSpeed config's")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -526,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         "overlap": args.overlap,
         "steps": args.steps,
         "overrides": args.set,
+        "micro_batch": args.micro_batch,
     }
     try:
         p = plan(**settings)

@@ -204,6 +204,12 @@ def test_refuses_a_setting_that_does_not_fit(tmp_path, capsys):
     assert err.startswith("beit3-plan: error: ") and "does not fit the A100-40GB's 40 GiB" in err
     assert "use --checkpointing all" in err
     assert planner.main(["--gpus", "64", "--ds-config", str(ds), "--checkpointing", "all"]) == 0
+    assert planner.main(["--gpus", "64", "--micro-batch", "96", "--checkpointing", "none"]) == 2
+    assert "use --checkpointing all" in capsys.readouterr().err
+    assert (
+        planner.main(["--gpus", "64", "--micro-batch", "96", "--gpu", "H100-80GB", "--checkpointing", "none"])
+        == 0
+    )
 
 
 def test_refuses_a_batch_that_does_not_divide(capsys):
