@@ -54,16 +54,28 @@ def dotted_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set dotted keys in a nested dict (copying the dicts it changes)."""
+    """Apply ``section.key=value`` overrides (command-line ``--set``) to a copy of a recipe's tables."""
+    return set_dotted(data, dotted_overrides(overrides), "table")
+
+
+def set_dotted(
+    data: dict, values: dict, container: str = "table", error: type[Exception] = ConfigError
+) -> dict:
+    """Set dotted keys (``{"zero_optimization.stage": 3}``) in a copy of nested dicts, the
+    one implementation behind recipe and DeepSpeed overrides; a None value removes the key (e.g. to let a
+    DeepSpeed batch size be derived again). A key below a non-dict is ``error`` naming the ``container``."""
     data = _deepcopy_dicts(data)
-    for item in overrides:
-        keys, value = parse_override(item)
+    for dotted, value in values.items():
+        *parents, leaf = dotted.split(".")
         node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
+        for key in parents:
+            node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {k!r} is not a table")
-        node[keys[-1]] = value
+                raise error(f"override {dotted!r}: {key!r} is not a {container}")
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
     return data
 
 

@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any
 
+from beit3.engine.config_io import set_dotted
 from beit3.engine.errors import EngineError
 
 
@@ -40,24 +41,6 @@ def _read(path_or_dict: str | os.PathLike | dict) -> dict:
         ) from err
     if not isinstance(config, dict):
         raise EngineConfigError(f"DeepSpeed config {path_or_dict} must hold a JSON object")
-    return config
-
-
-def apply_overrides(config: dict, overrides: dict[str, Any]) -> dict:
-    """Set dotted keys (``{"zero_optimization.stage": 3}``) in a copy of ``config``."""
-    config = copy.deepcopy(config)
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise EngineConfigError(f"override {dotted!r}: {key!r} is not a JSON object in the config")
-            node = child
-        if value is None:
-            node.pop(leaf, None)  # None removes a key, e.g. to let a batch size be derived again
-        else:
-            node[leaf] = value
     return config
 
 
@@ -199,7 +182,7 @@ def load_ds_config(
     """Read a DeepSpeed JSON config, apply dotted overrides, resolve batch sizes, validate."""
     if world_size < 1:
         raise EngineConfigError(f"world_size must be >= 1, got {world_size}")
-    config = apply_overrides(_read(path_or_dict), overrides or {})
+    config = set_dotted(_read(path_or_dict), overrides or {}, "JSON object in the config", EngineConfigError)
     validate(config)
     return resolve_batch_sizes(config, world_size)
 

@@ -225,6 +225,8 @@ PRIMITIVE_OWNERS = (
     "beit3.model.params",
     "beit3.engine.lr",
     "beit3.engine.metrics",
+    "beit3.engine.config_io",
+    "beit3.engine.program",
     "beit3.tokenizers.images",
     "beit3.tokenizers.masking",
     "beit3.tokenizers.text",
@@ -333,6 +335,15 @@ def repetitions(module: str, source: str, primitives: dict[str, str] | None = No
         if kind == "function" and owner and owner != module:
             out.append(f"line {line}: {name} is {owner}'s primitive; import it instead of defining it again")
     return out
+
+
+def test_only_the_metrics_module_reads_tensorboard_event_files():
+    readers = [
+        str(path.relative_to(ROOT))
+        for path in [*_sources(), *ROOT.glob("bench/*.py"), *ROOT.glob("tests/*.py")]
+        if "EventAccumulator" in path.read_text() and path.name != "test_import_rules.py"
+    ]
+    assert readers == ["engine/metrics.py"], readers
 
 
 def test_every_primitive_is_defined_once_by_its_owner():

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from beit3.engine.config_io import ConfigError, dotted_overrides, numeric_fields
-from beit3.engine.ds_config import EngineConfigError, apply_overrides, load_ds_config
+from beit3.engine.config_io import ConfigError, dotted_overrides, numeric_fields, set_dotted
+from beit3.engine.ds_config import EngineConfigError, load_ds_config
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = sorted((REPO / "pretrain" / "recipes").glob("*.toml"))
@@ -65,7 +65,7 @@ def check_or_apply_fix(validate, recipe, config: dict, world: int, expected_glob
         if expected_global % (world * unit):
             assert message.endswith("change the ranks")
             return None
-        config = apply_overrides(config, fix_from_message(message))
+        config = set_dotted(config, fix_from_message(message))
     return validate(recipe, config, world), config
 
 
@@ -144,7 +144,7 @@ def test_the_pretraining_sbatch_scripts_run_their_recipe_at_its_global_batch(scr
 
     job = sbatch_defaults(script)
     recipe = load_recipe(REPO / job["recipe"])
-    config = apply_overrides(ds(REPO / job["ds_config"]), job["ds_set"])
+    config = set_dotted(ds(REPO / job["ds_config"]), job["ds_set"])
     split = validate_run(recipe, config, job["world"])
     assert load_ds_config(config, job["world"])["train_batch_size"] == recipe.train.global_batch_size == 6144
     assert split == {"images": 8, "texts": 8, "pairs": 8}
@@ -163,7 +163,7 @@ def test_finetune_sbatch_default_is_refused_with_the_options_that_give_the_recip
     config = ds(REPO / job["ds_config"])
     with pytest.raises(ConfigError, match="--ds-set train_batch_size") as err:
         validate_run(recipe, config, job["world"])
-    fixed = validate_run(recipe, apply_overrides(config, fix_from_message(str(err.value))), job["world"])
+    fixed = validate_run(recipe, set_dotted(config, fix_from_message(str(err.value))), job["world"])
     assert fixed["train_batch_size"] == recipe.train.global_batch_size
     assert fixed["train_micro_batch_size_per_gpu"] <= config["train_micro_batch_size_per_gpu"]
 
