@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_data import shapes_spm
+from tiny_data import shapes_recipe, shapes_spm
 
 from beit3.finetune.train import main
 
@@ -24,31 +24,7 @@ def spm(tmp_path_factory) -> str:
 
 
 def write_recipe(tmp_path: Path, spm: str, task: str = "vqa") -> str:
-    path = tmp_path / "recipe.toml"
-    path.write_text(f"""
-[task]
-name = "{task}"
-[model]
-name = "beit3_tiny_patch16_64"
-drop_path_rate = 0.0
-overrides = {{vocab_size = 48, max_text_positions = 34}}
-[data]
-source = "shapes"
-tokenizer = "{spm}"
-max_text_len = 16
-max_train = 16
-max_eval = 8
-[train]
-total_steps = 2
-warmup_steps = 1
-lr = 2e-3
-log_every = 1
-save_every = 0
-[captioning]
-max_len = 8
-num_beams = 2
-""")
-    return str(path)
+    return shapes_recipe(tmp_path / "recipe.toml", spm, task)
 
 
 def run(capsys, tmp_path: Path, spm: str, *extra: str, task: str = "vqa", output_dir: Path | None = None):

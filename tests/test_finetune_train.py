@@ -8,7 +8,7 @@ import pytest
 import torch
 from engine_helpers import tensorboard_scalars
 from run_record import assert_marker_holds_no_recipe, assert_recorded_once
-from tiny_data import shapes_spm
+from tiny_data import shapes_recipe, shapes_spm
 
 from beit3.engine.checkpoint import latest_checkpoint, read_marker
 from beit3.finetune.train import main
@@ -32,36 +32,13 @@ def spm(tmp_path_factory):
 
 
 def _recipe(tmp_path, spm: str, task: str, steps: int) -> str:
-    path = tmp_path / "recipe.toml"
-    path.write_text(
-        f"""
-[task]
-name = "{task}"
-label_smoothing = 0.1
-[model]
-name = "beit3_tiny_patch16_64"
-drop_path_rate = 0.0
-overrides = {{vocab_size = 48, max_text_positions = 34}}
-[data]
-source = "shapes"
-tokenizer = "{spm}"
-max_text_len = 16
-max_train = 48
-max_eval = 16
-[train]
-total_steps = {steps}
-warmup_steps = 2
-lr = 2e-3
-log_every = 5
-save_every = 0
-[param_groups]
-layer_decay = 1.0
-[captioning]
-max_len = 8
-num_beams = 2
-"""
-    )
-    return str(path)
+    return shapes_recipe(
+        tmp_path / "recipe.toml", spm, task,
+        task={"label_smoothing": 0.1},
+        data={"max_train": 48, "max_eval": 16},
+        train={"total_steps": steps, "warmup_steps": 2, "log_every": 5},
+        param_groups={"layer_decay": 1.0},
+    )  # fmt: skip
 
 
 def _scalars(run_dir, tag: str) -> list[float]:

@@ -125,23 +125,17 @@ def test_preempted_pretraining_checkpoints_requeues_and_resumes_to_the_end(
 
 def shapes_recipe(root: Path, steps: int) -> Path:
     """A finetuning recipe for the tiny model on generated shapes data (no download), with its tokenizer."""
+    from tiny_data import shapes_recipe as write_recipe
     from tiny_data import shapes_spm
 
-    spm = shapes_spm(root)
-    recipe = root / "shapes_classification.toml"
-    recipe.write_text(
-        "\n".join(
-            [
-                '[task]\nname = "image_classification"',
-                '[model]\nname = "beit3_tiny_patch16_64"',
-                "overrides = {vocab_size = 48, max_text_positions = 34}",
-                f'[data]\nsource = "shapes"\ntokenizer = "{spm}"',
-                "max_text_len = 16\nmax_train = 48\nmax_eval = 16",
-                f"[train]\ntotal_steps = {steps}\nwarmup_steps = 2\nlr = 2e-3\nlog_every = 2\nsave_every = 4",
-            ]
+    return Path(
+        write_recipe(
+            root / "shapes_classification.toml", shapes_spm(root), "image_classification",
+            model={"drop_path_rate": 0.1},
+            data={"max_train": 48, "max_eval": 16},
+            train={"total_steps": steps, "warmup_steps": 2, "log_every": 2, "save_every": 4},
         )
-    )
-    return recipe
+    )  # fmt: skip
 
 
 def test_finetune_job_trains_the_real_program_to_completion(slurm_cluster, tmp_path):

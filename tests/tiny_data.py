@@ -131,3 +131,39 @@ def shapes_spm(root: str | Path) -> str:
     )
     (root / "corpus.txt").write_text("\n".join(lines * 10))
     return str(train_sentencepiece([root / "corpus.txt"], root / "shapes", 40))
+
+
+def shapes_recipe(path: str | Path, spm: str, task_name: str = "vqa", **tables: dict) -> str:
+    """A finetuning recipe for the tiny model on generated shapes data (no download) written to ``path``;
+    ``tables`` add to or change its tables, e.g. ``train={"total_steps": 30}``. Returns the path."""
+    recipe = {
+        "task": {"name": task_name},
+        "model": {
+            "name": "beit3_tiny_patch16_64",
+            "drop_path_rate": 0.0,
+            "overrides": {"vocab_size": 48, "max_text_positions": 34},
+        },
+        "data": {
+            "source": "shapes",
+            "tokenizer": str(spm),
+            "max_text_len": 16,
+            "max_train": 16,
+            "max_eval": 8,
+        },
+        "train": {"total_steps": 2, "warmup_steps": 1, "lr": 2e-3, "log_every": 1, "save_every": 0},
+        "captioning": {"max_len": 8, "num_beams": 2},
+    }
+    for name, values in tables.items():
+        recipe[name] = {**recipe.get(name, {}), **values}
+
+    def literal(value) -> str:
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k} = {literal(v)}" for k, v in value.items()) + "}"
+        return f'"{value}"' if isinstance(value, str) else repr(value)
+
+    lines = [
+        f"[{name}]\n" + "\n".join(f"{k} = {literal(v)}" for k, v in values.items())
+        for name, values in recipe.items()
+    ]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return str(path)
