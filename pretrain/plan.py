@@ -91,10 +91,14 @@ def estimate_activations(
     """The saved bytes of the Multiway layer, counted per token (checked against the measured bytes in
     ``tests/test_plan.py`` and ``bench/memory_at_scale.py``).
 
-    A layer saves, per token, 9 vectors of width d (the residual input and output of each LayerNorm, q, k,
-    v and the attention output, the input of the output projection) and 3 of the FFN width (fc1's output,
-    GELU's output, the sub-LN's output), in the activation dtype; the attention's log-sum-exp (fp32 per
-    head) and four LayerNorms' mean and rstd (fp32). A checkpointed layer keeps its input only. Outside the
+    The model runs a micro-batch in one pass of packed rows (``BEiT3.forward_mixed``). A layer saves, per
+    token, 10 vectors of width d (the attention LayerNorm's input and output; q, k and v; each sequence's
+    attention output and their packed copy, the sub-LN's input; the sub-LN's output; the FFN LayerNorm's
+    input and output) and 3 of the FFN width (fc1's output, GELU's output, the sub-LN's output), in the
+    activation dtype; for an image-text pair's tokens 3 more of width d (its vision and text rows lie in
+    different expert groups, so its q, k and v are gathered into a copy for its attention); the attention's
+    log-sum-exp (fp32 per head) and four LayerNorms' mean and rstd (fp32). A checkpointed layer keeps its
+    input only. Outside the
     layers: the final norm's input and statistics per token, the text ids, each image's pixels (the patch
     projection's weight gradient), and at each masked position the head's input, its index and the fp32
     log-softmax of the logits.
@@ -102,13 +106,15 @@ def estimate_activations(
     d, f, a = cfg.embed_dim, cfg.ffn_dim, dtype_bytes
     text_tokens = texts * text_len + pairs * pair_text_len
     tokens = (images + pairs) * cfg.num_vision_tokens + text_tokens
-    per_token = a * (9 * d + 3 * f) + 4 * cfg.num_heads + 4 * 2 * 4
+    per_token = a * (10 * d + 3 * f) + 4 * cfg.num_heads + 4 * 2 * 4
+    pair_tokens = pairs * (cfg.num_vision_tokens + pair_text_len)
     pixels = (images + pairs) * a * cfg.in_chans * cfg.img_size**2
     heads = predicted_text * (4 * cfg.vocab_size + a * d + 8) + predicted_patches * (
         4 * cfg.visual_vocab_size + a * d + 8
     )
     base = tokens * (a * d + 8) + 8 * text_tokens + pixels + heads
-    return ActivationModel(base=base, layer=tokens * per_token, checkpointed_layer=tokens * a * d)
+    layer = tokens * per_token + pair_tokens * 3 * a * d
+    return ActivationModel(base=base, layer=layer, checkpointed_layer=tokens * a * d)
 
 
 def _param_bytes(ds: dict) -> int:
