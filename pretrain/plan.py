@@ -48,7 +48,8 @@ PASSES_PER_MICRO_BATCH = 1
 OVERLAP = 0.8
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "giant.toml"
-DEFAULT_DS_CONFIG = ROOT / "ds_configs" / "zero3_bf16.json"
+# The giant's default DeepSpeed config (slurm/pretrain_giant.sbatch's): ZeRO-3 with hpZ over a node's 8 GPUs.
+DEFAULT_DS_CONFIG = ROOT / "ds_configs" / "zero3_bf16_hpz.json"
 
 
 class PlanError(PretrainError, ValueError):
