@@ -185,12 +185,13 @@ def model_state_bytes(params: int, gpus: int, ds: dict, persistent: int = 0) -> 
 
 @dataclass(frozen=True)
 class Collective:
-    """``count`` ring collectives per step, each over ``bytes`` in all, in groups of ``group`` GPUs."""
+    """``count`` ring collectives per step, each over ``bytes`` in all, in groups of ``group`` GPUs (a
+    fractional count: a measured share of the modelled gathers)."""
 
     name: str
     bytes: float
     group: int
-    count: int
+    count: float
 
     def per_gpu(self) -> float:
         """Bytes each GPU sends (and receives) per step: (n - 1) / n of the total per collective."""
@@ -204,6 +205,7 @@ def collectives(
     passes: int = PASSES_PER_MICRO_BATCH,
     micro_batches: int = 1,
     persistent: int = 0,
+    gathered_x: float | None = None,
 ) -> list[Collective]:
     """ZeRO's collectives of one optimizer step of ``micro_batches`` micro-batches of ``passes`` forward
     passes each.
@@ -212,8 +214,11 @@ def collectives(
       DeepSpeed keeps some within ``stage3_max_reuse_distance``); every micro-batch's backward
       reduce-scatters the gradients. With ``zero_hpz_partition_size`` h the backward gathers from the
       secondary partition, within groups of h GPUs. The ``persistent`` parameters are never gathered (their
-      gradients are reduce-scattered with the rest). ZeRO++ ``zero_quantized_weights`` sends the forward
-      gathers in int8 (1 B/param), ``zero_quantized_gradients`` the reduce-scatters in int4.
+      gradients are reduce-scattered with the rest). ``gathered_x``: the measured weight bytes gathered per
+      micro-batch, as a multiple of the gathered weights' bytes (``bench/zero_comm.py``), instead of
+      ``2 x passes``; half of it is counted in the forward, half in the backward. ZeRO++
+      ``zero_quantized_weights`` sends the forward gathers in int8 (1 B/param), ``zero_quantized_gradients``
+      the reduce-scatters in int4.
     * stage 2: a reduce-scatter per micro-batch, one all-gather of the updated weights per step.
     * stage 0-1: one all-reduce of the gradients per step (reduce-scatter + all-gather in bytes).
 
@@ -230,7 +235,7 @@ def collectives(
         gathered = params - persistent
         fwd = gathered * (1 if z.get("zero_quantized_weights") else pb)
         rs = params * 0.5 if z.get("zero_quantized_gradients") else grads
-        n = passes * micro_batches
+        n = passes * micro_batches if gathered_x is None else gathered_x / 2 * micro_batches
         return [
             Collective("parameter all-gather, forward", fwd, gpus, n),
             Collective(
@@ -346,6 +351,7 @@ def plan(
     steps: int | None = None,
     overrides: list[str] | None = None,
     micro_batch: int | None = None,
+    gathered_x: float | None = None,
 ) -> Plan:
     """Project memory and time per GPU and step; raises :class:`PlanError` (or the recipe's / DeepSpeed
     config's error) for a setting that cannot be planned. Memory that does not fit is reported in
@@ -354,8 +360,10 @@ def plan(
         raise PlanError(f"unknown GPU {gpu!r}: use one of {', '.join(DEVICE_MEMORY)}")
     if gpus < 1 or gpus_per_node < 1 or (gpus > gpus_per_node and gpus % gpus_per_node):
         raise PlanError(f"--gpus {gpus} is not a whole number of nodes of {gpus_per_node}")
-    if not 0 < mfu <= 1 or not 0 <= overlap <= 1 or passes < 1 or gbps <= 0:
-        raise PlanError("--mfu must lie in (0, 1], --overlap in [0, 1], --passes >= 1 and --gbps > 0")
+    if not 0 < mfu <= 1 or not 0 <= overlap <= 1 or passes < 1 or gbps <= 0 or (gathered_x or 0) < 0:
+        raise PlanError(
+            "--mfu must lie in (0, 1], --overlap in [0, 1], --passes >= 1, --gbps > 0 and --gathered-x >= 0"
+        )
     recipe = load_recipe(recipe_path, overrides)
     global_batch = recipe.train.global_batch_size  # the recipe's, as beit3-pretrain keeps it
     batch_keys = {"train_batch_size": global_batch, "gradient_accumulation_steps": None}
@@ -412,7 +420,7 @@ def plan(
     family = gpu_family(gpu)
     p.compute_s = (p.model_work + p.recompute_work) / (mfu * PEAK_FLOPS[family])
     node_bw, nvlink = gbps * 1e9 / 8, NVLINK_BANDWIDTH[family]
-    for c in collectives(params, ds, gpus, passes, micro_batches, persistent):
+    for c in collectives(params, ds, gpus, passes, micro_batches, persistent, gathered_x):
         t = collective_seconds(c, gpus_per_node, node_bw, nvlink)
         p.comm.append(
             {
@@ -483,7 +491,7 @@ def format_plan(p: Plan) -> str:
         f"at {p.mfu:.0%} of {PEAK_FLOPS[fam] / 1e12:.0f} TFLOP/s".ljust(W)
         + f" {p.compute_s:7.3f}",
         *[
-            f"  {c['name']} x{c['count']} ({c['per_gpu_bytes'] / 1e9:.2f} GB per GPU, "
+            f"  {c['name']} x{c['count']:g} ({c['per_gpu_bytes'] / 1e9:.2f} GB per GPU, "
             f"{'inter-node' if c['crosses_nodes'] else 'NVLink'})".ljust(W)
             + f" {c['seconds']:7.3f}"
             for c in p.comm
@@ -518,6 +526,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=OVERLAP, help="share of compute that hides communication")
     p.add_argument("--steps", type=int, default=None, help="default: the recipe's total_steps")
     p.add_argument("--micro-batch", type=int, default=None, help="default: the DeepSpeed config's")
+    p.add_argument(
+        "--gathered-x",
+        type=float,
+        default=None,
+        help="ZeRO-3: weight bytes gathered per micro-batch as measured by bench/zero_comm.py, as a multiple "
+        "of the weights' bytes (default: 2 x passes)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -538,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "overrides": args.set,
         "micro_batch": args.micro_batch,
+        "gathered_x": args.gathered_x,
     }
     try:
         p = plan(**settings)

@@ -151,6 +151,8 @@ def test_byte_model_by_hand():
 
     three = planner.collectives(n, ZERO3, 16, passes=3, micro_batches=2)
     assert [c.count for c in three] == [6, 6, 2]
+    measured = planner.collectives(n, ZERO3, 16, micro_batches=2, gathered_x=1.5)  # 1.5x per micro-batch
+    assert [c.count for c in measured] == [1.5, 1.5, 2]
     z2 = {**ZERO3, "zero_optimization": {"stage": 2}}
     assert [(c.count, c.per_gpu()) for c in planner.collectives(n, z2, 16, micro_batches=2)] == [
         (2, 3.75e9),
@@ -192,6 +194,8 @@ def test_cli_end_to_end(capsys):
     assert planner.main(["--checkpointing", "none", "--passes", "3"]) == 0
     text = capsys.readouterr().out
     assert "wall clock for 1,000,000 steps" in text and "x3" in text and "fits" in text
+    assert planner.main(["--gathered-x", "1.2"]) == 0
+    assert "all-gather, forward x0.6" in capsys.readouterr().out
 
 
 def test_refuses_a_setting_that_does_not_fit(tmp_path, capsys):
