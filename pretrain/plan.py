@@ -29,7 +29,7 @@ from pathlib import Path
 from beit3.engine.config_io import ConfigError
 from beit3.engine.ds_config import EngineConfigError, load_ds_config, precision_of
 from beit3.engine.metrics import DEVICE_MEMORY, NVLINK_BANDWIDTH, PEAK_FLOPS
-from beit3.model import build_model, count_parameters, get_config
+from beit3.model import build_model, count_parameters
 from beit3.model.config import ModelConfig
 from beit3.model.flops import Pass, recompute_flops, training_flops
 from beit3.pretrain.errors import PretrainError
@@ -374,8 +374,8 @@ def plan(
     micro_batches = int(ds["gradient_accumulation_steps"])
     split = micro_batch_split(recipe, micro)
     r = recipe.model
-    cfg = get_config(r.name, drop_path_rate=r.drop_path_rate, **r.overrides)
     meta = build_model(r.name, device="meta", **r.overrides)
+    cfg = meta.cfg
     params = count_parameters(meta)["total"]
     persistent = persistent_parameters(meta, ds)
     spec = checkpointing if checkpointing is not None else r.grad_checkpointing
