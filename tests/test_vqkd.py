@@ -236,3 +236,17 @@ def test_base_tokenizer_gives_196_codes_at_224_and_256_at_256(name):
     model = build_vqkd(name)
     assert VisualTokenizer(model).codes(torch.rand(1, 3, 224, 224)).shape == (1, 196)
     assert VisualTokenizer(model, input_size=256).codes(torch.rand(1, 3, 256, 256)).shape == (1, 256)
+
+
+def test_the_frozen_tokenizer_keeps_the_encoder_only_and_gives_the_same_codes():
+    model = build_vqkd(TINY)
+    images = torch.rand(3, 3, 64, 64)
+    full = VisualTokenizer(model).codes(images)
+    state = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
+    tok = build_visual_tokenizer(TINY, state)
+    names = {name for name, _ in tok.named_parameters()}
+    assert names and not any(".decoder." in n or "decode_task_layer" in n for n in names)
+    assert sum(p.numel() for p in tok.parameters()) < sum(p.numel() for p in model.parameters())
+    assert torch.equal(tok.codes(images), full)
+    with pytest.raises(VQKDConfigError, match="encoder-only"):
+        tok.model.decode(torch.zeros(1, 16, tok.model.cfg.code_dim), (4, 4))

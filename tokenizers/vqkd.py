@@ -157,8 +157,17 @@ class VQKD(nn.Module):
         with torch.autocast(device_type=h.device.type, enabled=False):
             return self.encode_task_layer(h.float())
 
+    def drop_decoder(self) -> VQKD:
+        """Free the decoder and its task layer (about half the weights): a frozen tokenizer only encodes.
+        ``decode`` and ``forward`` are unavailable afterwards."""
+        self.decoder = None
+        self.decode_task_layer = None
+        return self
+
     def decode(self, z_q: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Teacher-feature reconstruction (B, h*w, teacher_dim) from quantized vectors (B, h*w, code_dim)."""
+        if self.decoder is None:
+            raise VQKDConfigError("this VQ-KD was made encoder-only (drop_decoder): it cannot reconstruct")
         B, _, C = z_q.shape
         code_map = z_q.transpose(1, 2).reshape(B, C, *grid)
         return self.decode_task_layer(self.decoder(code_map))
@@ -303,7 +312,8 @@ def build_visual_tokenizer(
     A checkpoint's ``"overrides"`` entry (written by ``beit3-vqkd train``) is applied before ``overrides``.
     ``checkpoint=None`` gives a seeded random initialisation: its codes carry no meaning (smoke tests only;
     a warning says so). ``input_size`` (default the config's ``img_size``) sets the view size the tokenizer
-    receives, e.g. 256 for 16x16 codes from a patch-16 tokenizer.
+    receives, e.g. 256 for 16x16 codes from a patch-16 tokenizer. The decoder is dropped once the weights are
+    loaded: codes need the encoder alone, so only it goes to the device.
     """
     state = None
     if checkpoint is not None:
@@ -319,7 +329,7 @@ def build_visual_tokenizer(
         )
     else:
         load_vqkd_checkpoint(model, state)
-    tok = VisualTokenizer(model, input_size)
+    tok = VisualTokenizer(model.drop_decoder(), input_size)  # the step needs the encoder alone on the device
     return tok.to(device) if device is not None else tok
 
 
