@@ -7,6 +7,9 @@ and writes JSON + Markdown under ``bench/results/``::
 
     python bench/train_step.py --model beit3_giant_patch14_224 --depth 8 --images 8 --texts 8 --pairs 8 \\
         --precision bf16 --grad-ckpt all --device cuda --name giant_h100
+
+``--objective one-pass three-pass`` times the shipped objective (one pass per micro-batch) beside the
+three-pass reference (``bench/three_pass.py``) with the same weights and batch, steps interleaved.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ from pathlib import Path
 
 import torch
 from synthetic import synthetic_batch  # bench/synthetic.py, beside this file
+from three_pass import ThreePassObjective  # bench/three_pass.py
 
 from beit3.engine.metrics import device_peak_flops
 from beit3.model import build_model, count_parameters
 from beit3.model.flops import recompute_flops
 from beit3.pretrain.objective import MaskedDataModeling
+
+OBJECTIVES = {"one-pass": MaskedDataModeling, "three-pass": ThreePassObjective}
 
 
 def saved_activation_bytes(task: MaskedDataModeling, batch: dict) -> int:
@@ -45,7 +51,8 @@ def saved_activation_bytes(task: MaskedDataModeling, batch: dict) -> int:
     return sum(seen.values())
 
 
-def run(args: argparse.Namespace) -> dict:
+def _setup(args: argparse.Namespace, objective: str):
+    """The task (fresh model, same seed: same weights for every objective), optimizer, batch and step."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     overrides = {"drop_path_rate": 0.0}
@@ -58,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.compile:
         for i, layer in enumerate(model.beit3.encoder.layers):
             model.beit3.encoder.layers[i] = torch.compile(layer, dynamic=False)
-    task = MaskedDataModeling(model).to(device)
+    task = OBJECTIVES[objective](model).to(device)
     if args.precision == "bf16-pure":  # like DeepSpeed's bf16 mode: bf16 weights, no autocast casts
         task.to(torch.bfloat16)
     fused = device.type == "cuda"
@@ -77,21 +84,49 @@ def run(args: argparse.Namespace) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return task, opt, batch, stats, amp, step
+
+
+def run(args: argparse.Namespace) -> dict:
+    """One configuration: ``args.objective`` (a name, or a list whose first name is taken)."""
+    objective = args.objective if isinstance(args.objective, str) else args.objective[0]
+    return run_side_by_side(args, [objective])[0]
+
+
+def run_side_by_side(args: argparse.Namespace, objectives: list[str]) -> list[dict]:
+    """One result per objective, their timed steps interleaved (step of the first, of the second, ...)."""
+    device = torch.device(args.device)
+    setups = [_setup(args, o) for o in objectives]
+
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     for _ in range(args.warmup if not args.activation_only else 0):
-        step()
+        for *_, step in setups:
+            step()
     sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times: list[list[float]] = [[] for _ in setups]
+    peaks = [0.0 for _ in setups]
     for _ in range(args.steps if not args.activation_only else 0):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+        for k, (*_, step) in enumerate(setups):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated(device) / 2**30)
+    results = []
+    for objective, (task, opt, batch, stats, amp, _), t, peak_mem in zip(objectives, setups, times, peaks):
+        results.append(_result(args, objective, task, opt, batch, stats, amp, t, peak_mem))
+    return results
+
+
+def _result(args, objective, task, opt, batch, stats, amp, times, peak_mem) -> dict:
+    device = torch.device(args.device)
+    model = task.model
     step_time = statistics.median(times) if times else float("nan")
     with amp:
         act_bytes = saved_activation_bytes(task, batch)
@@ -102,6 +137,7 @@ def run(args: argparse.Namespace) -> dict:
     samples = stats["samples"]
     result = {
         "model": args.model,
+        "objective": objective,
         "depth": model.cfg.depth,
         "params_total": count_parameters(model)["total"],
         "batch": {
@@ -115,6 +151,7 @@ def run(args: argparse.Namespace) -> dict:
         "grad_ckpt": args.grad_ckpt,
         "compile": args.compile,
         "step_time_s": step_time,
+        "step_times_s": times,
         "samples_per_s": samples / step_time,
         "tokens_per_s": stats["tokens"] / step_time,
         "model_tflops_per_step": stats["flops"] / 1e12,
@@ -122,11 +159,12 @@ def run(args: argparse.Namespace) -> dict:
         "mfu_pct": 100 * stats["flops"] / step_time / peak if peak else None,
         "hfu_pct": 100 * hw_flops / step_time / peak if peak else None,
         "activation_gib_per_sample": act_bytes / samples / 2**30,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_memory_gib": peak_mem if device.type == "cuda" else None,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else platform.processor() or "cpu",
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "command": " ".join(["python bench/train_step.py", *sys.argv[1:]]),
     }
     return result
@@ -135,6 +173,7 @@ def run(args: argparse.Namespace) -> dict:
 def format_table(results: list[dict]) -> str:
     cols = [
         "model",
+        "objective",
         "depth",
         "precision",
         "grad_ckpt",
@@ -156,6 +195,19 @@ def format_table(results: list[dict]) -> str:
             cells.append(f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v)))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def speedups(results: list[dict]) -> str:
+    """Three-pass over one-pass median step time for each setting measured both ways ("" if none)."""
+    lines = []
+    for r in results:
+        if r["objective"] != "one-pass":
+            continue
+        for o in results:
+            if o["objective"] == "three-pass" and o["grad_ckpt"] == r["grad_ckpt"]:
+                ratio = o["step_time_s"] / r["step_time_s"]
+                lines.append(f"- grad_ckpt={r['grad_ckpt']}: three-pass / one-pass step time = {ratio:.3f}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="bf16: autocast over fp32 weights; bf16-pure: bf16 weights (DeepSpeed's bf16 mode)",
     )
     p.add_argument("--grad-ckpt", choices=("none", "all"), nargs="+", default=["none"])
+    p.add_argument(
+        "--objective",
+        choices=tuple(OBJECTIVES),
+        nargs="+",
+        default=["one-pass"],
+        help="one-pass: the shipped objective; three-pass: one forward per sub-batch (bench/three_pass.py); "
+        "several: timed side by side, steps interleaved",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile every layer")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=10)
@@ -196,15 +256,20 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for ckpt in args.grad_ckpt:
         one = argparse.Namespace(**{**vars(args), "grad_ckpt": ckpt})
-        results.append(run(one))
+        results.extend(run_side_by_side(one, list(dict.fromkeys(args.objective))))
     table = format_table(results)
+    ratios = speedups(results)
     print(table)
+    if ratios:
+        print(ratios)
     if args.name:
         args.results_dir.mkdir(parents=True, exist_ok=True)
         (args.results_dir / f"{args.name}.json").write_text(json.dumps(results, indent=2))
+        r = results[0]
         (args.results_dir / f"{args.name}.md").write_text(
-            f"# bench/train_step.py: {args.name}\n\nCommand: `{results[0]['command']}`\n\n"
-            f"Device: {results[0]['device']}, torch {results[0]['torch']}\n\n{table}\n"
+            f"# bench/train_step.py: {args.name}\n\nCommand: `{r['command']}`\n\n"
+            f"Device: {r['device']}, {r['threads']} threads, torch {r['torch']}\n\n{table}\n"
+            + (f"\n{ratios}\n" if ratios else "")
         )
     return 0
 

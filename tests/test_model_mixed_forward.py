@@ -113,6 +113,10 @@ def test_any_subset_and_order_of_subbatches(name):
         _assert_same(_run(model, batch, mixed=False), _run(model, batch, mixed=True))
     two_pairs = {"a": full["pair"], "b": {**full["pair"], "image": full["image"]["image"][:2]}}
     _assert_same(_run(model, two_pairs, mixed=False), _run(model, two_pairs, mixed=True))
+    t = 17 + full["pair"]["text"].shape[1]
+    causal = {**full["pair"], "attn_mask": torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)}
+    with_attn_mask = {"text": full["text"], "caption": causal}
+    _assert_same(_run(model, with_attn_mask, mixed=False), _run(model, with_attn_mask, mixed=True))
 
 
 def _counting_modules(model) -> tuple[dict[str, list], dict[str, list]]:

@@ -2,19 +2,25 @@
 
 ``MaskedDataModeling.forward`` encodes images, texts and pairs together (``forward_mixed``) and calls each
 head once. The three-pass computation (one ``model(...)`` per sub-batch, each head once per term) lives
-only here, as the reference: loss, every metric and every gradient must agree to fp32 rounding, in both
-layouts, with separate and joint pair masking, padded texts, stochastic depth off and on (same seed: the
-one pass draws the same per-sample masks) and activation checkpointing.
+only in ``bench/three_pass.py``, as the reference for this test and the benchmark: loss, every metric and
+every gradient must agree to fp32 rounding, in both layouts, with separate and joint pair masking, padded
+texts, stochastic depth off and on (same seed: the one pass draws the same per-sample masks) and
+activation checkpointing.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-import torch.nn.functional as F
 
 from beit3.model import build_model
 from beit3.pretrain.objective import MaskedDataModeling, ObjectiveConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from three_pass import ThreePassObjective  # noqa: E402  (bench/three_pass.py: the reference, not shipped)
 
 VOCAB, CODES = 100, 32
 
@@ -51,42 +57,7 @@ def make_batch(seed: int, joint: bool, padded: bool = True) -> dict:
 
 def three_pass(task: MaskedDataModeling, batch: dict):
     """The objective as it was: one forward per sub-batch, each head once per loss term."""
-    m, c = task.model, task.cfg
-
-    def ce(head, hidden, select, targets):
-        logits = head(hidden[select]).float()
-        target = targets[select]
-        loss = F.cross_entropy(logits, target, reduction="sum", label_smoothing=c.label_smoothing)
-        count = select.sum()
-        return loss / count.clamp(min=1), (logits.argmax(-1) == target).sum(), count
-
-    def image_loss(h, b):
-        return ce(m.mim_head, h[:, 1:], b["image_mask"], b["image_codes"])
-
-    def text_loss(h, b):
-        labels = b["text_labels"]
-        return ce(m.mlm_head, h, labels.ne(-100), labels.clamp(min=0))
-
-    terms = []
-    b = batch["image"]
-    terms.append(("mim", c.mim_weight, *image_loss(m(image=b["image"], image_mask=b["image_mask"]), b)))
-    b = batch["text"]
-    terms.append(
-        ("mlm", c.mlm_weight, *text_loss(m(text=b["text"], text_padding_mask=b["text_padding_mask"]), b))
-    )
-    b = batch["pair"]
-    h = m(
-        image=b["image"], text=b["text"], text_padding_mask=b["text_padding_mask"], image_mask=b["image_mask"]
-    )
-    nv = h.shape[1] - b["text"].shape[1]
-    terms.append(("vl_mlm", c.vl_mlm_weight, *text_loss(h[:, nv:], b)))
-    terms.append(("vl_mim", c.vl_mim_weight, *image_loss(h[:, :nv], b)))
-    total = sum(w * loss for _, w, loss, _, _ in terms)
-    metrics = {}
-    for name, _, loss, correct, count in terms:
-        metrics[f"loss/{name}"] = loss.detach()
-        metrics[f"acc/{name}"] = correct.float() / count.clamp(min=1)
-    return total, metrics
+    return ThreePassObjective.forward(task, batch)
 
 
 def _step(task, batch, fn, seed: int = 3):
