@@ -14,7 +14,8 @@ tokens, none padded; the recipe's masking ratios, pair masking and stochastic de
 * the training step of :class:`beit3.pretrain.objective.MaskedDataModeling` (one pass per micro-batch through
   ``forward_mixed``, logits at masked positions, one backward), then the optimizer step, in each
   configuration: eager and ``torch.compile``'d (each layer's ``forward_packed``, so the 40 layers share a few
-  compiled graphs), activation checkpointing ``none`` and the recipe's ``[model] grad_checkpointing``;
+  compiled graphs), activation checkpointing ``none``, the recipe's ``[model] grad_checkpointing`` and ``all``
+  (full recomputation, for comparison);
 * precision ``bf16-master`` (default; as DeepSpeed's bf16 mode: bf16 weights and gradients, fp32 master
   weights, gradients copied to fp32, clipped to the DeepSpeed config's ``gradient_clipping``, a plain torch
   ``AdamW(fused=True)`` on the masters, weights copied back) or ``autocast`` (fp32 weights, bf16 autocast,
@@ -604,7 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["bf16-master"])
     p.add_argument("--modes", nargs="+", choices=("eager", "compiled"), default=["eager", "compiled"])
     p.add_argument(
-        "--grad-ckpt", nargs="+", default=None, help="checkpointing settings (default: none and the recipe's)"
+        "--grad-ckpt",
+        nargs="+",
+        default=None,
+        help="checkpointing settings: none, all, every:N (default: none, the recipe's, all)",
     )
     p.add_argument(
         "--compile-backend",
@@ -662,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
         peak_source = f"beit3.engine.metrics.PEAK_FLOPS[{key!r}]"
     else:
         peak_source = "no PEAK_FLOPS entry for this device: MFU not computed"
-    ckpts = args.grad_ckpt or list(dict.fromkeys(["none", s["grad_checkpointing"]]))
+    # none, the recipe's choice, and full recomputation for comparison (one setting once)
+    ckpts = args.grad_ckpt or list(dict.fromkeys(["none", s["grad_checkpointing"], "all"]))
     record = {
         "script": "bench/gpu_giant.py",
         "command": " ".join(["python", "bench/gpu_giant.py", *(sys.argv[1:] if argv is None else argv)]),
