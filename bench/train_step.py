@@ -64,6 +64,8 @@ def _setup(args: argparse.Namespace, objective: str):
         model.set_grad_checkpointing(True)
     if args.compile:
         for i, layer in enumerate(model.beit3.encoder.layers):
+            # the one pass calls forward_packed (reached through the compiled wrapper's attribute lookup)
+            layer.forward_packed = torch.compile(layer.forward_packed, dynamic=False)
             model.beit3.encoder.layers[i] = torch.compile(layer, dynamic=False)
     task = OBJECTIVES[objective](model).to(device)
     if args.precision == "bf16-pure":  # like DeepSpeed's bf16 mode: bf16 weights, no autocast casts
