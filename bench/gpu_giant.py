@@ -50,6 +50,7 @@ import statistics
 import sys
 import time
 import tomllib
+import traceback
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -375,7 +376,7 @@ def observed_sdpa(run_fwd_bwd, shapes: dict, device: torch.device) -> dict:
     by_len: dict[int, list[str]] = {}
     for key, (_, t) in shapes.items():
         by_len.setdefault(t, []).append(key)
-    found = {key: {"forward": {}, "backward": {}} for key in shapes}
+    found = {key: {"forward": {}, "backward": {}, "gpu_kernels": set()} for key in shapes}
     kernels = set()
     for e in prof.events():
         name = e.name.removeprefix("aten::")
@@ -384,10 +385,22 @@ def observed_sdpa(run_fwd_bwd, shapes: dict, device: torch.device) -> dict:
             for key in by_len.get(e.input_shapes[0][2], []):
                 part = found[key]["backward" if name != base else "forward"]
                 part[SDPA_OPS[base]] = part.get(SDPA_OPS[base], 0) + 1
-        elif device.type == "cuda" and "aten::" not in e.name and ATTENTION_KERNEL.search(e.name):
-            kernels.add(e.name[:120])
+                found[key]["gpu_kernels"] |= _kernels_below(e)
+        for k in [e.name] + [k.name for k in getattr(e, "kernels", None) or []]:
+            if device.type == "cuda" and "aten::" not in k and ATTENTION_KERNEL.search(k):
+                kernels.add(k[:120])
+    for part in found.values():
+        part["gpu_kernels"] = sorted(part["gpu_kernels"])[:6]
     ambiguous = [keys for keys in by_len.values() if len(keys) > 1]
     return {"ops": found, "gpu_attention_kernels": sorted(kernels)[:12], "ambiguous_lengths": ambiguous}
+
+
+def _kernels_below(event) -> set[str]:
+    """Names of the device kernels an op and the ops under it launched (profiler events)."""
+    names = {k.name[:120] for k in getattr(event, "kernels", None) or []}
+    for child in getattr(event, "cpu_children", None) or []:
+        names |= _kernels_below(child)
+    return names
 
 
 # ---- one configuration -----------------------------------------------------------------------------------
@@ -554,6 +567,20 @@ def markdown(r: dict) -> str:
             seen,
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    observed = [c for c in r["configs"] if c.get("sdpa_observed")]
+    if observed:
+        lines += ["", "SDPA ops run in one profiled forward+backward (calls over all layers):", ""]
+        lines += [
+            "| configuration | sub-batch | forward | backward | its GPU kernels |",
+            "|---|---|---|---|---|",
+        ]
+        for c in observed:
+            for key, part in c["sdpa_observed"]["ops"].items():
+                fwd, bwd = (
+                    ", ".join(f"{k} x{v}" for k, v in part[d].items()) or "-" for d in ("forward", "backward")
+                )
+                kernels = ", ".join(f"`{k}`" for k in part["gpu_kernels"]) or "-"
+                lines.append(f"| {c['label']} | {key} | {fwd} | {bwd} | {kernels} |")
     lines += ["", "SDPA backends per sub-batch (attention shapes (B, H, T, head dim) in bf16):", ""]
     lines += ["| sub-batch | shape | mask | dispatcher's choice | runs alone |", "|---|---|---|---|---|"]
     for p in r["sdpa_probe"]:
@@ -573,6 +600,16 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(c: dict) -> str:
+    """One console line for a configuration."""
+    return (
+        f"{c['label']}: {c['status']}; step {_fmt(c.get('step_s'))} s (fwd+bwd {_fmt(c.get('fwd_bwd_s'))}, "
+        f"optimizer {_fmt(c.get('optimizer_s'))}), fwd+bwd MFU {_fmt(c.get('fwd_bwd_mfu_pct'))}%, "
+        f"peak {_fmt(c.get('peak_allocated_gib'))} GiB, compile {_fmt(c.get('compile_s'))} s"
+        + (f" [{'; '.join(c['notes'])}]" if c["notes"] else "")
+    )
+
+
 # ---- main ------------------------------------------------------------------------------------------------
 def environment(device: torch.device) -> dict:
     triton = importlib.util.find_spec("triton")
@@ -586,6 +623,7 @@ def environment(device: torch.device) -> dict:
         "triton": __import__("triton").__version__ if triton else None,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -733,8 +771,10 @@ def main(argv: list[str] | None = None) -> int:
         record["elapsed_s"] = time.perf_counter() - t_start
         write_results(record, args.out, args.name)
 
-    compute_dtype = torch.bfloat16
-    record["sdpa_probe"] = sdpa_probe(cfg, shapes, compute_dtype, device)
+    print(
+        f"{record['environment']['device']}: {preset}, {stats['flops'] / 1e12:.2f} TFLOP per step", flush=True
+    )
+    record["sdpa_probe"] = sdpa_probe(cfg, shapes, torch.bfloat16, device)
     save()
     last_cost = {"eager": None, "compiled": None}
     for precision in args.precision:
@@ -769,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"skipped: {left:.0f} s of the budget left, about {estimate:.0f} s needed"
                     )
                     save()
+                    print(summary(row), flush=True)
                     continue
                 t0 = time.perf_counter()
                 layers = checkpoint_layers(spec, cfg.depth)
@@ -802,29 +843,25 @@ def main(argv: list[str] | None = None) -> int:
                     for p in task.parameters():
                         p.grad = None
                 except Exception as e:  # one configuration failing must not lose the others
+                    traceback.print_exc()
                     row["status"] = "error"
                     row["notes"].append(
                         f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                     )
                     for p in task.parameters():
                         p.grad = None
-                last_cost[mode] = time.perf_counter() - t0
+                # the next configuration of this mode: the same work, a compile from a warm cache
+                last_cost[mode] = time.perf_counter() - t0 - 0.5 * (row.get("compile_s") or 0.0)
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 save()
+                print(summary(row), flush=True)
         del task, model, opt, batch
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     save()
-    for c in record["configs"]:
-        print(
-            f"{c['label']}: {c['status']}; step {_fmt(c.get('step_s'))} s "
-            f"(fwd+bwd {_fmt(c.get('fwd_bwd_s'))}, "
-            f"optimizer {_fmt(c.get('optimizer_s'))}), fwd+bwd MFU {_fmt(c.get('fwd_bwd_mfu_pct'))}%, "
-            f"peak {_fmt(c.get('peak_allocated_gib'))} GiB, compile {_fmt(c.get('compile_s'))} s"
-        )
     print(f"wrote {args.out / (args.name + '.md')} and .json in {record['elapsed_s']:.1f} s")
     return 0 if all(c["status"] in ("ok", "skipped") for c in record["configs"]) else 1
 

@@ -175,3 +175,34 @@ def test_figures():
     assert f["fwd_bwd_mfu_pct"] == pytest.approx(20.0)
     assert f["step_mfu_pct"] == pytest.approx(100 * 1e12 / 0.6 / 1e13)
     assert f["fwd_bwd_hfu_pct"] == pytest.approx(20.0 * 4 / 3)
+
+
+@pytest.mark.slow
+def test_compiled_giant_layers_share_three_graphs():
+    """The giant's 40 layers, compiled as the script compiles them (stochastic depth 0.1 on), trace into 3
+    graphs (layer 0 without drop path, the rest, the vision-language layers) without a graph break: far under
+    the recompile limit, so none falls back to eager. On the meta device, the encoder pass only."""
+    import torch
+
+    from beit3.model import build_model
+    from beit3.pretrain.objective import _model_inputs
+
+    mod = _module()
+    s = mod.read_settings()
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model = build_model(s["preset"], device="meta", drop_path_rate=0.1).to(torch.bfloat16).train()
+    batch = mod.synthetic_batch(model.cfg, s, 8, 8, 8, 128, 64)
+    inputs = {k: {n: t.to("meta") for n, t in _model_inputs(batch[k]).items()} for k in batch}
+    inputs = {
+        k: {n: (t.to(torch.bfloat16) if n == "image" else t) for n, t in v.items()} for k, v in inputs.items()
+    }
+    for sub in inputs.values():
+        sub.pop("text_padding_mask", None)  # nothing padded (prepare_batch drops it)
+    mod.compile_layers(model, "aot_eager", torch.device("meta"))
+    hidden = model.forward_mixed(inputs)
+    assert hidden["pair"].shape == (8, model.cfg.num_vision_tokens + 64, model.cfg.embed_dim)
+    assert mod.dynamo_counts() == {"graphs": 3, "frames_compiled": 3, "graph_breaks": 0}
+    torch._dynamo.reset()
