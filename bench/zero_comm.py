@@ -11,7 +11,9 @@ process group. DeepSpeed's own comms logger (``comms_logger`` in the DeepSpeed c
 its call counts and message sizes are kept in the JSON as a cross-check. Under ZeRO-3 each parameter's
 ``all_gather_coalesced`` is also wrapped, which gives how often each parameter is gathered per step; mapped
 onto the full giant's parameter list (40 layers, the top 3 with VL experts) that projects its gathered bytes
-and all-gather calls per step without running it.
+and all-gather calls per step without running it; only with ``--reuse none`` (every parameter released after
+each use, no prefetch), since the 2-layer model's whole step lies within the shipped reuse distance, the
+giant's does not.
 
 An optimizer step is what lies between two returns of ``engine.step()`` (one micro-batch per step); the
 first step (ZeRO-3 records its module trace there) is run but not counted. ``--nodes 2`` runs
@@ -22,7 +24,8 @@ bytes of collectives whose group spans both simulated nodes are reported as cros
 Prints a table and writes ``bench/results/<name>.{md,json}``::
 
     python bench/zero_comm.py        # every shipped ZeRO config this machine can train, 2 ranks
-    python bench/zero_comm.py --nodes 2 --configs zero3_bf16.json zero3_bf16_hpz.json --name zero_comm_2nodes
+    python bench/zero_comm.py --nodes 2 --reuse none --configs zero3_bf16_hpz.json zero3_bf16.json \\
+        zero2_bf16.json --name zero_comm_2nodes   # 2 simulated nodes of 2 ranks
 """
 
 from __future__ import annotations
@@ -576,7 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     for spec in specs:  # one launch per config: each starts with the memory of one engine only
         with tempfile.TemporaryDirectory() as tmp:
             (run, *others) = (runs[0] for runs in launch([spec], ranks, Path(tmp), args.timeout))
-        rows.append(summarize(run, giant if args.depth < giant_model.cfg.depth else None))
+        # The projection needs the giant's reuse pattern: on the scaled model only "--reuse none" has it.
+        projects = args.depth < giant_model.cfg.depth and args.reuse == "none"
+        rows.append(summarize(run, giant if projects else None))
         # the same counts on every rank (recorded per rank)
         rows[-1]["other_ranks_gathered_x"] = [summarize(o, None)["gathered_x"] for o in others]
         write_report(args, argv, base, rows, skipped, time.time() - start)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.multiprocess
 def test_zero3_gathers_every_parameter_and_zero0_gathers_none(tmp_path):
     code = zero_comm.main(["--model", "beit3_tiny_paper_patch16_64", "--depth", "2", "--img-size", "64",
                            "--configs", "zero0_fp32.json", "zero3_fp32.json", "--steps", "2",
-                           "--results-dir", str(tmp_path), "--name", "smoke"])  # fmt: skip
+                           "--reuse", "none", "--results-dir", str(tmp_path), "--name", "smoke"])  # fmt: skip
     assert code == 0
     result = json.loads((tmp_path / "smoke.json").read_text())
     rows = {r["ds_config"]: r for r in result["rows"]}
@@ -24,8 +24,10 @@ def test_zero3_gathers_every_parameter_and_zero0_gathers_none(tmp_path):
     # ZeRO-0: one gradient all-reduce of every parameter, nothing gathered
     assert z0["gathered_x"] == 0 and z0["gather_calls"] == 0
     assert z0["reduced_x"] == pytest.approx(1.0, abs=1e-3) and z0["wire_x"] == pytest.approx(2.0, abs=2e-3)
-    # ZeRO-3: every parameter gathered at least once, every gradient reduce-scattered once
+    # ZeRO-3 releasing after every use: every parameter gathered in the forward and again in the backward
+    # (the persistent ones once), every gradient reduce-scattered once
     assert z3["gathered_x"] >= 1.0 - 1e-6 and z3["gather_calls"] >= 1
+    assert set(z3["param_gathers"].values()) <= {1.0, 2.0} and 2.0 in z3["param_gathers"].values()
     assert z3["ops"]["reduce_scatter_tensor"]["bytes"] == pytest.approx(z3["param_bytes"], rel=1e-3)
     assert z3["giant"]["gathered_x_params"] >= 1.0 - 1e-6
     for row in (z0, z3):
