@@ -115,6 +115,16 @@ def test_cpu_run_end_to_end_without_the_install_or_the_blocked_modules(tmp_path)
     assert "| precision | compiled | checkpointing |" in text and "Device: **" in text
 
 
+def test_budget_guard_skips_with_a_note(tmp_path):
+    argv = ["--preset", "beit3_tiny_patch16_64", "--device", "cpu", "--budget-s", "0", "--out", str(tmp_path)]
+    proc = _run(argv + ["--name", "spent"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "spent.json").read_text())
+    assert record["configs"] and all(c["status"] == "skipped" for c in record["configs"])
+    assert all(c["notes"][0].startswith("skipped: ") for c in record["configs"])
+    assert "skipped: " in (tmp_path / "spent.md").read_text()
+
+
 def test_imports_need_torch_alone():
     """Importing the script loads nothing of the blocked modules, nor numpy."""
     proc = _run([], blocked=(*BLOCKED, "numpy"), run_name="gpu_giant", timeout=300)
