@@ -773,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         write_results(record, args.out, args.name)
 
     print(
-        f"{record['environment']['device']}: {preset}, {stats['flops'] / 1e12:.2f} TFLOP per step", flush=True
+        f"{record['environment']['device']}: {preset}, {stats['flops'] / 1e12:.4g} TFLOP per step", flush=True
     )
     record["sdpa_probe"] = sdpa_probe(cfg, shapes, torch.bfloat16, device)
     save()
