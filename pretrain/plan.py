@@ -219,8 +219,11 @@ def collectives(
       ``2 x passes``; half of it is counted in the forward, half in the backward. ZeRO++
       ``zero_quantized_weights`` sends the forward gathers in int8 (1 B/param), ``zero_quantized_gradients``
       the reduce-scatters in int4.
-    * stage 2: a reduce-scatter per micro-batch, one all-gather of the updated weights per step.
-    * stage 0-1: one all-reduce of the gradients per step (reduce-scatter + all-gather in bytes).
+    * stage 1-2: an all-reduce of the gradients (reduce-scatter + all-gather in bytes: DeepSpeed 0.19.8
+      all-reduces its gradient buckets, ``use_multi_rank_bucket_allreduce``, as bench/zero_comm.py measured),
+      per micro-batch in stage 2 (reduced in the backward), once per step in stage 1, then one all-gather of
+      the updated weights per step: 3x the weight bytes per step at one micro-batch.
+    * stage 0: one all-reduce of the gradients per step.
 
     Gradients travel in ``communication_data_type`` if the JSON sets it, else in the weights' dtype.
     """
@@ -243,12 +246,8 @@ def collectives(
             ),
             Collective("gradient reduce-scatter", rs, gpus, micro_batches),
         ]
-    if stage == 2:
-        return [
-            Collective("gradient reduce-scatter", grads, gpus, micro_batches),
-            Collective("updated parameter all-gather", weights, gpus, 1),
-        ]
-    return [Collective("gradient all-reduce", 2 * grads, gpus, 1)]
+    reduce = Collective("gradient all-reduce", 2 * grads, gpus, micro_batches if stage == 2 else 1)
+    return [reduce, Collective("updated parameter all-gather", weights, gpus, 1)] if stage >= 1 else [reduce]
 
 
 def collective_seconds(c: Collective, gpus_per_node: int, node_bandwidth: float, nvlink: float) -> float:

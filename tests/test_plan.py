@@ -153,9 +153,16 @@ def test_byte_model_by_hand():
     assert [c.count for c in three] == [6, 6, 2]
     measured = planner.collectives(n, ZERO3, 16, micro_batches=2, gathered_x=1.5)  # 1.5x per micro-batch
     assert [c.count for c in measured] == [1.5, 1.5, 2]
+    # ZeRO-1/2 all-reduce their gradients (DeepSpeed 0.19.8, bench/results/zero_comm.md): 2 x 1.875 GB per
+    # reduction, per micro-batch in stage 2, once per step in stage 1; then the updated weights are gathered.
     z2 = {**ZERO3, "zero_optimization": {"stage": 2}}
     assert [(c.count, c.per_gpu()) for c in planner.collectives(n, z2, 16, micro_batches=2)] == [
-        (2, 3.75e9),
+        (2, 7.5e9),
+        (1, 1.875e9),
+    ]
+    z1 = {**ZERO3, "zero_optimization": {"stage": 1}}
+    assert [(c.count, c.per_gpu()) for c in planner.collectives(n, z1, 16, micro_batches=2)] == [
+        (1, 3.75e9),
         (1, 1.875e9),
     ]
     z0 = {**ZERO3, "zero_optimization": {"stage": 0}}
