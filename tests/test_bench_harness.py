@@ -31,3 +31,15 @@ def test_mfu_and_hfu_follow_the_peak_override(tmp_path):
     (row,) = json.loads((tmp_path / "peak.json").read_text())
     assert abs(row["mfu_pct"] - 100 * row["achieved_tflops"] / 1.0) < 1e-6
     assert abs(row["hfu_pct"] / row["mfu_pct"] - 4 / 3) < 1e-6  # recomputation adds one forward
+
+
+def test_the_step_benchmark_imports_with_torch_alone():
+    """bench/train_step.py runs on a GPU machine that has torch and nothing else of ours."""
+    import subprocess
+
+    folder = str(Path(bench.__file__).resolve().parent)
+    missing = ("sentencepiece", "deepspeed", "webdataset", "tensorboard")
+    blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in missing)
+    code = f"import sys; {blocked}; sys.path.insert(0, {folder!r}); import train_step"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

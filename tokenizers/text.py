@@ -28,7 +28,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import sentencepiece as spm
 import torch
 
 from beit3.tokenizers.errors import TokenizersError
@@ -68,6 +67,8 @@ class TextTokenizer:
         self._load(path.read_bytes())
 
     def _load(self, proto: bytes) -> None:
+        import sentencepiece as spm  # here, not at import: the token ids above need torch alone (bench/)
+
         self._proto = proto
         self._sp = spm.SentencePieceProcessor()
         try:
@@ -261,6 +262,8 @@ def train_sentencepiece(
     ``.tar``/``.tar.gz`` shards (``.txt`` members). ``hard_vocab_limit=False`` lets a tiny corpus end
     below ``vocab_size`` instead of failing. ``input_sentence_size`` caps the sentences sampled (seeded).
     """
+    import sentencepiece as spm
+
     if vocab_size < 8:
         raise TokenizerError(f"vocab_size={vocab_size} is too small; use at least 8")
     prefix = Path(model_prefix)
