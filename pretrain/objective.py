@@ -102,16 +102,26 @@ class MaskedDataModeling(nn.Module):
                 out[key] = sub
                 continue
             sub = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in sub.items()}
-            if "tokenizer_image" in sub:
-                if self.visual_tokenizer is None:
-                    raise RuntimeError("batch has tokenizer views but no visual tokenizer was given")
-                sub["image_codes"] = self.visual_tokenizer.codes(sub.pop("tokenizer_image")).to(device)
             if "image" in sub:
                 sub["image"] = sub["image"].to(self._param_dtype())
             if pads_nothing.get(key):
                 sub["text_padding_mask"] = None  # no attention mask: SDPA may take its flash kernel
             out[key] = sub
+        self._add_codes(out, device)
         return out
+
+    def _add_codes(self, batch: dict, device: torch.device) -> None:
+        """Replace every sub-batch's tokenizer views by their visual-token codes, with one tokenizer call
+        for the whole micro-batch (images and pairs together)."""
+        keys = [key for key in SUBBATCHES if "tokenizer_image" in batch.get(key, {})]
+        if not keys:
+            return
+        if self.visual_tokenizer is None:
+            raise RuntimeError("batch has tokenizer views but no visual tokenizer was given")
+        views = [batch[key].pop("tokenizer_image") for key in keys]
+        codes = self.visual_tokenizer.codes(torch.cat(views) if len(views) > 1 else views[0]).to(device)
+        for key, part in zip(keys, codes.split([len(v) for v in views])):
+            batch[key]["image_codes"] = part
 
     def _param_dtype(self) -> torch.dtype:
         return self.model.beit3.vision_embed.proj.weight.dtype

@@ -142,3 +142,20 @@ def test_batch_stats_count_samples_tokens_and_flops(task):
     assert stats["samples"] == 9
     assert stats["tokens"] == 3 * 17 + 3 * 7 + 3 * (17 + 7)
     assert stats["flops"] > 6 * flops.active_params_per_token(task.model.cfg) * stats["tokens"]
+
+
+def test_the_visual_tokenizer_runs_once_per_micro_batch_with_the_same_codes(task):
+    calls = []
+
+    class Counting(PatchMeanTokenizer):
+        def codes(self, images):
+            calls.append(len(images))
+            return super().codes(images)
+
+    batch = make_batch(torch.Generator().manual_seed(5))
+    expected = {k: PatchMeanTokenizer().codes(batch[k]["tokenizer_image"]) for k in ("image", "pair")}
+    task.__dict__["visual_tokenizer"] = Counting()
+    out = task.prepare_batch(batch, torch.device("cpu"))
+    assert calls == [6]  # the 3 images and the 3 pairs' images, together
+    for key, codes in expected.items():
+        assert torch.equal(out[key]["image_codes"], codes)
