@@ -72,6 +72,7 @@ from beit3.model.beit3 import BEiT3  # noqa: E402
 from beit3.model.flops import recompute_flops  # noqa: E402
 from beit3.model.layers import DropPath  # noqa: E402
 from beit3.pretrain.objective import MaskedDataModeling  # noqa: E402
+from beit3.tokenizers.masking import bert_corruption  # noqa: E402
 
 RECIPE = ROOT / "pretrain/recipes/giant.toml"
 DS_CONFIG = ROOT / "ds_configs/zero3_bf16_hpz.json"
@@ -171,9 +172,9 @@ def synthetic_batch(cfg, s: dict, images: int, texts: int, pairs: int, text_len:
                 continue
             chosen = 1 + torch.randperm(length - 2, generator=g)[:k]
             labels[row, chosen] = ids[row, chosen]
-            u = torch.rand(k, generator=g)
-            masked[row, chosen[u < 0.8]] = mask_id
-            rand = chosen[(u >= 0.8) & (u < 0.9)]
+            to_mask, to_random = bert_corruption(torch.rand(k, generator=g))  # BERT's 80/10/10
+            masked[row, chosen[to_mask]] = mask_id
+            rand = chosen[to_random]
             masked[row, rand] = torch.randint(FIRST_ORDINARY_ID, high, (len(rand),), generator=g)
         return {
             "text": masked,

@@ -7,11 +7,16 @@ same mask in every process and tests need no model.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from beit3.tokenizers.errors import TokenizersError
+
+# numpy is imported inside the functions that use it: the torch-only parts (bert_corruption, the token
+# shares) are imported by bench/gpu_giant.py on machines with torch alone.
+if TYPE_CHECKING:
+    import numpy as np
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (torch cross-entropy's default ignore_index)
 MASK_SHARE, RANDOM_SHARE = 0.8, 0.1  # BERT's corruption of chosen tokens; the remaining 0.1 stays unchanged
@@ -97,6 +102,8 @@ class BlockMaskingGenerator:
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
         """A bool mask (H, W), True = masked, with exactly ``num_masking_patches`` True cells."""
+        import numpy as np
+
         mask = np.zeros((self.height, self.width), dtype=bool)
         count = 0
         while count < self.num_masking_patches:
@@ -145,6 +152,8 @@ def bert_mask_tokens(
     original id at chosen positions and -100 elsewhere. Rows without a candidate position get no labels.
     Computation is in numpy; torch inputs come back as torch tensors (int64), numpy inputs as numpy arrays.
     """
+    import numpy as np
+
     if not 0.0 < ratio <= 1.0:
         raise MaskingError(f"text mask ratio {ratio} is outside (0, 1]")
     if vocab_high <= vocab_low:
