@@ -354,6 +354,8 @@ class Trainer:
     def _log(self, window: MetricAccumulator, stats: dict, lr: float, elapsed: float, steps: int) -> dict:
         metric_names, counters = self._gather_names(window)
         extra = {f"perf/{k}": stats.get(k, 0.0) for k in ("samples", "tokens", "flops")}
+        # A task that pads may say what its real tokens need (batch_stats "unpadded_flops"); else the same.
+        extra["perf/unpadded_flops"] = stats.get("unpadded_flops", stats.get("flops", 0.0))
         values = counter_values(self.data)
         extra.update({f"data/{k}": values.get(k, 0.0) for k in counters})
         means, sums = window.reduce(metric_names, extra)
@@ -368,9 +370,9 @@ class Trainer:
         scalars["perf/tokens_per_sec"] = sums["perf/tokens"] / elapsed
         scalars["perf/step_time_s"] = elapsed / max(steps, 1)
         if self.peak_flops:
-            scalars["perf/mfu_pct"] = (
-                100.0 * sums["perf/flops"] / elapsed / (self.peak_flops * self.dist.world_size)
-            )
+            peak = self.peak_flops * self.dist.world_size
+            scalars["perf/mfu_pct"] = 100.0 * sums["perf/flops"] / elapsed / peak
+            scalars["perf/mfu_unpadded_pct"] = 100.0 * sums["perf/unpadded_flops"] / elapsed / peak
         if self.dist.device.type == "cuda":
             scalars["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
         scalars.update({k: v for k, v in sums.items() if k.startswith("data/")})

@@ -183,16 +183,24 @@ class MaskedDataModeling(nn.Module):
         )
 
     def batch_stats(self, batch: dict) -> dict:
-        """Samples, tokens and training FLOPs of a micro-batch (call on the CPU batch: no device sync)."""
+        """Samples, tokens and training FLOPs of a micro-batch (call on the CPU batch: no device sync);
+        ``unpadded_flops``: the FLOPs of the real (unpadded) text tokens, for an MFU beside the padded one."""
         cfg = self.model.cfg
-        passes = []
+        passes, unpadded = [], []  # unpadded: the same passes with each text at its real length
         masked_text = masked_patches = 0
         for key in SUBBATCHES:
             if key not in batch:
                 continue
             b = batch[key]
             n = (b["image"] if "image" in b else b["text"]).shape[0]
-            passes.append(Pass(n, image="image" in b, text_len=b["text"].shape[1] if "text" in b else 0))
+            image, text_len = "image" in b, b["text"].shape[1] if "text" in b else 0
+            passes.append(Pass(n, image=image, text_len=text_len))
+            pad = b.get("text_padding_mask")
+            if text_len and torch.is_tensor(pad) and bool(pad.any()):
+                lengths = (~pad.bool()).sum(1).tolist()
+                unpadded += [Pass(lengths.count(k), image=image, text_len=k) for k in sorted(set(lengths))]
+            else:
+                unpadded.append(passes[-1])
             if "image" in b:
                 masked_patches += int(b["image_mask"].sum())
             if "text_labels" in b:
@@ -201,6 +209,7 @@ class MaskedDataModeling(nn.Module):
             "samples": sum(p.samples for p in passes),
             "tokens": sum(p.samples * p.seq_len(cfg) for p in passes),
             "flops": training_flops(cfg, passes, masked_text, masked_patches),
+            "unpadded_flops": training_flops(cfg, unpadded, masked_text, masked_patches),
         }
 
 

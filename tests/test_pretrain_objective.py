@@ -159,3 +159,20 @@ def test_the_visual_tokenizer_runs_once_per_micro_batch_with_the_same_codes(task
     assert calls == [6]  # the 3 images and the 3 pairs' images, together
     for key, codes in expected.items():
         assert torch.equal(out[key]["image_codes"], codes)
+
+
+def test_unpadded_flops_count_each_text_at_its_real_length(task):
+    from beit3.model.flops import Pass, training_flops
+
+    batch = make_batch(torch.Generator().manual_seed(6))  # row 0 of texts and of pairs pads 2 of 7 tokens
+    stats = task.batch_stats(batch)
+    cfg = task.model.cfg
+    masked_text = sum(int(batch[k]["text_labels"].ne(-100).sum()) for k in ("text", "pair"))
+    masked_patches = sum(int(batch[k]["image_mask"].sum()) for k in ("image", "pair"))
+    real = [Pass(3, image=True), Pass(1, text_len=5), Pass(2, text_len=7)]
+    real += [Pass(1, image=True, text_len=5), Pass(2, image=True, text_len=7)]
+    assert stats["unpadded_flops"] == pytest.approx(training_flops(cfg, real, masked_text, masked_patches))
+    assert stats["unpadded_flops"] < stats["flops"]
+    for key in ("text", "pair"):
+        batch[key]["text_padding_mask"][:] = False
+    assert task.batch_stats(batch)["unpadded_flops"] == task.batch_stats(batch)["flops"]  # nothing padded
