@@ -71,7 +71,9 @@ class PretrainDataConfig:
     # A stream skipping more bad samples in a row stops with an error.
     max_consecutive_skips: int = bounded(1000, "[0, inf)")
     prefetch_factor: int = bounded(2, "[1, inf)")
-    pin_memory: bool = False  # page-locked batches (asynchronous host-to-GPU copies); needs num_workers > 0
+    # Page-locked batches, so that prepare_batch's non-blocking copies to the GPU overlap the step; only on a
+    # CUDA machine and with num_workers > 0 (ignored otherwise).
+    pin_memory: bool = True
     return_keys: bool = False  # add each sub-batch's sample keys as "keys" (list of str), for debugging
     seed: int = bounded(0, "[0, inf)")
 
