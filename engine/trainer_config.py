@@ -117,7 +117,7 @@ class TrainerConfig(TrainSettings):
         return cls(**own, output_dir=output_dir, **run)
 
     def settings(self) -> TrainSettings:
-        """The recipe part of this config (what ``config.json`` records as the trainer settings)."""
+        """The recipe part of this config: its ``[train]`` table, without the run's own fields."""
         return TrainSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)})
 
     def validate(self, where: str = "TrainerConfig") -> None:

@@ -228,7 +228,7 @@ def test_trainer_config_for_a_run_is_the_recipe_table_plus_the_run_fields():
         "none",
     )
     assert not cfg.shutdown_at_end
-    assert cfg.settings() == settings  # config.json records the table as the recipe gave it
+    assert cfg.settings() == settings  # the recipe's table comes back without the run fields
     run_fields = {f.name for f in dataclasses.fields(TrainerConfig)} - {
         f.name for f in dataclasses.fields(TrainSettings)
     }
