@@ -72,13 +72,14 @@ from beit3.model.beit3 import BEiT3  # noqa: E402
 from beit3.model.flops import recompute_flops  # noqa: E402
 from beit3.model.layers import DropPath  # noqa: E402
 from beit3.pretrain.objective import MaskedDataModeling  # noqa: E402
+from beit3.tokenizers.ids import BOS_ID, EOS_ID, FIRST_ORDINARY_ID  # noqa: E402
 from beit3.tokenizers.masking import bert_corruption  # noqa: E402
 
 RECIPE = ROOT / "pretrain/recipes/giant.toml"
 DS_CONFIG = ROOT / "ds_configs/zero3_bf16_hpz.json"
-# The text tokenizer's id convention (beit3.tokenizers.text, which needs SentencePiece): <s>, </s>, the first
-# ordinary piece, and <mask> of a 64,000-piece model. tests/test_bench_gpu_giant.py checks them.
-BOS_ID, EOS_ID, FIRST_ORDINARY_ID, MASK_ID_64K = 0, 2, 4, 64001
+# <mask> of a 64,000-piece model (len(spm) + 1 in beit3.tokenizers.text, which needs SentencePiece to say it);
+# tests/test_bench_gpu_giant.py checks it.
+MASK_ID_64K = 64001
 PAIR_IMAGE_MASK_PROB = 0.5  # PretrainDataConfig's default (the recipe does not set it)
 SUBBATCHES = ("image", "text", "pair")
 # aten attention op (forward) -> SDPA backend

@@ -216,7 +216,7 @@ def test_relative_imports_resolve_against_the_package():
 
 # ---- each primitive once -----------------------------------------------------------------------------------
 
-SPECIAL_IDS_OWNER = "beit3.tokenizers.text"
+SPECIAL_IDS_OWNER = "beit3.tokenizers.ids"
 PEAK_FLOPS_OWNER = "beit3.engine.metrics"
 FLOPS_OWNERS = {"beit3.model.flops", PEAK_FLOPS_OWNER}  # the count, and the device peak it is divided by
 # Modules whose public module-level functions are the one implementation of their primitive.
@@ -365,7 +365,7 @@ def test_the_owners_define_what_they_own():
         "sample_crop",
         "bert_corruption",
     } <= set(primitives)
-    text = (ROOT / "tokenizers/text.py").read_text()
+    text = (ROOT / "tokenizers/ids.py").read_text()
     assert repetitions("beit3.finetune.example", text), "the special-id rule no longer sees the owner's ids"
     metrics = (ROOT / "engine/metrics.py").read_text()
     assert repetitions("beit3.pretrain.example", metrics), (

@@ -31,12 +31,9 @@ import numpy as np
 import torch
 
 from beit3.tokenizers.errors import TokenizersError
+from beit3.tokenizers.ids import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from beit3.tokenizers.ids import FIRST_ORDINARY_ID as FIRST_ORDINARY_ID  # re-exported: the ids' old home
 
-BOS_ID = 0
-PAD_ID = 1
-EOS_ID = 2
-UNK_ID = 3
-FIRST_ORDINARY_ID = UNK_ID + 1  # the lowest id of an ordinary piece (random replacements start here)
 ID_OFFSET = 1  # fairseq's shift of ordinary SentencePiece ids
 
 
