@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from beit3.model.config import ModelConfig
-from beit3.tokenizers.text import BOS_ID, EOS_ID, FIRST_ORDINARY_ID, UNK_ID
+from beit3.tokenizers.ids import BOS_ID, EOS_ID, FIRST_ORDINARY_ID, UNK_ID
 
 
 def synthetic_batch(
