@@ -329,10 +329,11 @@ class BEiT3(nn.Module):
                 rows.append(x.flatten(0, 1))
         return _cat(rows)
 
-    def _drop_path_rows(self, packing: Packing, dtype: torch.dtype, device: torch.device) -> list[tuple]:
-        """Per layer, the (N, 1) stochastic-depth keep masks of its two branches (None where off), drawn in
-        the order one forward per sub-batch would draw them (sub-batch by sub-batch, then layer by layer,
-        attention before FFN), so that both give the same draws."""
+    def _drop_path_rows(self, packing: Packing, dtype: torch.dtype, device: torch.device) -> list:
+        """Per layer, ``(attention keep mask, FFN keep mask, keep probability)`` of its stochastic depth (None
+        where off): (N, 1) per-row masks drawn in the order one forward per sub-batch would draw them
+        (sub-batch by sub-batch, then layer by layer, attention before FFN), so that both give the same
+        draws, and the keep probability as a 0-d tensor (see ``DropPath.keep_prob``)."""
         layers = self.encoder.layers
         active = [layer.drop_path is not None and layer.drop_path.training for layer in layers]
         draws: list[list[list[torch.Tensor]]] = [[[], []] for _ in layers]  # layer -> branch -> per sub
@@ -342,8 +343,8 @@ class BEiT3(nn.Module):
                     for branch in draws[i]:
                         branch.append(layer.drop_path.sample(b, dtype, device).expand(b, nv + nt, 1))
         return [
-            tuple(packing.pack(branch) for branch in d) if on else (None, None)
-            for d, on in zip(draws, active)
+            (*(packing.pack(branch) for branch in d), layer.drop_path.keep_prob(device)) if on else None
+            for d, on, layer in zip(draws, active, layers)
         ]
 
     @staticmethod

@@ -195,6 +195,18 @@ class DropPath(nn.Module):
         """The (n, 1, 1) keep mask ``forward`` draws for a (n, T, D) branch of that dtype (same RNG use)."""
         return torch.empty((n, 1, 1), dtype=dtype, device=device).bernoulli_(1.0 - self.p)
 
+    def keep_prob(self, device: torch.device) -> torch.Tensor:
+        """The keep probability as a 0-d fp32 tensor, for :func:`drop_branch`: a compiled layer then takes
+        it as an input, where the float attribute ``p`` would be a guard (each layer has its own rate, so
+        every layer would compile again)."""
+        return torch.tensor(1.0 - self.p, device=device)
+
+
+def drop_branch(branch: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Stochastic depth with a mask drawn beforehand and the keep probability as a 0-d tensor: the
+    arithmetic of :meth:`DropPath.forward` (``branch * mask / keep``, one rounding in ``branch``'s dtype)."""
+    return branch * mask / keep
+
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
@@ -339,18 +351,18 @@ class MultiwayBlock(nn.Module):
         x: torch.Tensor,  # (N, D) packed rows of several sub-batches
         packing: Packing,
         masks: Sequence[torch.Tensor | None],
-        drop: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+        drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The layer on the packed rows of several sub-batches: each module (each expert) called once on
-        all its rows, attention per sub-batch (``masks``, one per sub-batch). ``drop``: the (N, 1) per-row
-        stochastic-depth keep masks of the attention and FFN branches (None: no drop path). An image-text
-        sub-batch's rows go through the vision-language experts where the layer has them."""
+        all its rows, attention per sub-batch (``masks``, one per sub-batch). ``drop``: stochastic depth
+        drawn beforehand, ``(attention keep mask, FFN keep mask, keep probability)``: two (N, 1) per-row
+        masks and a 0-d tensor (None: no drop path). Nothing here reads a per-layer number, so the layers
+        of one structure share one compiled graph. An image-text sub-batch's rows go through the
+        vision-language experts where the layer has them."""
         h = apply_packed([self.self_attn_layer_norm], [(0, x)], packing.groups())
-        x = self._residual_packed(x, join_pieces(self.self_attn.forward_packed(h, packing, masks)), drop[0])
-        ffn = apply_packed([self.final_layer_norm, self.ffn], [(0, x)], packing.groups(self.with_vl))
-        return self._residual_packed(x, join_pieces(ffn), drop[1])
-
-    def _residual_packed(
-        self, x: torch.Tensor, branch: torch.Tensor, keep: torch.Tensor | None
-    ) -> torch.Tensor:
-        return x + (branch if keep is None or self.drop_path is None else self.drop_path(branch, keep))
+        attn = join_pieces(self.self_attn.forward_packed(h, packing, masks))
+        x = x + (attn if drop is None else drop_branch(attn, drop[0], drop[2]))
+        ffn = join_pieces(
+            apply_packed([self.final_layer_norm, self.ffn], [(0, x)], packing.groups(self.with_vl))
+        )
+        return x + (ffn if drop is None else drop_branch(ffn, drop[1], drop[2]))
