@@ -279,10 +279,11 @@ class BEiT3(nn.Module):
             masks.append(self._attention_mask(pad, sb.get("attn_mask"), dtype))
         drops = self._drop_path_rows(packing, dtype, x.device)
         for i, layer in enumerate(self.encoder.layers):
+            packed = (packing, masks, drops[i])
             if i in self.checkpoint_layers and torch.is_grad_enabled():
-                x = checkpoint(layer.forward_packed, x, packing, masks, drops[i], use_reentrant=False)
+                x = checkpoint(layer, x, packed=packed, use_reentrant=False)
             else:
-                x = layer.forward_packed(x, packing, masks, drops[i])
+                x = layer(x, packed=packed)
         pieces = [(0, x)]
         if self.encoder.layer_norm is not None:
             pieces = apply_packed([self.encoder.layer_norm], pieces, packing.groups())

@@ -329,14 +329,20 @@ class MultiwayBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        num_vision: int,
-        mask: torch.Tensor | None,
+        num_vision: int = 0,
+        mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         layer_idx: int = 0,
         paired: bool | None = None,
+        packed: tuple | None = None,
     ) -> torch.Tensor:
         """``paired`` says the sequence is an image-text pair (default: both modalities are in ``x``); with
-        a KV cache the image may sit in the cache while ``x`` holds only new text tokens."""
+        a KV cache the image may sit in the cache while ``x`` holds only new text tokens. ``packed``:
+        ``(packing, masks, drop)`` runs :meth:`forward_packed` on packed rows ``x`` instead, through the
+        module call, so that hooks on the layer (ZeRO-3 gathering a whole layer's parameters when the
+        layer is a gathering unit) fire for the packed path too."""
+        if packed is not None:
+            return self.forward_packed(x, *packed)
         # The vision-language expert serves image-text input only (paper §2.1): both modalities present.
         if paired is None:
             paired = 0 < num_vision < x.shape[1]
