@@ -8,6 +8,9 @@ learns it in a few dozen steps, which is what an end-to-end test needs.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from beit3.finetune.data.sources import (
@@ -85,6 +88,20 @@ def shapes_data(size: int, task: str, num_train: int = 64, num_eval: int = 32, s
     return TaskData(splits[0], splits[1], classes)
 
 
+def _answer_names(data_cfg) -> list[str]:
+    """The label names of a released-format index: ``answer2label.txt`` (JSON lines ``{"answer", "label"}``)
+    in ``data.root`` or beside ``data.train``, ordered by label; empty when there is none."""
+    folders = [Path(data_cfg.root)] if data_cfg.root else []
+    for path in (folder / "answer2label.txt" for folder in [*folders, Path(data_cfg.train).parent]):
+        if path.is_file():
+            try:
+                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                return [row["answer"] for row in sorted(rows, key=lambda row: int(row["label"]))]
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataSourceError(f'{path}: expected JSON lines {{"answer", "label"}} ({e})') from e
+    return []
+
+
 def load_task_data(data_cfg, task: str, img_size: int) -> TaskData:
     """The :class:`TaskData` a recipe's ``[data]`` section describes."""
     d = data_cfg
@@ -92,7 +109,8 @@ def load_task_data(data_cfg, task: str, img_size: int) -> TaskData:
         train = load_jsonl_split(d.train, d.root, img_size, d.max_train, d.seed)
         eval_ = load_jsonl_split(d.eval, d.root, img_size, d.max_eval, d.seed) if d.eval else Split([])
         num = 1 + max((ex.get("label", max(ex.get("scores", {0: 0}))) for ex in train.examples), default=0)
-        return TaskData(train, eval_, [str(i) for i in range(num)])
+        names = _answer_names(d) if task == "vqa" else []
+        return TaskData(train, eval_, names or [str(i) for i in range(num)])
     if d.source == "easy_vqa":
         return load_easy_vqa(img_size, d.max_train, d.max_eval, d.seed)
     if d.source == "tuxpaint":

@@ -106,6 +106,8 @@ def load_jsonl_split(index: str | Path, root: str | Path, size: int, limit: int 
         elif "label" in row:
             ex["label"] = int(row["label"])
         ex["image_id"] = int(row.get("image_id", ex.get("image", len(examples))))
+        if row.get("qid", row.get("question_id")) is not None:  # VQA: the submission file names questions
+            ex["question_id"] = int(row.get("qid", row.get("question_id")))
         examples.append(ex)
     return Split(examples, _bank(list(paths), size))
 
