@@ -9,6 +9,8 @@ Layout under ``<output_dir>/checkpoints``::
         complete.json            # rank 0, after a barrier: step, world size, resolved DeepSpeed config, and
                                  # the size and CRC-32 of every file of the tag (each rank checksums a share)
     corrupt-step00000900-<time>/ # a checkpoint that failed verification, set aside (never deleted)
+    best.json                    # the best evaluated checkpoint (engine/best.py): tag, step, metric, value;
+                                 # its tag is kept beside the last ``keep_last`` (never pruned)
 
 A save interrupted anywhere before its marker is written leaves a tag dir without ``complete.json``: the next
 start removes it. A complete checkpoint (marker present) is never removed at start-up: without a readable
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 POINTER = "latest"
 MARKER = "complete.json"
+BEST = "best.json"
 TAG_PATTERN = re.compile(r"^step(\d{8,})$")
 UNIVERSAL_TAG = "universal"  # <tag dir>/universal, loaded by DeepSpeed as tag "universal" of <tag dir>
 UNIVERSAL_MARKER = "universal_complete.json"  # written last by engine/reshard.py's conversion
@@ -90,6 +93,23 @@ def _read_pointer(root: Path) -> str | None:
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, UnicodeDecodeError):
         return None
     return tag or None
+
+
+def read_best(root: Path) -> dict | None:
+    """The record of ``root/best.json`` (a checkpoints dir), or None when missing or unreadable."""
+    try:
+        record = json.loads((root / BEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("tag"), str) else None
+
+
+def write_best(root: Path, record: dict | None) -> None:
+    """Replace ``root/best.json`` atomically with ``record`` (None removes it)."""
+    if record is None:
+        (root / BEST).unlink(missing_ok=True)
+    else:
+        atomic_write_bytes(root / BEST, json.dumps(record, indent=1).encode())
 
 
 def complete_tags(root: Path) -> list[str]:
@@ -511,9 +531,12 @@ class CheckpointManager:
         atomic_write_bytes(self.root / POINTER, tag.encode())
 
     def prune(self) -> None:
-        """Delete the oldest complete checkpoints beyond ``keep_last`` (never the pointer's target)."""
+        """Delete the oldest complete checkpoints beyond ``keep_last``; never the pointer's target, nor the
+        best evaluated checkpoint (``best.json``), which is kept beside the last ``keep_last``."""
         current = _read_pointer(self.root)
-        tags = [t for t in self.completed_tags() if t != current]
+        best = read_best(self.root)
+        protected = {current, best["tag"] if best else None}
+        tags = [t for t in self.completed_tags() if t not in protected]
         excess = len(tags) + (current is not None) - self.keep_last
         for tag in tags[: max(excess, 0)]:
             shutil.rmtree(self.root / tag, ignore_errors=True)

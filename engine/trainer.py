@@ -23,11 +23,13 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+from beit3.engine.best import KeepBest
 from beit3.engine.checkpoint import (
     CheckpointManager,
     atomic_write_bytes,
     capture_rng,
     restore_rng,
+    write_best,
 )
 from beit3.engine.data_source import DataSource, check_data_source, counter_values
 from beit3.engine.ds_config import precision_of
@@ -128,6 +130,7 @@ class Trainer:
         self.step, self.skipped_steps, self.nonfinite_in_row, self.last_saved = 0, 0, 0, -1
         self.peak_flops = device_peak_flops(dist.device, cfg.peak_flops)
         self._stop_signal = 0
+        self.best = KeepBest(cfg.best_metric, cfg.best_mode)  # restored by _resume (engine/best.py)
         rng_state = self._resume()
         # purge_step: TensorBoard hides the events an interrupted run wrote after the checkpoint's step (the
         # checkpoint's own step was logged before it was saved, so it stays).
@@ -153,6 +156,10 @@ class Trainer:
             return None
         rank_state, run_state = self.ckpt.load(self.engine, tag_dir)
         self.step = self.last_saved = int(run_state["step"])
+        # The best as known at the resumed step; best.json follows it (a crash may have left it behind).
+        self.best.restore(run_state.get("best"), self.ckpt.root)
+        if self.dist.is_main:
+            write_best(self.ckpt.root, self.best.record)
         if rank_state is not None:
             self.skipped_steps = rank_state.get("skipped_steps", 0)
             self.nonfinite_in_row = rank_state.get("nonfinite_in_row", 0)
@@ -349,6 +356,14 @@ class Trainer:
             scalars = self.eval_fn(self.step)
         self.engine.train()
         self.writer.write(self.step, dict(scalars))
+        if self.best.offer(scalars, self.step, self.dist.world_size):
+            self.save()  # this step's checkpoint; its marker records the new best
+            if self.dist.is_main:
+                write_best(self.ckpt.root, self.best.record)
+                self.ckpt.prune()  # the best it replaces now rotates like any checkpoint
+                record = self.best.record
+                log.info("best %s %.6g at step %d: kept as %s", record["metric"], record["value"], self.step,
+                         record["tag"])  # fmt: skip
         return time.perf_counter() - start
 
     def _log(self, window: MetricAccumulator, stats: dict, lr: float, elapsed: float, steps: int) -> dict:
@@ -404,7 +419,12 @@ class Trainer:
         }
         # The marker: what a resume needs (the DeepSpeed config: its global batch, reshard.py) and the trainer
         # settings this checkpoint was trained with; the recipe stays in config.json only.
-        run_state = {"ds_config": self.ds_config, "trainer": self._trainer_settings()}
+        # And the best evaluated checkpoint as known at this step (engine/best.py), which a resume restores.
+        run_state = {
+            "ds_config": self.ds_config,
+            "trainer": self._trainer_settings(),
+            "best": self.best.record,
+        }
         self.ckpt.save(self.engine, self.step, rank_state, run_state)
         self.last_saved = self.step
         return time.perf_counter() - start

@@ -52,6 +52,11 @@ class TrainSettings:
     optimizer: str = "adamw"  # "adamw" | "apex_fused_adam"
     max_nonfinite_in_row: int = bounded(5, "[1, inf)")
     eval_every: int = bounded(0, "[0, inf)")  # 0: no periodic evaluation
+    # Keep the best evaluated checkpoint (engine/best.py) by this eval scalar, higher ("max") or lower
+    # ("min") better, beside the last keep_last. "none": keep none; "": the program's default (finetuning:
+    # the task's metric; pretraining: none).
+    best_metric: str = ""
+    best_mode: str = "max"  # "max" | "min"
     # The global batch the step counts are written for (epochs, the paper's schedule), checked against the
     # DeepSpeed config and world size at start-up (0: any). The size itself is set in the DeepSpeed JSON only.
     global_batch_size: int = bounded(0, "[0, inf)")
@@ -85,6 +90,11 @@ class TrainSettings:
              "lower min_lr (the schedule decays from lr to min_lr)"),
             (not warmup_within_total or self.warmup_steps <= self.total_steps,
              f"warmup_steps={self.warmup_steps} exceeds total_steps={self.total_steps}: lower warmup_steps"),
+            (self.best_mode in ("max", "min"),
+             f"best_mode={self.best_mode!r} is unknown: use 'max' (higher is better) or 'min'"),
+            (self.best_metric in ("", "none") or self.eval_every > 0,
+             f"best_metric={self.best_metric!r} needs periodic evaluations: set eval_every > 0, "
+             "or best_metric = 'none'"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
