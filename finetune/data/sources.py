@@ -99,6 +99,8 @@ def load_jsonl_split(index: str | Path, root: str | Path, size: int, limit: int 
                 ex[key] = paths.setdefault(str(Path(root) / row[field_name]), len(paths))
         if "text_segment" in row and row["text_segment"] is not None:
             ex["text"] = [int(i) for i in row["text_segment"]]
+            if isinstance(row.get("text"), str):  # beit3-finetune-index writes both: references as written
+                ex["raw_text"] = row["text"]
         elif "text" in row:
             ex["text"] = row["text"]
         if "labels" in row:
