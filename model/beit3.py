@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from beit3.model.cache import KVCache
 from beit3.model.config import ModelConfig
 from beit3.model.errors import ModelError
-from beit3.model.layers import Multiway, MultiwayBlock, Packing, apply_packed
+from beit3.model.layers import QKV_DISK_ORDER, FusedQKV, Multiway, MultiwayBlock, Packing, apply_packed
 
 # Position indices start at 2 in both tables, as in the released (fairseq-derived) code; rows 0 and 1 are
 # never read. Kept so that position tables have the released shapes.
@@ -390,6 +390,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# The modules Magneto's init scales up by sqrt(log 2L) (torchscale's Sub-LN rule), matched as whole names.
+MAGNETO_SCALED = ("fc1", "fc2", "out_proj", "v_proj")
+
+
 class BEiT3Model(nn.Module):
     """Backbone plus the pretraining heads (``mlm_head`` over text ids, ``mim_head`` over visual tokens).
 
@@ -472,10 +476,14 @@ class BEiT3Model(nn.Module):
         std = 0.02
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                if cfg.init == "beit":
-                    nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-                else:
-                    nn.init.xavier_uniform_(m.weight)
+                # A fused q/k/v projection block by block, as the three Linears it stands for: same fans,
+                # same draws in the same order.
+                blocks = [m.block(p) for p in QKV_DISK_ORDER] if isinstance(m, FusedQKV) else [m.weight]
+                for w in blocks:
+                    if cfg.init == "beit":
+                        nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+                    else:
+                        nn.init.xavier_uniform_(w)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
@@ -496,5 +504,8 @@ class BEiT3Model(nn.Module):
                     continue
                 if cfg.init == "beit" and (".out_proj" in f".{name}" or ".fc2" in name):
                     p.div_(math.sqrt(2.0 * layer_id))
-                elif cfg.init == "magneto" and any(k in name for k in ("fc1", "fc2", "out_proj", "v_proj")):
+                elif cfg.init == "magneto" and any(f".{k}." in f".{name}" for k in MAGNETO_SCALED):
                     p.mul_(math.sqrt(math.log(2 * cfg.depth)))
+            fused = layer.self_attn.qkv_proj  # its name matches none of MAGNETO_SCALED: scale v's rows
+            if cfg.init == "magneto" and fused is not None:
+                fused.block("v_proj").mul_(math.sqrt(math.log(2 * cfg.depth)))

@@ -31,6 +31,7 @@ from torch import nn
 
 from beit3.model.config import ModelConfig
 from beit3.model.errors import ModelError
+from beit3.model.layers import unfuse_qkv
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def read_state_dict(path: str | os.PathLike, trusted: bool = False) -> dict[str,
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
+            return checkpoint_key_names(load_file(str(path)))
         return unwrap_state_dict(_torch_load(path, trusted or _TRUSTED.get()), str(path))
     except WeightsFileError:
         raise
@@ -134,14 +135,23 @@ def _refused_types(path: Path, err: Exception) -> str:
 
 
 def unwrap_state_dict(obj: object, where: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Take the weights from ``{"model": sd}``, ``{"module": sd}`` or a bare state dict."""
+    """Take the weights from ``{"model": sd}``, ``{"module": sd}`` or a bare state dict, under the
+    checkpoint key names (:func:`checkpoint_key_names`)."""
     if isinstance(obj, dict):
         for key in ("model", "module"):
             if key in obj and isinstance(obj[key], dict):
-                return obj[key]
+                return checkpoint_key_names(obj[key])
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
+            return checkpoint_key_names(obj)
     raise WeightsFileError(f"{where} holds no state dict under 'model' or 'module'")
+
+
+def checkpoint_key_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` under the key names checkpoint files use (``model.state_dict()``'s): the paper layout's
+    fused q/k/v parameter, ``...self_attn.qkv_proj.{weight,bias}`` (its name in ``named_parameters()``, so
+    in DeepSpeed's ZeRO shards and a consolidation of them), becomes ``...self_attn.{q,k,v}_proj.*`` (views
+    of its row blocks); a dict without such keys comes back as it is."""
+    return unfuse_qkv(state_dict)
 
 
 def interpolate_vision_positions(table: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -226,7 +236,7 @@ def save_checkpoint(
     sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     sd = {
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-        for k, v in sd.items()
+        for k, v in checkpoint_key_names(sd).items()
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,11 +244,25 @@ def save_checkpoint(
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(sd, str(tmp), metadata=None if config is None else {CONFIG_KEY: json.dumps(config)})
+        metadata = None if config is None else {CONFIG_KEY: json.dumps(config)}
+        # safetensors refuses tensors that share memory: q/k/v are row blocks of one fused tensor
+        save_file(_unshared(sd), str(tmp), metadata=metadata)
     else:
         torch.save({"model": sd} if config is None else {"model": sd, CONFIG_KEY: dict(config)}, tmp)
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated file under the final name
     return path
+
+
+def _unshared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors that share storage with an earlier one (views of one fused parameter) copied."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in sd.items():
+        ptr = value.untyped_storage().data_ptr() if value.numel() else None
+        out[key] = value.clone() if ptr in seen else value
+        if ptr is not None:
+            seen.add(ptr)
+    return out
 
 
 def read_config(source: str | os.PathLike | dict, trusted: bool = False) -> dict | None:
