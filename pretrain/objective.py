@@ -31,6 +31,8 @@ from beit3.model import BEiT3Model, build_param_groups
 from beit3.model.flops import Pass, training_flops
 
 SUBBATCHES = ("image", "text", "pair")
+# (selection, name of its gather indices ``<name>_index`` / ``<name>_valid``) of a sub-batch
+POSITIONS = (("image_mask", "image_mask"), ("text_labels", "text_label"))
 
 
 @dataclass
@@ -53,8 +55,8 @@ class ObjectiveConfig:
 def _masked_ce(
     logits: torch.Tensor, target: torch.Tensor, count: torch.Tensor, smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-entropy mean over the selected positions' logits (M, V), with the number of correct
-    predictions and of positions.
+    """Cross-entropy mean over the selected positions' logits (M, V) (targets -100 are padding of the
+    fixed-size gather and ignored), with the number of correct predictions and of positions.
 
     Empty selections give a zero loss (not NaN); the head still ran (on no rows), so its parameters take
     part in every step.
@@ -91,7 +93,7 @@ class MaskedDataModeling(nn.Module):
         out = {}
         # Decided on the host before the copy (on the device the check would synchronise).
         pads_nothing = {
-            key: not sub["text_padding_mask"].any()
+            key: not any(map(any, sub["text_padding_mask"].tolist()))
             for key, sub in batch.items()
             if key in SUBBATCHES
             and torch.is_tensor(sub.get("text_padding_mask"))
@@ -101,6 +103,10 @@ class MaskedDataModeling(nn.Module):
             if key not in SUBBATCHES:
                 out[key] = sub
                 continue
+            sub = dict(sub)
+            for select, name in POSITIONS:
+                if torch.is_tensor(sub.get(select)):
+                    sub[f"{name}_index"], sub[f"{name}_valid"] = masked_positions(sub[select], select)
             sub = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in sub.items()}
             if "image" in sub:
                 sub["image"] = sub["image"].to(self._param_dtype())
@@ -141,8 +147,8 @@ class MaskedDataModeling(nn.Module):
         if "pair" in hidden:
             h, b = hidden["pair"], batch["pair"]
             num_vision = h.shape[1] - b["text"].shape[1]
-            selected.append(("vl_mlm", c.vl_mlm_weight, *self._text_rows(h[:, num_vision:], b)))
-            selected.append(("vl_mim", c.vl_mim_weight, *self._image_rows(h[:, :num_vision], b)))
+            selected.append(("vl_mlm", c.vl_mlm_weight, *self._text_rows(h, b, offset=num_vision)))
+            selected.append(("vl_mim", c.vl_mim_weight, *self._image_rows(h, b)))
         losses = {}
         for head, kind in (
             (self.model.mlm_head, ("mlm", "vl_mlm")),
@@ -164,14 +170,15 @@ class MaskedDataModeling(nn.Module):
             metrics[f"acc/{name}"] = correct.float() / count.clamp(min=1)
         return total, metrics
 
-    def _image_rows(self, hidden: torch.Tensor, b: dict):
-        # hidden: (B, Np + 1, D) image part; position 0 is the vision CLS, which is never masked.
-        select = b["image_mask"]
-        return hidden[:, 1:][select], b["image_codes"][select], select.sum()
+    def _image_rows(self, hidden: torch.Tensor, b: dict, offset: int = 1):
+        """Hidden rows, targets and count of the masked patches. The vision CLS (position 0) is never
+        masked: patch p is at position ``offset + p`` of ``hidden``."""
+        return _gathered(hidden, offset, *_positions(b, "image_mask", "image_mask"), b["image_codes"])
 
-    def _text_rows(self, hidden: torch.Tensor, b: dict):
-        select = b["text_labels"].ne(-100)
-        return hidden[select], b["text_labels"][select], select.sum()
+    def _text_rows(self, hidden: torch.Tensor, b: dict, offset: int = 0):
+        """Hidden rows, targets and count of the labelled (masked) text positions, text position t at
+        ``offset + t`` of ``hidden``."""
+        return _gathered(hidden, offset, *_positions(b, "text_labels", "text_label"), b["text_labels"])
 
     def param_groups(self) -> list[dict]:
         """AdamW groups: weight decay except on biases, norms, position tables, CLS and mask tokens."""
@@ -211,6 +218,49 @@ class MaskedDataModeling(nn.Module):
             "flops": training_flops(cfg, passes, masked_text, masked_patches),
             "unpadded_flops": training_flops(cfg, unpadded, masked_text, masked_patches),
         }
+
+
+def masked_positions(select: torch.Tensor, name: str = "mask") -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a (B, L) selection is set, as fixed-size gather indices: ``(index, valid)``, both (B, K).
+
+    Row i's selected positions come first in ``index[i]`` in increasing order, ``valid`` marks them, the
+    rest of the row points at unselected positions (their targets are ignored). ``K`` is the largest row
+    count rounded up to a multiple of 8 (at most L), so that a stream whose masks have exact counts (block
+    masking) or bounded ones (BERT masking) gives a few fixed shapes, and the device gathers need no
+    ``nonzero`` (a host synchronisation on a GPU). ``select``: a bool mask (True = selected) or labels with
+    -100 where nothing is predicted. Meant for the host batch (prepare_batch): the one host read (K) is
+    then of host data; with a device tensor it is a synchronisation.
+    """
+    if select.dim() != 2:
+        raise ValueError(f"{name} must be (B, L), got shape {tuple(select.shape)}")
+    sel = select if select.dtype == torch.bool else select.ne(-100)
+    counts = sel.sum(dim=1)
+    k = min(sel.shape[1], -(-max(counts.tolist(), default=0) // 8) * 8)
+    index = torch.argsort((~sel).to(torch.uint8), dim=1, stable=True)[:, :k]
+    valid = torch.arange(k, device=sel.device).unsqueeze(0) < counts.unsqueeze(1)
+    return index, valid
+
+
+def _positions(b: dict, select: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sub-batch's gather indices of ``select``, as :meth:`MaskedDataModeling.prepare_batch` adds them
+    (computed here when it did not: a host read of the mask, a synchronisation on a GPU)."""
+    if f"{name}_index" in b:
+        return b[f"{name}_index"], b[f"{name}_valid"]
+    index, valid = masked_positions(b[select], select)
+    device = b[select].device
+    return index.to(device), valid.to(device)
+
+
+def _gathered(
+    hidden: torch.Tensor, offset: int, index: torch.Tensor, valid: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows ``hidden[i, offset + index[i, j]]`` (B * K, D), their targets (-100 where not ``valid``) and the
+    number of valid ones: fixed-size gathers, no host synchronisation."""
+    b, t, d = hidden.shape
+    rows = (index + offset) + torch.arange(b, device=index.device).unsqueeze(1) * t
+    picked = hidden.reshape(b * t, d).index_select(0, rows.flatten())
+    target = targets.gather(1, index).masked_fill(~valid, -100).flatten()
+    return picked, target, valid.sum()
 
 
 def _model_inputs(b: dict) -> dict:
