@@ -25,6 +25,9 @@ from beit3.model.layers import QKV_DISK_ORDER, FusedQKV, Multiway, MultiwayBlock
 # never read. Kept so that position tables have the released shapes.
 POSITION_OFFSET = 2
 
+# What activation checkpointing recomputes of each chosen layer: all of it, or only its attention branch
+# (pre-LN, q/k/v, attention, output projection) or its FFN branch (final LN, FFN experts).
+CHECKPOINT_PARTS = ("layer", "attention", "ffn")
 # The kinds of input a forward takes; a pruned model (a finetuning configuration) accepts some of them.
 INPUT_MODES = ("image", "text", "pair")
 # The inputs a sub-batch of :meth:`BEiT3.forward_mixed` may hold.
@@ -106,6 +109,7 @@ class BEiT3(nn.Module):
         self.vision_embed = VisionEmbedding(cfg)
         self.encoder = Encoder(cfg)
         self.checkpoint_layers: frozenset[int] = frozenset()
+        self.checkpoint_part = "layer"  # of CHECKPOINT_PARTS: what is recomputed of each of those layers
         self.configuration = ""  # the name of the configuration it is pruned to ("" when whole)
         self.accepts: tuple[str, ...] = INPUT_MODES  # the input modes whose weights the model holds
 
@@ -210,10 +214,11 @@ class BEiT3(nn.Module):
         has_text = t > num_vision or (cache is not None and cache.num_text > 0)
         paired = has_image and has_text
         for i, layer in enumerate(self.encoder.layers):
-            if i in self.checkpoint_layers and cache is None and torch.is_grad_enabled():
+            part = self._recompute(i) if cache is None else None
+            if part == "layer":
                 x = checkpoint(layer, x, num_vision, mask, None, i, paired, use_reentrant=False)
             else:
-                x = layer(x, num_vision, mask, cache, i, paired)
+                x = layer(x, num_vision, mask, cache, i, paired, recompute=part)
         if cache is not None:
             cache.advance(num_vision, t - num_vision)
         if self.encoder.layer_norm is not None:
@@ -280,14 +285,21 @@ class BEiT3(nn.Module):
         drops = self._drop_path_rows(packing, dtype, x.device)
         for i, layer in enumerate(self.encoder.layers):
             packed = (packing, masks, drops[i])
-            if i in self.checkpoint_layers and torch.is_grad_enabled():
+            part = self._recompute(i)
+            if part == "layer":
                 x = checkpoint(layer, x, packed=packed, use_reentrant=False)
             else:
-                x = layer(x, packed=packed)
+                x = layer(x, packed=packed, recompute=part)
         pieces = [(0, x)]
         if self.encoder.layer_norm is not None:
             pieces = apply_packed([self.encoder.layer_norm], pieces, packing.groups())
         return dict(zip(names, packing.sequences(pieces)))
+
+    def _recompute(self, i: int) -> str | None:
+        """What activation checkpointing recomputes of layer ``i`` in this forward (None: nothing)."""
+        if i in self.checkpoint_layers and torch.is_grad_enabled():
+            return self.checkpoint_part
+        return None
 
     def _embed_packed(self, subs: list[dict], packing: Packing) -> torch.Tensor:
         """Token plus position embeddings of every sub-batch as packed rows (N, D), padded text positions
@@ -395,6 +407,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 MAGNETO_SCALED = ("fc1", "fc2", "out_proj", "v_proj")
 
 
+# Dynamo's per-function recompile limit while layers are compiled (torch's default is 8): the distinct
+# layer structures times the padding-mask variants of the sub-batches, with room.
+RECOMPILE_LIMIT = 32
+
+
 class BEiT3Model(nn.Module):
     """Backbone plus the pretraining heads (``mlm_head`` over text ids, ``mim_head`` over visual tokens).
 
@@ -411,6 +428,7 @@ class BEiT3Model(nn.Module):
             self.mim_head = nn.Linear(cfg.embed_dim, cfg.visual_vocab_size)
         else:
             self.mlm_head = self.mim_head = None
+        self.compiled: str | None = None  # the torch.compile backend of the layers (compile_layers)
         self.init_weights()
 
     def forward(
@@ -444,16 +462,60 @@ class BEiT3Model(nn.Module):
         """An empty key/value cache for incremental decoding (pass it as ``cache=`` step after step)."""
         return KVCache(self.cfg.depth)
 
-    def set_grad_checkpointing(self, enable: bool = True, layers: list[int] | None = None) -> None:
-        """Recompute the activations of ``layers`` (all when None) in the backward pass."""
+    def set_grad_checkpointing(
+        self, enable: bool = True, layers: list[int] | None = None, part: str = "layer"
+    ) -> None:
+        """Recompute the activations of ``layers`` (all when None) in the backward pass: of each whole
+        layer (``part="layer"``), or of its attention branch or FFN branch only (``"attention"``,
+        ``"ffn"``: the other branch's activations are saved as without checkpointing)."""
+        if part not in CHECKPOINT_PARTS:
+            raise ValueError(f"checkpointing part {part!r}: use one of {', '.join(CHECKPOINT_PARTS)}")
         if not enable:
             self.beit3.checkpoint_layers = frozenset()
+            self.beit3.checkpoint_part = "layer"
             return
         layers = range(self.cfg.depth) if layers is None else layers
         bad = [i for i in layers if not 0 <= i < self.cfg.depth]
         if bad:
             raise ValueError(f"layer indices {bad} out of range for depth {self.cfg.depth}")
         self.beit3.checkpoint_layers = frozenset(layers)
+        self.beit3.checkpoint_part = part
+
+    def compile_layers(self, backend: str | None = "inductor", mode: str | None = None) -> None:
+        """``torch.compile`` every layer's packed path (``MultiwayBlock.forward_packed``, what
+        :meth:`forward_mixed` runs, directly or recomputed under activation checkpointing); ``backend=None``
+        restores eager layers. Layers of one structure share their compiled graphs: nothing inside a layer
+        reads a per-layer number (stochastic depth comes in as tensors), so 40 layers with drop path give
+        about three graphs (the first layer without drop path, the others, those with vision-language
+        experts), times the padding-mask variants of the sub-batches. Shapes are static (``dynamic=False``):
+        give fixed text lengths, or each new length compiles again. Dynamo's recompile limit is raised to
+        :data:`RECOMPILE_LIMIT` if lower; past it a variant runs eager and dynamo logs a warning. The
+        sequence path (:meth:`forward`, decoding with a cache) stays eager.
+        """
+        layers = self.beit3.encoder.layers
+        for layer in layers:
+            layer.__dict__.pop("forward_packed", None)  # the eager method again
+        self.compiled = backend
+        if backend is None:
+            return
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+        for layer in layers:
+            eager = type(layer).forward_packed.__get__(layer)
+            layer.forward_packed = torch.compile(eager, backend=backend, mode=mode, dynamic=False)
+
+    @staticmethod
+    def compile_stats() -> dict[str, int]:
+        """What torch.compile did in this process so far: ``graphs`` (distinct compiled graphs), ``frames``
+        (functions compiled, recompiles included) and ``graph_breaks``."""
+        from torch._dynamo.utils import counters
+
+        return {
+            "graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "frames": int(counters["frames"].get("ok", 0)),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+        }
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay besides 1-D ones (biases, norms)."""

@@ -93,3 +93,70 @@ def recompute_flops(flops: float, checkpointed_fraction: float) -> float:
     """Extra FLOPs of activation recomputation: one more forward (1/3 of forward+backward) of the
     checkpointed share of the model (hardware FLOPs = model FLOPs + this)."""
     return flops * checkpointed_fraction / 3.0
+
+
+def checkpoint_recompute_flops(
+    cfg: ModelConfig,
+    passes: Iterable[Pass],
+    layers: Iterable[int],
+    part: str = "layer",
+    drop_path: bool | None = None,
+    one_pass: bool = True,
+) -> float:
+    """FLOPs the backward recomputes under activation checkpointing of ``layers`` (indices) with ``part``
+    (``"layer"``, ``"attention"``, ``"ffn"``) for one micro-batch of ``passes``: the forward of the
+    recomputed part of each layer, as eager torch runs it (hardware FLOPs = model FLOPs + this).
+
+    Torch's non-reentrant checkpoint stops recomputing as soon as every tensor the backward needs is back
+    (early stop, its default). A matmul saves its input before it runs, so the last one of a recomputed
+    part (the output projection or ``fc2`` of the last expert slice in row order) is not run again, unless
+    something saved after it needs its output: a whole layer's stochastic-depth keep mask (on where
+    ``drop_path``, default ``cfg.drop_path_rate > 0``, in every layer but the first, whose rate is 0).
+    ``one_pass``: the layers see one packed stream (``BEiT3.forward_mixed``), else one sequence per pass
+    (``BEiT3.forward``). ``tests/test_selective_checkpointing.py`` checks this against torch's FLOP counter.
+    """
+    if part not in ("layer", "attention", "ffn"):
+        raise ValueError(f"checkpointing part {part!r}: use one of layer, attention, ffn")
+    passes = [p for p in passes if p.samples]
+    drop_path = cfg.drop_path_rate > 0 if drop_path is None else drop_path
+    d, f = cfg.embed_dim, cfg.ffn_dim
+    rows = _rows(cfg, passes)
+    attention = sum(p.samples * p.seq_len(cfg) * (8 * d * d + 4 * d * p.seq_len(cfg)) for p in passes)
+    ffn = 4.0 * d * f * rows
+    units = [passes] if one_pass else [[p] for p in passes]
+    first_vl = cfg.depth - cfg.vl_expert_layers
+    total = 0.0
+    for i in layers:
+        vl = i >= first_vl
+        if part != "ffn":
+            total += attention
+        if part != "attention":
+            total += ffn
+        if part == "attention":
+            out_rows = [
+                _last_slice(cfg, u, False) if cfg.decoupled_attention else _rows(cfg, u) for u in units
+            ]
+            total -= 2.0 * d * d * sum(out_rows)
+        elif part == "ffn" or not (drop_path and i > 0):
+            total -= 2.0 * d * f * sum(_last_slice(cfg, u, vl) for u in units)
+    return total
+
+
+def _rows(cfg: ModelConfig, passes: list[Pass]) -> int:
+    return sum(p.samples * p.seq_len(cfg) for p in passes)
+
+
+def _last_slice(cfg: ModelConfig, passes: list[Pass], vl: bool) -> int:
+    """Rows of the last expert slice of a Multiway module over these passes' packed rows
+    (``layers.Packing.groups``): A the image rows, then B the text rows; in a layer with vision-language
+    experts A the image-only rows, C the pairs' rows, B the text-only rows."""
+    nv = cfg.num_vision_tokens
+    if vl and any(p.image and p.text_len for p in passes):
+        groups = [
+            sum(p.samples * nv for p in passes if p.image and not p.text_len),
+            sum(p.samples * p.seq_len(cfg) for p in passes if p.image and p.text_len),
+            sum(p.samples * p.text_len for p in passes if not p.image),
+        ]
+    else:
+        groups = [sum(p.samples * nv for p in passes if p.image), sum(p.samples * p.text_len for p in passes)]
+    return next((n for n in reversed(groups) if n), 0)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from beit3.model.cache import KVCache
 
@@ -469,22 +470,33 @@ class MultiwayBlock(nn.Module):
         layer_idx: int = 0,
         paired: bool | None = None,
         packed: tuple | None = None,
+        recompute: str | None = None,
     ) -> torch.Tensor:
         """``paired`` says the sequence is an image-text pair (default: both modalities are in ``x``); with
         a KV cache the image may sit in the cache while ``x`` holds only new text tokens. ``packed``:
         ``(packing, masks, drop)`` runs :meth:`forward_packed` on packed rows ``x`` instead, through the
         module call, so that hooks on the layer (ZeRO-3 gathering a whole layer's parameters when the
-        layer is a gathering unit) fire for the packed path too."""
+        layer is a gathering unit) fire for the packed path too. ``recompute``: ``"attention"`` or
+        ``"ffn"`` recomputes that branch in the backward instead of saving its activations (selective
+        activation checkpointing; not with a cache); a whole layer is checkpointed by the caller."""
         if packed is not None:
-            return self.forward_packed(x, *packed)
+            return self.forward_packed(x, *packed, recompute=recompute)
         # The vision-language expert serves image-text input only (paper §2.1): both modalities present.
         if paired is None:
             paired = 0 < num_vision < x.shape[1]
         use_vl = self.with_vl and paired
+        attn = _branch(recompute == "attention", self._attention, x, num_vision, mask, cache, layer_idx)
+        x = self._residual(x, attn)
+        return self._residual(x, _branch(recompute == "ffn", self._ffn, x, num_vision, use_vl))
+
+    def _attention(self, x, num_vision, mask, cache, layer_idx) -> torch.Tensor:
+        """The attention branch of :meth:`forward`: pre-LN, attention, output projection."""
         h = _route(self.self_attn_layer_norm, x, num_vision)
-        x = self._residual(x, self.self_attn(h, num_vision, mask, cache, layer_idx))
-        branch = _route_chain([self.final_layer_norm, self.ffn], x, num_vision, use_vl)
-        return self._residual(x, branch)
+        return self.self_attn(h, num_vision, mask, cache, layer_idx)
+
+    def _ffn(self, x: torch.Tensor, num_vision: int, use_vl: bool) -> torch.Tensor:
+        """The FFN branch of :meth:`forward`: final LN, FFN experts."""
+        return _route_chain([self.final_layer_norm, self.ffn], x, num_vision, use_vl)
 
     def forward_packed(
         self,
@@ -492,17 +504,37 @@ class MultiwayBlock(nn.Module):
         packing: Packing,
         masks: Sequence[torch.Tensor | None],
         drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        recompute: str | None = None,
     ) -> torch.Tensor:
         """The layer on the packed rows of several sub-batches: each module (each expert) called once on
         all its rows, attention per sub-batch (``masks``, one per sub-batch). ``drop``: stochastic depth
         drawn beforehand, ``(attention keep mask, FFN keep mask, keep probability)``: two (N, 1) per-row
         masks and a 0-d tensor (None: no drop path). Nothing here reads a per-layer number, so the layers
         of one structure share one compiled graph. An image-text sub-batch's rows go through the
-        vision-language experts where the layer has them."""
-        h = apply_packed([self.self_attn_layer_norm], [(0, x)], packing.groups())
-        attn = join_pieces(self.self_attn.forward_packed(h, packing, masks))
+        vision-language experts where the layer has them. ``recompute``: as in :meth:`forward`."""
+        attn = _branch(recompute == "attention", self._attention_packed, x, packing, masks)
         x = x + (attn if drop is None else drop_branch(attn, drop[0], drop[2]))
-        ffn = join_pieces(
-            apply_packed([self.final_layer_norm, self.ffn], [(0, x)], packing.groups(self.with_vl))
-        )
+        ffn = _branch(recompute == "ffn", self._ffn_packed, x, packing)
         return x + (ffn if drop is None else drop_branch(ffn, drop[1], drop[2]))
+
+    def _attention_packed(
+        self, x: torch.Tensor, packing: Packing, masks: Sequence[torch.Tensor | None]
+    ) -> torch.Tensor:
+        """The attention branch of :meth:`forward_packed` on packed rows (N, D)."""
+        h = apply_packed([self.self_attn_layer_norm], [(0, x)], packing.groups())
+        return join_pieces(self.self_attn.forward_packed(h, packing, masks))
+
+    def _ffn_packed(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """The FFN branch of :meth:`forward_packed` on packed rows (N, D)."""
+        groups = packing.groups(self.with_vl)
+        return join_pieces(apply_packed([self.final_layer_norm, self.ffn], [(0, x)], groups))
+
+
+def _branch(recompute: bool, fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """``fn(*args)``, under activation checkpointing when ``recompute`` and gradients are on: its inputs
+    are saved, its activations are not, and it runs again in the backward. Non-reentrant, so that it nests
+    in a compiled layer. A branch draws no random numbers (stochastic depth is applied outside it), so
+    no RNG state is kept for the recomputation."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+    return fn(*args)
