@@ -22,6 +22,7 @@ from beit3.engine.config_io import (
 )
 from beit3.engine.ds_config import global_batch_problem, load_ds_config
 from beit3.engine.trainer_config import TrainSettings, read_recipe
+from beit3.model.beit3 import CHECKPOINT_PARTS
 from beit3.pretrain.data import DataConfigError, PretrainDataConfig
 from beit3.pretrain.objective import ObjectiveConfig
 
@@ -36,6 +37,9 @@ class ModelSection:
     drop_path_rate: float = bounded(0.1, "[0, 1)")
     # Layers whose activations are recomputed in backward: "none", "all", or "every:N" (every N-th layer).
     grad_checkpointing: str = "none"
+    # What is recomputed of each of those layers: "layer" (all of it), "attention" (its attention branch:
+    # pre-LN, q/k/v, attention, output projection) or "ffn" (its final LN and FFN experts).
+    grad_checkpointing_part: str = "layer"
     overrides: dict = field(default_factory=dict)  # any other ModelConfig field, e.g. {init = "magneto"}
 
 
@@ -105,6 +109,14 @@ def grad_checkpoint_layers(spec: str, depth: int) -> list[int] | None:
     raise ConfigError(f"[model] grad_checkpointing={spec!r}: use 'none', 'all' or 'every:N'")
 
 
+def grad_checkpoint_part(part: str) -> str:
+    """Check ``[model] grad_checkpointing_part``: what is recomputed of each checkpointed layer."""
+    if part not in CHECKPOINT_PARTS:
+        choices = ", ".join(repr(p) for p in CHECKPOINT_PARTS)
+        raise ConfigError(f"[model] grad_checkpointing_part={part!r}: use one of {choices}")
+    return part
+
+
 def _check_values(recipe: PretrainRecipe) -> None:
     """Every setting's own range and the orderings within a section (no files, no other sections)."""
     problem = recipe.train.problem("train") or section_problem(recipe) or recipe.data.problem("data")
@@ -167,6 +179,7 @@ def validate_run(
         raise ConfigError(f"[tokenizers] visual: {e}") from e
     check_visual_tokenizer(recipe, visual.codebook_size, visual.patch_size, model_cfg)
     grad_checkpoint_layers(recipe.model.grad_checkpointing, model_cfg.depth)
+    grad_checkpoint_part(recipe.model.grad_checkpointing_part)
     return split
 
 

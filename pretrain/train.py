@@ -28,6 +28,7 @@ from beit3.pretrain.recipe import (
     check_text_tokenizer,
     check_visual_tokenizer,
     grad_checkpoint_layers,
+    grad_checkpoint_part,
     load_recipe,
     validate,
 )
@@ -79,7 +80,7 @@ def build_task(recipe: PretrainRecipe, device, visual_checkpoint: dict | None = 
     model = build_model(recipe.model.name, **overrides)
     layers = grad_checkpoint_layers(recipe.model.grad_checkpointing, model.cfg.depth)
     if layers:
-        model.set_grad_checkpointing(True, layers)
+        model.set_grad_checkpointing(True, layers, grad_checkpoint_part(recipe.model.grad_checkpointing_part))
     task = MaskedDataModeling(model, visual, recipe.objective, weight_decay=recipe.train.weight_decay)
     return task, text_tok
 

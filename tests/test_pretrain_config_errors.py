@@ -238,6 +238,8 @@ RECIPE_MISTAKES = [
     ("text_vocab", ["model.overrides={vocab_size = 100, visual_vocab_size = 1024}"], "vocab_size >= "),
     ("unknown_visual_tokenizer", ["tokenizers.visual=vqkd_huge"], "unknown visual tokenizer 'vqkd_huge'"),
     ("bad_grad_checkpointing", ["model.grad_checkpointing=every:0"], "grad_checkpointing='every:0'"),
+    ("bad_grad_checkpointing_part", ["model.grad_checkpointing_part=mlp"],
+     "grad_checkpointing_part='mlp': use one of 'layer', 'attention', 'ffn'"),
 ]  # fmt: skip
 
 

@@ -258,6 +258,7 @@ GIANT_DS = REPO / "ds_configs" / "zero3_bf16.json"
             "train_batch_size=3072 --ds-set train_micro_batch_size_per_gpu=12",
         ),
         (["model.grad_checkpointing=some"], "grad_checkpointing='some'"),
+        (["model.grad_checkpointing_part=attn"], "grad_checkpointing_part='attn': use one of 'layer'"),
     ],
 )
 def test_validate_run_refuses_a_pretraining_recipe_that_disagrees(overrides, expected):
