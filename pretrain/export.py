@@ -29,7 +29,7 @@ from beit3.engine.checkpoint import CheckpointError as TrainingCheckpointError
 from beit3.engine.launch import add_trust_arg
 from beit3.model import WeightsFileError, load_checkpoint, read_state_dict, save_checkpoint
 from beit3.model.beit3 import BEiT3Model
-from beit3.model.checkpoint import read_config
+from beit3.model.checkpoint import checkpoint_key_names, read_config
 from beit3.model.config import ModelConfig, ModelConfigError
 from beit3.model.registry import get_config
 from beit3.pretrain.errors import PretrainError
@@ -107,7 +107,9 @@ def export_run(
     if not Path(run_dir).exists():
         raise TrainingCheckpointError(f"{run_dir} does not exist: give a beit3-pretrain run directory")
     with trusted_files(trusted):
-        state = model_state_from_task(consolidate_checkpoint(run_dir, tag))
+        # ZeRO shards name parameters as named_parameters() does (the paper layout's fused
+        # self_attn.qkv_proj); the file keeps the released key grammar (q_proj, k_proj, v_proj)
+        state = checkpoint_key_names(model_state_from_task(consolidate_checkpoint(run_dir, tag)))
     cfg = model_config_from_run(run_dir)
     verify_state(BEiT3Model(cfg), state)
     save_checkpoint(state, output, dtype=DTYPES[dtype], config=cfg)
