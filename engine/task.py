@@ -34,7 +34,8 @@ class TaskModule(Protocol):
 
     def batch_stats(self, batch: Any) -> dict[str, float]:
         """``samples`` (int), ``tokens`` (int) and ``flops`` (training FLOPs of the micro-batch); optionally
-        ``unpadded_flops``, what its real tokens need if padding were not computed (default: ``flops``)."""
+        ``unpadded_flops``, what its real tokens need if padding were not computed (default: ``flops``), and
+        ``recompute_flops``, what activation checkpointing runs again in the backward (default 0; the HFU)."""
         ...
 
 

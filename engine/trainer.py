@@ -368,7 +368,7 @@ class Trainer:
 
     def _log(self, window: MetricAccumulator, stats: dict, lr: float, elapsed: float, steps: int) -> dict:
         metric_names, counters = self._gather_names(window)
-        extra = {f"perf/{k}": stats.get(k, 0.0) for k in ("samples", "tokens", "flops")}
+        extra = {f"perf/{k}": stats.get(k, 0.0) for k in ("samples", "tokens", "flops", "recompute_flops")}
         # A task that pads may say what its real tokens need (batch_stats "unpadded_flops"); else the same.
         extra["perf/unpadded_flops"] = stats.get("unpadded_flops", stats.get("flops", 0.0))
         values = counter_values(self.data)
@@ -388,6 +388,10 @@ class Trainer:
             peak = self.peak_flops * self.dist.world_size
             scalars["perf/mfu_pct"] = 100.0 * sums["perf/flops"] / elapsed / peak
             scalars["perf/mfu_unpadded_pct"] = 100.0 * sums["perf/unpadded_flops"] / elapsed / peak
+            # Hardware FLOPs: the model's plus what activation checkpointing recomputes (batch_stats
+            # "recompute_flops"; 0 for a task that does not say): equal to the MFU without checkpointing.
+            hardware = sums["perf/flops"] + sums["perf/recompute_flops"]
+            scalars["perf/hfu_pct"] = 100.0 * hardware / elapsed / peak
         if self.dist.device.type == "cuda":
             scalars["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
         scalars.update({k: v for k, v in sums.items() if k.startswith("data/")})

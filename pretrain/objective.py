@@ -28,7 +28,7 @@ from torch import nn
 
 from beit3.engine.config_io import bounded
 from beit3.model import BEiT3Model, build_param_groups
-from beit3.model.flops import Pass, training_flops
+from beit3.model.flops import Pass, checkpoint_recompute_flops, training_flops
 
 SUBBATCHES = ("image", "text", "pair")
 # (selection, name of its gather indices ``<name>_index`` / ``<name>_valid``) of a sub-batch
@@ -191,7 +191,8 @@ class MaskedDataModeling(nn.Module):
 
     def batch_stats(self, batch: dict) -> dict:
         """Samples, tokens and training FLOPs of a micro-batch (call on the CPU batch: no device sync);
-        ``unpadded_flops``: the FLOPs of the real (unpadded) text tokens, for an MFU beside the padded one."""
+        ``unpadded_flops``: the FLOPs of the real (unpadded) text tokens, for an MFU beside the padded one;
+        ``recompute_flops``: what activation checkpointing runs again in the backward, for the HFU."""
         cfg = self.model.cfg
         passes, unpadded = [], []  # unpadded: the same passes with each text at its real length
         masked_text = masked_patches = 0
@@ -217,7 +218,18 @@ class MaskedDataModeling(nn.Module):
             "tokens": sum(p.samples * p.seq_len(cfg) for p in passes),
             "flops": training_flops(cfg, passes, masked_text, masked_patches),
             "unpadded_flops": training_flops(cfg, unpadded, masked_text, masked_patches),
+            "recompute_flops": self._recompute_flops(passes),
         }
+
+    def _recompute_flops(self, passes: list[Pass]) -> float:
+        """The forward FLOPs activation checkpointing recomputes for these passes (0 when it is off)."""
+        b3 = self.model.beit3
+        if not b3.checkpoint_layers:
+            return 0.0
+        drop_path = self.training and self.model.cfg.drop_path_rate > 0
+        return checkpoint_recompute_flops(
+            self.model.cfg, passes, b3.checkpoint_layers, b3.checkpoint_part, drop_path
+        )
 
 
 def masked_positions(select: torch.Tensor, name: str = "mask") -> tuple[torch.Tensor, torch.Tensor]:

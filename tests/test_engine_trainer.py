@@ -147,6 +147,8 @@ def test_tensorboard_tags_read_back_match_the_run(tmp_path, capsys):
         assert mfu == pytest.approx(100 * samples_per_sec * flops_per_sample / 1e9, rel=1e-5)
     # the toy pads nothing and says no unpadded figure: the unpadded MFU is the same
     assert scalars["perf/mfu_unpadded_pct"] == pytest.approx(scalars["perf/mfu_pct"], rel=1e-6)
+    # nor any recomputation: the HFU is the MFU
+    assert scalars["perf/hfu_pct"] == pytest.approx(scalars["perf/mfu_pct"], rel=1e-6)
     groups = trainer.engine.optimizer.param_groups
     assert all(g["lr"] == pytest.approx(lr_at(3, 1e-2, 3, 4) * g["lr_scale"]) for g in groups)
     assert {g["lr_scale"] for g in groups} == {1.0, 0.5}

@@ -8,6 +8,9 @@ FLOPs ``beit3.model.flops.checkpoint_recompute_flops`` says (torch's FLOP counte
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -16,6 +19,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from beit3.model import build_model
 from beit3.model.beit3 import CHECKPOINT_PARTS
 from beit3.model.flops import Pass, checkpoint_recompute_flops
+from beit3.pretrain.objective import MaskedDataModeling
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from synthetic import synthetic_batch  # noqa: E402
 
 RELEASED, PAPER = "beit3_tiny_patch16_64", "beit3_tiny_paper_patch16_64"
 TINY = (RELEASED, PAPER)
@@ -162,6 +169,27 @@ def test_recomputed_flops_equal_torchs_count(name, part, drop_path_rate):
     extra = _counted_flops(model, batch) - plain
     passes = [Pass(3, image=True), Pass(3, text_len=9), Pass(2, image=True, text_len=5)]
     assert extra == checkpoint_recompute_flops(model.cfg, passes, layers, part) > 0
+
+
+@pytest.mark.parametrize("part", ["layer", "ffn"])
+def test_the_objectives_recompute_flops_are_what_torch_recomputes(part):
+    """batch_stats' ``recompute_flops`` (the HFU's addition) on a pretraining micro-batch: torch's count of
+    the objective's step with checkpointing minus without; 0 without checkpointing."""
+    torch.manual_seed(0)
+    model = build_model(PAPER, drop_path_rate=0.2, vocab_size=100, visual_vocab_size=50)
+    task = MaskedDataModeling(model).train()
+    batch = task.prepare_batch(synthetic_batch(model.cfg, 3, 2, 2, 12, 7), torch.device("cpu"))
+
+    def counted() -> int:
+        torch.manual_seed(1)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            task(batch)[0].backward()
+        return counter.get_total_flops()
+
+    plain = counted()
+    assert task.batch_stats(batch)["recompute_flops"] == 0
+    model.set_grad_checkpointing(True, layers=[0, 2], part=part)
+    assert counted() - plain == task.batch_stats(batch)["recompute_flops"] > 0
 
 
 def test_selective_checkpointing_inside_a_compiled_layer():
