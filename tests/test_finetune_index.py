@@ -19,6 +19,7 @@ from PIL import Image
 
 from beit3.finetune.data.batches import Collator, tokenize_split
 from beit3.finetune.data.build import load_task_data
+from beit3.finetune.data.sources import load_jsonl_split
 from beit3.finetune.data.vqa_answers import (
     answer_vocabulary,
     normalize_answer,
@@ -269,12 +270,17 @@ def test_nlvr2_pairs_come_from_the_identifier_in_the_official_layout(tmp_path, m
     dev = [{"identifier": "dev-850-2-0", "sentence": "A bird.", "label": "False"}]
     (raw / "train.json").write_text("".join(json.dumps(r) + "\n" for r in train))
     (raw / "dev.json").write_text(json.dumps(dev[0]) + "\n")
+    test1 = {"identifier": "test1-0-1-3", "sentence": "A cow.", "label": "True"}
+    (raw / "test1.json").write_text("\n" + json.dumps(test1) + "\n\n")  # blank lines are skipped
     for i in (0, 1):
         image(root / f"images/train/71/train-10171-0-img{i}.png")
         image(root / f"dev/dev-850-2-img{i}.png", (0, 0, 200 * i))
     code, out, _ = run(capsys, "nlvr2", "--data", raw, "--root", root, "--splits", "train", "dev",
                        "--tokenizer", tok.model_file, "--check-images")  # fmt: skip
     assert code == 0, out
+    assert run(capsys, "nlvr2", "--data", raw, "--root", root, "--splits", "test1")[0] == 0
+    (row,) = rows(root / "nlvr2.test-P.index.jsonl")  # test1 is written under the released name
+    assert (row["image_path"], row["image2_path"]) == ("test1/test1-0-1-img0.png", "test1/test1-0-1-img1.png")
     first = rows(root / "nlvr2.train.index.jsonl")[0]
     assert first["image_path"] == "images/train/71/train-10171-0-img0.png"
     assert first["image2_path"] == "images/train/71/train-10171-0-img1.png"
@@ -287,10 +293,10 @@ def test_nlvr2_pairs_come_from_the_identifier_in_the_official_layout(tmp_path, m
 
 
 def test_nlvr2_refuses_a_label_that_is_not_true_or_false(tmp_path, capsys):
-    row = {"identifier": "train-1-0-0", "sentence": "x", "label": "yes"}
-    (tmp_path / "train.json").write_text(json.dumps(row))
+    good = {"identifier": "train-1-0-0", "sentence": "x", "label": "True"}
+    (tmp_path / "train.json").write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "label": "yes"}))
     code, _, err = run(capsys, "nlvr2", "--data", tmp_path, "--root", tmp_path, "--splits", "train")
-    assert code == 2 and "train.json line 1" in err and "'yes'" in err
+    assert code == 2 and "train.json line 3" in err and "'yes'" in err
 
 
 # ----- Karpathy splits: COCO, Flickr30k -------------------------------------------------------------------
@@ -395,6 +401,15 @@ def test_nocaps_val_rows_hold_every_reference(tmp_path, monkeypatch, capsys):
                     train="data/nocaps/nocaps.val.jsonl")  # fmt: skip
     data = load_task_data(d, "captioning", SIZE)
     assert data.eval.images.shape == (2, 3, SIZE, SIZE) and data.eval.examples[2]["image"] == 1
+
+
+def test_nocaps_test_image_info_gives_one_row_per_image_without_text(tmp_path, capsys):
+    info = write_json(tmp_path / "nocaps_test_image_info.json", {"images": [{"id": 4, "file_name": "b.jpg"}]})
+    image(tmp_path / "test/b.jpg")
+    assert run(capsys, "nocaps", "--captions", info, "--root", tmp_path, "--split", "test")[0] == 0
+    assert rows(tmp_path / "nocaps.test.jsonl") == [{"image_path": "test/b.jpg", "image_id": 4}]
+    split = load_jsonl_split(tmp_path / "nocaps.test.jsonl", tmp_path, SIZE)
+    assert split.examples == [{"image": 0, "image_id": 4}]
 
 
 def test_nocaps_annotation_of_an_unknown_image_is_refused(tmp_path, capsys):

@@ -65,8 +65,8 @@ def read_json(path: str | Path, what: str, where_to_get: str) -> object:
         raise RawDataError(f"{path} is not valid JSON: {e}") from e
 
 
-def read_json_lines(path: str | Path, what: str, where_to_get: str) -> list[dict]:
-    """The objects of a JSON-lines file (one object a line, blank lines skipped)."""
+def read_json_lines(path: str | Path, what: str, where_to_get: str) -> list[tuple[int, dict]]:
+    """(line number, object) of each line of a JSON-lines file (one object a line, blank lines skipped)."""
     path = Path(path)
     if not path.is_file():
         raise RawDataError(f"{what} {path} does not exist ({where_to_get})")
@@ -81,7 +81,7 @@ def read_json_lines(path: str | Path, what: str, where_to_get: str) -> list[dict
                 raise RawDataError(f"{path} line {number} is not a JSON object: {e}") from e
             if not isinstance(row, dict):
                 raise RawDataError(f"{path} line {number} is a {type(row).__name__}, not a JSON object")
-            rows.append(row)
+            rows.append((number, row))
     return rows
 
 
@@ -246,10 +246,8 @@ def nlvr2_rows(path: Path, image_dir: str) -> list[dict]:
     """The index rows of one NLVR2 JSON-lines file; images ``<image_dir>[/<directory>]/<pair>-img{0,1}.png``
     where ``<pair>`` is the identifier without its last (sentence) part, as the official layout names them."""
     rows = []
-    for number, item in enumerate(
-        read_json_lines(path, "NLVR2 file", "github.com/lil-lab/nlvr, nlvr2/data/")
-    ):
-        where = f"{path} line {number + 1}"
+    for number, item in read_json_lines(path, "NLVR2 file", "github.com/lil-lab/nlvr, nlvr2/data/"):
+        where = f"{path} line {number}"
         identifier = need_text(item, "identifier", where, NLVR2_EXPECTED)
         parts = identifier.split("-")
         if len(parts) < 4:
