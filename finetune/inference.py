@@ -133,6 +133,6 @@ def load_finetuned_task(run_config: str | Path, checkpoint: str | Path | None = 
     run_config = Path(run_config)
     recipe = from_dict(FinetuneRecipe, json.loads(run_config.read_text())["recipe"])
     recipe.model.pretrained = ""  # the finetuned weights replace it
-    tokenizer, data, task = build_run(recipe)
+    tokenizer, data, task = build_run(recipe, train=False)  # the train split's labels only, no images
     load_finetuned(task, checkpoint or run_config.parent / "model.pth", trusted)
     return task.eval(), tokenizer, data.classes

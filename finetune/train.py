@@ -7,8 +7,11 @@ as a single process::
         --ds-config ds_configs/zero0_fp32.json --output-dir runs/vqa --set model.pretrained=model.pth
 
 The run directory holds config.json, tensorboard/, checkpoints/ (``--resume auto`` continues from the
-latest), and after a finished run ``eval.json`` (the task metric on the eval split) and ``model.pth``
-(the finetuned task model, released format). ``--eval-only CHECKPOINT`` evaluates a saved ``model.pth``.
+latest; ``checkpoints/best.json`` names the best evaluated one, kept beside the last ``keep_last``), and
+after a finished run ``eval.json`` (the task metric on the eval split), ``model.pth`` (the finetuned task
+model, released format) and ``best_model.pth`` (the best evaluated checkpoint, same format).
+``--eval-only CHECKPOINT`` evaluates a saved ``model.pth``; with ``--predict OUT.json`` it writes the task's
+official output for the eval split instead (VQA submission, COCO caption results, retrieval recalls).
 Exit codes: 0 finished, 75 checkpointed after SIGTERM/SIGUSR1 (requeue), 2 bad configuration, 3 stopped after
 too many non-finite losses in a row, 1 anything else.
 """
@@ -38,7 +41,8 @@ from beit3.finetune.data.batches import BatchLoader, Collator, tokenize_split
 from beit3.finetune.data.build import load_task_data
 from beit3.finetune.decoding import BeamSearchConfig
 from beit3.finetune.errors import FinetuneError
-from beit3.finetune.evaluate import evaluate, sample_captions
+from beit3.finetune.evaluate import PREDICTED, SELECTION, evaluate, predict, sample_captions
+from beit3.finetune.outputs import write_json
 from beit3.finetune.recipe import FinetuneRecipe, load_recipe, validate_run
 from beit3.finetune.reload import trusted_checkpoints
 from beit3.model import ModelError
@@ -56,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, help="task name; overrides task.name of the recipe")
     p.add_argument("--eval-only", metavar="CHECKPOINT", default=None,
                    help="evaluate a finetuned model.pth (released format) instead of training")  # fmt: skip
+    p.add_argument("--predict", metavar="OUT_JSON", default=None,
+                   help="with --eval-only: write the official output of the eval split (VQA submission, "
+                        "COCO caption results, retrieval recalls) to OUT_JSON")  # fmt: skip
+    p.add_argument("--references", metavar="COCO_JSON", default=None,
+                   help="with --predict for captioning: score against these COCO-format annotations "
+                        "(images' captions) instead of the eval index's own captions")  # fmt: skip
     return p
 
 
@@ -64,17 +74,18 @@ def _decoding(recipe: FinetuneRecipe) -> BeamSearchConfig:
     return BeamSearchConfig(num_beams=c.num_beams, max_len=c.max_len, length_penalty=c.length_penalty)
 
 
-def build_run(recipe: FinetuneRecipe):
-    """Tokenizer, task data (tokenised) and the task module a recipe describes."""
+def build_run(recipe: FinetuneRecipe, train: bool = True):
+    """Tokenizer, task data (tokenised) and the task module a recipe describes; ``train=False`` (evaluation,
+    prediction) leaves the train split's images undecoded and its texts untokenised."""
     tokenizer = None
     if recipe.data.tokenizer:
         from beit3.tokenizers.text import TextTokenizer
 
         tokenizer = TextTokenizer(recipe.data.tokenizer)
     img_size = recipe.model.img_size or _preset_img_size(recipe.model.name)
-    data = load_task_data(recipe.data, recipe.task.name, img_size)
+    data = load_task_data(recipe.data, recipe.task.name, img_size, train_images=train)
     if tokenizer is not None:
-        for split in (data.train, data.eval):
+        for split in (data.train, data.eval) if train else (data.eval,):
             tokenize_split(split, tokenizer, recipe.data.max_text_len)
     task, report = build_task(recipe, data.classes, tokenizer)
     if report is not None:
@@ -112,6 +123,9 @@ def prepare(context: RunContext) -> TrainingRun:
     data and the (pretrained) task model, and ``finish`` evaluates and exports after a finished run."""
     args, dist = context.args, context.dist
     recipe = _recipe(args)
+    if args.predict or args.references:
+        raise ConfigError("--predict and --references need --eval-only CHECKPOINT (a finetuned model.pth)")
+    keep_best_default(recipe)
     ds_config = validate_run(recipe, context.ds_config, dist.world_size, context.trained_global_batch)
     micro = ds_config["train_micro_batch_size_per_gpu"]
     name = recipe.task.name
@@ -146,6 +160,7 @@ def prepare(context: RunContext) -> TrainingRun:
             (out / "eval.json").write_text(json.dumps(report, indent=1))
             log.info("eval: %s", scores)
         export_finetuned(out, dist.rank)
+        export_finetuned(out, dist.rank, best=True)
         return 0
 
     return TrainingRun(
@@ -172,32 +187,72 @@ def evaluate_only(args) -> int:
         ds_config = validate_run(recipe, ds_config, dist.world_size)
         if not Path(args.eval_only).is_file():
             raise ConfigError(f"--eval-only {args.eval_only} does not exist: give a finetuned model.pth")
+        if args.predict and recipe.task.name not in PREDICTED:
+            raise ConfigError(f"--predict: task {recipe.task.name!r} has no official output file "
+                              f"(tasks with one: {', '.join(PREDICTED)})")  # fmt: skip
+        references = read_coco_references(args.references) if args.references else None
         with trusted_checkpoints(args.trust_checkpoint):
-            tokenizer, data, task = build_run(recipe)
+            tokenizer, data, task = build_run(recipe, train=False)
         load_finetuned(task, args.eval_only, trusted=args.trust_checkpoint)
     except errors as e:
         return config_error(PROGRAM, e, rank)
     task.to(dist.device)
-    scores = _evaluate(
-        recipe, task, data, tokenizer, ds_config["train_micro_batch_size_per_gpu"], dist.device
-    )
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    if args.predict:
+        output, scores = predict(recipe.task.name, task, data.eval, micro, dist.device, data.classes,
+                                 tokenizer, _decoding(recipe), references)  # fmt: skip
+        if dist.rank == 0:
+            write_json(args.predict, output)
+            log.info("wrote %s", args.predict)
+    else:
+        scores = _evaluate(recipe, task, data, tokenizer, micro, dist.device)
     if dist.rank == 0:
         print(json.dumps(scores, indent=1))
     return 0
 
 
-def export_finetuned(run_dir: Path, rank: int) -> Path | None:
+def keep_best_default(recipe: FinetuneRecipe) -> None:
+    """``train.best_metric`` left empty: the task's selection metric (``beit3.finetune.evaluate.SELECTION``)
+    when the recipe evaluates periodically; the run then keeps its best evaluated checkpoint."""
+    train = recipe.train
+    if not train.best_metric and train.eval_every:
+        train.best_metric, train.best_mode = SELECTION[recipe.task.name]
+
+
+def read_coco_references(path: str | Path) -> dict[int, list[str]]:
+    """Captions by image id from a COCO-format annotation file (``{"annotations": [{"image_id",
+    "caption"}]}``, or the list of annotations alone)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        rows = data["annotations"] if isinstance(data, dict) else data
+        refs: dict[int, list[str]] = {}
+        for row in rows:
+            refs.setdefault(int(row["image_id"]), []).append(str(row["caption"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--references {path}: expected COCO annotations "
+                          f'{{"annotations": [{{"image_id", "caption"}}]}} ({e})') from e  # fmt: skip
+    return refs
+
+
+def export_finetuned(run_dir: Path, rank: int, best: bool = False) -> Path | None:
     """Consolidate the last checkpoint into ``run_dir/model.pth``: ``{"model": sd, "config": ...}``, released
     key names in "model" (all the released finetuning code reads) and, in "config", the backbone's model
-    configuration that ``run_dir/config.json`` records (none for a run directory without one)."""
+    configuration that ``run_dir/config.json`` records (none for a run directory without one).
+
+    ``best``: the best evaluated checkpoint (``checkpoints/best.json``) into ``run_dir/best_model.pth``
+    instead; None when the run kept none."""
+    from beit3.engine.checkpoint import checkpoint_root, read_best
     from beit3.engine.consolidate import consolidate_checkpoint
     from beit3.model import save_checkpoint
 
     if rank != 0:
         return None
-    state = consolidate_checkpoint(run_dir)
+    record = read_best(checkpoint_root(run_dir)) if best else None
+    if best and record is None:
+        return None
+    state = consolidate_checkpoint(run_dir, tag=record["tag"] if record else None)
     recorded = json.loads((run_dir / "config.json").read_text()).get("model")
-    return save_checkpoint(state, run_dir / "model.pth", config=recorded)
+    return save_checkpoint(state, run_dir / ("best_model.pth" if best else "model.pth"), config=recorded)
 
 
 if __name__ == "__main__":

@@ -102,11 +102,12 @@ def _answer_names(data_cfg) -> list[str]:
     return []
 
 
-def load_task_data(data_cfg, task: str, img_size: int) -> TaskData:
-    """The :class:`TaskData` a recipe's ``[data]`` section describes."""
+def load_task_data(data_cfg, task: str, img_size: int, train_images: bool = True) -> TaskData:
+    """The :class:`TaskData` a recipe's ``[data]`` section describes. ``train_images=False`` (evaluation,
+    prediction): a released-format train index is read for its labels only, its images not decoded."""
     d = data_cfg
     if d.source == "jsonl":
-        train = load_jsonl_split(d.train, d.root, img_size, d.max_train, d.seed)
+        train = load_jsonl_split(d.train, d.root, img_size, d.max_train, d.seed, decode_images=train_images)
         eval_ = load_jsonl_split(d.eval, d.root, img_size, d.max_eval, d.seed) if d.eval else Split([])
         num = 1 + max((ex.get("label", max(ex.get("scores", {0: 0}))) for ex in train.examples), default=0)
         names = _answer_names(d) if task == "vqa" else []

@@ -82,9 +82,12 @@ def _cap(examples: list[dict], limit: int, seed: int) -> list[dict]:
 
 
 # ----- released-format JSONL indexes ---------------------------------------------------------------
-def load_jsonl_split(index: str | Path, root: str | Path, size: int, limit: int = 0, seed: int = 0) -> Split:
+def load_jsonl_split(
+    index: str | Path, root: str | Path, size: int, limit: int = 0, seed: int = 0, decode_images: bool = True
+) -> Split:
     """A released-style index: ``image_path`` [+ ``image2_path``], ``text_segment`` (ids) or ``text``, and
-    ``label`` | ``labels`` + ``scores`` | ``image_id``. Paths are relative to ``root``."""
+    ``label`` | ``labels`` + ``scores`` | ``image_id``. Paths are relative to ``root``.
+    ``decode_images=False``: the examples only (no image bank), e.g. for a train split's labels."""
     index = Path(index)
     if not index.is_file():
         raise DataSourceError(f"index file {index} does not exist; set data.train / data.eval")
@@ -111,7 +114,7 @@ def load_jsonl_split(index: str | Path, root: str | Path, size: int, limit: int 
         if row.get("qid", row.get("question_id")) is not None:  # VQA: the submission file names questions
             ex["question_id"] = int(row.get("qid", row.get("question_id")))
         examples.append(ex)
-    return Split(examples, _bank(list(paths), size))
+    return Split(examples, _bank(list(paths), size) if decode_images else None)
 
 
 # ----- offline benchmarks ---------------------------------------------------------------------------
