@@ -129,14 +129,12 @@ def read_answer_vocabulary(path: str | Path) -> list[str]:
 def _rows(split: str, questions: list[dict], annotations: dict | None, index: dict) -> tuple[list[dict], int]:
     rows, dropped = [], 0
     for q in progress(questions, f"{split} questions"):
-        labels, scores = (
-            ([], [])
-            if annotations is None
-            else question_targets(annotations[q["question_id"]]["answers"], index)
-        )
-        if annotations is not None and not labels:
-            dropped += 1
-            continue
+        labels, scores = [], []  # the test splits have no answers
+        if annotations is not None:
+            labels, scores = question_targets(annotations[q["question_id"]]["answers"], index)
+            if not labels:
+                dropped += 1
+                continue
         rows.append({"image_path": image_path(split, q["image_id"]), "text": q["question"], "labels": labels,
                      "scores": scores, "qid": q["question_id"], "image_id": q["image_id"]})  # fmt: skip
     return rows, dropped
@@ -148,9 +146,9 @@ def rest_val_split(val_rows: list[dict], num_images: int, seed: int) -> tuple[li
     images = list(dict.fromkeys(r["image_path"] for r in val_rows))
     random.Random(seed).shuffle(images)
     held = set(images[:num_images])
-    return [r for r in val_rows if r["image_path"] in held], [
-        r for r in val_rows if r["image_path"] not in held
-    ]
+    rest = [r for r in val_rows if r["image_path"] in held]
+    trainable = [r for r in val_rows if r["image_path"] not in held]
+    return rest, trainable
 
 
 def vqav2_index(
