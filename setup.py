@@ -60,6 +60,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "ruff==0.17.6", "tokenizers"],  # ruff pinned: CI checks format
+        # COCO caption scores (finetune/outputs.py); its PTB tokenizer and METEOR need a Java runtime
+        "coco": ["pycocoevalcap==1.2"],
     },
     entry_points={
         "console_scripts": [

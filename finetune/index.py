@@ -39,7 +39,11 @@ def _common(p: argparse.ArgumentParser, root_required: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].strip("`"))
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Write the released-format JSONL indexes of a dataset from its public raw files.",
+        epilog="The raw files of each TASK and where to get them: docs/finetune.md, 'Building the indexes'.",
+    )
     tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
 
     p = tasks.add_parser("imagenet", help="ImageNet-style class folders -> imagenet.{train,val}.index.jsonl")
@@ -51,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = tasks.add_parser("vqav2", help="VQAv2 questions + annotations -> vqa.*.jsonl, answer2label.txt")
     p.add_argument("--annotations", help="folder of the v2_*.json files (default: --root)")
-    p.add_argument("--splits", nargs="+", choices=list(VQA_SPLITS), default=list(VQA_SPLITS))
+    p.add_argument("--splits", nargs="+", choices=list(VQA_SPLITS), default=list(VQA_SPLITS),
+                   help="splits to index (default: all four; train and val give the vocabulary)")  # fmt: skip
     p.add_argument("--min-answer-count", type=int, default=MIN_ANSWER_COUNT,
                    help="the vocabulary: answers given this often (as multiple_choice_answer)")  # fmt: skip
     p.add_argument("--num-answers", type=int, default=NUM_ANSWERS,
