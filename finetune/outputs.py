@@ -74,11 +74,14 @@ def have_java() -> bool:
     return shutil.which("java") is not None
 
 
+SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")  # pycocoevalcap 1.2's
+
+
 def _spice_ready() -> bool:
-    """SPICE's Stanford CoreNLP jar is present (else pycocoevalcap downloads it, which fails offline)."""
+    """SPICE's Stanford CoreNLP jars are present (else pycocoevalcap downloads them, which fails offline)."""
     spec = importlib.util.find_spec("pycocoevalcap.spice.spice")
     lib = Path(spec.origin).parent / "lib" if spec and spec.origin else None
-    return lib is not None and any(lib.glob("stanford-corenlp-*-models.jar"))
+    return lib is not None and all((lib / jar).is_file() for jar in SPICE_JARS)
 
 
 def _ptb_tokenize(texts: dict[int, list[str]]) -> dict[int, list[str]]:
@@ -139,9 +142,11 @@ def caption_scores(
     gts = {i: list(refs) for i, refs in enumerate(references)}
     res = {i: [h] for i, h in enumerate(hypotheses)}
     tokenize = _ptb_tokenize if java else _simple_tokenize
-    gts, res = tokenize(gts), tokenize(res)
-    scorer = "pycocoevalcap (PTB tokenizer" if java else "pycocoevalcap (caption_tokens"
-    scores = coco_scores(gts, res, java)
-    missing = [m for m in ("meteor", "spice") if m not in scores]
-    scorer += f"; no {' or '.join(missing)})" if missing else ")"
-    return scores, scorer
+    scores = coco_scores(tokenize(gts), tokenize(res), java)
+    if not official:
+        return scores, "pycocoevalcap (caption_tokens)"
+    if not java:
+        return scores, "pycocoevalcap (caption_tokens: no java for the PTB tokenizer, METEOR and SPICE)"
+    if "spice" not in scores:
+        return scores, f"pycocoevalcap (PTB tokenizer; no SPICE: {' and '.join(SPICE_JARS)} missing)"
+    return scores, "pycocoevalcap (PTB tokenizer)"
