@@ -40,6 +40,25 @@ class TaskModule(Protocol):
 
 
 REQUIRED_METHODS = ("forward", "prepare_batch", "param_groups", "batch_stats")
+# Optional: ``zero3_gather_units() -> list[torch.nn.Module]``, modules whose parameters ZeRO-3 gathers (and
+# releases) as one unit, all of a unit's parameters before its forward: DeepSpeed's "leaf" modules, whose
+# submodules get no hooks of their own. A task that compiles parts of its model declares them (a hook
+# inside a compiled region is a graph break there). See :func:`zero3_gather_units`.
+
+
+def zero3_gather_units(task: Any) -> list[torch.nn.Module]:
+    """The modules the task declares as ZeRO-3 gathering units ([] when it declares none)."""
+    units = getattr(task, "zero3_gather_units", None)
+    if units is None:
+        return []
+    found = list(units())
+    owned = {id(m) for m in task.modules()}
+    foreign = [type(m).__name__ for m in found if not isinstance(m, torch.nn.Module) or id(m) not in owned]
+    if foreign:
+        raise TypeError(
+            f"zero3_gather_units() of {type(task).__name__} returned {foreign}: not its submodules"
+        )
+    return found
 
 
 def check_task(task: Any) -> None:

@@ -40,7 +40,7 @@ from beit3.engine.optim import StepGuard, build_optimizer
 from beit3.engine.reshard import ensure_universal, plan_resume
 from beit3.engine.safe_load import guard_engine
 from beit3.engine.supervise import EXIT_HUNG, EXIT_NONFINITE, EXIT_PREEMPTED, pending_signal
-from beit3.engine.task import check_task
+from beit3.engine.task import check_task, zero3_gather_units
 from beit3.engine.trainer_config import TrainerConfig, TrainResult
 from beit3.engine.watchdog import Watchdog, limit_from_env
 
@@ -112,6 +112,12 @@ class Trainer:
         # the optimizer state: with AdamW that is a weight-decay update and one more step in the bias
         # correction. The guard makes it a no-op; AdamW creates its state lazily at the first real step.
         self.guard.skip = True
+        units = zero3_gather_units(task)
+        if units and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+            from deepspeed.utils import set_z3_leaf_module
+
+            for module in units:  # before initialize, which registers ZeRO-3's hooks
+                set_z3_leaf_module(module, True)
         try:
             self.engine, _, _, _ = deepspeed.initialize(
                 model=task,

@@ -180,6 +180,12 @@ class MaskedDataModeling(nn.Module):
         ``offset + t`` of ``hidden``."""
         return _gathered(hidden, offset, *_positions(b, "text_labels", "text_label"), b["text_labels"])
 
+    def zero3_gather_units(self) -> list[nn.Module]:
+        """Engine protocol (optional): with compiled layers each encoder layer is one ZeRO-3 gathering unit,
+        so that no ZeRO-3 hook runs inside a compiled layer (each would break its graph); otherwise none
+        (DeepSpeed gathers per submodule)."""
+        return list(self.model.beit3.encoder.layers) if self.model.compiled else []
+
     def param_groups(self) -> list[dict]:
         """AdamW groups: weight decay except on biases, norms, position tables, CLS and mask tokens."""
         return build_param_groups(

@@ -27,6 +27,10 @@ from beit3.pretrain.data import DataConfigError, PretrainDataConfig
 from beit3.pretrain.objective import ObjectiveConfig
 
 MOVED = {"batch.global_batch_size": "train.global_batch_size"}  # keys of earlier recipe layouts
+COMPILE_CHOICES = ("none", "layers")
+# torch.compile modes without CUDA graphs: a graph replays fixed addresses, but ZeRO-3 re-gathers the
+# parameters and every micro-batch brings new input tensors.
+COMPILE_MODES = ("", "default", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -40,6 +44,11 @@ class ModelSection:
     # What is recomputed of each of those layers: "layer" (all of it), "attention" (its attention branch:
     # pre-LN, q/k/v, attention, output projection) or "ffn" (its final LN and FFN experts).
     grad_checkpointing_part: str = "layer"
+    # torch.compile in training: "none", or "layers" (each layer's packed path, BEiT3Model.compile_layers;
+    # texts must have fixed lengths, data.pad_text_to_max_len); see docs/performance.md, "Compiled step".
+    compile: str = "none"
+    compile_backend: str = "inductor"
+    compile_mode: str = ""  # torch.compile's mode: "" (its default) or one of COMPILE_MODES
     overrides: dict = field(default_factory=dict)  # any other ModelConfig field, e.g. {init = "magneto"}
 
 
@@ -180,7 +189,35 @@ def validate_run(
     check_visual_tokenizer(recipe, visual.codebook_size, visual.patch_size, model_cfg)
     grad_checkpoint_layers(recipe.model.grad_checkpointing, model_cfg.depth)
     grad_checkpoint_part(recipe.model.grad_checkpointing_part)
+    check_compile(recipe)
     return split
+
+
+def check_compile(recipe: PretrainRecipe) -> None:
+    """``[model] compile``, its backend and mode, and the fixed text lengths a compiled step needs."""
+    m = recipe.model
+    if m.compile not in COMPILE_CHOICES:
+        raise ConfigError(f"[model] compile={m.compile!r}: use one of {', '.join(COMPILE_CHOICES)}")
+    if m.compile == "none":
+        return
+    if m.compile_mode not in COMPILE_MODES:
+        raise ConfigError(
+            f"[model] compile_mode={m.compile_mode!r}: use one of {COMPILE_MODES} (modes with CUDA graphs "
+            "replay fixed addresses, which ZeRO-3's gathered parameters and new batches do not keep)"
+        )
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if m.compile_backend not in backends:
+        raise ConfigError(
+            f"[model] compile_backend={m.compile_backend!r} is not a torch.compile backend here: use one of "
+            f"{', '.join(sorted(backends))}"
+        )
+    if not recipe.data.pad_text_to_max_len:
+        raise ConfigError(
+            "[model] compile='layers' needs fixed text lengths (each new length compiles again): set "
+            "[data] pad_text_to_max_len = true"
+        )
 
 
 def check_visual_tokenizer(recipe: PretrainRecipe, codebook_size: int, patch_size: int, model_cfg) -> None:

@@ -13,6 +13,7 @@ too many non-finite losses in a row, 1 anything else.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -81,6 +82,8 @@ def build_task(recipe: PretrainRecipe, device, visual_checkpoint: dict | None = 
     layers = grad_checkpoint_layers(recipe.model.grad_checkpointing, model.cfg.depth)
     if layers:
         model.set_grad_checkpointing(True, layers, grad_checkpoint_part(recipe.model.grad_checkpointing_part))
+    if recipe.model.compile == "layers":
+        model.compile_layers(recipe.model.compile_backend, recipe.model.compile_mode or None)
     task = MaskedDataModeling(model, visual, recipe.objective, weight_decay=recipe.train.weight_decay)
     return task, text_tok
 
@@ -119,6 +122,11 @@ def prepare(context: RunContext) -> TrainingRun:
         return Built(task, loader)
 
     def finish(trainer, result) -> int:
+        if recipe.model.compile != "none":
+            stats = trainer.task.model.compile_stats()
+            log.info("compiled layers (%s): %s", recipe.model.compile_backend, stats)
+            if dist.rank == 0:
+                (Path(args.output_dir) / "compile.json").write_text(json.dumps(stats) + "\n")
         if args.export and dist.rank == 0:
             from beit3.pretrain.export import export_run
 
