@@ -190,6 +190,8 @@ def evaluate_only(args) -> int:
         if args.predict and recipe.task.name not in PREDICTED:
             raise ConfigError(f"--predict: task {recipe.task.name!r} has no official output file "
                               f"(tasks with one: {', '.join(PREDICTED)})")  # fmt: skip
+        if args.references and (not args.predict or recipe.task.name != "captioning"):
+            raise ConfigError("--references scores caption predictions: use it with --predict (captioning)")
         references = read_coco_references(args.references) if args.references else None
         with trusted_checkpoints(args.trust_checkpoint):
             tokenizer, data, task = build_run(recipe, train=False)

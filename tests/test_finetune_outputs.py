@@ -186,6 +186,8 @@ def test_predict_without_eval_only_or_for_a_task_without_a_file_exits_2(tmp_path
     model.write_bytes(b"")
     assert main(args + ["--eval-only", str(model), "--predict", str(tmp_path / "p.json")]) == 2
     assert "has no official output file" in capsys.readouterr().err
+    assert main(args + ["--eval-only", str(model), "--references", str(model)]) == 2
+    assert "--references scores caption predictions" in capsys.readouterr().err
 
 
 # ----- keeping the best evaluated checkpoint ----------------------------------------------------------
