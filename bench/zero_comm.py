@@ -244,7 +244,7 @@ def run_worker(spec: dict, dist, out: Path) -> dict:
 
     torch.manual_seed(0)
     model = build_model(spec["model"], **model_overrides(spec))
-    task = MaskedDataModeling(model)
+    task = MaskedDataModeling(model, layer_gathering=spec.get("gather_units", "layers") == "layers")
     ds = ds_config_for(spec, dist.world_size)
     data = SyntheticSource(model.cfg, dist.rank, spec)
     cfg = TrainerConfig(
@@ -533,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="shipped",
         help="ZeRO-3: the config's stage3_max_reuse_distance, or 0 (release after every use)",
     )
+    p.add_argument(
+        "--gather-units",
+        choices=("layers", "submodules"),
+        default="layers",
+        help="ZeRO-3: each encoder layer gathered as one unit (the default of MaskedDataModeling), or "
+        "DeepSpeed's per-submodule gathering (layer_gathering=False, as before)",
+    )
     p.add_argument("--timeout", type=int, default=1800, help="seconds for each torchrun launch")
     p.add_argument("--name", default="zero_comm", help="results file stem under --results-dir")
     p.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
@@ -565,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         "ranks_per_node": args.ranks_per_node,
     }
     base["reuse"] = args.reuse
+    base["gather_units"] = args.gather_units
     giant_model = build_model(args.model, device="meta")
     specs = [{**base, "ds_config": c} for c in configs]
     start = time.time()

@@ -75,6 +75,7 @@ class MaskedDataModeling(nn.Module):
         visual_tokenizer=None,
         cfg: ObjectiveConfig | None = None,
         weight_decay: float = 0.05,
+        layer_gathering: bool = True,
     ) -> None:
         super().__init__()
         if model.mlm_head is None or model.mim_head is None:
@@ -82,6 +83,8 @@ class MaskedDataModeling(nn.Module):
         self.model = model
         self.cfg = cfg or ObjectiveConfig()
         self.weight_decay = weight_decay
+        # ZeRO-3 gathers each encoder layer as one unit (zero3_gather_units); False: per submodule
+        self.layer_gathering = layer_gathering
         # Kept outside the module tree on purpose (see module docstring).
         self.__dict__["visual_tokenizer"] = visual_tokenizer
 
@@ -181,10 +184,13 @@ class MaskedDataModeling(nn.Module):
         return _gathered(hidden, offset, *_positions(b, "text_labels", "text_label"), b["text_labels"])
 
     def zero3_gather_units(self) -> list[nn.Module]:
-        """Engine protocol (optional): with compiled layers each encoder layer is one ZeRO-3 gathering unit,
-        so that no ZeRO-3 hook runs inside a compiled layer (each would break its graph); otherwise none
-        (DeepSpeed gathers per submodule)."""
-        return list(self.model.beit3.encoder.layers) if self.model.compiled else []
+        """Engine protocol (optional): each encoder layer is one ZeRO-3 gathering unit, one all-gather of
+        all its parameters per layer and pass (the giant's step: 142 all-gather calls instead of 718 per
+        submodule, bench/results/zero_comm_layer_units.md). Always when the layers are compiled (no ZeRO-3
+        hook may run inside a compiled layer: each would break its graph); ``layer_gathering=False``
+        otherwise leaves DeepSpeed to gather per submodule."""
+        layered = self.layer_gathering or self.model.compiled
+        return list(self.model.beit3.encoder.layers) if layered else []
 
     def param_groups(self) -> list[dict]:
         """AdamW groups: weight decay except on biases, norms, position tables, CLS and mask tokens."""
@@ -196,8 +202,11 @@ class MaskedDataModeling(nn.Module):
         )
 
     def batch_stats(self, batch: dict) -> dict:
-        """Samples, tokens and training FLOPs of a micro-batch (call on the CPU batch: no device sync);
-        ``unpadded_flops``: the FLOPs of the real (unpadded) text tokens, for an MFU beside the padded one;
+        """Samples, tokens and training FLOPs of a micro-batch (call on the CPU batch: no device sync).
+
+        ``flops``: the model FLOPs with padded texts and the heads at the masked positions (the rows the
+        fixed-size gathers add, :func:`gather_rows`, are not model FLOPs: under 0.3% of the giant's step);
+        ``unpadded_flops``: each text at its real length, for an MFU beside the padded one;
         ``recompute_flops``: what activation checkpointing runs again in the backward, for the HFU."""
         cfg = self.model.cfg
         passes, unpadded = [], []  # unpadded: the same passes with each text at its real length
@@ -253,10 +262,30 @@ def masked_positions(select: torch.Tensor, name: str = "mask") -> tuple[torch.Te
         raise ValueError(f"{name} must be (B, L), got shape {tuple(select.shape)}")
     sel = select if select.dtype == torch.bool else select.ne(-100)
     counts = sel.sum(dim=1)
-    k = min(sel.shape[1], -(-max(counts.tolist(), default=0) // 8) * 8)
+    k = gather_width(counts.tolist(), sel.shape[1])
     index = torch.argsort((~sel).to(torch.uint8), dim=1, stable=True)[:, :k]
     valid = torch.arange(k, device=sel.device).unsqueeze(0) < counts.unsqueeze(1)
     return index, valid
+
+
+def gather_width(counts: list[int], length: int) -> int:
+    """K of :func:`masked_positions` for rows with ``counts`` selected positions out of ``length``: the
+    largest count rounded up to a multiple of 8, at most ``length``."""
+    return min(length, -(-max(counts, default=0) // 8) * 8)
+
+
+def gather_rows(batch: dict) -> tuple[int, int]:
+    """``(text rows, patch rows)`` the heads run on for a host micro-batch: each sub-batch's rows times its
+    gather width, the masked positions plus the fixed-size gathers' padding."""
+    text = patches = 0
+    for key in SUBBATCHES:
+        b = batch.get(key, {})
+        for select, is_text in (("image_mask", False), ("text_labels", True)):
+            if torch.is_tensor(b.get(select)):
+                sel = b[select] if b[select].dtype == torch.bool else b[select].ne(-100)
+                rows = sel.shape[0] * gather_width(sel.sum(1).tolist(), sel.shape[1])
+                text, patches = (text + rows, patches) if is_text else (text, patches + rows)
+    return text, patches
 
 
 def _positions(b: dict, select: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -253,13 +253,16 @@ def test_inductor_compiled_step_equals_eager(fresh_dynamo):
     assert task.model.compile_stats()["graph_breaks"] == 0
 
 
-def test_a_compiled_task_declares_its_layers_as_zero3_gathering_units():
+def test_the_task_declares_its_layers_as_zero3_gathering_units():
     from beit3.engine.task import zero3_gather_units
 
     task = _task(PAPER)
+    layers = list(task.model.beit3.encoder.layers)
+    assert zero3_gather_units(task) == layers  # the default
+    task.layer_gathering = False
     assert zero3_gather_units(task) == []
     task.model.compile_layers("aot_eager")
-    assert zero3_gather_units(task) == list(task.model.beit3.encoder.layers)
+    assert zero3_gather_units(task) == layers  # compiled layers must be units
 
     class Foreign(torch.nn.Module):
         def zero3_gather_units(self):

@@ -23,7 +23,7 @@ from beit3.finetune.tasks.retrieval import Retrieval
 from beit3.finetune.tasks.vqa import NLVR2, VQA
 from beit3.model import build_model
 from beit3.model.flops import Pass, training_flops
-from beit3.pretrain.objective import MaskedDataModeling
+from beit3.pretrain.objective import MaskedDataModeling, gather_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from synthetic import synthetic_batch  # noqa: E402
@@ -46,12 +46,21 @@ def forward_backward(task, batch):
 
 @pytest.mark.parametrize("name", ["beit3_tiny_patch16_64", "beit3_tiny_paper_patch16_64"])
 def test_pretraining_step_flops_equal_torchs_count(name):
-    """The objective's mixed micro-batch (images, texts, pairs; heads at the masked positions)."""
+    """The objective's mixed micro-batch (images, texts, pairs; heads at the masked positions). The heads run
+    on the rows of the fixed-size gathers (masked positions plus padding to the gather width), which torch
+    counts; batch_stats counts the masked positions only (model FLOPs): the same formula on both."""
     torch.manual_seed(0)
     task = MaskedDataModeling(build_model(name, drop_path_rate=0.0, vocab_size=100, visual_vocab_size=50))
-    batch = synthetic_batch(task.model.cfg, images=3, texts=2, pairs=4, text_len=12, pair_text_len=7)
-    expected = task.batch_stats(batch)["flops"]
-    assert counted(forward_backward(task, batch)) == expected
+    cfg = task.model.cfg
+    batch = synthetic_batch(cfg, images=3, texts=2, pairs=4, text_len=12, pair_text_len=7)
+    passes = [Pass(3, image=True), Pass(2, text_len=12), Pass(4, image=True, text_len=7)]
+    masked_text = sum(int(batch[k]["text_labels"].ne(-100).sum()) for k in ("text", "pair"))
+    masked_patches = sum(int(batch[k]["image_mask"].sum()) for k in ("image", "pair"))
+    assert task.batch_stats(batch)["flops"] == training_flops(cfg, passes, masked_text, masked_patches)
+    rows_text, rows_patches = gather_rows(batch)
+    assert rows_text >= masked_text and rows_patches >= masked_patches
+    assert rows_text + rows_patches > masked_text + masked_patches  # this batch's gathers pad
+    assert counted(forward_backward(task, batch)) == training_flops(cfg, passes, rows_text, rows_patches)
 
 
 IMAGE = torch.randn(3, 3, 64, 64)

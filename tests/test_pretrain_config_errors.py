@@ -240,6 +240,13 @@ RECIPE_MISTAKES = [
     ("bad_grad_checkpointing", ["model.grad_checkpointing=every:0"], "grad_checkpointing='every:0'"),
     ("bad_grad_checkpointing_part", ["model.grad_checkpointing_part=mlp"],
      "grad_checkpointing_part='mlp': use one of 'layer', 'attention', 'ffn'"),
+    ("bad_compile", ["model.compile=model"], "[model] compile='model': use one of none, layers"),
+    ("compile_mode_with_cuda_graphs", ["model.compile=layers", "model.compile_mode=reduce-overhead"],
+     "compile_mode='reduce-overhead'"),
+    ("unknown_compile_backend", ["model.compile=layers", "model.compile_backend=tensorrt-ish"],
+     "compile_backend='tensorrt-ish' is not a torch.compile backend here"),
+    ("compile_without_fixed_text_lengths", ["model.compile=layers", "data.pad_text_to_max_len=false"],
+     "set [data] pad_text_to_max_len = true"),
 ]  # fmt: skip
 
 
