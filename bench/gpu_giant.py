@@ -68,9 +68,8 @@ if importlib.util.find_spec("beit3") is None:  # not installed: map the reposito
 
 from beit3.engine.metrics import PEAK_FLOPS, device_peak_flops  # noqa: E402
 from beit3.model import build_model, count_parameters  # noqa: E402
-from beit3.model.beit3 import BEiT3  # noqa: E402
+from beit3.model.beit3 import BEiT3, BEiT3Model  # noqa: E402
 from beit3.model.flops import recompute_flops  # noqa: E402
-from beit3.model.layers import DropPath  # noqa: E402
 from beit3.pretrain.objective import MaskedDataModeling  # noqa: E402
 from beit3.tokenizers.ids import BOS_ID, EOS_ID, FIRST_ORDINARY_ID  # noqa: E402
 from beit3.tokenizers.masking import bert_corruption  # noqa: E402
@@ -255,24 +254,6 @@ class Optimizer:
 
 
 # ---- compile ---------------------------------------------------------------------------------------------
-class TensorRateDropPath(DropPath):
-    """Stochastic depth whose keep probability is a tensor, not a Python float: compiled, a float attribute is
-    a guard, so each of the 40 layers (each its own rate) would compile again and the recompile limit would
-    send the rest to eager. Same arithmetic (``x * mask / keep``); the masks are drawn outside the compiled
-    layer by ``forward_mixed`` with :meth:`DropPath.sample`, as before."""
-
-    def __init__(self, p: float, device: torch.device) -> None:
-        super().__init__(p)
-        self.register_buffer("keep", torch.tensor(1.0 - p, device=device), persistent=False)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.training:
-            return x
-        if mask is None:
-            mask = self.sample(x.shape[0], x.dtype, x.device).view((x.shape[0],) + (1,) * (x.dim() - 1))
-        return x * mask / self.keep
-
-
 def _set_recompile_limit(n: int) -> str:
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
@@ -280,30 +261,27 @@ def _set_recompile_limit(n: int) -> str:
     return name
 
 
-def compile_layers(model, backend: str, device: torch.device) -> None:
-    """``torch.compile`` each layer's ``forward_packed`` (what ``forward_mixed`` calls, directly or under
-    checkpointing); layers of one structure share their compiled graphs."""
-    for layer in model.beit3.encoder.layers:
-        if layer.drop_path is not None and not isinstance(layer.drop_path, TensorRateDropPath):
-            layer.drop_path = TensorRateDropPath(layer.drop_path.p, device)
-        fn = layer.__dict__.get("_eager_forward_packed", layer.forward_packed)
-        layer._eager_forward_packed = fn
-        layer.forward_packed = torch.compile(fn, backend=backend, dynamic=False)
+def compile_layers(model, backend: str) -> None:
+    """``torch.compile`` each layer's ``forward_packed`` (``BEiT3Model.compile_layers``, what ``[model]
+    compile = "layers"`` does in training): stochastic depth comes in as tensors, so layers of one structure
+    share their compiled graphs. The recompile limit stays the one ``--recompile-limit`` set."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    limit = getattr(config, name)
+    model.compile_layers(backend)
+    setattr(config, name, limit)
 
 
 def uncompile_layers(model) -> None:
-    for layer in model.beit3.encoder.layers:
-        if "_eager_forward_packed" in layer.__dict__:
-            layer.forward_packed = layer.__dict__.pop("_eager_forward_packed")
+    model.compile_layers(None)
 
 
 def dynamo_counts() -> dict:
-    from torch._dynamo.utils import counters
-
+    stats = BEiT3Model.compile_stats()
     return {
-        "graphs": int(counters["stats"].get("unique_graphs", 0)),
-        "frames_compiled": int(counters["frames"].get("ok", 0)),
-        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "graphs": stats["graphs"],
+        "frames_compiled": stats["frames"],
+        "graph_breaks": stats["graph_breaks"],
     }
 
 
@@ -757,9 +735,10 @@ def main(argv: list[str] | None = None) -> int:
             "change the cost: mask tokens are substituted), random visual-token codes as targets; the frozen "
             "visual tokenizer, the loader and the host-to-device copy are outside the measured step; the "
             "batch lives on the device",
-            "compiled: torch.compile(dynamic=False) of every layer's forward_packed; stochastic depth's keep "
-            "probability as a tensor buffer (TensorRateDropPath, same arithmetic) so layers share graphs; "
-            "compile s = first step - median step; dynamo state reset before each compiled configuration",
+            "compiled: torch.compile(dynamic=False) of every layer's forward_packed "
+            "(BEiT3Model.compile_layers, as [model] compile = 'layers'); stochastic depth's masks and keep "
+            "probability come in as tensors so layers share graphs; compile s = first step - median step; "
+            "dynamo state reset before each compiled configuration",
             "SDPA observed: aten attention ops in one profiled forward+backward, matched to sub-batches by "
             "sequence length; 'runs alone': forward+backward under torch.nn.attention.sdpa_kernel([backend])",
             "peak memory: torch.cuda.max_memory_allocated / max_memory_reserved over the timed steps "
@@ -823,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
                     from torch._dynamo.utils import counters
 
                     counters.clear()
-                    compile_layers(model, backend, device)
+                    compile_layers(model, backend)
                 else:
                     uncompile_layers(model)
                 try:

@@ -211,7 +211,7 @@ def test_compiled_giant_layers_share_three_graphs():
     }
     for sub in inputs.values():
         sub.pop("text_padding_mask", None)  # nothing padded (prepare_batch drops it)
-    mod.compile_layers(model, "aot_eager", torch.device("meta"))
+    mod.compile_layers(model, "aot_eager")
     hidden = model.forward_mixed(inputs)
     assert hidden["pair"].shape == (8, model.cfg.num_vision_tokens + 64, model.cfg.embed_dim)
     assert mod.dynamo_counts() == {"graphs": 3, "frames_compiled": 3, "graph_breaks": 0}
