@@ -408,3 +408,19 @@ def test_a_zero3_checkpoint_exports_and_resumes_under_the_projection_names(tmp_p
     # The ZeRO-3 module state holds empty placeholders under the projection names; a resume loads them.
     resumed = _zero3_trainer(tmp_path, 3)
     assert resumed.fit().exit_reason == "finished" and resumed.step == 3
+
+
+def test_the_benchmark_compares_both_variants_on_the_same_function(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "fused_qkv.py"
+    spec = importlib.util.spec_from_file_location("bench_fused_qkv", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "fused_qkv.md"
+    args = ["--dim", "64", "--heads", "2", "--layers", "1", "--img-size", "32", "--batch", "1",
+            "--text-len", "4", "--steps", "1", "--warmup", "0", "--out", str(out)]  # fmt: skip
+    assert bench.main(args) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith(("| attention", "| model"))]
+    assert len(rows) == 2 and all(float(r.split("|")[-2]) <= 1e-6 for r in rows)  # same outputs
