@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from beit3.model import BEiT3Model, get_config
-from beit3.model.layers import QKV_DISK_ORDER, QKV_PARTS, SelfAttention
+from beit3.model.layers import SelfAttention
+from beit3.model.qkv import QKV_DISK_ORDER, QKV_PARTS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCOPES = ("attention", "model")

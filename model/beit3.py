@@ -19,7 +19,8 @@ from torch.utils.checkpoint import checkpoint
 from beit3.model.cache import KVCache
 from beit3.model.config import ModelConfig
 from beit3.model.errors import ModelError
-from beit3.model.layers import QKV_DISK_ORDER, FusedQKV, Multiway, MultiwayBlock, Packing, apply_packed
+from beit3.model.layers import Multiway, MultiwayBlock, Packing, apply_packed
+from beit3.model.qkv import QKV_DISK_ORDER, FusedQKV
 
 # Position indices start at 2 in both tables, as in the released (fairseq-derived) code; rows 0 and 1 are
 # never read. Kept so that position tables have the released shapes.

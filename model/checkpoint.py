@@ -31,7 +31,7 @@ from torch import nn
 
 from beit3.model.config import ModelConfig
 from beit3.model.errors import ModelError
-from beit3.model.layers import unfuse_qkv
+from beit3.model.qkv import unfuse_qkv
 
 log = logging.getLogger(__name__)
 

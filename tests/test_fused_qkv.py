@@ -21,8 +21,9 @@ from torch import nn
 from beit3.model import WeightsFileError, build_model, count_parameters, load_checkpoint, save_checkpoint
 from beit3.model.beit3 import BEiT3Model
 from beit3.model.checkpoint import checkpoint_key_names, read_state_dict
-from beit3.model.layers import QKV_DISK_ORDER, QKV_PARTS, FusedQKV, Multiway
+from beit3.model.layers import Multiway
 from beit3.model.params import build_param_groups
+from beit3.model.qkv import QKV_DISK_ORDER, QKV_PARTS, FusedQKV
 from beit3.model.registry import get_config, list_models
 
 PAPER = "beit3_tiny_paper_patch16_64"
