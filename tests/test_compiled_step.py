@@ -14,54 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from beit3.model import build_model
 from beit3.model.layers import Packing
 from beit3.pretrain.objective import MaskedDataModeling, ObjectiveConfig, masked_positions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from step_syncs import OpTrace  # noqa: E402  (bench/step_syncs.py: the synchronising aten ops)
 from three_pass import ThreePassObjective  # noqa: E402  (bench/three_pass.py: boolean indexing, three passes)
 
 PAPER, RELEASED = "beit3_tiny_paper_patch16_64", "beit3_tiny_patch16_64"
 VOCAB, CODES = 100, 32
-
-# aten ops that read device memory on the host (a GPU stream synchronisation) or whose output size depends on
-# the data (the host must learn it).
-SYNCING = {
-    "aten._local_scalar_dense.default",
-    "aten.is_nonzero.default",
-    "aten.item.default",
-    "aten.nonzero.default",
-    "aten.masked_select.default",
-    "aten.unique_consecutive.default",
-    "aten._unique2.default",
-    "aten.unique_dim.default",
-    "aten.equal.default",
-    "aten.repeat_interleave.Tensor",
-    "aten.bincount.default",
-}
-
-
-class OpTrace(TorchDispatchMode):
-    """Records every aten op dispatched inside it; ``syncing`` lists those that would synchronise."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-        self.syncing: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        self.ops.append(name)
-        if name in SYNCING or (name.startswith(("aten.index.", "aten.index_put")) and _bool_index(args)):
-            self.syncing.append(name)
-        return func(*args, **(kwargs or {}))
-
-
-def _bool_index(args) -> bool:
-    indices = args[1] if len(args) > 1 else ()
-    return any(torch.is_tensor(i) and i.dtype == torch.bool for i in (indices or ()))
 
 
 def cpu_batch(seed: int = 0) -> dict:
@@ -326,3 +289,16 @@ def test_compiled_pretraining_under_zero3_follows_the_eager_run(pretrain_assets,
         assert compiled[step] == pytest.approx(eager[step], rel=1e-5, abs=1e-6), step
     stats = json.loads((tmp_path / "compiled" / "compile.json").read_text())
     assert stats["graph_breaks"] == 0 and 1 <= stats["graphs"] <= 6, stats
+
+
+@pytest.mark.parametrize("ds_config", ["zero0_fp32.json", "zero3_fp32.json"])
+def test_the_project_issues_no_synchronising_op_in_a_trained_step(ds_config):
+    """Through the real engine (one gloo rank): per optimizer step, no synchronising op comes from the
+    project's code (prepare_batch, the model, the objective, the trainer); what DeepSpeed's own code issues is
+    measured by bench/step_syncs.py (bench/results/step_syncs.md)."""
+    from step_syncs import run_config
+
+    spec = {"model": PAPER, "images": 2, "texts": 2, "pairs": 2, "text_len": 16, "pair_text_len": 8}
+    row = run_config(ds_config, 2, spec)
+    assert row["steps_counted"] == 2
+    assert row["project_per_step"] == 0, row["sources"]
