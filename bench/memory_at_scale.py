@@ -5,10 +5,11 @@ partitioning arithmetic applied to the real parameter count and the real ``ds_co
 gathering/prefetch/bucket sizes); activations are measured: the bytes autograd saves for backward in one
 forward of the giant's layers with the paper's per-GPU batch (8 images, 8 texts, 8 pairs) at the giant
 recipe's text lengths (``pretrain/recipes/giant.toml``: texts of 128, pair captions of 64), in bf16 weights
-as DeepSpeed's bf16 mode uses, at depth 1 and 2 (the difference is one layer), with and without activation
-checkpointing; the planner's per-token model of the same bytes (``estimate_activations``) is shown beside
-them. Allocator fragmentation and kernel workspaces are not in these bytes: the table keeps the planner's
-15% margin for them. Writes bench/results/memory_at_scale.{md,json}.
+as DeepSpeed's bf16 mode uses, at depth 1 and 2 (the difference is one layer), without activation
+checkpointing and with it (whole layers, attention branches only, FFN branches only); the planner's
+per-token model of the same bytes (``estimate_activations``) is shown beside them. Allocator
+fragmentation and kernel workspaces are not in these bytes: the table keeps the planner's 15% margin for
+them. Writes bench/results/memory_at_scale.{md,json}.
 
     python bench/memory_at_scale.py [--device cuda] [--gpus 256] [--gpu-gib 40]
 """
@@ -27,6 +28,7 @@ from train_step import build_parser as bench_parser  # bench/train_step.py, besi
 from train_step import run as bench_run
 
 from beit3.model import build_model, count_parameters
+from beit3.pretrain.objective import masked_positions
 from beit3.pretrain.plan import (
     DEFAULT_RECIPE,
     MARGIN,
@@ -39,6 +41,9 @@ from beit3.pretrain.plan import (
 from beit3.pretrain.recipe import load_recipe
 
 GIB = 2**30
+# (name, every layer checkpointed?, part): the table's rows; the names are beit3-plan's --checkpointing
+# values, or the part recomputed in every layer.
+CHECKPOINTING = (("none", 0, "layer"), ("all", 1, "layer"), ("attention", 1, "attention"), ("ffn", 1, "ffn"))
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "beit3_giant_patch14_224"
 
@@ -56,6 +61,7 @@ def saved_bytes(
     argv = ["--model", model, "--depth", str(depth), "--vl-layers", "0", "--images", str(batch[0])]
     argv += ["--texts", str(batch[1]), "--pairs", str(batch[2]), "--text-len", str(text_len)]
     argv += ["--pair-text-len", str(pair_len), "--precision", "bf16-pure", "--activation-only"]
+    argv += ["--exact-text-masks"]  # each row's masked count as the data pipeline draws it
     args = bench_parser().parse_args([*argv, "--device", device])
     args.grad_ckpt = ckpt
     r = bench_run(args)
@@ -65,18 +71,36 @@ def saved_bytes(
 def measured_activations(
     device: str, batch: tuple[int, int, int], text_len: int, pair_len: int, model: str = MODEL
 ) -> ActivationModel:
-    """The :class:`ActivationModel` of a micro-batch, measured: depth 1 and 2 with and without
-    checkpointing (a layer is the difference; the rest of the depth-1 model is the base)."""
-    one, two = (saved_bytes(device, "none", n, batch, text_len, pair_len, model) for n in (1, 2))
-    one_ck, two_ck = (saved_bytes(device, "all", n, batch, text_len, pair_len, model) for n in (1, 2))
-    return ActivationModel(base=one - (two - one), layer=two - one, checkpointed_layer=two_ck - one_ck)
+    """The :class:`ActivationModel` of a micro-batch, measured: depth 1 and 2 without checkpointing and
+    with each part checkpointed (a layer is the difference; the rest of the depth-1 model is the base). A
+    layer whose attention (FFN) branch is recomputed keeps its input and the other branch's bytes."""
+
+    def per_layer(ckpt: str) -> tuple[float, float]:
+        one, two = (saved_bytes(device, ckpt, n, batch, text_len, pair_len, model) for n in (1, 2))
+        return one, two - one
+
+    one, layer = per_layer("none")
+    checkpointed = per_layer("all")[1]
+    keeps_ffn, keeps_attention = per_layer("attention")[1], per_layer("ffn")[1]
+    return ActivationModel(
+        base=one - layer,
+        layer=layer,
+        checkpointed_layer=checkpointed,
+        attention=keeps_attention - checkpointed,
+        ffn=keeps_ffn - checkpointed,
+    )
 
 
 def modelled_activations(cfg, batch: tuple[int, int, int], text_len: int, pair_len: int) -> ActivationModel:
-    """The planner's estimate for the same synthetic batch (its masked-position counts)."""
-    b = synthetic_batch(cfg, *batch, text_len, pair_len)
-    predicted_text = sum(int(b[k]["text_labels"].ne(-100).sum()) for k in ("text", "pair") if k in b)
-    predicted_patches = sum(int(b[k]["image_mask"].sum()) for k in ("image", "pair") if k in b)
+    """The planner's estimate for the same synthetic batch (the rows its heads see: the objective's
+    fixed-size gathers of its masked positions, whose counts per row are the data pipeline's)."""
+    b = synthetic_batch(cfg, *batch, text_len, pair_len, exact_text_masks=True)
+
+    def rows(keys: tuple[str, ...], select: str) -> int:
+        return sum(masked_positions(b[k][select])[0].numel() for k in keys if k in b)
+
+    predicted_text = rows(("text", "pair"), "text_labels")
+    predicted_patches = rows(("image", "pair"), "image_mask")
     return estimate_activations(cfg, *batch, text_len, pair_len, predicted_text, predicted_patches)
 
 
@@ -117,21 +141,22 @@ def main(argv: list[str] | None = None) -> int:
         "configs": {},
     }
     rows = []
-    for ckpt, layers in (("none", 0), ("all", depth)):
-        acts = activation_bytes(measured, depth, layers)
-        model_acts = activation_bytes(modelled, depth, layers)
+    for ckpt, layers, part in CHECKPOINTING:
+        layers = layers and depth
+        acts = activation_bytes(measured, depth, layers, part)
+        model_acts = activation_bytes(modelled, depth, layers, part)
+        per_layer = measured.per_layer(part) if layers else measured.layer
         total = sum(states.values()) + acts
         with_margin = total * MARGIN
         result["configs"][ckpt] = {
             "activation_gib": acts / GIB,
             "modelled_activation_gib": model_acts / GIB,
-            "per_layer_gib": (measured.checkpointed_layer if layers else measured.layer) / GIB,
+            "per_layer_gib": per_layer / GIB,
             "model_states_gib": sum(states.values()) / GIB,
             "total_gib": total / GIB,
             "total_with_margin_gib": with_margin / GIB,
             "fits": with_margin <= args.gpu_gib * GIB,
         }
-        per_layer = measured.checkpointed_layer if layers else measured.layer
         rows.append((ckpt, acts, model_acts, per_layer, total, with_margin))
     lines = [
         f"# Giant (paper layout, {params / 1e9:.2f}B parameters) under ZeRO-3 on {args.gpus} GPUs, "
@@ -140,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `python bench/memory_at_scale.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
         f"activations measured on `{args.device}`, torch {torch.__version__}; DeepSpeed config "
         f"`{result['ds_config']}`; text lengths of `{args.recipe.name}`. Model states and totals: "
-        "`beit3.pretrain.plan` (`beit3-plan`'s memory model); with checkpointing the total holds one layer's "
-        "full activations besides the saved layer inputs (its recompute in the backward).",
+        "`beit3.pretrain.plan` (`beit3-plan`'s memory model); with checkpointing the total holds the full "
+        "activations of one recomputed part besides what the checkpointed layers keep (its recompute in the "
+        "backward). `attention` / `ffn`: every layer recomputes its attention / FFN branch only and keeps "
+        "the other branch's activations.",
         "",
         "| model state per GPU | GiB |",
         "|---|---|",

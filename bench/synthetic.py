@@ -8,6 +8,8 @@ flatters some kernels), and no data loader in the way.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from beit3.model.config import ModelConfig
@@ -26,8 +28,13 @@ def synthetic_batch(
     pair_text_mask_ratio: float = 0.5,
     seed: int = 0,
     with_codes: bool = True,
+    exact_text_masks: bool = False,
 ) -> dict:
-    """A batch like ``beit3.pretrain.data`` yields, already tokenized (``image_codes`` instead of views)."""
+    """A batch like ``beit3.pretrain.data`` yields, already tokenized (``image_codes`` instead of views).
+
+    Text positions are chosen with probability ``ratio`` each (position 1 always); ``exact_text_masks``: as
+    the data pipeline chooses them (``tokenizers.masking.bert_mask_tokens``), ``round(ratio * n)`` of the
+    ``n`` positions between BOS and EOS in every row, so that each row has the pipeline's count."""
     g = torch.Generator().manual_seed(seed)
     np_ = cfg.num_patches
 
@@ -45,9 +52,14 @@ def synthetic_batch(
     def text_part(n: int, length: int, ratio: float) -> dict:
         ids = torch.randint(FIRST_ORDINARY_ID, min(cfg.vocab_size, 64000), (n, length), generator=g)
         ids[:, 0], ids[:, -1] = BOS_ID, EOS_ID
-        chosen = torch.rand(n, length, generator=g) < ratio
-        chosen[:, 0] = chosen[:, -1] = False
-        chosen[:, 1] = True
+        if exact_text_masks:
+            k = max(1, int(math.floor(ratio * (length - 2) + 0.5)))
+            order = torch.rand(n, length - 2, generator=g).argsort(dim=1)[:, :k] + 1
+            chosen = torch.zeros(n, length, dtype=torch.bool).scatter_(1, order, True)
+        else:
+            chosen = torch.rand(n, length, generator=g) < ratio
+            chosen[:, 0] = chosen[:, -1] = False
+            chosen[:, 1] = True
         labels = torch.where(chosen, ids, torch.full_like(ids, -100))
         masked = torch.where(chosen, torch.full_like(ids, UNK_ID), ids)  # any id stands in for <mask>
         return {

@@ -28,7 +28,6 @@ from three_pass import ThreePassObjective  # bench/three_pass.py
 
 from beit3.engine.metrics import device_peak_flops
 from beit3.model import build_model, count_parameters
-from beit3.model.flops import recompute_flops
 from beit3.pretrain.objective import MaskedDataModeling
 
 OBJECTIVES = {"one-pass": MaskedDataModeling, "three-pass": ThreePassObjective}
@@ -60,8 +59,8 @@ def _setup(args: argparse.Namespace, objective: str):
         overrides["depth"] = args.depth
         overrides["vl_expert_layers"] = 0 if args.layout_released else min(args.vl_layers, args.depth)
     model = build_model(args.model, **overrides).to(device)
-    if args.grad_ckpt == "all":
-        model.set_grad_checkpointing(True)
+    if args.grad_ckpt != "none":  # every layer: whole ("all"), or its attention or FFN branch only
+        model.set_grad_checkpointing(True, part="layer" if args.grad_ckpt == "all" else args.grad_ckpt)
     if args.compile:
         for i, layer in enumerate(model.beit3.encoder.layers):
             # the one pass calls forward_packed (reached through the compiled wrapper's attribute lookup)
@@ -73,7 +72,13 @@ def _setup(args: argparse.Namespace, objective: str):
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(task.param_groups(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=fused)
     cpu_batch = synthetic_batch(
-        model.cfg, args.images, args.texts, args.pairs, args.text_len, args.pair_text_len
+        model.cfg,
+        args.images,
+        args.texts,
+        args.pairs,
+        args.text_len,
+        args.pair_text_len,
+        exact_text_masks=args.exact_text_masks,
     )
     stats = task.batch_stats(cpu_batch)
     batch = task.prepare_batch(cpu_batch, device)
@@ -138,8 +143,7 @@ def _result(args, objective, task, opt, batch, stats, amp, times, cpu_times, pea
         act_bytes = saved_activation_bytes(task, batch)
     opt.zero_grad(set_to_none=True)
     peak = device_peak_flops(device, args.peak_flops)
-    ckpt_fraction = 1.0 if args.grad_ckpt == "all" else 0.0
-    hw_flops = stats["flops"] + recompute_flops(stats["flops"], ckpt_fraction)
+    hw_flops = stats["flops"] + stats.get("recompute_flops", 0.0)  # what checkpointing runs again
     samples = stats["samples"]
     result = {
         "model": args.model,
@@ -162,6 +166,7 @@ def _result(args, objective, task, opt, batch, stats, amp, times, cpu_times, pea
         "samples_per_s": samples / step_time,
         "tokens_per_s": stats["tokens"] / step_time,
         "model_tflops_per_step": stats["flops"] / 1e12,
+        "recompute_tflops_per_step": stats.get("recompute_flops", 0.0) / 1e12,
         "achieved_tflops": stats["flops"] / step_time / 1e12,
         "mfu_pct": 100 * stats["flops"] / step_time / peak if peak else None,
         "hfu_pct": 100 * hw_flops / step_time / peak if peak else None,
@@ -243,7 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="bf16",
         help="bf16: autocast over fp32 weights; bf16-pure: bf16 weights (DeepSpeed's bf16 mode)",
     )
-    p.add_argument("--grad-ckpt", choices=("none", "all"), nargs="+", default=["none"])
+    p.add_argument(
+        "--grad-ckpt",
+        choices=("none", "all", "attention", "ffn"),
+        nargs="+",
+        default=["none"],
+        help="activation checkpointing of every layer: all of it, or its attention or FFN branch only",
+    )
     p.add_argument(
         "--objective",
         choices=tuple(OBJECTIVES),
@@ -257,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--activation-only", action="store_true", help="measure activation memory only, no timing")
+    p.add_argument(
+        "--exact-text-masks",
+        action="store_true",
+        help="mask round(ratio x length) text positions per row, as the data pipeline does",
+    )
     p.add_argument("--peak-flops", type=float, default=None, help="override the device's peak FLOP/s")
     p.add_argument("--name", default=None, help="results file stem under --results-dir")
     p.add_argument("--results-dir", type=Path, default=Path("bench/results"))

@@ -8,7 +8,8 @@ DeepSpeed config, :func:`plan` projects per GPU and step (docs/performance.md, "
   autograd saves per layer and outside the layers; :func:`estimate_activations` models them from the widths,
   the bench measures them), times :data:`MARGIN` for allocator fragmentation and workspaces;
 * **compute**: the model's training FLOPs (``beit3.model.flops.training_flops`` at the recipe's padded text
-  lengths) plus the recomputed forward of checkpointed layers, executed at the stated utilisation ``--mfu``;
+  lengths) plus what activation checkpointing recomputes (``checkpoint_recompute_flops``: the forward of
+  the checkpointed layers, or of their attention or FFN branch), executed at the stated utilisation ``--mfu``;
 * **communication**: a byte model of ZeRO's collectives (:func:`collectives`), ring algorithms, the bytes
   that cross a node's network interfaces against the per-node bandwidth and the rest against NVLink;
 * **step**: compute plus the communication that does not hide behind ``--overlap`` of the compute time;
@@ -31,9 +32,14 @@ from beit3.engine.ds_config import EngineConfigError, load_ds_config, precision_
 from beit3.engine.metrics import DEVICE_MEMORY, NVLINK_BANDWIDTH, PEAK_FLOPS
 from beit3.model import build_model, count_parameters
 from beit3.model.config import ModelConfig
-from beit3.model.flops import Pass, recompute_flops, training_flops
+from beit3.model.flops import Pass, checkpoint_recompute_flops, training_flops
 from beit3.pretrain.errors import PretrainError
-from beit3.pretrain.recipe import grad_checkpoint_layers, load_recipe, micro_batch_split
+from beit3.pretrain.recipe import (
+    grad_checkpoint_layers,
+    grad_checkpoint_part,
+    load_recipe,
+    micro_batch_split,
+)
 
 GIB = 2**30
 # Planned memory = estimate x MARGIN: allocator fragmentation, CUDA context, NCCL buffers and kernel
@@ -63,19 +69,35 @@ class PlanError(PretrainError, ValueError):
 @dataclass(frozen=True)
 class ActivationModel:
     """Saved-activation bytes of one micro-batch: outside the layers (embeddings, final norm, heads and
-    their losses at the masked positions), per layer without checkpointing, per checkpointed layer."""
+    their losses at the masked positions), per layer without checkpointing, per checkpointed layer (its
+    input), and of ``layer`` what its attention branch (pre-LN to output projection, the layer's input
+    included) and its FFN branch (final LN to ``fc2``, its input included) save: recomputing one branch
+    keeps the other's bytes and the branch's input (0: not modelled)."""
 
     base: float
     layer: float
     checkpointed_layer: float
+    attention: float = 0.0
+    ffn: float = 0.0
+
+    def per_layer(self, part: str) -> float:
+        """Bytes a layer checkpointed with ``part`` (``"layer"``, ``"attention"``, ``"ffn"``) saves."""
+        kept = {"layer": 0.0, "attention": self.ffn, "ffn": self.attention}[part]
+        return self.checkpointed_layer + kept
+
+    def recomputed(self, part: str) -> float:
+        """Bytes of one recomputed part, live in the backward while its gradient is computed."""
+        return {"layer": self.layer, "attention": self.attention, "ffn": self.ffn}[part]
 
 
-def activation_bytes(act: ActivationModel, depth: int, checkpointed: int) -> float:
-    """Peak activation bytes of a micro-batch with ``checkpointed`` of ``depth`` layers recomputed: what
-    the forward saves, plus, when any layer is checkpointed, one layer's full activations (its recompute
-    in the backward is live while its gradient is computed)."""
-    recompute = act.layer if checkpointed else 0.0
-    return act.base + (depth - checkpointed) * act.layer + checkpointed * act.checkpointed_layer + recompute
+def activation_bytes(act: ActivationModel, depth: int, checkpointed: int, part: str = "layer") -> float:
+    """Peak activation bytes of a micro-batch with ``checkpointed`` of ``depth`` layers recomputed
+    (``part`` of each): what the forward saves, plus, when any layer is checkpointed, the full activations
+    of one recomputed part (its recompute in the backward is live while its gradient is computed)."""
+    if not checkpointed:
+        return act.base + depth * act.layer
+    saved = (depth - checkpointed) * act.layer + checkpointed * act.per_layer(part)
+    return act.base + saved + act.recomputed(part)
 
 
 def estimate_activations(
@@ -99,7 +121,10 @@ def estimate_activations(
     activation dtype; for an image-text pair's tokens 3 more of width d (its vision and text rows lie in
     different expert groups, so its q, k and v are gathered into a copy for its attention); the attention's
     log-sum-exp (fp32 per head) and four LayerNorms' mean and rstd (fp32). A checkpointed layer keeps its
-    input only. Outside the
+    input only. Of these the attention branch saves 8 vectors of width d (and the pair tokens' 3), the
+    log-sum-exp and two LayerNorms' statistics; the FFN branch 2 of width d, the 3 of the FFN width and two
+    LayerNorms' statistics. ``predicted_text`` / ``predicted_patches``: the rows each head is applied to,
+    the objective's fixed-size gathers (:func:`gathered_rows`). Outside the
     layers: the final norm's input and statistics per token, the text ids, each image's pixels (the patch
     projection's weight gradient), and at each masked position the head's input, its index and the fp32
     log-softmax of the logits.
@@ -115,7 +140,19 @@ def estimate_activations(
     )
     base = tokens * (a * d + 8) + 8 * text_tokens + pixels + heads
     layer = tokens * per_token + pair_tokens * 3 * a * d
-    return ActivationModel(base=base, layer=layer, checkpointed_layer=tokens * a * d)
+    ffn = tokens * (a * (2 * d + 3 * f) + 2 * 2 * 4)
+    return ActivationModel(
+        base=base, layer=layer, checkpointed_layer=tokens * a * d, attention=layer - ffn, ffn=ffn
+    )
+
+
+def gathered_rows(samples: int, per_row: float, length: int) -> int:
+    """Rows a prediction head sees for ``samples`` sequences of ``length`` positions with ``per_row`` of
+    them predicted: the objective gathers K rows per sequence, the largest count rounded up to 8 (at most
+    ``length``; ``beit3.pretrain.objective.masked_positions``); the mean count stands for the largest."""
+    if not samples or per_row <= 0:
+        return 0
+    return samples * min(length, 8 * math.ceil(per_row / 8))
 
 
 def _param_bytes(ds: dict) -> int:
@@ -286,6 +323,7 @@ class Plan:
     precision: str
     checkpointed: int
     depth: int
+    checkpoint_part: str
     micro_batch: dict
     micro_batches: int
     text_len: int
@@ -344,6 +382,7 @@ def plan(
     gbps: float = 400.0,
     ds_config: str | Path = DEFAULT_DS_CONFIG,
     checkpointing: str | None = None,
+    checkpointing_part: str | None = None,
     mfu: float = 0.45,
     passes: int = PASSES_PER_MICRO_BATCH,
     overlap: float = OVERLAP,
@@ -378,15 +417,22 @@ def plan(
     params = count_parameters(meta)["total"]
     persistent = persistent_parameters(meta, ds)
     spec = checkpointing if checkpointing is not None else r.grad_checkpointing
-    ckpt = checkpointed_layers(spec, cfg.depth)
+    part = grad_checkpoint_part(checkpointing_part or r.grad_checkpointing_part)
+    layers = grad_checkpoint_layers(spec, cfg.depth) or []
+    ckpt = len(layers)
     d = recipe.data
     text_len, pair_len = d.text_max_len, d.pair_text_max_len
     images, texts, pairs = split["images"], split["texts"], split["pairs"]
     patches = round(d.image_mask_ratio * cfg.num_patches) * images
     patches += round(d.pair_image_mask_ratio * cfg.num_patches) * pairs
     predicted_text = d.text_mask_ratio * text_len * texts + d.pair_text_mask_ratio * pair_len * pairs
+    np_ = cfg.num_patches
+    head_text = gathered_rows(texts, d.text_mask_ratio * text_len, text_len)
+    head_text += gathered_rows(pairs, d.pair_text_mask_ratio * pair_len, pair_len)
+    head_patches = gathered_rows(images, round(d.image_mask_ratio * np_), np_)
+    head_patches += gathered_rows(pairs, round(d.pair_image_mask_ratio * np_), np_)
     act = estimate_activations(
-        cfg, images, texts, pairs, text_len, pair_len, predicted_text, patches, _param_bytes(ds)
+        cfg, images, texts, pairs, text_len, pair_len, head_text, head_patches, _param_bytes(ds)
     )
     p = Plan(
         model=r.name,
@@ -400,6 +446,7 @@ def plan(
         precision=precision_of(ds),
         checkpointed=ckpt,
         depth=cfg.depth,
+        checkpoint_part=part,
         micro_batch=split,
         micro_batches=micro_batches,
         text_len=text_len,
@@ -410,12 +457,14 @@ def plan(
         steps=steps if steps is not None else recipe.train.total_steps,
     )
     p.states = model_state_bytes(params, gpus, ds, persistent)
-    p.activations = activation_bytes(act, cfg.depth, ckpt)
+    p.activations = activation_bytes(act, cfg.depth, ckpt, part)
     p.memory = sum(p.states.values()) + p.activations
     p.memory_limit = DEVICE_MEMORY[gpu]
     passes_list = [Pass(images, image=True), Pass(texts, text_len=text_len), Pass(pairs, True, pair_len)]
     p.model_work = micro_batches * training_flops(cfg, passes_list, round(predicted_text), patches)
-    p.recompute_work = recompute_flops(p.model_work, ckpt / cfg.depth)
+    drop_path = r.drop_path_rate > 0  # the recipe's rate, as beit3-pretrain builds the model
+    recompute = checkpoint_recompute_flops(cfg, passes_list, layers, part, drop_path)
+    p.recompute_work = micro_batches * recompute
     family = gpu_family(gpu)
     p.compute_s = (p.model_work + p.recompute_work) / (mfu * PEAK_FLOPS[family])
     node_bw, nvlink = gbps * 1e9 / 8, NVLINK_BANDWIDTH[family]
@@ -449,6 +498,9 @@ def refusal(p: Plan, **settings) -> str:
     tries = []
     if p.checkpointed < p.depth:
         tries.append(("--checkpointing all", {"checkpointing": "all"}))
+    if p.checkpoint_part != "layer":
+        change = {"checkpointing": "all", "checkpointing_part": "layer"}
+        tries.append(("--checkpointing all --checkpointing-part layer", change))
     if p.stage < 3:
         tries.append((f"--ds-config {_shown(DEFAULT_DS_CONFIG)}", {"ds_config": DEFAULT_DS_CONFIG}))
     for flag, change in tries:
@@ -470,6 +522,8 @@ def format_plan(p: Plan) -> str:
     ckpt = (
         "none" if not p.checkpointed else "all" if p.checkpointed == p.depth else f"{p.checkpointed} layers"
     )
+    if p.checkpointed and p.checkpoint_part != "layer":
+        ckpt += f" ({p.checkpoint_part} only)"
     lines = [
         f"{p.model}: {p.params / 1e9:.2f}B parameters, {p.steps:,} steps; "
         f"{p.micro_batches} micro-batch(es) per GPU and step of {mb['images']} images, "
@@ -518,6 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gbps", type=float, default=400.0, help="inter-node bandwidth per node, Gb/s")
     p.add_argument("--ds-config", type=Path, default=DEFAULT_DS_CONFIG)
     p.add_argument("--checkpointing", default=None, help="none, all, every:N (default: the recipe's)")
+    p.add_argument(
+        "--checkpointing-part",
+        default=None,
+        help="what each checkpointed layer recomputes: layer, attention, ffn (default: the recipe's)",
+    )
     p.add_argument("--mfu", type=float, default=0.45, help="utilisation of the executed FLOPs")
     p.add_argument(
         "--passes", type=int, default=PASSES_PER_MICRO_BATCH, help="forward passes per micro-batch"
@@ -546,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         "gbps": args.gbps,
         "ds_config": args.ds_config,
         "checkpointing": args.checkpointing,
+        "checkpointing_part": args.checkpointing_part,
         "mfu": args.mfu,
         "passes": args.passes,
         "overlap": args.overlap,

@@ -12,6 +12,7 @@ import torch
 
 from beit3.engine.metrics import DEVICE_MEMORY, NVLINK_BANDWIDTH, PEAK_FLOPS
 from beit3.model import get_config
+from beit3.model.flops import Pass, checkpoint_recompute_flops
 from beit3.pretrain import plan as planner
 from beit3.pretrain.recipe import load_recipe
 
@@ -38,16 +39,19 @@ def test_memory_table_is_at_the_giant_recipes_text_lengths():
     assert result["batch"] == {"images": 8, "texts": 8, "pairs": 8}
 
 
-@pytest.mark.parametrize("ckpt", ["none", "all"])
+@pytest.mark.parametrize("ckpt", ["none", "all", "attention", "ffn"])
 def test_memory_estimate_agrees_with_bench_memory_at_scale(ckpt):
     """The planner's per-GPU memory for the bench's setting (giant, ZeRO-3 bf16, 256 GPUs, 8+8+8 at the
-    recipe's lengths): model states equal, activations and total within 2% of the measured figures."""
+    recipe's lengths): model states equal, activations and total within 2% of the measured figures; for
+    every layer checkpointed whole, or its attention or FFN branch only."""
     result = json.loads(RESULTS.read_text())
+    part = ckpt if ckpt in ("attention", "ffn") else None
     p = planner.plan(
         GIANT,
         gpus=result["gpus"],
         ds_config=ROOT / result["ds_config"],
-        checkpointing=ckpt,
+        checkpointing="all" if part else ckpt,
+        checkpointing_part=part,
         overrides=[
             f"data.text_max_len={result['text_len']}",
             f"data.pair_text_max_len={result['pair_text_len']}",
@@ -69,7 +73,7 @@ def test_activation_model_agrees_with_the_measured_parts():
     modelled = memory_at_scale.modelled_activations(
         cfg, (8, 8, 8), result["text_len"], result["pair_text_len"]
     )
-    for part in ("base", "layer", "checkpointed_layer"):
+    for part in ("base", "layer", "checkpointed_layer", "attention", "ffn"):
         assert getattr(modelled, part) == pytest.approx(measured[part], rel=0.02), part
 
 
@@ -82,7 +86,7 @@ def test_activation_model_agrees_with_a_fresh_measurement(name, batch, text_len,
     """Other widths, both layouts, another mix: the model tracks what autograd saves in today's code."""
     measured = memory_at_scale.measured_activations("cpu", batch, text_len, pair_len, name)
     modelled = memory_at_scale.modelled_activations(get_config(name), batch, text_len, pair_len)
-    for part in ("base", "layer", "checkpointed_layer"):
+    for part in ("base", "layer", "checkpointed_layer", "attention", "ffn"):
         assert getattr(modelled, part) == pytest.approx(getattr(measured, part), rel=0.02), part
 
 
@@ -91,6 +95,28 @@ def test_activation_bytes_adds_one_recomputed_layer_when_checkpointing():
     assert planner.activation_bytes(act, 4, 0) == 140.0
     assert planner.activation_bytes(act, 4, 4) == 100.0 + 4 * 1.0 + 10.0
     assert planner.activation_bytes(act, 4, 2) == 100.0 + 2 * 10.0 + 2 * 1.0 + 10.0
+
+
+def test_activation_bytes_of_recomputed_branches():
+    """A layer recomputing one branch keeps its input and the other branch's bytes; the backward holds one
+    recomputed branch at a time."""
+    act = planner.ActivationModel(base=100.0, layer=10.0, checkpointed_layer=1.0, attention=4.0, ffn=6.0)
+    assert planner.activation_bytes(act, 4, 4, "attention") == 100.0 + 4 * (1.0 + 6.0) + 4.0
+    assert planner.activation_bytes(act, 4, 4, "ffn") == 100.0 + 4 * (1.0 + 4.0) + 6.0
+    assert planner.activation_bytes(act, 4, 2, "ffn") == 100.0 + 2 * 10.0 + 2 * (1.0 + 4.0) + 6.0
+    assert planner.activation_bytes(act, 4, 0, "ffn") == planner.activation_bytes(act, 4, 0) == 140.0
+    assert planner.activation_bytes(act, 4, 4, "layer") == planner.activation_bytes(act, 4, 4)
+
+
+def test_the_rows_a_head_sees_are_the_objectives_fixed_size_gathers():
+    """K per sequence: the count rounded up to 8, at most the sequence length (masked_positions)."""
+    from beit3.pretrain.objective import masked_positions
+
+    select = torch.zeros(3, 20, dtype=torch.bool)
+    select[:, :9] = True
+    assert masked_positions(select)[0].numel() == planner.gathered_rows(3, 9, 20) == 3 * 16
+    assert planner.gathered_rows(3, 19.2, 20) == 3 * 20
+    assert planner.gathered_rows(0, 9, 20) == planner.gathered_rows(3, 0, 20) == 0
 
 
 def test_model_states_per_stage_by_hand():
@@ -182,7 +208,37 @@ def test_step_time_is_compute_plus_the_communication_overlap_does_not_hide():
     assert p.days == pytest.approx(p.step_s * 1_000_000 / 86400)
     assert round(p.model_work / 1e12, 1) == 35.6  # docs/performance.md: 35.57 TFLOP per GPU and step
     ckpt = planner.plan(GIANT, checkpointing="all", mfu=0.45, overlap=0.5)
-    assert ckpt.recompute_work == pytest.approx(ckpt.model_work / 3)
+    # The layers' forward (what torch recomputes: checkpoint_recompute_flops), under a third of the model
+    # FLOPs: the heads and the patch projection are not recomputed, nor the first layer's last fc2 matmul
+    # (it has no stochastic depth, so early stopping skips it).
+    cfg = get_config("beit3_giant_patch14_224")
+    passes = [Pass(8, image=True), Pass(8, text_len=128), Pass(8, image=True, text_len=64)]
+    assert ckpt.recompute_work == checkpoint_recompute_flops(cfg, passes, range(40), "layer", True)
+    assert 0.3 * ckpt.model_work < ckpt.recompute_work < ckpt.model_work / 3
+    assert ckpt.compute_s == pytest.approx(
+        (ckpt.model_work + ckpt.recompute_work) / (0.45 * PEAK_FLOPS["A100"])
+    )
+
+
+def test_a_recomputed_branch_costs_its_forward_and_saves_part_of_the_memory():
+    """Attention-only and FFN-only checkpointing of every giant layer: recompute and memory between none
+    and whole layers, each recomputing what checkpoint_recompute_flops says."""
+    cfg = get_config("beit3_giant_patch14_224")
+    passes = [Pass(8, image=True), Pass(8, text_len=128), Pass(8, image=True, text_len=64)]
+    plans = {
+        "none": planner.plan(GIANT, checkpointing="none"),
+        "layer": planner.plan(GIANT, checkpointing="all"),
+    }
+    for part in ("attention", "ffn"):
+        p = plans[part] = planner.plan(GIANT, checkpointing="all", checkpointing_part=part)
+        assert p.recompute_work == checkpoint_recompute_flops(cfg, passes, range(40), part, True)
+        assert p.checkpoint_part == part and p.model_work == plans["none"].model_work
+    work = {k: p.recompute_work for k, p in plans.items()}
+    memory = {k: p.activations for k, p in plans.items()}
+    assert work["none"] == 0 < min(work["attention"], work["ffn"])
+    assert max(work["attention"], work["ffn"]) < work["layer"]
+    assert memory["none"] > max(memory["attention"], memory["ffn"])
+    assert min(memory["attention"], memory["ffn"]) > memory["layer"]
 
 
 def test_every_planned_gpu_has_a_peak_and_an_nvlink_bandwidth():
@@ -203,6 +259,10 @@ def test_cli_end_to_end(capsys):
     assert "wall clock for 1,000,000 steps" in text and "x3" in text and "fits" in text
     assert planner.main(["--gathered-x", "1.2"]) == 0
     assert "all-gather, forward x0.6" in capsys.readouterr().out
+    assert planner.main(["--checkpointing", "all", "--checkpointing-part", "ffn"]) == 0
+    assert "activation checkpointing all (ffn only)" in capsys.readouterr().out
+    assert planner.main(["--checkpointing-part", "mlp"]) == 2
+    assert "grad_checkpointing_part='mlp': use one of 'layer', 'attention', 'ffn'" in capsys.readouterr().err
 
 
 def test_refuses_a_setting_that_does_not_fit(tmp_path, capsys):
