@@ -185,13 +185,15 @@ def test_vqa_indexes_answers_scores_splits_and_the_recipe_reads_them(vqa, capsys
     assert test["image_path"] == "test2015/COCO_test2015_000000000030.jpg"
     assert (test["labels"], test["scores"], test["qid"]) == ([], [], 31)
 
-    d = recipe_data("vqav2_base")
+    d = recipe_data("vqav2_base")  # trains on train + trainable_val, as released
+    assert d.train.endswith("vqa.train_trainable_val.jsonl")
     data = load_task_data(d, "vqa", SIZE)
     assert data.classes == ["2", "red", "no"]
+    assert [e["question_id"] for e in data.train.examples] == [*train, *(r["qid"] for r in trainable)]
     tokenize_split(data.train, tok, d.max_text_len)
     ex = next(e for e in data.train.examples if e["question_id"] == 11)
     assert ex["scores"] == {1: 0.6} and ex["text"] == [BOS_ID, *tok.encode("What color?"), EOS_ID]
-    batch = Collator("vqa", data.train.images, num_answers=3)(data.train.examples, None)
+    batch = Collator("vqa", data.train.images, num_answers=3)(data.train.examples[:3], None)
     assert torch.equal(batch["scores"], torch.tensor([[1.0, 0, 0], [0, 0.6, 0], [0, 0, 1.0]]))
     assert {e["question_id"] for e in data.eval.examples} == {r["qid"] for r in rest}
 
