@@ -61,11 +61,8 @@ def _setup(args: argparse.Namespace, objective: str):
     model = build_model(args.model, **overrides).to(device)
     if args.grad_ckpt != "none":  # every layer: whole ("all"), or its attention or FFN branch only
         model.set_grad_checkpointing(True, part="layer" if args.grad_ckpt == "all" else args.grad_ckpt)
-    if args.compile:
-        for i, layer in enumerate(model.beit3.encoder.layers):
-            # the one pass calls forward_packed (reached through the compiled wrapper's attribute lookup)
-            layer.forward_packed = torch.compile(layer.forward_packed, dynamic=False)
-            model.beit3.encoder.layers[i] = torch.compile(layer, dynamic=False)
+    if args.compile:  # every layer's packed path, as [model] compile = "layers" in training
+        model.compile_layers(args.compile_backend)
     task = OBJECTIVES[objective](model).to(device)
     if args.precision == "bf16-pure":  # like DeepSpeed's bf16 mode: bf16 weights, no autocast casts
         task.to(torch.bfloat16)
@@ -84,12 +81,18 @@ def _setup(args: argparse.Namespace, objective: str):
     batch = task.prepare_batch(cpu_batch, device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
-    def step() -> None:
+    def step() -> float:
+        """One training step; returns the seconds of its forward+backward (synchronised)."""
+        t0 = time.perf_counter()
         with amp:
             loss, _ = task(batch)
         loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        fwd_bwd = time.perf_counter() - t0
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return fwd_bwd
 
     return task, opt, batch, stats, amp, step
 
@@ -114,6 +117,7 @@ def run_side_by_side(args: argparse.Namespace, objectives: list[str]) -> list[di
             step()
     sync()
     times: list[list[float]] = [[] for _ in setups]
+    fwd_bwd: list[list[float]] = [[] for _ in setups]  # the forward+backward part of each step
     cpu_times: list[list[float]] = [[] for _ in setups]  # process CPU time: less hurt by a shared machine
     peaks = [0.0 for _ in setups]
     for _ in range(args.steps if not args.activation_only else 0):
@@ -121,24 +125,25 @@ def run_side_by_side(args: argparse.Namespace, objectives: list[str]) -> list[di
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            step()
+            fwd_bwd[k].append(step())
             sync()
             times[k].append(time.perf_counter() - t0)
             cpu_times[k].append(time.process_time() - c0)
             if device.type == "cuda":
                 peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated(device) / 2**30)
     results = []
-    for objective, (task, opt, batch, stats, amp, _), t, c, peak_mem in zip(
-        objectives, setups, times, cpu_times, peaks
+    for objective, (task, opt, batch, stats, amp, _), t, c, peak_mem, fb in zip(
+        objectives, setups, times, cpu_times, peaks, fwd_bwd
     ):
-        results.append(_result(args, objective, task, opt, batch, stats, amp, t, c, peak_mem))
+        results.append(_result(args, objective, task, opt, batch, stats, amp, t, c, peak_mem, fb))
     return results
 
 
-def _result(args, objective, task, opt, batch, stats, amp, times, cpu_times, peak_mem) -> dict:
+def _result(args, objective, task, opt, batch, stats, amp, times, cpu_times, peak_mem, fwd_bwd) -> dict:
     device = torch.device(args.device)
     model = task.model
     step_time = statistics.median(times) if times else float("nan")
+    fwd_bwd_time = statistics.median(fwd_bwd) if fwd_bwd else float("nan")
     with amp:
         act_bytes = saved_activation_bytes(task, batch)
     opt.zero_grad(set_to_none=True)
@@ -168,7 +173,11 @@ def _result(args, objective, task, opt, batch, stats, amp, times, cpu_times, pea
         "model_tflops_per_step": stats["flops"] / 1e12,
         "recompute_tflops_per_step": stats.get("recompute_flops", 0.0) / 1e12,
         "achieved_tflops": stats["flops"] / step_time / 1e12,
+        "fwd_bwd_time_s": fwd_bwd_time,
+        "optimizer_time_s": step_time - fwd_bwd_time,
         "mfu_pct": 100 * stats["flops"] / step_time / peak if peak else None,
+        # the model's FLOPs are all in the forward+backward: its MFU without the optimizer step
+        "fwd_bwd_mfu_pct": 100 * stats["flops"] / fwd_bwd_time / peak if peak else None,
         "hfu_pct": 100 * hw_flops / step_time / peak if peak else None,
         "activation_gib_per_sample": act_bytes / samples / 2**30,
         "peak_memory_gib": peak_mem if device.type == "cuda" else None,
@@ -191,11 +200,14 @@ def format_table(results: list[dict]) -> str:
         "grad_ckpt",
         "compile",
         "step_time_s",
+        "fwd_bwd_time_s",
+        "optimizer_time_s",
         "step_cpu_s",
         "samples_per_s",
         "tokens_per_s",
         "achieved_tflops",
         "mfu_pct",
+        "fwd_bwd_mfu_pct",
         "hfu_pct",
         "activation_gib_per_sample",
         "peak_memory_gib",
@@ -263,7 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="one-pass: the shipped objective; three-pass: one forward per sub-batch (bench/three_pass.py); "
         "several: timed side by side, steps interleaved",
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile every layer")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile every layer (BEiT3Model.compile_layers)"
+    )
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
