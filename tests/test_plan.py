@@ -287,3 +287,14 @@ def test_refuses_a_batch_that_does_not_divide(capsys):
     assert planner.main(["--gpus", "100", "--gpus-per-node", "4"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("beit3-plan: error: train_batch_size 6144 is not divisible") and "100" in err
+
+
+def test_the_docs_planner_table_is_what_the_planner_says_now():
+    """docs/performance.md's table for the giant is bench/plan_table.py's output for the current code and
+    configs (rerun the script when the model, the planner or a shipped config changes)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import plan_table
+
+    table = plan_table.format_table(plan_table.run())
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
+    assert table in docs
