@@ -14,7 +14,8 @@ tokens, none padded; the recipe's masking ratios, pair masking and stochastic de
 * the training step of :class:`beit3.pretrain.objective.MaskedDataModeling` (one pass per micro-batch through
   ``forward_mixed``, logits at masked positions, one backward), then the optimizer step, in each
   configuration: eager and ``torch.compile``'d (each layer's ``forward_packed``, so the 40 layers share a few
-  compiled graphs), activation checkpointing ``none``, the recipe's ``[model] grad_checkpointing`` and ``all``
+  compiled graphs), activation checkpointing ``none``, the recipe's ``[model] grad_checkpointing`` (with its
+  ``grad_checkpointing_part``), ``all:attention`` (every layer's attention branch recomputed) and ``all``
   (full recomputation, for comparison);
 * precision ``bf16-master`` (default; as DeepSpeed's bf16 mode: bf16 weights and gradients, fp32 master
   weights, gradients copied to fp32, clipped to the DeepSpeed config's ``gradient_clipping``, a plain torch
@@ -68,8 +69,7 @@ if importlib.util.find_spec("beit3") is None:  # not installed: map the reposito
 
 from beit3.engine.metrics import PEAK_FLOPS, device_peak_flops  # noqa: E402
 from beit3.model import build_model, count_parameters  # noqa: E402
-from beit3.model.beit3 import BEiT3, BEiT3Model  # noqa: E402
-from beit3.model.flops import recompute_flops  # noqa: E402
+from beit3.model.beit3 import CHECKPOINT_PARTS, BEiT3, BEiT3Model  # noqa: E402
 from beit3.pretrain.objective import MaskedDataModeling  # noqa: E402
 from beit3.tokenizers.ids import BOS_ID, EOS_ID, FIRST_ORDINARY_ID  # noqa: E402
 from beit3.tokenizers.masking import bert_corruption  # noqa: E402
@@ -95,6 +95,16 @@ ATTENTION_KERNEL = re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)
 
 
 # ---- recipe ----------------------------------------------------------------------------------------------
+def checkpoint_setting(spec: str, depth: int) -> tuple[list[int] | None, str]:
+    """A configuration's checkpointing ``LAYERS[:PART]`` -> (recomputed layer indices or None, part):
+    ``LAYERS`` as ``[model] grad_checkpointing``, ``PART`` one of ``CHECKPOINT_PARTS`` (``[model]
+    grad_checkpointing_part``; default ``layer``): ``all:attention`` recomputes every layer's attention."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail in CHECKPOINT_PARTS:
+        return checkpoint_layers(head, depth), tail
+    return checkpoint_layers(spec, depth), "layer"
+
+
 def checkpoint_layers(spec: str, depth: int) -> list[int] | None:
     """``[model] grad_checkpointing`` -> recomputed layer indices (None: off). Same grammar as
     ``beit3.pretrain.recipe.grad_checkpoint_layers`` (which imports the data pipeline; a test keeps the two
@@ -106,6 +116,12 @@ def checkpoint_layers(spec: str, depth: int) -> list[int] | None:
     if spec.startswith("every:") and spec[6:].isdigit() and int(spec[6:]) > 0:
         return list(range(0, depth, int(spec[6:])))
     raise ValueError(f"grad_checkpointing={spec!r}: this script knows 'none', 'all' and 'every:N'")
+
+
+def _recipe_checkpointing(model: dict) -> str:
+    """The recipe's ``grad_checkpointing`` with its ``grad_checkpointing_part`` as this script names it."""
+    spec, part = model.get("grad_checkpointing", "none"), model.get("grad_checkpointing_part", "layer")
+    return spec if spec == "none" or part == "layer" else f"{spec}:{part}"
 
 
 def read_settings(recipe: Path = RECIPE, ds_config: Path = DS_CONFIG) -> dict:
@@ -121,7 +137,7 @@ def read_settings(recipe: Path = RECIPE, ds_config: Path = DS_CONFIG) -> dict:
         "ds_config": str(ds_config.relative_to(ROOT)) if ds_config.is_relative_to(ROOT) else str(ds_config),
         "preset": model["name"],
         "drop_path_rate": float(model.get("drop_path_rate", 0.0)),
-        "grad_checkpointing": model.get("grad_checkpointing", "none"),
+        "grad_checkpointing": _recipe_checkpointing(model),
         "batch": {k: v * per_gpu // unit for k, v in parts.items()},
         "text_len": int(data["text_max_len"]),
         "pair_text_len": int(data["pair_text_max_len"]),
@@ -386,13 +402,14 @@ def _kernels_below(event) -> set[str]:
 
 # ---- one configuration -----------------------------------------------------------------------------------
 def figures(
-    flops: float, fwd_bwd: list[float], opt: list[float], peak: float | None, ckpt_fraction: float
+    flops: float, fwd_bwd: list[float], opt: list[float], peak: float | None, recompute: float = 0.0
 ) -> dict:
-    """Medians and the MFU/HFU figures of one configuration's timed steps."""
+    """Medians and the MFU/HFU figures of one configuration's timed steps; ``recompute``: the FLOPs
+    activation checkpointing runs again (the task's ``batch_stats`` ``recompute_flops``)."""
     fb = statistics.median(fwd_bwd)
     op = statistics.median(opt)
     step = statistics.median([a + b for a, b in zip(fwd_bwd, opt)])
-    hw = flops + recompute_flops(flops, ckpt_fraction)
+    hw = flops + recompute
 
     def pct(f, t):
         return 100.0 * f / t / peak if peak else None
@@ -457,8 +474,9 @@ def measure(task, opt, batch, stats, cfg_row: dict, args, deadline: float, devic
     cfg_row["timed_steps"] = len(fb_times)
     cfg_row["fwd_bwd_times_s"] = fb_times
     cfg_row["optimizer_times_s"] = op_times
-    ckpt = cfg_row["checkpointed_layers"] / task.model.cfg.depth
-    cfg_row.update(figures(stats["flops"], fb_times, op_times, cfg_row["peak_flops"], ckpt))
+    cfg_row.update(
+        figures(stats["flops"], fb_times, op_times, cfg_row["peak_flops"], cfg_row["recompute_flops"])
+    )
     cfg_row["compile_s"] = max(0.0, first[0] - cfg_row["step_s"]) if cfg_row["compile"] else None
     cfg_row["samples_per_s"] = stats["samples"] / cfg_row["step_s"]
     cfg_row["tokens_per_s"] = stats["tokens"] / cfg_row["step_s"]
@@ -627,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--grad-ckpt",
         nargs="+",
         default=None,
-        help="checkpointing settings: none, all, every:N (default: none, the recipe's, all)",
+        help="checkpointing settings LAYERS[:PART]: none, all, every:N, with :attention or :ffn for that "
+        "branch only (default: none, the recipe's, all:attention, all)",
     )
     p.add_argument(
         "--compile-backend",
@@ -686,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         peak_source = "no PEAK_FLOPS entry for this device: MFU not computed"
     # none, the recipe's choice, and full recomputation for comparison (one setting once)
-    ckpts = args.grad_ckpt or list(dict.fromkeys(["none", s["grad_checkpointing"], "all"]))
+    ckpts = args.grad_ckpt or list(dict.fromkeys(["none", s["grad_checkpointing"], "all:attention", "all"]))
     record = {
         "script": "bench/gpu_giant.py",
         "command": " ".join(["python", "bench/gpu_giant.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -729,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
             "the optimizer step, each timed between torch.cuda.synchronize calls; medians over the timed "
             f"steps after {args.warmup} warm-up steps",
             "MFU = model FLOPs (task.batch_stats, beit3.model.flops; recomputation not counted) / time / "
-            "peak; HFU adds recompute_flops for the checkpointed share of the layers",
+            "peak; HFU adds the task's batch_stats recompute_flops (what eager torch recomputes for the "
+            "configuration's checkpointed layers and part; under torch.compile an estimate)",
             "inputs synthetic: normalised random images, random ordinary ids with BOS/EOS and BERT "
             "corruption, exact-count random patch masks at the recipe's ratios (the block shape does not "
             "change the cost: mask tokens are substituted), random visual-token codes as targets; the frozen "
@@ -794,9 +814,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(summary(row), flush=True)
                     continue
                 t0 = time.perf_counter()
-                layers = checkpoint_layers(spec, cfg.depth)
-                model.set_grad_checkpointing(layers is not None, layers)
+                layers, part = checkpoint_setting(spec, cfg.depth)
+                model.set_grad_checkpointing(layers is not None, layers, part=part)
                 row["checkpointed_layers"] = len(layers or [])
+                row["checkpoint_part"] = part
+                # what eager torch recomputes for this setting (the objective's own figure)
+                row["recompute_flops"] = task.batch_stats(cpu_batch).get("recompute_flops", 0.0)
                 if mode == "compiled":
                     torch._dynamo.reset()
                     from torch._dynamo.utils import counters

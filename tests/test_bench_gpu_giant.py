@@ -79,13 +79,15 @@ def test_cpu_run_end_to_end_without_the_install_or_the_blocked_modules(tmp_path)
     assert record["optimizer"]["bf16-master"].startswith("bf16 weights")
 
     configs = {(c["compile"], c["grad_ckpt"]): c for c in record["configs"]}
-    specs = dict.fromkeys(["none", record["settings"]["grad_checkpointing"], "all"])  # the recipe's too
+    specs = dict.fromkeys(["none", record["settings"]["grad_checkpointing"], "all:attention", "all"])
     assert list(configs) == [(compiled, spec) for compiled in (False, True) for spec in specs]
     mod = _module()
     for (compiled, spec), c in configs.items():
         assert c["status"] == "ok", c["notes"]
         assert c["timed_steps"] == 2
-        assert c["checkpointed_layers"] == len(mod.checkpoint_layers(spec, 2) or [])
+        layers, part = mod.checkpoint_setting(spec, 2)
+        assert c["checkpointed_layers"] == len(layers or []) and c["checkpoint_part"] == part
+        assert (c["recompute_flops"] > 0) == (layers is not None)  # the objective's own figure
         for key in (
             "step_s",
             "fwd_bwd_s",
@@ -137,10 +139,22 @@ def test_checkpointing_grammar_matches_the_recipe_reader():
 
     mod = _module()
     settings = mod.read_settings()
-    for spec in ("none", "all", "every:1", "every:3", "every:40", settings["grad_checkpointing"]):
+    assert mod.checkpoint_setting(settings["grad_checkpointing"], 40)  # the recipe's reads
+    for spec in ("none", "all", "every:1", "every:3", "every:40"):
         assert mod.checkpoint_layers(spec, 40) == grad_checkpoint_layers(spec, 40), spec
+        for part in ("attention", "ffn"):  # the recipe's grad_checkpointing_part, as a suffix
+            assert mod.checkpoint_setting(f"{spec}:{part}", 40) == (grad_checkpoint_layers(spec, 40), part)
+        assert mod.checkpoint_setting(spec, 40) == (grad_checkpoint_layers(spec, 40), "layer")
     with pytest.raises(ValueError):
         mod.checkpoint_layers("every:0", 40)
+    with pytest.raises(ValueError):
+        mod.checkpoint_setting("all:mlp", 40)
+    # the recipe's [model] grad_checkpointing with its grad_checkpointing_part, in the script's names
+    named = mod._recipe_checkpointing
+    assert named({"grad_checkpointing": "every:2", "grad_checkpointing_part": "ffn"}) == "every:2:ffn"
+    assert named({"grad_checkpointing": "all", "grad_checkpointing_part": "layer"}) == "all"
+    assert named({"grad_checkpointing": "none", "grad_checkpointing_part": "ffn"}) == "none"
+    assert named({}) == "none"
 
 
 def test_settings_and_constants_are_the_projects():
@@ -180,11 +194,11 @@ def test_giant_batch_has_the_recipes_masking():
 
 def test_figures():
     mod = _module()
-    f = mod.figures(1e12, [0.5, 0.4, 0.6], [0.1, 0.1, 0.2], peak=1e13, ckpt_fraction=1.0)
+    f = mod.figures(1e12, [0.5, 0.4, 0.6], [0.1, 0.1, 0.2], peak=1e13, recompute=0.25e12)
     assert f["fwd_bwd_s"] == 0.5 and f["optimizer_s"] == 0.1 and f["step_s"] == pytest.approx(0.6)
     assert f["fwd_bwd_mfu_pct"] == pytest.approx(20.0)
     assert f["step_mfu_pct"] == pytest.approx(100 * 1e12 / 0.6 / 1e13)
-    assert f["fwd_bwd_hfu_pct"] == pytest.approx(20.0 * 4 / 3)
+    assert f["fwd_bwd_hfu_pct"] == pytest.approx(20.0 * 1.25)
 
 
 @pytest.mark.slow
