@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -28,6 +24,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/report.py, beside this file
+from report import environment_lines  # noqa: E402
 
 from beit3.model import BEiT3Model, get_config
 from beit3.model.layers import SelfAttention
@@ -169,21 +168,11 @@ def render(args: argparse.Namespace, rows: list[dict], argv: list[str]) -> str:
         lines.append("| " + " | ".join([*cells, f"{r['max_diff']:.1e}"]) + " |")
     lines += [
         "",
-        f"- device: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, "
-        f"torch threads {torch.get_num_threads()}",
-        f"- torch {torch.__version__}, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}",
-        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- command: `python bench/fused_qkv.py {shlex.join(_hide_note(argv))}`",
+        *environment_lines("bench/fused_qkv.py", argv),
     ]
     if args.note:
         lines += ["", args.note]
     return "\n".join(lines) + "\n"
-
-
-def _hide_note(argv: list[str]) -> list[str]:
-    """The arguments with the value of ``--note`` replaced by a pointer (the note is printed below)."""
-    return ["(see note)" if i and argv[i - 1] == "--note" else a for i, a in enumerate(argv)]
 
 
 def main(argv: list[str] | None = None) -> int:

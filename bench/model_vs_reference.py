@@ -12,10 +12,6 @@ Needs the reference installed (``bash scripts/install.sh --tests``). Example::
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -32,6 +28,9 @@ from reference_impl import (  # noqa: E402
     randomize_,
     reference_forward,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/report.py, beside this file
+from report import environment_lines  # noqa: E402
 
 from beit3.model import BEiT3Model, get_config  # noqa: E402
 
@@ -114,11 +113,6 @@ def bench_mode(args: argparse.Namespace, ours: BEiT3Model, ref: torch.nn.Module,
     return row
 
 
-def _hide_note(argv: list[str]) -> list[str]:
-    """The arguments with the value of ``--note`` replaced by a pointer (the note is printed below)."""
-    return ["(see note)" if i and argv[i - 1] == "--note" else a for i, a in enumerate(argv)]
-
-
 def render(args: argparse.Namespace, rows: list[dict], argv: list[str]) -> str:
     """The results as a markdown document with device, versions and the command."""
     lines = [
@@ -144,12 +138,7 @@ def render(args: argparse.Namespace, rows: list[dict], argv: list[str]) -> str:
         lines.append("| " + " | ".join([*cells, f"{r['rel_err']:.1e}"]) + " |")
     lines += [
         "",
-        f"- device: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, "
-        f"torch threads {torch.get_num_threads()}",
-        f"- torch {torch.__version__}, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}",
-        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- command: `python bench/model_vs_reference.py {shlex.join(_hide_note(argv))}`",
+        *environment_lines("bench/model_vs_reference.py", argv),
     ]
     if args.note:
         lines += ["", args.note]

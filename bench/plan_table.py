@@ -10,12 +10,13 @@ command and versions to ``bench/results/<name>.{md,json}``::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_results  # noqa: E402  (bench/report.py, beside this file)
 
 # (gpu, gpus, gbps, ds config, checkpointing, part, passes, micro-batch or None for the recipe's)
 ROWS = [
@@ -117,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(`pretrain/recipes/giant.toml`, 1M steps of 6144 samples) at {100 * args.mfu:.0f}% MFU, 8 GPUs per "
         "node.\n\n" + table + "\n"
     )
-    print(text)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / f"{args.name}.md").write_text(text)
-    (args.results_dir / f"{args.name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_results(args.results_dir, args.name, text, rows)
     return 0
 
 

@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_results  # noqa: E402  (bench/report.py, beside this file)
 
 # aten ops that read device memory on the host, or whose output size depends on the data (the host must
 # learn it before it can go on).
@@ -209,11 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         for k, v in r["sources"].items():
             lines.append(f"- {r['config']}: {k}: {v:g}")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / f"{args.name}.md").write_text(text)
-    (args.results_dir / f"{args.name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_results(args.results_dir, args.name, "\n".join(lines) + "\n", rows)
     return 0
 
 
