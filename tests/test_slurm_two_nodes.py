@@ -90,8 +90,10 @@ def task_records(run_dir: Path, job: int, restart: int) -> dict[str, tuple[str, 
 def test_pretraining_across_two_nodes_preempts_requeues_and_resumes_exactly(two_nodes, tmp_path):
     """Real beit3-pretrain, 1 rank per node over gloo, preempted at step 3 by a USR1 to the batch shell.
 
-    An uninterrupted run of the same job runs beside it; the resumed run's losses must equal its losses."""
-    steps = 8
+    An uninterrupted run of the same job runs beside it; the resumed run's losses must equal its losses.
+    The tiny model's steps take a fraction of a second: 24 of them leave the signal, sent once step 3 is
+    logged, seconds to arrive before the run would have finished."""
+    steps = 24
     data = write_pretrain_data(tmp_path / "data")
     program = {
         "BEIT3_MODULE": "beit3.pretrain.train",
