@@ -205,9 +205,11 @@ def test_compiled_layers_follow_eval_and_checkpointing(fresh_dynamo):
     assert task.model.compile_stats()["graph_breaks"] == 0
 
 
-@pytest.mark.slow  # inductor generates and compiles C++ for two graphs (about 60 s on 2 cores)
+@pytest.mark.slow  # inductor generates and compiles C++ for one graph, forward and backward (about 40 s)
 def test_inductor_compiled_step_equals_eager(fresh_dynamo):
-    task = _task(PAPER, drop_path=0.1, depth=2, vl_expert_layers=0)  # two graphs: without, with drop path
+    """Inductor's generated code computes what eager does (aot_eager above covers the graph structure:
+    stochastic depth, vision-language experts, checkpointing); two layers of one structure, one graph."""
+    task = _task(PAPER, drop_path=0.0, depth=2, vl_expert_layers=0)
     batch = task.prepare_batch(cpu_batch(5), torch.device("cpu"))
     eager = _step(task, batch)
     task.model.compile_layers("inductor")
@@ -300,7 +302,7 @@ def test_the_project_issues_no_synchronising_op_in_a_trained_step(tmp_path):
     import subprocess
 
     bench = Path(__file__).resolve().parents[1] / "bench" / "step_syncs.py"
-    cmd = [sys.executable, str(bench), "--configs", "zero0_fp32.json", "zero3_fp32.json", "--steps", "2",
+    cmd = [sys.executable, str(bench), "--configs", "zero0_fp32.json", "zero3_fp32.json", "--steps", "1",
            "--name", "syncs", "--results-dir", str(tmp_path)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
@@ -308,6 +310,6 @@ def test_the_project_issues_no_synchronising_op_in_a_trained_step(tmp_path):
     rows = json.loads((tmp_path / "syncs.json").read_text())
     assert [r["config"] for r in rows] == ["zero0_fp32.json", "zero3_fp32.json"]
     for row in rows:
-        assert row["steps_counted"] == 2
+        assert row["steps_counted"] == 1
         assert row["project_per_step"] == 0, row["sources"]
         assert row["deepspeed_per_step"] > 0  # the trace sees DeepSpeed's own (its step's norm checks)
