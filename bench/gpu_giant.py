@@ -69,7 +69,7 @@ if importlib.util.find_spec("beit3") is None:  # not installed: map the reposito
 
 from beit3.engine.metrics import PEAK_FLOPS, device_peak_flops  # noqa: E402
 from beit3.model import build_model, count_parameters  # noqa: E402
-from beit3.model.beit3 import CHECKPOINT_PARTS, BEiT3, BEiT3Model  # noqa: E402
+from beit3.model.beit3 import CHECKPOINT_PARTS, BEiT3, BEiT3Model, checkpointed_layers  # noqa: E402
 from beit3.pretrain.objective import MaskedDataModeling  # noqa: E402
 from beit3.tokenizers.ids import BOS_ID, EOS_ID, FIRST_ORDINARY_ID  # noqa: E402
 from beit3.tokenizers.masking import bert_corruption  # noqa: E402
@@ -106,16 +106,8 @@ def checkpoint_setting(spec: str, depth: int) -> tuple[list[int] | None, str]:
 
 
 def checkpoint_layers(spec: str, depth: int) -> list[int] | None:
-    """``[model] grad_checkpointing`` -> recomputed layer indices (None: off). Same grammar as
-    ``beit3.pretrain.recipe.grad_checkpoint_layers`` (which imports the data pipeline; a test keeps the two
-    equal)."""
-    if spec == "none":
-        return None
-    if spec == "all":
-        return list(range(depth))
-    if spec.startswith("every:") and spec[6:].isdigit() and int(spec[6:]) > 0:
-        return list(range(0, depth, int(spec[6:])))
-    raise ValueError(f"grad_checkpointing={spec!r}: this script knows 'none', 'all' and 'every:N'")
+    """``[model] grad_checkpointing`` -> recomputed layer indices (None: off): the model's grammar."""
+    return checkpointed_layers(spec, depth)
 
 
 def _recipe_checkpointing(model: dict) -> str:

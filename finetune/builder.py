@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from beit3.engine.config_io import ConfigError
 from beit3.finetune.configurations import build_encoder, full_model_keys
-from beit3.finetune.recipe import FinetuneRecipe
+from beit3.finetune.recipe import FinetuneRecipe, checkpointing
 from beit3.finetune.reload import ReloadReport, check_architecture, checkpoint_overrides, load_pretrained
 from beit3.finetune.tasks.base import FinetuneTask, OptimSettings
 from beit3.finetune.tasks.captioning import Captioning
@@ -53,6 +53,9 @@ def build_task(
         cfg = get_config(recipe.model.name, **overrides)
         check_architecture(cfg, recipe.model.pretrained, f"model.name={recipe.model.name}")
     encoder = build_encoder(recipe.model.name, configuration, normalize_output=normalize_output, **overrides)
+    layers, part = checkpointing(recipe, encoder.cfg.depth)
+    if layers:
+        encoder.set_grad_checkpointing(True, layers, part=part)
     if tokenizer is not None and tokenizer.vocab_size > encoder.cfg.vocab_size:
         raise ConfigError(
             f"the tokenizer has {tokenizer.vocab_size} ids but the text embedding "

@@ -54,6 +54,11 @@ class ModelSection:
     pretrained: str = ""  # released-format checkpoint; empty: from scratch
     img_size: int = bounded(0, "[0, inf)")  # 0: the preset's; positions are interpolated on load
     drop_path_rate: float = bounded(0.1, "[0, 1)")
+    # Activation checkpointing, as in pretraining recipes: "none", "all" or "every:N" layers, each recomputed
+    # whole ("layer") or only its "attention" or "ffn" branch (the released large/giant VQA and retrieval
+    # recipes need it at their resolutions).
+    grad_checkpointing: str = "none"
+    grad_checkpointing_part: str = "layer"
     overrides: dict = field(default_factory=dict)  # any other ModelConfig field
 
 
@@ -132,6 +137,23 @@ def validate(recipe: FinetuneRecipe) -> None:
             raise ConfigError(f"finetune recipe: {message}")
 
 
+def checkpointing(recipe: FinetuneRecipe, depth: int) -> tuple[list[int] | None, str]:
+    """``model.grad_checkpointing`` and ``model.grad_checkpointing_part``: the layers recomputed (None: none)
+    and what of each (ConfigError naming the setting for a bad value)."""
+    from beit3.model.beit3 import CHECKPOINT_PARTS, checkpointed_layers
+
+    m = recipe.model
+    try:
+        layers = checkpointed_layers(m.grad_checkpointing, depth)
+    except ValueError as e:
+        raise ConfigError(f"finetune recipe: model.{e}") from None
+    if m.grad_checkpointing_part not in CHECKPOINT_PARTS:
+        choices = ", ".join(repr(p) for p in CHECKPOINT_PARTS)
+        part = m.grad_checkpointing_part
+        raise ConfigError(f"finetune recipe: model.grad_checkpointing_part={part!r}: use one of {choices}")
+    return layers, m.grad_checkpointing_part
+
+
 def validate_run(
     recipe: FinetuneRecipe, ds_config: dict, world_size: int, trained_global_batch: int | None = None
 ) -> dict:
@@ -163,6 +185,7 @@ def validate_run(
         model_cfg = get_config(m.name, **overrides)
     except (ModelConfigError, TypeError, ValueError, ZeroDivisionError) as e:
         raise ConfigError(f"finetune recipe: model.overrides: {e}") from e
+    checkpointing(recipe, model_cfg.depth)
     lengths = [("data.max_text_len", recipe.data.max_text_len)]
     if recipe.task.name == "captioning":
         lengths.append(("captioning.max_len", recipe.captioning.max_len))

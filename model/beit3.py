@@ -29,6 +29,21 @@ POSITION_OFFSET = 2
 # What activation checkpointing recomputes of each chosen layer: all of it, or only its attention branch
 # (pre-LN, q/k/v, attention, output projection) or its FFN branch (final LN, FFN experts).
 CHECKPOINT_PARTS = ("layer", "attention", "ffn")
+
+
+def checkpointed_layers(spec: str, depth: int) -> list[int] | None:
+    """The layers a checkpointing spec recomputes: ``"none"`` (None), ``"all"``, or ``"every:N"`` (layers 0,
+    N, 2N, ...); the grammar of the recipes' ``[model] grad_checkpointing``. ValueError for another spec."""
+    if spec == "none":
+        return None
+    if spec == "all":
+        return list(range(depth))
+    step = spec.removeprefix("every:")
+    if step != spec and step.isdigit() and int(step) > 0:
+        return list(range(0, depth, int(step)))
+    raise ValueError(f"grad_checkpointing={spec!r}: use 'none', 'all' or 'every:N'")
+
+
 # The kinds of input a forward takes; a pruned model (a finetuning configuration) accepts some of them.
 INPUT_MODES = ("image", "text", "pair")
 # The inputs a sub-batch of :meth:`BEiT3.forward_mixed` may hold.

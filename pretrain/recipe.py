@@ -22,7 +22,7 @@ from beit3.engine.config_io import (
 )
 from beit3.engine.ds_config import global_batch_problem, load_ds_config
 from beit3.engine.trainer_config import TrainSettings, read_recipe
-from beit3.model.beit3 import CHECKPOINT_PARTS
+from beit3.model.beit3 import CHECKPOINT_PARTS, checkpointed_layers
 from beit3.pretrain.data import DataConfigError, PretrainDataConfig
 from beit3.pretrain.objective import ObjectiveConfig
 
@@ -103,19 +103,12 @@ def micro_batch_split(recipe: PretrainRecipe, micro_batch_size: int) -> dict[str
 
 
 def grad_checkpoint_layers(spec: str, depth: int) -> list[int] | None:
-    """Parse ``[model] grad_checkpointing``: None (off) or the list of layer indices to recompute."""
-    if spec == "none":
-        return None
-    if spec == "all":
-        return list(range(depth))
-    if spec.startswith("every:"):
-        try:
-            n = int(spec.split(":", 1)[1])
-        except ValueError:
-            n = 0
-        if n > 0:
-            return list(range(0, depth, n))
-    raise ConfigError(f"[model] grad_checkpointing={spec!r}: use 'none', 'all' or 'every:N'")
+    """Parse ``[model] grad_checkpointing``: None (off) or the list of layer indices to recompute
+    (``beit3.model.beit3.checkpointed_layers``'s grammar)."""
+    try:
+        return checkpointed_layers(spec, depth)
+    except ValueError as e:
+        raise ConfigError(f"[model] {e}") from None
 
 
 def grad_checkpoint_part(part: str) -> str:

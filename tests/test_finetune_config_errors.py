@@ -82,7 +82,11 @@ RECIPE_MISTAKES = [
     ("zero_beams", ["captioning.num_beams=0"], "captioning.num_beams=0"),
     ("nan_length_penalty", ["captioning.length_penalty=nan"], "captioning.length_penalty=nan"),
     ("unknown_task", ["task.name=segmentation"], "task.name"),
-]
+    ("bad_grad_checkpointing", ["model.grad_checkpointing=every:0"],
+     "model.grad_checkpointing='every:0': use 'none', 'all' or 'every:N'"),
+    ("bad_grad_checkpointing_part", ["model.grad_checkpointing_part=mlp"],
+     "model.grad_checkpointing_part='mlp': use one of 'layer', 'attention', 'ffn'"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -156,3 +156,44 @@ def test_logit_scale_is_not_decayed():
     task = Retrieval(_encoder("dual"))
     group = next(g for g in task.param_groups() if any(p is task.logit_scale for p in g["params"]))
     assert group["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("part", ["layer", "attention", "ffn"])
+def test_recipe_activation_checkpointing_reaches_the_backbone_and_keeps_the_gradients(part):
+    """[model] grad_checkpointing / grad_checkpointing_part of a finetune recipe: the task's backbone recomputes
+    those layers (or branches), with the same loss and gradients as without (drop path on)."""
+    from beit3.finetune.builder import build_task
+    from beit3.finetune.recipe import FinetuneRecipe, ModelSection, TaskSection
+
+    def built(spec: str):
+        recipe = FinetuneRecipe(
+            task=TaskSection(name="vqa", num_classes=5),
+            model=ModelSection(name="beit3_tiny_paper_patch16_64", drop_path_rate=0.2,
+                               grad_checkpointing=spec, grad_checkpointing_part=part),
+        )  # fmt: skip
+        torch.manual_seed(0)
+        task, _ = build_task(recipe, [str(i) for i in range(5)])
+        return task.train()
+
+    batch = {
+        "image": torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)),
+        "text": torch.randint(4, 60, (2, 6)),
+        "text_padding_mask": torch.tensor([[False] * 6, [False] * 4 + [True] * 2]),
+        "scores": torch.rand(2, 5),
+    }
+    steps = []
+    for spec in ("none", "every:2"):
+        task = built(spec)
+        assert sorted(task.beit3.checkpoint_layers) == ([] if spec == "none" else [0, 2])
+        assert task.beit3.checkpoint_part == (part if spec != "none" else "layer")
+        torch.manual_seed(3)  # the drop-path draws
+        loss, _ = task(batch)
+        loss.backward()
+        steps.append(
+            (loss.detach(), {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None})
+        )
+    (loss_a, grads_a), (loss_b, grads_b) = steps
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-7)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)
