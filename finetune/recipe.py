@@ -75,6 +75,9 @@ class DataSection:
     max_train: int = bounded(0, "[0, inf)")  # cap on training examples (0: all)
     max_eval: int = bounded(0, "[0, inf)")  # cap on evaluation examples (0: all)
     hflip: bool = False  # random horizontal flips while training
+    # DataLoader worker processes that read and decode a released-format index's training images (the
+    # offline sources' images are in memory and need none); pinned memory on a GPU.
+    num_workers: int = bounded(4, "[0, inf)")
     seed: int = bounded(0, "[0, inf)")
 
 

@@ -39,6 +39,7 @@ from beit3.engine.supervise import supervised
 from beit3.finetune.builder import build_task, model_config
 from beit3.finetune.data.batches import BatchLoader, Collator, tokenize_split
 from beit3.finetune.data.build import load_task_data
+from beit3.finetune.data.sources import LazyImages
 from beit3.finetune.decoding import BeamSearchConfig
 from beit3.finetune.errors import FinetuneError
 from beit3.finetune.evaluate import PREDICTED, SELECTION, evaluate, predict, sample_captions
@@ -146,7 +147,11 @@ def prepare(context: RunContext) -> TrainingRun:
             mask_prob=recipe.captioning.mask_prob,
             mask_id=tokenizer.mask_id if tokenizer else 0,
         )
-        loader = BatchLoader(data.train, collate, micro, dist.rank, dist.world_size, seed=recipe.data.seed)
+        on_disk = isinstance(data.train.images, LazyImages)  # decoded in workers; in-memory banks need none
+        loader = BatchLoader(
+            data.train, collate, micro, dist.rank, dist.world_size, seed=recipe.data.seed,
+            num_workers=recipe.data.num_workers if on_disk else 0, pin_memory=dist.device.type == "cuda",
+        )  # fmt: skip
         return Built(task, loader, eval_fn=run_eval, record={"model": model_config(task).to_dict()})
 
     def finish(trainer, result) -> int:

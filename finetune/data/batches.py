@@ -92,6 +92,55 @@ class Collator:
         return batch
 
 
+class _RankBatches(torch.utils.data.Dataset):
+    """Batch ``(epoch, position)`` of one rank, collated where it is read (in a DataLoader worker the images
+    of a :class:`~beit3.finetune.data.sources.LazyImages` split are decoded there)."""
+
+    def __init__(self, loader: BatchLoader) -> None:
+        self.examples, self.collate, self.batch_size = loader.examples, loader.collate, loader.batch_size
+        self.rank, self.world_size, self.seed, self.shuffle = (
+            loader.rank, loader.world_size, loader.seed, loader.shuffle
+        )  # fmt: skip
+        self.batches = len(loader)
+        self._order: tuple[int, list[int]] | None = None  # (epoch, this rank's examples in order)
+
+    def mine(self, epoch: int) -> list[int]:
+        """This rank's example indices in epoch ``epoch``: a ``seed + epoch`` shuffle, every world_size-th."""
+        if self._order is None or self._order[0] != epoch:
+            n = len(self.examples)
+            if self.shuffle:
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            else:
+                order = list(range(n))
+            self._order = (epoch, order[self.rank :: self.world_size][: self.batches * self.batch_size])
+        return self._order[1]
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, position = key
+        start = position * self.batch_size
+        chunk = [self.examples[i] for i in self.mine(epoch)[start : start + self.batch_size]]
+        g = torch.Generator().manual_seed(hash((self.seed, self.rank, epoch, position)) % 2**62)
+        return self.collate(chunk, g)
+
+
+class _Positions(torch.utils.data.Sampler):
+    """The (epoch, position) keys from the loader's current position to the end of its epoch, read when an
+    iteration starts (after a resume has set them)."""
+
+    def __init__(self, loader: BatchLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        epoch, start = self.loader.epoch, self.loader.position
+        return ((epoch, p) for p in range(start, len(self.loader)))
+
+    def __len__(self) -> int:
+        return len(self.loader) - self.loader.position
+
+
 class BatchLoader:
     """Seeded, sharded, resumable batches of one split; one epoch per iteration (the trainer re-iterates).
 
@@ -99,7 +148,11 @@ class BatchLoader:
     drops the tail so that every rank yields the same number of full batches (unequal counts would hang
     collectives). An engine data source (:mod:`beit3.engine.data_source`) without counters: ``state_dict``
     holds (epoch, batch position), which the engine saves with each checkpoint; ``start_at`` continues at the
-    epoch and position a number of batches reach.
+    epoch and position a number of batches reach. ``num_workers > 0``: batches are collated (their images
+    read from disk) in that many DataLoader worker processes, ahead of the step, in pinned memory with
+    ``pin_memory``; the position counts the batches handed to the trainer, so a resume continues exactly
+    where the last checkpoint's step stopped, whatever the workers had prefetched. The workers live for one
+    epoch (an iteration) and end with it, or when an iteration is abandoned.
     """
 
     counter_names: tuple[str, ...] = ()
@@ -113,10 +166,15 @@ class BatchLoader:
         world_size: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         self.examples, self.collate, self.batch_size = split.examples, collate, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.epoch, self.position = 0, 0
+        self._batches: _RankBatches | None = None
+        self._workers: torch.utils.data.DataLoader | None = None
         if len(self) == 0:
             raise BatchError(
                 f"{len(self.examples)} examples cannot fill one batch of {batch_size} on each of "
@@ -128,20 +186,25 @@ class BatchLoader:
         return len(self.examples) // self.world_size // self.batch_size
 
     def __iter__(self) -> Iterator[dict]:
-        n = len(self.examples)
-        if self.shuffle:
-            order = torch.randperm(
-                n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
-            ).tolist()
+        if self._batches is None:
+            self._batches = _RankBatches(self)
+        if self.num_workers:
+            if self._workers is None:
+                self._workers = torch.utils.data.DataLoader(
+                    self._batches,
+                    batch_size=None,  # each item is a collated batch
+                    sampler=_Positions(self),
+                    num_workers=self.num_workers,
+                    pin_memory=self.pin_memory,
+                )
+            for batch in self._workers:
+                self.position += 1
+                yield batch
         else:
-            order = list(range(n))
-        mine = order[self.rank :: self.world_size][: len(self) * self.batch_size]
-        while self.position < len(self):
-            start = self.position * self.batch_size
-            chunk = [self.examples[i] for i in mine[start : start + self.batch_size]]
-            g = torch.Generator().manual_seed(hash((self.seed, self.rank, self.epoch, self.position)) % 2**62)
-            self.position += 1
-            yield self.collate(chunk, g)
+            while self.position < len(self):
+                batch = self._batches[self.epoch, self.position]
+                self.position += 1
+                yield batch
         self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:

@@ -33,12 +33,62 @@ class DataSourceError(FinetuneError, RuntimeError):
     """A data source that is missing or malformed; the message says what to install or fix."""
 
 
+class LazyImages:
+    """A split's images as file paths, decoded and resized when rows are read.
+
+    ``images[rows]`` gives uint8 (len(rows), 3, S, S) as an in-memory bank does (``images[i]``: (3, S, S)),
+    so every consumer reads both alike, while memory holds only the paths: a dataset of any size costs its
+    index. The training loader reads the rows of each batch in DataLoader worker processes
+    (``BatchLoader(num_workers=...)``).
+    """
+
+    def __init__(self, paths: list[str], size: int) -> None:
+        self.paths, self.size = list(paths), int(size)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), 3, self.size, self.size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        if isinstance(rows, int) or (torch.is_tensor(rows) and rows.dim() == 0):
+            return load_image(self.paths[int(rows)], self.size)
+        if isinstance(rows, slice):
+            indices = list(range(*rows.indices(len(self.paths))))
+        else:
+            indices = rows.tolist() if torch.is_tensor(rows) else [int(r) for r in rows]
+        if not indices:
+            return torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8)
+        return torch.stack([load_image(self.paths[i], self.size) for i in indices])
+
+    def __iter__(self):
+        return (load_image(p, self.size) for p in self.paths)
+
+
+# Paths a lazily read split checks for existence when it is loaded (the first and a seeded sample): a missing
+# file is found before training starts, not hours into it, without a stat of every file of a large dataset.
+CHECKED_PATHS = 64
+
+
+def _check_paths(paths: list[str], index: Path, seed: int) -> None:
+    sample = paths[:CHECKED_PATHS] + random.Random(seed).sample(paths, min(len(paths), CHECKED_PATHS))
+    missing = [p for p in dict.fromkeys(sample) if not Path(p).is_file()]
+    if missing:
+        raise DataSourceError(
+            f"{index}: {len(missing)} of {len(set(sample))} sampled images do not exist, e.g. {missing[0]}: "
+            "check data.root (image paths are relative to it)"
+        )
+
+
 @dataclass
 class Split:
-    """Examples of one split and the images they index (uint8, (N, 3, S, S))."""
+    """Examples of one split and the images they index: an in-memory uint8 bank (N, 3, S, S) for the small
+    offline sources, :class:`LazyImages` (paths, decoded when read) for released-format indexes."""
 
     examples: list[dict]
-    images: torch.Tensor | None = None
+    images: torch.Tensor | LazyImages | None = None
 
 
 @dataclass
@@ -86,8 +136,9 @@ def load_jsonl_split(
     index: str | Path, root: str | Path, size: int, limit: int = 0, seed: int = 0, decode_images: bool = True
 ) -> Split:
     """A released-style index: ``image_path`` [+ ``image2_path``], ``text_segment`` (ids) or ``text``, and
-    ``label`` | ``labels`` + ``scores`` | ``image_id``. Paths are relative to ``root``.
-    ``decode_images=False``: the examples only (no image bank), e.g. for a train split's labels."""
+    ``label`` | ``labels`` + ``scores`` | ``image_id``. Paths are relative to ``root``. The images stay on
+    disk (:class:`LazyImages`: decoded when a batch reads them); a sample of the paths is checked to exist.
+    ``decode_images=False``: the examples only (no images), e.g. for a train split's labels."""
     index = Path(index)
     if not index.is_file():
         raise DataSourceError(f"index file {index} does not exist; set data.train / data.eval")
@@ -114,7 +165,10 @@ def load_jsonl_split(
         if row.get("qid", row.get("question_id")) is not None:  # VQA: the submission file names questions
             ex["question_id"] = int(row.get("qid", row.get("question_id")))
         examples.append(ex)
-    return Split(examples, _bank(list(paths), size) if decode_images else None)
+    if not decode_images:
+        return Split(examples, None)
+    _check_paths(list(paths), index, seed)
+    return Split(examples, LazyImages(list(paths), size))
 
 
 # ----- offline benchmarks ---------------------------------------------------------------------------

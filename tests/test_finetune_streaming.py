@@ -1,0 +1,140 @@
+"""Finetuning data that does not fit in memory (issue 14 item 1): released-format indexes keep their images on
+disk, decoded when a batch reads them, in DataLoader worker processes, with exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from beit3.finetune.data import sources
+from beit3.finetune.data.batches import BatchLoader, Collator
+from beit3.finetune.data.sources import DataSourceError, LazyImages, load_image, load_jsonl_split
+
+SIZE = 16
+
+
+def write_index(root, n: int) -> str:
+    """``n`` images (each its own colour) and a VQA-style index over them; returns the index path."""
+    rows = []
+    for i in range(n):
+        Image.new("RGB", (12 + i % 5, 10), (i * 7 % 256, i * 13 % 256, 40)).save(root / f"im{i}.png")
+        row = {"image_path": f"im{i}.png", "text_segment": [5 + i % 4], "labels": [i % 3], "scores": [1.0]}
+        rows.append({**row, "qid": i})
+    path = root / "idx.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+class PidCollator(Collator):
+    """The VQA collator, recording which process built each batch."""
+
+    def __call__(self, examples, generator):
+        batch = super().__call__(examples, generator)
+        batch["pid"] = torch.tensor(os.getpid())
+        return batch
+
+
+def test_a_released_index_keeps_its_images_on_disk_until_a_batch_reads_them(tmp_path, monkeypatch):
+    index = write_index(tmp_path, 9)
+    decoded = []
+    monkeypatch.setattr(sources, "load_image", lambda p, s: decoded.append(p) or load_image(p, s))
+    split = load_jsonl_split(index, tmp_path, SIZE)
+    assert isinstance(split.images, LazyImages) and decoded == []  # memory: the index and the paths only
+    assert split.images.shape == (9, 3, SIZE, SIZE) and len(split.images) == 9
+    rows = split.images[torch.tensor([4, 1])]
+    assert rows.dtype == torch.uint8 and rows.shape == (2, 3, SIZE, SIZE) and len(decoded) == 2
+    assert torch.equal(rows[0], load_image(tmp_path / "im4.png", SIZE))
+    assert torch.equal(split.images[1], rows[1]) and split.images[2:4].shape == (2, 3, SIZE, SIZE)
+
+
+def test_a_missing_image_is_found_when_the_index_is_loaded(tmp_path):
+    index = write_index(tmp_path, 5)
+    (tmp_path / "im3.png").unlink()
+    with pytest.raises(DataSourceError, match="im3.png.*data.root"):
+        load_jsonl_split(index, tmp_path, SIZE)
+
+
+def _batches(loader, n: int | None = None) -> list[dict]:
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+def _same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() - {"pid"} == y.keys() - {"pid"}
+        for k in x.keys() - {"pid"}:
+            assert torch.equal(x[k], y[k]), k
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_worker_batches_equal_in_process_batches_and_resume_exactly(tmp_path, world_size):
+    """Batches decoded in 2 worker processes equal those decoded in the process, epoch after epoch, on every
+    rank; a loader restored from the state after 3 batches continues with exactly the uninterrupted run's
+    batches (the workers' prefetching does not move the position)."""
+    split = load_jsonl_split(write_index(tmp_path, 21), tmp_path, SIZE)
+
+    def loader(rank: int, workers: int) -> BatchLoader:
+        collate = PidCollator("vqa", split.images, num_answers=3, hflip=True)
+        return BatchLoader(split, collate, 3, rank, world_size, seed=4, num_workers=workers)
+
+    for rank in range(world_size):
+        plain, workers = loader(rank, 0), loader(rank, 2)
+        expected = _batches(plain) + _batches(plain)  # two epochs
+        got = _batches(workers) + _batches(workers)
+        _same(expected, got)
+        assert all(int(b["pid"]) == os.getpid() for b in expected)
+        assert all(int(b["pid"]) != os.getpid() for b in got)  # decoded in the workers
+        interrupted = loader(rank, 2)
+        _batches(interrupted, 3)
+        resumed = loader(rank, 2)
+        resumed.load_state_dict(interrupted.state_dict())
+        _same(expected[3:], _batches(resumed) + _batches(resumed))
+
+
+def test_finetuning_on_a_released_index_decodes_in_workers_and_resumes_exactly(tmp_path, monkeypatch, caplog):
+    """beit3-finetune on a released-format VQA index with 2 loader workers: 4 steps straight, and 2 + a
+    resume to 4; the resumed run's losses equal the straight run's."""
+    from engine_helpers import tensorboard_scalars
+    from tiny_data import shapes_recipe, shapes_spm
+
+    from beit3.engine.launch import init_distributed
+    from beit3.finetune.train import main
+
+    init_distributed()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    (tmp_path / "spm").mkdir()
+    spm = shapes_spm(tmp_path / "spm")
+    index = tmp_path / "vqa"
+    index.mkdir()
+    rows = []
+    for i in range(8):
+        Image.new("RGB", (40, 30 + i), ((37 * i) % 256, 200, (90 * i) % 256)).save(index / f"im{i}.png")
+        for j, question in enumerate(("what color is it?", "what shape is it?")):
+            row = {"image_path": f"im{i}.png", "text": question, "labels": [(i + j) % 3], "scores": [1.0]}
+            rows.append({**row, "qid": 10 * i + j})
+    (index / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = shapes_recipe(tmp_path / "vqa.toml", spm, "vqa", train={"warmup_steps": 1, "save_every": 2})
+    common = ["--config", recipe, "--ds-config", "ds_configs/zero0_fp32.json",
+              "--ds-set", "train_micro_batch_size_per_gpu=4",
+              "--set", "data.source=jsonl", "--set", f"data.root={index}",
+              "--set", f"data.train={index / 'train.jsonl'}", "--set", f"data.eval={index / 'train.jsonl'}",
+              "--set", "data.num_workers=2", "--set", "data.hflip=true",
+              "--set", "model.drop_path_rate=0.1"]  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main([*common, "--output-dir", str(straight), "--set", "train.total_steps=4"]) == 0
+    assert main([*common, "--output-dir", str(resumed), "--set", "train.total_steps=2"]) == 0
+    with caplog.at_level("INFO", logger="beit3.engine.trainer"):
+        assert main([*common, "--output-dir", str(resumed), "--set", "train.total_steps=4"]) == 0
+    assert "at step 2" in caplog.text  # continued from the checkpoint, not started again
+    expected = tensorboard_scalars(straight, "loss/total")
+    assert sorted(expected) == [1, 2, 3, 4]
+    assert tensorboard_scalars(resumed, "loss/total") == expected
