@@ -1,8 +1,12 @@
 """Evaluation of a finetuned task module on an eval split: the task's metric, as ``eval/<name>`` scalars,
 and the official prediction files (:func:`predict`, formats in :mod:`beit3.finetune.outputs`).
 
-Every rank evaluates the whole split with the same forwards (no sharding), which keeps ZeRO-3 partitioned
-parameters gathering in lock-step on all ranks; eval splits of the benchmarks are small.
+Classification, VQA, NLVR2 and retrieval are sharded: rank r of N takes every N-th example (or distinct
+image), every rank runs the same number of equal-sized batches (a short last shard repeats an example whose
+result is dropped), which keeps ZeRO-3's parameter gathers in lock-step, and the counts (or the features) are
+reduced (gathered) across ranks: N ranks evaluate in about 1/N of the time, with the one-rank result.
+Captioning is not sharded: beam search runs a data-dependent number of decoder steps, which would let ranks'
+ZeRO-3 gathers diverge; every rank decodes the whole split.
 
 Each task's *selection metric* (:data:`SELECTION`) is the scalar, and its direction, by which a run keeps
 its best checkpoint (the engine's ``train.best_metric`` / ``best_mode``): accuracy for classification and
@@ -14,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 
 from beit3.finetune.data.batches import Collator, images_to_float, pad_texts
 from beit3.finetune.data.sources import Split
@@ -34,10 +39,47 @@ SELECTION = {
 PREDICTED = ("vqa", "captioning", "retrieval")  # tasks with an official output file
 
 
-def _batches(split: Split, collate: Collator, batch_size: int) -> Iterator[dict]:
-    g = torch.Generator().manual_seed(0)
-    for start in range(0, len(split.examples), batch_size):
-        yield collate(split.examples[start : start + batch_size], g)
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sharded(n: int, batch_size: int) -> Iterator[tuple[list[int], int]]:
+    """This rank's batches of indices into ``n`` items: every world_size-th item from the rank, in batches of
+    ``batch_size``, as many batches on every rank (a short one repeats its first index); with each batch, how
+    many of its indices are real (the rest are repeats whose results are dropped)."""
+    rank, world = _world()
+    mine = list(range(rank, n, world))
+    per_rank = -(-n // world)
+    for b in range(-(-per_rank // batch_size)):
+        chunk = mine[b * batch_size : (b + 1) * batch_size]
+        real = len(chunk)
+        filler = chunk[0] if chunk else (mine[0] if mine else 0)
+        yield chunk + [filler] * (batch_size - real), real
+
+
+def _sum_across_ranks(values: list[float], device) -> list[float]:
+    """``values`` summed over the ranks (as they are without a process group)."""
+    if _world()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _gathered_rows(local: torch.Tensor, n: int) -> torch.Tensor:
+    """The rows of ``n`` items computed in :func:`_sharded` order on every rank, back in item order."""
+    rank, world = _world()
+    if world == 1:
+        return local[:n]
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous())
+    out = torch.empty((n, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    for r, part in enumerate(parts):
+        count = len(range(r, n, world))
+        out[r::world] = part[:count]
+    return out
 
 
 def _unique_images(split: Split) -> tuple[list[int], dict[int, int]]:
@@ -78,13 +120,18 @@ def evaluate(
 
 def _classification(task_name, task, split, batch_size, device, num_answers) -> dict[str, float]:
     collate = Collator(task_name, split.images, num_answers=num_answers)
+    g = torch.Generator().manual_seed(0)
     total, hits = 0, 0.0
-    for batch in _batches(split, collate, batch_size):
-        batch = task.prepare_batch(batch, device)
+    for indices, real in _sharded(len(split.examples), batch_size):
+        batch = task.prepare_batch(collate([split.examples[i] for i in indices], g), device)
         if task_name == "prompt_classification":  # through forward: ZeRO-3 gathers logit_scale there
-            _, metrics = task(batch)
-            hits += metrics["acc/top1"] * batch["label"].shape[0]
-            total += batch["label"].shape[0]
+            _, metrics = task(batch)  # its accuracy is of the whole batch: a padded batch is counted apart
+            if real == len(indices):
+                hits += float(metrics["acc/top1"]) * real
+            else:
+                logits = task.logits(batch["image"])[:real]
+                hits += (logits.argmax(-1) == batch["label"][:real]).sum().item()
+            total += real
             continue
         if task_name == "image_classification":
             logits = task.logits(batch["image"])
@@ -94,12 +141,13 @@ def _classification(task_name, task, split, batch_size, device, num_answers) -> 
             logits = task.logits(batch["image"], batch["text"], batch["text_padding_mask"])
         else:  # nlvr2
             logits = task.logits(batch["image"], batch["image2"], batch["text"], batch["text_padding_mask"])
-        pred = logits.argmax(-1)
+        pred = logits[:real].argmax(-1)
         if task_name == "vqa":
-            hits += batch["scores"].gather(1, pred[:, None]).sum().item()
+            hits += batch["scores"][:real].gather(1, pred[:, None]).sum().item()
         else:
-            hits += (pred == batch["label"]).sum().item()
-        total += pred.shape[0]
+            hits += (pred == batch["label"][:real]).sum().item()
+        total += real
+    hits, total = _sum_across_ranks([hits, total], device)
     name = "eval/vqa_score" if task_name == "vqa" else "eval/accuracy"
     return {name: hits / total}
 
@@ -108,14 +156,16 @@ def _retrieval(task, split, batch_size, device) -> dict[str, float]:
     rows, position = _unique_images(split)
     dtype = next(task.parameters()).dtype
     image_feats = []
-    for start in range(0, len(rows), batch_size):
-        images = images_to_float(split.images[rows[start : start + batch_size]]).to(device, dtype)
+    for indices, _ in _sharded(len(rows), batch_size):
+        images = images_to_float(split.images[[rows[i] for i in indices]]).to(device, dtype)
         image_feats.append(task.embed_images(images).float())
     text_feats = []
-    for start in range(0, len(split.examples), batch_size):
-        ids, pad = pad_texts([ex["text"] for ex in split.examples[start : start + batch_size]])
+    for indices, _ in _sharded(len(split.examples), batch_size):
+        ids, pad = pad_texts([split.examples[i]["text"] for i in indices])
         text_feats.append(task.embed_texts(ids.to(device), pad.to(device)).float())
-    sim = torch.cat(image_feats) @ torch.cat(text_feats).t()
+    images = _gathered_rows(torch.cat(image_feats), len(rows))
+    texts = _gathered_rows(torch.cat(text_feats), len(split.examples))
+    sim = images @ texts.t()
     text_to_image = torch.tensor([position[ex["image_id"]] for ex in split.examples])
     return {f"eval/{k}": v for k, v in recall_at_k(sim.cpu(), text_to_image).items()}
 

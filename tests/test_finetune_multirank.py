@@ -53,3 +53,54 @@ def test_contrastive_loss_gathers_features_with_gradient_across_ranks(tmp_path):
         rows = slice(r * B, (r + 1) * B)
         torch.testing.assert_close(results[r]["img_grad"] / 2, img.grad[rows], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(results[r]["txt_grad"] / 2, txt.grad[rows], atol=1e-6, rtol=1e-5)
+
+
+def _eval_task(name: str):
+    from beit3.finetune.configurations import build_encoder
+    from beit3.finetune.data.build import shapes_data
+    from beit3.finetune.tasks.retrieval import Retrieval
+    from beit3.finetune.tasks.vqa import VQA
+
+    torch.manual_seed(0)
+    data = shapes_data(32, "vqa" if name == "vqa" else "retrieval", num_train=4, num_eval=7, seed=2)
+    for i, ex in enumerate(data.eval.examples):
+        ex["text"] = [0, 5 + i % 7, 9, 2][: 3 + i % 2]  # ids, some texts shorter (padding)
+    kw = {"vocab_size": 64, "img_size": 32, "drop_path_rate": 0.0}
+    if name == "vqa":
+        task = VQA(build_encoder("beit3_tiny_paper_patch16_64", "fusion", normalize_output=False, **kw), 6)
+    else:
+        task = Retrieval(build_encoder("beit3_tiny_paper_patch16_64", "dual", **kw))
+    return task, data
+
+
+def _eval_rank(rank: int, init_file: str, out_file: str) -> None:
+    from beit3.finetune.evaluate import evaluate
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    results = {}
+    for name in ("vqa", "retrieval"):
+        task, data = _eval_task(name)
+        results[name] = evaluate(name, task, data.eval, batch_size=2, num_answers=6)
+    torch.save(results, f"{out_file}.{rank}")
+    dist.barrier()
+    os._exit(0)
+
+
+@pytest.mark.multiprocess
+def test_evaluation_is_sharded_across_ranks_with_the_one_rank_result(tmp_path):
+    """VQA (7 examples: a short last shard) and retrieval (features gathered) on 2 ranks, batch 2: every rank
+    reports what one process computes over the whole split."""
+    from beit3.finetune.evaluate import evaluate
+
+    mp.start_processes(
+        _eval_rank, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, start_method="spawn"
+    )
+    for name in ("vqa", "retrieval"):
+        task, data = _eval_task(name)
+        expected = evaluate(name, task, data.eval, batch_size=2, num_answers=6)
+        for r in range(2):
+            got = torch.load(tmp_path / f"out.{r}")[name]
+            assert got.keys() == expected.keys()
+            for k in expected:
+                assert got[k] == pytest.approx(expected[k], abs=1e-9), (name, r, k)
