@@ -123,16 +123,15 @@ def _classification(task_name, task, split, batch_size, device, num_answers) -> 
     g = torch.Generator().manual_seed(0)
     total, hits = 0, 0.0
     for indices, real in _sharded(len(split.examples), batch_size):
-        batch = task.prepare_batch(collate([split.examples[i] for i in indices], g), device)
-        if task_name == "prompt_classification":  # through forward: ZeRO-3 gathers logit_scale there
-            _, metrics = task(batch)  # its accuracy is of the whole batch: a padded batch is counted apart
-            if real == len(indices):
-                hits += float(metrics["acc/top1"]) * real
-            else:
-                logits = task.logits(batch["image"])[:real]
-                hits += (logits.argmax(-1) == batch["label"][:real]).sum().item()
+        if task_name == "prompt_classification":
+            # Through forward (ZeRO-3 gathers logit_scale there), on the real rows only: its accuracy is of
+            # the whole batch; a rank without any still runs the forward (the gathers stay in lock-step).
+            rows = indices[:real] or indices[:1]
+            _, metrics = task(task.prepare_batch(collate([split.examples[i] for i in rows], g), device))
+            hits += float(metrics["acc/top1"]) * real
             total += real
             continue
+        batch = task.prepare_batch(collate([split.examples[i] for i in indices], g), device)
         if task_name == "image_classification":
             logits = task.logits(batch["image"])
         elif task_name == "text_classification":

@@ -55,6 +55,9 @@ def test_contrastive_loss_gathers_features_with_gradient_across_ranks(tmp_path):
         torch.testing.assert_close(results[r]["txt_grad"] / 2, txt.grad[rows], atol=1e-6, rtol=1e-5)
 
 
+EVAL_TASKS = ("vqa", "retrieval", "prompt_classification")
+
+
 def _eval_task(name: str):
     from beit3.finetune.configurations import build_encoder
     from beit3.finetune.data.build import shapes_data
@@ -63,6 +66,17 @@ def _eval_task(name: str):
 
     torch.manual_seed(0)
     data = shapes_data(32, "vqa" if name == "vqa" else "retrieval", num_train=4, num_eval=7, seed=2)
+    if name == "prompt_classification":  # 5 images against 3 class prompts
+        from beit3.finetune.tasks.classification import PromptClassification
+
+        data = shapes_data(32, "image_classification", num_train=4, num_eval=5, seed=2)
+        assert len(data.eval.examples) == 5  # batch 2 on 2 ranks: rank 1's second batch holds no example
+        for i, ex in enumerate(data.eval.examples):
+            ex["label"] = i % 3
+        prompts = torch.tensor([[0, 7, 8, 2], [0, 9, 2, 1], [0, 10, 11, 2]])
+        encoder = build_encoder("beit3_tiny_paper_patch16_64", "dual", vocab_size=64, img_size=32,
+                                drop_path_rate=0.0)  # fmt: skip
+        return PromptClassification(Retrieval(encoder), prompts, prompts == 1), data
     for i, ex in enumerate(data.eval.examples):
         ex["text"] = [0, 5 + i % 7, 9, 2][: 3 + i % 2]  # ids, some texts shorter (padding)
     kw = {"vocab_size": 64, "img_size": 32, "drop_path_rate": 0.0}
@@ -79,7 +93,7 @@ def _eval_rank(rank: int, init_file: str, out_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     results = {}
-    for name in ("vqa", "retrieval"):
+    for name in EVAL_TASKS:
         task, data = _eval_task(name)
         results[name] = evaluate(name, task, data.eval, batch_size=2, num_answers=6)
     torch.save(results, f"{out_file}.{rank}")
@@ -89,14 +103,15 @@ def _eval_rank(rank: int, init_file: str, out_file: str) -> None:
 
 @pytest.mark.multiprocess
 def test_evaluation_is_sharded_across_ranks_with_the_one_rank_result(tmp_path):
-    """VQA (7 examples: a short last shard) and retrieval (features gathered) on 2 ranks, batch 2: every rank
-    reports what one process computes over the whole split."""
+    """VQA (14 examples: a short last shard), retrieval (features gathered) and prompt classification (5
+    images: one rank's last batch holds no example) on 2 ranks, batch 2: every rank reports what one process
+    computes over the whole split."""
     from beit3.finetune.evaluate import evaluate
 
     mp.start_processes(
         _eval_rank, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, start_method="spawn"
     )
-    for name in ("vqa", "retrieval"):
+    for name in EVAL_TASKS:
         task, data = _eval_task(name)
         expected = evaluate(name, task, data.eval, batch_size=2, num_answers=6)
         for r in range(2):
