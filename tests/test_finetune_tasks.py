@@ -160,8 +160,8 @@ def test_logit_scale_is_not_decayed():
 
 @pytest.mark.parametrize("part", ["layer", "attention", "ffn"])
 def test_recipe_activation_checkpointing_reaches_the_backbone_and_keeps_the_gradients(part):
-    """[model] grad_checkpointing / grad_checkpointing_part of a finetune recipe: the task's backbone recomputes
-    those layers (or branches), with the same loss and gradients as without (drop path on)."""
+    """[model] grad_checkpointing / grad_checkpointing_part of a finetune recipe: the task's backbone
+    recomputes those layers (or branches), with the same loss and gradients as without (drop path on)."""
     from beit3.finetune.builder import build_task
     from beit3.finetune.recipe import FinetuneRecipe, ModelSection, TaskSection
 
