@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from collections import OrderedDict
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/report.py, beside this file
-from report import environment_lines  # noqa: E402
+from report import environment_lines, interleaved_timing, timing_cells  # noqa: E402
 
 from beit3.model import BEiT3Model, get_config
 from beit3.model.layers import SelfAttention
@@ -127,21 +126,8 @@ def bench_scope(args: argparse.Namespace, scope: str) -> dict:
     with torch.no_grad():
         a, b = run(fused), run(three)
         max_diff = (a - b).abs().max().item()
-    samples: dict[tuple[str, str], list[float]] = {}
-    for i in range(args.warmup + args.steps):
-        order = [("fused", fused), ("three", three)]
-        if i % 2:
-            order.reverse()
-        for name, module in order:
-            wall, cpu = step(run, module)
-            if i >= args.warmup:
-                samples.setdefault(("wall", name), []).append(wall)
-                samples.setdefault(("cpu", name), []).append(cpu)
-    row = {"scope": scope, "max_diff": max_diff}
-    for kind in ("wall", "cpu"):
-        f, t = statistics.median(samples[kind, "fused"]), statistics.median(samples[kind, "three"])
-        row[kind] = (f * 1e3, t * 1e3, t / f)
-    return row
+    timing = interleaved_timing(lambda: step(run, fused), lambda: step(run, three), args.warmup, args.steps)
+    return {"scope": scope, "max_diff": max_diff, **timing}
 
 
 def render(args: argparse.Namespace, rows: list[dict], argv: list[str]) -> str:
@@ -161,10 +147,7 @@ def render(args: argparse.Namespace, rows: list[dict], argv: list[str]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        cells = [r["scope"]]
-        for kind in ("wall", "cpu"):
-            f, t, ratio = r[kind]
-            cells += [f"{f:.1f}", f"{t:.1f}", f"{ratio:.2f}x"]
+        cells = [r["scope"], *timing_cells(r)]
         lines.append("| " + " | ".join([*cells, f"{r['max_diff']:.1e}"]) + " |")
     lines += [
         "",

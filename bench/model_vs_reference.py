@@ -12,7 +12,6 @@ Needs the reference installed (``bash scripts/install.sh --tests``). Example::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from reference_impl import (  # noqa: E402
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/report.py, beside this file
-from report import environment_lines  # noqa: E402
+from report import environment_lines, interleaved_timing, timing_cells  # noqa: E402
 
 from beit3.model import BEiT3Model, get_config  # noqa: E402
 
@@ -95,22 +94,13 @@ def bench_mode(args: argparse.Namespace, ours: BEiT3Model, ref: torch.nn.Module,
     def run_ours(m, **kw):
         return m(**kw)
 
-    samples: dict[tuple[str, str], list[float]] = {}
-    for i in range(args.warmup + args.steps):
-        order = [("ours", run_ours, ours), ("ref", reference_forward, ref)]
-        if i % 2:
-            order.reverse()
-        for name, run, model in order:
-            wall, cpu = step(run, model, inputs)
-            if i >= args.warmup:
-                samples.setdefault(("wall", name), []).append(wall)
-                samples.setdefault(("cpu", name), []).append(cpu)
-    row = {"mode": mode, "rel_err": rel_err}
-    for kind in ("wall", "cpu"):
-        ours_s = statistics.median(samples[(kind, "ours")])
-        ref_s = statistics.median(samples[(kind, "ref")])
-        row[kind] = (ours_s * 1e3, ref_s * 1e3, ref_s / ours_s)
-    return row
+    timing = interleaved_timing(
+        lambda: step(run_ours, ours, inputs),
+        lambda: step(reference_forward, ref, inputs),
+        args.warmup,
+        args.steps,
+    )
+    return {"mode": mode, "rel_err": rel_err, **timing}
 
 
 def render(args: argparse.Namespace, rows: list[dict], argv: list[str]) -> str:
@@ -131,10 +121,7 @@ def render(args: argparse.Namespace, rows: list[dict], argv: list[str]) -> str:
     nv = (args.img_size // 16) ** 2 + 1
     for r in rows:
         tokens = {"fused": nv + args.text_len, "vision": nv, "text": args.text_len}[r["mode"]]
-        cells = [r["mode"], str(tokens)]
-        for kind in ("wall", "cpu"):
-            ours_ms, ref_ms, speedup = r[kind]
-            cells += [f"{ours_ms:.1f}", f"{ref_ms:.1f}", f"{speedup:.2f}x"]
+        cells = [r["mode"], str(tokens), *timing_cells(r)]
         lines.append("| " + " | ".join([*cells, f"{r['rel_err']:.1e}"]) + " |")
     lines += [
         "",
