@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from beit3.model.cache import KVCache
-from beit3.model.config import ModelConfig
+from beit3.model.config import CHECKPOINT_PARTS, ModelConfig
 from beit3.model.errors import ModelError
 from beit3.model.layers import Multiway, MultiwayBlock, Packing, apply_packed
 from beit3.model.qkv import QKV_DISK_ORDER, FusedQKV
@@ -25,10 +25,6 @@ from beit3.model.qkv import QKV_DISK_ORDER, FusedQKV
 # Position indices start at 2 in both tables, as in the released (fairseq-derived) code; rows 0 and 1 are
 # never read. Kept so that position tables have the released shapes.
 POSITION_OFFSET = 2
-
-# What activation checkpointing recomputes of each chosen layer: all of it, or only its attention branch
-# (pre-LN, q/k/v, attention, output projection) or its FFN branch (final LN, FFN experts).
-CHECKPOINT_PARTS = ("layer", "attention", "ffn")
 
 
 def checkpointed_layers(spec: str, depth: int) -> list[int] | None:

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 
 from beit3.model.errors import ModelError
 
+# What activation checkpointing recomputes of each chosen layer: all of it, or only its attention branch
+# (pre-LN, q/k/v, attention, output projection) or its FFN branch (final LN, FFN experts).
+CHECKPOINT_PARTS = ("layer", "attention", "ffn")
+
 LAYOUTS = ("released", "paper")
 INITS = ("beit", "magneto")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from beit3.model.config import ModelConfig
+from beit3.model.config import CHECKPOINT_PARTS, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -89,12 +89,6 @@ def training_flops(
     return total + head_flops(cfg, predicted_text, predicted_patches)
 
 
-def recompute_flops(flops: float, checkpointed_fraction: float) -> float:
-    """Extra FLOPs of activation recomputation: one more forward (1/3 of forward+backward) of the
-    checkpointed share of the model (hardware FLOPs = model FLOPs + this)."""
-    return flops * checkpointed_fraction / 3.0
-
-
 def checkpoint_recompute_flops(
     cfg: ModelConfig,
     passes: Iterable[Pass],
@@ -115,8 +109,8 @@ def checkpoint_recompute_flops(
     ``one_pass``: the layers see one packed stream (``BEiT3.forward_mixed``), else one sequence per pass
     (``BEiT3.forward``). ``tests/test_selective_checkpointing.py`` checks this against torch's FLOP counter.
     """
-    if part not in ("layer", "attention", "ffn"):
-        raise ValueError(f"checkpointing part {part!r}: use one of layer, attention, ffn")
+    if part not in CHECKPOINT_PARTS:
+        raise ValueError(f"checkpointing part {part!r}: use one of {', '.join(CHECKPOINT_PARTS)}")
     passes = [p for p in passes if p.samples]
     drop_path = cfg.drop_path_rate > 0 if drop_path is None else drop_path
     d, f = cfg.embed_dim, cfg.ffn_dim

@@ -184,14 +184,12 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``mask``: a keep mask broadcastable to ``x`` drawn by :meth:`sample` (default: drawn here)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        if mask is None:
-            mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return drop_branch(x, mask, keep)
 
     def sample(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The (n, 1, 1) keep mask ``forward`` draws for a (n, T, D) branch of that dtype (same RNG use)."""
@@ -203,14 +201,15 @@ class DropPath(nn.Module):
         every layer would compile again)."""
         return torch.tensor(1.0 - self.p, device=device)
 
-
-def drop_branch(branch: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Stochastic depth with a mask drawn beforehand and the keep probability as a 0-d tensor: the
-    arithmetic of :meth:`DropPath.forward` (``branch * mask / keep``, one rounding in ``branch``'s dtype)."""
-    return branch * mask / keep
-
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def drop_branch(branch: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | float) -> torch.Tensor:
+    """Stochastic depth with its keep mask drawn (``DropPath.sample``): ``branch * mask / keep``, one
+    rounding in ``branch``'s dtype. ``DropPath.forward`` draws the mask itself; the packed path passes masks
+    and the keep probability as tensors drawn before the layers (``DropPath.keep_prob``)."""
+    return branch * mask / keep
 
 
 class FeedForward(nn.Module):

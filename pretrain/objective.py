@@ -277,15 +277,13 @@ def gather_width(counts: list[int], length: int) -> int:
 def gather_rows(batch: dict) -> tuple[int, int]:
     """``(text rows, patch rows)`` the heads run on for a host micro-batch: each sub-batch's rows times its
     gather width, the masked positions plus the fixed-size gathers' padding."""
-    text = patches = 0
+    rows = {"image_mask": 0, "text_labels": 0}
     for key in SUBBATCHES:
         b = batch.get(key, {})
-        for select, is_text in (("image_mask", False), ("text_labels", True)):
+        for select in rows:
             if torch.is_tensor(b.get(select)):
-                sel = b[select] if b[select].dtype == torch.bool else b[select].ne(-100)
-                rows = sel.shape[0] * gather_width(sel.sum(1).tolist(), sel.shape[1])
-                text, patches = (text + rows, patches) if is_text else (text, patches + rows)
-    return text, patches
+                rows[select] += masked_positions(b[select], select)[0].numel()
+    return rows["text_labels"], rows["image_mask"]
 
 
 def _positions(b: dict, select: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,7 @@ from beit3.model import build_model, count_parameters
 from beit3.model.config import ModelConfig
 from beit3.model.flops import Pass, checkpoint_recompute_flops, training_flops
 from beit3.pretrain.errors import PretrainError
+from beit3.pretrain.objective import gather_width
 from beit3.pretrain.recipe import (
     grad_checkpoint_layers,
     grad_checkpoint_part,
@@ -152,7 +153,7 @@ def gathered_rows(samples: int, per_row: float, length: int) -> int:
     ``length``; ``beit3.pretrain.objective.masked_positions``); the mean count stands for the largest."""
     if not samples or per_row <= 0:
         return 0
-    return samples * min(length, 8 * math.ceil(per_row / 8))
+    return samples * gather_width([math.ceil(per_row)], length)
 
 
 def _param_bytes(ds: dict) -> int:
