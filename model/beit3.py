@@ -40,6 +40,15 @@ def checkpointed_layers(spec: str, depth: int) -> list[int] | None:
     raise ValueError(f"grad_checkpointing={spec!r}: use 'none', 'all' or 'every:N'")
 
 
+def checkpointed_part(part: str) -> str:
+    """``part`` if it is one of :data:`CHECKPOINT_PARTS` (the recipes' ``[model] grad_checkpointing_part``),
+    else ValueError naming the choices."""
+    if part not in CHECKPOINT_PARTS:
+        choices = ", ".join(repr(p) for p in CHECKPOINT_PARTS)
+        raise ValueError(f"grad_checkpointing_part={part!r}: use one of {choices}")
+    return part
+
+
 # The kinds of input a forward takes; a pruned model (a finetuning configuration) accepts some of them.
 INPUT_MODES = ("image", "text", "pair")
 # The inputs a sub-batch of :meth:`BEiT3.forward_mixed` may hold.

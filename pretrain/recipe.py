@@ -22,7 +22,7 @@ from beit3.engine.config_io import (
 )
 from beit3.engine.ds_config import global_batch_problem, load_ds_config
 from beit3.engine.trainer_config import TrainSettings, read_recipe
-from beit3.model.beit3 import CHECKPOINT_PARTS, checkpointed_layers
+from beit3.model.beit3 import checkpointed_layers, checkpointed_part
 from beit3.pretrain.data import DataConfigError, PretrainDataConfig
 from beit3.pretrain.objective import ObjectiveConfig
 
@@ -113,10 +113,10 @@ def grad_checkpoint_layers(spec: str, depth: int) -> list[int] | None:
 
 def grad_checkpoint_part(part: str) -> str:
     """Check ``[model] grad_checkpointing_part``: what is recomputed of each checkpointed layer."""
-    if part not in CHECKPOINT_PARTS:
-        choices = ", ".join(repr(p) for p in CHECKPOINT_PARTS)
-        raise ConfigError(f"[model] grad_checkpointing_part={part!r}: use one of {choices}")
-    return part
+    try:
+        return checkpointed_part(part)
+    except ValueError as e:
+        raise ConfigError(f"[model] {e}") from None
 
 
 def _check_values(recipe: PretrainRecipe) -> None:
