@@ -185,7 +185,7 @@ class MaskedDataModeling(nn.Module):
 
     def zero3_gather_units(self) -> list[nn.Module]:
         """Engine protocol (optional): each encoder layer is one ZeRO-3 gathering unit, one all-gather of
-        all its parameters per layer and pass (the giant's step: 142 all-gather calls instead of 718 per
+        all its parameters per layer and pass (the giant's step: 142 all-gather calls instead of 554 per
         submodule, bench/results/zero_comm_layer_units.md). Always when the layers are compiled (no ZeRO-3
         hook may run inside a compiled layer: each would break its graph); ``layer_gathering=False``
         otherwise leaves DeepSpeed to gather per submodule."""
