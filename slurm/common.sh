@@ -267,21 +267,41 @@ trap beit3_on_term TERM
 # A rank that exited 76 (its watchdog fired) while others are still in the step: those are stuck in a
 # collective or stopped (SIGSTOP, a frozen node), and srun would wait for them forever. After
 # BEIT3_HUNG_GRACE_S seconds, in which the other ranks' watchdogs normally fire too, the step's remaining
-# tasks get SIGKILL (a stopped process dies only of that). Runs in the background beside the step.
+# tasks get SIGKILL (a stopped process dies only of that). srun can still wait on after that: for the exit
+# message of a task on a node whose slurmstepd is slow or gone, or for processes of the step that kept its
+# output open. So each further grace period escalates: the step is cancelled (slurmctld ends it), then srun
+# itself is killed; the batch shell then reads the task records as after any step. Runs in the background
+# beside the step.
 beit3_watch_for_hang() {
-  local step_pid=$1 since= step
+  local step_pid=$1 since= stage=0 step steps
   trap '' USR1
   while kill -0 "$step_pid" 2>/dev/null; do
     if [[ -z $since ]] && grep -qs $'\t'"$BEIT3_EXIT_HUNG"'$' "$BEIT3_TASK_DIR"/*; then
       since=$SECONDS
       beit3_log "a rank exited $BEIT3_EXIT_HUNG (hung): the others get ${BEIT3_HUNG_GRACE_S}s to end"
     fi
-    if [[ -n $since ]] && ((SECONDS - since >= BEIT3_HUNG_GRACE_S)); then
-      beit3_log "the step still runs ${BEIT3_HUNG_GRACE_S}s after a rank hung: killing its remaining tasks"
-      for step in $(squeue -h -s -j "$SLURM_JOB_ID" -o %i 2>/dev/null | grep -E "^$SLURM_JOB_ID\.[0-9]+$"); do
-        scancel --signal=KILL "$step" 2>/dev/null  # it complains about tasks that are gone already
-      done
-      return
+    if [[ -n $since ]] && ((SECONDS - since >= (stage + 1) * BEIT3_HUNG_GRACE_S)); then
+      steps=$(squeue -h -s -j "$SLURM_JOB_ID" -o %i 2>/dev/null | grep -E "^$SLURM_JOB_ID\.[0-9]+$")
+      case $stage in
+        0)
+          beit3_log "the step still runs ${BEIT3_HUNG_GRACE_S}s after a rank hung: killing its remaining tasks"
+          for step in $steps; do
+            scancel --signal=KILL "$step" 2>/dev/null  # it complains about tasks that are gone already
+          done
+          ;;
+        1)
+          beit3_log "srun still waits ${BEIT3_HUNG_GRACE_S}s after the kill: cancelling the step"
+          for step in $steps; do
+            scancel "$step" 2>/dev/null
+          done
+          ;;
+        *)
+          beit3_log "srun still runs ${BEIT3_HUNG_GRACE_S}s after the step was cancelled: killing srun"
+          kill -KILL "$step_pid" 2>/dev/null
+          return
+          ;;
+      esac
+      stage=$((stage + 1))
     fi
     sleep 1
   done

@@ -251,6 +251,34 @@ def test_a_step_left_running_after_a_rank_hung_is_killed_after_the_grace(tmp_pat
     assert "killing its remaining tasks" in proc.stdout
 
 
+def test_an_srun_that_outlives_the_kill_is_cancelled_then_killed(tmp_path):
+    """srun can wait on after its tasks got SIGKILL (a task's exit message that never comes from a slow or
+    lost node, a process that kept the step's output open). Each further grace period escalates: the step is
+    cancelled, then srun itself is killed, and the batch shell goes on with the records it has."""
+    tasks, bin_dir = tmp_path / "tasks", tmp_path / "bin"
+    tasks.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/bash\necho 5.0\necho 5.batch\n")
+    (bin_dir / "scancel").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scancel\n')  # changes nothing
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    step = tmp_path / "step.sh"  # records 76 for task 0, then waits as an srun that never hears back would
+    step.write_text(f"printf 'n1\\t76\\n' > {tasks}/0\nexec sleep 60\n")
+    start = time.monotonic()
+    proc = run_bash(
+        f"BEIT3_TASK_DIR={tasks} SLURM_JOB_ID=5 BEIT3_HUNG_GRACE_S=1\n"
+        f"rc=0; beit3_run_step bash {step} || rc=$?; echo rc=$rc",
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+    )
+    elapsed = time.monotonic() - start
+    assert proc.stdout.strip().splitlines()[-1] == "rc=137", proc.stdout + proc.stderr
+    calls = (tmp_path / "scancel").read_text().splitlines()
+    assert calls == ["--signal=KILL 5.0", "5.0"], calls
+    assert 3 <= elapsed < 20, elapsed
+    for said in ("killing its remaining tasks", "cancelling the step", "killing srun"):
+        assert said in proc.stdout, proc.stdout
+
+
 def test_task_wrapper_records_node_and_exit_code_and_survives_the_step_signals(tmp_path):
     """slurm/task.sh outlives USR1 sent to the whole step and records what ended its program."""
     tasks = tmp_path / "tasks"
