@@ -57,6 +57,7 @@ setup(
         "pillow",
         "safetensors",
         "tqdm",
+        "imagehash==4.3.2",  # beit3-contamination's perceptual hashes (with PyWavelets and scipy)
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "ruff==0.17.6", "tokenizers"],  # ruff pinned: CI checks format
@@ -69,6 +70,7 @@ setup(
             "beit3-spm=beit3.tokenizers.spm_cli:main",
             "beit3-vqkd=beit3.pretrain.vqkd_train:main",
             "beit3-shards=beit3.pretrain.shards:main",
+            "beit3-contamination=beit3.pretrain.contamination:main",
             "beit3-pretrain=beit3.pretrain.train:main",
             "beit3-export=beit3.pretrain.export:main",
             "beit3-plan=beit3.pretrain.plan:main",
