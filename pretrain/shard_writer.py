@@ -173,6 +173,7 @@ class ResumableShardWriter:
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
             self._tar.addfile(info, io.BytesIO(data))
+        self._tar.members.clear()  # (kept for reading back only: memory would grow with the shard)
         self._cur["samples"] += 1
         self._cur["bytes"] += self.sample_size(fields)
 

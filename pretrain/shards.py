@@ -166,26 +166,39 @@ def _open_text(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
 
 
+def _cut_point(buf: bytes, max_line: int) -> int:
+    """Where an overlong line's first piece ends: after its last space or tab within ``max_line`` bytes."""
+    return max(buf.rfind(b" ", 0, max_line), buf.rfind(b"\t", 0, max_line)) + 1 or max_line
+
+
 def read_lines(f, pos: int = 0, max_line: int | None = None) -> Iterator[tuple[int, bytes]]:
     """``(offset, line)`` of a binary file from offset ``pos`` (where ``f`` stands), reading ``READ_BYTES``
-    at a time: never more than one read and one line in memory. A line longer than ``max_line`` bytes
-    (``MAX_LINE_BYTES``) is cut at its last space or tab before the limit (or at the limit)."""
+    at a time: never more than one read and one line in memory.
+
+    A line longer than ``max_line`` bytes (``MAX_LINE_BYTES``, the newline included) comes as pieces, each
+    ending after the last space or tab within ``max_line`` bytes (or at the limit): cut from the start of
+    the line, so the pieces do not depend on how the file is read or where reading resumed."""
     max_line = max_line or MAX_LINE_BYTES
     buf = b""
     while True:
         data = f.read(READ_BYTES)
+        if data:
+            buf += data
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start, start + max_line)
+            if nl >= 0:  # a whole line within the limit
+                yield pos + start, buf[start : nl + 1]
+                start = nl + 1
+            elif len(buf) - start > max_line:  # an overlong line: its next piece
+                cut = _cut_point(buf[start : start + max_line], max_line)
+                yield pos + start, buf[start : start + cut]
+                start += cut
+            else:
+                break
+        buf, pos = buf[start:], pos + start
         if not data:
             break
-        buf += data
-        start = 0
-        while (nl := buf.find(b"\n", start)) >= 0:
-            yield pos + start, buf[start : nl + 1]
-            start = nl + 1
-        buf, pos = buf[start:], pos + start
-        while len(buf) > max_line:
-            cut = max(buf.rfind(b" ", 0, max_line), buf.rfind(b"\t", 0, max_line)) + 1 or max_line
-            yield pos, buf[:cut]
-            buf, pos = buf[cut:], pos + cut
     if buf:
         yield pos, buf
 
