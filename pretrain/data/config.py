@@ -5,10 +5,13 @@ from __future__ import annotations
 import glob
 import math
 import os
-import re
+import shutil
 from dataclasses import dataclass, field
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from beit3.engine.config_io import bounded, section_problem
+from beit3.pretrain.data.tario import REMOTE_SCHEMES, url_scheme
 from beit3.pretrain.errors import PretrainError
 
 STREAMS = ("image", "text", "pair")
@@ -28,8 +31,9 @@ class PretrainDataConfig:
     """Where the shards are and how samples become a masked micro-batch (docs/data.md).
 
     Shard lists accept directories (every ``*.tar`` inside), globs and brace ranges
-    (``/data/laion/{00000..04999}.tar``). Defaults follow the paper (§2.3, Table 11) where it says something
-    and BEiT v2 (crop scale 0.2-1) where it does not.
+    (``/data/laion/{00000..04999}.tar``), and webdataset's URLs (``pipe:``, ``http(s)://``, ``s3://``,
+    ``gs://``: docs/data.md, "Remote shards"). Defaults follow the paper (§2.3, Table 11) where it says
+    something and BEiT v2 (crop scale 0.2-1) where it does not.
     """
 
     image_shards: list[str] = field(default_factory=list)
@@ -70,6 +74,10 @@ class PretrainDataConfig:
     max_image_pixels: int = bounded(25_000_000, "[1, inf)")
     # A stream skipping more bad samples in a row stops with an error.
     max_consecutive_skips: int = bounded(1000, "[0, inf)")
+    # Remote shards: tries per read of a shard (the first included) before it is skipped for this round, and
+    # the wait before the second try in seconds, doubled before each next one.
+    remote_tries: int = bounded(3, "[1, inf)")
+    remote_backoff: float = bounded(1.0, "[0, inf)")
     prefetch_factor: int = bounded(2, "[1, inf)")
     # Page-locked batches, so that prepare_batch's non-blocking copies to the GPU overlap the step; only on a
     # CUDA machine and with num_workers > 0 (ignored otherwise).
@@ -129,39 +137,60 @@ class PretrainDataConfig:
                 expand_shards(self.shards_for(stream), f"{stream}_shards")
 
 
-_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+def _remote_problem(url: str, scheme: str) -> str | None:
+    """Why a remote shard spec can never be read here (an unknown scheme, a missing client), or None."""
+    if scheme not in REMOTE_SCHEMES:
+        known = ", ".join(f"{k}:" if k == "pipe" else f"{k}://" for k in REMOTE_SCHEMES)
+        return (
+            f"{url!r}: unknown URL scheme {scheme!r}: use a local path or one of {known} "
+            "(any other source through `pipe:COMMAND` writing the tar to stdout)"
+        )
+    client = REMOTE_SCHEMES[scheme]
+    if client is not None and shutil.which(client) is None:
+        return f"{url!r} is read with `{client}`, which is not on PATH: install it or use `pipe:COMMAND`"
+    from webdataset import utils
 
-
-def _expand_braces(pattern: str) -> list[str]:
-    """``a-{000..002}.tar`` -> three names, zero padding kept from the first bound; nested ranges multiply."""
-    m = _BRACE.search(pattern)
-    if not m:
-        return [pattern]
-    lo, hi = m.group(1), m.group(2)
-    width = len(lo)
-    head, tail = pattern[: m.start()], pattern[m.end() :]
-    out = []
-    for i in range(int(lo), int(hi) + 1):
-        out.extend(_expand_braces(f"{head}{i:0{width}d}{tail}"))
-    return out
+    if utils.enforce_security:
+        return f"{url!r}: WDS_SECURE is set, so webdataset's gopen opens no pipe: unset it to read this shard"
+    return None
 
 
 def expand_shards(patterns: list[str] | str, what: str = "shards") -> list[str]:
-    """Resolve directories, globs and brace ranges to a sorted, de-duplicated list of existing tar files."""
+    """Resolve shard specs to a sorted, de-duplicated list of shards.
+
+    Each spec is expanded as webdataset expands URLs (``a::b`` lists, ``${VAR}`` from ``WDS_VAR``, brace
+    ranges and lists: ``shard-{000000..000099}.tar``, ``{cc3m,cc12m}``). A local name (a path or
+    ``file://``) is a directory (every ``*.tar`` inside), a glob or a file, each of which must exist; a
+    remote one (``pipe:``, ``http(s)://``, ``s3://``, ``gs://``) is kept as it is, checked only for its
+    scheme and command-line client.
+    """
+    from webdataset.shardlists import expand_urls
+
     if isinstance(patterns, str):
         patterns = [patterns]
     found: list[str] = []
     for pattern in patterns:
-        pattern = os.path.expanduser(str(pattern))
-        if os.path.isdir(pattern):
-            names = sorted(glob.glob(os.path.join(glob.escape(pattern), "*.tar")))
-            if not names:
-                raise DataConfigError(
-                    f"{what}: directory {pattern} holds no *.tar shards: write some with `beit3-shards`"
-                )
-            found.extend(names)
-            continue
-        for name in _expand_braces(pattern):
+        try:
+            names = expand_urls(str(pattern))
+        except (ValueError, AssertionError) as e:  # unbalanced braces; a ${VAR} without WDS_VAR
+            raise DataConfigError(f"{what}: cannot expand {pattern!r}: {e}") from None
+        for name in names:
+            scheme = url_scheme(name)
+            if scheme not in (None, "file"):
+                problem = _remote_problem(name, scheme)
+                if problem is not None:
+                    raise DataConfigError(f"{what}: {problem}")
+                found.append(name)
+                continue
+            name = os.path.expanduser(url2pathname(urlparse(name).path) if scheme == "file" else name)
+            if os.path.isdir(name):
+                tars = sorted(glob.glob(os.path.join(glob.escape(name), "*.tar")))
+                if not tars:
+                    raise DataConfigError(
+                        f"{what}: directory {name} holds no *.tar shards: write some with `beit3-shards`"
+                    )
+                found.extend(os.path.abspath(t) for t in tars)
+                continue
             matches = sorted(glob.glob(name)) if glob.has_magic(name) else [name]
             missing = [m for m in matches if not os.path.isfile(m)]
             if not matches or missing:
@@ -169,8 +198,8 @@ def expand_shards(patterns: list[str] | str, what: str = "shards") -> list[str]:
                     f"{what}: no shard file matches {(missing or [name])[0]!r}: check the path "
                     "or write the shards with `beit3-shards`"
                 )
-            found.extend(matches)
-    return sorted(dict.fromkeys(os.path.abspath(f) for f in found))
+            found.extend(os.path.abspath(m) for m in matches)
+    return sorted(dict.fromkeys(found))
 
 
 def parts_per_shard(num_shards: int, num_readers: int) -> int:

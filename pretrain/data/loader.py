@@ -31,6 +31,7 @@ from beit3.pretrain.data.config import (
 from beit3.pretrain.data.decode import SKIP_KINDS, SkipSample
 from beit3.pretrain.data.samples import SampleProcessor, collate
 from beit3.pretrain.data.streams import STREAM_IDS, SampleSource, mix
+from beit3.pretrain.data.tario import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,14 @@ _RESEED = 0x5EED
 # The counters of every rank's loader, logged as TensorBoard ``data/<name>`` (summed over ranks): a sample
 # skipped, by kind, and a sample used, by stream. All are always present, so the tags are stable.
 COUNTER_NAMES = (*(f"skipped/{k}" for k in SKIP_KINDS), *(f"samples/{s}" for s in STREAMS))
+# Added when a stream reads remote shards: failed transfers retried, shards skipped for a round after their
+# last try (docs/data.md, "Remote shards").
+REMOTE_COUNTER_NAMES = ("remote/retries", "remote/skipped_shards")
 
 
-def empty_stats() -> dict[str, int]:
-    """Every counter of :data:`COUNTER_NAMES` at zero."""
-    return dict.fromkeys(COUNTER_NAMES, 0)
+def empty_stats(names: tuple[str, ...] = COUNTER_NAMES) -> dict[str, int]:
+    """Every counter of ``names`` (:data:`COUNTER_NAMES`) at zero."""
+    return dict.fromkeys(names, 0)
 
 
 class BatchProducer:
@@ -60,21 +64,20 @@ class BatchProducer:
         slot: int,
         num_slots: int,
         seed: int,
+        counter_names: tuple[str, ...] = COUNTER_NAMES,
     ) -> None:
         self.cfg, self.counts, self.slot, self.seed = cfg, counts, slot, seed
         self.processor = SampleProcessor(cfg, tokenizer)
         self.pad_id = tokenizer.pad_id
-        self.stats = empty_stats()
+        self.counter_names = counter_names
+        self.stats = empty_stats(counter_names)
         self.attempts = dict.fromkeys(counts, 0)  # raw samples processed per stream (good or bad)
-        self.sources = {
-            s: SampleSource(
-                s, shards[s], slot, num_slots, seed, cfg.open_shards, cfg.shuffle_buffer, self._on_skip
-            )
-            for s in counts
-        }
+        reading = (cfg.open_shards, cfg.shuffle_buffer, self._on_skip, cfg.remote_tries, cfg.remote_backoff)
+        self.sources = {s: SampleSource(s, shards[s], slot, num_slots, seed, *reading) for s in counts}
 
     def _on_skip(self, kind: str, url: str, detail: str) -> None:
-        self.stats[f"skipped/{kind}"] += 1
+        # A skip kind (SKIP_KINDS), or a counter of its own ("remote/retries").
+        self.stats[kind if kind in REMOTE_COUNTER_NAMES else f"skipped/{kind}"] += 1
         log.debug("skipped %s in %s (%s)", kind, url, detail)
 
     def _sample(self, stream: str) -> dict:
@@ -130,7 +133,7 @@ class BatchProducer:
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state`` (taken from the same slot of the same layout)."""
         self.attempts = dict(state["attempts"])
-        self.stats = {**empty_stats(), **state["stats"]}
+        self.stats = {**empty_stats(self.counter_names), **state["stats"]}
         for s, src in self.sources.items():
             src.load_state_dict(state["sources"][s])
 
@@ -210,7 +213,7 @@ class PretrainLoader:
     Iterating again (or after :meth:`load_state_dict`) continues from the last consumed batch.
     """
 
-    counter_names = COUNTER_NAMES
+    counter_names = COUNTER_NAMES  # with REMOTE_COUNTER_NAMES too when a stream reads remote shards
 
     def __init__(
         self, cfg: PretrainDataConfig, tokenizer, counts: dict[str, int], rank: int, world_size: int
@@ -219,17 +222,19 @@ class PretrainLoader:
         self.rank, self.world_size = rank, world_size
         self.num_slots = max(1, cfg.num_workers)
         self.shards = {s: expand_shards(cfg.shards_for(s), f"{s}_shards") for s in counts}
+        if any(is_remote(url) for urls in self.shards.values() for url in urls):
+            self.counter_names = (*COUNTER_NAMES, *REMOTE_COUNTER_NAMES)
         self.seed = cfg.seed
         self.batches = 0
         self.producer_states: dict[int, dict] = {}
-        self.stats_base = empty_stats()
+        self.stats_base = empty_stats(self.counter_names)
         self._active = None
         # Build one producer now so that shard/slot problems surface at construction, not in a worker.
         _SlotFactory(self)(self.rank * self.num_slots)
 
     def counters(self) -> dict[str, int]:
-        """Cumulative counts of :data:`COUNTER_NAMES` on this rank over the consumed batches."""
-        total = empty_stats()
+        """Cumulative counts of :attr:`counter_names` on this rank over the consumed batches."""
+        total = empty_stats(self.counter_names)
         for part in (self.stats_base, *(state["stats"] for state in self.producer_states.values())):
             for k, v in part.items():
                 if k in total:  # a counter an older version declared is dropped
@@ -291,7 +296,7 @@ class PretrainLoader:
         self.close()
         self.batches = batches
         self.seed = mix(self.cfg.seed, _RESEED, batches)
-        self.producer_states, self.stats_base = {}, empty_stats()
+        self.producer_states, self.stats_base = {}, empty_stats(self.counter_names)
 
     def _shard_fingerprint(self) -> dict[str, str]:
         """Per stream, a digest of the shard list: positions only mean something for the same shards."""
@@ -330,7 +335,7 @@ class PretrainLoader:
         )
         if same:
             self.seed = state["seed"]
-            self.stats_base = {**empty_stats(), **state["stats_base"]}
+            self.stats_base = {**empty_stats(self.counter_names), **state["stats_base"]}
             self.producer_states = {int(s): v for s, v in state["producers"].items()}
             return
         # A new layout: the old positions mean nothing to the new slots. Keep the counters, and draw new
@@ -339,7 +344,7 @@ class PretrainLoader:
         for st in state["producers"].values():
             for k, v in st["stats"].items():
                 loaded[k] = loaded.get(k, 0) + v
-        self.stats_base = {**empty_stats(), **loaded}
+        self.stats_base = {**empty_stats(self.counter_names), **loaded}
         self.seed = mix(state["seed"], _RESEED, state["batches"])
         self.producer_states = {}
         log.warning(
@@ -364,11 +369,11 @@ class _SlotFactory:
         self.cfg, self.tokenizer, self.counts = loader.cfg, loader.tokenizer, loader.counts
         self.shards, self.seed = loader.shards, loader.seed
         self.num_slots = loader.world_size * loader.num_slots
+        self.counter_names = loader.counter_names
 
     def __call__(self, global_slot: int) -> BatchProducer:
-        return BatchProducer(
-            self.cfg, self.tokenizer, self.counts, self.shards, global_slot, self.num_slots, self.seed
-        )
+        return BatchProducer(self.cfg, self.tokenizer, self.counts, self.shards, global_slot, self.num_slots,
+                             self.seed, self.counter_names)  # fmt: skip
 
 
 def build_pretrain_loader(

@@ -10,7 +10,10 @@ sample from one of them at random, and passes samples through a shuffle buffer.
 
 Every random choice is a pure function of ``(seed, stream, slot, counter)`` (:func:`mix`), and the position in
 each open unit is a byte offset, so :meth:`SampleSource.state_dict` is a few integers plus the buffered
-samples' file offsets; restoring it reproduces the stream exactly.
+samples' file offsets; restoring it reproduces the stream exactly. A remote shard (a stream that cannot seek)
+is resumed by re-reading it and skipping the recorded number of samples, its buffered samples by re-reading
+each such shard once up to the last of them; a remote shard that fails all its tries is counted
+(``remote/skipped_shards``) and replaced by the next draw: it is skipped for this round only.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from beit3.pretrain.data.config import DataStreamError, parts_per_shard
-from beit3.pretrain.data.tario import TAR_ERRORS, RawSample, iter_shard, read_ref
+from beit3.pretrain.data.tario import TAR_ERRORS, RawSample, RemoteReadError, iter_shard, read_refs
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,8 @@ class SampleSource:
         open_shards: int = 4,
         buffer_size: int = 256,
         on_skip=None,
+        remote_tries: int = 3,
+        remote_backoff: float = 1.0,
     ) -> None:
         self.stream, self.shards, self.slot, self.seed = stream, shards, slot, seed
         self.units = units_for_slot(len(shards), slot, num_slots)
@@ -79,6 +84,7 @@ class SampleSource:
         self._round: tuple[int, np.ndarray] | None = None
         # on_skip(kind, url, detail): counts what the reader drops or repairs (a kind of SKIP_KINDS).
         self.on_skip = on_skip or (lambda kind, url, detail: None)
+        self.remote_tries, self.remote_backoff = remote_tries, remote_backoff
         self.draws = 0  # units drawn so far
         self.picks = 0  # samples taken out of the buffer so far
         self.reads = 0  # samples read from open units so far
@@ -110,7 +116,8 @@ class SampleSource:
             url = self.shards[shard]
             try:
                 if cur.iterator is None:
-                    cur.iterator = iter_shard(url, cur.offset, cur.index, part, parts, self.on_skip)
+                    cur.iterator = iter_shard(url, cur.offset, cur.index, part, parts, self.on_skip,
+                                              self.remote_tries, self.remote_backoff)  # fmt: skip
                 while True:
                     sample, cur.offset, cur.index = next(cur.iterator)
                     if sample is not None:
@@ -118,6 +125,10 @@ class SampleSource:
                         return sample
             except StopIteration:
                 pass
+            except RemoteReadError as e:
+                log.warning("%s: skipping remote shard %s for this round after sample %d (%s)", self.stream,
+                            url, cur.index, e)  # fmt: skip
+                self.on_skip("remote/skipped_shards", url, str(e))
             except TAR_ERRORS as e:
                 log.warning(
                     "%s: shard %s unreadable after sample %d (%s); moving on", self.stream, url, cur.index, e
@@ -160,8 +171,10 @@ class SampleSource:
         self.draws, self.picks, self.reads = state["draws"], state["picks"], state["reads"]
         self.open = [_OpenUnit(unit=u, offset=off, index=idx) for u, off, idx in state["open"]]
         self.buffer = []
-        for ref in state["buffer"]:
-            try:
-                self.buffer.append(read_ref(ref))
-            except TAR_ERRORS as e:  # the shard changed or vanished since: lose the sample, not the run
-                self.on_skip("tar_read", ref[1], str(e))
+        refs = state["buffer"]
+        for ref, sample in zip(refs, read_refs(refs, self.on_skip, self.remote_tries, self.remote_backoff)):
+            # The shard changed, vanished or failed all its tries: lose the sample, not the run.
+            if isinstance(sample, Exception):
+                self.on_skip("tar_read", ref[1], str(sample))
+            else:
+                self.buffer.append(sample)

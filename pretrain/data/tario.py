@@ -8,6 +8,12 @@ can be read again later (the shuffle buffer is restored that way on resume).
 The reader walks the member headers itself instead of through ``tarfile``'s iterator, which takes a bad
 header after the first one for the end of the archive: damage (bad checksums, sizes beyond the file, cut
 files) is reported, and reading resumes at the next valid header (docs/data.md, "Bad input").
+
+Remote shards (webdataset's URL forms: ``pipe:COMMAND``, ``http(s)://``, ``s3://``, ``gs://``) are opened with
+webdataset's ``gopen`` and read as one forward-only stream: positions are the same member-header offsets as
+in a local file, but a reader resumes by re-reading the shard and skipping the recorded number of samples, a
+failed transfer is retried with exponential backoff, and damage ends the shard (docs/data.md, "Remote
+shards").
 """
 
 from __future__ import annotations
@@ -16,9 +22,13 @@ import io
 import json
 import logging
 import os
+import re
+import shlex
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from time import sleep
 
 # Errors a shard that cannot be opened or read at all raises (damage inside a shard is reported instead).
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
@@ -41,8 +51,14 @@ class RawSample:
 
 
 def read_ref(ref: tuple) -> RawSample:
-    """Read a sample back from its reference (file offsets recorded when it was first read)."""
+    """Read a sample back from its reference (file offsets recorded when it was first read); a remote
+    shard's sample is read from a new stream of the shard (:func:`read_refs` reads many in one pass)."""
     key, url, members = ref
+    if is_remote(url):
+        (sample,) = read_refs([ref], tries=1)
+        if isinstance(sample, Exception):
+            raise sample
+        return sample
     fields = {}
     with open(url, "rb") as f:
         for name, offset, size in members:
@@ -214,7 +230,14 @@ def _log_damage_once(url: str, damage: _Damage) -> None:
 
 
 def iter_shard(
-    url: str, offset: int = 0, index: int = 0, part: int = 0, parts: int = 1, report=_no_report
+    url: str,
+    offset: int = 0,
+    index: int = 0,
+    part: int = 0,
+    parts: int = 1,
+    report=_no_report,
+    tries: int = 3,
+    backoff: float = 1.0,
 ) -> Iterator[tuple[RawSample | None, int, int]]:
     """Samples of a tar shard from a member-header byte ``offset``, as ``(sample, next_offset, next_index)``.
 
@@ -232,7 +255,19 @@ def iter_shard(
       starts a new sample with the same key instead of replacing the first one's bytes.
 
     A missing or unreadable file raises one of :data:`TAR_ERRORS`.
+
+    A remote shard (:func:`is_remote`) is read as a stream from its start, the first ``index`` samples
+    skipped (``offset`` checks where they end); a transfer that fails is retried ``tries - 1`` times (the
+    first after ``backoff`` seconds, then twice as long each time, each reported as ``remote/retries``),
+    then :class:`RemoteReadError` is raised; damage ends the shard (:func:`_iter_stream`).
     """
+    if is_remote(url):
+        return _iter_stream(url, offset, index, part, parts, report, tries, backoff)
+    return _iter_file(url, offset, index, part, parts, report)
+
+
+def _iter_file(url, offset, index, part, parts, report):
+    """:func:`iter_shard` for a local file: seeks to ``offset`` and resumes at the next valid header."""
     with open(url, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
         key, fields, members, exts, broken = None, {}, [], set(), False
@@ -274,6 +309,302 @@ def _finish(key, url, fields, members, index, part, parts) -> RawSample | None:
     if index % parts != part:
         return None
     return RawSample(key, url, fields, tuple(members))
+
+
+# ---- remote shards: webdataset's URL forms, opened with its gopen and read forward only ----
+# The schemes a shard spec may name, and the command-line client each needs on PATH (None: the command is the
+# spec). http(s) is read by curl and s3 by the AWS CLI through a ``pipe:`` URL; gs by webdataset's own handler
+# (``gsutil cat``); ``file://`` is a local path.
+REMOTE_SCHEMES = {"pipe": None, "http": "curl", "https": "curl", "s3": "aws", "gs": "gsutil"}
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+# curl without retries of its own (the loader's backoff is the one retry loop, its counter sees every
+# failure), failing on HTTP errors, following redirects, giving up on a connection that stalls for a minute.
+CURL = "curl --fail --silent --show-error --location --connect-timeout 30 --speed-limit 1 --speed-time 60"
+
+
+class RemoteReadError(OSError):
+    """A remote shard that could not be read after all its tries (the reader skips it for this round)."""
+
+
+class _TransportError(Exception):
+    """The transfer failed (the command exited non-zero, a read failed): worth another try."""
+
+
+def url_scheme(spec: str) -> str | None:
+    """``"pipe"``, ``"https"``, ``"s3"``, ``"file"``, ... for a URL-like shard spec; None for a plain path."""
+    m = _SCHEME.match(spec)
+    if m is None:
+        return None
+    scheme = m.group(1).lower()
+    return scheme if scheme == "pipe" or spec[m.end() :].startswith("//") else None
+
+
+def is_remote(url: str) -> bool:
+    """Whether ``url`` is read as a stream (any URL but ``file://``) rather than as a local file."""
+    return url_scheme(url) not in (None, "file")
+
+
+def gopen_url(url: str) -> str:
+    """What webdataset's ``gopen`` opens for the remote shard spec ``url`` (after its ``GOPEN_REWRITE``)."""
+    from webdataset.gopen import rewrite_url
+
+    url = rewrite_url(url)
+    scheme = url_scheme(url)
+    if scheme in ("http", "https"):
+        return f"pipe:{CURL} {shlex.quote(url)}"
+    if scheme == "s3":
+        return f"pipe:aws s3 cp {shlex.quote(url)} -"
+    return url
+
+
+class _Stream:
+    """A forward-only reader over a gopen stream that knows its byte position and tells a failed transfer
+    (an exception, or a command that exits non-zero, checked when the stream ends) from data that ends."""
+
+    def __init__(self, url: str) -> None:
+        from webdataset.gopen import gopen
+
+        self.url, self.pos, self.opened = url, 0, gopen_url(url)
+        try:
+            self.f = self.pipe = gopen(self.opened, "rb")
+        except (OSError, ValueError) as e:
+            raise _TransportError(f"cannot open it: {e}") from e
+
+    def _failed(self, e: Exception) -> _TransportError:
+        status = getattr(self.pipe, "status", None)  # webdataset's Pipe: the command's exit status
+        if status:
+            return _TransportError(f"`{self.opened.removeprefix('pipe:')}` exited with status {status}")
+        return _TransportError(f"{type(e).__name__}: {e}")
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; fewer only at the end of the stream."""
+        chunks = []
+        while n > 0:
+            try:
+                data = self.f.read(min(n, 1 << 20))
+            except (OSError, ValueError) as e:
+                raise self._failed(e) from e
+            if not data:
+                break
+            chunks.append(data)
+            n -= len(data)
+            self.pos += len(data)
+        return b"".join(chunks)
+
+    def skip_to(self, pos: int) -> bool:
+        """Read and drop the bytes up to ``pos``; False if the stream ends first."""
+        while self.pos < pos:
+            if not self.read(min(pos - self.pos, 1 << 20)):
+                return False
+        return True
+
+    def drain(self) -> bool:
+        """Read to the end, then close and check the transfer; whether only zero bytes came (tar padding)."""
+        zeros = True
+        while data := self.read(1 << 20):
+            zeros = zeros and not data.strip(b"\0")
+        self.close(check=True)
+        return zeros
+
+    def close(self, check: bool = False) -> None:
+        """``check``: wait for the command and raise :class:`_TransportError` if it failed. Otherwise the
+        stream is abandoned: our end closed and the command killed."""
+        f, self.f = self.f, None
+        if f is None:
+            return
+        proc = getattr(f, "proc", None)  # webdataset's Pipe
+        if not check and proc is not None:
+            f.stream.close()
+            proc.kill()
+            proc.wait()
+            return
+        try:
+            f.close()
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            if check:
+                raise self._failed(e) from e
+
+
+def _stream_end(s: _Stream, offset: int, detail: str) -> _Damage:
+    """The stream ended early: a failed transfer (raised, to be retried) or a shard that is cut (damage)."""
+    s.close(check=True)
+    return _Damage(offset, detail)
+
+
+def _stream_members(s: _Stream):
+    """:func:`_members` for a stream from its start, forward only: the first damage ends it (finding the
+    next header would mean reading the rest of the shard blindly)."""
+    header, pax, long_name = None, {}, None
+    while True:
+        pos = s.pos
+        block = s.read(BLOCK)
+        if pos == 0 and block[:2] == b"\x1f\x8b":
+            yield _Damage(0, "gzip-compressed: shards are read uncompressed (`pipe:... | gzip -dc`)")
+            return
+        if len(block) < BLOCK:
+            what = "inside a member header" if block else "without its end-of-archive blocks (cut short?)"
+            yield _stream_end(s, pos, "the stream is empty" if pos == 0 else f"the stream ends {what}")
+            return
+        if block == _ZERO_BLOCK:
+            if not s.drain():
+                yield _Damage(pos, "a block of zeros inside the shard (the rest of the stream is not read)")
+            return
+        info, size, damage = _check_header(block, pax, 1 << 62)
+        if damage is not None:
+            yield _Damage(pos, f"{damage} (the rest of the stream is not read)")
+            return
+        header = pos if header is None else header
+        data_at, end = pos + BLOCK, pos + BLOCK + -(-size // BLOCK) * BLOCK
+        if info.type in _EXTENDED:
+            raw = s.read(size)
+            if len(raw) < size or not s.skip_to(end):
+                yield _stream_end(s, header, "the stream ends inside an extended header")
+                return
+            try:
+                if info.type in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
+                    pax = _parse_pax(raw)
+                elif info.type == tarfile.GNUTYPE_LONGNAME:
+                    long_name = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            except ValueError as e:
+                yield _Damage(header, f"a bad extended header ({e}; the rest of the stream is not read)")
+                return
+            continue
+        name = pax.get("path") or long_name or info.name
+        yield _Member(name, info.type in _REGULAR, size, header, data_at)  # its reader may read its data
+        header, pax, long_name = None, {}, None
+        if not s.skip_to(end):
+            yield _stream_end(s, data_at, f"the stream ends inside member {name!r}")
+            return
+
+
+def _changed(url: str, skip: int, at: int, recorded: int) -> tarfile.ReadError:
+    return tarfile.ReadError(
+        f"{url}: sample {skip} starts at byte {at}, not at byte {recorded} as recorded: the shard changed"
+    )
+
+
+def _stream_pass(url, skip, expect, part, parts, report):
+    """One pass over a remote shard from its start, yielding as :func:`_iter_file` does from sample ``skip``
+    on; the samples before it are read (their bytes dropped) but neither yielded nor reported again, and
+    sample ``skip`` must start at byte ``expect``. Raises :class:`_TransportError` for a failed transfer."""
+    s = _Stream(url)
+    try:
+        key, fields, members, exts, index = None, {}, [], set(), 0
+        for m in _stream_members(s):
+            mine = index >= skip and index % parts == part  # this reader reports what happens now
+            if isinstance(m, _Damage):
+                if mine:
+                    _log_damage_once(url, m)
+                    report("tar_read", url, f"byte {m.offset}: {m.detail}")
+                break
+            parsed = split_member_name(m.name) if m.regular else None
+            if parsed is None:
+                if mine:
+                    report("tar_member", url, f"{m.name!r} at byte {m.header} is no sample field")
+                continue
+            mkey, ext = parsed
+            if key is not None and (mkey != key or ext in exts):
+                if index >= skip:
+                    yield _finish(key, url, fields, members, index, part, parts), m.header, index + 1
+                index += 1
+                if index == skip and m.header != expect:
+                    raise _changed(url, skip, m.header, expect)
+                if mkey == key and ext in exts and index >= skip and index % parts == part:
+                    report("duplicate_member", url, f"{m.name} at byte {m.header} repeats a field")
+                key = None
+            if key is None:
+                key, fields, members, exts = mkey, {}, [], set()
+            exts.add(ext)
+            if index >= skip and index % parts == part:
+                data = s.read(m.size)
+                if len(data) == m.size:
+                    fields[ext] = data
+                    members.append((ext, m.data, m.size))
+                elif not fields:  # cut inside its first member: no sample (the walker reports the cut)
+                    key = None
+        if key is not None:
+            if index >= skip:
+                yield _finish(key, url, fields, members, index, part, parts), s.pos, index + 1
+            index += 1
+        if index < skip or (0 < skip == index and s.pos != expect):
+            raise _changed(url, skip, s.pos, expect)
+    finally:
+        s.close()
+
+
+def _iter_stream(url, offset, index, part, parts, report, tries, backoff):
+    """:func:`iter_shard` for a remote shard: passes over the stream, each retry after a failed transfer
+    resuming by sample count where the last one stopped, with exponential backoff between tries."""
+    failures = 0
+    while True:
+        try:
+            for item in _stream_pass(url, index, offset, part, parts, report):
+                _, offset, index = item
+                yield item
+            return
+        except _TransportError as e:
+            failures += 1
+            if failures >= tries:
+                raise RemoteReadError(f"{url}: {e} (tried {failures} times)") from None
+            delay = backoff * 2 ** (failures - 1)
+            log.warning("reading %s failed at sample %d (%s): try %d of %d in %.3g s", url, index, e,
+                        failures + 1, tries, delay)  # fmt: skip
+            report("remote/retries", url, str(e))
+            sleep(delay)
+
+
+def read_refs(refs: list[tuple], report=_no_report, tries: int = 3, backoff: float = 1.0) -> list:
+    """The samples of many references (:meth:`RawSample.ref`), in order; a sample that cannot be read is
+    the exception instead. A remote shard is streamed once for all of its samples (up to the last one's
+    bytes), with the retries of :func:`iter_shard`."""
+    out: list = [None] * len(refs)
+    remote: dict[str, list[int]] = {}
+    for i, ref in enumerate(refs):
+        if is_remote(ref[1]):
+            remote.setdefault(ref[1], []).append(i)
+            continue
+        try:
+            out[i] = read_ref(ref)
+        except TAR_ERRORS as e:
+            out[i] = e
+    for url, which in remote.items():
+        spans = sorted({(offset, size) for i in which for _, offset, size in refs[i][2]})
+        for failures in range(1, tries + 1):
+            try:
+                data = dict(zip(spans, _read_spans(url, spans)))
+                break
+            except _TransportError as e:
+                if failures == tries:
+                    data = RemoteReadError(f"{url}: {e} (tried {failures} times)")
+                    break
+                report("remote/retries", url, str(e))
+                sleep(backoff * 2 ** (failures - 1))
+            except EOFError as e:
+                data = e
+                break
+        for i in which:
+            key, _, members = refs[i]
+            if isinstance(data, Exception):
+                out[i] = data
+            else:
+                fields = {name: data[(offset, size)] for name, offset, size in members}
+                out[i] = RawSample(key, url, fields, tuple(tuple(m) for m in members))
+    return out
+
+
+def _read_spans(url: str, spans: list[tuple[int, int]]) -> list[bytes]:
+    """The bytes of sorted, disjoint ``(offset, size)`` spans of a remote shard, from one stream."""
+    s = _Stream(url)
+    try:
+        out = []
+        for offset, size in spans:
+            if not s.skip_to(offset) or len(data := s.read(size)) != size:
+                s.close(check=True)
+                raise EOFError(f"{url}: the stream ends before byte {offset + size}")
+            out.append(data)
+        return out
+    finally:
+        s.close()
 
 
 class ShardWriter:
