@@ -22,6 +22,8 @@ from beit3.tokenizers.text import PAD_ID  # never generated
 
 # step(tokens (N, L) incl. <s>, parents (N,) rows of the previous step each row continues) -> (N, V) log-probs
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# stop(this batch's search is over) -> end the search now (e.g. only once every rank's is over)
+StopFn = Callable[[bool], bool]
 
 
 @dataclass(frozen=True)
@@ -41,11 +43,15 @@ def beam_search(
     eos_id: int,
     cfg: BeamSearchConfig,
     banned: tuple[int, ...] = (),
+    stop: StopFn | None = None,
 ) -> list[tuple[list[int], float]]:
     """Best (token ids without ``<s>``/``</s>``, normalised log-probability) per batch item.
 
     A hypothesis ends when it picks ``eos_id``; the search for an item stops once it holds ``num_beams``
-    finished hypotheses, or at ``max_len``, where live beams are finished as they stand.
+    finished hypotheses, or at ``max_len``, where live beams are finished as they stand. The search ends
+    when every item has stopped, or, with ``stop``, when ``stop(every item has stopped)`` says so: distributed
+    evaluation stops when every rank's batch has (each rank then runs as many model steps, which keeps
+    ZeRO-3's parameter gathers in lock-step); steps taken after an item stopped leave its result as it is.
     """
     k = cfg.num_beams
     tokens = torch.full((batch_size * k, 1), bos_id, dtype=torch.long)
@@ -78,7 +84,8 @@ def beam_search(
                     continue
                 parents[b * k + j], new_tokens[b * k + j], new_scores[b, j] = row, tok, s
                 j += 1
-        if all(len(f) >= k for f in finished):
+        done = all(len(f) >= k for f in finished)
+        if stop(done) if stop is not None else done:
             break
         tokens = torch.cat([tokens[parents], new_tokens[:, None]], dim=1)
         scores = new_scores
@@ -154,10 +161,12 @@ def generate_captions(
     banned: tuple[int, ...] = (),
     use_cache: bool | None = None,
     vocab_size: int | None = None,
+    stop: StopFn | None = None,
 ) -> list[list[int]]:
     """Beam-search captions (token ids) for a batch of images; cached unless the layout has VL experts.
 
-    ``vocab_size`` (the tokenizer's) keeps ids the tokenizer cannot decode out of the search.
+    ``vocab_size`` (the tokenizer's) keeps ids the tokenizer cannot decode out of the search; ``stop`` as in
+    :func:`beam_search`.
     """
     if use_cache is None:
         use_cache = not task.cfg.vl_expert_layers
@@ -169,7 +178,7 @@ def generate_captions(
         if vocab_size is not None:  # the embedding may have spare rows the tokenizer cannot decode
             step = _limit_vocab(step, vocab_size)
         results = beam_search(
-            step, image.shape[0], bos_id, eos_id, cfg, banned=(bos_id, PAD_ID, mask_id) + banned
+            step, image.shape[0], bos_id, eos_id, cfg, banned=(bos_id, PAD_ID, mask_id) + banned, stop=stop
         )
     finally:
         task.train(was_training)

@@ -1,21 +1,29 @@
 """Evaluation of a finetuned task module on an eval split: the task's metric, as ``eval/<name>`` scalars,
 and the official prediction files (:func:`predict`, formats in :mod:`beit3.finetune.outputs`).
 
-Classification, VQA, NLVR2 and retrieval are sharded: rank r of N takes every N-th example (or distinct
+Every task is sharded, evaluation and prediction alike: rank r of N takes every N-th example (or distinct
 image), every rank runs the same number of equal-sized batches (a short last shard repeats an example whose
-result is dropped), which keeps ZeRO-3's parameter gathers in lock-step, and the counts (or the features) are
-reduced (gathered) across ranks: N ranks evaluate in about 1/N of the time, with the one-rank result.
-Captioning is not sharded: beam search runs a data-dependent number of decoder steps, which would let ranks'
-ZeRO-3 gathers diverge; every rank decodes the whole split.
+result is dropped), which keeps ZeRO-3's parameter gathers in lock-step, and the counts are reduced, or the
+features, predictions and caption ids gathered, across ranks: N ranks evaluate in about 1/N of the time,
+with the one-rank result. Captioning's beam search runs a data-dependent number of decoder steps: its
+ranks agree at each step whether every rank's batch is done, so that all run as many steps (ZeRO-3's gathers
+again in lock-step); the captions are gathered as fixed-size id rows, and rank 0 scores the full set once
+and hands the scores to the others. On rank 0 a long evaluation logs its progress (items done of the
+total, the rate) every :data:`PROGRESS_EVERY_S` seconds.
 
 Each task's *selection metric* (:data:`SELECTION`) is the scalar, and its direction, by which a run keeps
 its best checkpoint (the engine's ``train.best_metric`` / ``best_mode``): accuracy for classification and
-NLVR2, the VQA score, CIDEr for captioning, the mean of the six recalls for retrieval.
+NLVR2, the VQA score, CIDEr for captioning, the mean of the six recalls for retrieval. Image and prompt
+classification also report ``eval/acc1`` (= ``eval/accuracy``) and ``eval/acc5`` (top-5; top-k with k the
+number of classes where there are fewer), the released ImageNet names (as fractions, the release prints
+percent).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -37,6 +45,10 @@ SELECTION = {
     "retrieval": ("eval/average", "max"),  # the released "average_score": mean of R@1/5/10 both ways
 }
 PREDICTED = ("vqa", "captioning", "retrieval")  # tasks with an official output file
+TOP_K = ("image_classification", "prompt_classification")  # also eval/acc1 and eval/acc5
+PROGRESS_EVERY_S = 30.0  # rank 0 logs a long evaluation's progress this often
+
+log = logging.getLogger("beit3.finetune.evaluate")
 
 
 def _world() -> tuple[int, int]:
@@ -45,18 +57,49 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _sharded(n: int, batch_size: int) -> Iterator[tuple[list[int], int]]:
+def _sharded(n: int, batch_size: int, what: str = "examples") -> Iterator[tuple[list[int], int]]:
     """This rank's batches of indices into ``n`` items: every world_size-th item from the rank, in batches of
     ``batch_size``, as many batches on every rank (a short one repeats its first index); with each batch, how
-    many of its indices are real (the rest are repeats whose results are dropped)."""
+    many of its indices are real (the rest are repeats whose results are dropped). Rank 0 logs the progress
+    of all ranks (they run in step) on ``what`` every :data:`PROGRESS_EVERY_S` seconds."""
     rank, world = _world()
     mine = list(range(rank, n, world))
     per_rank = -(-n // world)
+    progress = _Progress(n, batch_size, what) if rank == 0 else None
     for b in range(-(-per_rank // batch_size)):
         chunk = mine[b * batch_size : (b + 1) * batch_size]
         real = len(chunk)
         filler = chunk[0] if chunk else (mine[0] if mine else 0)
         yield chunk + [filler] * (batch_size - real), real
+        if progress is not None:  # the batch is done
+            progress.batch_done()
+
+
+class _Progress:
+    """Rank 0's log line on a long evaluation: items done (over all ranks) of the total, rate, time left."""
+
+    def __init__(self, n: int, batch_size: int, what: str) -> None:
+        self.n, self.batch_size, self.what = n, batch_size, what
+        self.world = _world()[1]
+        self.batches = 0
+        self.start = self.last = time.monotonic()
+
+    def done(self) -> int:
+        """Items of all ranks in their first ``batches`` batches (every rank runs its batches in step)."""
+        per_rank = self.batches * self.batch_size
+        return sum(min(len(range(r, self.n, self.world)), per_rank) for r in range(self.world))
+
+    def batch_done(self) -> None:
+        self.batches += 1
+        now = time.monotonic()
+        if now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        done, elapsed = self.done(), max(now - self.start, 1e-9)
+        rate = done / elapsed
+        left = (self.n - done) / rate if rate > 0 else float("inf")
+        log.info("evaluating: %d/%d %s (%.1f/s over %d ranks, %.0f s so far, about %.0f s left)",
+                 done, self.n, self.what, rate, self.world, elapsed, left)  # fmt: skip
 
 
 def _sum_across_ranks(values: list[float], device) -> list[float]:
@@ -66,6 +109,42 @@ def _sum_across_ranks(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def _on_rank0(compute: Callable[[], object], device) -> object:
+    """``compute()`` run on rank 0 only and its result handed to every rank. An error is raised on every rank
+    (rank 0 its own, the others a RuntimeError with its message), so that none waits for a result."""
+    rank, world = _world()
+    if world == 1:
+        return compute()
+    box: list = [None]
+    error = None
+    if rank == 0:
+        try:
+            box[0] = (compute(), None)
+        except Exception as e:  # re-raised below, after the others heard of it
+            error = e
+            box[0] = (None, f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(box, src=0, device=torch.device(device))
+    result, message = box[0]
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"on rank 0: {message}")
+    return result
+
+
+def _all_ranks_done(device) -> Callable[[bool], bool] | None:
+    """Beam search's ``stop`` in a process group: stop once every rank's batch is done (None alone)."""
+    if _world()[1] == 1:
+        return None
+
+    def stop(done: bool) -> bool:
+        busy = torch.tensor([0 if done else 1], dtype=torch.long, device=device)
+        dist.all_reduce(busy)
+        return busy.item() == 0
+
+    return stop
 
 
 def _gathered_rows(local: torch.Tensor, n: int) -> torch.Tensor:
@@ -121,18 +200,19 @@ def evaluate(
 def _classification(task_name, task, split, batch_size, device, num_answers) -> dict[str, float]:
     collate = Collator(task_name, split.images, num_answers=num_answers)
     g = torch.Generator().manual_seed(0)
-    total, hits = 0, 0.0
-    for indices, real in _sharded(len(split.examples), batch_size):
-        if task_name == "prompt_classification":
-            # Through forward (ZeRO-3 gathers logit_scale there), on the real rows only: its accuracy is of
-            # the whole batch; a rank without any still runs the forward (the gathers stay in lock-step).
-            rows = indices[:real] or indices[:1]
-            _, metrics = task(task.prepare_batch(collate([split.examples[i] for i in rows], g), device))
-            hits += float(metrics["acc/top1"]) * real
-            total += real
-            continue
+    total, hits, hits5 = 0, 0.0, 0.0
+    prompts = None
+    if task_name == "prompt_classification":
+        # The class prompts' embeddings once (on every rank: ZeRO-3's gathers stay in lock-step); images are
+        # ranked by their cosine with them, which orders classes as the logits exp(logit_scale) x cosine do.
+        # (logit_scale, a parameter of the wrapped module itself, is gathered by ZeRO-3 in forward only.)
+        prompts = task.retrieval.embed_texts(task.prompt_ids.to(device), task.prompt_padding_mask.to(device))
+    what = {"vqa": "questions", "nlvr2": "pairs", "text_classification": "texts"}.get(task_name, "images")
+    for indices, real in _sharded(len(split.examples), batch_size, what):
         batch = task.prepare_batch(collate([split.examples[i] for i in indices], g), device)
-        if task_name == "image_classification":
+        if task_name == "prompt_classification":
+            logits = task.retrieval.embed_images(batch["image"]) @ prompts.t()
+        elif task_name == "image_classification":
             logits = task.logits(batch["image"])
         elif task_name == "text_classification":
             logits = task.logits(batch["text"], batch["text_padding_mask"])
@@ -145,21 +225,33 @@ def _classification(task_name, task, split, batch_size, device, num_answers) -> 
             hits += batch["scores"][:real].gather(1, pred[:, None]).sum().item()
         else:
             hits += (pred == batch["label"][:real]).sum().item()
+        if task_name in TOP_K:
+            hits5 += top_k_hits(logits[:real], batch["label"][:real], 5)
         total += real
-    hits, total = _sum_across_ranks([hits, total], device)
-    name = "eval/vqa_score" if task_name == "vqa" else "eval/accuracy"
-    return {name: hits / total}
+    hits, hits5, total = _sum_across_ranks([hits, hits5, total], device)
+    if task_name == "vqa":
+        return {"eval/vqa_score": hits / total}
+    if task_name in TOP_K:
+        return {"eval/accuracy": hits / total, "eval/acc1": hits / total, "eval/acc5": hits5 / total}
+    return {"eval/accuracy": hits / total}
+
+
+def top_k_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    """How many rows have their label among their ``k`` highest logits (all of them when there are fewer
+    than ``k`` classes: top-k with k = min(k, classes))."""
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+    return int((top == labels[:, None]).any(dim=-1).sum().item())
 
 
 def _retrieval(task, split, batch_size, device) -> dict[str, float]:
     rows, position = _unique_images(split)
     dtype = next(task.parameters()).dtype
     image_feats = []
-    for indices, _ in _sharded(len(rows), batch_size):
+    for indices, _ in _sharded(len(rows), batch_size, "images"):
         images = images_to_float(split.images[[rows[i] for i in indices]]).to(device, dtype)
         image_feats.append(task.embed_images(images).float())
     text_feats = []
-    for indices, _ in _sharded(len(split.examples), batch_size):
+    for indices, _ in _sharded(len(split.examples), batch_size, "texts"):
         ids, pad = pad_texts([split.examples[i]["text"] for i in indices])
         text_feats.append(task.embed_texts(ids.to(device), pad.to(device)).float())
     images = _gathered_rows(torch.cat(image_feats), len(rows))
@@ -180,24 +272,31 @@ def _references(split: Split, tokenizer) -> list[list[str]]:
 
 
 def _generate(task, split, batch_size, device, tokenizer, decoding: BeamSearchConfig) -> list[str]:
-    """One beam-search caption per distinct image of ``split`` (bank-row order)."""
+    """One beam-search caption per distinct image of ``split`` (bank-row order), on every rank: each rank
+    decodes its shard of the images, and the caption ids are gathered as rows of ``max_len`` ids (-1 after
+    the caption)."""
     if tokenizer is None:
         raise ValueError("captioning evaluation needs the tokenizer to decode captions")
     rows, _ = _unique_images(split)
     dtype = next(task.parameters()).dtype
-    hyps = []
-    for start in range(0, len(rows), batch_size):
-        images = images_to_float(split.images[rows[start : start + batch_size]]).to(device, dtype)
-        for ids in generate_captions(
-            task, images, BOS_ID, EOS_ID, tokenizer.mask_id, decoding, vocab_size=tokenizer.vocab_size
-        ):
-            hyps.append(tokenizer.decode(ids))
-    return hyps
+    stop = _all_ranks_done(device)
+    width = decoding.max_len  # a caption without <s> and </s> has at most max_len - 1 ids
+    local: list[list[int]] = []
+    for indices, _ in _sharded(len(rows), batch_size, "images captioned"):
+        images = images_to_float(split.images[[rows[i] for i in indices]]).to(device, dtype)
+        for ids in generate_captions(task, images, BOS_ID, EOS_ID, tokenizer.mask_id, decoding,
+                                     vocab_size=tokenizer.vocab_size, stop=stop):  # fmt: skip
+            local.append(ids + [-1] * (width - len(ids)))
+    if not rows:
+        return []
+    gathered = _gathered_rows(torch.tensor(local, dtype=torch.long, device=device), len(rows))
+    return [tokenizer.decode([i for i in ids if i >= 0]) for ids in gathered.tolist()]
 
 
 def _captioning(task, split, batch_size, device, tokenizer, decoding: BeamSearchConfig) -> dict[str, float]:
     hyps = _generate(task, split, batch_size, device, tokenizer, decoding)
-    scores, _ = caption_scores(hyps, _references(split, tokenizer))  # pure python: cheap enough per eval
+    refs = _references(split, tokenizer)
+    scores, _ = _on_rank0(lambda: caption_scores(hyps, refs), device)  # pure python: cheap enough per eval
     return {f"eval/{k}": v for k, v in scores.items()}
 
 
@@ -237,14 +336,15 @@ def predict(
 
 
 def _predict_vqa(task, split, batch_size, device, answers: list[str]) -> tuple[list, dict]:
-    preds = []
-    for start in range(0, len(split.examples), batch_size):
-        chunk = split.examples[start : start + batch_size]
+    local = []
+    for indices, _ in _sharded(len(split.examples), batch_size, "questions"):
+        chunk = [split.examples[i] for i in indices]
         ids, pad = pad_texts([ex["text"] for ex in chunk])
         rows = torch.tensor([ex["image"] for ex in chunk])
         batch = task.prepare_batch({"image": images_to_float(split.images[rows]), "text": ids,
                                     "text_padding_mask": pad}, device)  # fmt: skip
-        preds += task.logits(batch["image"], batch["text"], batch["text_padding_mask"]).argmax(-1).tolist()
+        local.append(task.logits(batch["image"], batch["text"], batch["text_padding_mask"]).argmax(-1))
+    preds = _gathered_rows(torch.cat(local), len(split.examples)).tolist() if local else []
     qids = [ex.get("question_id", i) for i, ex in enumerate(split.examples)]
     report: dict = {"questions": len(preds)}
     if any(ex.get("scores") for ex in split.examples):  # an annotated split: its VQA score
@@ -266,8 +366,9 @@ def _predict_captions(task, split, batch_size, device, tokenizer, decoding, refe
     else:
         refs = _references(split, tokenizer)
     report: dict = {"images": len(results)}
-    if all(refs):
-        report["scores"], report["scorer"] = caption_scores(hyps, refs, official=True)
+    if all(refs):  # the official toolkit (Java where installed) once, on rank 0
+        official = _on_rank0(lambda: caption_scores(hyps, refs, official=True), device)
+        report["scores"], report["scorer"] = official
     return results, report
 
 
