@@ -6,6 +6,8 @@ Layout under ``<output_dir>/checkpoints``::
     step00001000/                # one tag per saved step
         mp_rank_00_model_states.pt, zero_pp_rank_*_...   # DeepSpeed's files (save_latest=False)
         trainer_rank00000.pt ... # per rank: trainer step, data state, RNG states (python, numpy, torch, cuda)
+        ema_rank00000.pt ...     # with train.ema_decay > 0: the EMA of the weights (engine/ema.py); rank 0
+                                 # alone under ZeRO 0-2, every rank its partitions under ZeRO-3
         complete.json            # rank 0, after a barrier: step, world size, resolved DeepSpeed config, and
                                  # the size and CRC-32 of every file of the tag (each rank checksums a share)
     corrupt-step00000900-<time>/ # a checkpoint that failed verification, set aside (never deleted)
@@ -466,9 +468,13 @@ class CheckpointManager:
         except OSError as err:
             log.warning("could not set %s aside (%s); skipping it", tag_dir, err)
 
-    def save(self, engine, step: int, rank_state: dict, run_state: dict) -> Path:
+    def save(
+        self, engine, step: int, rank_state: dict, run_state: dict, rank_files: dict | None = None
+    ) -> Path:
         """Collective: DeepSpeed states, this rank's trainer file, checksums, then (rank 0) marker, pointer.
 
+        ``rank_files``: more per-rank files, ``{stem: object}`` saved as ``<stem>_rank<r>.pt`` (an object of
+        None: no file from this rank), checksummed like the rest (the EMA: engine/ema.py).
         A write that fails on any rank (a full disk: CheckpointSpaceError) fails the save on every rank
         after the partial tag dir is removed; ``latest`` keeps naming the last good checkpoint.
         """
@@ -490,6 +496,12 @@ class CheckpointManager:
                 tmp = path.with_name(path.name + ".tmp")
                 torch.save({**rank_state, "step": step, "world_size": self.world_size}, tmp)
                 os.replace(tmp, path)
+                for stem, obj in (rank_files or {}).items():
+                    if obj is not None:
+                        path = tag_dir / f"{stem}_rank{self.rank:05d}.pt"
+                        tmp = path.with_name(path.name + ".tmp")
+                        torch.save(obj, tmp)
+                        os.replace(tmp, path)
             except Exception as err:  # noqa: BLE001 - agreed below
                 error = err
         errors = [

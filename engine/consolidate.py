@@ -53,6 +53,40 @@ def consolidate_checkpoint(
     return {k: v.detach().float().clone() if v.is_floating_point() else v.clone() for k, v in state.items()}
 
 
+def consolidate_ema(
+    run_dir_or_ckpt_dir: str | os.PathLike, tag: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The task module's fp32 state dict with the EMA of the weights (``train.ema_decay`` > 0,
+    engine/ema.py) in place of the trained values, from the same checkpoints as :func:`consolidate_checkpoint`
+    (same keys: frozen parameters and integer buffers, which the EMA does not average, keep their values).
+
+    The EMA partitions of every rank (ZeRO-3) are put together in rank order. A checkpoint saved without
+    an EMA is a CheckpointError.
+    """
+    from beit3.engine.checkpoint import read_marker
+    from beit3.engine.ema import ema_state_dict
+
+    tag_dir = find_checkpoint(run_dir_or_ckpt_dir, tag)
+    if not read_marker(tag_dir).get("ema"):
+        raise CheckpointError(
+            f"{tag_dir} holds no EMA of the weights (trained with train.ema_decay = 0); export its weights "
+            "with consolidate_checkpoint instead"
+        )
+    state = consolidate_checkpoint(tag_dir)
+    averaged = ema_state_dict(tag_dir)
+    unknown = sorted(set(averaged) - set(state))
+    if unknown:
+        raise ConsolidationError(f"{tag_dir}: EMA tensors {unknown[:10]} are not in the consolidated state")
+    for name, value in averaged.items():
+        if tuple(value.shape) != tuple(state[name].shape):
+            raise ConsolidationError(
+                f"{tag_dir}: EMA of {name} has shape {tuple(value.shape)}, the weights "
+                f"{tuple(state[name].shape)}"
+            )
+        state[name] = value.float().clone()
+    return state
+
+
 def _rank_of(path: Path) -> int:
     return int(re.search(r"zero_pp_rank_(\d+)_", path.name).group(1))
 

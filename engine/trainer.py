@@ -28,11 +28,14 @@ from beit3.engine.checkpoint import (
     CheckpointManager,
     atomic_write_bytes,
     capture_rng,
+    read_marker,
     restore_rng,
     write_best,
 )
 from beit3.engine.data_source import DataSource, check_data_source, counter_values
 from beit3.engine.ds_config import precision_of
+from beit3.engine.ema import FILE_STEM as EMA_FILE_STEM
+from beit3.engine.ema import WeightEma
 from beit3.engine.launch import DistInfo, shutdown_distributed
 from beit3.engine.lr import lr_at
 from beit3.engine.metrics import MetricAccumulator, MetricsWriter, device_peak_flops
@@ -41,7 +44,7 @@ from beit3.engine.reshard import ensure_universal, plan_resume
 from beit3.engine.safe_load import guard_engine
 from beit3.engine.supervise import EXIT_HUNG, EXIT_NONFINITE, EXIT_PREEMPTED, pending_signal
 from beit3.engine.task import check_task, zero3_gather_units
-from beit3.engine.trainer_config import TrainerConfig, TrainResult
+from beit3.engine.trainer_config import EMA_PREFIX, TrainerConfig, TrainResult
 from beit3.engine.watchdog import Watchdog, limit_from_env
 
 log = logging.getLogger(__name__)
@@ -138,6 +141,7 @@ class Trainer:
         self._stop_signal = 0
         self.best = KeepBest(cfg.best_metric, cfg.best_mode)  # restored by _resume (engine/best.py)
         rng_state = self._resume()
+        self.ema = self._build_ema()  # after the resume: it starts from the weights run with
         # purge_step: TensorBoard hides the events an interrupted run wrote after the checkpoint's step (the
         # checkpoint's own step was logged before it was saved, so it stays).
         self.writer = MetricsWriter(
@@ -178,6 +182,24 @@ class Trainer:
         if self.dist.is_main:
             log.info("resumed from %s at step %d", tag_dir, self.step)
         return rank_state["rng"] if rank_state is not None else None
+
+    def _build_ema(self) -> WeightEma | None:
+        """The EMA of the weights (``ema_decay`` > 0, engine/ema.py): the resumed checkpoint's, else started
+        from the current weights (a checkpoint saved without one: with a warning)."""
+        if not self.cfg.ema_decay:
+            return None
+        ema = WeightEma(self.engine.module, self.cfg.ema_decay, self.dist.rank, self.dist.world_size)
+        if self.resume_dir is not None:
+            record = read_marker(self.resume_dir).get("ema")
+            if record:
+                ema.load(self.resume_dir, record)
+            elif self.dist.is_main:
+                log.warning("checkpoint %s holds no EMA of the weights (saved with ema_decay = 0): the EMA "
+                            "starts from its weights", self.resume_dir)  # fmt: skip
+        if self.dist.is_main:
+            log.info("EMA of the weights, decay %s: %.1f MiB fp32 on rank 0 (%d updates so far)", ema.decay,
+                     ema.local_elements * 4 / 2**20, ema.updates)  # fmt: skip
+        return ema
 
     def _trainer_settings(self) -> dict:
         """The trainer config as recorded: every field but ``run_info`` (config.json has it at the top)."""
@@ -306,6 +328,8 @@ class Trainer:
             finally:
                 self.guard.skip = False
         skipped = skip or self.engine.skipped_steps > overflow_before
+        if self.ema is not None and not skipped:  # a step that ran: the weights moved
+            self.ema.update()
         return step_metrics, skip, skipped, stop
 
     def _loop(self) -> TrainResult:
@@ -359,9 +383,12 @@ class Trainer:
         start = time.perf_counter()
         self.engine.eval()
         with torch.no_grad():
-            scalars = self.eval_fn(self.step)
+            scalars = dict(self.eval_fn(self.step))
+            if self.ema is not None:  # the same evaluation on the EMA weights, its scalars as ema/<name>
+                with self.ema.swapped():
+                    scalars.update({f"{EMA_PREFIX}{k}": v for k, v in self.eval_fn(self.step).items()})
         self.engine.train()
-        self.writer.write(self.step, dict(scalars))
+        self.writer.write(self.step, scalars)
         if self.best.offer(scalars, self.step, self.dist.world_size):
             self.save()  # this step's checkpoint; its marker records the new best
             if self.dist.is_main:
@@ -435,7 +462,11 @@ class Trainer:
             "trainer": self._trainer_settings(),
             "best": self.best.record,
         }
-        self.ckpt.save(self.engine, self.step, rank_state, run_state)
+        rank_files = {}
+        if self.ema is not None:  # each rank's share of the EMA (engine/ema.py), recorded in the marker
+            run_state["ema"] = self.ema.record()
+            rank_files[EMA_FILE_STEM] = self.ema.state_dict()
+        self.ckpt.save(self.engine, self.step, rank_state, run_state, rank_files)
         self.last_saved = self.step
         return time.perf_counter() - start
 

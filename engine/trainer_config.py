@@ -25,6 +25,7 @@ from beit3.engine.optim import OPTIMIZERS
 from beit3.engine.supervise import EXIT_NONFINITE, EXIT_PREEMPTED  # the exit-code contract
 
 T = TypeVar("T")
+EMA_PREFIX = "ema/"  # the scalars of an evaluation with the EMA weights (engine/ema.py)
 
 
 @dataclass
@@ -57,6 +58,10 @@ class TrainSettings:
     # the task's metric; pretraining: none).
     best_metric: str = ""
     best_mode: str = "max"  # "max" | "min"
+    # Exponential moving average of the weights (engine/ema.py; timm's ModelEma, the released finetuning
+    # recipes' model_ema_decay, e.g. 0.9999): after every optimizer step that ran, ema = decay x ema +
+    # (1 - decay) x weights; each evaluation also runs on it (scalars prefixed "ema/"). 0: off.
+    ema_decay: float = bounded(0.0, "[0, 1)")
     # The global batch the step counts are written for (epochs, the paper's schedule), checked against the
     # DeepSpeed config and world size at start-up (0: any). The size itself is set in the DeepSpeed JSON only.
     global_batch_size: int = bounded(0, "[0, inf)")
@@ -95,6 +100,9 @@ class TrainSettings:
             (self.best_metric in ("", "none") or self.eval_every > 0,
              f"best_metric={self.best_metric!r} needs periodic evaluations: set eval_every > 0, "
              "or best_metric = 'none'"),
+            (not self.best_metric.startswith(EMA_PREFIX) or self.ema_decay > 0,
+             f"best_metric={self.best_metric!r} names an evaluation of the EMA weights, which needs "
+             f"ema_decay > 0: set ema_decay (e.g. 0.9999), or a metric without the {EMA_PREFIX!r} prefix"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
