@@ -63,6 +63,10 @@ setup(
         "dev": ["pytest", "pytest-timeout", "ruff==0.17.6", "tokenizers"],  # ruff pinned: CI checks format
         # COCO caption scores (finetune/outputs.py); its PTB tokenizer and METEOR need a Java runtime
         "coco": ["pycocoevalcap==1.2"],
+        # the released finetuning recipes' augmentation (finetune/data/augment.py): timm's transforms,
+        # Mixup and CutMix, torchvision's crops. torchvision 0.28.0 requires torch 2.13.0: install it beside
+        # the torch pin (scripts/install.sh) so that pip never resolves another torch
+        "augment": ["timm==1.0.31", "torchvision==0.28.0"],
     },
     entry_points={
         "console_scripts": [

@@ -2,7 +2,7 @@
 # Installs everything the project, its demo and its tests need on a fresh Debian machine with Python 3.11.
 # Idempotent: a second run only checks. Usage: bash scripts/install.sh [--tests] [--bench]
 #   --tests also installs what only the test-suite needs (Debian's Slurm, the reference implementation,
-#           pycocoevalcap);
+#           pycocoevalcap, timm and torchvision for the finetuning augmentation);
 #   --bench what bench/finetune_small.py needs (easy-VQA, scikit-learn, Tux Paint stamps, WordNet).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +42,10 @@ if [[ $WITH_TESTS == 1 ]]; then
   apt_install slurmctld slurmd slurm-client munge iproute2  # iproute2: the two-node cluster's namespaces
   # --- the COCO caption toolkit: tests/test_finetune_outputs.py compares our BLEU/CIDEr with it ---
   $PY -m pip install --quiet --disable-pip-version-check "pycocoevalcap==1.2"  # setup.py's [coco] extra
+  # --- setup.py's [augment] extra (finetune/data/augment.py): torchvision on the same command line as the
+  # torch pin, so that pip keeps this torch; timm after it (its torch and torchvision needs are then met) ---
+  $PY -m pip install --quiet --disable-pip-version-check "torch==2.13.0" "torchvision==0.28.0"
+  $PY -m pip install --quiet --disable-pip-version-check "timm==1.0.31"
   # --- reference implementation for parity tests, kept out of site-packages (see docs/model.md) ---
   if [[ ! -d .cache/reference/torchscale ]]; then
     $PY -m pip install --quiet --disable-pip-version-check --no-deps --target .cache/reference \
