@@ -10,6 +10,7 @@ live in the DeepSpeed JSON only.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,11 @@ TASKS = (
     "retrieval",
     "captioning",
 )
+IMAGE_TASKS = ("image_classification", "prompt_classification", "vqa", "nlvr2", "retrieval", "captioning")
+MIXUP_MODES = ("batch", "pair", "elem")
+# timm's RandAugment grammar: "rand" and "-"-separated sections m (magnitude), n (ops per image), mstd
+# (magnitude noise), mmax, inc (increasing ops), p (op probability).
+RANDAUG = re.compile(r"rand(-(m\d+|n\d+|mstd\d+(\.\d+)?|mmax\d+|inc[01]|p\d*(\.\d+)?))*")
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 MOVED = {
     f"train.{k}": f"param_groups.{k}" for k in ("layer_decay", "head_lr_scale")
@@ -75,6 +81,26 @@ class DataSection:
     max_train: int = bounded(0, "[0, inf)")  # cap on training examples (0: all)
     max_eval: int = bounded(0, "[0, inf)")  # cap on evaluation examples (0: all)
     hflip: bool = False  # random horizontal flips while training
+    # Training augmentation, timm's (the `augment` extra; docs/finetune.md "Augmentation"). crop_scale > 0
+    # turns on timm's training transform: RandomResizedCrop (bicubic) of area scale (crop_scale, 1)
+    # (released: 0.5 vision-language, 0.08 ImageNet), the flip, RandAugment (a timm string, e.g.
+    # "rand-m9-mstd0.5-inc1"), colour jitter (timm applies it only without RandAugment) and RandomErasing
+    # with probability reprob. 0: images resized to the square (and flipped with hflip).
+    crop_scale: float = bounded(0.0, "[0, 1]")
+    randaug: str = ""
+    color_jitter: float = bounded(0.0, "[0, inf)")
+    reprob: float = bounded(0.0, "[0, 1]")
+    # Evaluation view: 0, the square resize; else Resize(size / crop_pct) of the shorter side + CenterCrop.
+    crop_pct: float = bounded(0.0, "[0, 1]")
+    # Mixup/CutMix (image classification; timm's): Beta alphas (0: off), the probability a batch is mixed,
+    # that of CutMix when both are on, and per "batch", "pair" or "elem"; task.label_smoothing smooths the
+    # mixed targets.
+    mixup: float = bounded(0.0, "[0, inf)")
+    cutmix: float = bounded(0.0, "[0, inf)")
+    mixup_prob: float = bounded(1.0, "[0, 1]")
+    mixup_switch_prob: float = bounded(0.5, "[0, 1]")
+    mixup_mode: str = "batch"
+    eval_batch_size: int = bounded(0, "[0, inf)")  # evaluation batch per rank; 0: the training micro-batch
     # DataLoader worker processes that read and decode a released-format index's training images (the
     # offline sources' images are in memory and need none); pinned memory on a GPU.
     num_workers: int = bounded(4, "[0, inf)")
@@ -98,6 +124,10 @@ class CaptioningSection:
     num_beams: int = bounded(3, "[1, inf)")
     max_len: int = bounded(32, "[3, inf)")
     length_penalty: float = bounded(0.6, "(-inf, inf)")
+    # "Drop worst" (released: 0.2 after step 12000): from optimizer step drop_worst_after on, the loss keeps
+    # only the lowest (1 - drop_worst_ratio) fraction of the masked tokens' losses (0: all kept).
+    drop_worst_ratio: float = bounded(0.0, "[0, 1)")
+    drop_worst_after: int = bounded(0, "[0, inf)")
 
 
 @dataclass
@@ -135,9 +165,32 @@ def validate(recipe: FinetuneRecipe) -> None:
         (recipe.data.source != "jsonl" or bool(recipe.data.train),
          "data.train must name a JSONL index file when data.source = 'jsonl'"),
     ]  # fmt: skip
-    for ok, message in checks:
+    for ok, message in checks + augmentation_checks(recipe):
         if not ok:
             raise ConfigError(f"finetune recipe: {message}")
+
+
+def augmentation_checks(recipe: FinetuneRecipe) -> list[tuple[bool, str]]:
+    """(holds, message naming the fix) for the ``[data]`` augmentation settings."""
+    d, task = recipe.data, recipe.task.name
+    in_transform = [k for k in ("randaug", "color_jitter", "reprob") if getattr(d, k)]
+    image_keys = [k for k in ("crop_scale", "crop_pct", *in_transform, "mixup", "cutmix") if getattr(d, k)]
+    return [
+        (not image_keys or task in IMAGE_TASKS,
+         f"data.{', data.'.join(image_keys)}: task {task!r} has no images to augment (leave them 0)"),
+        (not in_transform or d.crop_scale > 0,
+         f"data.{', data.'.join(in_transform)} run in timm's training transform, which starts with "
+         "RandomResizedCrop: set data.crop_scale > 0 (released: 0.5 vision-language, 0.08 ImageNet)"),
+        (not d.randaug or RANDAUG.fullmatch(d.randaug) is not None,
+         "data.randaug must be a timm RandAugment string such as 'rand-m9-mstd0.5-inc1' (sections m, n, "
+         f"mstd, mmax, inc, p) or empty, got {d.randaug!r}"),
+        (not (d.mixup or d.cutmix) or task == "image_classification",
+         f"data.mixup and data.cutmix mix images and their class labels: image_classification only, not "
+         f"{task!r} (set them to 0)"),
+        (d.mixup_mode in MIXUP_MODES, f"data.mixup_mode must be one of {MIXUP_MODES}, got {d.mixup_mode!r}"),
+        (not recipe.captioning.drop_worst_ratio or task == "captioning",
+         f"captioning.drop_worst_ratio applies to the captioning loss, not to task {task!r} (set it to 0)"),
+    ]  # fmt: skip
 
 
 def checkpointing(recipe: FinetuneRecipe, depth: int) -> tuple[list[int] | None, str]:
@@ -194,6 +247,13 @@ def validate_run(
                 f"{model_cfg.max_text_len}: lower it or raise model.overrides.max_text_positions"
             )
     ds_config = load_ds_config(ds_config, world_size)
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    if (recipe.data.mixup or recipe.data.cutmix) and micro % 2:
+        raise ConfigError(
+            "finetune recipe: data.mixup/data.cutmix pair each image with another of its micro-batch "
+            f"(timm's Mixup): train_micro_batch_size_per_gpu={micro} must be even (set an even one, with "
+            "gradient_accumulation_steps to keep the global batch) or set data.mixup = data.cutmix = 0"
+        )
     expected = recipe.train.global_batch_size
     problem = global_batch_problem(ds_config, expected, world_size, trained=trained_global_batch)
     if problem:

@@ -37,6 +37,7 @@ from beit3.engine.program import (
 )
 from beit3.engine.supervise import supervised
 from beit3.finetune.builder import build_task, model_config
+from beit3.finetune.data.augment import MixupSettings, TrainTransform, require
 from beit3.finetune.data.batches import BatchLoader, Collator, tokenize_split
 from beit3.finetune.data.build import load_task_data
 from beit3.finetune.data.sources import LazyImages
@@ -83,8 +84,7 @@ def build_run(recipe: FinetuneRecipe, train: bool = True):
         from beit3.tokenizers.text import TextTokenizer
 
         tokenizer = TextTokenizer(recipe.data.tokenizer)
-    img_size = recipe.model.img_size or _preset_img_size(recipe.model.name)
-    data = load_task_data(recipe.data, recipe.task.name, img_size, train_images=train)
+    data = load_task_data(recipe.data, recipe.task.name, _img_size(recipe), train_images=train)
     if tokenizer is not None:
         for split in (data.train, data.eval) if train else (data.eval,):
             tokenize_split(split, tokenizer, recipe.data.max_text_len)
@@ -98,6 +98,27 @@ def _evaluate(recipe: FinetuneRecipe, task, data, tokenizer, batch_size: int, de
     """The task metric on the eval split (every rank takes part)."""
     return evaluate(recipe.task.name, task, data.eval, batch_size, device, num_answers=len(data.classes),
                     tokenizer=tokenizer, decoding=_decoding(recipe))  # fmt: skip
+
+
+def augmentation(
+    recipe: FinetuneRecipe, img_size: int, num_classes: int
+) -> tuple[TrainTransform | None, MixupSettings | None]:
+    """The recipe's training transform and Mixup/CutMix (None where off); timm and torchvision are
+    imported (AugmentError naming the ``augment`` extra when they are missing) only when one is on."""
+    d = recipe.data
+    transform = mixup = None
+    if d.crop_scale:
+        transform = TrainTransform(img_size, d.crop_scale, d.hflip, d.randaug, d.color_jitter, d.reprob)
+    if d.mixup or d.cutmix:
+        mixup = MixupSettings(d.mixup, d.cutmix, d.mixup_prob, d.mixup_switch_prob, d.mixup_mode,
+                              recipe.task.label_smoothing, num_classes)  # fmt: skip
+    if transform is not None or mixup is not None or d.crop_pct:
+        require()
+    return transform, mixup
+
+
+def _img_size(recipe: FinetuneRecipe) -> int:
+    return recipe.model.img_size or _preset_img_size(recipe.model.name)
 
 
 def _preset_img_size(name: str) -> int:
@@ -129,16 +150,21 @@ def prepare(context: RunContext) -> TrainingRun:
     keep_best_default(recipe)
     ds_config = validate_run(recipe, context.ds_config, dist.world_size, context.trained_global_batch)
     micro = ds_config["train_micro_batch_size_per_gpu"]
+    eval_batch = recipe.data.eval_batch_size or micro
     name = recipe.task.name
+    augmentation(recipe, _img_size(recipe), 1)  # the augment extra is there before any data is read
     built: dict = {}
 
     def run_eval(step: int = 0) -> dict[str, float]:
-        return _evaluate(recipe, built["task"], built["data"], built["tokenizer"], micro, dist.device)
+        return _evaluate(recipe, built["task"], built["data"], built["tokenizer"], eval_batch, dist.device)
 
     def build() -> Built:
         with trusted_checkpoints(args.trust_checkpoint):  # model.pretrained: refused beyond the allowlist
             tokenizer, data, task = build_run(recipe)
         built.update(tokenizer=tokenizer, data=data, task=task)
+        transform, mixup = augmentation(
+            recipe, _img_size(recipe), recipe.task.num_classes or len(data.classes)
+        )
         collate = Collator(
             name,
             data.train.images,
@@ -146,11 +172,17 @@ def prepare(context: RunContext) -> TrainingRun:
             hflip=recipe.data.hflip,
             mask_prob=recipe.captioning.mask_prob,
             mask_id=tokenizer.mask_id if tokenizer else 0,
+            transform=transform,
+            mixup=mixup,
         )
+        c = recipe.captioning
+        if name == "captioning" and c.drop_worst_ratio:
+            task.set_drop_worst(c.drop_worst_ratio, c.drop_worst_after)
         on_disk = isinstance(data.train.images, LazyImages)  # decoded in workers; in-memory banks need none
         loader = BatchLoader(
             data.train, collate, micro, dist.rank, dist.world_size, seed=recipe.data.seed,
             num_workers=recipe.data.num_workers if on_disk else 0, pin_memory=dist.device.type == "cuda",
+            micro_batches_per_step=ds_config["gradient_accumulation_steps"] if name == "captioning" else 0,
         )  # fmt: skip
         return Built(task, loader, eval_fn=run_eval, record={"model": model_config(task).to_dict()})
 
@@ -204,7 +236,7 @@ def evaluate_only(args) -> int:
     except errors as e:
         return config_error(PROGRAM, e, rank)
     task.to(dist.device)
-    micro = ds_config["train_micro_batch_size_per_gpu"]
+    micro = recipe.data.eval_batch_size or ds_config["train_micro_batch_size_per_gpu"]
     if args.predict:
         output, scores = predict(recipe.task.name, task, data.eval, micro, dist.device, data.classes,
                                  tokenizer, _decoding(recipe), references)  # fmt: skip

@@ -3,7 +3,10 @@
 Images are normalised to [-1, 1] (mean 0.5, std 0.5, the released vision-language finetuning transform);
 texts become ``[<s>] + ids[: max_len - 2] + [</s>]`` right-padded with ``<pad>`` (``text_padding_mask`` True
 at padding). Captioning batches are masked here (:func:`beit3.finetune.tasks.captioning.mask_captions`),
-with a generator derived from (seed, rank, epoch, batch), so a resumed run sees the same batches.
+with a generator derived from (seed, rank, epoch, batch), so a resumed run sees the same batches. So is the
+training augmentation (:mod:`beit3.finetune.data.augment`: timm's transforms per image where it is decoded,
+Mixup/CutMix over the collated batch): the libraries' RNGs are seeded from that generator for the batch and
+restored after.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from beit3.finetune.data.sources import Split
+from beit3.finetune.data.augment import MixupSettings, TrainTransform, draw_seed, seeded, to_pil
+from beit3.finetune.data.sources import LazyImages, Split
 from beit3.finetune.errors import FinetuneError
 from beit3.finetune.tasks.captioning import mask_captions
 from beit3.tokenizers.text import BOS_ID, EOS_ID, PAD_ID
@@ -55,22 +59,42 @@ def pad_texts(texts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class Collator:
-    """Builds a task's batch dict from examples (see each task module for the keys it reads)."""
+    """Builds a task's batch dict from examples (see each task module for the keys it reads).
+
+    ``transform``: each training image goes through it (a
+    :class:`~beit3.finetune.data.augment.TrainTransform`: a :class:`~beit3.finetune.data.sources.LazyImages`
+    image as decoded, a bank row as stored) instead of the plain conversion and ``hflip``; ``mixup``: image
+    classification batches are mixed and carry ``target``, soft targets (B, num_classes), beside the hard
+    ``label``."""
 
     task: str
-    images: torch.Tensor | None
+    images: torch.Tensor | LazyImages | None
     num_answers: int = 0
     hflip: bool = False
     mask_prob: float = 0.6
     mask_id: int | None = None  # the tokenizer's <mask>: captioning batches need it
+    transform: TrainTransform | None = None
+    mixup: MixupSettings | None = None
+
+    def _augmented(self, rows: list[int]) -> torch.Tensor:
+        if isinstance(self.images, LazyImages):
+            return torch.stack([self.transform(self.images.decode(r)) for r in rows])
+        return torch.stack([self.transform(to_pil(self.images[r])) for r in rows])
 
     def __call__(self, examples: list[dict], generator: torch.Generator) -> dict:
         batch: dict = {}
-        flip = torch.rand(len(examples), generator=generator) < 0.5 if self.hflip else None
+        augment = self.transform is not None or self.mixup is not None
+        seed = draw_seed(generator) if augment else None
+        plain_flip = self.hflip and self.transform is None  # else the transform flips
+        flip = torch.rand(len(examples), generator=generator) < 0.5 if plain_flip else None
         for key in ("image", "image2"):
             if key in examples[0] and self.images is not None:
-                rows = torch.tensor([ex[key] for ex in examples])
-                batch[key] = images_to_float(self.images[rows], flip)
+                if self.transform is not None:
+                    with seeded(seed + (key == "image2")):
+                        batch[key] = self._augmented([ex[key] for ex in examples])
+                else:
+                    rows = torch.tensor([ex[key] for ex in examples])
+                    batch[key] = images_to_float(self.images[rows], flip)
         if "text" in examples[0] and self.task not in ("image_classification", "prompt_classification"):
             batch["text"], batch["text_padding_mask"] = pad_texts([ex["text"] for ex in examples])
         if self.task == "vqa":
@@ -81,6 +105,11 @@ class Collator:
             batch["scores"] = scores
         elif self.task in ("image_classification", "prompt_classification", "text_classification", "nlvr2"):
             batch["label"] = torch.tensor([ex["label"] for ex in examples])
+        if self.mixup is not None:
+            if "image" not in batch or "label" not in batch:
+                raise BatchError("Mixup/CutMix mixes images and their labels: image classification only")
+            with seeded(seed + 2):
+                batch["image"], batch["target"] = self.mixup.apply(batch["image"], batch["label"])
         if self.task == "captioning":
             if self.mask_id is None:
                 raise BatchError("captioning batches need Collator(mask_id=tokenizer.mask_id)")
@@ -102,6 +131,7 @@ class _RankBatches(torch.utils.data.Dataset):
             loader.rank, loader.world_size, loader.seed, loader.shuffle
         )  # fmt: skip
         self.batches = len(loader)
+        self.steps_of = loader.micro_batches_per_step
         self._order: tuple[int, list[int]] | None = None  # (epoch, this rank's examples in order)
 
     def mine(self, epoch: int) -> list[int]:
@@ -123,7 +153,10 @@ class _RankBatches(torch.utils.data.Dataset):
         start = position * self.batch_size
         chunk = [self.examples[i] for i in self.mine(epoch)[start : start + self.batch_size]]
         g = torch.Generator().manual_seed(hash((self.seed, self.rank, epoch, position)) % 2**62)
-        return self.collate(chunk, g)
+        batch = self.collate(chunk, g)
+        if self.steps_of:  # the optimizer step this batch is trained in (0: the first)
+            batch["step"] = (epoch * self.batches + position) // self.steps_of
+        return batch
 
 
 class _Positions(torch.utils.data.Sampler):
@@ -152,7 +185,10 @@ class BatchLoader:
     read from disk) in that many DataLoader worker processes, ahead of the step, in pinned memory with
     ``pin_memory``; the position counts the batches handed to the trainer, so a resume continues exactly
     where the last checkpoint's step stopped, whatever the workers had prefetched. The workers live for one
-    epoch (an iteration) and end with it, or when an iteration is abandoned.
+    epoch (an iteration) and end with it, or when an iteration is abandoned. ``micro_batches_per_step > 0``:
+    each batch carries ``step``, the (0-based) optimizer step it is trained in (its micro-batch count since
+    the start over the gradient accumulation; a task whose loss changes with the step, captioning's
+    drop-worst, reads it there and needs nothing of the engine).
     """
 
     counter_names: tuple[str, ...] = ()
@@ -168,10 +204,12 @@ class BatchLoader:
         shuffle: bool = True,
         num_workers: int = 0,
         pin_memory: bool = False,
+        micro_batches_per_step: int = 0,
     ) -> None:
         self.examples, self.collate, self.batch_size = split.examples, collate, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.micro_batches_per_step = int(micro_batches_per_step)
         self.epoch, self.position = 0, 0
         self._batches: _RankBatches | None = None
         self._workers: torch.utils.data.DataLoader | None = None

@@ -104,11 +104,26 @@ def _answer_names(data_cfg) -> list[str]:
 
 def load_task_data(data_cfg, task: str, img_size: int, train_images: bool = True) -> TaskData:
     """The :class:`TaskData` a recipe's ``[data]`` section describes. ``train_images=False`` (evaluation,
-    prediction): a released-format train index is read for its labels only, its images not decoded."""
+    prediction): a released-format train index is read for its labels only, its images not decoded. The eval
+    split's images are in the ``data.crop_pct`` evaluation view
+    (:func:`~beit3.finetune.data.augment.eval_view`; an in-memory bank is cropped from its resized images)."""
+    data = _task_data(data_cfg, task, img_size, train_images)
+    crop_pct = getattr(data_cfg, "crop_pct", 0.0)
+    if crop_pct and isinstance(data.eval.images, torch.Tensor):
+        from beit3.finetune.data.augment import eval_bank
+
+        data.eval = Split(data.eval.examples, eval_bank(data.eval.images, crop_pct))
+    return data
+
+
+def _task_data(data_cfg, task: str, img_size: int, train_images: bool) -> TaskData:
     d = data_cfg
     if d.source == "jsonl":
+        crop_pct = getattr(d, "crop_pct", 0.0)
         train = load_jsonl_split(d.train, d.root, img_size, d.max_train, d.seed, decode_images=train_images)
-        eval_ = load_jsonl_split(d.eval, d.root, img_size, d.max_eval, d.seed) if d.eval else Split([])
+        eval_ = Split([])
+        if d.eval:
+            eval_ = load_jsonl_split(d.eval, d.root, img_size, d.max_eval, d.seed, crop_pct=crop_pct)
         num = 1 + max((ex.get("label", max(ex.get("scores", {0: 0}))) for ex in train.examples), default=0)
         names = _answer_names(d) if task == "vqa" else []
         return TaskData(train, eval_, names or [str(i) for i in range(num)])

@@ -21,7 +21,6 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -39,11 +38,12 @@ class LazyImages:
     ``images[rows]`` gives uint8 (len(rows), 3, S, S) as an in-memory bank does (``images[i]``: (3, S, S)),
     so every consumer reads both alike, while memory holds only the paths: a dataset of any size costs its
     index. The training loader reads the rows of each batch in DataLoader worker processes
-    (``BatchLoader(num_workers=...)``).
+    (``BatchLoader(num_workers=...)``); with augmentation it takes each image as decoded (:meth:`decode`,
+    its own size) and crops it there. ``crop_pct``: the evaluation view (``load_image``).
     """
 
-    def __init__(self, paths: list[str], size: int) -> None:
-        self.paths, self.size = list(paths), int(size)
+    def __init__(self, paths: list[str], size: int, crop_pct: float = 0.0) -> None:
+        self.paths, self.size, self.crop_pct = list(paths), int(size), float(crop_pct)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -52,19 +52,28 @@ class LazyImages:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _load(self, index: int) -> torch.Tensor:
+        if self.crop_pct:
+            return load_image(self.paths[index], self.size, self.crop_pct)
+        return load_image(self.paths[index], self.size)
+
+    def decode(self, index: int) -> Image.Image:
+        """Image ``index`` as an RGB PIL image at its own size (what training transforms crop)."""
+        return decode_image(self.paths[index])
+
     def __getitem__(self, rows) -> torch.Tensor:
         if isinstance(rows, int) or (torch.is_tensor(rows) and rows.dim() == 0):
-            return load_image(self.paths[int(rows)], self.size)
+            return self._load(int(rows))
         if isinstance(rows, slice):
             indices = list(range(*rows.indices(len(self.paths))))
         else:
             indices = rows.tolist() if torch.is_tensor(rows) else [int(r) for r in rows]
         if not indices:
             return torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8)
-        return torch.stack([load_image(self.paths[i], self.size) for i in indices])
+        return torch.stack([self._load(i) for i in indices])
 
     def __iter__(self):
-        return (load_image(p, self.size) for p in self.paths)
+        return (self._load(i) for i in range(len(self.paths)))
 
 
 # Paths a lazily read split checks for existence when it is loaded (the first and a seeded sample): a missing
@@ -100,18 +109,25 @@ class TaskData:
     classes: list[str] = field(default_factory=list)
 
 
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """(3, size, size) uint8; transparent pixels composited onto white (Tux Paint stamps are cut-outs)."""
+def decode_image(path: str | Path) -> Image.Image:
+    """An image file as RGB; transparent pixels composited onto white (Tux Paint stamps are cut-outs)."""
     try:
         img = Image.open(path)
         img.load()
     except OSError as e:
         raise DataSourceError(f"cannot read image {path}: {e}") from e
     try:
-        img = to_rgb(img).resize((size, size), Image.BICUBIC)
+        return to_rgb(img)
     except ImageInputError as e:
         raise DataSourceError(f"cannot use image {path}: {e}") from e
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def load_image(path: str | Path, size: int, crop_pct: float = 0.0) -> torch.Tensor:
+    """(3, size, size) uint8 (:func:`decode_image`): resized to the square, or with ``crop_pct`` > 0 the
+    released ImageNet evaluation view (:func:`beit3.finetune.data.augment.eval_view`)."""
+    from beit3.finetune.data.augment import eval_view, from_pil
+
+    return from_pil(eval_view(decode_image(path), size, crop_pct))
 
 
 def _bank(paths: list[str], size: int) -> torch.Tensor:
@@ -133,12 +149,19 @@ def _cap(examples: list[dict], limit: int, seed: int) -> list[dict]:
 
 # ----- released-format JSONL indexes ---------------------------------------------------------------
 def load_jsonl_split(
-    index: str | Path, root: str | Path, size: int, limit: int = 0, seed: int = 0, decode_images: bool = True
+    index: str | Path,
+    root: str | Path,
+    size: int,
+    limit: int = 0,
+    seed: int = 0,
+    decode_images: bool = True,
+    crop_pct: float = 0.0,
 ) -> Split:
     """A released-style index: ``image_path`` [+ ``image2_path``], ``text_segment`` (ids) or ``text``, and
     ``label`` | ``labels`` + ``scores`` | ``image_id``. Paths are relative to ``root``. The images stay on
     disk (:class:`LazyImages`: decoded when a batch reads them); a sample of the paths is checked to exist.
-    ``decode_images=False``: the examples only (no images), e.g. for a train split's labels."""
+    ``decode_images=False``: the examples only (no images), e.g. for a train split's labels. ``crop_pct``:
+    the images' evaluation view (:func:`load_image`)."""
     index = Path(index)
     if not index.is_file():
         raise DataSourceError(f"index file {index} does not exist; set data.train / data.eval")
@@ -168,7 +191,7 @@ def load_jsonl_split(
     if not decode_images:
         return Split(examples, None)
     _check_paths(list(paths), index, seed)
-    return Split(examples, LazyImages(list(paths), size))
+    return Split(examples, LazyImages(list(paths), size, crop_pct))
 
 
 # ----- offline benchmarks ---------------------------------------------------------------------------

@@ -7,7 +7,8 @@ whole image and the caption up to themselves (causal). Training masks a share of
 prediction there (:mod:`beit3.finetune.decoding`).
 
 Batch (after :func:`mask_captions`): ``image``, ``text`` (masked input ids), ``text_padding_mask``,
-``masked`` (B, T) bool, ``labels`` (B, T) original ids.
+``masked`` (B, T) bool, ``labels`` (B, T) original ids; ``step`` (int), the optimizer step the batch is
+trained in, when the loss drops its worst tokens (:meth:`Captioning.set_drop_worst`).
 """
 
 from __future__ import annotations
@@ -70,8 +71,11 @@ def mask_captions(
     return {"text": text, "masked": masked, "labels": ids}
 
 
-def label_smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Mean KL divergence to the smoothed one-hot target (1 - eps on the label, eps / (C - 1) elsewhere).
+def label_smoothed_loss(
+    logits: torch.Tensor, labels: torch.Tensor, smoothing: float, reduce: bool = True
+) -> torch.Tensor:
+    """Mean KL divergence to the smoothed one-hot target (1 - eps on the label, eps / (C - 1) elsewhere);
+    ``reduce=False``: per row (M,).
 
     Zero exactly when the predicted distribution equals the smoothed target.
     """
@@ -81,7 +85,15 @@ def label_smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: f
     target_logp = logp.gather(1, labels[:, None]).squeeze(1)
     cross = -(on * target_logp + off * (logp.sum(dim=-1) - target_logp))
     entropy = -(on * math.log(on) if on > 0 else 0.0) - (smoothing * math.log(off) if off > 0 else 0.0)
-    return (cross - entropy).mean()
+    per_row = cross - entropy
+    return per_row.mean() if reduce else per_row
+
+
+def drop_worst(losses: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The lowest ``int(M * (1 - ratio))`` (at least 1) of ``M`` per-token losses: the released captioning
+    loss's "drop worst" (the hardest tokens of a batch, likely noisy captions, are left out)."""
+    keep = max(1, int(losses.numel() * (1.0 - ratio)))
+    return torch.topk(losses, keep, largest=False, sorted=False).values
 
 
 class Captioning(FinetuneTask):
@@ -101,6 +113,14 @@ class Captioning(FinetuneTask):
             raise ValueError("the captioning task needs the mlm_head: build the encoder as 'seq2seq'")
         self.mlm_head = encoder.mlm_head
         self.label_smoothing = label_smoothing
+        self.drop_worst_ratio, self.drop_worst_after = 0.0, 0
+
+    def set_drop_worst(self, ratio: float, after: int) -> None:
+        """From optimizer step ``after`` on (read from the batch's ``step``), the loss keeps the lowest
+        (1 - ``ratio``) fraction of its per-token losses (recipe ``[captioning] drop_worst_*``)."""
+        if not 0.0 <= ratio < 1.0 or after < 0:
+            raise ValueError(f"drop_worst needs 0 <= ratio < 1 and after >= 0, got {ratio}, {after}")
+        self.drop_worst_ratio, self.drop_worst_after = float(ratio), int(after)
 
     def hidden(
         self, image: torch.Tensor, text: torch.Tensor, text_padding_mask: torch.Tensor | None = None
@@ -116,7 +136,13 @@ class Captioning(FinetuneTask):
         masked = batch["masked"]
         logits = self.mlm_head(h[masked])  # (M, V): logits only where a prediction is scored
         labels = batch["labels"][masked]
-        loss = label_smoothed_loss(logits, labels, self.label_smoothing)
+        losses = label_smoothed_loss(logits, labels, self.label_smoothing, reduce=False)
+        if self.drop_worst_ratio:
+            if "step" not in batch:
+                raise ValueError("drop_worst needs the batch's step: BatchLoader(micro_batches_per_step=...)")
+            if batch["step"] >= self.drop_worst_after:
+                losses = drop_worst(losses, self.drop_worst_ratio)
+        loss = losses.mean()
         acc = (logits.argmax(-1) == labels).float().mean().item()
         return loss, {"loss/caption": loss.detach(), "acc/masked_tokens": acc}
 

@@ -1,7 +1,9 @@
 """Classification tasks: images (vision encoder), texts (language encoder), images by class-name prompts.
 
 Batches: ``image`` (B, 3, H, W) float or ``text`` (B, T) ids with ``text_padding_mask`` (True = pad), and
-``label`` (B,) class indices.
+``label`` (B,) class indices; with Mixup/CutMix also ``target`` (B, num_classes), the mixed soft targets
+(label smoothing included), which the loss then takes instead (soft-target cross-entropy, as released) while
+the accuracy stays against ``label``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ from beit3.model import BEiT3Model
 from beit3.model.flops import linear_flops
 
 HEAD_INIT_SCALE = 0.001  # released classification heads start near zero
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -sum_c target_c log softmax(logits)_c (fp32): the cross-entropy against soft
+    targets (rows summing to 1)."""
+    return -(target.float() * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
 
 
 class _PooledClassifier(FinetuneTask):
@@ -47,7 +55,10 @@ class _PooledClassifier(FinetuneTask):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         logits = self.head(self.fc_norm(self.features(batch)))
-        loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
+        if "target" in batch:
+            loss = soft_target_cross_entropy(logits, batch["target"])
+        else:
+            loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
         return loss, {"loss/cls": loss.detach(), "acc/top1": accuracy(logits, batch["label"])}
 
 
