@@ -4,8 +4,9 @@ and the official prediction files (:func:`predict`, formats in :mod:`beit3.finet
 Every task is sharded, evaluation and prediction alike: rank r of N takes every N-th example (or distinct
 image), every rank runs the same number of equal-sized batches (a short last shard repeats an example whose
 result is dropped), which keeps ZeRO-3's parameter gathers in lock-step, and the counts are reduced, or the
-features, predictions and caption ids gathered, across ranks: N ranks evaluate in about 1/N of the time,
-with the one-rank result. Captioning's beam search runs a data-dependent number of decoder steps: its
+features, predictions and caption ids gathered, across ranks (retrieval's recalls: each rank ranks the
+similarity rows of its share, the hits summed): N ranks evaluate in about 1/N of the time, with the one-rank
+result. Captioning's beam search runs a data-dependent number of decoder steps: its
 ranks agree at each step whether every rank's batch is done, so that all run as many steps (ZeRO-3's gathers
 again in lock-step); the captions are gathered as fixed-size id rows, and rank 0 scores the full set once
 and hands the scores to the others. On rank 0 a long evaluation logs its progress (items done of the
@@ -31,7 +32,6 @@ import torch.distributed as dist
 from beit3.finetune.data.batches import Collator, images_to_float, pad_texts
 from beit3.finetune.data.sources import Split
 from beit3.finetune.decoding import BeamSearchConfig, generate_captions
-from beit3.finetune.metrics import recall_at_k
 from beit3.finetune.outputs import caption_results, caption_scores, retrieval_report, vqa_submission
 from beit3.tokenizers.text import BOS_ID, EOS_ID
 
@@ -256,9 +256,38 @@ def _retrieval(task, split, batch_size, device) -> dict[str, float]:
         text_feats.append(task.embed_texts(ids.to(device), pad.to(device)).float())
     images = _gathered_rows(torch.cat(image_feats), len(rows))
     texts = _gathered_rows(torch.cat(text_feats), len(split.examples))
-    sim = images @ texts.t()
     text_to_image = torch.tensor([position[ex["image_id"]] for ex in split.examples])
-    return {f"eval/{k}": v for k, v in recall_at_k(sim.cpu(), text_to_image).items()}
+    return {f"eval/{k}": v for k, v in sharded_recalls(images, texts, text_to_image, device).items()}
+
+
+def sharded_recalls(
+    images: torch.Tensor, texts: torch.Tensor, text_to_image: torch.Tensor, device, ks=(1, 5, 10)
+) -> dict[str, float]:
+    """:func:`beit3.finetune.metrics.recall_at_k` of ``images @ texts.T`` (every rank holding all features),
+    each rank ranking the texts of every N-th image and the images of every N-th text (the similarity rows
+    it needs, on the features' device), and the hits summed over the ranks: no rank builds or sorts the
+    whole (images x texts) matrix. Same keys, ``average`` the mean of the six."""
+    rank, world = _world()
+    dev = images.device
+    t2i = text_to_image.to(dev)
+    my_texts = torch.arange(rank, texts.shape[0], world, device=dev)
+    order = (texts[my_texts] @ images.t()).argsort(dim=1, descending=True)  # (my texts, I)
+    rank_ir = (order == t2i[my_texts, None]).float().argmax(dim=1)  # rank of each text's image
+    my_images = torch.arange(rank, images.shape[0], world, device=dev)
+    order = (images[my_images] @ texts.t()).argsort(dim=1, descending=True)  # (my images, T)
+    hits = t2i[order] == my_images[:, None]  # text at rank j is the image's own
+    has_text = hits.any(dim=1)
+    rank_tr = hits.float().argmax(dim=1)[has_text]  # best rank among the image's texts
+    counts = [float(has_text.sum()), float(len(my_texts))]
+    for k in ks:
+        counts += [float((rank_tr < k).sum()), float((rank_ir < k).sum())]
+    counts = _sum_across_ranks(counts, device)
+    out = {}
+    for i, k in enumerate(ks):
+        out[f"tr_r{k}"] = counts[2 + 2 * i] / max(counts[0], 1.0)
+        out[f"ir_r{k}"] = counts[3 + 2 * i] / max(counts[1], 1.0)
+    out["average"] = sum(out.values()) / len(out)
+    return out
 
 
 def _references(split: Split, tokenizer) -> list[list[str]]:

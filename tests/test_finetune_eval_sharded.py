@@ -1,4 +1,5 @@
-"""Sharded evaluation's single-process parts: top-k hits, progress lines, beam search's shared stop rule.
+"""Sharded evaluation's single-process parts: top-k hits, recalls by shares of the similarity rows, progress
+lines, beam search's shared stop rule.
 
 The 2-rank checks (the one-process metrics and prediction files from 2 ranks, captioning included) are in
 tests/test_finetune_multirank.py, in one launch with the other tasks'.
@@ -14,6 +15,7 @@ import torch
 
 import beit3.finetune.evaluate as ev
 from beit3.finetune.decoding import BeamSearchConfig, beam_search
+from beit3.finetune.metrics import recall_at_k
 
 
 def _reference_top_k_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
@@ -34,6 +36,27 @@ def test_top_k_hits_match_a_plain_torch_reference_with_k_capped_at_the_classes(c
         assert hits5 == 64
     else:
         assert ev.top_k_hits(logits, labels, 1) < hits5 < 64
+
+
+def test_recalls_from_shares_of_the_similarity_rows_sum_to_recall_at_k(monkeypatch):
+    """9 images with 1-3 texts each (texts 0 and 1 identical: a tie), 3 ranks' shares summed give the
+    one-process counts, which give recall_at_k of the whole similarity matrix."""
+    g = torch.Generator().manual_seed(0)
+    text_to_image = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 5, 6, 7, 8, 8, 1])
+    images = torch.nn.functional.normalize(torch.randn(9, 4, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(images[text_to_image] + torch.randn(15, 4, generator=g), dim=-1)
+    texts[1] = texts[0]
+    expected = recall_at_k(images @ texts.t(), text_to_image)
+    counts = []
+    monkeypatch.setattr(ev, "_sum_across_ranks", lambda values, device: counts.append(values) or values)
+    got = ev.sharded_recalls(images, texts, text_to_image, "cpu")
+    assert got.keys() == expected.keys() and 0 < got["average"] < 1
+    assert got == {k: pytest.approx(v, abs=1e-6) for k, v in expected.items()}
+    for r in range(3):
+        monkeypatch.setattr(ev, "_world", lambda r=r: (r, 3))
+        ev.sharded_recalls(images, texts, text_to_image, "cpu")
+    assert counts[0][:2] == [9.0, 15.0]  # images with a text, texts
+    assert [sum(c[i] for c in counts[1:]) for i in range(len(counts[0]))] == counts[0]
 
 
 def test_progress_lines_count_every_ranks_items_on_rank_0_only(monkeypatch, caplog):
