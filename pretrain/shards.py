@@ -410,9 +410,13 @@ def _file_id(path: str) -> list:
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
-def _write(args, kind: str, segments: list, plan: dict, extra: dict, skipped=None, total=None, unit="input"):
-    """Write the chunks of ``segments`` with ``--workers`` processes (resumably), print the summary."""
-    workers = args.workers or default_workers()
+def _write(
+    args, kind: str, segments: list, plan: dict, extra: dict, skipped=None, total=None, unit="input", chunks=1
+):
+    """Write the chunks of ``segments`` with ``--workers`` processes (resumably), print the summary.
+
+    Without ``--workers``: the CPU count, or ``chunks`` (an estimate of the work chunks) when fewer."""
+    workers = args.workers or max(1, min(default_workers(), chunks))
     plan = {
         **plan,
         "kind": kind,
@@ -481,6 +485,11 @@ def _image_segments(args, jobs: list, tars: list[str], captions: bool) -> tuple[
     return segments, plan
 
 
+def _image_chunks(jobs: list, tars: list[str]) -> int:
+    """About how many work chunks: those of the job list, and one per 1 MB of tar shards."""
+    return -(-len(jobs) // IMAGE_CHUNK) + sum(os.path.getsize(t) // (1 << 20) + 1 for t in tars)
+
+
 def cmd_images(args) -> dict:
     """Image folders / lists / tar shards -> image shards."""
     others, tars = split_sources(args.sources)
@@ -488,7 +497,8 @@ def cmd_images(args) -> dict:
     jobs = [(p, None) for p in paths]
     segments, plan = _image_segments(args, jobs, tars, captions=False)
     total = None if tars else len(jobs)
-    return _write(args, "images", segments, plan, {"sources": args.sources}, total=total)
+    extra = {"sources": args.sources}
+    return _write(args, "images", segments, plan, extra, total=total, chunks=_image_chunks(jobs, tars))
 
 
 def cmd_pairs(args) -> dict:
@@ -507,7 +517,8 @@ def cmd_pairs(args) -> dict:
     jobs = _maybe_shuffle(jobs, args)
     segments, plan = _image_segments(args, jobs, tars, captions=True)
     total = None if tars else len(jobs)
-    return _write(args, "pairs", segments, plan, {"sources": args.sources}, skipped, total=total)
+    chunks = _image_chunks(jobs, tars)
+    return _write(args, "pairs", segments, plan, {"sources": args.sources}, skipped, total, chunks=chunks)
 
 
 def cmd_texts(args) -> dict:
@@ -525,8 +536,11 @@ def cmd_texts(args) -> dict:
     plan = {"options": options, "sources": [_file_id(s) for s in sources]}
     extra = {"sources": args.sources, "unit": args.unit, "max_units": args.max_units}
     total = None if any(s.endswith(".gz") for s in sources) else sum(os.path.getsize(s) for s in sources)
+    chunks = sum(
+        os.path.getsize(s) * (4 if s.endswith(".gz") else 1) // TEXT_CHUNK_BYTES + 1 for s in sources
+    )
     # One segment of chunks whose positions already name the file: [[file, offset], index].
-    return _write(args, "texts", [segments], plan, extra, total=total, unit="B")
+    return _write(args, "texts", [segments], plan, extra, total=total, unit="B", chunks=chunks)
 
 
 def cmd_demo(args) -> dict:
