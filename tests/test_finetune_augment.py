@@ -315,6 +315,29 @@ def test_mixup_needs_an_even_micro_batch():
     assert validate_run(_recipe("data.mixup=0", "data.cutmix=0"), config, 1024)["train_batch_size"] == 1024
 
 
+def test_the_shipped_recipes_build_the_released_transforms():
+    from beit3.finetune.recipe import load_recipe
+    from beit3.finetune.train import augmentation
+
+    transform, mixup = augmentation(load_recipe("imagenet1k_base"), 224, 1000)
+    steps = repr(transform.pipeline())
+    assert (
+        "scale=(0.08, 1.0)" in steps and "interpolation=bicubic" in steps and "RandomHorizontalFlip" in steps
+    )
+    assert (
+        "RandAugment(n=2" in steps
+        and "m=9, mstd=0.5" in steps
+        and "RandomErasing(p=0.25, mode=pixel" in steps
+    )
+    assert "ColorJitter" not in steps  # timm leaves colour jitter out beside RandAugment, as the release ran
+    assert mixup == MixupSettings(0.8, 1.0, 1.0, 0.5, "batch", 0.1, 1000)
+    transform, mixup = augmentation(load_recipe("vqav2_base"), 480, 3129)
+    steps = repr(transform.pipeline())
+    assert "scale=(0.5, 1.0)" in steps and "RandAugment(n=2" in steps and "m=7" in steps and mixup is None
+    assert "RandomErasing" not in steps
+    assert augmentation(load_recipe("digits_small"), 64, 10) == (None, None)  # the small recipes stay fast
+
+
 def test_missing_libraries_are_named_by_the_extra(monkeypatch):
     import sys
 
