@@ -342,15 +342,16 @@ class EvalSet:
     per_eval: dict[str, dict] = field(default_factory=dict)
 
 
-def read_eval_indexes(specs: list[list[str]], tokenizer=None) -> EvalSet:
-    """``[[INDEX, ROOT?], ...]`` -> the distinct images (image_path, image2_path) and the captions."""
+def read_eval_indexes(specs: list[list[str]], tokenizer=None, need_images: bool = True) -> EvalSet:
+    """``[[INDEX, ROOT?], ...]`` -> the distinct images (image_path, image2_path) and the captions; with
+    ``need_images`` every image file must exist."""
     out = EvalSet()
     for spec in specs:
         if not 1 <= len(spec) <= 2:
             raise ContaminationError(f"--eval takes INDEX [ROOT], got {len(spec)} values: {spec}")
         path = spec[0]
         root = spec[1] if len(spec) == 2 else os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(root):
+        if need_images and not os.path.isdir(root):
             raise ContaminationError(f"--eval {path}: image root {root} is not a directory")
         name = os.path.basename(path)
         if name in out.per_eval:
@@ -381,7 +382,7 @@ def read_eval_indexes(specs: list[list[str]], tokenizer=None) -> EvalSet:
         if not stats["rows"]:
             raise ContaminationError(f"evaluation index {path} holds no rows")
         out.per_eval[name] = stats
-    missing = [im["path"] for im in out.images if not os.path.isfile(im["path"])]
+    missing = [im["path"] for im in out.images if need_images and not os.path.isfile(im["path"])]
     if missing:
         raise ContaminationError(
             f"{len(missing)} of {len(out.images)} evaluation images are missing, e.g. {missing[0]}: give "
@@ -520,14 +521,20 @@ def run_check(args) -> dict:
         raise ContaminationError("no pretraining shards: give --images, --pairs and/or --texts")
     tokenizer = None
     if args.tokenizer:
+        from beit3.tokenizers.errors import TokenizersError
         from beit3.tokenizers.text import TextTokenizer
 
-        tokenizer = TextTokenizer(args.tokenizer)
-    ev = read_eval_indexes(args.eval, tokenizer)
-    import scipy.fftpack  # noqa: F401  (imagehash.phash's, imported once here: forked workers inherit it)
-
+        try:
+            tokenizer = TextTokenizer(args.tokenizer)
+        except TokenizersError as e:
+            raise ContaminationError(f"--tokenizer: {e}") from None
     check_images = not args.no_images and any(s in ("image", "pair") for s, _ in jobs)
     check_texts = not args.no_texts and any(s in ("text", "pair") for s, _ in jobs)
+    if not check_images and not check_texts:
+        raise ContaminationError("nothing to check: image/pair shards for images, text/pair shards for texts")
+    ev = read_eval_indexes(args.eval, tokenizer, need_images=check_images)
+    import scipy.fftpack  # noqa: F401  (imagehash.phash's, imported once here: forked workers inherit it)
+
     os.makedirs(args.out_dir, exist_ok=True)
 
     images = None

@@ -11,6 +11,7 @@ import random
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from tiny_data import sentence as tiny_sentence
 
 from beit3.pretrain import contamination as C
 from beit3.pretrain.data.tario import ShardWriter, iter_shard, write_manifest
@@ -241,6 +242,10 @@ def test_filter_drops_the_listed_samples(world, tmp_path):
     assert set(after["pair00003"]) == {"jpg", "txt"}
     manifest = json.loads((clean / "manifest.json").read_text())
     assert manifest["samples"] == len(after) and manifest["dropped"] == 3 and manifest["kind"] == "unknown"
+    again = tmp_path / "again"
+    assert C.main(["check", "--eval", str(world["index"]), "--pairs", str(clean), "--out-dir", str(again),
+                   "--workers", "1", "--quiet"]) == 0  # fmt: skip
+    assert (again / "matches.jsonl").read_text() == "" and (again / "drop_keys.tsv").read_text() == ""
     # --only image keeps the text-only matches
     assert C.main(["filter", str(world["root"] / "pairs"), "--drop", str(out / "drop_keys.tsv"),
                    "--output-dir", str(tmp_path / "none"), "--only", "image", "--quiet"]) == 0  # fmt: skip
@@ -321,3 +326,27 @@ def test_bad_input_is_one_error_line(world, tmp_path, capsys):
     assert "no pretraining shards" in err("--eval", str(world["index"]))
     assert "INDEX [ROOT]" in err("--eval", str(world["index"]), "a", "b", *images)
     assert all(line.startswith("beit3-contamination: error:") for line in [err("--eval", str(bad), *images)])
+
+
+def test_text_segment_rows_need_the_tokenizer_and_texts_need_no_images(tok, tmp_path):
+    """A released-style row holds only ``text_segment`` ids: its caption is checked with --tokenizer. A
+    text-only check (--no-images) does not need the evaluation images on disk."""
+    caption = tiny_sentence(8)  # 12 words of the tiny tokenizer's corpus
+    index = tmp_path / "coco_retrieval.test.jsonl"
+    index.write_text(
+        json.dumps({"image_path": "absent.jpg", "text_segment": tok.encode(caption), "image_id": 3})
+    )
+    pairs = ShardWriter(str(tmp_path / "pairs"), "pairs")
+    pairs.write("hit", {"jpg": encode(drawn(1), 85), "txt": f"{caption} and more".encode()})
+    pairs.write("miss", {"jpg": encode(drawn(2), 85), "txt": tiny_sentence(9).encode()})
+    pairs.close()
+    base = ["check", "--eval", str(index), "--pairs", str(tmp_path / "pairs"), "--no-images", "--quiet"]
+    assert C.main([*base, "--out-dir", str(tmp_path / "a"), "--workers", "1"]) == 0
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["eval_rows_without_text"] == 1
+    assert (tmp_path / "a" / "matches.jsonl").read_text() == ""
+    argv = [*base, "--out-dir", str(tmp_path / "b"), "--workers", "1", "--tokenizer", tok.model_file]
+    assert C.main(argv) == 0
+    (m,) = [json.loads(line) for line in (tmp_path / "b" / "matches.jsonl").read_text().splitlines()]
+    assert m["key"] == "hit" and m["image_id"] == 3 and m["overlap"] == 1.0
+    assert C.normalize_words(m["eval_text"]) == C.normalize_words(caption)
+    assert C.main([*base, "--out-dir", str(tmp_path / "c"), "--tokenizer", str(tmp_path / "none.model")]) == 2
