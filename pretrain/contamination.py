@@ -504,7 +504,7 @@ def _pool(workers: int, state: dict):
 
 
 def _imap(pool, fn, jobs):
-    return map(fn, jobs) if pool is None else pool.imap_unordered(fn, jobs, chunksize=1)
+    return map(fn, jobs) if pool is None else pool.imap(fn, jobs, chunksize=1)  # in order: same report
 
 
 def _bar(total: int, unit: str, quiet: bool, desc: str):

@@ -228,6 +228,9 @@ def test_crops_find_cropped_copies_without_false_matches(world, tmp_path):
 def test_filter_drops_the_listed_samples(world, tmp_path):
     out = tmp_path / "out"
     run_check(world, out, "--no-images", "--workers", "1")
+    run_check(world, tmp_path / "two", "--no-images", "--workers", "2")
+    for name in ("matches.jsonl", "drop_keys.tsv"):  # the same report, line for line, from 1 or 2 workers
+        assert (out / name).read_text() == (tmp_path / "two" / name).read_text()
     clean = tmp_path / "clean"
     assert C.main(["filter", str(world["root"] / "pairs"), "--drop", str(out / "drop_keys.tsv"),
                    "--output-dir", str(clean), "--quiet"]) == 0  # fmt: skip
