@@ -252,3 +252,14 @@ def test_read_lines_gives_offsets_and_cuts_overlong_lines_the_same_way_however_t
         f = io.BytesIO(data)
         f.seek(8)  # where a resumed run starts: the rest is cut as in the whole read
         assert list(shards.read_lines(f, 8, max_line=8)) == want[2:]
+
+
+def test_progress_off_a_terminal_is_one_line_per_interval_and_nothing_when_quiet(capsys):
+    progress = shard_writer.Progress(100, "input", quiet=False, every=0.0)
+    assert progress.bar is None  # pytest's stderr is no terminal: no tqdm bar
+    progress.update(40, 38)
+    progress.close()
+    quiet = shard_writer.Progress(100, "input", quiet=True, every=0.0)
+    quiet.update(40, 38)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "40/100 input read, 38 samples written" in err
