@@ -263,3 +263,31 @@ def test_progress_off_a_terminal_is_one_line_per_interval_and_nothing_when_quiet
     quiet.update(40, 38)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "40/100 input read, 38 samples written" in err
+
+
+def test_an_interrupted_gzipped_text_run_resumes_inside_a_chunk_to_the_same_bytes(tmp_path, monkeypatch):
+    """Shards end inside work chunks and documents: the resumed run seeks (decompresses) to the chunk, drops
+    what the finished shards hold and writes the rest as one run would."""
+    monkeypatch.setattr(shards, "TEXT_CHUNK_BYTES", 3000)
+    corpus = tmp_path / "c.jsonl.gz"
+    docs = [json.dumps({"text": f"d{i} " + "x " * (i % 40)}) for i in range(300)]
+    corpus.write_bytes(gzip.compress(("\n".join(docs) + "\n{bad\n").encode()))
+    args = [str(corpus), "--max-units", "7", "--max-samples", "45", "--workers", "1", "--quiet"]
+    assert main(["texts", str(tmp_path / "ref"), *args]) == 0
+    work, calls = shards._work, []
+
+    def dies_on_the_fifth_chunk(payload):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # what Ctrl-C (or a kill) does between two shards' writes
+        return work(payload)
+
+    monkeypatch.setattr(shards, "_work", dies_on_the_fifth_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        main(["texts", str(tmp_path / "out"), *args])
+    state = json.loads((tmp_path / "out" / shard_writer.PROGRESS_FILE).read_text())
+    assert state["resume"][1] > 0 and len(state["shards"]) >= 2  # inside a chunk, after finished shards
+    monkeypatch.setattr(shards, "_work", work)
+    assert main(["texts", str(tmp_path / "out"), *args]) == 0
+    assert files(tmp_path / "out") == files(tmp_path / "ref")
+    assert manifest(tmp_path / "ref")["skipped"] == {"bad_line": 1}
