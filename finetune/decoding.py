@@ -85,7 +85,9 @@ def beam_search(
                 parents[b * k + j], new_tokens[b * k + j], new_scores[b, j] = row, tok, s
                 j += 1
         done = all(len(f) >= k for f in finished)
-        if stop(done) if stop is not None else done:
+        if stop is not None:  # e.g. only once every rank's batch is done
+            done = stop(done)
+        if done:
             break
         tokens = torch.cat([tokens[parents], new_tokens[:, None]], dim=1)
         scores = new_scores

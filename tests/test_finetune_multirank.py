@@ -152,6 +152,27 @@ def _eval_task(name: str):
     return task, data
 
 
+def _zero3(task: torch.nn.Module) -> torch.nn.Module:
+    """``task`` with its parameters partitioned by a ZeRO-3 engine over the process group (each gathered only
+    inside its module's forward: ranks that call the modules a different number of times fail)."""
+    import deepspeed
+    from deepspeed.utils import set_z3_leaf_module
+
+    from beit3.engine.launch import _skip_shm_op_build
+    from beit3.engine.task import zero3_gather_units
+
+    _skip_shm_op_build()
+    os.environ["LOCAL_RANK"] = str(dist.get_rank())  # DeepSpeed asks for it (one host)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    for module in zero3_gather_units(task):
+        set_z3_leaf_module(module, True)
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}}
+    optimizer = torch.optim.AdamW(task.parameters(), lr=0.0)  # an optimizer ZeRO accepts; never stepped
+    deepspeed.initialize(model=task, optimizer=optimizer, config=config, dist_init_required=False)
+    assert task.mlm_head.weight.numel() == 0  # partitioned
+    return task
+
+
 def _count_forwards(module: torch.nn.Module) -> list[int]:
     """A counter of ``module``'s forward calls (a one-element list)."""
     count = [0]
@@ -171,6 +192,8 @@ def _eval_rank(rank: int, init_file: str, out_file: str) -> None:
     results: dict = {"eval": {}, "predict": {}, "forwards": {}}  # forwards: the backbone's, eval and predict
     for name in EVAL_TASKS:
         task, data = _eval_task(name)
+        if name == "captioning":  # beam search under ZeRO-3: the ranks' steps in lock-step
+            task = _zero3(task)
         forwards = _count_forwards(task.retrieval.beit3 if name == "prompt_classification" else task.beit3)
         results["eval"][name] = ev.evaluate(name, task, data.eval, batch_size=2, **_eval_kwargs(name))
         results["forwards"][name] = [forwards[0]]
@@ -214,9 +237,9 @@ def test_evaluation_is_sharded_across_ranks_with_the_one_rank_result(tmp_path, m
     """On 2 ranks, batch 2, every rank reports what one process computes over the whole split: VQA (14
     questions: a short last shard), retrieval (features gathered), prompt classification (5 images: one
     rank's last batch holds no example; 3 classes: top-5 is top-3), image classification (top-1 and top-5
-    from the logits' ranks), captioning (5 images, rank 1's second batch all filler: the captions gathered,
-    scored once on rank 0, its ranks' beam searches in lock-step); and the same prediction files (VQA
-    submission, COCO caption results) with the same reports."""
+    from the logits' ranks), captioning under ZeRO-3 (5 images, rank 1's second batch all filler: the
+    captions gathered, scored once on rank 0, its ranks' beam searches in lock-step); and the same
+    prediction files (VQA submission, COCO caption results) with the same reports."""
     import beit3.finetune.outputs as outputs
 
     mp.start_processes(
