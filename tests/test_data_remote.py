@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from bad_input_fixtures import corrupt_header, cut, data_offsets, jpeg, tar_shard
+from bad_input_fixtures import corrupt_header, cut, data_offsets, header_offsets, jpeg, overwrite, tar_shard
 from engine_helpers import free_port, tensorboard_scalars
 from test_data_loader import _assert_same, _keys, make_cfg, take
 from tiny_data import write_pretrain_data, write_tiny_shards
@@ -191,6 +191,9 @@ def test_stream_damage_is_counted_and_ends_the_shard(tmp_path, server):
     corrupt = shard("corrupt.tar")
     corrupt_header(corrupt, "k2.jpg")
     assert read(f"pipe:cat {corrupt}") == (["k0", "k1"], ["tar_read"])  # a local read resyncs, a stream ends
+    zeroed = shard("zeroed.tar")
+    overwrite(zeroed, header_offsets(zeroed)["k2.jpg"], bytes(512))  # an end-of-archive marker, then data
+    assert read(f"pipe:cat {zeroed}") == (["k0", "k1"], ["tar_read"])
     truncated = shard("cut.tar")
     offset, size = data_offsets(truncated)["k3.jpg"]
     cut(truncated, offset + size // 2)

@@ -399,12 +399,14 @@ class _Stream:
         return True
 
     def drain(self) -> bool:
-        """Read to the end, then close and check the transfer; whether only zero bytes came (tar padding)."""
-        zeros = True
+        """After the end-of-archive marker: whether only zero bytes follow (tar padding), read to the end
+        and the transfer checked; False (the stream abandoned) at the first other byte."""
         while data := self.read(1 << 20):
-            zeros = zeros and not data.strip(b"\0")
+            if data.strip(b"\0"):
+                self.close()
+                return False
         self.close(check=True)
-        return zeros
+        return True
 
     def close(self, check: bool = False) -> None:
         """``check``: wait for the command and raise :class:`_TransportError` if it failed. Otherwise the
