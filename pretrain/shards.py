@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import random
@@ -475,10 +476,12 @@ def _image_segments(args, jobs: list, tars: list[str], captions: bool) -> tuple[
     options = (args.max_image_pixels, args.shorter_side, args.quality)
     segments = [lambda start: _list_chunks(jobs, start, options)] if jobs else []
     segments += [(lambda start, t=t: _tar_chunks(t, start, options, captions)) for t in tars]
-    jobs_digest = plan_digest(jobs)
+    jobs_digest = hashlib.sha256()
+    for job in jobs:  # one job at a time: a list of millions is not turned into one string
+        jobs_digest.update(json.dumps(job).encode() + b"\n")
     plan = {
         "options": options,
-        "jobs": jobs_digest,
+        "jobs": jobs_digest.hexdigest(),
         "tars": [_file_id(t) for t in tars],
         "captions": captions,
     }
