@@ -402,7 +402,9 @@ def _predict_captions(task, split, batch_size, device, tokenizer, decoding, refe
 
 
 def sample_captions(task, split: Split, tokenizer, count: int = 4, decoding: BeamSearchConfig | None = None):
-    """(generated, reference) caption pairs for the first ``count`` images, for reports."""
+    """(generated, reference) caption pairs for the first ``count`` images, for reports (every rank decodes
+    the same images, and steps with the others: ZeRO-3's gathers stay in lock-step even should the ranks'
+    numerics differ)."""
     rows, position = _unique_images(split)
     rows = rows[:count]
     dtype = next(task.parameters()).dtype
@@ -416,6 +418,7 @@ def sample_captions(task, split: Split, tokenizer, count: int = 4, decoding: Bea
         tokenizer.mask_id,
         decoding or BeamSearchConfig(),
         vocab_size=tokenizer.vocab_size,
+        stop=_all_ranks_done(device),
     )
     first_ref = {}
     for ex in split.examples:

@@ -201,6 +201,9 @@ def _eval_rank(rank: int, init_file: str, out_file: str) -> None:
             kw = _predict_kwargs(name)
             results["predict"][name] = ev.predict(name, task, data.eval, batch_size=2, **kw)
             results["forwards"][name].append(forwards[0] - results["forwards"][name][0])
+        if name == "captioning":  # the report's samples: the same images on every rank
+            decoding = _eval_kwargs(name)["decoding"]
+            results["samples"] = ev.sample_captions(task, data.eval, _Words(), 3, decoding)
     results["scored"] = len(scored)  # caption scoring runs on rank 0 only
     try:  # an error of rank 0's computation reaches every rank
         ev._on_rank0(lambda: int("rank 0 fails"), "cpu")
@@ -259,7 +262,7 @@ def test_evaluation_is_sharded_across_ranks_with_the_one_rank_result(tmp_path, m
 
 
 def _check_against_one_process(got: list[dict], monkeypatch) -> None:
-    from beit3.finetune.evaluate import evaluate, predict
+    from beit3.finetune.evaluate import evaluate, predict, sample_captions
 
     for name in EVAL_TASKS:
         task, data = _eval_task(name)
@@ -294,3 +297,6 @@ def _check_against_one_process(got: list[dict], monkeypatch) -> None:
             together = sum(max(a, b) for a, b in zip(*alone))
             assert sum(alone[0]) != together != sum(alone[1])  # the ranks' searches would diverge alone
             assert [g["forwards"][name] for g in got] == [[together, together]] * 2
+            samples = sample_captions(task, data.eval, _Words(), 3, _eval_kwargs(name)["decoding"])
+            assert got[0]["samples"] == got[1]["samples"] == samples
+            assert [s[0] for s in samples] == [row["caption"] for row in output[:3]]
