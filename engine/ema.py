@@ -103,13 +103,22 @@ class WeightEma:
 
     Build it after ``deepspeed.initialize`` (ZeRO-3 partitions exist then); it starts from the current
     weights. ``rank``/``world_size``: this rank among the data-parallel ranks that partition ZeRO-3
-    parameters (the engine's whole world).
+    parameters (the engine's whole world); ``device``: where this rank's collectives run (its GPU under
+    NCCL, also when ZeRO-3 offloads partitions to the CPU; default: where the partitions are).
     """
 
-    def __init__(self, module: torch.nn.Module, decay: float, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        decay: float,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | None = None,
+    ):
         if not 0.0 <= decay < 1.0:
             raise EmaError(f"EMA decay {decay!r} outside [0, 1): set train.ema_decay (e.g. 0.9999)")
         self.module, self.decay, self.rank, self.world_size = module, float(decay), rank, world_size
+        self.device = device
         self.updates = 0  # EMA updates so far (real optimizer steps)
         self.active = False  # inside swapped()
         self.slots: list[_Slot] = []
@@ -204,7 +213,7 @@ class WeightEma:
         slots = [s for s in self.slots if s.start is not None and _is_resident(s)]
         if not slots:
             return []
-        device = slots[0].ema.device
+        device = self.device or slots[0].ema.device
         sizes = [math.ceil(s.numel / self.world_size) for s in slots]
         flat = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
         offset = 0

@@ -188,7 +188,9 @@ class Trainer:
         from the current weights (a checkpoint saved without one: with a warning)."""
         if not self.cfg.ema_decay:
             return None
-        ema = WeightEma(self.engine.module, self.cfg.ema_decay, self.dist.rank, self.dist.world_size)
+        ema = WeightEma(
+            self.engine.module, self.cfg.ema_decay, self.dist.rank, self.dist.world_size, self.dist.device
+        )
         if self.resume_dir is not None:
             record = read_marker(self.resume_dir).get("ema")
             if record:
