@@ -43,6 +43,10 @@ MICRO = 2
 # the last partition). ZeRO-3 keeps the biases (4 and 15 elements) whole (persistent) and partitions the
 # weights (60-225): the swap covers both kinds of storage.
 DIM = 15
+# ZeRO++ hpZ on 2 ranks: every parameter partitioned and released after each use, so each release leaves a
+# secondary partition that the next gather reads instead of ds_tensor.
+HPZ = {f"zero_optimization.{k}": v for k, v in {"zero_hpz_partition_size": 2, "stage3_max_reuse_distance": 0,
+       "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0}.items()}  # fmt: skip
 PERSIST_BIASES = {"zero_optimization.stage3_param_persistence_threshold": 20}
 
 
@@ -97,6 +101,8 @@ def swap_check(trainer) -> dict:
         resident = {s.name: s.live().data.clone() for s in ema.slots
                     if s.start is not None and s.live().data.numel() == s.numel}  # fmt: skip
         loss_before = float(task(batch)[0])
+        # ZeRO++ hpZ: that forward's release left secondary partitions of the trained weights
+        secondaries = sum(getattr(s.live(), "ds_secondary_tensor", None) is not None for s in ema.slots)
         with ema.swapped():
             inside = all(torch.equal(s.local(), s.ema.to(s.local().dtype)) for s in ema.slots)
             loss_in = float(task(batch)[0])
@@ -105,8 +111,8 @@ def swap_check(trainer) -> dict:
         loss_after = float(task(batch)[0])
     task.train()
     return {"inside_is_ema": inside, "restored": restored, "restored_resident": restored_resident,
-            "resident": sorted(resident), "loss_before": loss_before, "loss_in": loss_in,
-            "loss_after": loss_after}  # fmt: skip
+            "resident": sorted(resident), "secondaries": secondaries, "loss_before": loss_before,
+            "loss_in": loss_in, "loss_after": loss_after}  # fmt: skip
 
 
 def ema_slot(ema, name: str):
@@ -264,6 +270,8 @@ def launched(tmp_path_factory):
         {"name": "z3_part1", "output_dir": str(root / "z3_resumed"), "steps": SAVE_EVERY, **z3},
         {"name": "z3_part2", "output_dir": str(root / "z3_resumed"), "steps": STEPS, **z3},
         {**source1, "name": "from_one_rank", "steps": 4, "dump_loaded": True},
+        {"name": "z3_hpz", "output_dir": str(root / "z3_hpz"), "ds_config": "zero3_fp32.json",
+         "steps": SAVE_EVERY, "swap_check": True, "overrides": _overrides(2, HPZ)},
     ]  # fmt: skip
     proc = torchrun(specs, root / "launch", 2, SCRIPT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -312,6 +320,20 @@ def test_two_rank_zero3_swap_is_bit_exact_for_partitioned_and_persistent_paramet
         assert swap["inside_is_ema"] and swap["restored"] and swap["restored_resident"]
         assert swap["resident"] == ["embed.bias", "expert_a.bias", "expert_b.bias", "head.bias"]
         assert swap["loss_after"] == swap["loss_before"] and abs(swap["loss_in"] - swap["loss_before"]) > 1e-4
+
+
+@pytest.mark.multiprocess
+def test_hpz_secondary_partitions_never_serve_the_other_weights(launched):
+    """A secondary partition left by the ordinary evaluation would make the EMA evaluation gather the trained
+    weights, and one left by the EMA evaluation would make the next forward gather the EMA: both dropped."""
+    for rank in (0, 1):
+        swap = _results(launched, rank)["z3_hpz"]["swap"]
+        assert swap["secondaries"] > 0  # hpZ really partitioned a second time
+        assert swap["restored"] and swap["loss_after"] == swap["loss_before"]
+        assert abs(swap["loss_in"] - swap["loss_before"]) > 1e-4
+    for tag in ("eval_loss", "ema/eval_loss"):
+        hpz, zero0 = (tensorboard_scalars(launched / n, tag)[SAVE_EVERY] for n in ("z3_hpz", "z0"))
+        assert hpz == pytest.approx(zero0, abs=1e-6), tag
 
 
 @pytest.mark.multiprocess
