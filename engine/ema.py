@@ -182,9 +182,10 @@ class WeightEma:
         (cast to the module's dtype); on exit every parameter and buffer holds its trained bits again.
 
         Under ZeRO-3 the averages go into each rank's partition (``ds_tensor``), which the forward gathers;
-        parameters whose full data stays resident (persistent ones, below the persistence threshold) get
-        the all-gathered averages in their data too; ZeRO++ hpZ secondary partitions are dropped before and
-        after (they would serve a gather with the other weights; DeepSpeed rebuilds them from the primary).
+        parameters whose full data is resident (persistent ones, below the persistence threshold, and those
+        a forward left gathered within the reuse distance) get the all-gathered averages in their data
+        too; ZeRO++ hpZ secondary partitions are dropped before and after (they would serve a gather with
+        the other weights; DeepSpeed rebuilds them from the primary).
         """
         if self.active:
             raise EmaError("WeightEma.swapped() is already active")
