@@ -39,13 +39,13 @@ def test_top_k_hits_match_a_plain_torch_reference_with_k_capped_at_the_classes(c
 
 
 def test_recalls_from_shares_of_the_similarity_rows_sum_to_recall_at_k(monkeypatch):
-    """9 images with 1-3 texts each (texts 0 and 1 identical: a tie), 3 ranks' shares summed give the
-    one-process counts, which give recall_at_k of the whole similarity matrix."""
+    """9 images with 1-3 texts each (texts 1 and 2, of images 0 and 1, identical: ties), 3 ranks' shares
+    summed give the one-process counts, which give recall_at_k of the whole similarity matrix."""
     g = torch.Generator().manual_seed(0)
     text_to_image = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 5, 6, 7, 8, 8, 1])
     images = torch.nn.functional.normalize(torch.randn(9, 4, generator=g), dim=-1)
     texts = torch.nn.functional.normalize(images[text_to_image] + torch.randn(15, 4, generator=g), dim=-1)
-    texts[1] = texts[0]
+    texts[1] = texts[2]
     expected = recall_at_k(images @ texts.t(), text_to_image)
     counts = []
     monkeypatch.setattr(ev, "_sum_across_ranks", lambda values, device: counts.append(values) or values)
