@@ -195,6 +195,25 @@ def test_ema_equals_a_plain_torch_reference_and_skipped_steps_leave_it(tmp_path)
     assert all(torch.equal(exported[k], v) for k, v in ema_state_dict(_tag(tmp_path, 5)).items())
 
 
+def test_steps_skipped_on_an_fp16_overflow_leave_the_ema(tmp_path, monkeypatch):
+    """ZeRO-2 fp16 from a loss scale of 2^18: DeepSpeed skips the first four steps (overflows), the fifth
+    runs; the EMA moved once, from its start toward the fp16 weights of that one step."""
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: True)  # CPU trap 2
+    spec = {"output_dir": str(tmp_path), "ds_config": "zero2_fp16.json", "steps": 5, "eval_every": 0,
+            "dropout": 0.0, "overrides": _overrides(1, {"fp16.initial_scale_power": 18})}  # fmt: skip
+    trainer = build(spec)
+    start = {s.name: s.ema.clone() for s in trainer.ema.slots}
+    trainer.fit()
+    assert (trainer.skipped_steps, trainer.ema.updates) == (4, 1)
+    for slot in trainer.ema.slots:
+        weights = slot.local().float()
+        assert slot.local().dtype == torch.float16 and not torch.equal(weights, start[slot.name])
+        expected = DECAY * start[slot.name] + (1 - DECAY) * weights
+        assert torch.allclose(slot.ema, expected, rtol=0, atol=1e-6), slot.name
+
+
 def test_swap_puts_the_ema_in_and_the_trained_bits_back_with_buffers_and_bf16():
     """Without DeepSpeed: a bf16 module with a BatchNorm (floating running stats averaged, the integer
     counter not); inside ``swapped()`` the module holds the EMA rounded to bf16, after it the exact bits."""
