@@ -8,8 +8,9 @@ as a single process::
 
 The run directory holds config.json, tensorboard/, checkpoints/ (``--resume auto`` continues from the
 latest; ``checkpoints/best.json`` names the best evaluated one, kept beside the last ``keep_last``), and
-after a finished run ``eval.json`` (the task metric on the eval split), ``model.pth`` (the finetuned task
-model, released format) and ``best_model.pth`` (the best evaluated checkpoint, same format).
+after a finished run ``eval.json`` (the task metric on the eval split; with ``train.ema_decay`` also that of
+the EMA of the weights, as ``ema/<name>``), ``model.pth`` (the finetuned task model, released format),
+``best_model.pth`` (the best evaluated checkpoint, same format) and, with an EMA, ``ema_model.pth``.
 ``--eval-only CHECKPOINT`` evaluates a saved ``model.pth``; with ``--predict OUT.json`` it writes the task's
 official output for the eval split instead (VQA submission, COCO caption results, retrieval recalls).
 Exit codes: 0 finished, 75 checkpointed after SIGTERM/SIGUSR1 (requeue), 2 bad configuration, 3 stopped after
@@ -36,6 +37,7 @@ from beit3.engine.program import (
     setup_logging,
 )
 from beit3.engine.supervise import supervised
+from beit3.engine.trainer_config import EMA_PREFIX
 from beit3.finetune.builder import build_task, model_config
 from beit3.finetune.data.augment import MixupSettings, TrainTransform, require
 from beit3.finetune.data.batches import BatchLoader, Collator, tokenize_split
@@ -191,13 +193,18 @@ def prepare(context: RunContext) -> TrainingRun:
         scores = run_eval()
         out = Path(args.output_dir)
         report = {"step": result.step, **scores}
+        if trainer.ema is not None:  # train.ema_decay > 0: the same evaluation on the EMA of the weights
+            with trainer.ema.swapped():
+                report.update({f"{EMA_PREFIX}{k}": v for k, v in run_eval().items()})
         if name == "captioning" and data.eval.examples:
             report["samples"] = sample_captions(task, data.eval, tokenizer, 4, _decoding(recipe))
         if dist.rank == 0:
             (out / "eval.json").write_text(json.dumps(report, indent=1))
-            log.info("eval: %s", scores)
+            log.info("eval: %s", {k: v for k, v in report.items() if k != "samples"})
         export_finetuned(out, dist.rank)
         export_finetuned(out, dist.rank, best=True)
+        if trainer.ema is not None:
+            export_finetuned(out, dist.rank, ema=True)
         return 0
 
     return TrainingRun(
@@ -273,15 +280,16 @@ def read_coco_references(path: str | Path) -> dict[int, list[str]]:
     return refs
 
 
-def export_finetuned(run_dir: Path, rank: int, best: bool = False) -> Path | None:
+def export_finetuned(run_dir: Path, rank: int, best: bool = False, ema: bool = False) -> Path | None:
     """Consolidate the last checkpoint into ``run_dir/model.pth``: ``{"model": sd, "config": ...}``, released
     key names in "model" (all the released finetuning code reads) and, in "config", the backbone's model
     configuration that ``run_dir/config.json`` records (none for a run directory without one).
 
     ``best``: the best evaluated checkpoint (``checkpoints/best.json``) into ``run_dir/best_model.pth``
-    instead; None when the run kept none."""
+    instead; None when the run kept none. ``ema``: the EMA of the weights in the last checkpoint
+    (``train.ema_decay`` > 0) into ``run_dir/ema_model.pth``."""
     from beit3.engine.checkpoint import checkpoint_root, read_best
-    from beit3.engine.consolidate import consolidate_checkpoint
+    from beit3.engine.consolidate import consolidate_checkpoint, consolidate_ema
     from beit3.model import save_checkpoint
 
     if rank != 0:
@@ -289,9 +297,13 @@ def export_finetuned(run_dir: Path, rank: int, best: bool = False) -> Path | Non
     record = read_best(checkpoint_root(run_dir)) if best else None
     if best and record is None:
         return None
-    state = consolidate_checkpoint(run_dir, tag=record["tag"] if record else None)
+    if ema:
+        state, file = consolidate_ema(run_dir), "ema_model.pth"
+    else:
+        state = consolidate_checkpoint(run_dir, tag=record["tag"] if record else None)
+        file = "best_model.pth" if best else "model.pth"
     recorded = json.loads((run_dir / "config.json").read_text()).get("model")
-    return save_checkpoint(state, run_dir / ("best_model.pth" if best else "model.pth"), config=recorded)
+    return save_checkpoint(state, run_dir / file, config=recorded)
 
 
 if __name__ == "__main__":

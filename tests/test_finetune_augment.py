@@ -368,7 +368,8 @@ def _finetune(
     recipe = shapes_recipe(tmp_path / f"{task}.toml", spm, task, train={"warmup_steps": 1, "save_every": 2})
     args = ["--config", recipe, "--ds-config", "ds_configs/zero0_fp32.json",
             "--output-dir", str(tmp_path / run), "--ds-set", f"train_micro_batch_size_per_gpu={micro}",
-            "--set", f"train.total_steps={steps}", "--set", "model.grad_checkpointing=all"]  # fmt: skip
+            "--set", f"train.total_steps={steps}", "--set", "model.grad_checkpointing=all",
+            "--set", "train.ema_decay=0.5"]  # fmt: skip
     for s in settings:
         args += ["--set", s]
     assert main(args) == 0
@@ -398,7 +399,16 @@ def test_an_imagenet_style_recipe_finetunes_with_mixup_and_resumes_to_the_same_l
     losses = tensorboard_scalars(straight, "loss/cls")
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
     assert tensorboard_scalars(tmp_path / "resumed", "loss/cls") == losses
-    assert 0.0 <= json.loads((straight / "eval.json").read_text())["eval/accuracy"] <= 1.0
+    report = json.loads((straight / "eval.json").read_text())
+    assert 0.0 <= report["eval/accuracy"] <= 1.0 and 0.0 <= report["ema/eval/accuracy"] <= 1.0
+    # The EMA of the weights went through the resume: the exported averages are the uninterrupted run's.
+    ema, resumed_ema = (
+        torch.load(r / "ema_model.pth", weights_only=True)["model"] for r in (straight, tmp_path / "resumed")
+    )
+    assert ema.keys() == resumed_ema.keys() and all(torch.equal(ema[k], resumed_ema[k]) for k in ema)
+    trained = torch.load(straight / "model.pth", weights_only=True)["model"]
+    assert ema.keys() == trained.keys()
+    assert not torch.equal(ema["head.weight"], trained["head.weight"])  # an average, not the last weights
 
 
 def test_a_vqa_recipe_finetunes_with_the_vision_language_augmentation(tmp_path, spm, monkeypatch):
@@ -410,7 +420,8 @@ def test_a_vqa_recipe_finetunes_with_the_vision_language_augmentation(tmp_path, 
     )
     run = _finetune(tmp_path, spm, "vqa", [*VL_AUGMENT, "data.max_eval=4"])
     assert len(calls) == 2 * 4  # every training image of the 2 steps went through the transform
-    assert "eval/vqa_score" in json.loads((run / "eval.json").read_text())
+    report = json.loads((run / "eval.json").read_text())
+    assert "eval/vqa_score" in report and "ema/eval/vqa_score" in report and (run / "ema_model.pth").is_file()
 
 
 def test_a_captioning_recipe_finetunes_with_augmentation_and_drop_worst(tmp_path, spm, monkeypatch):
@@ -420,4 +431,5 @@ def test_a_captioning_recipe_finetunes_with_augmentation_and_drop_worst(tmp_path
     drop = ["captioning.drop_worst_ratio=0.5", "captioning.drop_worst_after=1", "data.max_eval=2"]
     run = _finetune(tmp_path, spm, "captioning", [*VL_AUGMENT, *drop])
     assert all(math.isfinite(v) for v in tensorboard_scalars(run, "loss/caption").values())
-    assert "eval/cider" in json.loads((run / "eval.json").read_text())
+    report = json.loads((run / "eval.json").read_text())
+    assert "eval/cider" in report and "ema/eval/cider" in report and (run / "ema_model.pth").is_file()
