@@ -35,9 +35,9 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 
 from beit3.engine.errors import CheckpointError, EngineError
 from beit3.engine.safe_load import load_file
@@ -103,8 +103,8 @@ class WeightEma:
 
     Build it after ``deepspeed.initialize`` (ZeRO-3 partitions exist then); it starts from the current
     weights. ``rank``/``world_size``: this rank among the data-parallel ranks that partition ZeRO-3
-    parameters (the engine's whole world); ``device``: where this rank's collectives run (its GPU under
-    NCCL, also when ZeRO-3 offloads partitions to the CPU; default: where the partitions are).
+    parameters (the engine's whole world); ``optimizer``: the DeepSpeed ZeRO-3 optimizer, whose release and
+    re-gather of parameters :meth:`swapped` uses (needed when the module is ZeRO-3 partitioned).
     """
 
     def __init__(
@@ -113,12 +113,11 @@ class WeightEma:
         decay: float,
         rank: int = 0,
         world_size: int = 1,
-        device: torch.device | None = None,
+        optimizer: Any = None,
     ):
         if not 0.0 <= decay < 1.0:
             raise EmaError(f"EMA decay {decay!r} outside [0, 1): set train.ema_decay (e.g. 0.9999)")
         self.module, self.decay, self.rank, self.world_size = module, float(decay), rank, world_size
-        self.device = device
         self.updates = 0  # EMA updates so far (real optimizer steps)
         self.active = False  # inside swapped()
         self.slots: list[_Slot] = []
@@ -127,6 +126,12 @@ class WeightEma:
                 self.slots.append(self._slot(name, "param", param, _getter(module, name, "param")))
         for name, buf in _persistent_buffers(module):
             self.slots.append(self._slot(name, "buffer", buf, _getter(module, name, "buffer")))
+        self._zero3 = None
+        if any(s.start is not None for s in self.slots):
+            if not hasattr(optimizer, "checkpoint_event_prologue"):
+                raise EmaError("a ZeRO-3 partitioned module needs its DeepSpeed optimizer: WeightEma(..., "
+                               "optimizer=engine.optimizer)")  # fmt: skip
+            self._zero3 = optimizer
         self.reset()
 
     def _slot(self, name: str, kind: str, tensor: torch.Tensor, live: Callable) -> _Slot:
@@ -165,14 +170,17 @@ class WeightEma:
         if self.active:
             raise EmaError("WeightEma.update() inside swapped(): the parameters hold the EMA values")
         weight = 1.0 - self.decay
-        same = [(s.ema, s.local()) for s in self.slots if s.local().dtype == torch.float32]
-        if same:
-            emas, values = zip(*same, strict=True)
-            torch._foreach_lerp_(list(emas), list(values), weight)
+        fp32: dict[torch.device, tuple[list, list]] = {}  # one multi-tensor lerp per device
         for slot in self.slots:
             local = slot.local()
-            if local.dtype != torch.float32:  # bf16/fp16 weights: converted one tensor at a time
+            if local.dtype == torch.float32:
+                emas, values = fp32.setdefault(local.device, ([], []))
+                emas.append(slot.ema)
+                values.append(local)
+            else:  # bf16/fp16 weights: converted one tensor at a time
                 slot.ema.lerp_(local.float(), weight)
+        for emas, values in fp32.values():
+            torch._foreach_lerp_(emas, values, weight)
         self.updates += 1
 
     # ----- evaluation with the EMA weights -----
@@ -181,67 +189,40 @@ class WeightEma:
         """Collective under ZeRO-3 (call on every rank): within it the module's weights are the EMA values
         (cast to the module's dtype); on exit every parameter and buffer holds its trained bits again.
 
-        Under ZeRO-3 the averages go into each rank's partition (``ds_tensor``), which the forward gathers;
-        parameters whose full data is resident (persistent ones, below the persistence threshold, and those
-        a forward left gathered within the reuse distance) get the all-gathered averages in their data
-        too; ZeRO++ hpZ secondary partitions are dropped before and after (they would serve a gather with
-        the other weights; DeepSpeed rebuilds them from the primary).
+        Under ZeRO-3 the averages go into each rank's partition (``ds_tensor``), which the forward gathers.
+        Around each copy DeepSpeed's own pair for a checkpoint save runs (``checkpoint_event_prologue``:
+        every gathered parameter released, so none keeps full data of the other weights;
+        ``..._epilogue``: ZeRO++ hpZ secondary partitions dropped, persistent parameters gathered again
+        from the partitions), so no gather serves the other weights and nothing full-sized is copied.
         """
         if self.active:
             raise EmaError("WeightEma.swapped() is already active")
         saved: list[torch.Tensor] = []
-        resident: list[tuple[_Slot, torch.Tensor]] = []
         try:
             with torch.no_grad():
-                _drop_secondary(self.slots)
+                self._release_gathered()
                 for slot in self.slots:
                     local = slot.local()
                     saved.append(local.clone())
                     local.copy_(slot.ema)
-                resident = self._fill_resident()
+                self._regather_persistent()
             self.active = True
             yield
         finally:
             with torch.no_grad():
+                self._release_gathered()
                 for slot, value in zip(self.slots, saved, strict=False):  # only those swapped in
                     slot.local().copy_(value)
-                self._restore_resident(resident)
-                _drop_secondary(self.slots)
+                self._regather_persistent()
             self.active = False
 
-    def _fill_resident(self) -> list[tuple[_Slot, torch.Tensor]]:
-        """ZeRO-3 parameters whose full data is resident: all-gather their averaged partitions into it."""
-        slots = [s for s in self.slots if s.start is not None and _is_resident(s)]
-        if not slots:
-            return []
-        device = self.device or slots[0].ema.device
-        sizes = [math.ceil(s.numel / self.world_size) for s in slots]
-        flat = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
-        offset = 0
-        for slot, size in zip(slots, sizes, strict=True):
-            flat.narrow(0, offset, slot.length).copy_(slot.ema)
-            offset += size
-        pieces = [flat]
-        if self.world_size > 1:
-            pieces = [torch.empty_like(flat) for _ in range(self.world_size)]
-            torch_dist.all_gather(pieces, flat)
-        out, offset = [], 0
-        for slot, size in zip(slots, sizes, strict=True):
-            full = torch.cat([p.narrow(0, offset, size) for p in pieces])[: slot.numel].view(slot.shape)
-            data = slot.live().data
-            out.append((slot, data.clone()))
-            data.copy_(full)
-            offset += size
-        return out
+    def _release_gathered(self) -> None:
+        if self._zero3:
+            self._zero3.checkpoint_event_prologue()
 
-    def _restore_resident(self, resident: list[tuple[_Slot, torch.Tensor]]) -> None:
-        restored = {id(slot) for slot, _ in resident}
-        for slot, value in resident:
-            if _is_resident(slot):
-                slot.live().data.copy_(value)
-        for slot in self.slots:  # gathered during the swap and still held: data of the EMA values
-            if slot.start is not None and id(slot) not in restored and _is_resident(slot):
-                slot.live().partition(has_been_updated=False)  # released; the next gather reads ds_tensor
+    def _regather_persistent(self) -> None:
+        if self._zero3:
+            self._zero3.checkpoint_event_epilogue()
 
     # ----- checkpoints -----
     def record(self) -> dict:
@@ -367,18 +348,3 @@ def _getter(module: torch.nn.Module, name: str, kind: str) -> Callable[[], torch
     if kind == "param":
         return lambda: module.get_parameter(name)
     return lambda: module.get_buffer(name)
-
-
-def _is_resident(slot: _Slot) -> bool:
-    """A ZeRO-3 parameter whose full data is materialised (persistent, or gathered at the moment)."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    return getattr(slot.live(), "ds_status", None) == ZeroParamStatus.AVAILABLE
-
-
-def _drop_secondary(slots: list[_Slot]) -> None:
-    """Forget ZeRO++ hpZ secondary partitions (as DeepSpeed does after each optimizer step)."""
-    for slot in slots:
-        tensor = slot.live()
-        if getattr(tensor, "ds_secondary_tensor", None) is not None:
-            tensor.ds_secondary_tensor = None

@@ -188,9 +188,8 @@ class Trainer:
         from the current weights (a checkpoint saved without one: with a warning)."""
         if not self.cfg.ema_decay:
             return None
-        ema = WeightEma(
-            self.engine.module, self.cfg.ema_decay, self.dist.rank, self.dist.world_size, self.dist.device
-        )
+        cfg, dist = self.cfg, self.dist
+        ema = WeightEma(self.engine.module, cfg.ema_decay, dist.rank, dist.world_size, self.engine.optimizer)
         if self.resume_dir is not None:
             record = read_marker(self.resume_dir).get("ema")
             if record:
