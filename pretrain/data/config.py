@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -16,6 +17,9 @@ from beit3.pretrain.errors import PretrainError
 
 STREAMS = ("image", "text", "pair")
 PAIR_MASKING_MODES = ("separate", "joint")
+SOURCE_KEYS = ("name", "shards", "weight")  # the keys of one entry of image_sources/text_sources/pair_sources
+# A source name is part of a TensorBoard tag (data/source/<name>/samples): no spaces or slashes.
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class DataConfigError(PretrainError, ValueError):
@@ -24,6 +28,15 @@ class DataConfigError(PretrainError, ValueError):
 
 class DataStreamError(PretrainError, RuntimeError):
     """A stream that cannot produce samples at run time (every shard unreadable, every sample bad)."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One named source of a stream (an entry of ``pair_sources`` etc.): its shard specs and its weight."""
+
+    name: str
+    shards: tuple[str, ...]
+    weight: float
 
 
 @dataclass
@@ -39,6 +52,11 @@ class PretrainDataConfig:
     image_shards: list[str] = field(default_factory=list)
     text_shards: list[str] = field(default_factory=list)
     pair_shards: list[str] = field(default_factory=list)
+    # Weighted sources instead of one shard list: [{name = "cc12m", shards = "...", weight = 12.0}, ...];
+    # samples are drawn from the sources in proportion to the weights (docs/data.md, "Weighted sources").
+    image_sources: list[dict] = field(default_factory=list)
+    text_sources: list[dict] = field(default_factory=list)
+    pair_sources: list[dict] = field(default_factory=list)
     img_size: int = bounded(224, "[1, inf)")
     patch_size: int = bounded(16, "[1, inf)")
     # The visual tokenizer's view of the same crop (e.g. 256 for a patch-14 model).
@@ -94,6 +112,82 @@ class PretrainDataConfig:
         """The configured shard patterns of ``stream`` ("image", "text" or "pair")."""
         return {"image": self.image_shards, "text": self.text_shards, "pair": self.pair_shards}[stream]
 
+    def sources_for(self, stream: str) -> list[SourceSpec]:
+        """The named sources of ``stream`` (``<stream>_sources``), empty for a plain ``<stream>_shards`` list.
+        Call :meth:`problem` first: entries are taken as valid here."""
+        entries = {"image": self.image_sources, "text": self.text_sources, "pair": self.pair_sources}[stream]
+        return [
+            SourceSpec(
+                e["name"],
+                (e["shards"],) if isinstance(e["shards"], str) else tuple(e["shards"]),
+                float(e["weight"]),
+            )
+            for e in entries
+        ]
+
+    def has_data(self, stream: str) -> bool:
+        """Whether ``stream`` has shards configured, as one list or as weighted sources."""
+        return bool(self.shards_for(stream) or self.sources_for(stream))
+
+    def _sources_problem(self, where: str) -> str | None:
+        """The first malformed ``<stream>_sources`` entry (keys, name, shards, weight; weights summing to
+        0; a name used twice, also across streams; both forms for one stream), or None."""
+        seen: dict[str, str] = {}
+        for stream in STREAMS:
+            key = f"{stream}_sources"
+            entries = getattr(self, key)
+            if not entries:
+                continue
+            if not isinstance(entries, (list, tuple)):
+                return f"{where}.{key} must be a list of tables: [{{name = ..., shards = ..., weight = ...}}]"
+            if self.shards_for(stream):
+                return (
+                    f"{where}.{stream}_shards and {where}.{key} are both set: use one, setting the other "
+                    f'to [] (or list the plain shards as one more source: {{name = "more", shards = "...", '
+                    "weight = 1.0})"
+                )
+            total = 0.0
+            for i, entry in enumerate(entries):
+                at = f"{where}.{key}[{i}]"
+                if not isinstance(entry, dict):
+                    return f'{at} must be a table such as {{name = "cc3m", shards = "...", weight = 1.0}}'
+                unknown = sorted(set(entry) - set(SOURCE_KEYS))
+                if unknown:
+                    return f"{at}: unknown key(s) {unknown}; known keys: {list(SOURCE_KEYS)}"
+                missing = [k for k in SOURCE_KEYS if k not in entry]
+                if missing:
+                    return f"{at} lacks {missing}: give name, shards and weight"
+                name, shards, weight = entry["name"], entry["shards"], entry["weight"]
+                if not isinstance(name, str) or not _SOURCE_NAME.fullmatch(name):
+                    return (
+                        f"{at}.name={name!r}: use letters, digits, '_', '.' or '-' (it names the TensorBoard "
+                        "tag data/source/<name>/samples)"
+                    )
+                if name in seen:
+                    return f"{at}.name={name!r} also names a source in {where}.{seen[name]}: rename one"
+                seen[name] = key
+                specs = [shards] if isinstance(shards, str) else shards
+                if (
+                    not isinstance(specs, (list, tuple))
+                    or not specs
+                    or not all(isinstance(v, str) and v.strip() for v in specs)
+                ):
+                    return (
+                        f"{at}.shards={shards!r} ({name}): give a shard spec or a non-empty list of "
+                        'them, e.g. "/data/cc3m/cc3m-{000000..000331}.tar"'
+                    )
+                if (
+                    isinstance(weight, bool)
+                    or not isinstance(weight, (int, float))
+                    or not math.isfinite(weight)
+                    or weight < 0
+                ):
+                    return f"{at}.weight={weight!r} ({name}): give a number >= 0, e.g. its sample count"
+                total += weight
+            if total <= 0:
+                return f"{where}.{key}: the weights sum to 0, so nothing is drawn: give one a weight > 0"
+        return None
+
     def problem(self, where: str = "data") -> str | None:
         """The first problem of these settings that needs no file (ranges, orderings, sizes that must fit
         each other), as one line naming ``where.field`` and the fix; None if none."""
@@ -120,21 +214,24 @@ class PretrainDataConfig:
             return f"{where}.pair_masking={self.pair_masking!r}: use one of {PAIR_MASKING_MODES}"
         if len(self.mean) != 3 or len(self.std) != 3:
             return f"{where}.mean and {where}.std need three values each: e.g. mean = [0.5, 0.5, 0.5]"
-        return None
+        return self._sources_problem(where)
 
     def validate(self) -> None:
         """Raise :class:`DataConfigError` naming the fix for the first problem found, the shards included."""
         problem = self.problem()
         if problem is not None:
             raise DataConfigError(problem)
-        if not any(self.shards_for(s) for s in STREAMS):
+        if not any(self.has_data(s) for s in STREAMS):
             raise DataConfigError(
-                "no shards configured: set image_shards, text_shards and/or pair_shards "
-                "(write them with `beit3-shards images|texts|pairs`, or `beit3-shards demo OUT_DIR`)"
+                "no shards configured: set image_shards, text_shards and/or pair_shards (or weighted "
+                "image_sources/text_sources/pair_sources; write shards with `beit3-shards "
+                "images|texts|pairs`, or `beit3-shards demo OUT_DIR`)"
             )
         for stream in STREAMS:
             if self.shards_for(stream):
                 expand_shards(self.shards_for(stream), f"{stream}_shards")
+            for i, source in enumerate(self.sources_for(stream)):
+                expand_shards(list(source.shards), f"{stream}_sources[{i}] ({source.name})")
 
 
 def _remote_problem(url: str, scheme: str) -> str | None:

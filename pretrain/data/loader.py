@@ -1,8 +1,11 @@
 """The per-rank pretraining loader: mixed micro-batches of exact composition, counted skips, exact resume.
 
 Each DataLoader worker (or the training process itself with ``num_workers=0``) is a *producer slot* that
-owns one :class:`~beit3.pretrain.data.streams.SampleSource` per stream and builds whole micro-batches; PyTorch
-hands out worker batches round-robin, so batch ``n`` of a rank always comes from slot ``n % num_workers``.
+owns one :class:`~beit3.pretrain.data.streams.SampleSource` per stream (a
+:class:`~beit3.pretrain.data.streams.WeightedSampleSource` for a stream of weighted named sources, each
+sample's source drawn by weight and counted as ``source/<name>/samples``) and builds whole micro-batches;
+PyTorch hands out worker batches round-robin, so batch ``n`` of a rank always comes from slot
+``n % num_workers``.
 Every batch carries its producer's state *after* that batch (its counters included) from the worker to the
 loader, which keeps the latest state per slot and strips it from the batch: :meth:`PretrainLoader.state_dict`
 and :meth:`PretrainLoader.counters` describe exactly the batches consumed, never those prefetched. The loader
@@ -30,7 +33,7 @@ from beit3.pretrain.data.config import (
 )
 from beit3.pretrain.data.decode import SKIP_KINDS, SkipSample
 from beit3.pretrain.data.samples import SampleProcessor, collate
-from beit3.pretrain.data.streams import STREAM_IDS, SampleSource, mix
+from beit3.pretrain.data.streams import STREAM_IDS, SampleSource, WeightedSampleSource, mix
 from beit3.pretrain.data.tario import is_remote
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,12 @@ COUNTER_NAMES = (*(f"skipped/{k}" for k in SKIP_KINDS), *(f"samples/{s}" for s i
 # Added when a stream reads remote shards: failed transfers retried, shards skipped for a round after their
 # last try (docs/data.md, "Remote shards").
 REMOTE_COUNTER_NAMES = ("remote/retries", "remote/skipped_shards")
+
+
+def source_counter(name: str) -> str:
+    """The counter of the samples used from weighted source ``name`` (TensorBoard
+    ``data/source/<name>/samples``), declared when a stream lists named sources (docs/data.md)."""
+    return f"source/{name}/samples"
 
 
 def empty_stats(names: tuple[str, ...] = COUNTER_NAMES) -> dict[str, int]:
@@ -65,6 +74,7 @@ class BatchProducer:
         num_slots: int,
         seed: int,
         counter_names: tuple[str, ...] = COUNTER_NAMES,
+        weighted: dict[str, list[tuple[str, float, list[str]]]] | None = None,
     ) -> None:
         self.cfg, self.counts, self.slot, self.seed = cfg, counts, slot, seed
         self.processor = SampleProcessor(cfg, tokenizer)
@@ -73,7 +83,15 @@ class BatchProducer:
         self.stats = empty_stats(counter_names)
         self.attempts = dict.fromkeys(counts, 0)  # raw samples processed per stream (good or bad)
         reading = (cfg.open_shards, cfg.shuffle_buffer, self._on_skip, cfg.remote_tries, cfg.remote_backoff)
-        self.sources = {s: SampleSource(s, shards[s], slot, num_slots, seed, *reading) for s in counts}
+        # A stream is one shard list (shards[s]) or named sources with weights (weighted[s]: name, weight,
+        # shard list), each sample's source chosen by weight.
+        weighted = weighted or {}
+        self.sources = {
+            s: WeightedSampleSource(s, weighted[s], slot, num_slots, seed, *reading)
+            if s in weighted
+            else SampleSource(s, shards[s], slot, num_slots, seed, *reading)
+            for s in counts
+        }
 
     def _on_skip(self, kind: str, url: str, detail: str) -> None:
         # A skip kind (SKIP_KINDS), or a counter of its own ("remote/retries").
@@ -82,9 +100,13 @@ class BatchProducer:
 
     def _sample(self, stream: str) -> dict:
         fn = getattr(self.processor, stream)
+        source = self.sources[stream]
+        # A weighted stream chooses the source once per sample: a bad sample is replaced from the same
+        # source, so the used samples follow the weights whatever each source's share of bad ones.
+        name = source.choose() if isinstance(source, WeightedSampleSource) else None
         skipped = 0
         while True:
-            raw = self.sources[stream].next()
+            raw = source.next() if name is None else source.next(name)
             rng = np.random.default_rng(
                 mix(self.seed, STREAM_IDS[stream], self.slot, 4, self.attempts[stream])
             )
@@ -99,12 +121,15 @@ class BatchProducer:
                 log.debug("%s: skipped %s in %s (%s: %r)", stream, raw.key, raw.url, kind, e)
                 skipped += 1
                 if skipped > self.cfg.max_consecutive_skips:
+                    what = stream if name is None else f"{stream} source {name}"
                     raise DataStreamError(
-                        f"{stream}: {skipped} bad samples in a row (last: {kind} {e!r} in {raw.url}); skip "
+                        f"{what}: {skipped} bad samples in a row (last: {kind} {e!r} in {raw.url}); skip "
                         f"counts { {k: v for k, v in self.stats.items() if v} }: fix the shards or the config"
                     ) from None
                 continue
             self.stats[f"samples/{stream}"] += 1
+            if name is not None:
+                self.stats[source_counter(name)] += 1
             if self.cfg.return_keys:
                 out["key"] = raw.key
             return out
@@ -221,9 +246,24 @@ class PretrainLoader:
         self.cfg, self.tokenizer, self.counts = cfg, tokenizer, counts
         self.rank, self.world_size = rank, world_size
         self.num_slots = max(1, cfg.num_workers)
-        self.shards = {s: expand_shards(cfg.shards_for(s), f"{s}_shards") for s in counts}
-        if any(is_remote(url) for urls in self.shards.values() for url in urls):
-            self.counter_names = (*COUNTER_NAMES, *REMOTE_COUNTER_NAMES)
+        self.shards = {
+            s: expand_shards(cfg.shards_for(s), f"{s}_shards") for s in counts if not cfg.sources_for(s)
+        }
+        # Streams of named sources: (name, weight, expanded shard list) per source, in the config's order.
+        self.weighted = {
+            s: [
+                (src.name, src.weight, expand_shards(list(src.shards), f"{s}_sources[{i}] ({src.name})"))
+                for i, src in enumerate(cfg.sources_for(s))
+            ]
+            for s in counts
+            if cfg.sources_for(s)
+        }
+        lists = [*self.shards.values(), *(urls for srcs in self.weighted.values() for _, _, urls in srcs)]
+        names = COUNTER_NAMES
+        if any(is_remote(url) for urls in lists for url in urls):
+            names = (*names, *REMOTE_COUNTER_NAMES)
+        sources = [source_counter(name) for s in STREAMS for name, _, _ in self.weighted.get(s, ())]
+        self.counter_names = (*names, *sources)
         self.seed = cfg.seed
         self.batches = 0
         self.producer_states: dict[int, dict] = {}
@@ -299,8 +339,12 @@ class PretrainLoader:
         self.producer_states, self.stats_base = {}, empty_stats(self.counter_names)
 
     def _shard_fingerprint(self) -> dict[str, str]:
-        """Per stream, a digest of the shard list: positions only mean something for the same shards."""
-        return {s: hashlib.sha1("\n".join(urls).encode()).hexdigest()[:16] for s, urls in self.shards.items()}
+        """Per stream, a digest of the shard list (of a weighted stream: its sources' names, weights and
+        shard lists): positions only mean something for the same shards."""
+        lists = dict(self.shards)
+        for s, sources in self.weighted.items():
+            lists[s] = [f"{name}\t{weight!r}\t{url}" for name, weight, urls in sources for url in urls]
+        return {s: hashlib.sha1("\n".join(urls).encode()).hexdigest()[:16] for s, urls in lists.items()}
 
     def state_dict(self) -> dict:
         """Everything needed to continue after the batches consumed so far (per rank: save one per rank)."""
@@ -367,13 +411,13 @@ class _SlotFactory:
 
     def __init__(self, loader: PretrainLoader) -> None:
         self.cfg, self.tokenizer, self.counts = loader.cfg, loader.tokenizer, loader.counts
-        self.shards, self.seed = loader.shards, loader.seed
+        self.shards, self.weighted, self.seed = loader.shards, loader.weighted, loader.seed
         self.num_slots = loader.world_size * loader.num_slots
         self.counter_names = loader.counter_names
 
     def __call__(self, global_slot: int) -> BatchProducer:
         return BatchProducer(self.cfg, self.tokenizer, self.counts, self.shards, global_slot, self.num_slots,
-                             self.seed, self.counter_names)  # fmt: skip
+                             self.seed, self.counter_names, self.weighted)  # fmt: skip
 
 
 def build_pretrain_loader(
@@ -398,9 +442,9 @@ def build_pretrain_loader(
         raise DataConfigError(f"rank {rank} is outside world_size {world_size}")
     counts = {s: c for s, c in counts.items() if c}
     for s in counts:
-        if not cfg.shards_for(s):
+        if not cfg.has_data(s):
             raise DataConfigError(
                 f"{counts[s]} {s}s per batch but {s}_shards is empty: set [data] {s}_shards "
-                f"(e.g. `beit3-shards {s}s ...` output) or set the count to 0"
+                f"(e.g. `beit3-shards {s}s ...` output) or {s}_sources, or set the count to 0"
             )
     return PretrainLoader(cfg, tokenizer, counts, rank, world_size)

@@ -14,10 +14,14 @@ samples' file offsets; restoring it reproduces the stream exactly. A remote shar
 is resumed by re-reading it and skipping the recorded number of samples, its buffered samples by re-reading
 each such shard once up to the last of them; a remote shard that fails all its tries is counted
 (``remote/skipped_shards``) and replaced by the next draw: it is skipped for this round only.
+
+A stream of several named sources (``pair_sources``) is a :class:`WeightedSampleSource`: one
+:class:`SampleSource` per source and a seeded chooser that picks each sample's source by weight.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -74,6 +78,7 @@ class SampleSource:
         on_skip=None,
         remote_tries: int = 3,
         remote_backoff: float = 1.0,
+        stream_id: int | None = None,
     ) -> None:
         self.stream, self.shards, self.slot, self.seed = stream, shards, slot, seed
         self.units = units_for_slot(len(shards), slot, num_slots)
@@ -90,7 +95,8 @@ class SampleSource:
         self.reads = 0  # samples read from open units so far
         self.open: list[_OpenUnit] = []
         self.buffer: list[RawSample] = []
-        self._sid = STREAM_IDS[stream]
+        # The stream's id in every random choice; a named source of a weighted stream has its own.
+        self._sid = STREAM_IDS[stream] if stream_id is None else stream_id
 
     # ---- reading -----------------------------------------------------------------------------------
     def _draw(self) -> _OpenUnit:
@@ -178,3 +184,71 @@ class SampleSource:
                 self.on_skip("tar_read", ref[1], str(sample))
             else:
                 self.buffer.append(sample)
+
+
+def source_stream_id(stream: str, name: str) -> int:
+    """The id of named source ``name`` of ``stream`` in the random choices of its reader (its own draws,
+    interleaving and buffer picks, independent of the other sources'): from the name, not the position in
+    the list, so a source reads its samples in the same order wherever it is listed."""
+    digest = int.from_bytes(hashlib.sha1(f"{stream}/{name}".encode()).digest()[:8], "little")
+    return mix(STREAM_IDS[stream], 6, digest)
+
+
+class WeightedSampleSource:
+    """Raw samples of one stream for one reader slot from several named sources, each sample's source
+    chosen in proportion to the weights.
+
+    Every source is a :class:`SampleSource` of its own shards (split over the slots as a plain stream's
+    are). Choice ``c`` of the slot is a pure function of ``(seed, stream, slot, c)``: a uniform number
+    against the cumulative normalised weights (a source of weight 0 is never chosen). The state is the
+    number of choices made and each source's state, so a restored slot makes the same choices from the same
+    positions.
+    """
+
+    def __init__(
+        self,
+        stream: str,
+        sources: list[tuple[str, float, list[str]]],
+        slot: int,
+        num_slots: int,
+        seed: int,
+        *reading,
+    ) -> None:
+        self.stream, self.slot, self.seed = stream, slot, seed
+        self.names = [name for name, _, _ in sources]
+        weights = np.array([weight for _, weight, _ in sources], dtype=np.float64)
+        self.cumulative = np.cumsum(weights) / weights.sum()
+        self.sources = {
+            name: SampleSource(
+                stream, urls, slot, num_slots, seed, *reading, stream_id=source_stream_id(stream, name)
+            )
+            for name, _, urls in sources
+        }
+        self.choices = 0  # sources chosen so far
+        self._sid = STREAM_IDS[stream]
+
+    def choose(self) -> str:
+        """The source of the next sample."""
+        # 52 random bits: exactly representable, uniform in [0, 1).
+        u = (mix(self.seed, self._sid, self.slot, 5, self.choices) >> 11) / 2.0**52
+        self.choices += 1
+        i = int(np.searchsorted(self.cumulative, u, side="right"))
+        return self.names[min(i, len(self.names) - 1)]
+
+    def next(self, name: str) -> RawSample:
+        """The next sample of source ``name``."""
+        return self.sources[name].next()
+
+    def state_dict(self) -> dict:
+        """The chooser's count and every source's :meth:`SampleSource.state_dict`, by name."""
+        return {
+            "seed": self.seed,
+            "choices": self.choices,
+            "sources": {name: src.state_dict() for name, src in self.sources.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where ``state`` was taken (same sources, slot and slot count)."""
+        self.seed, self.choices = state["seed"], state["choices"]
+        for name, src in self.sources.items():
+            src.load_state_dict(state["sources"][name])
