@@ -306,7 +306,9 @@ class Trainer:
         step_metrics = MetricAccumulator(device)
         nonfinite = torch.zeros((), device=device)
         for micro in range(self.gas):
-            batch = self._next_batch()
+            waited = time.perf_counter()
+            batch = self._next_batch()  # the time the step waits on the loader: perf/data_wait_pct
+            window_stats["data_wait_s"] = window_stats.get("data_wait_s", 0.0) + time.perf_counter() - waited
             for key, value in self.task.batch_stats(batch).items():
                 window_stats[key] = window_stats.get(key, 0.0) + float(value)
             batch = self.task.prepare_batch(batch, device)
@@ -402,7 +404,10 @@ class Trainer:
 
     def _log(self, window: MetricAccumulator, stats: dict, lr: float, elapsed: float, steps: int) -> dict:
         metric_names, counters = self._gather_names(window)
-        extra = {f"perf/{k}": stats.get(k, 0.0) for k in ("samples", "tokens", "flops", "recompute_flops")}
+        extra = {
+            f"perf/{k}": stats.get(k, 0.0)
+            for k in ("samples", "tokens", "flops", "recompute_flops", "data_wait_s")
+        }
         # A task that pads may say what its real tokens need (batch_stats "unpadded_flops"); else the same.
         extra["perf/unpadded_flops"] = stats.get("unpadded_flops", stats.get("flops", 0.0))
         values = counter_values(self.data)
@@ -418,6 +423,9 @@ class Trainer:
         scalars["perf/samples_per_sec"] = sums["perf/samples"] / elapsed
         scalars["perf/tokens_per_sec"] = sums["perf/tokens"] / elapsed
         scalars["perf/step_time_s"] = elapsed / max(steps, 1)
+        # The share of the window's step time spent waiting for the next batch, averaged over the ranks: a
+        # loader that cannot keep up shows here long before throughput is understood to be low.
+        scalars["perf/data_wait_pct"] = 100.0 * sums["perf/data_wait_s"] / elapsed / self.dist.world_size
         if self.peak_flops:
             peak = self.peak_flops * self.dist.world_size
             scalars["perf/mfu_pct"] = 100.0 * sums["perf/flops"] / elapsed / peak

@@ -4,6 +4,7 @@ TensorBoard tags, consolidation, preemption. Multi-rank behaviour: test_engine_m
 import json
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -124,6 +125,31 @@ def _scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
     return {tag: list(steps.items()) for tag, steps in tensorboard_run(log_dir.parent).items()}
 
 
+class _SlowData(ToyData):
+    """ToyData whose every batch takes 50 ms to arrive: a loader that cannot keep up."""
+
+    def _batches(self):
+        for batch in super()._batches():
+            time.sleep(0.05)
+            yield batch
+
+
+def test_data_wait_is_the_share_of_step_time_spent_waiting_for_batches(tmp_path):
+    """perf/data_wait_pct x perf/step_time_s is the time a step waited for its batches: about 0 for an
+    in-memory stream, at least the 50 ms per micro-batch of a loader that sleeps that long (whatever the
+    toy step itself costs on a loaded machine), in TensorBoard."""
+    per_step = {}
+    for name, data_cls in (("fast", None), ("slow", _SlowData)):
+        trainer = make_trainer(tmp_path / name, "zero0_fp32.json", 4, data_cls=data_cls)
+        trainer.fit()
+        scalars = _scalars(tmp_path / name / "tensorboard")
+        pct, step_s = ([v for _, v in scalars[f"perf/{k}"]] for k in ("data_wait_pct", "step_time_s"))
+        assert len(pct) == 2 and all(0 <= p <= 100 for p in pct), pct
+        per_step[name] = [p / 100 * t / trainer.gas for p, t in zip(pct, step_s)]  # seconds per micro-batch
+    assert all(w < 0.02 for w in per_step["fast"]), per_step
+    assert all(0.05 <= w < 0.5 for w in per_step["slow"]), per_step
+
+
 def test_tensorboard_tags_read_back_match_the_run(tmp_path, capsys):
     recording = {"record_path": str(tmp_path / "losses")}
     trainer = make_trainer(
@@ -133,7 +159,7 @@ def test_tensorboard_tags_read_back_match_the_run(tmp_path, capsys):
     scalars = _scalars(tmp_path / "tensorboard")
     expected = {"loss/total", "loss/a", "loss/b", "acc/a", "acc/b", "optim/lr", "optim/grad_norm",
                 "optim/loss_scale", "optim/skipped_steps", "perf/samples_per_sec", "perf/tokens_per_sec",
-                "perf/step_time_s", "perf/mfu_pct", "data/skipped/corrupt"}  # fmt: skip
+                "perf/step_time_s", "perf/data_wait_pct", "perf/mfu_pct", "data/skipped/corrupt"}  # fmt: skip
     assert expected <= scalars.keys() and "memory/max_allocated_gib" not in scalars  # CPU: no device memory
     assert [s for s, _ in scalars["loss/total"]] == [2, 4]
     losses = read_losses(tmp_path / "losses", 0)
