@@ -14,7 +14,13 @@ stamps_captioning_small Tux Paint stamps + captions                BLEU-4, CIDEr
 
 Every run is ``beit3-finetune`` in a subprocess (ZeRO-0 fp32, one CPU process). With ``--pretrained`` both
 runs of a task use the checkpoint's text vocabulary and its tokenizer (``--spm``), so the only difference is
-the initial weights. Writes a Markdown table with the device, versions and command::
+the initial weights. ``--data index`` (the default) runs every task through the streaming path of large
+datasets: the task's examples, as its offline source loads them, are written once as released-format JSONL
+indexes with one PNG file per image (the source's images at the model's resolution, so the pixels are the
+same), and the runs read them as ``data.source = "jsonl"`` does: images decoded from disk when a batch needs
+them (``LazyImages``), in ``--workers`` DataLoader worker processes. ``--data memory``: the offline sources
+directly, images decoded into memory up front. Writes a Markdown table with the device, versions and
+command::
 
     python bench/finetune_small.py --pretrained runs/quickstart/export/model.pth \\
         --spm runs/quickstart/spm.model
@@ -55,8 +61,57 @@ def train_task_spm(work: Path, vocab_size: int) -> Path:
     return train_sentencepiece([corpus], work / "task_spm", vocab_size)
 
 
-def run_one(recipe: str, start: str, args, spm: Path, shapes: dict) -> dict:
-    """One finetuning run; returns its eval scores, first/last logged loss and wall time."""
+def export_index(recipe: str, args) -> list[str]:
+    """The task data of ``recipe`` (a name in finetune/recipes or a .toml path), as its offline source loads
+    it, written under ``<work>/index/<recipe>/`` as ``train.jsonl`` / ``eval.jsonl`` in the released format
+    (``image_path``, ``image2_path``, ``text``, ``label`` | ``labels`` + ``scores``, ``image_id``) with one
+    PNG per image (``answer2label.txt`` for VQA); returns the ``--set`` overrides that point the recipe at
+    them (``data.source = "jsonl"``, no caps: the export is already capped as the source caps it)."""
+    from PIL import Image
+
+    from beit3.finetune.data.build import load_task_data
+    from beit3.finetune.recipe import load_recipe
+    from beit3.model import get_config
+
+    recipe_file = Path(recipe) if recipe.endswith(".toml") else ROOT / "finetune/recipes" / f"{recipe}.toml"
+    rec = load_recipe(recipe_file, [f"model.name={args.model}", *args.set])
+    size = rec.model.img_size or get_config(rec.model.name).img_size
+    data = load_task_data(rec.data, rec.task.name, size)
+    root = args.work / "index" / recipe_file.stem
+    for name, split in (("train", data.train), ("eval", data.eval)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        if split.images is not None:  # uint8 (N, 3, S, S): PNG keeps every pixel
+            for r, image in enumerate(split.images):
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / name / f"{r:06d}.png")
+        rows = []
+        for ex in split.examples:
+            row: dict = {f"{k}_path": f"{name}/{ex[k]:06d}.png" for k in ("image", "image2") if k in ex}
+            if "text" in ex:
+                row["text"] = ex["text"]
+            if "scores" in ex:
+                row["labels"], row["scores"] = list(ex["scores"]), list(ex["scores"].values())
+            elif "label" in ex:
+                row["label"] = ex["label"]
+            if "image_id" in ex:
+                row["image_id"] = ex["image_id"]
+            rows.append(json.dumps(row))
+        (root / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+    if rec.task.name == "vqa":
+        lines = (json.dumps({"answer": a, "label": i}) for i, a in enumerate(data.classes))
+        (root / "answer2label.txt").write_text("\n".join(lines) + "\n")
+    index = [f"data.train={root / 'train.jsonl'}", f"data.eval={root / 'eval.jsonl'}", f"data.root={root}"]
+    return [
+        "data.source=jsonl",
+        *index,
+        "data.max_train=0",
+        "data.max_eval=0",
+        f"data.num_workers={args.workers}",
+    ]
+
+
+def run_one(recipe: str, start: str, args, spm: Path, shapes: dict, data_sets: list[str] = ()) -> dict:
+    """One finetuning run; returns its eval scores, first/last logged loss and wall time. ``data_sets``:
+    ``--set`` overrides of the data (the exported index)."""
     out = args.work / f"{recipe}_{start}"
     recipe_file = ROOT / "finetune/recipes" / f"{recipe}.toml"
     cmd = [sys.executable, "-m", "beit3.finetune.train", "--config", str(recipe_file),
@@ -67,7 +122,7 @@ def run_one(recipe: str, start: str, args, spm: Path, shapes: dict) -> dict:
            "--set", f"data.tokenizer={spm}", "--set", f"model.name={args.model}"]  # fmt: skip
     if shapes:
         cmd += ["--set", "model.overrides={" + ", ".join(f"{k} = {v}" for k, v in shapes.items()) + "}"]
-    for item in args.set:
+    for item in [*args.set, *data_sets]:
         cmd += ["--set", item]
     if start != "scratch":
         cmd += ["--set", f"model.pretrained={args.pretrained}"]
@@ -220,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data", choices=["index", "memory"], default="index",
+                   help="index: through released-format JSONL indexes, images on disk (the streaming "
+                        "path); memory: the offline sources, images in memory")  # fmt: skip
+    p.add_argument("--workers", type=int, default=2, help="--data index: data.num_workers")
     p.add_argument("--work", type=Path, default=ROOT / "runs/bench_finetune")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/finetune_small.md")
     p.add_argument("--starts", default="", help="comma-separated subset of scratch,pretrained to run")
@@ -259,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         for recipe, by_start in json.loads(earlier.read_text()).items():
             results.setdefault(recipe, {}).update(by_start)
     for recipe in [t for t in args.tasks.split(",") if t]:  # --tasks "" with --merge: only the table
+        data_sets = export_index(recipe, args) if args.data == "index" else []
         for start in to_run:
-            r = run_one(recipe, start, args, spm, shapes)
+            r = run_one(recipe, start, args, spm, shapes, data_sets)
             results.setdefault(recipe, {})[start] = r
             rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
             print(f"{recipe:26s} {start:10s} {json.dumps(rounded)}", flush=True)
@@ -270,10 +330,17 @@ def main(argv: list[str] | None = None) -> int:
         table += "\n\nBefore finetuning (frozen checkpoint vs. the same model at random init):\n\n"
         table += diagnose(checkpoints, spm, args.model)
     print(table)
+    data_line = (
+        "the offline sources, images decoded into memory (`--data memory`)"
+        if args.data == "memory"
+        else "the streaming path (`--data index`): each task's examples as released-format JSONL indexes, "
+        f"one PNG per image, read by `data.source = 'jsonl'` (LazyImages) in {args.workers} DataLoader "
+        "workers"
+    )
     text = (
         f"# Finetuning the small demo model on offline tasks\n\n{environment()}\n"
         f"- model: {args.model}; {args.steps} steps, micro-batch {args.batch}, ZeRO-0 fp32; "
-        f"tokenizer `{spm}`\n"
+        f"tokenizer `{spm}`\n- data: {data_line}\n"
         f"- pretrained: `{args.pretrained}`\n\n{table}\n"
     )
     if args.notes is not None:
