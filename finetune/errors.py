@@ -6,3 +6,7 @@ class FinetuneError(Exception):
 
     Each specific error also derives from ``ValueError`` (a bad setting) or ``RuntimeError`` (the world).
     """
+
+
+class BatchError(FinetuneError, ValueError):
+    """A split that cannot fill one batch per rank, or a batch its task cannot be given."""

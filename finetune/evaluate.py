@@ -12,12 +12,11 @@ again in lock-step); the captions are gathered as fixed-size id rows, and rank 0
 and hands the scores to the others. On rank 0 a long evaluation logs its progress (items done of the
 total, the rate) every :data:`PROGRESS_EVERY_S` seconds.
 
-Each task's *selection metric* (:data:`SELECTION`) is the scalar, and its direction, by which a run keeps
-its best checkpoint (the engine's ``train.best_metric`` / ``best_mode``): accuracy for classification and
-NLVR2, the VQA score, CIDEr for captioning, the mean of the six recalls for retrieval. Image and prompt
-classification also report ``eval/acc1`` (= ``eval/accuracy``) and ``eval/acc5`` (top-5; top-k with k the
-number of classes where there are fewer), the released ImageNet names (as fractions, the release prints
-percent).
+What is evaluated, and how, is each task's spec (:mod:`beit3.finetune.tasks`): its ``evaluate`` and
+``predict`` hooks get an :class:`EvalContext`, whose methods are the sharded loops (:meth:`EvalContext.hits`
+over a task's logits, :meth:`EvalContext.recalls`, :meth:`EvalContext.caption_scores`, ...), and return the
+task's metrics under their tags; the spec's ``selection`` is the scalar, and its direction, by which a run
+keeps its best checkpoint (the engine's ``train.best_metric`` / ``best_mode``).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -32,20 +32,11 @@ import torch.distributed as dist
 from beit3.finetune.data.batches import Collator, images_to_float, pad_texts
 from beit3.finetune.data.sources import Split
 from beit3.finetune.decoding import BeamSearchConfig, generate_captions
-from beit3.finetune.outputs import caption_results, caption_scores, retrieval_report, vqa_submission
+from beit3.finetune.outputs import caption_results, caption_scores
+from beit3.finetune.tasks import get_task, task_names
+from beit3.finetune.tasks.spec import TaskSpec
 from beit3.tokenizers.text import BOS_ID, EOS_ID
 
-SELECTION = {
-    "image_classification": ("eval/accuracy", "max"),
-    "prompt_classification": ("eval/accuracy", "max"),
-    "text_classification": ("eval/accuracy", "max"),
-    "nlvr2": ("eval/accuracy", "max"),
-    "vqa": ("eval/vqa_score", "max"),
-    "captioning": ("eval/cider", "max"),
-    "retrieval": ("eval/average", "max"),  # the released "average_score": mean of R@1/5/10 both ways
-}
-PREDICTED = ("vqa", "captioning", "retrieval")  # tasks with an official output file
-TOP_K = ("image_classification", "prompt_classification")  # also eval/acc1 and eval/acc5
 PROGRESS_EVERY_S = 30.0  # rank 0 logs a long evaluation's progress this often
 
 log = logging.getLogger("beit3.finetune.evaluate")
@@ -171,6 +162,89 @@ def _unique_images(split: Split) -> tuple[list[int], dict[int, int]]:
     return rows, position
 
 
+@dataclass
+class EvalContext:
+    """One evaluation of a task module on a split, as the task's spec hooks see it: the sharded loops they
+    compose (every rank calls them in step) and the settings they take."""
+
+    spec: TaskSpec
+    task: torch.nn.Module
+    split: Split
+    batch_size: int
+    device: torch.device | str = "cpu"
+    num_answers: int = 0  # VQA's soft-score width
+    tokenizer: object = None
+    decoding: BeamSearchConfig | None = None
+    answers: list[str] | None = None  # the class / answer names (predictions)
+    references: dict[int, list[str]] | None = None  # captions by image id (``--references``)
+
+    def hits(
+        self, logits: Callable[[dict], torch.Tensor], top_k: int = 0, soft: bool = False
+    ) -> tuple[float, float, float]:
+        """(hits, top-k hits, examples) over the split, summed over the ranks: the arg-max of
+        ``logits(batch)`` against the batch's ``label`` (``soft``: its VQA score, from the batch's
+        ``scores``), and with ``top_k`` the rows whose label is among their ``top_k`` best (0.0 without)."""
+        split, device = self.split, self.device
+        collate = Collator(self.spec.name, split.images, num_answers=self.num_answers)
+        g = torch.Generator().manual_seed(0)
+        total, hits, hits_k = 0, 0.0, 0.0
+        for indices, real in _sharded(len(split.examples), self.batch_size, self.spec.eval_items):
+            batch = self.task.prepare_batch(collate([split.examples[i] for i in indices], g), device)
+            out = logits(batch)
+            pred = out[:real].argmax(-1)
+            if soft:
+                hits += batch["scores"][:real].gather(1, pred[:, None]).sum().item()
+            else:
+                hits += (pred == batch["label"][:real]).sum().item()
+            if top_k:
+                hits_k += top_k_hits(out[:real], batch["label"][:real], top_k)
+            total += real
+        hits, hits_k, total = _sum_across_ranks([hits, hits_k, total], device)
+        return hits, hits_k, total
+
+    def predictions(self, logits: Callable[[dict], torch.Tensor]) -> list[int]:
+        """The arg-max of ``logits(batch)`` for every example, in example order on every rank; the batches
+        hold the examples' images and texts only (a test split has no labels)."""
+        split = self.split
+        local = []
+        for indices, _ in _sharded(len(split.examples), self.batch_size, self.spec.eval_items):
+            chunk = [split.examples[i] for i in indices]
+            batch = {}
+            for key in ("image", "image2"):
+                if key in chunk[0]:
+                    batch[key] = images_to_float(split.images[torch.tensor([ex[key] for ex in chunk])])
+            if "text" in chunk[0]:
+                batch["text"], batch["text_padding_mask"] = pad_texts([ex["text"] for ex in chunk])
+            local.append(logits(self.task.prepare_batch(batch, self.device)).argmax(-1))
+        return _gathered_rows(torch.cat(local), len(split.examples)).tolist() if local else []
+
+    def recalls(self) -> dict[str, float]:
+        """Retrieval's recalls (fractions) over the split's distinct images and texts: ``tr_r1`` ...
+        ``ir_r10`` and ``average``, their mean (:func:`sharded_recalls`)."""
+        return {k.removeprefix("eval/"): v for k, v in
+                _retrieval(self.task, self.split, self.batch_size, self.device).items()}  # fmt: skip
+
+    def caption_scores(self) -> dict[str, float]:
+        """The pure-python caption scores of one beam-search caption per distinct image (scored on rank 0)."""
+        return {k.removeprefix("eval/"): v for k, v in
+                _captioning(self.task, self.split, self.batch_size, self.device, self.tokenizer,
+                            self.decoding or BeamSearchConfig()).items()}  # fmt: skip
+
+    def caption_results(self) -> tuple[list, dict]:
+        """(COCO results list, report with the COCO scores where references exist) of the split."""
+        return _predict_captions(self.task, self.split, self.batch_size, self.device, self.tokenizer,
+                                 self.decoding, self.references)  # fmt: skip
+
+    def sample_captions(self, count: int) -> list[tuple[str, str]]:
+        """(generated, reference) captions of the first ``count`` images (:func:`sample_captions`)."""
+        return sample_captions(self.task, self.split, self.tokenizer, count, self.decoding)
+
+
+def predicted_tasks() -> tuple[str, ...]:
+    """The registered tasks with an official output file (a ``predict`` hook)."""
+    return tuple(name for name in task_names() if get_task(name).predict is not None)
+
+
 @torch.no_grad()
 def evaluate(
     task_name: str,
@@ -182,58 +256,34 @@ def evaluate(
     tokenizer=None,
     decoding: BeamSearchConfig | None = None,
 ) -> dict[str, float]:
-    """The task's metrics on ``split`` (the module is put in eval mode and restored)."""
+    """The task's metrics on ``split`` (its spec's ``evaluate``; the module is put in eval mode and
+    restored)."""
     if not split.examples:
         return {}
+    spec = get_task(task_name)
     was_training = task.training
     task.eval()
     try:
-        if task_name == "retrieval":
-            return _retrieval(task, split, batch_size, device)
-        if task_name == "captioning":
-            return _captioning(task, split, batch_size, device, tokenizer, decoding or BeamSearchConfig())
-        return _classification(task_name, task, split, batch_size, device, num_answers)
+        context = EvalContext(spec, task, split, batch_size, device, num_answers, tokenizer, decoding)
+        return spec.evaluate(context)
     finally:
         task.train(was_training)
 
 
-def _classification(task_name, task, split, batch_size, device, num_answers) -> dict[str, float]:
-    collate = Collator(task_name, split.images, num_answers=num_answers)
-    g = torch.Generator().manual_seed(0)
-    total, hits, hits5 = 0, 0.0, 0.0
-    prompts = None
-    if task_name == "prompt_classification":
-        # The class prompts' embeddings once (on every rank: ZeRO-3's gathers stay in lock-step); images are
-        # ranked by their cosine with them, which orders classes as the logits exp(logit_scale) x cosine do.
-        # (logit_scale, a parameter of the wrapped module itself, is gathered by ZeRO-3 in forward only.)
-        prompts = task.retrieval.embed_texts(task.prompt_ids.to(device), task.prompt_padding_mask.to(device))
-    what = {"vqa": "questions", "nlvr2": "pairs", "text_classification": "texts"}.get(task_name, "images")
-    for indices, real in _sharded(len(split.examples), batch_size, what):
-        batch = task.prepare_batch(collate([split.examples[i] for i in indices], g), device)
-        if task_name == "prompt_classification":
-            logits = task.retrieval.embed_images(batch["image"]) @ prompts.t()
-        elif task_name == "image_classification":
-            logits = task.logits(batch["image"])
-        elif task_name == "text_classification":
-            logits = task.logits(batch["text"], batch["text_padding_mask"])
-        elif task_name == "vqa":
-            logits = task.logits(batch["image"], batch["text"], batch["text_padding_mask"])
-        else:  # nlvr2
-            logits = task.logits(batch["image"], batch["image2"], batch["text"], batch["text_padding_mask"])
-        pred = logits[:real].argmax(-1)
-        if task_name == "vqa":
-            hits += batch["scores"][:real].gather(1, pred[:, None]).sum().item()
-        else:
-            hits += (pred == batch["label"][:real]).sum().item()
-        if task_name in TOP_K:
-            hits5 += top_k_hits(logits[:real], batch["label"][:real], 5)
-        total += real
-    hits, hits5, total = _sum_across_ranks([hits, hits5, total], device)
-    if task_name == "vqa":
-        return {"eval/vqa_score": hits / total}
-    if task_name in TOP_K:
-        return {"eval/accuracy": hits / total, "eval/acc1": hits / total, "eval/acc5": hits5 / total}
-    return {"eval/accuracy": hits / total}
+@torch.no_grad()
+def final_report(
+    task_name: str,
+    task: torch.nn.Module,
+    split: Split,
+    tokenizer=None,
+    decoding: BeamSearchConfig | None = None,
+) -> dict:
+    """The extra entries of a finished run's eval.json that the task's spec adds (``report``; captioning's
+    sample captions), {} for a task without."""
+    spec = get_task(task_name)
+    if spec.report is None:
+        return {}
+    return spec.report(EvalContext(spec, task, split, 0, tokenizer=tokenizer, decoding=decoding))
 
 
 def top_k_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
@@ -341,45 +391,22 @@ def predict(
     decoding: BeamSearchConfig | None = None,
     references: dict[int, list[str]] | None = None,
 ) -> tuple[object, dict]:
-    """(official output, report) of ``task`` on ``split`` (:mod:`beit3.finetune.outputs` has the formats).
-
-    VQA: the submission list (question ids from the index's ``qid``, else the example's position) and, when
-    the split carries answers, its VQA score. Captioning: the COCO results list and, when references exist
-    (``references`` by image id, e.g. a COCO annotation file, else the split's own captions), the COCO
-    scores with the official toolkit where installed. Retrieval: the released recalls (the report too).
-    """
-    if task_name not in PREDICTED:
-        raise ValueError(f"task {task_name!r} has no official output file (tasks with one: {PREDICTED})")
+    """(official output, report) of ``task`` on ``split``: its spec's ``predict`` (formats in
+    :mod:`beit3.finetune.outputs`; VQA: the submission, captioning: the COCO results scored against
+    ``references`` by image id, else the split's own captions, retrieval: the released recalls)."""
+    spec = get_task(task_name)
+    if spec.predict is None:
+        raise ValueError(
+            f"task {task_name!r} has no official output file (tasks with one: {predicted_tasks()})"
+        )
     was_training = task.training
     task.eval()
     try:
-        if task_name == "vqa":
-            return _predict_vqa(task, split, batch_size, device, answers or [])
-        if task_name == "captioning":
-            return _predict_captions(task, split, batch_size, device, tokenizer, decoding, references)
-        report = retrieval_report({k.removeprefix("eval/"): v for k, v in
-                                   _retrieval(task, split, batch_size, device).items()})  # fmt: skip
-        return report, dict(report)
+        context = EvalContext(spec, task, split, batch_size, device, len(answers or []), tokenizer, decoding,
+                              answers, references)  # fmt: skip
+        return spec.predict(context)
     finally:
         task.train(was_training)
-
-
-def _predict_vqa(task, split, batch_size, device, answers: list[str]) -> tuple[list, dict]:
-    local = []
-    for indices, _ in _sharded(len(split.examples), batch_size, "questions"):
-        chunk = [split.examples[i] for i in indices]
-        ids, pad = pad_texts([ex["text"] for ex in chunk])
-        rows = torch.tensor([ex["image"] for ex in chunk])
-        batch = task.prepare_batch({"image": images_to_float(split.images[rows]), "text": ids,
-                                    "text_padding_mask": pad}, device)  # fmt: skip
-        local.append(task.logits(batch["image"], batch["text"], batch["text_padding_mask"]).argmax(-1))
-    preds = _gathered_rows(torch.cat(local), len(split.examples)).tolist() if local else []
-    qids = [ex.get("question_id", i) for i, ex in enumerate(split.examples)]
-    report: dict = {"questions": len(preds)}
-    if any(ex.get("scores") for ex in split.examples):  # an annotated split: its VQA score
-        hits = sum(ex.get("scores", {}).get(p, 0.0) for ex, p in zip(split.examples, preds))
-        report["vqa_score"] = hits / len(preds)
-    return vqa_submission(qids, preds, answers), report
 
 
 def _predict_captions(task, split, batch_size, device, tokenizer, decoding, references) -> tuple[list, dict]:

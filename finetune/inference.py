@@ -124,15 +124,17 @@ def load_finetuned_task(run_config: str | Path, checkpoint: str | Path | None = 
     ``model.pth`` (or ``checkpoint``; ``trusted=True`` only for a file whose origin one trusts, see
     :func:`beit3.finetune.reload.load_finetuned`).
 
-    Class / answer names come from the recipe's data source, so the data must be installed; for
+    Class / answer names come from the run's ``classes.json``, beside ``config.json``; a run without one (from
+    before it was written) reads them from the recipe's data source, which must then be installed. For
     retrieval and captioning only their count matters.
     """
     from beit3.finetune.reload import load_finetuned
-    from beit3.finetune.train import build_run
+    from beit3.finetune.train import build_run, run_classes
 
     run_config = Path(run_config)
     recipe = from_dict(FinetuneRecipe, json.loads(run_config.read_text())["recipe"])
     recipe.model.pretrained = ""  # the finetuned weights replace it
-    tokenizer, data, task = build_run(recipe, train=False)  # the train split's labels only, no images
+    classes = run_classes(run_config.parent, recipe.task.name)
+    tokenizer, data, task = build_run(recipe, train=False, classes=classes)  # no train index with classes
     load_finetuned(task, checkpoint or run_config.parent / "model.pth", trusted)
     return task.eval(), tokenizer, data.classes

@@ -21,17 +21,8 @@ from beit3.engine.config_io import (
 )
 from beit3.engine.ds_config import global_batch_problem, load_ds_config
 from beit3.engine.trainer_config import TrainSettings, read_recipe
+from beit3.finetune.tasks import get_task, task_names
 
-TASKS = (
-    "image_classification",
-    "prompt_classification",
-    "text_classification",
-    "vqa",
-    "nlvr2",
-    "retrieval",
-    "captioning",
-)
-IMAGE_TASKS = ("image_classification", "prompt_classification", "vqa", "nlvr2", "retrieval", "captioning")
 MIXUP_MODES = ("batch", "pair", "elem")
 # timm's RandAugment grammar: "rand" and "-"-separated sections m (magnitude), n (ops per image), mstd
 # (magnitude noise), mmax, inc (increasing ops), p (op probability).
@@ -158,9 +149,10 @@ def validate(recipe: FinetuneRecipe) -> None:
     if problem:
         raise ConfigError(f"finetune recipe: {problem}")
     t = recipe.task
+    if t.name not in task_names():
+        raise ConfigError(f"finetune recipe: task.name must be one of {task_names()}, got {t.name!r}")
     checks = [
-        (t.name in TASKS, f"task.name must be one of {TASKS}, got {t.name!r}"),
-        (bool(recipe.data.tokenizer) or t.name in ("image_classification",),
+        (bool(recipe.data.tokenizer) or not get_task(t.name).needs_tokenizer,
          "data.tokenizer must name a SentencePiece model file for tasks with text"),
         (recipe.data.source != "jsonl" or bool(recipe.data.train),
          "data.train must name a JSONL index file when data.source = 'jsonl'"),
@@ -171,12 +163,15 @@ def validate(recipe: FinetuneRecipe) -> None:
 
 
 def augmentation_checks(recipe: FinetuneRecipe) -> list[tuple[bool, str]]:
-    """(holds, message naming the fix) for the ``[data]`` augmentation settings."""
+    """(holds, message naming the fix) for the ``[data]`` augmentation settings (what the task's spec
+    allows) and the task-specific tables (``[captioning]``: the tasks whose spec reads it)."""
     d, task = recipe.data, recipe.task.name
+    spec = get_task(task)
+    mixing = ", ".join(name for name in task_names() if get_task(name).mixup)
     in_transform = [k for k in ("randaug", "color_jitter", "reprob") if getattr(d, k)]
     image_keys = [k for k in ("crop_scale", "crop_pct", *in_transform, "mixup", "cutmix") if getattr(d, k)]
     return [
-        (not image_keys or task in IMAGE_TASKS,
+        (not image_keys or spec.images,
          f"data.{', data.'.join(image_keys)}: task {task!r} has no images to augment (leave them 0)"),
         (not in_transform or d.crop_scale > 0,
          f"data.{', data.'.join(in_transform)} run in timm's training transform, which starts with "
@@ -184,11 +179,11 @@ def augmentation_checks(recipe: FinetuneRecipe) -> list[tuple[bool, str]]:
         (not d.randaug or RANDAUG.fullmatch(d.randaug) is not None,
          "data.randaug must be a timm RandAugment string such as 'rand-m9-mstd0.5-inc1' (sections m, n, "
          f"mstd, mmax, inc, p) or empty, got {d.randaug!r}"),
-        (not (d.mixup or d.cutmix) or task == "image_classification",
-         f"data.mixup and data.cutmix mix images and their class labels: image_classification only, not "
-         f"{task!r} (set them to 0)"),
+        (not (d.mixup or d.cutmix) or spec.mixup,
+         f"data.mixup and data.cutmix mix images and their class labels: {mixing} only, not {task!r} "
+         "(set them to 0)"),
         (d.mixup_mode in MIXUP_MODES, f"data.mixup_mode must be one of {MIXUP_MODES}, got {d.mixup_mode!r}"),
-        (not recipe.captioning.drop_worst_ratio or task == "captioning",
+        (not recipe.captioning.drop_worst_ratio or "captioning" in spec.sections,
          f"captioning.drop_worst_ratio applies to the captioning loss, not to task {task!r} (set it to 0)"),
     ]  # fmt: skip
 
@@ -238,7 +233,7 @@ def validate_run(
         raise ConfigError(f"finetune recipe: model.overrides: {e}") from e
     checkpointing(recipe, model_cfg.depth)
     lengths = [("data.max_text_len", recipe.data.max_text_len)]
-    if recipe.task.name == "captioning":
+    if "captioning" in get_task(recipe.task.name).sections:  # the decoded captions' length
         lengths.append(("captioning.max_len", recipe.captioning.max_len))
     for name, length in lengths:
         if length > model_cfg.max_text_len:

@@ -45,16 +45,18 @@ from beit3.finetune.data.build import load_task_data
 from beit3.finetune.data.sources import LazyImages
 from beit3.finetune.decoding import BeamSearchConfig
 from beit3.finetune.errors import FinetuneError
-from beit3.finetune.evaluate import PREDICTED, SELECTION, evaluate, predict, sample_captions
+from beit3.finetune.evaluate import evaluate, final_report, predict, predicted_tasks
 from beit3.finetune.outputs import write_json
 from beit3.finetune.recipe import FinetuneRecipe, load_recipe, validate_run
 from beit3.finetune.reload import trusted_checkpoints
+from beit3.finetune.tasks import get_task
 from beit3.model import ModelError
 from beit3.tokenizers.errors import TokenizersError
 
 log = logging.getLogger("beit3.finetune")
 
 PROGRAM = "beit3-finetune"
+CLASSES_FILE = "classes.json"  # in the run directory: the class / answer names the task was trained with
 # The error bases that mean "this configuration cannot run" (exit 2), beside the engine's.
 CONFIG_ERRORS = (FinetuneError, ModelError, TokenizersError)
 
@@ -78,15 +80,18 @@ def _decoding(recipe: FinetuneRecipe) -> BeamSearchConfig:
     return BeamSearchConfig(num_beams=c.num_beams, max_len=c.max_len, length_penalty=c.length_penalty)
 
 
-def build_run(recipe: FinetuneRecipe, train: bool = True):
+def build_run(recipe: FinetuneRecipe, train: bool = True, classes: list[str] | None = None):
     """Tokenizer, task data (tokenised) and the task module a recipe describes; ``train=False`` (evaluation,
-    prediction) leaves the train split's images undecoded and its texts untokenised."""
+    prediction) leaves the train split's images undecoded and its texts untokenised, and with ``classes``
+    (a run's ``classes.json``) a released-format train index is not read at all."""
     tokenizer = None
     if recipe.data.tokenizer:
         from beit3.tokenizers.text import TextTokenizer
 
         tokenizer = TextTokenizer(recipe.data.tokenizer)
-    data = load_task_data(recipe.data, recipe.task.name, _img_size(recipe), train_images=train)
+    data = load_task_data(
+        recipe.data, recipe.task.name, _img_size(recipe), train_images=train, classes=classes
+    )
     if tokenizer is not None:
         for split in (data.train, data.eval) if train else (data.eval,):
             tokenize_split(split, tokenizer, recipe.data.max_text_len)
@@ -154,6 +159,7 @@ def prepare(context: RunContext) -> TrainingRun:
     micro = ds_config["train_micro_batch_size_per_gpu"]
     eval_batch = recipe.data.eval_batch_size or micro
     name = recipe.task.name
+    spec = get_task(name)
     augmentation(recipe, _img_size(recipe), 1)  # the augment extra is there before any data is read
     built: dict = {}
 
@@ -164,6 +170,8 @@ def prepare(context: RunContext) -> TrainingRun:
         with trusted_checkpoints(args.trust_checkpoint):  # model.pretrained: refused beyond the allowlist
             tokenizer, data, task = build_run(recipe)
         built.update(tokenizer=tokenizer, data=data, task=task)
+        if dist.rank == 0:
+            write_classes(Path(args.output_dir), name, data.classes)
         transform, mixup = augmentation(
             recipe, _img_size(recipe), recipe.task.num_classes or len(data.classes)
         )
@@ -177,16 +185,13 @@ def prepare(context: RunContext) -> TrainingRun:
             transform=transform,
             mixup=mixup,
         )
-        c = recipe.captioning
-        if name == "captioning" and c.drop_worst_ratio:
-            task.set_drop_worst(c.drop_worst_ratio, c.drop_worst_after)
         on_disk = isinstance(data.train.images, LazyImages)  # decoded in workers; in-memory banks need none
         loader = BatchLoader(
             data.train, collate, micro, dist.rank, dist.world_size, seed=recipe.data.seed,
             num_workers=recipe.data.num_workers if on_disk else 0, pin_memory=dist.device.type == "cuda",
-            micro_batches_per_step=ds_config["gradient_accumulation_steps"] if name == "captioning" else 0,
+            micro_batches_per_step=ds_config["gradient_accumulation_steps"] if spec.batch_step else 0,
         )  # fmt: skip
-        return Built(task, loader, eval_fn=run_eval, record={"model": model_config(task).to_dict()})
+        return Built(task, loader, eval_fn=run_eval, record={"model": model_config(task, name).to_dict()})
 
     def finish(trainer, result) -> int:
         tokenizer, data, task = built["tokenizer"], built["data"], built["task"]
@@ -196,8 +201,7 @@ def prepare(context: RunContext) -> TrainingRun:
         if trainer.ema is not None:  # train.ema_decay > 0: the same evaluation on the EMA of the weights
             with trainer.ema.swapped():
                 report.update({f"{EMA_PREFIX}{k}": v for k, v in run_eval().items()})
-        if name == "captioning" and data.eval.examples:
-            report["samples"] = sample_captions(task, data.eval, tokenizer, 4, _decoding(recipe))
+        report.update(final_report(name, task, data.eval, tokenizer, _decoding(recipe)))  # e.g. samples
         if dist.rank == 0:
             (out / "eval.json").write_text(json.dumps(report, indent=1))
             log.info("eval: %s", {k: v for k, v in report.items() if k != "samples"})
@@ -231,14 +235,16 @@ def evaluate_only(args) -> int:
         ds_config = validate_run(recipe, ds_config, dist.world_size)
         if not Path(args.eval_only).is_file():
             raise ConfigError(f"--eval-only {args.eval_only} does not exist: give a finetuned model.pth")
-        if args.predict and recipe.task.name not in PREDICTED:
+        spec = get_task(recipe.task.name)
+        if args.predict and spec.predict is None:
             raise ConfigError(f"--predict: task {recipe.task.name!r} has no official output file "
-                              f"(tasks with one: {', '.join(PREDICTED)})")  # fmt: skip
-        if args.references and (not args.predict or recipe.task.name != "captioning"):
+                              f"(tasks with one: {', '.join(predicted_tasks())})")  # fmt: skip
+        if args.references and (not args.predict or not spec.references):
             raise ConfigError("--references scores caption predictions: use it with --predict (captioning)")
         references = read_coco_references(args.references) if args.references else None
+        classes = run_classes(Path(args.eval_only).parent, recipe.task.name, rank)
         with trusted_checkpoints(args.trust_checkpoint):
-            tokenizer, data, task = build_run(recipe, train=False)
+            tokenizer, data, task = build_run(recipe, train=False, classes=classes)
         load_finetuned(task, args.eval_only, trusted=args.trust_checkpoint)
     except errors as e:
         return config_error(PROGRAM, e, rank)
@@ -258,11 +264,47 @@ def evaluate_only(args) -> int:
 
 
 def keep_best_default(recipe: FinetuneRecipe) -> None:
-    """``train.best_metric`` left empty: the task's selection metric (``beit3.finetune.evaluate.SELECTION``)
-    when the recipe evaluates periodically; the run then keeps its best evaluated checkpoint."""
+    """``train.best_metric`` left empty: the task's selection metric (its spec's ``selection``) when the
+    recipe evaluates periodically; the run then keeps its best evaluated checkpoint."""
     train = recipe.train
     if not train.best_metric and train.eval_every:
-        train.best_metric, train.best_mode = SELECTION[recipe.task.name]
+        train.best_metric, train.best_mode = get_task(recipe.task.name).selection
+
+
+def write_classes(run_dir: Path, task_name: str, classes: list[str]) -> Path:
+    """``run_dir/classes.json``: ``{"task", "classes"}``, the class / answer names a run trains with (in
+    label order), which ``--eval-only``, ``--predict`` and :mod:`beit3.finetune.inference` read back instead
+    of the training data."""
+    path = Path(run_dir) / CLASSES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"task": task_name, "classes": list(classes)}, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def read_classes(run_dir: Path) -> list[str] | None:
+    """The class names ``run_dir/classes.json`` holds; None without one (a run from before it was written, a
+    released checkpoint's folder)."""
+    path = Path(run_dir) / CLASSES_FILE
+    if not path.is_file():
+        return None
+    try:
+        return [str(c) for c in json.loads(path.read_text())["classes"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f'{path}: expected {{"task", "classes": [names]}} ({e}): remove it to read the '
+                          "class names from the recipe's data.train") from e  # fmt: skip
+
+
+def run_classes(run_dir: Path, task_name: str, rank: int = 0) -> list[str] | None:
+    """:func:`read_classes` of a finetuned model's run directory, saying (rank 0) where the names come from
+    when it has none: the recipe's training data, as before the file existed."""
+    classes = read_classes(run_dir)
+    if classes is None and rank == 0:
+        log.warning("%s has no %s (a run from before it was written, or not a run directory): the %s class "
+                 "names come from the recipe's data (data.train is read)", run_dir, CLASSES_FILE,
+                 task_name)  # fmt: skip
+    return classes
 
 
 def read_coco_references(path: str | Path) -> dict[int, list[str]]:

@@ -2,8 +2,9 @@
 
 Images are normalised to [-1, 1] (mean 0.5, std 0.5, the released vision-language finetuning transform);
 texts become ``[<s>] + ids[: max_len - 2] + [</s>]`` right-padded with ``<pad>`` (``text_padding_mask`` True
-at padding). Captioning batches are masked here (:func:`beit3.finetune.tasks.captioning.mask_captions`),
-with a generator derived from (seed, rank, epoch, batch), so a resumed run sees the same batches. So is the
+at padding). What a task adds to its batches is its spec's ``collate`` hook (:mod:`beit3.finetune.tasks`);
+captioning batches are masked there (:func:`beit3.finetune.tasks.captioning.mask_captions`), with a
+generator derived from (seed, rank, epoch, batch), so a resumed run sees the same batches. So is the
 training augmentation (:mod:`beit3.finetune.data.augment`: timm's transforms per image where it is decoded,
 Mixup/CutMix over the collated batch): the libraries' RNGs are seeded from that generator for the batch and
 restored after.
@@ -18,13 +19,9 @@ import torch
 
 from beit3.finetune.data.augment import MixupSettings, TrainTransform, draw_seed, seeded, to_pil
 from beit3.finetune.data.sources import LazyImages, Split
-from beit3.finetune.errors import FinetuneError
-from beit3.finetune.tasks.captioning import mask_captions
+from beit3.finetune.errors import BatchError
+from beit3.finetune.tasks import get_task
 from beit3.tokenizers.text import BOS_ID, EOS_ID, PAD_ID
-
-
-class BatchError(FinetuneError, ValueError):
-    """A split that cannot fill one batch per rank."""
 
 
 def tokenize_split(split: Split, tokenizer, max_text_len: int) -> Split:
@@ -59,7 +56,9 @@ def pad_texts(texts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class Collator:
-    """Builds a task's batch dict from examples (see each task module for the keys it reads).
+    """Builds a task's batch dict from examples (see each task module for the keys it reads): images,
+    texts where the task's spec has them in its batches, then what its ``collate`` hook adds (labels, VQA
+    scores, captioning's masking; :mod:`beit3.finetune.tasks`). ``task``: the task's registered name.
 
     ``transform``: each training image goes through it (a
     :class:`~beit3.finetune.data.augment.TrainTransform`: a :class:`~beit3.finetune.data.sources.LazyImages`
@@ -95,29 +94,16 @@ class Collator:
                 else:
                     rows = torch.tensor([ex[key] for ex in examples])
                     batch[key] = images_to_float(self.images[rows], flip)
-        if "text" in examples[0] and self.task not in ("image_classification", "prompt_classification"):
+        spec = get_task(self.task)
+        if "text" in examples[0] and spec.texts_in_batch:
             batch["text"], batch["text_padding_mask"] = pad_texts([ex["text"] for ex in examples])
-        if self.task == "vqa":
-            scores = torch.zeros(len(examples), self.num_answers)
-            for i, ex in enumerate(examples):
-                for label, score in ex["scores"].items():
-                    scores[i, label] = score
-            batch["scores"] = scores
-        elif self.task in ("image_classification", "prompt_classification", "text_classification", "nlvr2"):
-            batch["label"] = torch.tensor([ex["label"] for ex in examples])
+        if spec.collate is not None:  # the task's keys: labels, VQA scores, captioning's masking
+            spec.collate(batch, examples, self, generator)
         if self.mixup is not None:
             if "image" not in batch or "label" not in batch:
                 raise BatchError("Mixup/CutMix mixes images and their labels: image classification only")
             with seeded(seed + 2):
                 batch["image"], batch["target"] = self.mixup.apply(batch["image"], batch["label"])
-        if self.task == "captioning":
-            if self.mask_id is None:
-                raise BatchError("captioning batches need Collator(mask_id=tokenizer.mask_id)")
-            batch.update(
-                mask_captions(
-                    batch["text"], batch["text_padding_mask"], self.mask_prob, self.mask_id, generator
-                )
-            )
         return batch
 
 

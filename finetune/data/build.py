@@ -23,6 +23,7 @@ from beit3.finetune.data.sources import (
     load_tuxpaint,
     load_wordnet,
 )
+from beit3.finetune.tasks import get_task
 
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
 SHAPES = ("square", "disc")
@@ -73,18 +74,22 @@ def _nlvr2_pairs(split: Split) -> Split:
 
 
 def shapes_data(size: int, task: str, num_train: int = 64, num_eval: int = 32, seed: int = 0) -> TaskData:
-    """The shapes source arranged for ``task`` (text = question for VQA, caption otherwise)."""
+    """The shapes source arranged for ``task`` as its spec's ``shapes_layout`` says: "questions" (VQA: every
+    question, answers as classes), "pairs" (NLVR2: :func:`_nlvr2_pairs`) or "captions" (one captioned
+    example per image, its colour as the class)."""
+    layout = get_task(task).shapes_layout
     splits = []
     for n, s in ((num_train, seed), (num_eval, seed + 1)):
         split = make_shapes_split(n, size, s)
-        if task == "nlvr2":
+        if layout == "pairs":
             splits.append(_nlvr2_pairs(split))
             continue
-        keep = split.examples if task == "vqa" else split.examples[::2]  # one example per image
+        questions = layout == "questions"
+        keep = split.examples if questions else split.examples[::2]  # one example per image
         for ex in keep:
-            ex["text"] = ex.pop("question") if task == "vqa" else ex.pop("caption")
+            ex["text"] = ex.pop("question") if questions else ex.pop("caption")
         splits.append(Split(keep, split.images))
-    classes = {"vqa": list(COLORS) + list(SHAPES), "nlvr2": ["false", "true"]}.get(task, list(COLORS))
+    classes = {"questions": list(COLORS) + list(SHAPES), "pairs": ["false", "true"]}.get(layout, list(COLORS))
     return TaskData(splits[0], splits[1], classes)
 
 
@@ -102,12 +107,16 @@ def _answer_names(data_cfg) -> list[str]:
     return []
 
 
-def load_task_data(data_cfg, task: str, img_size: int, train_images: bool = True) -> TaskData:
+def load_task_data(
+    data_cfg, task: str, img_size: int, train_images: bool = True, classes: list[str] | None = None
+) -> TaskData:
     """The :class:`TaskData` a recipe's ``[data]`` section describes. ``train_images=False`` (evaluation,
-    prediction): a released-format train index is read for its labels only, its images not decoded. The eval
-    split's images are in the ``data.crop_pct`` evaluation view
-    (:func:`~beit3.finetune.data.augment.eval_view`; an in-memory bank is cropped from its resized images)."""
-    data = _task_data(data_cfg, task, img_size, train_images)
+    prediction): a released-format train index is read for its labels only, its images not decoded; with
+    ``classes`` (a run's ``classes.json``) it is not read at all (the train split is empty) and the names are
+    those, or the index's answer vocabulary file where the task's spec reads one. The eval split's images are
+    in the ``data.crop_pct`` evaluation view (:func:`~beit3.finetune.data.augment.eval_view`; an in-memory
+    bank is cropped from its resized images)."""
+    data = _task_data(data_cfg, task, img_size, train_images, None if train_images else classes)
     crop_pct = getattr(data_cfg, "crop_pct", 0.0)
     if crop_pct and isinstance(data.eval.images, torch.Tensor):
         from beit3.finetune.data.augment import eval_bank
@@ -116,16 +125,22 @@ def load_task_data(data_cfg, task: str, img_size: int, train_images: bool = True
     return data
 
 
-def _task_data(data_cfg, task: str, img_size: int, train_images: bool) -> TaskData:
+def _task_data(data_cfg, task: str, img_size: int, train_images: bool, classes: list[str] | None) -> TaskData:
     d = data_cfg
     if d.source == "jsonl":
         crop_pct = getattr(d, "crop_pct", 0.0)
-        train = load_jsonl_split(d.train, d.root, img_size, d.max_train, d.seed, decode_images=train_images)
+        train = Split([])  # with the class names known, the train index is not needed
+        if classes is None:
+            train = load_jsonl_split(
+                d.train, d.root, img_size, d.max_train, d.seed, decode_images=train_images
+            )
         eval_ = Split([])
         if d.eval:
             eval_ = load_jsonl_split(d.eval, d.root, img_size, d.max_eval, d.seed, crop_pct=crop_pct)
+        names = _answer_names(d) if get_task(task).answer_vocabulary else []
+        if classes is not None:
+            return TaskData(train, eval_, names or list(classes))
         num = 1 + max((ex.get("label", max(ex.get("scores", {0: 0}))) for ex in train.examples), default=0)
-        names = _answer_names(d) if task == "vqa" else []
         return TaskData(train, eval_, names or [str(i) for i in range(num)])
     if d.source == "easy_vqa":
         return load_easy_vqa(img_size, d.max_train, d.max_eval, d.seed)

@@ -8,7 +8,8 @@ prediction there (:mod:`beit3.finetune.decoding`).
 
 Batch (after :func:`mask_captions`): ``image``, ``text`` (masked input ids), ``text_padding_mask``,
 ``masked`` (B, T) bool, ``labels`` (B, T) original ids; ``step`` (int), the optimizer step the batch is
-trained in, when the loss drops its worst tokens (:meth:`Captioning.set_drop_worst`).
+trained in, when the loss drops its worst tokens (:meth:`Captioning.set_drop_worst`). Its definition
+(:class:`~beit3.finetune.tasks.spec.TaskSpec`): :data:`SPEC`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from beit3.finetune.errors import BatchError
 from beit3.finetune.tasks.base import FinetuneTask, OptimSettings
+from beit3.finetune.tasks.spec import BuildInputs, TaskSpec
 from beit3.model import BEiT3Model
 from beit3.model.flops import linear_flops
 from beit3.tokenizers.masking import bert_corruption
@@ -149,3 +152,55 @@ class Captioning(FinetuneTask):
     def head_flops(self, batch: dict) -> float:
         """``mlm_head`` runs at the masked positions only."""
         return linear_flops(int(batch["masked"].sum()), self.cfg.embed_dim, self.cfg.vocab_size)
+
+
+# ----- the task definition --------------------------------------------------------------------------------
+def _build(b: BuildInputs) -> Captioning:
+    task = Captioning(b.encoder, b.recipe.task.label_smoothing, b.optim)
+    c = b.recipe.captioning
+    if c.drop_worst_ratio:
+        task.set_drop_worst(c.drop_worst_ratio, c.drop_worst_after)
+    return task
+
+
+def add_masking(batch: dict, examples: list[dict], collator, generator: torch.Generator) -> None:
+    """Captioning's ``collate`` hook: the captions masked (:func:`mask_captions`, ``collator.mask_prob``)."""
+    if collator.mask_id is None:
+        raise BatchError("captioning batches need Collator(mask_id=tokenizer.mask_id)")
+    batch.update(
+        mask_captions(
+            batch["text"], batch["text_padding_mask"], collator.mask_prob, collator.mask_id, generator
+        )
+    )
+
+
+def _evaluate(ev) -> dict[str, float]:
+    """BLEU-4, CIDEr-D (ROUGE-L with pycocoevalcap) of one beam-search caption per image."""
+    return {f"eval/{k}": v for k, v in ev.caption_scores().items()}
+
+
+def _predict(ev) -> tuple[list, dict]:
+    """The COCO results list and, when references exist (``--references``, else the split's own captions),
+    the COCO scores with the official toolkit where installed."""
+    return ev.caption_results()
+
+
+def _report(ev) -> dict:
+    """A finished run's eval.json: generated and reference captions of the first 4 eval images."""
+    return {"samples": ev.sample_captions(4)} if ev.split.examples else {}
+
+
+SPEC = TaskSpec(
+    name="captioning",
+    configuration="seq2seq",
+    final_norm=True,
+    build=_build,
+    selection=("eval/cider", "max"),
+    evaluate=_evaluate,
+    predict=_predict,
+    report=_report,
+    collate=add_masking,
+    sections=("captioning",),
+    batch_step=True,
+    references=True,
+)

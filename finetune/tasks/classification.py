@@ -1,5 +1,8 @@
 """Classification tasks: images (vision encoder), texts (language encoder), images by class-name prompts.
 
+Their definitions (:class:`~beit3.finetune.tasks.spec.TaskSpec`): :data:`IMAGE_CLASSIFICATION`,
+:data:`TEXT_CLASSIFICATION`, :data:`PROMPT_CLASSIFICATION`.
+
 Batches: ``image`` (B, 3, H, W) float or ``text`` (B, T) ids with ``text_padding_mask`` (True = pad), and
 ``label`` (B,) class indices; with Mixup/CutMix also ``target`` (B, num_classes), the mixed soft targets
 (label smoothing included), which the loss then takes instead (soft-target cross-entropy, as released) while
@@ -12,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from beit3.engine.config_io import ConfigError
 from beit3.finetune.metrics import accuracy
 from beit3.finetune.tasks.base import FinetuneTask, OptimSettings, init_head
+from beit3.finetune.tasks.retrieval import Retrieval
+from beit3.finetune.tasks.spec import BuildInputs, TaskSpec, add_labels
 from beit3.model import BEiT3Model
 from beit3.model.flops import linear_flops
 
@@ -140,3 +146,85 @@ class PromptClassification(nn.Module):
         scores = linear_flops(batch["image"].shape[0], self.retrieval.cfg.embed_dim, self.prompt_ids.shape[0])
         return {"samples": stats["samples"], "tokens": stats["tokens"] + prompts["tokens"],
                 "flops": stats["flops"] + prompts["flops"] + scores}  # fmt: skip
+
+
+# ----- the task definitions -------------------------------------------------------------------------------
+def accuracies(hits: float, hits5: float, total: float) -> dict[str, float]:
+    """Image classification's metrics: ``eval/accuracy`` (= ``eval/acc1``) and ``eval/acc5``, the released
+    ImageNet names (as fractions; the release prints percent)."""
+    return {"eval/accuracy": hits / total, "eval/acc1": hits / total, "eval/acc5": hits5 / total}
+
+
+def _build_image(b: BuildInputs) -> ImageClassification:
+    return ImageClassification(b.encoder, b.num_classes, b.recipe.task.label_smoothing, b.optim)
+
+
+def _build_text(b: BuildInputs) -> TextClassification:
+    return TextClassification(b.encoder, b.num_classes, b.recipe.task.label_smoothing, b.optim)
+
+
+def _build_prompt(b: BuildInputs) -> PromptClassification:
+    if b.tokenizer is None:
+        raise ConfigError("prompt_classification needs data.tokenizer to encode the class prompts")
+    prompts = [b.recipe.task.prompt.format(c.replace("_", " ")) for c in b.classes]
+    ids, pad = b.tokenizer.encode_batch(prompts, b.recipe.data.max_text_len)
+    return PromptClassification(Retrieval(b.encoder, b.optim), ids, pad)
+
+
+def _evaluate_image(ev) -> dict[str, float]:
+    return accuracies(*ev.hits(lambda batch: ev.task.logits(batch["image"]), top_k=5))
+
+
+def _evaluate_text(ev) -> dict[str, float]:
+    hits, _, total = ev.hits(lambda batch: ev.task.logits(batch["text"], batch["text_padding_mask"]))
+    return {"eval/accuracy": hits / total}
+
+
+def _evaluate_prompt(ev) -> dict[str, float]:
+    # The class prompts' embeddings once (on every rank: ZeRO-3's gathers stay in lock-step); images are
+    # ranked by their cosine with them, which orders classes as the logits exp(logit_scale) x cosine do.
+    # (logit_scale, a parameter of the wrapped module itself, is gathered by ZeRO-3 in forward only.)
+    task = ev.task
+    retrieval, device = task.retrieval, ev.device
+    prompts = retrieval.embed_texts(task.prompt_ids.to(device), task.prompt_padding_mask.to(device))
+    return accuracies(*ev.hits(lambda batch: retrieval.embed_images(batch["image"]) @ prompts.t(), top_k=5))
+
+
+def _wrapped_retrieval(task: PromptClassification) -> nn.Module:
+    return task.retrieval
+
+
+IMAGE_CLASSIFICATION = TaskSpec(
+    name="image_classification",
+    configuration="vision",
+    final_norm=False,
+    build=_build_image,
+    selection=("eval/accuracy", "max"),
+    evaluate=_evaluate_image,
+    collate=add_labels,
+    texts_in_batch=False,
+    needs_tokenizer=False,
+    mixup=True,
+)
+PROMPT_CLASSIFICATION = TaskSpec(
+    name="prompt_classification",
+    configuration="dual",
+    final_norm=True,
+    build=_build_prompt,
+    selection=("eval/accuracy", "max"),
+    evaluate=_evaluate_prompt,
+    collate=add_labels,
+    backbone=_wrapped_retrieval,
+    texts_in_batch=False,
+)
+TEXT_CLASSIFICATION = TaskSpec(
+    name="text_classification",
+    configuration="language",
+    final_norm=False,
+    build=_build_text,
+    selection=("eval/accuracy", "max"),
+    evaluate=_evaluate_text,
+    collate=add_labels,
+    images=False,
+    eval_items="texts",
+)

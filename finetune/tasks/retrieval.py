@@ -1,6 +1,7 @@
 """Image-text retrieval on the dual encoder, with a contrastive loss over features gathered from all ranks.
 
 Batch: ``image``, ``text``, ``text_padding_mask`` (row i of the images goes with row i of the texts).
+Its definition (:class:`~beit3.finetune.tasks.spec.TaskSpec`): :data:`SPEC`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from beit3.finetune.outputs import retrieval_report
 from beit3.finetune.tasks.base import FinetuneTask, OptimSettings, init_head
+from beit3.finetune.tasks.spec import BuildInputs, TaskSpec
 from beit3.model import BEiT3Model
 from beit3.model.flops import Pass, linear_flops
 
@@ -115,3 +118,30 @@ class Retrieval(FinetuneTask):
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             flops += 2 * linear_flops(batch["image"].shape[0], d, world * batch["text"].shape[0])
         return flops
+
+
+# ----- the task definition --------------------------------------------------------------------------------
+def _build(b: BuildInputs) -> Retrieval:
+    return Retrieval(b.encoder, b.optim)
+
+
+def _evaluate(ev) -> dict[str, float]:
+    """R@1/5/10 both ways and ``eval/average``, their mean (the released ``average_score``)."""
+    return {f"eval/{k}": v for k, v in ev.recalls().items()}
+
+
+def _predict(ev) -> tuple[dict, dict]:
+    """The released recalls (percent, ``average_score``), also the report."""
+    report = retrieval_report(ev.recalls())
+    return report, dict(report)
+
+
+SPEC = TaskSpec(
+    name="retrieval",
+    configuration="dual",
+    final_norm=True,
+    build=_build,
+    selection=("eval/average", "max"),
+    evaluate=_evaluate,
+    predict=_predict,
+)

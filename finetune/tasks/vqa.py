@@ -1,5 +1,7 @@
 """Vision-language understanding on the fusion encoder: visual question answering and NLVR2.
 
+Their definitions (:class:`~beit3.finetune.tasks.spec.TaskSpec`): :data:`VQA_SPEC`, :data:`NLVR2_SPEC`.
+
 VQA batch: ``image``, ``text`` (question ids), ``text_padding_mask``, ``scores`` (B, num_answers) soft
 targets. NLVR2 batch: ``image``, ``image2``, ``text``, ``text_padding_mask``, ``label`` (B,) in {0, 1}.
 """
@@ -11,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from beit3.finetune.metrics import accuracy, vqa_score
+from beit3.finetune.outputs import vqa_submission
 from beit3.finetune.tasks.base import FinetuneTask, OptimSettings, init_head
+from beit3.finetune.tasks.spec import BuildInputs, TaskSpec, add_labels
 from beit3.model import BEiT3Model
 from beit3.model.flops import Pass
 
@@ -121,3 +125,77 @@ class NLVR2(FinetuneTask):
 
     def passes(self, batch: dict) -> list[Pass]:
         return [Pass(2 * batch["image"].shape[0], image=True, text_len=batch["text"].shape[1])]
+
+
+# ----- the task definitions -------------------------------------------------------------------------------
+def add_scores(batch: dict, examples: list[dict], collator, generator) -> None:
+    """VQA's ``collate`` hook: ``scores`` (B, num_answers), each example's soft scores by answer index."""
+    scores = torch.zeros(len(examples), collator.num_answers)
+    for i, ex in enumerate(examples):
+        for label, score in ex["scores"].items():
+            scores[i, label] = score
+    batch["scores"] = scores
+
+
+def _vqa_logits(ev):
+    return lambda batch: ev.task.logits(batch["image"], batch["text"], batch["text_padding_mask"])
+
+
+def _evaluate_vqa(ev) -> dict[str, float]:
+    hits, _, total = ev.hits(_vqa_logits(ev), soft=True)
+    return {"eval/vqa_score": hits / total}
+
+
+def _predict_vqa(ev) -> tuple[list, dict]:
+    """The VQAv2 submission (question ids from the index's ``qid``, else the example's position) and, when
+    the split carries answers, its VQA score."""
+    examples = ev.split.examples
+    preds = ev.predictions(_vqa_logits(ev))
+    qids = [ex.get("question_id", i) for i, ex in enumerate(examples)]
+    report: dict = {"questions": len(preds)}
+    if any(ex.get("scores") for ex in examples):  # an annotated split: its VQA score
+        hits = sum(ex.get("scores", {}).get(p, 0.0) for ex, p in zip(examples, preds))
+        report["vqa_score"] = hits / len(preds)
+    return vqa_submission(qids, preds, ev.answers or []), report
+
+
+def _evaluate_nlvr2(ev) -> dict[str, float]:
+    task = ev.task
+    hits, _, total = ev.hits(
+        lambda b: task.logits(b["image"], b["image2"], b["text"], b["text_padding_mask"])
+    )
+    return {"eval/accuracy": hits / total}
+
+
+def _build_vqa(b: BuildInputs) -> VQA:
+    return VQA(b.encoder, b.num_classes, b.optim)
+
+
+def _build_nlvr2(b: BuildInputs) -> NLVR2:
+    return NLVR2(b.encoder, b.optim)
+
+
+VQA_SPEC = TaskSpec(
+    name="vqa",
+    configuration="fusion",
+    final_norm=False,
+    build=_build_vqa,
+    selection=("eval/vqa_score", "max"),
+    evaluate=_evaluate_vqa,
+    predict=_predict_vqa,
+    collate=add_scores,
+    answer_vocabulary=True,
+    shapes_layout="questions",
+    eval_items="questions",
+)
+NLVR2_SPEC = TaskSpec(
+    name="nlvr2",
+    configuration="fusion",
+    final_norm=True,
+    build=_build_nlvr2,
+    selection=("eval/accuracy", "max"),
+    evaluate=_evaluate_nlvr2,
+    collate=add_labels,
+    shapes_layout="pairs",
+    eval_items="pairs",
+)
