@@ -6,9 +6,10 @@ images per class; a handful of distinct random images, encoded once, each file m
 comment holding its number), builds the released-format index with the project's builder
 (``beit3-finetune-index imagenet``), then runs every (size, workers) configuration in a fresh subprocess:
 the recipe ``imagenet1k_base`` pointed at that index, its split loaded by the trainer's data code
-(``load_task_data``: ``LazyImages``, images stay on disk), ``Collator`` + ``BatchLoader`` as
-``beit3-finetune`` builds them, for a fixed number of batches (``--step data``: batches only; ``--step
-model``: plus a forward/backward/AdamW step of a tiny model per batch). Configurations are run
+(``load_task_data``: ``LazyImages``, images stay on disk), ``Collator`` (with the recipe's augmentation,
+``beit3.finetune.train.augmentation``; ``--augment none``: without) + ``BatchLoader`` as ``beit3-finetune``
+builds them, for a fixed number of batches (``--step data``: batches only; ``--step model``: plus a
+forward/backward/AdamW step of a tiny model per batch). Configurations are run
 ``--repeats`` times, interleaved (sizes and worker counts alternate, the order reversed every other round):
 images/s is the median, peak memory the largest.
 
@@ -224,8 +225,15 @@ def measure(cfg: dict) -> dict:
         data = load_task_data(recipe.data, recipe.task.name, cfg["img_size"])
     load_s = time.perf_counter() - t0
     index_kib = _status_kib(os.getpid())["VmRSS"] - before
+    transform = mixup = None
+    if cfg.get("augment", "recipe") == "recipe":  # the recipe's transform per image and Mixup/CutMix
+        from beit3.finetune.train import augmentation
+
+        num_classes = recipe.task.num_classes or len(data.classes)
+        transform, mixup = augmentation(recipe, cfg["img_size"], num_classes)
     collate = Collator(recipe.task.name, data.train.images, num_answers=len(data.classes),
-                       hflip=recipe.data.hflip, mask_prob=recipe.captioning.mask_prob)  # fmt: skip
+                       hflip=recipe.data.hflip, mask_prob=recipe.captioning.mask_prob, transform=transform,
+                       mixup=mixup)  # fmt: skip
     loader = BatchLoader(data.train, collate, cfg["batch_size"], 0, 1, seed=recipe.data.seed,
                          num_workers=recipe.data.num_workers)  # fmt: skip
     total = cfg["batches"] or len(loader)  # 0: one whole epoch
@@ -347,13 +355,18 @@ def report(args, argv, trees: dict, fixed: list[dict], epoch: list[dict], growth
         for s, t in trees.items()
     )
     width, height = args.source_size
+    if args.augment == "recipe":
+        augment = ("the recipe's augmentation in the workers (timm's RandomResizedCrop, flip, RandAugment, "
+                   "RandomErasing per image; Mixup/CutMix per batch)")  # fmt: skip
+    else:
+        augment = "no augmentation (`--augment none`: decode, resize, random flip)"
     lines += [
         f"- data: ImageNet-style trees of {', '.join(f'{s:,}' for s in args.sizes)} train JPEGs "
         f"({width}x{height}, {args.classes} classes, {args.distinct} distinct images made distinct files by "
         f"a JPEG comment; {made}); index by `beit3-finetune-index imagenet`",
         f"- loader: recipe `{RECIPE}` on the index, `load_task_data` (LazyImages) + `Collator` + "
         f"`BatchLoader` as beit3-finetune builds them, one rank, batch {args.batch_size} at {args.img_size} "
-        f"px, hflip; {step}; malloc: "
+        f"px; {augment}; {step}; malloc: "
         + (
             f"mmap threshold fixed at {args.mmap_threshold_kib} KiB (mallopt before the loader starts)"
             if args.mmap_threshold_kib
@@ -402,6 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distinct", type=int, default=16, help="distinct images behind the files")
     p.add_argument("--img-size", type=int, default=224, help="the resolution batches are decoded to")
     p.add_argument("--step", choices=["data", "model"], default="data")
+    p.add_argument("--augment", choices=["recipe", "none"], default="recipe",
+                   help="recipe: the recipe's training augmentation, as beit3-finetune (timm's "
+                        "transform per image in the workers, Mixup/CutMix per batch); none: decode, "
+                        "resize, flip")  # fmt: skip
     p.add_argument("--model", default="beit3_tiny_paper_patch16_64", help="--step model: the preset")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of each run (0: torch's default)")
     p.add_argument("--sample-ms", type=float, default=20.0)
@@ -441,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"({index_bytes / MIB:.1f} MiB) built in {index_s:.2f} s", flush=True)  # fmt: skip
         base = {"batch_size": args.batch_size, "warmup": args.warmup, "classes": args.classes,
                 "img_size": args.img_size, "step": args.step, "model": args.model,
-                "sample_ms": args.sample_ms, "mmap_threshold_kib": args.mmap_threshold_kib}  # fmt: skip
+                "sample_ms": args.sample_ms, "mmap_threshold_kib": args.mmap_threshold_kib,
+                "augment": args.augment}  # fmt: skip
         configs = [(s, w) for s in args.sizes for w in args.workers]
         runs: dict[tuple, list[dict]] = {}
         for rep in range(args.repeats):
