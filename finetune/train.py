@@ -283,27 +283,30 @@ def write_classes(run_dir: Path, task_name: str, classes: list[str]) -> Path:
     return path
 
 
-def read_classes(run_dir: Path) -> list[str] | None:
+def read_classes(run_dir: Path, task_name: str | None = None) -> list[str] | None:
     """The class names ``run_dir/classes.json`` holds; None without one (a run from before it was written, a
-    released checkpoint's folder)."""
+    released checkpoint's folder) or, with ``task_name``, when it is another task's."""
     path = Path(run_dir) / CLASSES_FILE
     if not path.is_file():
         return None
     try:
-        return [str(c) for c in json.loads(path.read_text())["classes"]]
+        record = json.loads(path.read_text())
+        classes = [str(c) for c in record["classes"]]
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f'{path}: expected {{"task", "classes": [names]}} ({e}): remove it to read the '
                           "class names from the recipe's data.train") from e  # fmt: skip
+    return None if task_name is not None and record.get("task") != task_name else classes
 
 
 def run_classes(run_dir: Path, task_name: str, rank: int = 0) -> list[str] | None:
     """:func:`read_classes` of a finetuned model's run directory, saying (rank 0) where the names come from
-    when it has none: the recipe's training data, as before the file existed."""
-    classes = read_classes(run_dir)
+    when it has none of ``task_name``: the recipe's training data, as before the file existed."""
+    classes = read_classes(run_dir, task_name)
     if classes is None and rank == 0:
-        log.warning("%s has no %s (a run from before it was written, or not a run directory): the %s class "
-                 "names come from the recipe's data (data.train is read)", run_dir, CLASSES_FILE,
-                 task_name)  # fmt: skip
+        log.warning(
+            "%s has no %s of task %s (a run from before it was written, or not a run directory): the class "
+            "names come from the recipe's data (data.train is read)", run_dir, CLASSES_FILE, task_name,
+        )  # fmt: skip
     return classes
 
 

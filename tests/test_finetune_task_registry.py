@@ -184,4 +184,16 @@ def test_eval_only_reads_the_class_names_from_the_run_directory_without_the_trai
     (run / "classes.json").unlink()
     assert main(eval_only) == 2
     assert "train.jsonl" in capsys.readouterr().err
-    assert "has no classes.json" in caplog.text
+    assert "has no classes.json of task image_classification" in caplog.text
+
+
+def test_classes_json_round_trips_and_another_tasks_file_is_not_read(tmp_path):
+    from beit3.finetune.train import read_classes, write_classes
+
+    assert read_classes(tmp_path) is None
+    write_classes(tmp_path, "vqa", ["yes", "no", "2"])
+    assert read_classes(tmp_path) == read_classes(tmp_path, "vqa") == ["yes", "no", "2"]
+    assert read_classes(tmp_path, "image_classification") is None  # a model of another task: not its names
+    (tmp_path / "classes.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="classes.json: expected"):
+        read_classes(tmp_path)
