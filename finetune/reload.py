@@ -163,7 +163,7 @@ def load_finetuned(task: nn.Module, source: str | os.PathLike | dict, trusted: b
     (:func:`check_architecture`).
     """
     sd = read_state_dict(source, trusted) if not isinstance(source, dict) else unwrap_state_dict(source)
-    cfg = getattr(task, "cfg", None) or getattr(getattr(task, "retrieval", None), "cfg", None)
+    cfg = getattr(task, "cfg", None)  # a task module's backbone configuration
     if isinstance(cfg, ModelConfig):
         check_architecture(cfg, source, "the task model this recipe builds", trusted)
     try:

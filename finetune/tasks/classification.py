@@ -121,6 +121,11 @@ class PromptClassification(nn.Module):
         self.register_buffer("prompt_ids", prompt_ids, persistent=False)
         self.register_buffer("prompt_padding_mask", prompt_padding_mask.bool(), persistent=False)
 
+    @property
+    def cfg(self):
+        """The backbone's model configuration (the wrapped dual encoder's)."""
+        return self.retrieval.cfg
+
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """(B, num_classes) scaled cosine similarities (plain inference; training goes through forward)."""
         img = self.retrieval.embed_images(image)
