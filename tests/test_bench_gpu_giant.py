@@ -60,7 +60,10 @@ def _finite(x) -> bool:
 
 @pytest.mark.slow
 def test_cpu_run_end_to_end_without_the_install_or_the_blocked_modules(tmp_path):
-    argv = ["--preset", "beit3_tiny_patch16_64", "--device", "cpu", "--steps", "2", "--out", str(tmp_path)]
+    # Two checkpointing settings (none, and the attention branch of every layer) in both modes: every code
+    # path of a configuration; the default list of four is checked by test_budget_guard_skips_with_a_note.
+    argv = ["--preset", "beit3_tiny_patch16_64", "--device", "cpu", "--steps", "2", "--out", str(tmp_path),
+            "--grad-ckpt", "none", "all:attention"]  # fmt: skip
     proc = _run(argv)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"BEIT3_PATH {[str(ROOT)]}" in proc.stdout  # mapped by the script, not the editable install
@@ -79,7 +82,7 @@ def test_cpu_run_end_to_end_without_the_install_or_the_blocked_modules(tmp_path)
     assert record["optimizer"]["bf16-master"].startswith("bf16 weights")
 
     configs = {(c["compile"], c["grad_ckpt"]): c for c in record["configs"]}
-    specs = dict.fromkeys(["none", record["settings"]["grad_checkpointing"], "all:attention", "all"])
+    specs = ("none", "all:attention")
     assert list(configs) == [(compiled, spec) for compiled in (False, True) for spec in specs]
     mod = _module()
     for (compiled, spec), c in configs.items():
@@ -123,6 +126,10 @@ def test_budget_guard_skips_with_a_note(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "spent.json").read_text())
     assert record["configs"] and all(c["status"] == "skipped" for c in record["configs"])
+    # By default: no checkpointing, the recipe's, every layer's attention branch, every layer; both modes.
+    specs = dict.fromkeys(["none", record["settings"]["grad_checkpointing"], "all:attention", "all"])
+    configs = [(c["compile"], c["grad_ckpt"]) for c in record["configs"]]
+    assert configs == [(compiled, spec) for compiled in (False, True) for spec in specs]
     assert all(c["notes"][0].startswith("skipped: ") for c in record["configs"])
     assert "skipped: " in (tmp_path / "spent.md").read_text()
 
