@@ -138,3 +138,77 @@ def test_finetuning_on_a_released_index_decodes_in_workers_and_resumes_exactly(t
     expected = tensorboard_scalars(straight, "loss/total")
     assert sorted(expected) == [1, 2, 3, 4]
     assert tensorboard_scalars(resumed, "loss/total") == expected
+
+
+GROUP_CHILD = """
+import signal, sys, time
+from pathlib import Path
+import psutil
+sys.path.insert(0, sys.argv[2])
+from test_finetune_streaming import SIZE, write_index
+from beit3.finetune.data.batches import BatchLoader, Collator
+from beit3.finetune.data.sources import load_jsonl_split
+
+root = Path(sys.argv[1])
+received = []
+for s in (signal.SIGTERM, signal.SIGUSR1):  # the trainer's part: note it, carry on to the step boundary
+    signal.signal(s, lambda s, f: received.append(s))
+split = load_jsonl_split(write_index(root, 24), root, SIZE)
+loader = BatchLoader(split, Collator("vqa", split.images, num_answers=3), 2, seed=1, num_workers=2)
+it = iter(loader)
+next(it)
+print("ready", *[c.pid for c in psutil.Process().children()], flush=True)
+deadline = time.time() + 30
+while len(received) < 2 and time.time() < deadline:
+    time.sleep(0.05)
+for _ in range(6):
+    next(it)
+print("survived", len(received), flush=True)
+# No loader.close(): the exit hook must stop the workers, or the exit would wait for them forever.
+"""
+
+
+def test_stop_signals_to_the_whole_process_group_leave_the_workers_running_and_the_exit_clean(tmp_path):
+    """srun forwards Slurm's SIGUSR1 (and a scancel's SIGTERM) to every process of the step: the loader's
+    workers ignore them, the batches keep coming until the trainer's checkpoint, and the process then exits
+    at once with its workers gone (beit3.engine.workers)."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import psutil
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", GROUP_CHILD, str(tmp_path), str(Path(__file__).parent)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as under torchrun or srun
+    )
+    try:
+        ready = child.stdout.readline().split()
+        assert ready[:1] == ["ready"] and len(ready) == 3, ready or child.stderr.read()
+        workers = [psutil.Process(int(pid)) for pid in ready[1:]]
+        os.killpg(child.pid, signal.SIGUSR1)
+        os.killpg(child.pid, signal.SIGTERM)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 0, err[-2000:]
+    assert "survived 2" in out, out + err[-2000:]
+    assert "killed by signal" not in err
+    psutil.wait_procs(workers, timeout=10)
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_workers_fix_the_glibc_mmap_threshold():
+    """On glibc the worker init switches off the dynamic mmap threshold (the heap of a worker building large
+    batches otherwise grows to ~1 GB, bench/finetune_stream.py); elsewhere it reports that it did nothing."""
+    import ctypes
+
+    from beit3.engine.workers import fix_mmap_threshold
+
+    has_mallopt = getattr(ctypes.CDLL(None), "mallopt", None) is not None
+    assert fix_mmap_threshold() is has_mallopt

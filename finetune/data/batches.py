@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from beit3.engine.workers import init_worker, shut_down_at_exit
 from beit3.finetune.data.augment import MixupSettings, TrainTransform, draw_seed, seeded, to_pil
 from beit3.finetune.data.sources import LazyImages, Split
 from beit3.finetune.errors import BatchError
@@ -39,10 +40,9 @@ def tokenize_split(split: Split, tokenizer, max_text_len: int) -> Split:
 
 def images_to_float(images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> float in [-1, 1]; rows where ``flip`` is True mirrored left-right."""
-    x = images.float() / 127.5 - 1.0
-    if flip is not None and flip.any():
-        x[flip] = x[flip].flip(-1)
-    return x
+    if flip is not None and flip.any():  # on the uint8 rows: a quarter of the float temporaries
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    return images.float() / 127.5 - 1.0
 
 
 def pad_texts(texts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,6 +199,7 @@ class BatchLoader:
         self.epoch, self.position = 0, 0
         self._batches: _RankBatches | None = None
         self._workers: torch.utils.data.DataLoader | None = None
+        self._active = None  # the workers' iterator of the current iteration
         if len(self) == 0:
             raise BatchError(
                 f"{len(self.examples)} examples cannot fill one batch of {batch_size} on each of "
@@ -220,16 +221,38 @@ class BatchLoader:
                     sampler=_Positions(self),
                     num_workers=self.num_workers,
                     pin_memory=self.pin_memory,
+                    # Workers ignore the step's stop signals (the trainer checkpoints) and keep their heap
+                    # from growing with the batches they build (beit3.engine.workers).
+                    worker_init_fn=init_worker,
+                    # Its own generator: the workers' base seed is drawn from it, not from the global torch
+                    # RNG, which each new iteration (a resume, a new epoch) would otherwise consume.
+                    generator=torch.Generator().manual_seed(self.seed),
                 )
-            for batch in self._workers:
-                self.position += 1
-                yield batch
+            self.close()  # the workers of an iteration abandoned before its end
+            self._active = iter(self._workers)
+            shut_down_at_exit(self)
+            active = self._active
+            try:
+                for batch in active:
+                    self.position += 1
+                    yield batch
+            finally:
+                if self._active is active:
+                    self.close()
         else:
             while self.position < len(self):
                 batch = self._batches[self.epoch, self.position]
                 self.position += 1
                 yield batch
         self.epoch, self.position = self.epoch + 1, 0
+
+    def close(self) -> None:
+        """Stop the worker processes of the current iteration (if any): now, not whenever the garbage
+        collector reaches its iterator, and before the interpreter exits (beit3.engine.workers)."""
+        active, self._active = self._active, None
+        shutdown = getattr(active, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

@@ -14,16 +14,14 @@ is an engine data source (:mod:`beit3.engine.data_source`), its counters declare
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import logging
-import signal
-import weakref
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from beit3.engine.workers import init_worker, shut_down_at_exit
 from beit3.pretrain.data.config import (
     STREAMS,
     DataConfigError,
@@ -185,52 +183,6 @@ def _identity(x):
     return x
 
 
-# Stop signals that launchers, schedulers and terminals deliver to a whole process group (torchrun, `scancel`,
-# preemption, Slurm's pre-time-limit SIGUSR1, Ctrl-C). Only the training process acts on them.
-WORKER_IGNORED_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: the worker ignores SIGTERM, SIGUSR1 and SIGINT.
-
-    A worker that dies of a group-wide SIGTERM makes the trainer's next batch fail ("DataLoader worker is
-    killed by signal: Terminated") before it can checkpoint. Workers still end: when the loader shuts them
-    down, and when the training process is gone (torch's worker loop watches its parent). Torch's own
-    SIGTERM handler in the worker (exit when the parent sends it) is replaced, so a loader must be shut
-    down before the interpreter exits, or multiprocessing's exit hook waits for such a worker forever:
-    :class:`PretrainLoader` does it from an ``atexit`` hook (:func:`shut_down_at_exit`).
-    """
-    for name in WORKER_IGNORED_SIGNALS:
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-
-_open_loaders: weakref.WeakSet = weakref.WeakSet()
-_exit_hook_registered = False
-
-
-def shut_down_at_exit(loader) -> None:
-    """Have ``loader.close()`` called at interpreter exit, before multiprocessing joins the worker processes.
-
-    ``atexit`` runs hooks last-registered first: this one is registered after torch's (set when torch is
-    imported, it turns the DataLoader's own shutdown into a no-op) and after multiprocessing's (which
-    SIGTERMs daemonic workers and joins them without a timeout), so it runs before both.
-    """
-    global _exit_hook_registered
-    _open_loaders.add(loader)
-    if not _exit_hook_registered:
-        atexit.register(_close_open_loaders)
-        _exit_hook_registered = True
-
-
-def _close_open_loaders() -> None:
-    for loader in list(_open_loaders):
-        try:
-            loader.close()
-        except Exception as e:  # exiting anyway: say why a worker may linger, do not mask the exit status
-            log.warning("could not shut down the data loader workers at exit: %r", e)
-
-
 class PretrainLoader:
     """Endless per-rank micro-batches ``{"image", "text", "pair"}``: an engine data source with exact resume
     (``state_dict``), re-seeding (``start_at``) and the cumulative :data:`COUNTER_NAMES` (``counters``).
@@ -304,7 +256,7 @@ class PretrainLoader:
                     prefetch_factor=self.cfg.prefetch_factor,
                     persistent_workers=False,
                     pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
-                    worker_init_fn=ignore_stop_signals,
+                    worker_init_fn=init_worker,
                     # Its own generator: the workers' base seed is drawn from it, not from the global torch
                     # RNG, which this (lazy) iterator would otherwise consume after a resume's RNG restore.
                     generator=torch.Generator().manual_seed(mix(self.seed, self.rank, self.batches) % 2**63),

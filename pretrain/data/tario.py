@@ -30,8 +30,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from time import sleep
 
-# Errors a shard that cannot be opened or read at all raises (damage inside a shard is reported instead).
-TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
+from beit3.pretrain.errors import PretrainError
+
+
+class RemoteReadError(PretrainError, RuntimeError):
+    """A remote shard that could not be read after all its tries (the reader skips it for this round)."""
+
+
+class _TransportError(PretrainError, RuntimeError):
+    """The transfer failed (the command exited non-zero, a read failed): worth another try."""
+
+
+# Errors a shard that cannot be opened or read at all raises (damage inside a shard is reported instead): they
+# cost the shard (or a sample), never the run.
+TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, RemoteReadError)
 
 log = logging.getLogger(__name__)
 
@@ -320,14 +332,6 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 # curl without retries of its own (the loader's backoff is the one retry loop, its counter sees every
 # failure), failing on HTTP errors, following redirects, giving up on a connection that stalls for a minute.
 CURL = "curl --fail --silent --show-error --location --connect-timeout 30 --speed-limit 1 --speed-time 60"
-
-
-class RemoteReadError(OSError):
-    """A remote shard that could not be read after all its tries (the reader skips it for this round)."""
-
-
-class _TransportError(Exception):
-    """The transfer failed (the command exited non-zero, a read failed): worth another try."""
 
 
 def url_scheme(spec: str) -> str | None:

@@ -1,0 +1,84 @@
+"""DataLoader worker processes under the engine's stop-signal contract, for every data source that uses them.
+
+Launchers, schedulers and terminals deliver stop signals to a whole process group (torchrun, ``scancel``,
+preemption, Slurm's pre-time-limit SIGUSR1 forwarded by srun to every process of the step, Ctrl-C); only the
+training process acts on them (it checkpoints at the next step boundary, docs/reliability.md). A worker that
+died of one would make the trainer's next batch fail ("DataLoader worker is killed by signal") before it can
+save. :func:`init_worker` is the ``worker_init_fn`` of every loader with workers (pretraining's
+``PretrainLoader``, finetuning's ``BatchLoader``); :func:`shut_down_at_exit` closes such loaders before the
+interpreter exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import logging
+import signal
+import weakref
+
+log = logging.getLogger(__name__)
+
+WORKER_IGNORED_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+# glibc's mallopt(M_MMAP_THRESHOLD, ...): allocations from this size up get their own mapping, returned to
+# the system when freed. glibc raises the threshold after each large free (up to 32 MiB on 64-bit), so a
+# worker that builds batches of tens of MiB and variable-size temporaries (crops, flips, augmentations)
+# soon serves them from its heap, which fragments and keeps growing: about 11 MiB more resident memory per
+# batch in bench/finetune_stream.py until ~1 GB per worker. Fixing the threshold at glibc's initial value
+# (128 KiB) switches that adjustment off; elsewhere (musl, macOS) nothing is done.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Fix glibc's mmap threshold in this process (see above); False where there is no glibc ``mallopt``."""
+    try:
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    except OSError:
+        return False
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+
+
+def init_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores SIGTERM, SIGUSR1 and SIGINT, and keeps its heap from
+    growing with the batches it builds (:func:`fix_mmap_threshold`).
+
+    Workers still end: when the loader shuts them down, and when the training process is gone (torch's
+    worker loop watches its parent). Torch's own SIGTERM handler in the worker (exit when the parent sends
+    it) is replaced, so a loader must be shut down before the interpreter exits, or multiprocessing's exit
+    hook waits for such a worker forever: register it with :func:`shut_down_at_exit`.
+    """
+    for name in WORKER_IGNORED_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    fix_mmap_threshold()
+
+
+_open_loaders: weakref.WeakSet = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def shut_down_at_exit(loader) -> None:
+    """Have ``loader.close()`` called at interpreter exit, before multiprocessing joins the worker processes.
+
+    ``atexit`` runs hooks last-registered first: this one is registered after torch's (set when torch is
+    imported, it turns the DataLoader's own shutdown into a no-op) and after multiprocessing's (which
+    SIGTERMs daemonic workers and joins them without a timeout), so it runs before both.
+    """
+    global _exit_hook_registered
+    _open_loaders.add(loader)
+    if not _exit_hook_registered:
+        atexit.register(_close_open_loaders)
+        _exit_hook_registered = True
+
+
+def _close_open_loaders() -> None:
+    for loader in list(_open_loaders):
+        try:
+            loader.close()
+        except Exception as e:  # exiting anyway: say why a worker may linger, do not mask the exit status
+            log.warning("could not shut down the data loader workers at exit: %r", e)
