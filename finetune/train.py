@@ -331,7 +331,8 @@ def export_finetuned(run_dir: Path, rank: int, best: bool = False, ema: bool = F
     configuration that ``run_dir/config.json`` records (none for a run directory without one).
 
     ``best``: the best evaluated checkpoint (``checkpoints/best.json``) into ``run_dir/best_model.pth``
-    instead; None when the run kept none. ``ema``: the EMA of the weights in the last checkpoint
+    instead; None when the run kept none. When the best was chosen by a metric of the EMA weights
+    (``ema/...``), those are the weights exported. ``ema``: the EMA of the weights in the last checkpoint
     (``train.ema_decay`` > 0) into ``run_dir/ema_model.pth``."""
     from beit3.engine.checkpoint import checkpoint_root, read_best
     from beit3.engine.consolidate import consolidate_checkpoint, consolidate_ema
@@ -344,6 +345,8 @@ def export_finetuned(run_dir: Path, rank: int, best: bool = False, ema: bool = F
         return None
     if ema:
         state, file = consolidate_ema(run_dir), "ema_model.pth"
+    elif best and record["metric"].startswith(EMA_PREFIX):  # the weights the metric was measured on
+        state, file = consolidate_ema(run_dir, tag=record["tag"]), "best_model.pth"
     else:
         state = consolidate_checkpoint(run_dir, tag=record["tag"] if record else None)
         file = "best_model.pth" if best else "model.pth"

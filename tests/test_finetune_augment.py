@@ -418,10 +418,20 @@ def test_a_vqa_recipe_finetunes_with_the_vision_language_augmentation(tmp_path, 
     monkeypatch.setattr(
         TrainTransform, "__call__", lambda self, image: calls.append(1) or original(self, image)
     )
-    run = _finetune(tmp_path, spm, "vqa", [*VL_AUGMENT, "data.max_eval=4"])
+    keep = ["train.eval_every=1", "train.best_metric=ema/eval/vqa_score"]  # the best by the EMA's score
+    run = _finetune(tmp_path, spm, "vqa", [*VL_AUGMENT, "data.max_eval=4", *keep])
     assert len(calls) == 2 * 4  # every training image of the 2 steps went through the transform
     report = json.loads((run / "eval.json").read_text())
     assert "eval/vqa_score" in report and "ema/eval/vqa_score" in report and (run / "ema_model.pth").is_file()
+    # best_model.pth holds the weights its metric was measured on: the EMA of the best checkpoint
+    from beit3.engine.checkpoint import checkpoint_root, read_best
+    from beit3.engine.consolidate import consolidate_ema
+
+    record = read_best(checkpoint_root(run))
+    assert record["metric"] == "ema/eval/vqa_score"
+    best = torch.load(run / "best_model.pth", weights_only=True)["model"]
+    averaged = consolidate_ema(run, tag=record["tag"])
+    assert best.keys() == averaged.keys() and all(torch.equal(best[k], averaged[k].float()) for k in best)
 
 
 def test_a_captioning_recipe_finetunes_with_augmentation_and_drop_worst(tmp_path, spm, monkeypatch):
