@@ -92,6 +92,22 @@ def test_randaugment_changes_the_crop_and_random_erasing_at_probability_one_eras
     assert erased.std() > 0.1
 
 
+def test_randaugment_at_magnitude_ten_posterizes_to_black_instead_of_failing():
+    """The ImageNet recipe's increasing posterize keeps 0 bits at magnitude 10 (m9 + noise reaches it): Pillow
+    13 refuses that, which ended a finetuning run within a few dozen batches; it is the black image that
+    older Pillow gave. Every op at magnitude 10, many times, runs through."""
+    from PIL import ImageOps
+
+    from beit3.finetune.data.augment import posterize
+
+    image = fixture_image()
+    assert posterize(image, 0).getextrema() == ((0, 0),) * 3 and posterize(image, 8) is image
+    assert posterize(image, 3).tobytes() == ImageOps.posterize(image, 3).tobytes()
+    strongest = TrainTransform(SIZE, 0.5, randaug="rand-n3-m10-mstd0-inc1")
+    for seed in range(60):  # 180 ops drawn from 15: posterize at 0 bits about 12 times
+        assert run(strongest, image, seed).shape == (3, SIZE, SIZE)
+
+
 def test_the_crop_pct_evaluation_view_is_torchvisions_resize_and_center_crop(tmp_path):
     from torchvision.transforms import CenterCrop, Compose, InterpolationMode, PILToTensor, Resize
 

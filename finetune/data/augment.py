@@ -68,6 +68,30 @@ def require() -> None:
             f"data.cutmix) needs timm and torchvision: pip install -e '.[{EXTRA}]' "
             f"(timm==1.0.31, torchvision==0.28.0; scripts/install.sh --tests installs them) ({e})"
         ) from e
+    _posterize_keeps_zero_bits()
+
+
+def posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """RandAugment's posterize for every bit count its magnitudes give. timm 1.0.31's increasing posterize
+    (``rand-...-inc1``, the ImageNet recipe's) keeps ``4 - int(level / 10 * 4)`` bits: 0 at magnitude 10,
+    which m9 with mstd 0.5 reaches. Pillow up to 12 kept no bit (a black image); Pillow 13 refuses 0 and the
+    loader died within a few dozen batches. 0 bits is the black image again here, 8 or more the image."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, int(bits_to_keep))
+
+
+def _posterize_keeps_zero_bits() -> None:
+    """Have timm's RandAugment ops use :func:`posterize` (its ops table is read when a pipeline is built)."""
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = posterize
 
 
 @contextmanager
