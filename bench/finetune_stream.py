@@ -22,7 +22,10 @@ Memory counted, sampled every ``--sample-ms`` from /proc by a thread of the meas
   (a shared page counted once, split among the processes that map it): the memory the rank holds;
 * index: the main process's RSS growth while the split is loaded (examples and paths);
 * largest worker (getrusage): ``RUSAGE_CHILDREN`` ru_maxrss once the workers are joined, the kernel's
-  figure for the largest worker, a check of the sampled one.
+  figure for the largest worker, a check of the sampled one (it also covers any helper an import forked
+  before the loader started, e.g. ``ldconfig`` run by ``ctypes.util.find_library``, whose RSS at the fork
+  is the main process's: ``rusage_children_before_mib`` in the JSON; the sampled columns count children
+  only while the loader runs).
 
 ``--mmap-threshold-kib N`` fixes glibc's mmap threshold in each run before its loader starts (the workers
 inherit it): allocations of N KiB or more are mapped and unmapped whole instead of reusing the heap, whose
@@ -166,11 +169,12 @@ class TreeSampler(threading.Thread):
         super().__init__(daemon=True)
         self.interval, self.pid = interval, os.getpid()
         self.workers_hwm = self.tree_pss = self.samples = self.max_workers = 0
+        self.counting = False  # children count while the loader runs only (imports fork short-lived helpers)
         self._stop_event = threading.Event()
 
     def sample(self) -> None:
         hwm_sum, pss = 0, _pss_kib(self.pid)
-        kids = _children(self.pid)
+        kids = _children(self.pid) if self.counting else []
         for kid in kids:
             try:
                 hwm_sum += _status_kib(kid).get("VmHWM", 0)
@@ -193,6 +197,24 @@ class TreeSampler(threading.Thread):
 
 
 # ----- one configuration (the child process) ----------------------------------------------------------
+def clamp_posterize() -> None:
+    """Pillow 13 refuses ``ImageOps.posterize(img, 0)``, which timm's increasing-posterize RandAugment
+    (``rand-...-inc1``, the ImageNet recipe's) draws at the top magnitude: the run ends with ValueError within
+    a few dozen batches. Here 0 bits become 1 (the same work per image), so the loader can be measured; the
+    workers inherit the patch (fork)."""
+    from PIL import ImageOps
+
+    if getattr(ImageOps.posterize, "clamped", False):
+        return
+    original = ImageOps.posterize
+
+    def posterize(image, bits: int):
+        return original(image, max(1, int(bits)))
+
+    posterize.clamped = True
+    ImageOps.posterize = posterize
+
+
 def measure(cfg: dict) -> dict:
     """One rank's training batches of the recipe on the index in ``cfg["root"]``; the figures of one row."""
     sampler = TreeSampler(cfg["sample_ms"] / 1e3)
@@ -229,6 +251,8 @@ def measure(cfg: dict) -> dict:
     if cfg.get("augment", "recipe") == "recipe":  # the recipe's transform per image and Mixup/CutMix
         from beit3.finetune.train import augmentation
 
+        clamp_posterize()
+
         num_classes = recipe.task.num_classes or len(data.classes)
         transform, mixup = augmentation(recipe, cfg["img_size"], num_classes)
     collate = Collator(recipe.task.name, data.train.images, num_answers=len(data.classes),
@@ -238,6 +262,8 @@ def measure(cfg: dict) -> dict:
                          num_workers=recipe.data.num_workers)  # fmt: skip
     total = cfg["batches"] or len(loader)  # 0: one whole epoch
     done, marks = 0, {}
+    rusage_before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    sampler.counting = True
     cpu_start = os.times()
     t_start = time.perf_counter()
     while done < total:  # the trainer re-iterates the loader epoch after epoch
@@ -262,6 +288,7 @@ def measure(cfg: dict) -> dict:
     cpu_s = sum(getattr(cpu_end, f) - getattr(cpu_start, f) for f in ("user", "system", "children_user",
                                                                        "children_system"))  # fmt: skip
     sampler.stop()
+    sampler.counting = False
     timed = total - cfg["warmup"]
     t_timed = marks.get("warm", t_start)
     return {
@@ -275,6 +302,7 @@ def measure(cfg: dict) -> dict:
         "tree_peak_pss_mib": sampler.tree_pss / 1024,
         "index_mib": index_kib / 1024,
         "largest_worker_rusage_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "rusage_children_before_mib": rusage_before / 1024,  # a helper forked by an import, if any
         "processes_seen": 1 + sampler.max_workers, "samples": sampler.samples,
     }  # fmt: skip
 
@@ -357,7 +385,8 @@ def report(args, argv, trees: dict, fixed: list[dict], epoch: list[dict], growth
     width, height = args.source_size
     if args.augment == "recipe":
         augment = ("the recipe's augmentation in the workers (timm's RandomResizedCrop, flip, RandAugment, "
-                   "RandomErasing per image; Mixup/CutMix per batch)")  # fmt: skip
+                   "RandomErasing per image; Mixup/CutMix per batch; posterize to 0 bits, which Pillow 13 "
+                   "refuses, clamped to 1: `clamp_posterize`)")  # fmt: skip
     else:
         augment = "no augmentation (`--augment none`: decode, resize, random flip)"
     lines += [
