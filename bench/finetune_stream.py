@@ -20,7 +20,8 @@ Memory counted, sampled every ``--sample-ms`` from /proc by a thread of the meas
   shares copy-on-write with the main process, torch's libraries among them, count in each);
 * tree peak PSS: the largest sum of Pss (smaps_rollup) over the main process and its workers at one sample
   (a shared page counted once, split among the processes that map it): the memory the rank holds;
-* index: the main process's RSS growth while the split is loaded (examples and paths);
+* index: the main process's RSS growth while the split is loaded (examples and paths; with ``--step model``
+  the task model's build too);
 * largest worker (getrusage): ``RUSAGE_CHILDREN`` ru_maxrss once the workers are joined, the kernel's
   figure for the largest worker, a check of the sampled one (it also covers any helper an import forked
   before the loader started, e.g. ``ldconfig`` run by ``ctypes.util.find_library``, whose RSS at the fork
