@@ -198,24 +198,6 @@ class TreeSampler(threading.Thread):
 
 
 # ----- one configuration (the child process) ----------------------------------------------------------
-def clamp_posterize() -> None:
-    """Pillow 13 refuses ``ImageOps.posterize(img, 0)``, which timm's increasing-posterize RandAugment
-    (``rand-...-inc1``, the ImageNet recipe's) draws at the top magnitude: the run ends with ValueError within
-    a few dozen batches. Here 0 bits become 1 (the same work per image), so the loader can be measured; the
-    workers inherit the patch (fork)."""
-    from PIL import ImageOps
-
-    if getattr(ImageOps.posterize, "clamped", False):
-        return
-    original = ImageOps.posterize
-
-    def posterize(image, bits: int):
-        return original(image, max(1, int(bits)))
-
-    posterize.clamped = True
-    ImageOps.posterize = posterize
-
-
 def measure(cfg: dict) -> dict:
     """One rank's training batches of the recipe on the index in ``cfg["root"]``; the figures of one row."""
     sampler = TreeSampler(cfg["sample_ms"] / 1e3)
@@ -251,8 +233,6 @@ def measure(cfg: dict) -> dict:
     transform = mixup = None
     if cfg.get("augment", "recipe") == "recipe":  # the recipe's transform per image and Mixup/CutMix
         from beit3.finetune.train import augmentation
-
-        clamp_posterize()
 
         num_classes = recipe.task.num_classes or len(data.classes)
         transform, mixup = augmentation(recipe, cfg["img_size"], num_classes)
@@ -386,8 +366,7 @@ def report(args, argv, trees: dict, fixed: list[dict], epoch: list[dict], growth
     width, height = args.source_size
     if args.augment == "recipe":
         augment = ("the recipe's augmentation in the workers (timm's RandomResizedCrop, flip, RandAugment, "
-                   "RandomErasing per image; Mixup/CutMix per batch; posterize to 0 bits, which Pillow 13 "
-                   "refuses, clamped to 1: `clamp_posterize`)")  # fmt: skip
+                   "RandomErasing per image; Mixup/CutMix per batch)")  # fmt: skip
     else:
         augment = "no augmentation (`--augment none`: decode, resize, random flip)"
     lines += [
