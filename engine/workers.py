@@ -12,6 +12,7 @@ interpreter exits.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import logging
 import signal
@@ -52,10 +53,31 @@ def init_worker(worker_id: int) -> None:
     it) is replaced, so a loader must be shut down before the interpreter exits, or multiprocessing's exit
     hook waits for such a worker forever: register it with :func:`shut_down_at_exit`.
     """
-    for name in WORKER_IGNORED_SIGNALS:
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    stop = _stop_signals()
+    for sig in stop:
+        signal.signal(sig, signal.SIG_IGN)
+    if stop:  # held by workers_starting() in the parent while this worker was forked: now ignored
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
     fix_mmap_threshold()
+
+
+def _stop_signals() -> list[signal.Signals]:
+    return [getattr(signal, name) for name in WORKER_IGNORED_SIGNALS if hasattr(signal, name)]
+
+
+@contextlib.contextmanager
+def workers_starting():
+    """Around the start of a loader's workers (``iter(DataLoader(...))``): the stop signals are held in this
+    thread, so a worker forked meanwhile inherits them held and cannot die of one before :func:`init_worker`
+    ignores them (a loader that starts its workers each epoch would otherwise have that window every
+    epoch). Held signals reach this process's own handlers when the block ends."""
+    stop = _stop_signals() if hasattr(signal, "pthread_sigmask") else []
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, stop) if stop else None
+    try:
+        yield
+    finally:
+        if held is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 _open_loaders: weakref.WeakSet = weakref.WeakSet()

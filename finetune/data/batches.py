@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from beit3.engine.workers import init_worker, shut_down_at_exit
+from beit3.engine.workers import init_worker, shut_down_at_exit, workers_starting
 from beit3.finetune.data.augment import MixupSettings, TrainTransform, draw_seed, seeded, to_pil
 from beit3.finetune.data.sources import LazyImages, Split
 from beit3.finetune.errors import BatchError
@@ -229,7 +229,8 @@ class BatchLoader:
                     generator=torch.Generator().manual_seed(self.seed),
                 )
             self.close()  # the workers of an iteration abandoned before its end
-            self._active = iter(self._workers)
+            with workers_starting():
+                self._active = iter(self._workers)
             shut_down_at_exit(self)
             active = self._active
             try:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from beit3.engine.workers import init_worker, shut_down_at_exit
+from beit3.engine.workers import init_worker, shut_down_at_exit, workers_starting
 from beit3.pretrain.data.config import (
     STREAMS,
     DataConfigError,
@@ -247,21 +247,21 @@ class PretrainLoader:
         if self.cfg.num_workers == 0:
             source = iter(dataset)
         else:
-            source = iter(
-                DataLoader(
-                    dataset,
-                    batch_size=None,
-                    num_workers=self.cfg.num_workers,
-                    collate_fn=_identity,
-                    prefetch_factor=self.cfg.prefetch_factor,
-                    persistent_workers=False,
-                    pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
-                    worker_init_fn=init_worker,
-                    # Its own generator: the workers' base seed is drawn from it, not from the global torch
-                    # RNG, which this (lazy) iterator would otherwise consume after a resume's RNG restore.
-                    generator=torch.Generator().manual_seed(mix(self.seed, self.rank, self.batches) % 2**63),
-                )
+            loader = DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=self.cfg.num_workers,
+                collate_fn=_identity,
+                prefetch_factor=self.cfg.prefetch_factor,
+                persistent_workers=False,
+                pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+                worker_init_fn=init_worker,
+                # Its own generator: the workers' base seed is drawn from it, not from the global torch
+                # RNG, which this (lazy) iterator would otherwise consume after a resume's RNG restore.
+                generator=torch.Generator().manual_seed(mix(self.seed, self.rank, self.batches) % 2**63),
             )
+            with workers_starting():  # no worker can die of a stop signal before it ignores them
+                source = iter(loader)
             shut_down_at_exit(self)
         try:
             for batch in source:
