@@ -63,9 +63,9 @@ class ModelSection:
 class DataSection:
     """Where examples come from (:mod:`beit3.finetune.data.sources`) and how they are tokenised."""
 
-    source: str = "jsonl"  # jsonl | easy_vqa | tuxpaint | digits | wordnet | shapes
-    train: str = ""  # jsonl: train index file; other sources: unused
-    eval: str = ""  # jsonl: eval index file
+    source: str = "jsonl"  # jsonl | wds | easy_vqa | tuxpaint | digits | wordnet | shapes
+    train: str = ""  # jsonl: train index file; wds: local shard files (glob or {000..099}); others: unused
+    eval: str = ""  # jsonl: eval index file; wds: its shards
     root: str = ""  # jsonl: folder image paths are relative to
     tokenizer: str = ""  # SentencePiece model file (XLM-R ids via beit3.tokenizers.text)
     max_text_len: int = bounded(64, "[3, inf)")
@@ -154,8 +154,9 @@ def validate(recipe: FinetuneRecipe) -> None:
     checks = [
         (bool(recipe.data.tokenizer) or not get_task(t.name).needs_tokenizer,
          "data.tokenizer must name a SentencePiece model file for tasks with text"),
-        (recipe.data.source != "jsonl" or bool(recipe.data.train),
-         "data.train must name a JSONL index file when data.source = 'jsonl'"),
+        (recipe.data.source not in ("jsonl", "wds") or bool(recipe.data.train),
+         f"data.train must name {'shard files' if recipe.data.source == 'wds' else 'a JSONL index file'} "
+         f"when data.source = {recipe.data.source!r}"),
     ]  # fmt: skip
     for ok, message in checks + augmentation_checks(recipe):
         if not ok:

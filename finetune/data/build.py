@@ -21,6 +21,7 @@ from beit3.finetune.data.sources import (
     load_easy_vqa,
     load_jsonl_split,
     load_tuxpaint,
+    load_wds_split,
     load_wordnet,
 )
 from beit3.finetune.tasks import get_task
@@ -28,7 +29,7 @@ from beit3.finetune.tasks import get_task
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
 SHAPES = ("square", "disc")
 QUESTIONS = ("what color is the shape?", "what shape is it?")
-SOURCES = ("jsonl", "easy_vqa", "tuxpaint", "digits", "wordnet", "shapes")
+SOURCES = ("jsonl", "wds", "easy_vqa", "tuxpaint", "digits", "wordnet", "shapes")
 
 
 def _shape_image(color: tuple[int, int, int], shape: str, size: int, g: torch.Generator) -> torch.Tensor:
@@ -127,16 +128,20 @@ def load_task_data(
 
 def _task_data(data_cfg, task: str, img_size: int, train_images: bool, classes: list[str] | None) -> TaskData:
     d = data_cfg
-    if d.source == "jsonl":
+    if d.source in ("jsonl", "wds"):  # a released-format index, or webdataset shards of the same rows
         crop_pct = getattr(d, "crop_pct", 0.0)
+
+        def split(where: str, limit: int, **kwargs) -> Split:
+            if d.source == "wds":
+                return load_wds_split(where, img_size, limit, d.seed, **kwargs)
+            return load_jsonl_split(where, d.root, img_size, limit, d.seed, **kwargs)
+
         train = Split([])  # with the class names known, the train index is not needed
         if classes is None:
-            train = load_jsonl_split(
-                d.train, d.root, img_size, d.max_train, d.seed, decode_images=train_images
-            )
+            train = split(d.train, d.max_train, decode_images=train_images)
         eval_ = Split([])
         if d.eval:
-            eval_ = load_jsonl_split(d.eval, d.root, img_size, d.max_eval, d.seed, crop_pct=crop_pct)
+            eval_ = split(d.eval, d.max_eval, crop_pct=crop_pct)
         names = _answer_names(d) if get_task(task).answer_vocabulary else []
         if classes is not None:
             return TaskData(train, eval_, names or list(classes))

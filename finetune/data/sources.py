@@ -1,4 +1,5 @@
-"""Finetuning examples, decoded into memory: released-format JSONL indexes and small offline benchmarks.
+"""Finetuning examples: released-format JSONL indexes and webdataset shards (images left on disk), and small
+offline benchmarks (decoded into memory).
 
 Every source returns a :class:`TaskData`: a train and an eval :class:`Split` (examples plus a uint8 image
 bank at the model's resolution) and the class / answer names. An example is a dict with some of
@@ -16,6 +17,7 @@ Offline sources (reference offline-data.md; none downloads anything):
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from dataclasses import dataclass, field
@@ -83,7 +85,9 @@ CHECKED_PATHS = 64
 
 def _check_paths(paths: list[str], index: Path, seed: int) -> None:
     sample = paths[:CHECKED_PATHS] + random.Random(seed).sample(paths, min(len(paths), CHECKED_PATHS))
-    missing = [p for p in dict.fromkeys(sample) if not Path(p).is_file()]
+    missing = [
+        p for p in dict.fromkeys(sample) if not Path(p.shard if isinstance(p, TarMember) else p).is_file()
+    ]
     if missing:
         raise DataSourceError(
             f"{index}: {len(missing)} of {len(set(sample))} sampled images do not exist, e.g. {missing[0]}: "
@@ -109,10 +113,35 @@ class TaskData:
     classes: list[str] = field(default_factory=list)
 
 
-def decode_image(path: str | Path) -> Image.Image:
-    """An image file as RGB; transparent pixels composited onto white (Tux Paint stamps are cut-outs)."""
+@dataclass(frozen=True)
+class TarMember:
+    """An image stored as one member of a local webdataset tar shard: where its bytes are (read by seeking,
+    so a split of any size holds only these references)."""
+
+    shard: str
+    offset: int
+    size: int
+
+    def read(self) -> io.BytesIO:
+        try:
+            with open(self.shard, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(self.size)
+        except OSError as e:
+            raise DataSourceError(f"cannot read {self}: {e}") from e
+        if len(data) != self.size:
+            raise DataSourceError(f"cannot read {self}: the shard ends before the member does (it changed?)")
+        return io.BytesIO(data)
+
+    def __str__(self) -> str:
+        return f"{self.shard} (member at byte {self.offset})"
+
+
+def decode_image(path: str | Path | TarMember) -> Image.Image:
+    """An image file (or shard member) as RGB; transparent pixels composited onto white (Tux Paint stamps
+    are cut-outs)."""
     try:
-        img = Image.open(path)
+        img = Image.open(path.read() if isinstance(path, TarMember) else path)
         img.load()
     except OSError as e:
         raise DataSourceError(f"cannot read image {path}: {e}") from e
@@ -122,7 +151,7 @@ def decode_image(path: str | Path) -> Image.Image:
         raise DataSourceError(f"cannot use image {path}: {e}") from e
 
 
-def load_image(path: str | Path, size: int, crop_pct: float = 0.0) -> torch.Tensor:
+def load_image(path: str | Path | TarMember, size: int, crop_pct: float = 0.0) -> torch.Tensor:
     """(3, size, size) uint8 (:func:`decode_image`): resized to the square, or with ``crop_pct`` > 0 the
     released ImageNet evaluation view (:func:`beit3.finetune.data.augment.eval_view`)."""
     from beit3.finetune.data.augment import eval_view, from_pil
@@ -167,13 +196,23 @@ def load_jsonl_split(
         raise DataSourceError(f"index file {index} does not exist; set data.train / data.eval")
     rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
     rows = _cap(rows, limit, seed)
-    paths: dict[str, int] = {}
+    examples, paths = _examples(rows, lambda row, name: str(Path(root) / row[name]))
+    if not decode_images:
+        return Split(examples, None)
+    _check_paths(paths, index, seed)
+    return Split(examples, LazyImages(paths, size, crop_pct))
+
+
+def _examples(rows: list[dict], image_of) -> tuple[list[dict], list]:
+    """Examples from released-format rows (see :func:`load_jsonl_split`), and the distinct images they name
+    in order: ``image_of(row, "image_path" | "image2_path")`` says where each is (a path, a shard member)."""
+    images: dict = {}
     examples = []
     for row in rows:
         ex: dict = {}
         for key, field_name in (("image", "image_path"), ("image2", "image2_path")):
             if field_name in row:
-                ex[key] = paths.setdefault(str(Path(root) / row[field_name]), len(paths))
+                ex[key] = images.setdefault(image_of(row, field_name), len(images))
         if "text_segment" in row and row["text_segment"] is not None:
             ex["text"] = [int(i) for i in row["text_segment"]]
             if isinstance(row.get("text"), str):  # beit3-finetune-index writes both: references as written
@@ -188,10 +227,96 @@ def load_jsonl_split(
         if row.get("qid", row.get("question_id")) is not None:  # VQA: the submission file names questions
             ex["question_id"] = int(row.get("qid", row.get("question_id")))
         examples.append(ex)
+    return examples, list(images)
+
+
+# ----- webdataset shards ---------------------------------------------------------------------------
+# A sample's members share a key (the member name up to the first dot of its base name, webdataset's
+# rule); the rest of the name is the field. Images: these fields (the second image of a pair, NLVR2:
+# ``image2.<ext>``); ``json``: the released row's other fields (label, labels + scores, text, text_segment,
+# image_id, qid); ``cls``: the label; ``txt``: the text.
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+
+
+def load_wds_split(
+    spec: str, size: int, limit: int = 0, seed: int = 0, decode_images: bool = True, crop_pct: float = 0.0
+) -> Split:
+    """A split from local webdataset tar shards (``spec``: a glob or webdataset's brace form, e.g.
+    ``train-{000000..000127}.tar``; several joined by ``::``). The shards' member headers are read once to
+    index the samples; images stay in the shards (:class:`TarMember`: read by seeking when a batch needs
+    them), so memory holds the index as for a JSONL index. Examples as :func:`load_jsonl_split` makes."""
+    import glob
+    import tarfile
+
+    from webdataset.shardlists import expand_urls
+
+    if not spec:
+        raise DataSourceError("data.source = 'wds' needs data.train / data.eval: shard files, e.g. "
+                              "'shards/train-{000000..000127}.tar'")  # fmt: skip
+    shards: list[str] = []
+    for url in expand_urls(spec):
+        if "://" in url or url.startswith("pipe:"):
+            raise DataSourceError(
+                f"{url}: a finetuning split reads its shards by seeking, so they must be local files (copy "
+                "them, or write a JSONL index with beit3-finetune-index)"
+            )
+        found = sorted(glob.glob(url)) if glob.has_magic(url) else [url]
+        missing = [f for f in found if not Path(f).is_file()]
+        if not found or missing:
+            raise DataSourceError(
+                f"no shard file {missing[0] if missing else url}: check data.train / data.eval"
+            )
+        shards += found
+    rows: list[dict] = []
+    for shard in shards:
+        try:
+            with tarfile.open(shard, "r:") as tar:
+                rows += _shard_rows(shard, tar)
+        except (tarfile.TarError, OSError, ValueError) as e:
+            raise DataSourceError(f"cannot read shard {shard}: {e}") from e
+    if not rows:
+        raise DataSourceError(f"{spec}: no sample with an image ({', '.join(IMAGE_FIELDS)}) in the shards")
+    rows = _cap(rows, limit, seed)
+    examples, members = _examples(rows, lambda row, name: row[name])
     if not decode_images:
         return Split(examples, None)
-    _check_paths(list(paths), index, seed)
-    return Split(examples, LazyImages(list(paths), size, crop_pct))
+    return Split(examples, LazyImages(members, size, crop_pct))
+
+
+def _shard_rows(shard: str, tar) -> list[dict]:
+    """The released-format rows of one shard's samples, ``image_path`` / ``image2_path`` as members."""
+    samples: dict[str, dict] = {}
+    for m in tar:
+        if not m.isfile():
+            continue
+        folder, _, base = m.name.rpartition("/")
+        stem, dot, field_name = base.partition(".")
+        if not dot:
+            continue
+        sample = samples.setdefault(f"{folder}/{stem}", {})
+        member = TarMember(shard, m.offset_data, m.size)
+        if field_name in IMAGE_FIELDS:
+            sample["image_path"] = member
+        elif field_name.startswith("image2.") and field_name[7:] in IMAGE_FIELDS:
+            sample["image2_path"] = member
+        elif field_name in ("json", "cls", "txt"):
+            sample[field_name] = member
+    rows = []
+    for key, fields in samples.items():
+        if "image_path" not in fields:
+            continue
+        row = json.loads(fields["json"].read().getvalue()) if "json" in fields else {}
+        if not isinstance(row, dict):
+            raise DataSourceError(f"{shard}: {key}.json is not a JSON object")
+        if "cls" in fields:
+            row["label"] = int(fields["cls"].read().getvalue().decode().strip())
+        if "txt" in fields:
+            row["text"] = fields["txt"].read().getvalue().decode("utf-8").strip()
+        row["image_path"] = fields["image_path"]
+        if "image2_path" in fields:
+            row["image2_path"] = fields["image2_path"]
+        rows.append(row)
+    return rows
 
 
 # ----- offline benchmarks ---------------------------------------------------------------------------
