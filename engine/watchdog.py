@@ -296,5 +296,22 @@ class Watchdog:
             handler.flush()
         sys.stdout.flush()
         sys.stderr.flush()
+        self._wait_for_peer_dumps()
         record_exit(EXIT_HUNG)
         self._exit(EXIT_HUNG)
+
+    def _wait_for_peer_dumps(self) -> None:
+        """The first rank to fire would exit before its peers' watchdogs fire (their last progress came up
+        to a step later), and the launcher would then end them: their stacks, where they wait for it, would
+        be lost. So wait, at most two polls and a second, for every rank's dump of this attempt."""
+        if self.world_size <= 1:
+            return
+        hang, deadline = self.run_dir / "hang", time.monotonic() + 2 * self.poll_s() + 1.0
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                dumped = {
+                    p.name[4:9] for p in hang.glob("rank*-*.txt") if p.stat().st_mtime >= self._started_wall
+                }
+                if len(dumped) >= self.world_size:
+                    return
+            time.sleep(0.1)
