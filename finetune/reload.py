@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,9 +29,14 @@ from beit3.engine import safe_load
 from beit3.finetune.errors import FinetuneError
 from beit3.model import WeightsFileError, load_checkpoint, read_state_dict
 from beit3.model import checkpoint as model_checkpoint
-from beit3.model.checkpoint import read_config, unwrap_state_dict
-from beit3.model.config import ModelConfig, ModelConfigError, architecture_differences
-from beit3.model.registry import get_config, list_models
+from beit3.model.checkpoint import (
+    PretrainedReport,
+    architecture_problem,
+    load_pretrained_weights,
+    read_config,
+    unwrap_state_dict,
+)
+from beit3.model.config import ModelConfig
 
 BACKBONE_PREFIX = "beit3."
 
@@ -50,27 +54,8 @@ def trusted_checkpoints(enabled: bool = True) -> Iterator[None]:
         yield
 
 
-@dataclass
-class ReloadReport:
-    """What :func:`load_pretrained` did, key by key."""
-
-    loaded: list[str] = field(default_factory=list)
-    unused: list[str] = field(default_factory=list)
-    fresh: list[str] = field(default_factory=list)
-    interpolated: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:6]) + (f" ... (+{len(keys) - 6})" if len(keys) > 6 else "")
-
-        lines = [f"loaded {len(self.loaded)} tensors"]
-        if self.unused:
-            lines.append(f"not used by this configuration ({len(self.unused)}): {show(self.unused)}")
-        if self.fresh:
-            lines.append(f"initialised fresh ({len(self.fresh)}): {show(self.fresh)}")
-        if self.interpolated:
-            lines.append(f"positions interpolated: {show(self.interpolated)}")
-        return "; ".join(lines)
+# What load_pretrained did, key by key: the model package's report, shared with warm-started pretraining.
+ReloadReport = PretrainedReport
 
 
 def check_architecture(
@@ -86,23 +71,9 @@ def check_architecture(
     if recorded is None:
         return
     where = "the checkpoint" if isinstance(source, dict) else str(source)
-    try:
-        theirs = ModelConfig.from_dict(recorded)
-    except ModelConfigError as e:
-        raise ReloadError(f"{where} records a model configuration this version cannot read: {e}") from e
-    differences = architecture_differences(theirs, cfg)
-    if not differences:
-        return
-    fields = ", ".join(f"{k} {mine!r} (the file: {file!r})" for k, (file, mine) in differences.items())
-    presets = [n for n in list_models() if not architecture_differences(theirs, get_config(n))]
-    fix = (
-        f"set model.name={presets[0]}, the preset the file matches"
-        if presets
-        else "set model.name and model.overrides to the file's configuration"
-    )
-    raise ReloadError(
-        f"{where} was trained as another architecture than {built_from}, which has {fields}: {fix}"
-    )
+    problem = architecture_problem(recorded, cfg, where, built_from)
+    if problem:
+        raise ReloadError(problem)
 
 
 def load_pretrained(
@@ -120,30 +91,15 @@ def load_pretrained(
     """
     sd = read_state_dict(source) if not isinstance(source, dict) else unwrap_state_dict(source)
     sd = {k: v for k, v in sd.items() if not k.startswith(ignore)} if ignore else dict(sd)
-    own = task.state_dict()
-    unused = sorted(k for k in sd if k not in own and k in architecture_keys)
-    foreign = sorted(k for k in sd if k not in own and k not in architecture_keys)
-    if foreign:
-        raise ReloadError(
-            f"checkpoint keys {foreign[:6]}{' ...' if len(foreign) > 6 else ''} belong to no part of this "
-            "architecture: check the model name (released vs paper layout) or pass ignore=(prefix,) for "
-            "task heads of another finetuned model"
-        )
-    missing_backbone = sorted(k for k in own if k.startswith(BACKBONE_PREFIX) and k not in sd)
-    if missing_backbone:
-        raise ReloadError(
-            f"checkpoint lacks backbone parameters {missing_backbone[:6]}"
-            f"{' ...' if len(missing_backbone) > 6 else ''}: it was saved from another architecture "
-            "(or with normalize_output=False); build the task with the checkpoint's model name"
-        )
-    kept = fit_logit_scale({k: v for k, v in sd.items() if k in own}, own)
     try:
-        report = load_checkpoint(task, kept, strict=False)
+        return load_pretrained_weights(
+            task, fit_logit_scale(sd, task.state_dict()), architecture_keys, BACKBONE_PREFIX
+        )
     except WeightsFileError as e:
-        raise ReloadError(f"{e}; build the task model with the checkpoint's sizes (model name, vocab)") from e
-    return ReloadReport(
-        loaded=sorted(kept), unused=unused, fresh=sorted(report.missing), interpolated=report.interpolated
-    )
+        raise ReloadError(
+            f"{e}; build the task with the checkpoint's model name and sizes (model.name, vocab), or pass "
+            "ignore=(prefix,) for task heads of another finetuned model"
+        ) from e
 
 
 def fit_logit_scale(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

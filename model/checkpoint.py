@@ -218,6 +218,98 @@ def load_checkpoint(
     return report
 
 
+@dataclass
+class PretrainedReport:
+    """What :func:`load_pretrained_weights` did, key by key: the report finetuning (``model.pretrained``) and
+    a warm-started pretraining run (``[model] warm_start``) print."""
+
+    loaded: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)  # the architecture's keys the model prunes
+    fresh: list[str] = field(default_factory=list)  # the model's keys the checkpoint lacks (heads)
+    interpolated: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:6]) + (f" ... (+{len(keys) - 6})" if len(keys) > 6 else "")
+
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        if self.unused:
+            lines.append(f"not used by this configuration ({len(self.unused)}): {show(self.unused)}")
+        if self.fresh:
+            lines.append(f"initialised fresh ({len(self.fresh)}): {show(self.fresh)}")
+        if self.interpolated:
+            lines.append(f"positions interpolated: {show(self.interpolated)}")
+        return "; ".join(lines)
+
+
+def load_pretrained_weights(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    architecture_keys: set[str] | None = None,
+    backbone_prefix: str = "beit3.",
+) -> PretrainedReport:
+    """Load a pretrained state dict into ``model`` (whose backbone sits under ``backbone_prefix``), explaining
+    every key that does not match.
+
+    ``architecture_keys``: the keys of the whole architecture the checkpoint holds (default: ``model``'s own);
+    checkpoint keys among them that ``model`` lacks are expected drops (*unused*). Model keys outside the
+    backbone that the checkpoint lacks (task or pretraining heads) stay as initialised (*fresh*). Vision
+    positions are interpolated to the model's resolution. A checkpoint key of no part of the architecture, a
+    backbone parameter the checkpoint lacks, or a shape that differs raise :class:`WeightsFileError` naming
+    the keys: the checkpoint belongs to another architecture.
+    """
+    own = model.state_dict()
+    known = set(own) if architecture_keys is None else architecture_keys
+    unused = sorted(k for k in state_dict if k not in own and k in known)
+    foreign = sorted(k for k in state_dict if k not in own and k not in known)
+    if foreign:
+        raise WeightsFileError(
+            f"checkpoint keys {foreign[:6]}{' ...' if len(foreign) > 6 else ''} belong to no part of this "
+            "architecture: it was saved from another one (released vs paper layout) or holds the heads of "
+            "another task"
+        )
+    missing_backbone = sorted(k for k in own if k.startswith(backbone_prefix) and k not in state_dict)
+    if missing_backbone:
+        raise WeightsFileError(
+            f"checkpoint lacks backbone parameters {missing_backbone[:6]}"
+            f"{' ...' if len(missing_backbone) > 6 else ''}: it was saved from another architecture "
+            "(or with normalize_output=False)"
+        )
+    kept = {k: v for k, v in state_dict.items() if k in own}
+    report = load_checkpoint(model, kept, strict=False)
+    return PretrainedReport(
+        loaded=sorted(kept), unused=unused, fresh=sorted(report.missing), interpolated=report.interpolated
+    )
+
+
+def architecture_problem(recorded: dict, cfg: ModelConfig, where: str, built_from: str) -> str | None:
+    """Why a checkpoint whose recorded model configuration is ``recorded`` (:func:`read_config`) cannot be
+    loaded into a model of configuration ``cfg``, or None when their architecture fields agree.
+
+    ``where`` names the file, ``built_from`` where ``cfg`` came from (e.g. ``model.name=...``). The message
+    names both sides of every differing field (``beit3.model.config.ARCHITECTURE_FIELDS``) and the preset
+    the file matches, if any; resolution, regularisation and kept heads may differ.
+    """
+    from beit3.model.config import ModelConfigError, architecture_differences
+    from beit3.model.registry import get_config, list_models
+
+    try:
+        theirs = ModelConfig.from_dict(recorded)
+    except ModelConfigError as e:
+        return f"{where} records a model configuration this version cannot read: {e}"
+    differences = architecture_differences(theirs, cfg)
+    if not differences:
+        return None
+    fields = ", ".join(f"{k} {mine!r} (the file: {file!r})" for k, (file, mine) in differences.items())
+    presets = [n for n in list_models() if not architecture_differences(theirs, get_config(n))]
+    fix = (
+        f"set model.name={presets[0]}, the preset the file matches"
+        if presets
+        else "set model.name and model.overrides to the file's configuration"
+    )
+    return f"{where} was trained as another architecture than {built_from}, which has {fields}: {fix}"
+
+
 def save_checkpoint(
     model_or_state: nn.Module | dict[str, torch.Tensor],
     path: str | os.PathLike,
