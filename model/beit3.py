@@ -10,16 +10,17 @@ texts, pairs) in one pass, layer by layer, each module called once on all the to
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from beit3.model.cache import KVCache
 from beit3.model.config import CHECKPOINT_PARTS, ModelConfig
 from beit3.model.errors import ModelError
-from beit3.model.layers import Multiway, MultiwayBlock, Packing, apply_packed
+from beit3.model.layers import Multiway, MultiwayBlock, Packing, WindowGrid, apply_packed
 from beit3.model.qkv import QKV_DISK_ORDER, FusedQKV
 
 # Position indices start at 2 in both tables, as in the released (fairseq-derived) code; rows 0 and 1 are
@@ -88,6 +89,31 @@ class VisionEmbedding(nn.Module):
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)  # (B, Np + 1, D)
 
+    def patch_grid(self, image: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings (B, D, H / p, W / p) of images of any size whose sides are multiples of the
+        patch size ``p`` (the dense-prediction path; no mask token, no CLS)."""
+        p = self.proj.stride[0]
+        if image.dim() != 4 or image.shape[-2] % p or image.shape[-1] % p or min(image.shape[-2:]) == 0:
+            raise ValueError(
+                f"expected images (B, C, H, W) with H and W multiples of the patch size {p}, got "
+                f"{tuple(image.shape)}: pad or resize them to such a size"
+            )
+        return self.proj(image)
+
+
+def resize_position_grid(grid: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A square grid of position embeddings (S * S, D) resized to (rows * cols, D), row-major: bicubic,
+    align_corners=False, in fp32 (as :func:`beit3.model.checkpoint.interpolate_vision_positions` resizes a
+    table on load), returned as is when the size matches. Differentiable, so the table keeps training."""
+    side = math.isqrt(grid.shape[0])
+    if side * side != grid.shape[0]:
+        raise ValueError(f"a position grid of {grid.shape[0]} rows is not square")
+    if (rows, cols) == (side, side):
+        return grid
+    x = grid.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, S, S)
+    x = F.interpolate(x, size=(rows, cols), mode="bicubic", align_corners=False)
+    return x.permute(0, 2, 3, 1).reshape(rows * cols, -1).to(grid.dtype)
+
 
 class Encoder(nn.Module):
     """Position tables, the stack of Multiway blocks and the final per-modality LayerNorm."""
@@ -133,6 +159,23 @@ class BEiT3(nn.Module):
         self.checkpoint_part = "layer"  # of CHECKPOINT_PARTS: what is recomputed of each of those layers
         self.configuration = ""  # the name of the configuration it is pruned to ("" when whole)
         self.accepts: tuple[str, ...] = INPUT_MODES  # the input modes whose weights the model holds
+
+    def set_grad_checkpointing(
+        self, enable: bool = True, layers: list[int] | None = None, part: str = "layer"
+    ) -> None:
+        """See :meth:`BEiT3Model.set_grad_checkpointing` (here for wrappers that hold only the backbone)."""
+        if part not in CHECKPOINT_PARTS:
+            raise ValueError(f"checkpointing part {part!r}: use one of {', '.join(CHECKPOINT_PARTS)}")
+        if not enable:
+            self.checkpoint_layers = frozenset()
+            self.checkpoint_part = "layer"
+            return
+        layers = range(self.cfg.depth) if layers is None else layers
+        bad = [i for i in layers if not 0 <= i < self.cfg.depth]
+        if bad:
+            raise ValueError(f"layer indices {bad} out of range for depth {self.cfg.depth}")
+        self.checkpoint_layers = frozenset(layers)
+        self.checkpoint_part = part
 
     def restrict_inputs(self, configuration: str, modes: tuple[str, ...]) -> None:
         """Record that the model was pruned to ``configuration``, which takes only ``modes`` (of
@@ -245,6 +288,61 @@ class BEiT3(nn.Module):
         if self.encoder.layer_norm is not None:
             x = self.encoder.layer_norm(x, num_vision)
         return x  # (B, Nv + Nt, D)
+
+    def forward_grid(
+        self,
+        image: torch.Tensor,  # (B, C, H, W), H and W multiples of the patch size
+        windows: Sequence[int] | None = None,
+        out_layers: Sequence[int] | None = None,
+        cls_token: bool = True,
+    ) -> list[torch.Tensor]:
+        """Encode images of any size as patch grids: the hidden states (B, D, H / p, W / p) after each of
+        ``out_layers`` (layer indices, default the last), for dense prediction (docs/model.md,
+        "Dense-prediction backbone").
+
+        The position table's grid is resized bicubically to the patch grid (:func:`resize_position_grid`;
+        unchanged at the model's own size). ``windows``: per layer, the window size of its window
+        attention (:class:`beit3.model.layers.WindowGrid`) or 0 for global attention (default: global in
+        every layer). ``cls_token``: keep the CLS token (with its position) in the sequence, attending
+        globally in every layer; it is not part of the returned grids. The final LayerNorm, where the model
+        has it, applies to the last layer's output only. Activation checkpointing and stochastic depth as
+        in :meth:`forward`. At the model's own size, global attention and the CLS token kept, the last
+        grid is ``forward(image)``'s patch tokens.
+        """
+        depth = self.cfg.depth
+        windows = [0] * depth if windows is None else list(windows)
+        if len(windows) != depth or any(w < 0 for w in windows):
+            raise ValueError(f"windows: one window size >= 0 per layer ({depth}), got {windows}")
+        out_layers = [depth - 1] if out_layers is None else list(out_layers)
+        if not out_layers or any(not 0 <= i < depth for i in out_layers):
+            raise ValueError(f"out_layers {out_layers}: layer indices in [0, {depth})")
+        if "image" not in self.accepts:
+            self._check_input_mode(True, False)
+        grid = self.vision_embed.patch_grid(image)  # (B, D, rows, cols)
+        b, d, rows, cols = grid.shape
+        table = self.encoder.embed_positions.A.weight  # (2 unused + CLS + S * S, D)
+        x = grid.flatten(2).transpose(1, 2)  # (B, rows * cols, D)
+        x = x + resize_position_grid(table[POSITION_OFFSET + 1 :], rows, cols).to(x.dtype)
+        if cls_token:
+            cls = self.vision_embed.cls_token + table[POSITION_OFFSET]
+            x = torch.cat([cls.to(x.dtype).expand(b, -1, -1), x], dim=1)
+        lead = int(cls_token)
+        grids = {w: WindowGrid(rows, cols, w, lead) for w in set(windows) if w}
+        last = max(out_layers)
+        outs = {}
+        for i, layer in enumerate(self.encoder.layers[: last + 1]):
+            t = x.shape[1]
+            window = grids.get(windows[i])
+            part = self._recompute(i)
+            if part == "layer":
+                x = checkpoint(layer, x, t, None, None, i, False, window=window, use_reentrant=False)
+            else:
+                x = layer(x, t, None, None, i, False, recompute=part, window=window)
+            if i in out_layers:
+                outs[i] = x
+        if self.encoder.layer_norm is not None and depth - 1 in outs:
+            outs[depth - 1] = self.encoder.layer_norm(outs[depth - 1], outs[depth - 1].shape[1])
+        return [outs[i][:, lead:].transpose(1, 2).reshape(b, d, rows, cols) for i in out_layers]
 
     def forward_mixed(
         self, subbatches: Mapping[str, Mapping[str, torch.Tensor | None]]
@@ -489,18 +587,7 @@ class BEiT3Model(nn.Module):
         """Recompute the activations of ``layers`` (all when None) in the backward pass: of each whole
         layer (``part="layer"``), or of its attention branch or FFN branch only (``"attention"``,
         ``"ffn"``: the other branch's activations are saved as without checkpointing)."""
-        if part not in CHECKPOINT_PARTS:
-            raise ValueError(f"checkpointing part {part!r}: use one of {', '.join(CHECKPOINT_PARTS)}")
-        if not enable:
-            self.beit3.checkpoint_layers = frozenset()
-            self.beit3.checkpoint_part = "layer"
-            return
-        layers = range(self.cfg.depth) if layers is None else layers
-        bad = [i for i in layers if not 0 <= i < self.cfg.depth]
-        if bad:
-            raise ValueError(f"layer indices {bad} out of range for depth {self.cfg.depth}")
-        self.beit3.checkpoint_layers = frozenset(layers)
-        self.beit3.checkpoint_part = part
+        self.beit3.set_grad_checkpointing(enable, layers, part)
 
     def compile_layers(self, backend: str | None = "inductor", mode: str | None = None) -> None:
         """``torch.compile`` every layer's packed path (``MultiwayBlock.forward_packed``, what

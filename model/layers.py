@@ -177,6 +177,79 @@ def apply_packed(modules: list[nn.Module], pieces: Pieces, groups: list[tuple[st
     return pieces
 
 
+class WindowGrid:
+    """An image's tokens on its patch grid and the windows that window attention keeps each patch within.
+
+    The tokens are ``num_cls`` leading tokens (the vision CLS token: 0 or 1) then the ``rows`` x ``cols``
+    patch grid, row-major. As in ViTDet (Li et al., 2022, section 3) the grid is padded at the bottom and
+    right to multiples of ``size`` and cut into non-overlapping ``size`` x ``size`` windows; a patch attends
+    to the patches of its window and to the leading tokens. Unlike ViTDet, which lets queries attend to the
+    zero-padded tokens, the padding is masked out, so a patch's output does not depend on how much padding
+    its window has. A leading token attends to every token (globally). So when one window covers the whole
+    grid the result is global attention's; no parameters are involved (BEiT-3 has no relative position
+    bias), so any window size fits any checkpoint.
+    """
+
+    def __init__(self, rows: int, cols: int, size: int, num_cls: int = 1) -> None:
+        if rows <= 0 or cols <= 0 or size <= 0 or num_cls not in (0, 1):
+            raise ValueError(f"window grid {rows}x{cols}, window {size}, {num_cls} leading tokens")
+        self.rows, self.cols, self.size, self.num_cls = rows, cols, size, num_cls
+        self.window_rows, self.window_cols = -(-rows // size), -(-cols // size)  # windows per column / row
+        self.num_windows = self.window_rows * self.window_cols
+        self._masks: dict[torch.device, torch.Tensor | None] = {}
+
+    def _key_mask(self, device: torch.device) -> torch.Tensor | None:
+        """(windows, 1, 1, leading + size**2) bool, True = a real token (may be attended); None without
+        padding."""
+        if device not in self._masks:
+            s = self.size
+            if self.rows % s == 0 and self.cols % s == 0:
+                self._masks[device] = None
+            else:
+                shape = (self.window_rows * s, self.window_cols * s)
+                real = torch.zeros(shape, dtype=torch.bool, device=device)
+                real[: self.rows, : self.cols] = True
+                real = real.view(self.window_rows, s, self.window_cols, s).transpose(1, 2)
+                real = real.reshape(self.num_windows, s * s)
+                lead = torch.ones(self.num_windows, self.num_cls, dtype=torch.bool, device=device)
+                self._masks[device] = torch.cat([lead, real], dim=1)[:, None, None, :]
+        return self._masks[device]
+
+    def partition(self, y: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, H, rows * cols, d) -> windows (B * windows, H, size**2, d), windows row-major
+        within each image, padding zero."""
+        b, h, _, d = y.shape
+        s = self.size
+        y = y.reshape(b, h, self.rows, self.cols, d)
+        y = F.pad(y, (0, 0, 0, self.window_cols * s - self.cols, 0, self.window_rows * s - self.rows))
+        y = y.view(b, h, self.window_rows, s, self.window_cols, s, d).permute(0, 2, 4, 1, 3, 5, 6)
+        return y.reshape(b * self.num_windows, h, s * s, d)
+
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`partition`, padding dropped: (B * windows, H, size**2, d) -> (B, H, N, d)."""
+        s = self.size
+        h, d = y.shape[1], y.shape[-1]
+        y = y.view(-1, self.window_rows, self.window_cols, h, s, s, d).permute(0, 3, 1, 4, 2, 5, 6)
+        y = y.reshape(y.shape[0], h, self.window_rows * s, self.window_cols * s, d)
+        return y[:, :, : self.rows, : self.cols].reshape(y.shape[0], h, self.rows * self.cols, d)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Window attention of heads (B, H, leading + rows * cols, d) -> (B, H, T, d)."""
+        c = self.num_cls
+        qw, kw, vw = (self.partition(y[:, :, c:]) for y in (q, k, v))
+        if c:  # every window's patches also attend to the leading tokens
+            kw = torch.cat([k[:, :, :c].repeat_interleave(self.num_windows, dim=0), kw], dim=2)
+            vw = torch.cat([v[:, :, :c].repeat_interleave(self.num_windows, dim=0), vw], dim=2)
+        mask = self._key_mask(q.device)
+        if mask is not None:
+            mask = mask.repeat(q.shape[0], 1, 1, 1)  # (B * windows, 1, 1, S), image-major as the windows
+        patches = self.merge(F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask))
+        if not c:
+            return patches
+        lead = F.scaled_dot_product_attention(q[:, :, :c], k, v)  # (B, H, c, d): global
+        return torch.cat([lead, patches], dim=2)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops the residual branch per sample with probability ``p`` during training."""
 
@@ -271,13 +344,19 @@ class SelfAttention(nn.Module):
         mask: torch.Tensor | None,  # (B or 1, 1, T, S) bool, True = may attend
         cache: KVCache | None = None,
         layer_idx: int = 0,
+        window: WindowGrid | None = None,
     ) -> torch.Tensor:
+        """``window``: attention within the non-overlapping windows of an image's patch grid instead of
+        over the whole sequence (``x`` an image's tokens, laid out as ``window`` says; no mask, no cache)."""
         b, t, d = x.shape
         q, k, v = self._project(x, num_vision)
         q, k, v = (y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for y in (q, k, v))
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
+        if window is not None:
+            out = window.attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(b, t, d)
         post = [self.out_proj] if self.inner_attn_ln is None else [self.inner_attn_ln, self.out_proj]
         return _route_chain(post, out, num_vision)
@@ -352,6 +431,7 @@ class MultiwayBlock(nn.Module):
         paired: bool | None = None,
         packed: tuple | None = None,
         recompute: str | None = None,
+        window: WindowGrid | None = None,
     ) -> torch.Tensor:
         """``paired`` says the sequence is an image-text pair (default: both modalities are in ``x``); with
         a KV cache the image may sit in the cache while ``x`` holds only new text tokens. ``packed``:
@@ -359,21 +439,24 @@ class MultiwayBlock(nn.Module):
         module call, so that hooks on the layer (ZeRO-3 gathering a whole layer's parameters when the
         layer is a gathering unit) fire for the packed path too. ``recompute``: ``"attention"`` or
         ``"ffn"`` recomputes that branch in the backward instead of saving its activations (selective
-        activation checkpointing; not with a cache); a whole layer is checkpointed by the caller."""
+        activation checkpointing; not with a cache); a whole layer is checkpointed by the caller.
+        ``window``: window attention over an image's patch grid (:class:`WindowGrid`), None = global."""
         if packed is not None:
             return self.forward_packed(x, *packed, recompute=recompute)
         # The vision-language expert serves image-text input only (paper §2.1): both modalities present.
         if paired is None:
             paired = 0 < num_vision < x.shape[1]
         use_vl = self.with_vl and paired
-        attn = _branch(recompute == "attention", self._attention, x, num_vision, mask, cache, layer_idx)
+        attn = _branch(
+            recompute == "attention", self._attention, x, num_vision, mask, cache, layer_idx, window
+        )
         x = self._residual(x, attn)
         return self._residual(x, _branch(recompute == "ffn", self._ffn, x, num_vision, use_vl))
 
-    def _attention(self, x, num_vision, mask, cache, layer_idx) -> torch.Tensor:
+    def _attention(self, x, num_vision, mask, cache, layer_idx, window=None) -> torch.Tensor:
         """The attention branch of :meth:`forward`: pre-LN, attention, output projection."""
         h = _route(self.self_attn_layer_norm, x, num_vision)
-        return self.self_attn(h, num_vision, mask, cache, layer_idx)
+        return self.self_attn(h, num_vision, mask, cache, layer_idx, window)
 
     def _ffn(self, x: torch.Tensor, num_vision: int, use_vl: bool) -> torch.Tensor:
         """The FFN branch of :meth:`forward`: final LN, FFN experts."""
