@@ -80,6 +80,7 @@ setup(
             "beit3-plan=beit3.pretrain.plan:main",
             "beit3-finetune=beit3.finetune.train:main",
             "beit3-finetune-index=beit3.finetune.index:main",
+            "beit3-dense-data=beit3.finetune.dense.synthetic:main",
             "beit3-launch=beit3.engine.supervise:main",
         ]
     },
