@@ -1,0 +1,295 @@
+"""COCO instances in and COCO-style mAP out: the detection and instance-segmentation data and evaluation.
+
+In: a COCO instances JSON (``images``, ``annotations``, ``categories``) and the folder its ``file_name`` s are
+relative to (:func:`read_instances`). Each image becomes one example: its training targets (``boxes`` xyxy in
+pixels of the image as stored, ``labels`` 0-based class indices, ``segmentations`` the annotations' polygons
+or RLE, decoded into masks by :func:`decode_masks` where a batch needs them) and ``annotations``, the image's
+COCO annotations as written, which the evaluation scores against. Crowd annotations (``iscrowd`` 1) are not
+training targets (torchvision's and detectron2's COCO training drop them) and stay in the ground truth, where
+COCOeval ignores the detections matched to them; boxes are clipped to the image and those left without area
+are dropped from the targets, as torchvision's COCO reference does.
+
+Out: per-image detections (boxes xyxy, scores, labels, optional masks) in the image's own pixels become COCO
+results (:func:`image_results`: boxes xywh, category ids, masks as compressed RLE), those of the model's
+input frame are first mapped back (:func:`to_original_frame`), and :func:`coco_metrics` scores the results of
+all ranks (:func:`gather_results`) with pycocotools' COCOeval: AP, AP50, AP75 and AP small/medium/large per
+IoU type, fractions in [0, 1] (-1 where no ground truth falls in a size range, as COCOeval says). COCOeval's
+console output goes to the log at debug level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from beit3.finetune.data.sources import DataSourceError
+
+IOU_TYPES = ("bbox", "segm")
+# COCOeval.stats[0:6] of every IoU type, by the names the evaluation reports them under (eval/bbox_ap ...).
+STAT_NAMES = ("ap", "ap50", "ap75", "aps", "apm", "apl")
+
+log = logging.getLogger("beit3.finetune.dense.coco")
+
+
+@dataclass
+class Categories:
+    """The category ids of an instances file and the contiguous 0-based class indices the model predicts
+    (categories sorted by id, as torchvision's and detectron2's COCO readers number them)."""
+
+    ids: list[int]
+    names: list[str]
+
+    def __post_init__(self) -> None:
+        self._labels = {c: i for i, c in enumerate(self.ids)}
+
+    @classmethod
+    def from_coco(cls, categories: list[dict]) -> Categories:
+        ordered = sorted(categories, key=lambda c: int(c["id"]))
+        return cls([int(c["id"]) for c in ordered], [str(c.get("name", c["id"])) for c in ordered])
+
+    def label_of(self, category_id: int) -> int:
+        """The class index of a category id."""
+        return self._labels[int(category_id)]
+
+    def as_coco(self) -> list[dict]:
+        """The ``categories`` table of a COCO file."""
+        return [{"id": i, "name": n} for i, n in zip(self.ids, self.names)]
+
+
+@dataclass
+class Instances:
+    """One instances file read: an example per image, the image paths (example ``image`` indexes them) and
+    the categories."""
+
+    examples: list[dict]
+    paths: list[str]
+    categories: Categories
+
+
+def _load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DataSourceError(f"COCO instances file {path} does not exist; set data.train / data.eval")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataSourceError(f"{path}: not a readable JSON file ({e})") from e
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if missing:
+        raise DataSourceError(f"{path}: a COCO instances file needs the lists images, annotations and "
+                              f"categories: {missing} missing")  # fmt: skip
+    return data
+
+
+def _targets(anns: list[dict], height: int, width: int, categories: Categories, path: Path) -> dict:
+    """The training targets of one image's annotations: non-crowd boxes clipped to the image, with area."""
+    boxes, classes, segmentations = [], [], []
+    for ann in anns:
+        if ann.get("iscrowd", 0):
+            continue
+        try:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            label = categories.label_of(ann["category_id"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataSourceError(f"{path}: annotation {ann.get('id')} needs a bbox [x, y, w, h] and a "
+                                  f"category_id of the categories table ({e!r})") from None  # fmt: skip
+        x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+        x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+        if x2 <= x1 or y2 <= y1:
+            continue
+        boxes.append([x1, y1, x2, y2])
+        classes.append(label)
+        segmentations.append(ann.get("segmentation"))
+    return {"boxes": boxes, "labels": classes, "segmentations": segmentations}
+
+
+def read_instances(
+    annotation_file: str | Path, image_root: str | Path, drop_empty: bool = False, limit: int = 0
+) -> Instances:
+    """The examples of a COCO instances file whose images are in ``image_root``; ``drop_empty``: leave out
+    the images without a training target (training; COCO's evaluation keeps every image); ``limit``: the
+    first so many images (0: all)."""
+    path = Path(annotation_file)
+    data = _load_json(path)
+    categories = Categories.from_coco(data["categories"])
+    by_image: dict[int, list[dict]] = {}
+    for ann in data["annotations"]:
+        by_image.setdefault(int(ann["image_id"]), []).append(ann)
+    examples, paths = [], []
+    for img in data["images"]:
+        try:
+            image_id, height, width = int(img["id"]), int(img["height"]), int(img["width"])
+            file_name = str(img["file_name"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataSourceError(
+                f"{path}: image entries need id, file_name, height and width ({e!r})"
+            ) from None
+        anns = by_image.get(image_id, [])
+        ex = {"image": len(paths), "image_id": image_id, "height": height, "width": width,
+              **_targets(anns, height, width, categories, path), "annotations": anns}  # fmt: skip
+        if drop_empty and not ex["boxes"]:
+            continue
+        examples.append(ex)
+        paths.append(str(Path(image_root) / file_name))
+        if limit and len(examples) == limit:
+            break
+    return Instances(examples, paths, categories)
+
+
+def decode_masks(segmentations: list, height: int, width: int) -> torch.Tensor:
+    """uint8 (K, height, width) masks of COCO segmentations: polygon lists, uncompressed RLE (``counts`` a
+    list) or compressed RLE, through ``pycocotools.mask`` (a polygon's several parts merged into one mask)."""
+    from pycocotools import mask as mask_utils
+
+    out = torch.zeros((len(segmentations), height, width), dtype=torch.uint8)
+    for i, seg in enumerate(segmentations):
+        if not seg:
+            continue
+        if isinstance(seg, list):  # polygons
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+        elif isinstance(seg.get("counts"), list):  # uncompressed RLE
+            rle = mask_utils.frPyObjects(seg, height, width)
+        else:
+            rle = seg
+        with warnings.catch_warnings():  # pycocotools 2.0.11's decode under numpy 2: a harmless copy warning
+            warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+            out[i] = torch.from_numpy(mask_utils.decode(rle))
+    return out
+
+
+def to_original_frame(
+    output: dict, input_size: tuple[int, int], original_size: tuple[int, int], mask_threshold: float = 0.5
+) -> dict:
+    """A detection output in the model's input frame (``boxes`` xyxy, ``masks`` (N, 1, h, w) probabilities,
+    as torchvision's detection models return them) mapped to the image as stored: ``input_size`` (h, w) is
+    the part of the frame the image was resized to (any padding beyond it is cut off), ``original_size``
+    (H, W) its size in the file; masks resized bilinearly and thresholded at ``mask_threshold``."""
+    (h, w), (height, width) = input_size, original_size
+    out = {k: v for k, v in output.items() if k not in ("boxes", "masks")}
+    scale = torch.tensor([width / w, height / h, width / w, height / h], dtype=torch.float32)
+    boxes = output["boxes"].float().cpu() * scale
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    out["boxes"] = boxes
+    if "masks" in output:
+        masks = output["masks"].float().cpu()[:, :, :h, :w]
+        if masks.shape[0]:
+            masks = F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
+        else:
+            masks = masks.new_zeros((0, 1, height, width))
+        out["masks"] = masks[:, 0] > mask_threshold
+    return out
+
+
+def image_results(image_id: int, output: dict, categories: Categories) -> list[dict]:
+    """COCO results of one image's detections in its own pixels: ``boxes`` (N, 4) xyxy -> ``bbox`` xywh,
+    ``labels`` class indices -> ``category_id``, ``scores``, and with ``masks`` (N, H, W) bool a compressed
+    RLE ``segmentation`` (counts as text, so that the results are JSON)."""
+    boxes = output["boxes"].float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    scores = output["scores"].float().cpu().tolist()
+    labels = output["labels"].cpu().tolist()
+    rles = _encode(output["masks"]) if "masks" in output else None
+    results = []
+    for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
+        r = {"image_id": int(image_id), "category_id": categories.ids[int(label)], "bbox": box,
+             "score": float(score)}  # fmt: skip
+        if rles is not None:
+            r["segmentation"] = rles[i]
+        results.append(r)
+    return results
+
+
+def _encode(masks: torch.Tensor) -> list[dict]:
+    from pycocotools import mask as mask_utils
+
+    if masks.shape[0] == 0:
+        return []
+    array = np.asfortranarray(masks.cpu().numpy().astype(np.uint8).transpose(1, 2, 0))  # (H, W, N)
+    rles = mask_utils.encode(array)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def gather_results(local: list[dict]) -> list[dict]:
+    """The results of every rank, rank by rank (as given without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(local)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return [r for part in parts for r in part]
+
+
+def ground_truth(examples: list[dict], categories: Categories):
+    """A pycocotools ``COCO`` of the examples' images and their annotations as written (crowds included)."""
+    from pycocotools.coco import COCO
+
+    images = [{"id": ex["image_id"], "height": ex["height"], "width": ex["width"]} for ex in examples]
+    annotations = []
+    for ex in examples:
+        for ann in ex["annotations"]:
+            ann = dict(ann)
+            if "area" not in ann:  # COCOeval's size ranges read it; COCO files carry the mask area
+                ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+            annotations.append(ann)
+    for i, ann in enumerate(annotations):  # COCOeval matches by annotation id: unique ones where missing
+        ann.setdefault("id", i + 1)
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations, "categories": categories.as_coco()}
+    with _quiet():
+        coco.createIndex()
+    return coco
+
+
+@contextlib.contextmanager
+def _quiet():
+    """pycocotools prints its progress: into the log at debug level instead."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        text = buffer.getvalue().strip()
+        if text:
+            log.debug("%s", text)
+
+
+def coco_metrics(gt, results: list[dict], iou_types: tuple[str, ...] = IOU_TYPES) -> dict[str, float]:
+    """``{"<iou type>_<stat>": value}`` (``bbox_ap``, ``bbox_ap50``, ... ``segm_apl``) of ``results`` against
+    the ``COCO`` ground truth ``gt``, by pycocotools' COCOeval (its defaults: 10 IoU thresholds, 100
+    detections per image). Each IoU type is scored on its own copy of the results holding only its field
+    (``bbox`` or ``segmentation``), so that a mask's size range is the mask area, as torchvision's COCO
+    evaluator does. No result at all: every AP is 0 (-1 in a size range without ground truth)."""
+    from pycocotools.cocoeval import COCOeval
+
+    out = {}
+    for iou_type in iou_types:
+        key = "bbox" if iou_type == "bbox" else "segmentation"
+        mine = [{k: v for k, v in r.items() if k not in ("bbox", "segmentation") or k == key}
+                for r in results if key in r]  # fmt: skip
+        with _quiet():
+            if mine:
+                dt = gt.loadRes(copy.deepcopy(mine))
+            else:  # loadRes refuses an empty list: the same result object, with no annotation
+                dt = type(gt)()
+                dt.dataset = {"images": list(gt.dataset["images"]), "annotations": [],
+                              "categories": copy.deepcopy(gt.dataset["categories"])}  # fmt: skip
+                dt.createIndex()
+            evaluator = COCOeval(gt, dt, iou_type)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        for name, value in zip(STAT_NAMES, evaluator.stats[: len(STAT_NAMES)]):
+            out[f"{iou_type}_{name}"] = float(value)
+    return out
