@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from beit3.finetune.configurations import build_encoder, full_model_keys
 from beit3.finetune.dense.backbone import (
@@ -200,6 +202,23 @@ def test_activation_checkpointing_gives_equal_gradients(part):
     assert plain.keys() == recomputed.keys() and "beit3.encoder.layers.0.self_attn.q_proj.A.weight" in plain
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"windows": [2, 0]},
+        {"windows": [3, 3], "cls_token": False},
+        {"out_layers": (0, 0, 0, 0), "windows": [0, 2]},
+    ],
+)
+def test_training_flops_equal_torchs_count(kwargs):
+    """Forward and backward on SDPA's math kernel (counted on CPU): equal, not close."""
+    backbone = DenseBackbone(_encoder(RELEASED), out_channels=16, **kwargs)
+    image = _images(2, 48, 80)  # 3 x 5 grid: padded windows
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        sum(f.square().mean() for f in backbone(image).values()).backward()
+    assert backbone.training_flops(2, 48, 80) == counter.get_total_flops()
 
 
 def test_window_settings_per_layer():

@@ -106,6 +106,23 @@ class SimpleFeaturePyramid(nn.Module):
             if isinstance(m, nn.Conv2d):  # detectron2's c2_xavier_fill, as ViTDet's pyramid
                 nn.init.kaiming_uniform_(m.weight, a=1)
 
+    def flops(self, rows: int, cols: int) -> float:
+        """Training FLOPs of one image's pyramid from a ``rows`` x ``cols`` grid: 6 per multiply-add of every
+        (transposed) convolution (forward, input and weight gradients)."""
+        macs = 0
+        for name in LEVELS:
+            pixels = rows * cols  # at the input of each module in turn
+            for m in self.resample[name].modules():
+                if isinstance(m, nn.ConvTranspose2d):  # in x out x kernel area per input pixel
+                    macs += pixels * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+                    pixels *= m.stride[0] * m.stride[1]
+                elif isinstance(m, nn.MaxPool2d):
+                    pixels = (rows // 2) * (cols // 2)
+            for m in self.project[name].modules():
+                if isinstance(m, nn.Conv2d):
+                    macs += pixels * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+        return 6.0 * macs
+
     def forward(self, grids: Sequence[torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         """``grids``: one (B, D, h, w) grid per level (the same one four times for the last-layer pyramid)."""
         return OrderedDict(
@@ -176,6 +193,29 @@ class DenseBackbone(nn.Module):
         if len(grids) == 1:
             grids = grids * len(LEVELS)
         return self.pyramid(grids)
+
+    def training_flops(self, images: int, height: int, width: int) -> float:
+        """Training FLOPs (forward and backward) of ``images`` images of ``height`` x ``width`` through the
+        encoder and the pyramid, in the terms of :mod:`beit3.model.flops`: 6 per weight and position (the
+        patch projection 4: the image needs no gradient), attention 12 x width per query-key pair (a window
+        layer counts its padded windows, which it computes), each convolution 6 per multiply-add;
+        recomputation under activation checkpointing not counted. For a task's ``batch_stats``; equal to
+        torch's FlopCounterMode count (tested)."""
+        cfg, p = self.cfg, self.cfg.patch_size
+        rows, cols = height // p, width // p
+        lead, n = int(self.cls_token), rows * cols
+        tokens = lead + n
+        depth = max(self.out_layers or [cfg.depth - 1]) + 1  # the layers forward runs
+        d = cfg.embed_dim
+        total = 4.0 * n * cfg.in_chans * p * p * d  # patch projection, per image
+        total += depth * tokens * 6.0 * (4 * d * d + 2 * d * cfg.ffn_dim)
+        for size in self.windows[:depth]:
+            if size:
+                padded = -(-rows // size) * size * -(-cols // size) * size
+                total += 12.0 * d * (padded * (lead + size * size) + lead * tokens)
+            else:
+                total += 12.0 * d * tokens * tokens
+        return images * (total + self.pyramid.flops(rows, cols))
 
     def set_grad_checkpointing(
         self, enable: bool = True, layers: list[int] | None = None, part: str = "layer"
