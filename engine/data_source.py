@@ -47,6 +47,15 @@ class DataSource(Protocol):
 
 
 REQUIRED_METHODS = ("__iter__", "state_dict", "load_state_dict", "start_at", "counters")
+# Optional: ``close()``, called by the trainer when training ends (finished, stopped or failed): a source with
+# worker processes that outlive an iteration (persistent loader workers) ends them there. See :func:`close`.
+
+
+def close(data: Any) -> None:
+    """Call ``data.close()`` where the source has one (its worker processes end now, not at exit)."""
+    closer = getattr(data, "close", None)
+    if callable(closer):
+        closer()
 
 
 def check_data_source(data: Any) -> None:

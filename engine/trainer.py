@@ -33,6 +33,7 @@ from beit3.engine.checkpoint import (
     write_best,
 )
 from beit3.engine.data_source import DataSource, check_data_source, counter_values
+from beit3.engine.data_source import close as close_data
 from beit3.engine.ds_config import precision_of
 from beit3.engine.ema import FILE_STEM as EMA_FILE_STEM
 from beit3.engine.ema import WeightEma
@@ -264,6 +265,7 @@ class Trainer:
                 result = self._loop()
             finally:
                 self.writer.close()
+                close_data(self.data)  # its loader workers (persistent ones outlive an iteration)
             if self.cfg.shutdown_at_end:
                 shutdown_distributed()
             elif torch_dist.is_initialized():

@@ -2,7 +2,7 @@
 
 Sections: ``[task]``, ``[model]``, ``[data]``, ``[train]`` (the engine's
 :class:`~beit3.engine.trainer_config.TrainSettings`, the same table in every recipe), ``[param_groups]``
-(layer decay, head learning-rate scale) and ``[captioning]``. Unknown keys are rejected by
+(layer decay, head learning-rate scale), ``[captioning]`` and ``[segmentation]``. Unknown keys are rejected by
 :func:`beit3.engine.config_io.from_dict`; every numeric setting declares its range beside it (``bounded``);
 :func:`validate` checks the values that depend on each other, with messages that name the fix. Batch sizes
 live in the DeepSpeed JSON only.
@@ -21,6 +21,7 @@ from beit3.engine.config_io import (
 )
 from beit3.engine.ds_config import global_batch_problem, load_ds_config
 from beit3.engine.trainer_config import TrainSettings, read_recipe
+from beit3.finetune.data.pair_stream import recipe_checks as pair_stream_checks
 from beit3.finetune.tasks import get_task, task_names
 
 MIXUP_MODES = ("batch", "pair", "elem")
@@ -63,7 +64,7 @@ class ModelSection:
 class DataSection:
     """Where examples come from (:mod:`beit3.finetune.data.sources`) and how they are tokenised."""
 
-    source: str = "jsonl"  # jsonl | wds | easy_vqa | tuxpaint | digits | wordnet | shapes
+    source: str = "jsonl"  # jsonl | wds | pretrain_pairs | easy_vqa | tuxpaint | digits | wordnet | shapes
     train: str = ""  # jsonl: train index file; wds: local shard files (glob or {000..099}); others: unused
     eval: str = ""  # jsonl: eval index file; wds: its shards
     root: str = ""  # jsonl: folder image paths are relative to
@@ -95,6 +96,8 @@ class DataSection:
     # DataLoader worker processes that read and decode a released-format index's training images (the
     # offline sources' images are in memory and need none); pinned memory on a GPU.
     num_workers: int = bounded(4, "[0, inf)")
+    # The workers start once and serve every epoch (torch's persistent_workers); false: new ones each epoch.
+    persistent_workers: bool = True
     seed: int = bounded(0, "[0, inf)")
 
 
@@ -122,6 +125,20 @@ class CaptioningSection:
 
 
 @dataclass
+class SegmentationSection:
+    """Semantic segmentation's views (beit3.finetune.dense.transforms; the crop: model.img_size), head."""
+
+    # Training: the shorter side rescaled to crop x r, r uniform in [scale_min, scale_max] (mmseg's
+    # ratio_range), then the crop; photometric: colour jitter of the image (mmseg's PhotoMetricDistortion).
+    scale_min: float = bounded(0.5, "(0, inf)")
+    scale_max: float = bounded(2.0, "(0, inf)")
+    photometric: bool = True
+    reduce_zero_label: bool = True  # ADE20K: label 0 ("other") ignored, 1..150 -> classes 0..149
+    eval_stride: int = bounded(0, "[0, inf)")  # sliding-window stride in pixels; 0: 2/3 of the crop
+    head_channels: int = bounded(256, "[1, inf)")  # the feature pyramid's and the head's width
+
+
+@dataclass
 class FinetuneRecipe:
     """Everything a finetuning run needs besides the DeepSpeed JSON."""
 
@@ -131,6 +148,7 @@ class FinetuneRecipe:
     train: TrainSettings = field(default_factory=TrainSettings)
     param_groups: ParamGroupSection = field(default_factory=ParamGroupSection)
     captioning: CaptioningSection = field(default_factory=CaptioningSection)
+    segmentation: SegmentationSection = field(default_factory=SegmentationSection)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> FinetuneRecipe:
@@ -158,7 +176,7 @@ def validate(recipe: FinetuneRecipe) -> None:
          f"data.train must name {'shard files' if recipe.data.source == 'wds' else 'a JSONL index file'} "
          f"when data.source = {recipe.data.source!r}"),
     ]  # fmt: skip
-    for ok, message in checks + augmentation_checks(recipe):
+    for ok, message in checks + augmentation_checks(recipe) + pair_stream_checks(recipe):
         if not ok:
             raise ConfigError(f"finetune recipe: {message}")
 
@@ -186,6 +204,8 @@ def augmentation_checks(recipe: FinetuneRecipe) -> list[tuple[bool, str]]:
         (d.mixup_mode in MIXUP_MODES, f"data.mixup_mode must be one of {MIXUP_MODES}, got {d.mixup_mode!r}"),
         (not recipe.captioning.drop_worst_ratio or "captioning" in spec.sections,
          f"captioning.drop_worst_ratio applies to the captioning loss, not to task {task!r} (set it to 0)"),
+        (recipe.segmentation.scale_min <= recipe.segmentation.scale_max,
+         "segmentation.scale_min must not exceed segmentation.scale_max"),
     ]  # fmt: skip
 
 

@@ -42,6 +42,7 @@ from beit3.finetune.builder import build_task, model_config
 from beit3.finetune.data.augment import MixupSettings, TrainTransform, require
 from beit3.finetune.data.batches import BatchLoader, Collator, tokenize_split
 from beit3.finetune.data.build import load_task_data
+from beit3.finetune.data.pair_stream import build_pair_stream
 from beit3.finetune.data.sources import LazyImages
 from beit3.finetune.decoding import BeamSearchConfig
 from beit3.finetune.errors import FinetuneError
@@ -90,7 +91,7 @@ def build_run(recipe: FinetuneRecipe, train: bool = True, classes: list[str] | N
 
         tokenizer = TextTokenizer(recipe.data.tokenizer)
     data = load_task_data(
-        recipe.data, recipe.task.name, _img_size(recipe), train_images=train, classes=classes
+        recipe.data, recipe.task.name, _img_size(recipe), train_images=train, classes=classes, recipe=recipe
     )
     if tokenizer is not None:
         for split in (data.train, data.eval) if train else (data.eval,):
@@ -172,6 +173,13 @@ def prepare(context: RunContext) -> TrainingRun:
         built.update(tokenizer=tokenizer, data=data, task=task)
         if dist.rank == 0:
             write_classes(Path(args.output_dir), name, data.classes)
+        record = {"model": model_config(task, name).to_dict()}
+        if spec.pair_stream:  # the pretraining pair shards, streamed (finetune/data/pair_stream.py)
+            cfg = spec.backbone(task).cfg
+            gas = ds_config["gradient_accumulation_steps"]  # a step's micro-batches: one group
+            loader = build_pair_stream(recipe.data, tokenizer, cfg.img_size, cfg.patch_size, micro, gas,
+                                       dist.rank, dist.world_size)  # fmt: skip
+            return Built(task, loader, eval_fn=run_eval, record=record)
         transform, mixup = augmentation(
             recipe, _img_size(recipe), recipe.task.num_classes or len(data.classes)
         )
@@ -189,9 +197,10 @@ def prepare(context: RunContext) -> TrainingRun:
         loader = BatchLoader(
             data.train, collate, micro, dist.rank, dist.world_size, seed=recipe.data.seed,
             num_workers=recipe.data.num_workers if on_disk else 0, pin_memory=dist.device.type == "cuda",
+            persistent_workers=recipe.data.persistent_workers,
             micro_batches_per_step=ds_config["gradient_accumulation_steps"] if spec.batch_step else 0,
         )  # fmt: skip
-        return Built(task, loader, eval_fn=run_eval, record={"model": model_config(task, name).to_dict()})
+        return Built(task, loader, eval_fn=run_eval, record=record)
 
     def finish(trainer, result) -> int:
         tokenizer, data, task = built["tokenizer"], built["data"], built["task"]

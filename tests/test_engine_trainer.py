@@ -276,6 +276,27 @@ class _SignalAt(ToyData):
             yield batch
 
 
+class _ClosingData(_SignalAt):
+    """A source with worker processes to end (the optional ``close()``): counts the calls."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+@pytest.mark.parametrize("stop_at", [None, 2], ids=["finished", "preempted"])
+def test_the_trainer_closes_a_data_source_that_has_close_when_training_ends(tmp_path, stop_at):
+    at = {"at": stop_at} if stop_at is not None else {"at": -1}
+    trainer = make_trainer(tmp_path, "zero0_fp32.json", 6, data_cls=_ClosingData, data_kwargs=at)
+    assert trainer.data.closed == 0
+    result = trainer.fit()
+    assert result.exit_reason == ("finished" if stop_at is None else "preempted")
+    assert trainer.data.closed == 1
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
 def test_preemption_signal_saves_and_reports_preempted_then_resume_continues(tmp_path, sig):
     trainer = make_trainer(

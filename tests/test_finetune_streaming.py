@@ -101,6 +101,40 @@ def test_worker_batches_equal_in_process_batches_and_resume_exactly(tmp_path, wo
         _same(expected[3:], _batches(resumed) + _batches(resumed))
 
 
+def test_persistent_workers_serve_every_epoch_and_an_abandoned_iteration_resumes_exactly(tmp_path):
+    """The default: the same 2 worker processes build every epoch's batches; an iteration abandoned after 2
+    batches (their prefetched successors dropped) continues on the same workers with exactly the next batch;
+    after close() a new iteration forks new workers and still continues where the loader was. Without
+    persistence each epoch has workers of its own."""
+    split = load_jsonl_split(write_index(tmp_path, 12), tmp_path, SIZE)
+
+    def loader(workers: int, persistent: bool = True) -> BatchLoader:
+        collate = PidCollator("vqa", split.images, num_answers=3, hflip=True)
+        return BatchLoader(split, collate, 2, seed=3, num_workers=workers, persistent_workers=persistent)
+
+    plain = loader(0)
+    expected = [b for _ in range(4) for b in _batches(plain)]  # 4 epochs of 6 batches, in the process
+    persistent = loader(2)
+    got = _batches(persistent) + _batches(persistent, 2)  # epoch 0, then 2 batches of epoch 1 (abandoned)
+    assert persistent.state_dict() == {"epoch": 1, "position": 2}
+    got += _batches(persistent)  # the rest of epoch 1, on the same workers
+    pids = {int(b["pid"]) for b in got}
+    assert len(pids) == 2 and os.getpid() not in pids
+    persistent.close()
+    got += _batches(persistent, 3)  # new workers after close(), from where the loader was
+    new_pids = {int(b["pid"]) for b in got[-3:]}
+    assert new_pids and not new_pids & pids
+    got += _batches(persistent) + _batches(persistent)
+    _same(expected[: len(got)], got)
+    assert len(got) == 24
+    persistent.close()
+
+    per_epoch = loader(2, persistent=False)
+    first, second = _batches(per_epoch), _batches(per_epoch)
+    _same(expected[:12], first + second)
+    assert not {int(b["pid"]) for b in first} & {int(b["pid"]) for b in second}
+
+
 def test_finetuning_on_a_released_index_decodes_in_workers_and_resumes_exactly(tmp_path, monkeypatch, caplog):
     """beit3-finetune on a released-format VQA index with 2 loader workers: 4 steps straight, and 2 + a
     resume to 4; the resumed run's losses equal the straight run's."""

@@ -170,11 +170,15 @@ class BatchLoader:
     epoch and position a number of batches reach. ``num_workers > 0``: batches are collated (their images
     read from disk) in that many DataLoader worker processes, ahead of the step, in pinned memory with
     ``pin_memory``; the position counts the batches handed to the trainer, so a resume continues exactly
-    where the last checkpoint's step stopped, whatever the workers had prefetched. The workers live for one
-    epoch (an iteration) and end with it, or when an iteration is abandoned. ``micro_batches_per_step > 0``:
-    each batch carries ``step``, the (0-based) optimizer step it is trained in (its micro-batch count since
-    the start over the gradient accumulation; a task whose loss changes with the step, captioning's
-    drop-worst, reads it there and needs nothing of the engine).
+    where the last checkpoint's step stopped, whatever the workers had prefetched. With
+    ``persistent_workers`` (the default) the workers are started once and serve every later epoch (torch's
+    ``persistent_workers``: no fork, dataset copy or worker start-up per epoch); an iteration abandoned
+    before its end (a stop, an evaluation that reads the split itself) leaves them running, and the next
+    one starts at the loader's position after the batches they had prefetched are dropped. Without it they
+    live for one iteration. :meth:`close` ends them (the trainer calls it at the end, the interpreter's
+    exit too). ``micro_batches_per_step > 0``: each batch carries ``step``, the (0-based) optimizer step it
+    is trained in (its micro-batch count since the start over the gradient accumulation; a task whose loss
+    changes with the step, captioning's drop-worst, reads it there and needs nothing of the engine).
     """
 
     counter_names: tuple[str, ...] = ()
@@ -191,10 +195,12 @@ class BatchLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
         micro_batches_per_step: int = 0,
+        persistent_workers: bool = True,
     ) -> None:
         self.examples, self.collate, self.batch_size = split.examples, collate, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.micro_batches_per_step = int(micro_batches_per_step)
         self.epoch, self.position = 0, 0
         self._batches: _RankBatches | None = None
@@ -221,6 +227,7 @@ class BatchLoader:
                     sampler=_Positions(self),
                     num_workers=self.num_workers,
                     pin_memory=self.pin_memory,
+                    persistent_workers=self.persistent_workers,
                     # Workers ignore the step's stop signals (the trainer checkpoints) and keep their heap
                     # from growing with the batches they build (beit3.engine.workers).
                     worker_init_fn=init_worker,
@@ -228,8 +235,9 @@ class BatchLoader:
                     # RNG, which each new iteration (a resume, a new epoch) would otherwise consume.
                     generator=torch.Generator().manual_seed(self.seed),
                 )
-            self.close()  # the workers of an iteration abandoned before its end
-            with workers_starting():
+            if not self.persistent_workers:
+                self.close()  # the workers of an iteration abandoned before its end
+            with workers_starting():  # persistent workers: forked by the first iteration only
                 self._active = iter(self._workers)
             shut_down_at_exit(self)
             active = self._active
@@ -238,7 +246,7 @@ class BatchLoader:
                     self.position += 1
                     yield batch
             finally:
-                if self._active is active:
+                if self._active is active and not self.persistent_workers:
                     self.close()
         else:
             while self.position < len(self):
@@ -248,12 +256,17 @@ class BatchLoader:
         self.epoch, self.position = self.epoch + 1, 0
 
     def close(self) -> None:
-        """Stop the worker processes of the current iteration (if any): now, not whenever the garbage
-        collector reaches its iterator, and before the interpreter exits (beit3.engine.workers)."""
+        """Stop the worker processes (if any): now, not whenever the garbage collector reaches their
+        iterator, and before the interpreter exits (beit3.engine.workers). A later iteration starts new
+        ones."""
         active, self._active = self._active, None
         shutdown = getattr(active, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+        if self.persistent_workers:
+            # torch keeps a persistent iterator inside its DataLoader and would reset that one (waiting on
+            # workers that are gone) at the next iteration: a new DataLoader forks new workers instead.
+            self._workers = None
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
