@@ -218,6 +218,44 @@ class EvalContext:
             local.append(logits(self.task.prepare_batch(batch, self.device)).argmax(-1))
         return _gathered_rows(torch.cat(local), len(split.examples)).tolist() if local else []
 
+    def batches(self) -> Iterator[tuple[dict, int]]:
+        """This rank's batches of the split (:func:`_sharded`), collated (the task's ``collate`` hook) and on
+        the device, each with how many of its examples are real (the rest repeat one, to be dropped)."""
+        split = self.split
+        collate = Collator(self.spec.name, split.images, num_answers=self.num_answers)
+        g = torch.Generator().manual_seed(0)
+        for indices, real in _sharded(len(split.examples), self.batch_size, self.spec.eval_items):
+            yield self.task.prepare_batch(collate([split.examples[i] for i in indices], g), self.device), real
+
+    def summed(self, per_batch: Callable[[dict, int], torch.Tensor]) -> torch.Tensor:
+        """The sum over the split of ``per_batch(batch, real)`` (a tensor of one shape from each batch's
+        ``real`` first examples, such as segmentation's confusion matrix), summed over the ranks: every rank
+        gets what one process computes over the whole split (exactly, for integer counts)."""
+        total = None
+        for batch, real in self.batches():
+            part = per_batch(batch, real)
+            total = part if total is None else total + part
+        if _world()[1] > 1:
+            dist.all_reduce(total)
+        return total
+
+    def gathered(self, per_batch: Callable[[dict, int], list]) -> list:
+        """Per-example results over the split, in example order, on every rank: ``per_batch(batch, real)``
+        returns one picklable result for each of the batch's ``real`` first examples (detections, for an
+        evaluation that scores the whole set at once); the ranks' lists are gathered as objects."""
+        local: list = []
+        for batch, real in self.batches():
+            local += list(per_batch(batch, real))[:real]
+        world = _world()[1]
+        if world == 1:
+            return local
+        parts: list = [None] * world
+        dist.all_gather_object(parts, local)
+        out: list = [None] * len(self.split.examples)
+        for r, part in enumerate(parts):
+            out[r::world] = part
+        return out
+
     def recalls(self) -> dict[str, float]:
         """Retrieval's recalls (fractions) over the split's distinct images and texts: ``tr_r1`` ...
         ``ir_r10`` and ``average``, their mean (:func:`sharded_recalls`)."""

@@ -109,14 +109,25 @@ def _answer_names(data_cfg) -> list[str]:
 
 
 def load_task_data(
-    data_cfg, task: str, img_size: int, train_images: bool = True, classes: list[str] | None = None
+    data_cfg,
+    task: str,
+    img_size: int,
+    train_images: bool = True,
+    classes: list[str] | None = None,
+    recipe=None,
 ) -> TaskData:
     """The :class:`TaskData` a recipe's ``[data]`` section describes. ``train_images=False`` (evaluation,
     prediction): a released-format train index is read for its labels only, its images not decoded; with
     ``classes`` (a run's ``classes.json``) it is not read at all (the train split is empty) and the names are
     those, or the index's answer vocabulary file where the task's spec reads one. The eval split's images are
     in the ``data.crop_pct`` evaluation view (:func:`~beit3.finetune.data.augment.eval_view`; an in-memory
-    bank is cropped from its resized images)."""
+    bank is cropped from its resized images). A task whose spec has a ``load_data`` hook (the dense tasks)
+    reads its own data from the whole ``recipe`` (its task tables too)."""
+    spec = get_task(task)
+    if spec.load_data is not None:
+        if recipe is None:
+            raise TypeError(f"load_task_data: task {task!r} reads its data from the recipe: pass recipe=")
+        return spec.load_data(recipe, img_size, train_images, None if train_images else classes)
     data = _task_data(data_cfg, task, img_size, train_images, None if train_images else classes)
     crop_pct = getattr(data_cfg, "crop_pct", 0.0)
     if crop_pct and isinstance(data.eval.images, torch.Tensor):

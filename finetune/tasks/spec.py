@@ -79,6 +79,9 @@ class TaskSpec:
     references: bool = False  # --predict may score against --references (COCO annotations)
     shapes_layout: str = "captions"  # the generated shapes source's examples for it (SHAPES_LAYOUTS)
     eval_items: str = "images"  # what evaluation counts in its progress lines
+    # (recipe, img_size, train_images, classes) -> TaskData: the task reads its own data (dense tasks: a
+    # folder layout, an annotation file; beit3.finetune.dense.data) instead of data.source's readers.
+    load_data: Callable[[Any, int, bool, list[str] | None], Any] | None = None
 
     def __post_init__(self) -> None:
         if self.configuration not in CONFIGURATIONS:
