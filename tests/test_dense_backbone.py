@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from beit3.engine.config_io import from_dict, section_problem
 from beit3.finetune.configurations import build_encoder, full_model_keys
 from beit3.finetune.dense.backbone import (
+    BackboneSettings,
     DenseBackbone,
     DenseBackboneError,
     default_global_layers,
@@ -219,6 +221,18 @@ def test_training_flops_equal_torchs_count(kwargs):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         sum(f.square().mean() for f in backbone(image).values()).backward()
     assert backbone.training_flops(2, 48, 80) == counter.get_total_flops()
+
+
+def test_recipe_settings_build_the_backbone_they_describe():
+    settings = from_dict(
+        BackboneSettings, {"window_size": 2, "global_layers": [1], "out_layers": [0, 0, 1, 1]}
+    )
+    assert settings.problem(depth=2) is None
+    backbone = settings.build(_encoder(RELEASED), out_channels=8)
+    assert backbone.windows == [2, 0] and backbone.out_layers == [0, 0, 1, 1] and backbone.cls_token
+    assert "seg.backbone.global_layers [2]" in BackboneSettings(global_layers=[2]).problem(2, "seg.backbone")
+    assert "out_layers" in BackboneSettings(out_layers=[0, 1]).problem(2)
+    assert "window_size" in section_problem(BackboneSettings(window_size=-1))
 
 
 def test_window_settings_per_layer():

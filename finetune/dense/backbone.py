@@ -24,11 +24,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from beit3.engine.config_io import bounded
 from beit3.finetune.errors import FinetuneError
 from beit3.model import BEiT3Model
 
@@ -67,6 +69,42 @@ def window_sizes(depth: int, window_size: int, global_layers: Sequence[int] | No
     if bad:
         raise DenseBackboneError(f"global_layers {bad} out of range for an encoder of depth {depth}")
     return [0 if i in glob else window_size for i in range(depth)]
+
+
+@dataclass
+class BackboneSettings:
+    """A dense task's backbone settings as recipe data: embed it in the task's recipe table (``backbone:
+    BackboneSettings = field(default_factory=BackboneSettings)``, TOML ``[<task>.backbone]``), check it with
+    :meth:`problem` and build with :meth:`build`, so every dense task reads the same keys."""
+
+    window_size: int = bounded(0, "[0, inf)")  # window attention (0: global attention in every layer)
+    global_layers: list[int] = bounded(interval="[0, inf)", factory=list)  # []: ViTDet's four, evenly spaced
+    out_layers: list[int] = bounded(interval="[0, inf)", factory=list)  # []: every level from the last layer
+    cls_token: bool = True  # keep the CLS token (global in every layer); False: drop it, as ViTDet
+
+    def problem(self, depth: int, where: str = "backbone") -> str | None:
+        """What is wrong with these settings for an encoder of ``depth`` layers (naming ``where.key`` and the
+        fix), or None."""
+        bad = [i for i in self.global_layers if i >= depth]
+        if bad:
+            return f"{where}.global_layers {bad} out of range: the model has {depth} layers (0..{depth - 1})"
+        if self.out_layers and (len(self.out_layers) != len(LEVELS) or max(self.out_layers) >= depth):
+            return (
+                f"{where}.out_layers {self.out_layers}: give four layer indices in [0, {depth}), one per "
+                "level p2..p5, or [] for the last layer"
+            )
+        return None
+
+    def build(self, encoder: BEiT3Model, out_channels: int) -> DenseBackbone:
+        """The :class:`DenseBackbone` of ``encoder`` with these settings."""
+        return DenseBackbone(
+            encoder,
+            out_channels,
+            window_size=self.window_size,
+            global_layers=self.global_layers or None,
+            out_layers=self.out_layers or None,
+            cls_token=self.cls_token,
+        )
 
 
 class SimpleFeaturePyramid(nn.Module):
