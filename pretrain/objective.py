@@ -33,6 +33,10 @@ from beit3.model.flops import Pass, checkpoint_recompute_flops, training_flops
 SUBBATCHES = ("image", "text", "pair")
 # (selection, name of its gather indices ``<name>_index`` / ``<name>_valid``) of a sub-batch
 POSITIONS = (("image_mask", "image_mask"), ("text_labels", "text_label"))
+# The loss terms of each sub-batch kind, and what each predicts: masked patches ("image", the MIM head) or
+# masked text tokens ("text", the MLM head).
+KIND_TERMS = {"image": ("mim",), "text": ("mlm",), "pair": ("vl_mlm", "vl_mim")}
+TERM_TARGETS = {"mim": "image", "mlm": "text", "vl_mlm": "text", "vl_mim": "image"}
 
 
 @dataclass
@@ -55,15 +59,15 @@ class ObjectiveConfig:
 def _masked_ce(
     logits: torch.Tensor, target: torch.Tensor, count: torch.Tensor, smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-entropy mean over the selected positions' logits (M, V) (targets -100 are padding of the
+    """Cross-entropy summed over the selected positions' logits (M, V) (targets -100 are padding of the
     fixed-size gather and ignored), with the number of correct predictions and of positions.
 
-    Empty selections give a zero loss (not NaN); the head still ran (on no rows), so its parameters take
-    part in every step.
+    Empty selections give a zero sum; the head still ran (on no rows), so its parameters take part in every
+    step.
     """
     loss_sum = F.cross_entropy(logits, target, reduction="sum", label_smoothing=smoothing)
     correct = (logits.argmax(-1) == target).sum()
-    return loss_sum / count.clamp(min=1), correct, count
+    return loss_sum, correct, count
 
 
 class MaskedDataModeling(nn.Module):
@@ -136,42 +140,54 @@ class MaskedDataModeling(nn.Module):
         return self.model.beit3.vision_embed.proj.weight.dtype
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        c = self.cfg
-        present = [key for key in SUBBATCHES if key in batch]
-        if not present:
-            raise ValueError(f"batch holds none of the sub-batches {SUBBATCHES}")
-        hidden = self.model.forward_mixed({key: _model_inputs(batch[key]) for key in present})
-        # (term, weight, hidden rows at the masked positions, their targets, their count), in loss order
-        selected = []
-        if "image" in hidden:
-            selected.append(("mim", c.mim_weight, *self._image_rows(hidden["image"], batch["image"])))
-        if "text" in hidden:
-            selected.append(("mlm", c.mlm_weight, *self._text_rows(hidden["text"], batch["text"])))
-        if "pair" in hidden:
-            h, b = hidden["pair"], batch["pair"]
-            num_vision = h.shape[1] - b["text"].shape[1]
-            selected.append(("vl_mlm", c.vl_mlm_weight, *self._text_rows(h, b, offset=num_vision)))
-            selected.append(("vl_mim", c.vl_mim_weight, *self._image_rows(h, b)))
-        losses = {}
-        for head, kind in (
-            (self.model.mlm_head, ("mlm", "vl_mlm")),
-            (self.model.mim_head, ("mim", "vl_mim")),
-        ):
-            terms = [t for t in selected if t[0] in kind]
-            if not terms:
-                continue
-            # One head call for all its terms (each parameter used once per micro-batch).
-            rows = [t[2] for t in terms]
-            logits = head(rows[0] if len(rows) == 1 else torch.cat(rows)).float()
-            for (name, _, _, target, count), lg in zip(terms, logits.split([r.shape[0] for r in rows])):
-                losses[name] = _masked_ce(lg, target, count, c.label_smoothing)
-        terms = [(name, weight, *losses[name]) for name, weight, *_ in selected]
-        total = sum(w * loss for _, w, loss, _, _ in terms)
+        scores = self.masked_terms(batch)[1]
+        weights = self.cfg.loss_weights()
+        # Each loss a mean over its masked tokens (an empty selection: 0, not NaN); total in term order.
+        terms = [(name, s, c, n, s / n.clamp(min=1)) for name, (s, c, n) in scores.items()]
+        total = sum(weights[name] * loss for name, _, _, _, loss in terms)
         metrics: dict[str, torch.Tensor] = {}
-        for name, _, loss, correct, count in terms:
+        for name, _, correct, count, loss in terms:
             metrics[f"loss/{name}"] = loss.detach()
             metrics[f"acc/{name}"] = correct.float() / count.clamp(min=1)
         return total, metrics
+
+    def masked_terms(
+        self, batch: dict, scored: dict[str, tuple[str, ...]] | None = None, smoothing: float | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """Encode the sub-batches in one pass and score their masked tokens: ``(hidden, scores)``, hidden
+        ``{sub-batch: (B, Nv + Nt, D)}`` and ``scores`` ``{term: (loss sum, correct, count)}`` over its
+        masked tokens, in the order mim, mlm, vl_mlm, vl_mim (of the sub-batches present).
+
+        ``scored``: more sub-batches, by name, and the terms each is scored on, named ``<name>/<term>``
+        (evaluation's pairs with another pair's image: ``{"pair_shuffled": ("vl_mlm",)}``).
+        ``smoothing``: the label smoothing of the losses (None: the config's).
+        """
+        plan = [(key, term, term) for key in SUBBATCHES if key in batch for term in KIND_TERMS[key]]
+        if not plan:
+            raise ValueError(f"batch holds none of the sub-batches {SUBBATCHES}")
+        plan += [(key, term, f"{key}/{term}") for key, terms in (scored or {}).items() for term in terms]
+        keys = list(dict.fromkeys(key for key, _, _ in plan))
+        hidden = self.model.forward_mixed({key: _model_inputs(batch[key]) for key in keys})
+        # (term name, hidden rows at the masked positions, their targets, their count), in plan order
+        selected = []
+        for key, term, name in plan:
+            h, b = hidden[key], batch[key]
+            if TERM_TARGETS[term] == "image":
+                selected.append((name, *self._image_rows(h, b)))
+            else:  # text position t at (vision tokens) + t
+                selected.append((name, *self._text_rows(h, b, offset=h.shape[1] - b["text"].shape[1])))
+        smoothing = self.cfg.label_smoothing if smoothing is None else smoothing
+        scores = {}
+        for head, targets in ((self.model.mlm_head, "text"), (self.model.mim_head, "image")):
+            terms = [t for t, (_, term, _) in zip(selected, plan) if TERM_TARGETS[term] == targets]
+            if not terms:
+                continue
+            # One head call for all its terms (each parameter used once per micro-batch).
+            rows = [t[1] for t in terms]
+            logits = head(rows[0] if len(rows) == 1 else torch.cat(rows)).float()
+            for (name, _, target, count), lg in zip(terms, logits.split([r.shape[0] for r in rows])):
+                scores[name] = _masked_ce(lg, target, count, smoothing)
+        return hidden, {name: scores[name] for _, _, name in plan}
 
     def _image_rows(self, hidden: torch.Tensor, b: dict, offset: int = 1):
         """Hidden rows, targets and count of the masked patches. The vision CLS (position 0) is never
