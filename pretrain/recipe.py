@@ -2,7 +2,8 @@
 
 Sections: ``[model]``, ``[tokenizers]``, ``[data]`` (:class:`beit3.pretrain.data.PretrainDataConfig`),
 ``[batch]``, ``[objective]``, ``[train]`` (the engine's :class:`~beit3.engine.trainer_config.TrainSettings`,
-the same table in every recipe). Batch *sizes* live in the DeepSpeed JSON only; the recipe says how a
+the same table in every recipe), ``[eval]`` (held-out shards: :class:`beit3.pretrain.evaluation.EvalConfig`).
+Batch *sizes* live in the DeepSpeed JSON only; the recipe says how a
 micro-batch is split between images, texts and pairs. Every numeric setting declares its range beside it
 (``bounded``). :func:`validate_run` checks a recipe against itself, the model preset, the visual tokenizer
 and the DeepSpeed config without reading a file; :func:`validate` adds the files it names; the tokenizers'
@@ -24,6 +25,7 @@ from beit3.engine.ds_config import global_batch_problem, load_ds_config
 from beit3.engine.trainer_config import TrainSettings, read_recipe
 from beit3.model.beit3 import checkpointed_layers, checkpointed_part
 from beit3.pretrain.data import DataConfigError, PretrainDataConfig
+from beit3.pretrain.evaluation import EvalConfig
 from beit3.pretrain.objective import ObjectiveConfig
 
 MOVED = {"batch.global_batch_size": "train.global_batch_size"}  # keys of earlier recipe layouts
@@ -80,6 +82,7 @@ class PretrainRecipe:
     batch: BatchSection = field(default_factory=BatchSection)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out shards (none: no evaluation)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> PretrainRecipe:
@@ -159,6 +162,9 @@ def validate_run(
         raise ConfigError(f"[model] {e}") from e
     ds_config = load_ds_config(ds_config, world_size)
     split = micro_batch_split(recipe, int(ds_config["train_micro_batch_size_per_gpu"]))
+    problem = recipe.eval.problem(split, recipe.train.eval_every)
+    if problem:
+        raise ConfigError(problem)
     b, expected = recipe.batch, recipe.train.global_batch_size
     unit = b.images + b.texts + b.pairs
     problem = global_batch_problem(ds_config, expected, world_size, unit, trained_global_batch)
@@ -260,6 +266,7 @@ def validate(
         recipe.data.validate()
     except DataConfigError as e:
         raise ConfigError(f"[data] {e}") from e
+    recipe.eval.check_shards(recipe.data)
     return split, visual_checkpoint
 
 

@@ -24,6 +24,7 @@ from beit3.engine.program import Built, RunContext, TrainingRun, program_parser,
 from beit3.engine.supervise import supervised
 from beit3.model import ModelError
 from beit3.pretrain.errors import PretrainError
+from beit3.pretrain.evaluation import eval_hook, train_settings
 from beit3.pretrain.recipe import (
     PretrainRecipe,
     check_text_tokenizer,
@@ -119,7 +120,8 @@ def prepare(context: RunContext) -> TrainingRun:
             recipe.data, text_tok, split["images"], split["texts"], split["pairs"],
             rank=dist.rank, world_size=dist.world_size,
         )  # fmt: skip
-        return Built(task, loader)
+        evaluate = eval_hook(recipe.eval, recipe.data, text_tok, split, task, dist)  # None: no [eval]
+        return Built(task, loader, eval_fn=evaluate)
 
     def finish(trainer, result) -> int:
         if recipe.model.compile != "none":
@@ -133,7 +135,8 @@ def prepare(context: RunContext) -> TrainingRun:
             export_run(Path(args.output_dir), Path(args.export))
         return 0
 
-    return TrainingRun(recipe.train, {"recipe": recipe_record(recipe), "model": model}, build, finish=finish)
+    settings = train_settings(recipe.train, recipe.eval)  # held-out shards: evaluated at the end at least
+    return TrainingRun(settings, {"recipe": recipe_record(recipe), "model": model}, build, finish=finish)
 
 
 def check_export_path(path: str | None) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from engine_helpers import tensorboard_scalars
 from run_record import assert_marker_holds_no_recipe, assert_recorded_once
-from tiny_data import set_args, tiny_pretrain_settings, write_pretrain_data
+from tiny_data import set_args, tiny_pretrain_settings, write_pretrain_data, write_tiny_shards
 
 from beit3.engine.checkpoint import latest_checkpoint, read_marker
 from beit3.model import ModelConfig, build_model, get_config, load_checkpoint
@@ -29,7 +29,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
-    return write_pretrain_data(tmp_path_factory.mktemp("pretrain_e2e"))
+    root = tmp_path_factory.mktemp("pretrain_e2e")
+    for kind in ("images", "texts", "pairs"):  # held-out shards for the evaluation during training
+        write_tiny_shards(str(root / "held_out" / kind), kind, 8, 8, seed=10 + len(kind))
+    return write_pretrain_data(root)
 
 
 def command(assets: dict, out: Path, steps: int, *extra: str) -> list[str]:
@@ -58,9 +61,20 @@ def env() -> dict:
 def test_two_ranks_zero3_train_log_export_and_reload(assets, tmp_path):
     out = tmp_path / "run"
     export = tmp_path / "export" / "model.pth"
-    proc = subprocess.run(command(assets, out, 4, "--export", str(export)), env=env(), capture_output=True,
-                          text=True, timeout=240)  # fmt: skip
+    held_out = assets["root"] / "held_out"
+    shards = [f'eval.{kind[:-1]}_shards=["{held_out}/{kind}/*.tar"]' for kind in ("images", "texts", "pairs")]
+    evaluation = set_args([*shards, "eval.samples=6", "train.eval_every=2"])
+    proc = subprocess.run(command(assets, out, 4, "--export", str(export), *evaluation), env=env(),
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Evaluation on the held-out shards every 2 steps, on both ranks, gathered: eval/* tags, one console line
+    for tag in ("eval/loss/mim", "eval/acc/mim", "eval/loss/mlm", "eval/acc/mlm", "eval/acc/vl_mlm",
+                "eval/acc/vl_mim", "eval/acc/vl_mlm_shuffled_image", "eval/image_use",
+                "eval/health/image_top_pc_share", "eval/health/text_top_pc_share",
+                "eval/health/pair_effective_rank", "eval/health/degenerate"):  # fmt: skip
+        assert sorted(tensorboard_scalars(out, tag)) == [2, 4], tag
+    assert all(0 <= v <= 1 for v in tensorboard_scalars(out, "eval/acc/vl_mlm").values())
+    assert proc.stderr.count("eval step 2: mim ") == proc.stderr.count("eval step 4: mim ") == 1
     for tag in ("loss/total", "loss/mim", "loss/mlm", "loss/vl_mlm", "acc/mlm", "optim/lr", "optim/grad_norm",
                 "perf/samples_per_sec", "perf/tokens_per_sec", "data/skipped/image_decode"):  # fmt: skip
         assert sorted(tensorboard_scalars(out, tag)) == [1, 2, 3, 4], tag
