@@ -197,6 +197,8 @@ def test_layer_decay_applies_to_the_encoder_and_the_head_takes_its_own_scale():
 
 
 def test_a_training_step_reaches_every_parameter_and_counts_the_head_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
     task = _task()
     batch = {"image": torch.randn(2, 3, 64, 64), "label_map": torch.full((2, 64, 64), 255)}
     batch["label_map"][:, :8] = 1
@@ -206,13 +208,18 @@ def test_a_training_step_reaches_every_parameter_and_counts_the_head_flops():
     assert all(p.grad is not None for p in task.parameters())  # every parameter in every step (ZeRO-3)
     none_labelled = {"image": batch["image"], "label_map": torch.full((2, 64, 64), 255)}
     assert task(none_labelled)[0].item() == 0.0  # not NaN: a crop of "other" only
-    # Multiply-adds per 64 px image (width 64, head 32; p2..p5 16, 8, 4, 2 px): the pyramid's deconvolutions
-    # (each output pixel x in x out), its 1x1 + 3x3 projections, the FPN's laterals and 3x3s, the fuse 3x3
-    # over 4 x 32 channels at p2 and the classifier to 3 classes; x2 (multiply, add) x3 (forward, backward).
-    deconv = 64 * 64 * 32 + 256 * 32 * 16 + 64 * 64 * 32
-    project = sum(px * (cin * 32 + 9 * 32 * 32) for px, cin in ((256, 16), (64, 32), (16, 64), (4, 64)))
+    # The head's multiply-adds per 64 px image (head width 32; p2..p5 16, 8, 4, 2 px): the FPN's 1x1
+    # laterals and 3x3s at each level, the fuse 3x3 over 4 x 32 channels and the classifier to 3 classes at
+    # p2; x2 (multiply, add) x3 (forward, backward).
     head = 340 * 32 * 32 + 340 * 9 * 32 * 32 + 256 * 9 * 128 * 32 + 256 * 32 * 3
-    assert task.head_flops(batch) == 2 * 6 * (deconv + project + head)
+    assert task.head_flops(batch) == 2 * 6 * head
+    feats = task.backbone(batch["image"][:1])
+    with FlopCounterMode(display=False) as counter:  # torch's count of one image's head forward
+        task.decode_head(feats)
+    assert task.head_flops(batch) == 2 * 3 * counter.get_total_flops()
+    stats = task.batch_stats(batch)
+    assert stats["flops"] == task.backbone.training_flops(2, 64, 64) + task.head_flops(batch)
+    assert stats["samples"] == 2 and stats["tokens"] == 2 * (16 + 1)
 
 
 # ----- end to end: beit3-finetune on 2 CPU ranks ------------------------------------------------------------

@@ -21,8 +21,6 @@ resized to the label map, arg-max; the confusion matrix of each rank's images is
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +32,7 @@ from beit3.finetune.dense.seg_metrics import IGNORE_INDEX, confusion_matrix, seg
 from beit3.finetune.tasks.base import FinetuneTask, OptimSettings
 from beit3.finetune.tasks.spec import BuildInputs, TaskSpec
 from beit3.model import BEiT3Model
+from beit3.model.flops import linear_flops
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -84,7 +83,6 @@ class SemanticSegmentation(FinetuneTask):
         self.crop = self.cfg.img_size
         self.eval_stride = eval_stride or max(1, round(self.crop * 2 / 3))
         self._no_weight_decay = {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
-        self._conv_flops: dict[tuple[int, int], float] = {}
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, K, H, W) class logits of (B, 3, H, W) images (sides multiples of the patch size)."""
@@ -137,21 +135,33 @@ class SemanticSegmentation(FinetuneTask):
                 matrix += confusion_matrix(logits.argmax(0), batch["label_map"][i, :lh, :lw], k)
         return matrix
 
-    def head_flops(self, batch: dict) -> float:
-        """Training FLOPs of the pyramid and the head (convolutions), counted by torch's FlopCounterMode on
-        meta-device copies once per image size (x3: forward and backward)."""
-        size = tuple(batch["image"].shape[-2:])
-        if size not in self._conv_flops:
-            from torch.utils.flop_counter import FlopCounterMode
+    def batch_stats(self, batch: dict) -> dict:
+        """Samples, vision tokens and training FLOPs of a micro-batch: the backbone's
+        (:meth:`DenseBackbone.training_flops`: encoder and pyramid) plus the head's (:meth:`head_flops`)."""
+        b, _, h, w = batch["image"].shape
+        tokens = b * ((h // self.cfg.patch_size) * (w // self.cfg.patch_size) + int(self.backbone.cls_token))
+        flops = self.backbone.training_flops(b, h, w) + self.head_flops(batch)
+        return {"samples": b, "tokens": tokens, "flops": flops}
 
-            pyramid = copy.deepcopy(self.backbone.pyramid).to("meta")
-            head = copy.deepcopy(self.decode_head).to("meta")
-            grid = torch.empty(1, self.cfg.embed_dim, size[0] // self.cfg.patch_size,
-                               size[1] // self.cfg.patch_size, device="meta")  # fmt: skip
-            with FlopCounterMode(display=False) as counter:
-                head(pyramid([grid] * 4))
-            self._conv_flops[size] = 3.0 * counter.get_total_flops()
-        return self._conv_flops[size] * batch["image"].shape[0]
+    def head_flops(self, batch: dict) -> float:
+        """Training FLOPs of the head's convolutions (6 per multiply-add, as :func:`linear_flops` counts a
+        weight matrix applied at every pixel): the FPN's laterals and 3x3s at each level, the fuse 3x3 and
+        the classifier at ``p2``."""
+        b, _, h, w = batch["image"].shape
+        rows, cols = h // self.cfg.patch_size, w // self.cfg.patch_size
+        levels = [(4 * rows) * (4 * cols), (2 * rows) * (2 * cols), rows * cols, (rows // 2) * (cols // 2)]
+        head, fpn = self.decode_head, self.decode_head.fpn
+        total = 0.0
+        for pixels, inner, layer in zip(levels, fpn.inner_blocks, fpn.layer_blocks):
+            for conv in (inner[0], layer[0]):
+                total += linear_flops(
+                    b * pixels, conv.in_channels * conv.kernel_size[0] ** 2, conv.out_channels
+                )
+        for conv in (head.fuse[0], head.classifier):
+            total += linear_flops(
+                b * levels[0], conv.in_channels * conv.kernel_size[0] ** 2, conv.out_channels
+            )
+        return total
 
 
 # ----- the task definition --------------------------------------------------------------------------------
