@@ -167,7 +167,7 @@ def test_a_rank_killed_on_one_node_excludes_that_node_from_the_requeued_job(two_
 
 def test_a_rank_stopped_on_one_node_ends_in_stack_dumps_and_a_requeue_as_a_hang(two_nodes, tmp_path):
     """Real beit3-pretrain on two nodes; the rank on b3n2 is stopped (SIGSTOP) after step 3. The watchdog of
-    the rank on b3n1 (BEIT3_WATCHDOG_S=30, passed on by the sbatch script) dumps its stacks and exits 76; 5 s
+    the rank on b3n1 (BEIT3_WATCHDOG_S=20, passed on by the sbatch script) dumps its stacks and exits 76; 5 s
     later (BEIT3_HUNG_GRACE_S) the batch shell kills the stopped rank; the attempt counts as a hang against
     the failure budget, is requeued and resumes from its last checkpoint, within the limit plus a minute.
     The tiny model's steps take a fraction of a second: 24 of them leave the stop, sent once step 3 is logged,
@@ -184,7 +184,7 @@ def test_a_rank_stopped_on_one_node_ends_in_stack_dumps_and_a_requeue_as_a_hang(
         BEIT3_RECIPE="pretrain/recipes/demo.toml",
         BEIT3_DS_CONFIG="ds_configs/zero3_fp32.json",
         BEIT3_EXTRA_ARGS=args,
-        BEIT3_WATCHDOG_S="30",
+        BEIT3_WATCHDOG_S="20",
         BEIT3_HUNG_GRACE_S="5",
         PYTHONWARNINGS="ignore",
     )
@@ -194,7 +194,7 @@ def test_a_rank_stopped_on_one_node_ends_in_stack_dumps_and_a_requeue_as_a_hang(
     os.kill(beat["pid"], signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
-        wait_for_text(log, r"requeueing job", timeout=30 + 60)
+        wait_for_text(log, r"requeueing job", timeout=20 + 60)
         hung_for = time.monotonic() - stopped_at
         info = two_nodes.wait_for(job, DONE, timeout=240)
     finally:
