@@ -29,7 +29,7 @@ from beit3.finetune.tasks import get_task
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
 SHAPES = ("square", "disc")
 QUESTIONS = ("what color is the shape?", "what shape is it?")
-SOURCES = ("jsonl", "wds", "easy_vqa", "tuxpaint", "digits", "wordnet", "shapes")
+SOURCES = ("jsonl", "wds", "pretrain_pairs", "easy_vqa", "tuxpaint", "digits", "wordnet", "shapes")
 
 
 def _shape_image(color: tuple[int, int, int], shape: str, size: int, g: torch.Generator) -> torch.Tensor:
@@ -158,6 +158,10 @@ def _task_data(data_cfg, task: str, img_size: int, train_images: bool, classes: 
             return TaskData(train, eval_, names or list(classes))
         num = 1 + max((ex.get("label", max(ex.get("scores", {0: 0}))) for ex in train.examples), default=0)
         return TaskData(train, eval_, names or [str(i) for i in range(num)])
+    if d.source == "pretrain_pairs":  # training pairs streamed (pair_stream.py); eval: held-out pairs
+        from beit3.finetune.data.pair_stream import held_out_pairs
+
+        return held_out_pairs(d, img_size)
     if d.source == "easy_vqa":
         return load_easy_vqa(img_size, d.max_train, d.max_eval, d.seed)
     if d.source == "tuxpaint":

@@ -8,7 +8,7 @@ registered the same way, at run time.
 
 from __future__ import annotations
 
-from beit3.finetune.tasks import captioning, classification, retrieval, segmentation, vqa
+from beit3.finetune.tasks import captioning, classification, contrastive, retrieval, segmentation, vqa
 from beit3.finetune.tasks.spec import TaskSpec
 
 _REGISTRY: dict[str, TaskSpec] = {}
@@ -47,4 +47,5 @@ register(vqa.VQA_SPEC)
 register(vqa.NLVR2_SPEC)
 register(retrieval.SPEC)
 register(captioning.SPEC)
+register(contrastive.SPEC)
 register(segmentation.SPEC)

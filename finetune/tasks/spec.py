@@ -82,6 +82,9 @@ class TaskSpec:
     # (recipe, img_size, train_images, classes) -> TaskData: the task reads its own data (dense tasks: a
     # folder layout, an annotation file; beit3.finetune.dense.data) instead of data.source's readers.
     load_data: Callable[[Any, int, bool, list[str] | None], Any] | None = None
+    # Trains on the pretraining pair shards, streamed (data.source = "pretrain_pairs",
+    # beit3.finetune.data.pair_stream), each optimizer step's micro-batches handed to it as one group.
+    pair_stream: bool = False
 
     def __post_init__(self) -> None:
         if self.configuration not in CONFIGURATIONS:
