@@ -152,6 +152,25 @@ def test_out_layers_feed_each_level_from_its_own_layer():
     assert (grids[0] - grids[2]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"window_size": 2}, {"out_layers": (0, 0, 1, 1), "cls_token": False}, {"out_layers": (0, 1, 1, 1)}],
+)
+def test_every_parameter_gets_a_gradient_and_unused_parts_are_pruned(kwargs):
+    """As the finetuning configurations: under ZeRO-3 a parameter without a gradient would drift."""
+    backbone = DenseBackbone(_encoder(PAPER), out_channels=8, **kwargs)  # 3 layers
+    sum(f.square().mean() for f in backbone(_images(1, 48, 64)).values()).backward()
+    missing = [n for n, p in backbone.named_parameters() if p.grad is None]
+    assert missing == []
+    names = set(dict(backbone.named_parameters()))
+    top = max(kwargs.get("out_layers", [2]))
+    assert any(f"encoder.layers.{top}." in n for n in names) and not any(
+        f"layers.{top + 1}." in n for n in names
+    )
+    assert ("beit3.encoder.layer_norm.A.weight" in names) == (top == 2)
+    assert ("beit3.vision_embed.cls_token" in names) == kwargs.get("cls_token", True)
+
+
 def test_reload_reports_the_pyramid_as_fresh_and_the_language_experts_as_unused(tmp_path):
     torch.manual_seed(3)
     full = build_model(RELEASED, **SMALL)
@@ -167,6 +186,10 @@ def test_reload_reports_the_pyramid_as_fresh_and_the_language_experts_as_unused(
     assert sorted(report.loaded) == sorted(k for k in own if k.startswith("beit3."))
     reference = full.state_dict()
     assert all(torch.equal(own[k], reference[k]) for k in report.loaded)
+    pruned = DenseBackbone(_encoder(RELEASED), out_channels=16, out_layers=(0, 0, 0, 0), cls_token=False)
+    report = load_pretrained(pruned, tmp_path / "pretrained.pth", full_model_keys(RELEASED, **SMALL))
+    dropped = {"beit3.encoder.layers.1.ffn.A.fc1.weight", "beit3.encoder.layer_norm.A.weight"}
+    assert dropped | {"beit3.vision_embed.cls_token"} <= set(report.unused)
 
 
 def test_layer_decay_groups_cover_every_parameter_and_give_the_pyramid_the_top_rate():

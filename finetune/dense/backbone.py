@@ -223,6 +223,20 @@ class DenseBackbone(nn.Module):
         self.pyramid = SimpleFeaturePyramid(cfg.embed_dim, out_channels)
         self.strides = {name: cfg.patch_size / s for name, s in zip(LEVELS, SCALES)}
         self.size_divisibility = 2 * cfg.patch_size
+        self._prune_unused()
+
+    def _prune_unused(self) -> None:
+        """Drop what the forward never uses, as the finetuning configurations do (under ZeRO-3 a parameter
+        without a gradient gets its last one re-applied, docs/engine.md): the layers above the highest of
+        ``out_layers`` and then the final LayerNorm, the CLS token when it is dropped. A checkpoint's keys
+        for them are reported unused on reload."""
+        encoder = self.beit3.encoder
+        last = max(self.out_layers or [self.cfg.depth - 1])
+        if last < self.cfg.depth - 1:
+            del encoder.layers[last + 1 :]
+            encoder.layer_norm = None
+        if not self.cls_token:
+            self.beit3.vision_embed.cls_token = None
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Feature maps ``p2``..``p5`` of (B, 3, H, W) images, H and W multiples of the patch size."""
