@@ -2,7 +2,8 @@
 
 Sections: ``[task]``, ``[model]``, ``[data]``, ``[train]`` (the engine's
 :class:`~beit3.engine.trainer_config.TrainSettings`, the same table in every recipe), ``[param_groups]``
-(layer decay, head learning-rate scale), ``[captioning]`` and ``[segmentation]``. Unknown keys are rejected by
+(layer decay, head learning-rate scale), ``[captioning]``, ``[segmentation]`` and ``[detection]`` (its
+dataclass in :mod:`beit3.finetune.tasks.detection`). Unknown keys are rejected by
 :func:`beit3.engine.config_io.from_dict`; every numeric setting declares its range beside it (``bounded``);
 :func:`validate` checks the values that depend on each other, with messages that name the fix. Batch sizes
 live in the DeepSpeed JSON only.
@@ -23,6 +24,7 @@ from beit3.engine.ds_config import global_batch_problem, load_ds_config
 from beit3.engine.trainer_config import TrainSettings, read_recipe
 from beit3.finetune.data.pair_stream import recipe_checks as pair_stream_checks
 from beit3.finetune.tasks import get_task, task_names
+from beit3.finetune.tasks.detection import DetectionSection
 
 MIXUP_MODES = ("batch", "pair", "elem")
 # timm's RandAugment grammar: "rand" and "-"-separated sections m (magnitude), n (ops per image), mstd
@@ -149,6 +151,7 @@ class FinetuneRecipe:
     param_groups: ParamGroupSection = field(default_factory=ParamGroupSection)
     captioning: CaptioningSection = field(default_factory=CaptioningSection)
     segmentation: SegmentationSection = field(default_factory=SegmentationSection)
+    detection: DetectionSection = field(default_factory=DetectionSection)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> FinetuneRecipe:
@@ -253,6 +256,10 @@ def validate_run(
     except (ModelConfigError, TypeError, ValueError, ZeroDivisionError) as e:
         raise ConfigError(f"finetune recipe: model.overrides: {e}") from e
     checkpointing(recipe, model_cfg.depth)
+    spec = get_task(recipe.task.name)
+    problem = spec.recipe_problem(recipe, model_cfg) if spec.recipe_problem is not None else None
+    if problem:
+        raise ConfigError(f"finetune recipe: {problem}")
     lengths = [("data.max_text_len", recipe.data.max_text_len)]
     if "captioning" in get_task(recipe.task.name).sections:  # the decoded captions' length
         lengths.append(("captioning.max_len", recipe.captioning.max_len))

@@ -1,20 +1,25 @@
 """COCO instances in and COCO-style mAP out: the detection and instance-segmentation data and evaluation.
 
 In: a COCO instances JSON (``images``, ``annotations``, ``categories``) and the folder its ``file_name`` s are
-relative to (:func:`read_instances`). Each image becomes one example: its training targets (``boxes`` xyxy in
-pixels of the image as stored, ``labels`` 0-based class indices, ``segmentations`` the annotations' polygons
-or RLE, decoded into masks by :func:`decode_masks` where a batch needs them) and ``annotations``, the image's
-COCO annotations as written, which the evaluation scores against. Crowd annotations (``iscrowd`` 1) are not
-training targets (torchvision's and detectron2's COCO training drop them) and stay in the ground truth, where
-COCOeval ignores the detections matched to them; boxes are clipped to the image and those left without area
-are dropped from the targets, as torchvision's COCO reference does.
+relative to (:func:`read_instances`). Each image becomes one example: ``sample`` (its row in the split's
+images), ``image_id``, ``height`` and ``width``, its training targets (``boxes`` xyxy in pixels of the image
+as stored, ``labels`` 0-based class indices, ``segmentations`` the annotations' polygons or RLE, decoded into
+masks by :func:`decode_masks` where a batch needs them) and ``annotations``, the image's COCO annotations as
+written, which the evaluation scores against. Crowd annotations (``iscrowd`` 1) are not training targets
+(torchvision's and detectron2's COCO training drop them) and stay in the ground truth, where COCOeval
+ignores the detections matched to them; boxes are clipped to the image and those left without area are
+dropped from the targets, as torchvision's COCO reference does.
+
+Batches: the detection task's spec reads its data through :func:`load_coco` and collates it with
+:func:`collate_detection` (the views of :class:`DetectionViews`; the dense-task plumbing of
+:mod:`beit3.finetune.dense.data`).
 
 Out: per-image detections (boxes xyxy, scores, labels, optional masks) in the image's own pixels become COCO
 results (:func:`image_results`: boxes xywh, category ids, masks as compressed RLE), those of the model's
-input frame are first mapped back (:func:`to_original_frame`), and :func:`coco_metrics` scores the results of
-all ranks (:func:`gather_results`) with pycocotools' COCOeval: AP, AP50, AP75 and AP small/medium/large per
-IoU type, fractions in [0, 1] (-1 where no ground truth falls in a size range, as COCOeval says). COCOeval's
-console output goes to the log at debug level.
+input frame are first mapped back (:func:`to_original_frame`), and :func:`coco_metrics` scores the results
+of all ranks (gathered by the evaluation loop) with pycocotools' COCOeval: AP, AP50, AP75 and AP
+small/medium/large per IoU type, fractions in [0, 1] (-1 where no ground truth falls in a size range, as
+COCOeval says). COCOeval's console output goes to the log at debug level.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from beit3.finetune.data.sources import DataSourceError
@@ -69,7 +73,7 @@ class Categories:
 
 @dataclass
 class Instances:
-    """One instances file read: an example per image, the image paths (example ``image`` indexes them) and
+    """One instances file read: an example per image, the image paths (example ``sample`` indexes them) and
     the categories."""
 
     examples: list[dict]
@@ -135,7 +139,7 @@ def read_instances(
                 f"{path}: image entries need id, file_name, height and width ({e!r})"
             ) from None
         anns = by_image.get(image_id, [])
-        ex = {"image": len(paths), "image_id": image_id, "height": height, "width": width,
+        ex = {"sample": len(paths), "image_id": image_id, "height": height, "width": width,
               **_targets(anns, height, width, categories, path), "annotations": anns}  # fmt: skip
         if drop_empty and not ex["boxes"]:
             continue
@@ -222,15 +226,6 @@ def _encode(masks: torch.Tensor) -> list[dict]:
     return rles
 
 
-def gather_results(local: list[dict]) -> list[dict]:
-    """The results of every rank, rank by rank (as given without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(local)
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
-    return [r for part in parts for r in part]
-
-
 def ground_truth(examples: list[dict], categories: Categories):
     """A pycocotools ``COCO`` of the examples' images and their annotations as written (crowds included)."""
     from pycocotools.coco import COCO
@@ -293,3 +288,132 @@ def coco_metrics(gt, results: list[dict], iou_types: tuple[str, ...] = IOU_TYPES
         for name, value in zip(STAT_NAMES, evaluator.stats[: len(STAT_NAMES)]):
             out[f"{iou_type}_{name}"] = float(value)
     return out
+
+
+# ----- the detection task's data: its spec's load_data and collate hooks ------------------------------------
+@dataclass(frozen=True)
+class DetectionViews:
+    """How a detection split's batches are built (the ``views`` of its :class:`DenseImages`).
+
+    Training: large-scale jitter (ViTDet's): the image rescaled by r x (the scale fitting it in
+    ``size`` x ``size``), r uniform in [``scale_min``, ``scale_max``], a random ``size`` x ``size`` crop
+    (zero-padded where the image is smaller), a horizontal flip with ``hflip``; boxes and masks move with the
+    image, boxes left under a pixel are dropped. Evaluation: the longer side resized to ``size``, the
+    aspect kept. Both normalised to [-1, 1]."""
+
+    size: int
+    categories: Categories
+    masks: bool = True  # the targets carry instance masks (Mask R-CNN)
+    scale_min: float = 0.1
+    scale_max: float = 2.0
+    hflip: bool = True
+
+
+def load_coco(recipe, img_size: int, train_images: bool = True, classes: list[str] | None = None):
+    """The detection task's ``load_data`` hook: ``data.train`` / ``data.eval`` the instances files and
+    ``detection.train_images`` / ``detection.eval_images`` their image folders, each relative to
+    ``data.root`` (or absolute). ``classes`` given (a run's ``classes.json``): the train file is not read,
+    and the eval file's categories must be those."""
+    from beit3.finetune.data.sources import Split, TaskData
+    from beit3.finetune.dense.data import DenseImages
+
+    d, s = recipe.data, recipe.detection
+    root = Path(d.root)
+    if not d.eval and not (d.train and classes is None):
+        raise DataSourceError(
+            "data.train and data.eval must name COCO instances files (relative to data.root)"
+        )
+
+    def split(file: str, folder: str, train: bool, limit: int) -> tuple[Split, Categories]:
+        inst = read_instances(root / file, root / folder, drop_empty=train, limit=limit)
+        views = DetectionViews(img_size, inst.categories, s.detector == "mask_rcnn", s.scale_min, s.scale_max,
+                               d.hflip)  # fmt: skip
+        return Split(inst.examples, DenseImages(inst.paths, img_size, views, train)), inst.categories
+
+    train, categories = Split([]), None
+    if classes is None:
+        train, categories = split(d.train, s.train_images, True, d.max_train)
+    evaluation = Split([])
+    if d.eval:
+        evaluation, eval_categories = split(d.eval, s.eval_images, False, d.max_eval)
+        expected = categories.names if categories is not None else list(classes)
+        if eval_categories.names != expected:
+            raise DataSourceError(f"{root / d.eval}: its categories {eval_categories.names} are not the "
+                                  f"training ones {expected}")  # fmt: skip
+        categories = categories or eval_categories
+    return TaskData(train, evaluation, list(categories.names))
+
+
+def collate_detection(batch: dict, examples: list[dict], collator, generator: torch.Generator | None) -> None:
+    """The detection task's ``collate`` hook: ``image`` (B, 3, H, W) in [-1, 1], zero-padded to the batch's
+    largest, ``image_size`` (B, 2) the (h, w) each fills; training: ``targets`` (boxes xyxy, labels, masks
+    of each image's view); evaluation: ``image_id`` (B,) and ``original_size`` (B, 2), the (height, width)
+    as stored, to which the detections are mapped back."""
+    from beit3.finetune.data.augment import draw_seed, seeded
+    from beit3.finetune.dense.data import padded
+
+    images = collator.images
+    views: DetectionViews = images.views
+    decoded = [images.decode(ex["sample"]) for ex in examples]
+    if images.train:
+        with seeded(draw_seed(generator)):
+            pairs = [_train_view(img, ex, views) for img, ex in zip(decoded, examples)]
+        batch["image"], batch["image_size"] = padded([img for img, _ in pairs], 0.0)
+        batch["targets"] = [target for _, target in pairs]
+        return
+    batch["image"], batch["image_size"] = padded([_eval_view(img, views.size) for img in decoded], 0.0)
+    batch["image_id"] = torch.tensor([ex["image_id"] for ex in examples])
+    batch["original_size"] = torch.tensor([[ex["height"], ex["width"]] for ex in examples])
+
+
+def _v2():
+    from beit3.finetune.data.augment import _import_torchvision
+
+    _import_torchvision()
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    return v2, tv_tensors
+
+
+def _normalise(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, h, w) -> float in [-1, 1] (the project's normalisation, mean 0.5 and std 0.5)."""
+    return image.float() / 127.5 - 1.0
+
+
+def _train_view(image, example: dict, views: DetectionViews) -> tuple[torch.Tensor, dict]:
+    v2, tv = _v2()
+    width, height = image.size
+    if (height, width) != (example["height"], example["width"]):
+        raise DataSourceError(f"image {example['image_id']}: {width}x{height} pixels, its instances file "
+                              f"says {example['width']}x{example['height']}")  # fmt: skip
+    sample = {
+        "image": tv.Image(v2.functional.pil_to_tensor(image)),
+        "boxes": tv.BoundingBoxes(
+            torch.tensor(example["boxes"], dtype=torch.float32).reshape(-1, 4),
+            format="XYXY",
+            canvas_size=(height, width),
+        ),  # fmt: skip
+        "labels": torch.tensor(example["labels"], dtype=torch.long),
+    }
+    if views.masks:
+        sample["masks"] = tv.Mask(decode_masks(example["segmentations"], height, width))
+    steps = [v2.ScaleJitter((views.size, views.size), (views.scale_min, views.scale_max), antialias=True),
+             v2.RandomCrop(views.size, pad_if_needed=True)]  # fmt: skip
+    if views.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps.append(v2.SanitizeBoundingBoxes(min_size=1.0))  # drops the labels and masks of the boxes it drops
+    out = v2.Compose(steps)(sample)
+    target = {"boxes": out["boxes"].as_subclass(torch.Tensor).float(), "labels": out["labels"]}
+    if views.masks:
+        target["masks"] = out["masks"].as_subclass(torch.Tensor).to(torch.uint8)
+    return _normalise(out["image"].as_subclass(torch.Tensor)), target
+
+
+def _eval_view(image, size: int) -> torch.Tensor:
+    v2, _ = _v2()
+    width, height = image.size
+    scale = size / max(height, width)
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))
+    resized = v2.functional.resize(v2.functional.pil_to_tensor(image), [h, w], antialias=True)
+    return _normalise(resized)

@@ -8,7 +8,15 @@ registered the same way, at run time.
 
 from __future__ import annotations
 
-from beit3.finetune.tasks import captioning, classification, contrastive, retrieval, segmentation, vqa
+from beit3.finetune.tasks import (
+    captioning,
+    classification,
+    contrastive,
+    detection,
+    retrieval,
+    segmentation,
+    vqa,
+)
 from beit3.finetune.tasks.spec import TaskSpec
 
 _REGISTRY: dict[str, TaskSpec] = {}
@@ -49,3 +57,4 @@ register(retrieval.SPEC)
 register(captioning.SPEC)
 register(contrastive.SPEC)
 register(segmentation.SPEC)
+register(detection.SPEC)

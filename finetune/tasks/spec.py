@@ -85,6 +85,9 @@ class TaskSpec:
     # Trains on the pretraining pair shards, streamed (data.source = "pretrain_pairs",
     # beit3.finetune.data.pair_stream), each optimizer step's micro-batches handed to it as one group.
     pair_stream: bool = False
+    # (recipe, model config) -> what the task's settings ask that the model preset cannot do (None: nothing);
+    # checked by beit3.finetune.recipe.validate_run, without data.
+    recipe_problem: Callable[[Any, Any], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.configuration not in CONFIGURATIONS:
