@@ -284,5 +284,7 @@ def test_inputs_the_backbone_cannot_take_are_refused():
     backbone = DenseBackbone(_encoder(RELEASED), out_channels=16)
     with pytest.raises(ValueError, match="multiples of the patch size 16"):
         backbone(_images(1, 64, 72))
+    with pytest.raises(ValueError, match="at least 32"):
+        backbone(_images(1, 16, 64))
     with pytest.raises(DenseBackboneError, match="vision encoder"):
         DenseBackbone(build_encoder(RELEASED, "language", **SMALL))

@@ -240,6 +240,11 @@ class DenseBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Feature maps ``p2``..``p5`` of (B, 3, H, W) images, H and W multiples of the patch size."""
+        if images.dim() == 4 and min(images.shape[-2:]) < self.size_divisibility:
+            raise ValueError(
+                f"images of {tuple(images.shape[-2:])} pixels: p5 needs at least {self.size_divisibility} "
+                "(two patches) per side; pad them to a multiple of backbone.size_divisibility"
+            )
         layers = self.out_layers or [self.cfg.depth - 1]
         grids = self.beit3.forward_grid(images, self.windows, layers, cls_token=self.cls_token)
         if len(grids) == 1:
