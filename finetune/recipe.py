@@ -23,6 +23,7 @@ from beit3.engine.config_io import (
 from beit3.engine.ds_config import global_batch_problem, load_ds_config
 from beit3.engine.trainer_config import TrainSettings, read_recipe
 from beit3.finetune.data.pair_stream import recipe_checks as pair_stream_checks
+from beit3.finetune.dense.backbone import BackboneSettings
 from beit3.finetune.tasks import get_task, task_names
 from beit3.finetune.tasks.detection import DetectionSection
 
@@ -138,6 +139,8 @@ class SegmentationSection:
     reduce_zero_label: bool = True  # ADE20K: label 0 ("other") ignored, 1..150 -> classes 0..149
     eval_stride: int = bounded(0, "[0, inf)")  # sliding-window stride in pixels; 0: 2/3 of the crop
     head_channels: int = bounded(256, "[1, inf)")  # the feature pyramid's and the head's width
+    # [segmentation.backbone]: window attention, out_layers, CLS token (the dense tasks' shared keys).
+    backbone: BackboneSettings = field(default_factory=BackboneSettings)
 
 
 @dataclass

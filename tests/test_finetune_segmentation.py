@@ -157,25 +157,45 @@ def test_evaluation_batches_keep_the_label_maps_at_their_own_size(ade):
     assert batch["label_map"].shape == (2, 48, 80) and batch["label_size"].tolist() == [[48, 80]] * 2
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("segmentation.eval_stride=200", "segmentation.eval_stride=200 exceeds the crop 128"),
+        ("segmentation.backbone.out_layers=[0, 1, 2, 9]", r"segmentation.backbone.out_layers \[0, 1, 2, 9\]"),
+        ("segmentation.scale_min=3.0", "segmentation.scale_min must not exceed segmentation.scale_max"),
+    ],
+)
+def test_segmentation_settings_the_model_cannot_take_are_refused_without_data(override, message):
+    from beit3.engine.config_io import ConfigError
+    from beit3.finetune.recipe import load_recipe, validate_run
+
+    ds_config = json.loads((REPO / "ds_configs" / "zero0_fp32.json").read_text())
+    validate_run(load_recipe("ade20k_small"), ds_config, 1)
+    with pytest.raises(ConfigError, match=message):
+        validate_run(load_recipe("ade20k_small", [override]), ds_config, 1)
+
+
 # ----- the task model --------------------------------------------------------------------------------------
-def _task(**kwargs):
+@pytest.fixture(scope="module")
+def task():
+    """A tiny segmentation model: 3 classes, head width 32 (tests that change it restore it)."""
     from beit3.finetune.configurations import build_encoder
     from beit3.finetune.tasks.segmentation import SemanticSegmentation
 
     torch.manual_seed(0)
     encoder = build_encoder("beit3_tiny_patch16_64", "vision", normalize_output=False, drop_path_rate=0.0)
-    return SemanticSegmentation(encoder, 3, channels=32, **kwargs)
+    return SemanticSegmentation(encoder, 3, channels=32)
 
 
-def test_sliding_windows_cover_the_image_and_average_where_they_overlap():
-    task = _task(eval_stride=24)
+def test_sliding_windows_cover_the_image_and_average_where_they_overlap(task, monkeypatch):
     seen = []
 
     def first_channel(windows):  # logits = the window's own pixels: stitching must give the image back
         seen.append(windows.shape[0])
         return windows[:, :1].expand(-1, 3, -1, -1) + 0.0
 
-    task.logits = first_channel
+    monkeypatch.setattr(task, "logits", first_channel)
+    monkeypatch.setattr(task, "eval_stride", 24)
     image = torch.randn(3, 64, 107)
     torch.testing.assert_close(task.slide_logits(image), image[:1].expand(3, -1, -1))
     assert seen == [3]  # one row; columns 0, 24 and the last flush with the edge, 43
@@ -183,10 +203,10 @@ def test_sliding_windows_cover_the_image_and_average_where_they_overlap():
     torch.testing.assert_close(task.slide_logits(small), small[:1].expand(3, -1, -1))
 
 
-def test_layer_decay_applies_to_the_encoder_and_the_head_takes_its_own_scale():
+def test_layer_decay_applies_to_the_encoder_and_the_head_takes_its_own_scale(task, monkeypatch):
     from beit3.finetune.tasks.base import OptimSettings
 
-    task = _task(optim=OptimSettings(0.05, 0.5, 10.0))
+    monkeypatch.setattr(task, "optim", OptimSettings(0.05, 0.5, 10.0))
     scale = {id(p): g["lr_scale"] for g in task.param_groups() for p in g["params"]}
     named = dict(task.named_parameters())
     depth = task.cfg.depth
@@ -196,10 +216,10 @@ def test_layer_decay_applies_to_the_encoder_and_the_head_takes_its_own_scale():
     assert head and all(scale[id(named[n])] == 10.0 for n in head)
 
 
-def test_a_training_step_reaches_every_parameter_and_counts_the_head_flops():
+def test_a_training_step_reaches_every_parameter_and_counts_the_head_flops(task):
     from torch.utils.flop_counter import FlopCounterMode
 
-    task = _task()
+    task.zero_grad()
     batch = {"image": torch.randn(2, 3, 64, 64), "label_map": torch.full((2, 64, 64), 255)}
     batch["label_map"][:, :8] = 1
     loss, metrics = task(batch)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from beit3.finetune.data.augment import _import_torchvision
-from beit3.finetune.dense.backbone import DenseBackbone
+from beit3.finetune.dense.backbone import BackboneSettings
 from beit3.finetune.dense.data import collate_segmentation, load_ade20k
 from beit3.finetune.dense.seg_metrics import IGNORE_INDEX, confusion_matrix, segmentation_scores
 from beit3.finetune.tasks.base import FinetuneTask, OptimSettings
@@ -73,12 +73,13 @@ class SemanticSegmentation(FinetuneTask):
         optim: OptimSettings | None = None,
         channels: int = 256,
         eval_stride: int = 0,
+        backbone: BackboneSettings | None = None,
     ) -> None:
         nn.Module.__init__(self)  # the encoder lives in the backbone, not as self.beit3
         self.cfg = encoder.cfg
         self.optim = optim or OptimSettings()
         self.num_classes = num_classes
-        self.backbone = DenseBackbone(encoder, out_channels=channels)
+        self.backbone = (backbone or BackboneSettings()).build(encoder, channels)
         self.decode_head = FPNHead(channels, channels, num_classes)
         self.crop = self.cfg.img_size
         self.eval_stride = eval_stride or max(1, round(self.crop * 2 / 3))
@@ -137,7 +138,7 @@ class SemanticSegmentation(FinetuneTask):
 
     def batch_stats(self, batch: dict) -> dict:
         """Samples, vision tokens and training FLOPs of a micro-batch: the backbone's
-        (:meth:`DenseBackbone.training_flops`: encoder and pyramid) plus the head's (:meth:`head_flops`)."""
+        (``DenseBackbone.training_flops``: encoder and pyramid) plus the head's (:meth:`head_flops`)."""
         b, _, h, w = batch["image"].shape
         tokens = b * ((h // self.cfg.patch_size) * (w // self.cfg.patch_size) + int(self.backbone.cls_token))
         flops = self.backbone.training_flops(b, h, w) + self.head_flops(batch)
@@ -167,7 +168,16 @@ class SemanticSegmentation(FinetuneTask):
 # ----- the task definition --------------------------------------------------------------------------------
 def _build(b: BuildInputs) -> SemanticSegmentation:
     s = b.recipe.segmentation
-    return SemanticSegmentation(b.encoder, b.num_classes, b.optim, s.head_channels, s.eval_stride)
+    return SemanticSegmentation(b.encoder, b.num_classes, b.optim, s.head_channels, s.eval_stride, s.backbone)
+
+
+def recipe_problem(recipe, model_cfg) -> str | None:
+    """What ``[segmentation]`` asks that the model cannot do (None: nothing), checked without data: the
+    sliding windows' stride within the crop (``model.img_size``), the backbone settings against the depth."""
+    s, crop = recipe.segmentation, model_cfg.img_size
+    if s.eval_stride > crop:
+        return f"segmentation.eval_stride={s.eval_stride} exceeds the crop {crop}: windows would skip pixels"
+    return s.backbone.problem(model_cfg.depth, "segmentation.backbone")
 
 
 def _evaluate(ev) -> dict[str, float]:
@@ -192,4 +202,5 @@ SPEC = TaskSpec(
     needs_tokenizer=False,
     sections=("segmentation",),
     load_data=load_ade20k,
+    recipe_problem=recipe_problem,
 )
