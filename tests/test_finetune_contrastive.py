@@ -125,6 +125,24 @@ def test_drop_path_is_replayed_so_the_gradient_is_that_of_the_features_the_loss_
     assert task._cache is None  # freed after the step's last micro-batch
 
 
+def test_a_steps_flops_are_one_batch_of_k_times_b_plus_the_cached_encodings_as_torch_counts():
+    """batch_stats over a step's micro-batches: model FLOPs those of one batch of k*b (the similarities
+    against the whole group included), recompute_flops the encodings without gradient; together torch's
+    count."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    k, b = 3, 2
+    batch, task = _batch(k * b, seed=3), _task()
+    group = _group(batch, k)
+    stats = [task.batch_stats({**micro, MICRO: j, GROUP: group}) for j, micro in enumerate(group)]
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _accumulated(task, group)
+    flops, recompute = (sum(s[key] for s in stats) for key in ("flops", "recompute_flops"))
+    assert flops == task.batch_stats(batch)["flops"] and recompute > 0
+    assert counter.get_total_flops() == flops + recompute
+
+
 def _png(array) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, "PNG")

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from beit3.finetune.tasks.retrieval import SPEC as RETRIEVAL
 from beit3.finetune.tasks.retrieval import Retrieval, contrastive_loss
 from beit3.finetune.tasks.spec import BuildInputs, TaskSpec
-from beit3.model.flops import training_flops
+from beit3.model.flops import encoder_flops, linear_flops, patch_embed_flops
 
 GROUP = "step_group"  # the optimizer step's micro-batches (list of {"image", "text", "text_padding_mask"})
 MICRO = "micro_step"  # this micro-batch's position in the group
@@ -71,6 +71,10 @@ class _StepCache:
 class Contrastive(Retrieval):
     """The retrieval dual encoder trained with negatives from the global batch (gradient caching above)."""
 
+    def __init__(self, encoder, optim=None) -> None:
+        super().__init__(encoder, optim)
+        self._cache: _StepCache | None = None  # the current step's, between its micro-batches
+
     def prepare_batch(self, batch: dict, device: torch.device | str) -> dict:
         """A grouped micro-batch: the group is moved to ``device`` once, at its first micro-batch (the
         group list is shared by its micro-batches); the batch's own tensors are the group's entry."""
@@ -86,7 +90,7 @@ class Contrastive(Retrieval):
         if group is None:
             loss, metrics = super().forward(batch)
             return loss, {**metrics, "itc/negatives": float(_negatives(batch["text"].shape[0]))}
-        cache = getattr(self, "_cache", None)
+        cache = self._cache
         if cache is None or cache.group is not group:
             cache = self._cache = self._step_cache(group)
         j, k = batch[MICRO], len(group)
@@ -125,12 +129,27 @@ class Contrastive(Retrieval):
                           list(text_grad.split(sizes)), scale_grad, rng)  # fmt: skip
 
     def batch_stats(self, batch: dict) -> dict:
-        """Retrieval's, and with a group the cache's extra forward of the micro-batch as ``recompute_flops``
-        (a forward is a third of the training FLOPs: 2 of the 6 per parameter and token)."""
+        """Retrieval's, and with a group the cache's encoding of the micro-batch without gradient as
+        ``recompute_flops``: the forward of its passes (a third of the encoder's training FLOPs, 2 of 6 per
+        multiply-add; half of the patch projection's, 2 of 4) and of the two heads (2 of 6)."""
         stats = super().batch_stats(batch)
         if GROUP in batch:
-            stats["recompute_flops"] = training_flops(self.cfg, self.passes(batch)) / 3
+            cfg, passes = self.cfg, self.passes(batch)
+            heads = sum(
+                linear_flops(batch[k].shape[0], cfg.embed_dim, cfg.embed_dim) for k in ("image", "text")
+            )
+            encoder = sum(encoder_flops(cfg, p.samples, p.seq_len(cfg)) for p in passes)
+            patches = sum(patch_embed_flops(cfg, p.samples) for p in passes if p.image)
+            stats["recompute_flops"] = (encoder + heads) / 3 + patches / 2
         return stats
+
+    def head_flops(self, batch: dict) -> float:
+        """Retrieval's, the similarities taken against the whole group's pairs of every rank."""
+        flops = super().head_flops(batch)
+        if GROUP in batch:  # retrieval's counts the micro-batch's own world * b columns
+            b, others = batch["text"].shape[0], _negatives(batch["text"].shape[0]) * (len(batch[GROUP]) - 1)
+            flops += 2 * linear_flops(b, self.cfg.embed_dim, others)
+        return flops
 
 
 def _negatives(local_rows: int) -> int:
