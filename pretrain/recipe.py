@@ -52,6 +52,9 @@ class ModelSection:
     compile_backend: str = "inductor"
     compile_mode: str = ""  # torch.compile's mode: "" (its default) or one of COMPILE_MODES
     overrides: dict = field(default_factory=dict)  # any other ModelConfig field, e.g. {init = "magneto"}
+    # Continued pretraining: the initial weights from this released-format or beit3-export checkpoint of the
+    # same architecture (fresh optimizer and schedule; a resume wins over it): beit3/pretrain/warm_start.py.
+    warm_start: str = ""
 
 
 @dataclass

@@ -34,6 +34,7 @@ from beit3.pretrain.recipe import (
     load_recipe,
     validate,
 )
+from beit3.pretrain.warm_start import apply_warm_start, warm_start_weights, write_report
 from beit3.tokenizers.errors import TokenizersError
 
 log = logging.getLogger("beit3.pretrain")
@@ -50,11 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_task(recipe: PretrainRecipe, device, visual_checkpoint: dict | None = None):
-    """The model, frozen tokenizers and task module described by the recipe.
+def build_task(
+    recipe: PretrainRecipe, device, visual_checkpoint: dict | None = None, warm_start: dict | None = None
+):
+    """The model, frozen tokenizers and task module described by the recipe, and the warm start's report
+    (None without one).
 
     The tokenizers are loaded and checked against the model's preset before the model is built, so a
-    mismatch costs seconds, not the construction of a 1.9B-parameter model.
+    mismatch costs seconds, not the construction of a 1.9B-parameter model. ``warm_start``: the weights of
+    ``[model] warm_start`` (beit3.pretrain.warm_start), loaded as soon as the model is built.
     """
     from beit3.model import build_model, get_config
     from beit3.pretrain.objective import MaskedDataModeling
@@ -80,13 +85,16 @@ def build_task(recipe: PretrainRecipe, device, visual_checkpoint: dict | None = 
         ) from e
     check_visual_tokenizer(recipe, visual.codebook_size, visual.model.cfg.patch_size, model_cfg)
     model = build_model(recipe.model.name, **overrides)
+    report = None
+    if warm_start is not None:
+        report = apply_warm_start(model, warm_start, recipe.model.warm_start)
     layers = grad_checkpoint_layers(recipe.model.grad_checkpointing, model.cfg.depth)
     if layers:
         model.set_grad_checkpointing(True, layers, grad_checkpoint_part(recipe.model.grad_checkpointing_part))
     if recipe.model.compile == "layers":
         model.compile_layers(recipe.model.compile_backend, recipe.model.compile_mode or None)
     task = MaskedDataModeling(model, visual, recipe.objective, weight_decay=recipe.train.weight_decay)
-    return task, text_tok
+    return task, text_tok, report
 
 
 def model_overrides(recipe: PretrainRecipe) -> dict:
@@ -112,10 +120,21 @@ def prepare(context: RunContext) -> TrainingRun:
     split, visual_checkpoint = validate(
         recipe, context.ds_config, dist.world_size, context.trained_global_batch
     )
-    model = get_config(recipe.model.name, **model_overrides(recipe)).to_dict()
+    model_cfg = get_config(recipe.model.name, **model_overrides(recipe))
+    model = model_cfg.to_dict()
+    # Read and checked now, on every rank (each loads it into its model before ZeRO-3 partitions it); None
+    # without [model] warm_start or when the run resumes (beit3.pretrain.warm_start).
+    warm_weights = warm_start_weights(
+        recipe, args.resume, args.output_dir, model_cfg, args.trust_checkpoint, dist.rank == 0
+    )
 
     def build() -> Built:
-        task, text_tok = build_task(recipe, dist.device, visual_checkpoint)
+        nonlocal warm_weights
+        task, text_tok, warm = build_task(recipe, dist.device, visual_checkpoint, warm_weights)
+        warm_weights = None  # the model holds them now
+        if warm is not None and dist.rank == 0:
+            log.info("warm start from %s: %s", recipe.model.warm_start, warm)
+            write_report(args.output_dir, recipe.model.warm_start, warm)
         loader = build_pretrain_loader(
             recipe.data, text_tok, split["images"], split["texts"], split["pairs"],
             rank=dist.rank, world_size=dist.world_size,
