@@ -35,9 +35,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from beit3.finetune.tasks.base import OptimSettings
 from beit3.finetune.tasks.retrieval import SPEC as RETRIEVAL
 from beit3.finetune.tasks.retrieval import Retrieval, contrastive_loss
 from beit3.finetune.tasks.spec import BuildInputs, TaskSpec
+from beit3.model import BEiT3Model
 from beit3.model.flops import encoder_flops, linear_flops, patch_embed_flops
 
 GROUP = "step_group"  # the optimizer step's micro-batches (list of {"image", "text", "text_padding_mask"})
@@ -71,7 +73,7 @@ class _StepCache:
 class Contrastive(Retrieval):
     """The retrieval dual encoder trained with negatives from the global batch (gradient caching above)."""
 
-    def __init__(self, encoder, optim=None) -> None:
+    def __init__(self, encoder: BEiT3Model, optim: OptimSettings | None = None) -> None:
         super().__init__(encoder, optim)
         self._cache: _StepCache | None = None  # the current step's, between its micro-batches
 
