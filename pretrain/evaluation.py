@@ -44,6 +44,7 @@ from beit3.pretrain.data.samples import SampleProcessor, collate
 from beit3.pretrain.data.streams import STREAM_IDS, mix
 from beit3.pretrain.data.tario import TAR_ERRORS, iter_shard
 from beit3.pretrain.errors import PretrainError
+from beit3.pretrain.objective import KIND_TERMS
 from beit3.tokenizers.masking import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -248,24 +249,31 @@ class HeldOutEvaluation:
                     sample["shuffled_image"] = samples[partner[i]]["image"]
                 filler[stream]["shuffled_image"] = filler[stream]["image"]
             del samples
+        self.batches = self._micro_batches(own, filler, split, data, tokenizer.pad_id)
+        self._codes_cached = False
+
+    def _micro_batches(self, own: dict, filler: dict, split: dict, data: PretrainDataConfig, pad_id: int):
+        """This rank's samples as CPU micro-batches of the training composition, each with every stream
+        (a filler row where this rank has run out) and a ``rows_valid`` mask; the pairs also as
+        :data:`SHUFFLED`, with their partners' images and no tokenizer views."""
+        sizes = {s: split[SPLIT_KEYS[s]] for s in self.cfg.streams}
         # Forwards per evaluation: the same on every rank (rank 0 holds the most samples of each stream).
-        sizes = {s: split[SPLIT_KEYS[s]] for s in cfg.streams}
-        forwards = max(_ceil_div(_ceil_div(self.counts[s], world_size), sizes[s]) for s in cfg.streams)
+        forwards = max(_ceil_div(_ceil_div(self.counts[s], self.world_size), sizes[s]) for s in sizes)
         text_len = {"image": None, "text": data.text_max_len, "pair": data.pair_text_max_len}
-        self.batches = []
+        batches = []
         for k in range(forwards):
             batch = {}
-            for s in cfg.streams:
-                rows = own[s][k * sizes[s] : (k + 1) * sizes[s]]
+            for s, size in sizes.items():
+                rows = own[s][k * size : (k + 1) * size]
                 length = text_len[s] if data.pad_text_to_max_len else None
-                batch[s] = collate(rows or [filler[s]], length, tokenizer.pad_id)
+                batch[s] = collate(rows or [filler[s]], length, pad_id)
                 batch[s]["rows_valid"] = torch.full((max(len(rows), 1),), bool(rows))
                 if s == "pair":
                     shown = [r["shuffled_image"] for r in rows or [filler[s]]]
-                    batch[SHUFFLED] = {k: v for k, v in batch[s].items() if k != "tokenizer_image"}
+                    batch[SHUFFLED] = {key: v for key, v in batch[s].items() if key != "tokenizer_image"}
                     batch[SHUFFLED]["image"] = torch.from_numpy(np.stack(shown))
-            self.batches.append(batch)
-        self._codes_cached = False
+            batches.append(batch)
+        return batches
 
     def _keeper(self, stream: str):
         """What this rank keeps of held-out sample ``i``: its own samples and the first (the filler); of the
@@ -304,8 +312,8 @@ class HeldOutEvaluation:
             sizes = [sums[n].numel() for n in names]
             sums = {n: t.reshape(sums[n].shape) for n, t in zip(names, flat.split(sizes))}
         scalars = self.figures(sums)
-        if self.rank == 0:
-            self._report(step, scalars)
+        if self.rank == 0:  # the engine writes the scalars (TensorBoard, one console line)
+            self._warn_if_degenerate(step, scalars)
         return scalars
 
     def partial_sums(self, task, device: torch.device) -> dict[str, torch.Tensor]:
@@ -352,8 +360,9 @@ class HeldOutEvaluation:
     def figures(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         """The ``eval/...`` scalars from the summed statistics."""
         out: dict[str, float] = {}
-        terms = sorted({n.rsplit("/", 1)[0] for n in sums if not n.startswith("health/")})
-        for term in terms:
+        present = {n.rsplit("/", 1)[0] for n in sums if not n.startswith("health/")}
+        for term in [t for t in (*KIND_TERMS["image"], *KIND_TERMS["text"], *KIND_TERMS["pair"],
+                                 f"{SHUFFLED}/vl_mlm") if t in present]:  # fmt: skip
             count = float(sums[f"{term}/count"])
             if not count:  # e.g. no pair masks its image: no figure rather than a 0
                 continue
@@ -372,18 +381,9 @@ class HeldOutEvaluation:
         out["eval/health/degenerate"] = float(degenerate)
         return out
 
-    def _report(self, step: int, scalars: dict[str, float]) -> None:
-        """The one console line of an evaluation (and a warning when the features degenerate)."""
-        parts = []
-        for term in ("mim", "mlm", "vl_mlm", "vl_mim"):
-            if f"eval/loss/{term}" in scalars:
-                loss, acc = scalars[f"eval/loss/{term}"], scalars[f"eval/acc/{term}"]
-                parts.append(f"{term} {loss:.3f} acc {acc:.3f}")
-        if "eval/image_use" in scalars:
-            parts.append(f"image use {scalars['eval/image_use']:+.3f}")
+    def _warn_if_degenerate(self, step: int, scalars: dict[str, float]) -> None:
+        """A warning naming the streams whose pooled features have a top-PC share above the threshold."""
         shares = {s: scalars[f"eval/health/{s}_top_pc_share"] for s in self.cfg.streams}
-        parts.append("top PC " + " ".join(f"{s} {v:.2f}" for s, v in shares.items()))
-        log.info("eval step %d: %s", step, " | ".join(parts))
         high = {s: v for s, v in shares.items() if v > self.cfg.health_threshold}
         if high:
             log.warning(

@@ -34,14 +34,19 @@ fi
 
 echo "== 4/5 pretraining: $RANKS ranks, ZeRO-3, $STEPS steps -> $RUN/pretrain (tensorboard --logdir $RUN/pretrain/tensorboard)"
 # beit3-launch keeps the exit codes (75: checkpointed after Ctrl-C/SIGTERM, re-run to resume) and forwards signals.
+# Shards numbered ...0 are held out and evaluated at the middle and the end (eval/* tags: docs/pretraining.md).
 beit3-launch torchrun --standalone --nproc_per_node "$RANKS" -m beit3.pretrain.train \
   --config pretrain/recipes/demo.toml --ds-config ds_configs/zero3_fp32.json \
   --ds-set train_micro_batch_size_per_gpu=12 \
   --output-dir "$RUN/pretrain" --resume auto \
   --set "tokenizers.text=$RUN/spm.model" --set "tokenizers.visual_checkpoint=$RUN/vqkd.pth" \
-  --set "data.image_shards=[\"$RUN/data/images/*.tar\"]" \
-  --set "data.text_shards=[\"$RUN/data/texts/*.tar\"]" \
-  --set "data.pair_shards=[\"$RUN/data/pairs/*.tar\"]" \
+  --set "data.image_shards=[\"$RUN/data/images/*[1-9].tar\"]" \
+  --set "data.text_shards=[\"$RUN/data/texts/*[1-9].tar\"]" \
+  --set "data.pair_shards=[\"$RUN/data/pairs/*[1-9].tar\"]" \
+  --set "eval.image_shards=[\"$RUN/data/images/*0.tar\"]" \
+  --set "eval.text_shards=[\"$RUN/data/texts/*0.tar\"]" \
+  --set "eval.pair_shards=[\"$RUN/data/pairs/*0.tar\"]" \
+  --set eval.samples=32 --set "train.eval_every=$(( (STEPS + 1) / 2 ))" \
   --set "train.total_steps=$STEPS" \
   --export "$RUN/export/model.pth"
 
