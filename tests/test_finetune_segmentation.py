@@ -94,6 +94,9 @@ def _recipe(root: Path, **segmentation):
     r.task.name, r.model.name, r.model.drop_path_rate = "semantic_segmentation", "beit3_tiny_patch16_64", 0.0
     r.data.source, r.data.root, r.data.hflip = "ade20k", str(root), True
     r.segmentation.head_channels = 32
+    r.model.overrides = {
+        "vocab_size": 48
+    }  # a small text table: the vision encoder prunes it, but builds it first
     for k, v in segmentation.items():
         setattr(r.segmentation, k, v)
     return r
@@ -183,7 +186,9 @@ def task():
     from beit3.finetune.tasks.segmentation import SemanticSegmentation
 
     torch.manual_seed(0)
-    encoder = build_encoder("beit3_tiny_patch16_64", "vision", normalize_output=False, drop_path_rate=0.0)
+    encoder = build_encoder(
+        "beit3_tiny_patch16_64", "vision", normalize_output=False, drop_path_rate=0.0, vocab_size=48
+    )
     return SemanticSegmentation(encoder, 3, channels=32)
 
 
@@ -242,6 +247,36 @@ def test_a_training_step_reaches_every_parameter_and_counts_the_head_flops(task)
     assert stats["samples"] == 2 and stats["tokens"] == 2 * (16 + 1)
 
 
+def test_a_pretrained_checkpoint_loads_into_the_encoder_and_the_pyramid_is_reported_fresh(ade, tmp_path):
+    from beit3.finetune.builder import build_task
+    from beit3.model import build_model, save_checkpoint
+
+    torch.manual_seed(1)
+    pretrained = build_model("beit3_tiny_patch16_64", pretraining_heads=True, vocab_size=48)
+    recipe = _recipe(ade)
+    recipe.model.pretrained = str(save_checkpoint(pretrained, tmp_path / "pretrained.pth"))
+    task, report = build_task(recipe, ["0", "1", "2"])
+    key = "beit3.encoder.layers.1.self_attn.q_proj.A.weight"
+    assert task.backbone.state_dict()[key].equal(pretrained.state_dict()[key])
+    assert key in report.loaded and any(k.startswith("pyramid.") for k in report.fresh)
+    assert not any(k.startswith("beit3.") for k in report.fresh)  # every encoder weight came from the file
+
+
+def test_gathered_results_come_back_one_per_example_in_example_order(ade, task):
+    from beit3.finetune.data.build import load_task_data
+    from beit3.finetune.evaluate import EvalContext
+    from beit3.finetune.tasks import get_task
+
+    data = load_task_data(None, "semantic_segmentation", 64, recipe=_recipe(ade))
+    ev = EvalContext(get_task("semantic_segmentation"), task, data.eval, batch_size=2)
+    # 3 examples in batches of 2: the second batch holds one example and a filler, whose result is dropped.
+    sums = ev.gathered(lambda batch, real: batch["label_map"].flatten(1).sum(1).tolist())
+    from beit3.finetune.dense.data import read_label_map
+
+    assert sums == [int(read_label_map(ex["label_path"], True).sum()) for ex in data.eval.examples]
+    assert ev.summed(lambda batch, real: batch["label_size"][:real].sum(0)).tolist() == [3 * 48, 3 * 80]
+
+
 # ----- end to end: beit3-finetune on 2 CPU ranks ------------------------------------------------------------
 RECIPE = """
 [task]
@@ -249,6 +284,7 @@ name = "semantic_segmentation"
 [model]
 name = "beit3_tiny_patch16_64"
 drop_path_rate = 0.0
+overrides = {{vocab_size = 48}}
 [data]
 source = "ade20k"
 root = "{root}"
