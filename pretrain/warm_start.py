@@ -8,7 +8,8 @@ Visual Genome. The file is read and checked while the run is set up (it exists, 
 configuration it records is the recipe's architecture), before any model is built; its weights are loaded
 into the model on every rank right after the model is built, before DeepSpeed partitions it under ZeRO-3.
 Vision position tables of another resolution are interpolated; another shape (vocabulary, text positions,
-codebook) or a key of another architecture is a configuration error naming the keys. What was loaded
+codebook) or a backbone key of another architecture is a configuration error naming the keys; heads of
+another task in the file are not used. What was loaded
 (:class:`beit3.model.checkpoint.PretrainedReport`) is logged once by rank 0 and written to
 ``<output-dir>/warm_start.json``.
 
@@ -34,6 +35,7 @@ from beit3.model.checkpoint import architecture_problem, load_pretrained_weights
 log = logging.getLogger("beit3.pretrain")
 
 REPORT_FILE = "warm_start.json"
+BACKBONE_PREFIX = "beit3."  # the BEiT3Model's backbone; beside it only the heads
 FIX = "give a released-format checkpoint or a beit3-export file of the recipe's model"
 
 
@@ -76,11 +78,14 @@ def warm_start_weights(
 def apply_warm_start(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str):
     """Load ``state`` into the freshly built ``model``; returns the report (PretrainedReport).
 
-    The pretraining heads (``mlm_head``, ``mim_head``) may be missing from the file (initialised fresh); the
-    backbone must be complete and every shape the model's (vision positions interpolated).
+    The backbone (``beit3.*``) must be complete, of no other architecture, and of the model's shapes (vision
+    positions are interpolated). The pretraining heads (``mlm_head``, ``mim_head``) may be missing from the
+    file (initialised fresh); heads of another task in it (an image-text-contrastive checkpoint's
+    ``vision_head``, ``language_head``, ``logit_scale``) are reported as unused.
     """
+    other_heads = {k for k in state if not k.startswith(BACKBONE_PREFIX)}
     try:
-        return load_pretrained_weights(model, state)
+        return load_pretrained_weights(model, state, set(model.state_dict()) | other_heads, BACKBONE_PREFIX)
     except WeightsFileError as e:
         raise ConfigError(
             f"[model] warm_start={path!r}: {e}; the recipe's model must have the checkpoint's architecture "

@@ -20,10 +20,11 @@ from engine_helpers import clean_env, free_port, tensorboard_scalars
 from tiny_data import set_args, tiny_pretrain_settings, write_pretrain_data
 
 from beit3.engine.checkpoint import tag_for_step
+from beit3.engine.config_io import ConfigError
 from beit3.engine.lr import lr_at
 from beit3.model import build_model, read_state_dict, save_checkpoint
-from beit3.model.checkpoint import load_pretrained_weights
 from beit3.pretrain.export import export_run
+from beit3.pretrain.warm_start import apply_warm_start
 
 REPO = Path(__file__).resolve().parents[1]
 # The runs use a seeded random visual tokenizer (no checkpoint), which warns that it is for smoke tests.
@@ -146,13 +147,25 @@ def test_a_rerun_resumes_instead_of_warm_starting_again(tmp_path, assets, caplog
 # ----- in-process: the checks of the file, before training -----
 
 
-def test_vision_positions_of_another_resolution_are_interpolated(tmp_path):
+def test_positions_of_another_resolution_are_interpolated_and_other_task_heads_unused(tmp_path):
     weights = checkpoint_of(tmp_path / "at96.pth", img_size=96)
+    weights["vision_head.weight"] = torch.zeros(64, 64)  # as in an image-text-contrastive checkpoint
     model = build_model("beit3_tiny_patch16_64", **TINY)
-    report = load_pretrained_weights(model, weights)
+    report = apply_warm_start(model, weights, "at96.pth")
     assert report.interpolated == ["beit3.encoder.embed_positions.A.weight"]
-    assert report.fresh == list(FRESH_HEAD)
+    assert report.fresh == list(FRESH_HEAD) and report.unused == ["vision_head.weight"]
     assert torch.equal(model.state_dict()["beit3.text_embed.weight"], weights["beit3.text_embed.weight"])
+    rows = model.state_dict()["beit3.encoder.embed_positions.A.weight"]
+    assert rows.shape[0] == 3 + 4 * 4 and torch.equal(
+        rows[:3], weights["beit3.encoder.embed_positions.A.weight"][:3]
+    )
+
+
+def test_a_backbone_key_of_another_architecture_is_refused_naming_it(tmp_path):
+    weights = checkpoint_of(tmp_path / "ckpt.pth")
+    weights["beit3.encoder.layers.0.ffn.C.fc1.weight"] = torch.zeros(256, 64)  # a VL expert: paper layout
+    with pytest.raises(ConfigError, match=r"ffn\.C\.fc1\.weight.*belong to no part of this architecture"):
+        apply_warm_start(build_model("beit3_tiny_patch16_64", **TINY), weights, "ckpt.pth")
 
 
 def run_main(capsys, tmp_path, tok, warm_start: Path, *extra: str) -> tuple[int, str]:
