@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from beit3.model.beit3 import resize_position_grid
 from beit3.model.config import ModelConfig
 from beit3.model.errors import ModelError
 from beit3.model.qkv import unfuse_qkv
@@ -166,11 +166,7 @@ def interpolate_vision_positions(table: torch.Tensor, num_rows: int) -> torch.Te
     if old_side**2 != old_grid or new_side**2 != new_grid:
         raise WeightsFileError(f"vision position table of {table.shape[0]} rows is not 3 + a square grid")
     extra, grid = table[:_EXTRA_ROWS], table[_EXTRA_ROWS:]
-    dim = table.shape[1]
-    grid = grid.float().reshape(1, old_side, old_side, dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(new_grid, dim).to(table.dtype)
-    return torch.cat([extra, grid], dim=0)
+    return torch.cat([extra, resize_position_grid(grid, new_side, new_side)], dim=0)
 
 
 def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict, list[str]]:
