@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from beit3.finetune.data.augment import draw_seed, seeded
+from beit3.finetune.data.augment import draw_seed, require, seeded
 from beit3.finetune.data.sources import DataSourceError, LazyImages, Split, TaskData
 from beit3.finetune.dense.seg_metrics import IGNORE_INDEX
 from beit3.finetune.dense.transforms import SegmentationTransform
@@ -130,6 +130,7 @@ def load_ade20k(
     """Semantic segmentation's ``load_data`` hook: the ADE20K-layout folder ``data.root`` (module docstring).
     ``classes`` (a run's ``classes.json``): the train split is not read."""
     d, s = recipe.data, recipe.segmentation
+    require()  # torchvision (the augment extra) draws the views: missing, a configuration error now
     if not d.root:
         raise DataSourceError("data.root must name the ADE20K folder (ADEChallengeData2016)")
     root = Path(d.root)
