@@ -1,5 +1,6 @@
 """The image-text contrastive (ITC) stage: gradient caching over accumulated micro-batches, the streamed pair
-source, its recipe checks, and beit3-finetune on 2 ranks over pair shards with zero-shot retrieval."""
+source, its recipe checks, and beit3-finetune on 2 ranks over pair shards with zero-shot retrieval (one
+torchrun launch of this file, two runs in it: with and without accumulation)."""
 
 from __future__ import annotations
 
@@ -237,31 +238,39 @@ def test_unreadable_pair_shards_are_a_data_source_error_naming_data_train(assets
 STEPS = 20
 
 
+def _run_args(recipe: str, out: Path, micro: int, accumulation: int, *extra: str) -> list[str]:
+    return ["--config", recipe, "--ds-config", str(REPO / "ds_configs/zero0_fp32.json"),
+            "--output-dir", str(out), "--ds-set", f"train_micro_batch_size_per_gpu={micro}",
+            "--ds-set", f"gradient_accumulation_steps={accumulation}", *extra]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def two_rank_run(assets) -> dict:
-    """One 2-rank run: micro-batch 2, accumulation 2 (8 negatives), 20 steps, evaluations at steps 10 and 20
-    (ZeRO-0: under zero3_fp32.json the same assertions hold, at 3x the time)."""
-    out = assets["root"] / "run"
+def two_rank_runs(assets) -> dict:
+    """One 2-rank launch (this file as the torchrun script, below), two beit3-finetune runs in it from the
+    same initial weights on the same streamed pairs: micro-batch 2 with accumulation 2 (8 negatives;
+    evaluations at steps 10 and 20) and micro-batch 4 without (8 negatives; no periodic evaluation).
+    ZeRO-0: under zero3_fp32.json the same assertions hold, at 3x the time."""
+    root = assets["root"]
     recipe = _recipe_file(
-        assets, assets["root"] / "run.toml",
+        assets, root / "run.toml",
         train={"total_steps": STEPS, "warmup_steps": 3, "lr": 5e-4, "log_every": 1, "eval_every": 10},
         param_groups={"layer_decay": 1.0},
     )  # fmt: skip
+    runs = [_run_args(recipe, root / "accumulated", 2, 2),
+            _run_args(recipe, root / "one_batch", 4, 1, "--set", "train.eval_every=0")]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "beit3.finetune.train", "--config", recipe,
-           "--ds-config", str(REPO / "ds_configs/zero0_fp32.json"), "--output-dir", str(out),
-           "--ds-set", "train_micro_batch_size_per_gpu=2",
-           "--ds-set", "gradient_accumulation_steps=2"]  # fmt: skip
+           str(free_port()), __file__, json.dumps(runs)]  # fmt: skip
     env = {**clean_env(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return {"out": out, "scalars": tensorboard_run(out)}
+    return {name: {"out": root / name, "scalars": tensorboard_run(root / name)} for name in
+            ("accumulated", "one_batch")}  # fmt: skip
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_ranks_contrast_with_the_global_batch_and_the_loss_falls(two_rank_run):
-    scalars = two_rank_run["scalars"]
+def test_two_ranks_contrast_with_the_global_batch_and_the_loss_falls(two_rank_runs):
+    scalars = two_rank_runs["accumulated"]["scalars"]
     losses = [scalars["loss/contrastive"][s] for s in range(1, STEPS + 1)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) < 0.8 * sum(losses[:5])  # from log(8) = 2.08: the colours are learnt
@@ -271,10 +280,24 @@ def test_two_ranks_contrast_with_the_global_batch_and_the_loss_falls(two_rank_ru
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_ranks_evaluate_zero_shot_retrieval_and_export_a_retrieval_model(two_rank_run):
+def test_two_ranks_train_with_accumulation_as_with_one_micro_batch_of_the_step(two_rank_runs):
+    """Under DeepSpeed on 2 ranks, accumulation 2 of micro-batch 2 trains as micro-batch 4 without: the same
+    losses and gradient norms step after step (the same pairs, the same 8 negatives)."""
+    a, b = (two_rank_runs[name]["scalars"] for name in ("accumulated", "one_batch"))
+    assert set(b["itc/negatives"].values()) == {8.0}
+    for tag in ("loss/contrastive", "optim/grad_norm", "acc/i2t"):
+        assert sorted(a[tag]) == sorted(b[tag]) == list(range(1, STEPS + 1))
+        for step in range(1, STEPS + 1):
+            # measured: within 2e-5 (loss) and 8e-5 (gradient norm) over the 20 steps
+            assert a[tag][step] == pytest.approx(b[tag][step], rel=3e-4, abs=1e-6), (tag, step)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_evaluate_zero_shot_retrieval_and_export_a_retrieval_model(two_rank_runs):
     from beit3.model import read_state_dict
 
-    scalars, out = two_rank_run["scalars"], two_rank_run["out"]
+    scalars, out = two_rank_runs["accumulated"]["scalars"], two_rank_runs["accumulated"]["out"]
     tags = [f"eval/{d}_r{k}" for d in ("tr", "ir") for k in (1, 5, 10)] + ["eval/average"]
     for tag in tags:
         assert sorted(scalars[tag]) == [10, STEPS] and 0.0 <= scalars[tag][STEPS] <= 1.0
@@ -285,3 +308,13 @@ def test_two_ranks_evaluate_zero_shot_retrieval_and_export_a_retrieval_model(two
     retrieval = Retrieval(build_encoder("beit3_tiny_patch16_64", "dual", **TINY))
     assert set(read_state_dict(out / "model.pth")) == set(retrieval.state_dict())
     assert os.path.isfile(out / "best_model.pth")
+
+
+if __name__ == "__main__":  # the torchrun script of two_rank_runs: several beit3-finetune runs, one launch
+    from beit3.engine.launch import init_distributed, shutdown_distributed
+    from beit3.finetune.train import main
+
+    init_distributed()  # owned here: the runs share it
+    codes = [main(args) for args in json.loads(sys.argv[1])]
+    shutdown_distributed()
+    sys.exit(max(codes))
