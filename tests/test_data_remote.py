@@ -241,10 +241,11 @@ def test_specs_expand_as_webdataset_does_and_impossible_ones_are_config_errors(t
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_pretraining_over_http_killed_and_resumed_has_the_uninterrupted_losses(tmp_path, server):
-    """The three streams of test_pretrain_e2e's run (2 ranks, a loader worker each, checkpoints every 2 steps;
-    ZeRO-0 here, a quarter cheaper to launch: the data path is the same) come from the test's HTTP server;
-    while the run is killed and resumed, the server fails the first request of each shard (retried, so the
-    losses are still the uninterrupted run's)."""
+    """test_pretrain_e2e's run (2 ranks, ZeRO-3, a loader worker each, dropout and drop path, checkpoints
+    every 2 steps) with its three streams from the test's HTTP server, SIGKILLed (every process of the
+    tree) after a checkpoint and resumed: the steps after the checkpoint have exactly the uninterrupted
+    run's losses (dropout, drop path, masking RNG, data state), while the server fails the first request of
+    each shard (retried and logged)."""
     import test_pretrain_e2e as e2e
 
     assets = write_pretrain_data(tmp_path / "data")
@@ -252,7 +253,6 @@ def test_pretraining_over_http_killed_and_resumed_has_the_uninterrupted_losses(t
     kinds = ("images", "texts", "pairs")
     urls = [f'data.{k[:-1]}_shards=["{base}/{k}/{k}-{{000000..000002}}.tar"]' for k in kinds]
     extra = [a for s in (*urls, "data.remote_backoff=0.05") for a in ("--set", s)]
-    extra += ["--ds-config", str(e2e.REPO / "ds_configs/zero0_fp32.json")]  # the last --ds-config counts
     steps = 6
 
     def run(out: Path) -> subprocess.CompletedProcess:
