@@ -9,15 +9,22 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from engine_helpers import clean_env, free_port, tensorboard_run
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from beit3.finetune.dense import coco
+
+REPO = Path(__file__).resolve().parents[1]
 
 CATEGORIES = [{"id": 7, "name": "square"}, {"id": 3, "name": "disc"}]  # not sorted, not contiguous
 
@@ -195,3 +202,211 @@ def test_a_malformed_instances_file_is_named(tmp_path):
         coco.read_instances(tmp_path / "bad.json", tmp_path)
     with pytest.raises(DataSourceError, match="does not exist"):
         coco.read_instances(tmp_path / "missing.json", tmp_path)
+
+
+# ----- the task: torchvision's detectors on the dense backbone ----------------------------------------------
+RECT_COLORS = {1: (220, 30, 30), 2: (30, 60, 220)}  # category id -> colour of its rectangles
+
+
+def write_rectangles(root: Path, train: int = 6, val: int = 3, size: int = 64, seed: int = 0) -> Path:
+    """A COCO-format folder: ``instances_{train,val}.json`` and ``train/``, ``val/`` PNGs of ``size`` px, each
+    with 1 to 3 filled rectangles of two categories, side by side (boxes and polygons exact)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("val", val)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        images, anns = [], []
+        for i in range(1, n + 1):
+            pixels = np.full((size, size, 3), 255, dtype=np.uint8)
+            band = size // 3  # one rectangle per vertical third: they never overlap
+            for k in range(int(rng.integers(1, 4))):
+                cat = int(rng.integers(1, 3))
+                w, h = int(rng.integers(band // 2, band)), int(rng.integers(size // 5, size // 2))
+                x, y = k * band + int(rng.integers(0, band - w + 1)), int(rng.integers(0, size - h))
+                pixels[y : y + h, x : x + w] = RECT_COLORS[cat]
+                anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cat, "bbox": [x, y, w, h],
+                             "area": w * h, "iscrowd": 0,
+                             "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})  # fmt: skip
+            Image.fromarray(pixels).save(root / split / f"{i}.png")
+            images.append({"id": i, "file_name": f"{i}.png", "height": size, "width": size})
+        cats = [{"id": 1, "name": "red"}, {"id": 2, "name": "blue"}]
+        data = {"images": images, "annotations": anns, "categories": cats}
+        (root / f"instances_{split}.json").write_text(json.dumps(data))
+    return root
+
+
+TINY = {"out_channels": 16, "anchor_size": 8.0, "rpn_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 64,
+        "rpn_post_nms_top_n_train": 32, "rpn_pre_nms_top_n_test": 64, "rpn_post_nms_top_n_test": 32,
+        "box_batch_size_per_image": 16, "detections_per_image": 10}  # fmt: skip
+
+
+def _task(detector: str = "mask_rcnn"):
+    from beit3.finetune.configurations import build_encoder
+    from beit3.finetune.tasks.base import OptimSettings
+    from beit3.finetune.tasks.detection import Detection, DetectionSection
+
+    torch.manual_seed(0)
+    settings = DetectionSection(detector=detector, **TINY)
+    encoder = build_encoder("beit3_tiny_patch16_64", "vision", normalize_output=False)
+    optim = OptimSettings(weight_decay=0.05, layer_decay=0.5, head_lr_scale=1.0)
+    return Detection(settings.backbone.build(encoder, settings.out_channels), 2, settings, 64, optim)
+
+
+def test_greedy_nms_keeps_the_best_box_of_each_overlapping_group():
+    from beit3.finetune.tasks.detection import greedy_nms
+
+    boxes = torch.tensor(
+        [[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 9], [21, 20, 30, 30.0]]
+    )
+    scores = torch.tensor([0.5, 0.9, 0.3, 0.8, 0.4])
+    # IoU(1, 0) = 81/119 = 0.68, IoU(1, 3) = 72/118 = 0.61, IoU(0, 3) = 0.9, IoU(4, 2) = 0.9: box 1 removes
+    # 0 and 3 at 0.5, box 4 removes 2; at 0.65 box 3 (IoU 0.61 with box 1) survives and removes nothing else.
+    assert greedy_nms(boxes, scores, 0.5).tolist() == [1, 4]
+    assert greedy_nms(boxes, scores, 0.65).tolist() == [1, 3, 4]
+    assert greedy_nms(boxes[:0], scores[:0], 0.5).tolist() == []
+
+
+def test_anchors_are_centred_at_the_backbones_true_strides():
+    from beit3.finetune.dense.backbone import LEVELS
+    from beit3.finetune.tasks.detection import _load_torchvision, stride_anchors
+
+    _load_torchvision()
+    from torchvision.models.detection.image_list import ImageList
+
+    strides = [3.5, 7.0, 14.0, 28.0]  # a patch-14 model's pyramid
+    generator = stride_anchors([(8.0,), (16.0,), (32.0,), (64.0,)], strides)
+    maps = [torch.zeros(1, 4, 8 // 2**i, 8 // 2**i) for i in range(len(LEVELS))]
+    anchors = generator(ImageList(torch.zeros(1, 3, 28, 28), [(28, 28)]), maps)[0]
+    assert anchors.shape == (3 * (64 + 16 + 4 + 1), 4)
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    p2 = centres[: 3 * 64].reshape(64, 3, 2)[:, 0]  # one per position, the three aspect ratios share it
+    assert torch.allclose(p2[:8, 0], torch.arange(8) * 3.5) and torch.allclose(
+        p2[::8, 1], torch.arange(8) * 3.5
+    )
+    sides = anchors[:3, 2:] - anchors[:3, :2]  # (w, h) of aspect ratios (h / w) 0.5, 1, 2 about 8 x 8
+    assert (sides[:, 1] / sides[:, 0]).tolist() == [0.5, 1.0, 2.0] and sides[1].tolist() == [8.0, 8.0]
+
+
+def test_every_parameter_is_used_on_images_without_objects_and_layer_decay_reaches_the_encoder():
+    task = _task()
+    task.train()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+             "masks": torch.zeros(0, 64, 64, dtype=torch.uint8)}  # fmt: skip
+    batch = {"image": torch.rand(2, 3, 64, 64) * 2 - 1, "image_size": torch.tensor([[64, 64], [48, 64]]),
+             "targets": [empty, {**empty, "masks": torch.zeros(0, 48, 64, dtype=torch.uint8)}]}  # fmt: skip
+    loss, metrics = task(task.prepare_batch(batch, "cpu"))
+    loss.backward()
+    assert (
+        torch.isfinite(loss) and metrics["loss/mask"] == 0.0
+    )  # no positive RoI: the mask loss is 0 x logits
+    # ZeRO-3's contract: every trainable parameter has a gradient (zeros where unused), none is left out.
+    assert [n for n, p in task.named_parameters() if p.grad is None] == []
+    scales = {}
+    for group in task.param_groups():
+        for p in group["params"]:
+            scales[id(p)] = group.get("lr_scale", 1.0)
+    named = dict(task.named_parameters())
+    layer0 = scales[id(named["detector.backbone.beit3.encoder.layers.0.ffn.A.fc1.weight"])]
+    assert layer0 == pytest.approx(0.5**2)  # depth 2: layer 0 is two decays below the heads
+    assert scales[id(named["detector.roi_heads.mask_predictor.mask_fcn_logits.weight"])] == 1.0
+    stats = task.batch_stats(batch)
+    assert stats["samples"] == 2 and stats["tokens"] == 2 * (16 + 1)
+    assert stats["flops"] > task.backbone.training_flops(2, 64, 64)
+
+
+def test_training_views_move_boxes_and_masks_with_the_image(tmp_path):
+    from beit3.finetune.dense.data import DenseImages
+
+    root = write_rectangles(tmp_path, train=4, val=1, size=64)
+    inst = coco.read_instances(root / "instances_train.json", root / "train")
+    views = coco.DetectionViews(48, inst.categories, masks=True, scale_min=0.5, scale_max=1.5, hflip=True)
+    collator = type("Collator", (), {"images": DenseImages(inst.paths, 48, views, train=True)})()
+    batch = {}
+    coco.collate_detection(batch, inst.examples, collator, torch.Generator().manual_seed(3))
+    assert batch["image"].shape == (4, 3, 48, 48) and batch["image"].min() >= -1 and batch["image"].max() <= 1
+    for image, target in zip(batch["image"], batch["targets"]):
+        assert len(target["boxes"]) == len(target["labels"]) == len(target["masks"])
+        for box, label, mask in zip(target["boxes"], target["labels"], target["masks"]):
+            ys, xs = torch.nonzero(mask, as_tuple=True)  # a rectangle's mask fills its box
+            assert torch.allclose(box, torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float(),
+                                  atol=1.5)  # fmt: skip
+            inside = image[:, ys, xs].mean(dim=1)  # its pixels have its category's colour
+            colour = torch.tensor(RECT_COLORS[inst.categories.ids[int(label)]]) / 127.5 - 1
+            assert torch.allclose(inside, colour, atol=0.35)
+    again = {}
+    coco.collate_detection(again, inst.examples, collator, torch.Generator().manual_seed(3))
+    assert torch.equal(again["image"], batch["image"])  # the batch's generator decides the views
+
+
+def test_a_detection_recipe_asking_what_the_model_cannot_do_is_refused():
+    from beit3.engine.config_io import ConfigError
+    from beit3.finetune.recipe import load_recipe, validate_run
+
+    config = json.loads((REPO / "ds_configs" / "zero0_fp32.json").read_text())
+    small = REPO / "finetune" / "recipes" / "coco_detection_small.toml"
+    with pytest.raises(ConfigError, match=r"detection\.backbone\.global_layers \[7\].*4 layers"):
+        validate_run(load_recipe(small, ["detection.backbone.global_layers=[7]"]), config, 1)
+    with pytest.raises(ConfigError, match="detection.detector must be one of"):
+        validate_run(load_recipe(small, ["detection.detector=cascade"]), config, 1)
+
+
+# ----- end to end: beit3-finetune on 2 CPU ranks ------------------------------------------------------------
+RECIPE = """
+[task]
+name = "detection"
+[model]
+name = "beit3_tiny_patch16_64"
+drop_path_rate = 0.0
+[data]
+source = "coco"
+root = "{root}"
+train = "instances_train.json"
+eval = "instances_val.json"
+hflip = true
+num_workers = 0
+[detection]
+train_images = "train"
+eval_images = "val"
+scale_min = 0.8
+scale_max = 1.2
+{tiny}
+[train]
+total_steps = 2
+warmup_steps = 1
+lr = 1e-3
+log_every = 1
+save_every = 0
+eval_every = 2
+[param_groups]
+layer_decay = 0.9
+"""
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """One 2-rank ``beit3-finetune`` run (torchrun, gloo) of the tiny Mask R-CNN: 2 steps of batch 2 per rank
+    on 4 training images, then 3 evaluation images (rank 1 holds one and a filler)."""
+    tmp = tmp_path_factory.mktemp("det_run")
+    root = write_rectangles(tmp / "data", train=4, val=3)
+    recipe, run = tmp / "recipe.toml", tmp / "run"
+    recipe.write_text(RECIPE.format(root=root, tiny="\n".join(f"{k} = {v!r}" for k, v in TINY.items())))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "beit3.finetune.train", "--config", str(recipe), "--ds-config",
+           str(REPO / "ds_configs" / "zero0_fp32.json"), "--output-dir", str(run),
+           "--ds-set", "train_micro_batch_size_per_gpu=2"]  # fmt: skip
+    done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return recipe, run
+
+
+@pytest.mark.multiprocess
+def test_detection_finetunes_on_two_ranks_and_logs_coco_ap(two_rank_run):
+    _, run = two_rank_run
+    scalars = tensorboard_run(run)
+    for term in ("total", "classifier", "box_reg", "mask", "objectness", "rpn_box_reg"):
+        values = list(scalars[f"loss/{term}"].values())
+        assert len(values) == 2 and all(np.isfinite(values)), term
+    for name in coco.STAT_NAMES:
+        assert set(scalars[f"eval/bbox_{name}"]) == {2} and set(scalars[f"eval/segm_{name}"]) == {2}
+    scores = json.loads((run / "eval.json").read_text())
+    assert 0.0 <= scores["eval/bbox_ap"] <= 1.0 and 0.0 <= scores["eval/segm_ap50"] <= 1.0
+    assert json.loads((run / "classes.json").read_text())["classes"] == ["red", "blue"]

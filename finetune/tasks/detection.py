@@ -26,9 +26,9 @@ empty batch of RoIs, whose loss is 0 x the logits), so the mask head's gradients
 torchvision's compiled ops: PyPI's torchvision 0.28.0 is a CUDA build whose ops do not load beside the CPU
 torch of the development machines (:func:`beit3.finetune.data.augment._import_torchvision`). RoIAlign then
 runs torchvision's own Python implementation (eagerly: torchvision would compile it with ``torch.compile`` on
-first use, minutes of CPU); NMS, which has none, runs :func:`greedy_nms` (the same definition: highest score
-first, drop boxes whose IoU with a kept one exceeds the threshold). With the ops loaded (a CUDA torch)
-nothing is replaced.
+first use, minutes of CPU), Mask R-CNN's mask targets sample 2 x 2 points per cell (:func:`mask_targets`);
+NMS, which has none, runs :func:`greedy_nms` (the same definition: highest score first, drop boxes whose
+IoU with a kept one exceeds the threshold). With the ops loaded (a CUDA torch) nothing is replaced.
 """
 
 from __future__ import annotations
@@ -101,18 +101,39 @@ def _load_torchvision():
         torchvision.ops.nms = greedy_nms
         # torchvision compiles its Python RoIAlign on first use (torch.compile: minutes of CPU): eager.
         roi_align._roi_align = getattr(roi_align._roi_align, "__wrapped__", roi_align._roi_align)
+        from torchvision.models.detection import roi_heads
+
+        roi_heads.project_masks_on_boxes = mask_targets
     return torchvision
+
+
+def mask_targets(
+    gt_masks: torch.Tensor, boxes: torch.Tensor, matched: torch.Tensor, size: int
+) -> torch.Tensor:
+    """Mask R-CNN's targets of one image: each RoI's matched mask (K, H, W) sampled on a ``size`` x
+    ``size`` grid over the RoI (RoIAlign), 2 x 2 samples per cell. torchvision's adaptive count (every pixel
+    of the RoI) costs seconds per image in its Python RoIAlign; used only where its compiled ops are
+    missing."""
+    from torchvision.ops import roi_align
+
+    rois = torch.cat([matched[:, None].to(boxes), boxes], dim=1)
+    return roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0, sampling_ratio=2)[:, 0]
 
 
 def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Indices of the boxes (N, 4) xyxy kept by non-maximum suppression, by decreasing score: the best box
     is kept and every box whose IoU with it exceeds ``iou_threshold`` dropped, then the best remaining one."""
-    from torchvision.ops.boxes import box_iou
-
     order = scores.argsort(descending=True, stable=True)
     if not len(order):
         return order
-    overlaps = (box_iou(boxes[order], boxes[order]) > iou_threshold).cpu().numpy()
+    b = boxes[order].float()
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    corner_min, corner_max = (
+        torch.max(b[:, None, :2], b[None, :, :2]),
+        torch.min(b[:, None, 2:], b[None, :, 2:]),
+    )
+    inter = (corner_max - corner_min).clamp(min=0).prod(dim=-1)  # (N, N)
+    overlaps = (inter / (area[:, None] + area[None, :] - inter) > iou_threshold).cpu().numpy()
     removed = overlaps[0] & False
     keep = []
     for i in range(len(order)):
