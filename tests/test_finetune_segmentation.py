@@ -147,6 +147,13 @@ def test_training_views_move_the_label_map_with_the_image_and_repeat_with_the_se
     assert again["image"].equal(batch["image"]) and again["label_map"].equal(labels)
     other = collate(data.train.examples[:4], torch.Generator().manual_seed(4))
     assert not other["image"].equal(batch["image"])
+    # Colour jitter (drawn after the geometry) changes the image only: the first view's labels are the same
+    # (its geometry drawn first; later views' draws shift), its pixels are not.
+    jittered = load_task_data(None, "semantic_segmentation", 64, recipe=_recipe(ade, photometric=True))
+    coloured = Collator("semantic_segmentation", jittered.train.images)(
+        data.train.examples[:4], torch.Generator().manual_seed(3)
+    )
+    assert coloured["label_map"][0].equal(labels[0]) and not coloured["image"][0].equal(batch["image"][0])
 
 
 def test_evaluation_batches_keep_the_label_maps_at_their_own_size(ade):
