@@ -9,7 +9,7 @@ pretraining"):
   ``mim``, ``mlm``, ``vl_mlm``, ``vl_mim`` over all the held-out samples of the streams given;
 * ``eval/acc/vl_mlm_shuffled_image`` and ``eval/image_use``: the pairs' masked text predicted again with the
   image of another held-out pair (a fixed derangement), and the accuracy with the true image minus that: a
-  model that ignores the image scores 0;
+  model that ignores the image scores 0; ``eval/acc/vl_mlm_no_image``: the same texts without any image;
 * ``eval/health/<stream>_top_pc_share`` and ``..._effective_rank``: the share of variance in the top
   principal component of the pooled features (the first token of the last layer) and the effective rank
   (exp of the entropy of the normalised eigenvalues); ``eval/health/degenerate`` is 1 (and a warning is
@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 
 SPLIT_KEYS = {"image": "images", "text": "texts", "pair": "pairs"}  # [batch] / micro-batch split names
 SHUFFLED = "pair_shuffled"  # the pairs again, each with another pair's image
+NO_IMAGE = "pair_no_image"  # the pairs' texts alone
+TEXT_KEYS = ("text", "text_padding_mask", "text_labels", "rows_valid")  # of a pair, for NO_IMAGE
+# The extra sub-batches' scored term and its tag: eval/acc/<tag>
+PROBES = {f"{SHUFFLED}/vl_mlm": "vl_mlm_shuffled_image", f"{NO_IMAGE}/vl_mlm": "vl_mlm_no_image"}
 _DERANGEMENT = 7  # a stream-id-like constant of the derangement's seed
 
 
@@ -255,7 +259,8 @@ class HeldOutEvaluation:
     def _micro_batches(self, own: dict, filler: dict, split: dict, data: PretrainDataConfig, pad_id: int):
         """This rank's samples as CPU micro-batches of the training composition, each with every stream
         (a filler row where this rank has run out) and a ``rows_valid`` mask; the pairs also as
-        :data:`SHUFFLED`, with their partners' images and no tokenizer views."""
+        :data:`SHUFFLED`, with their partners' images and no tokenizer views, and their texts alone as
+        :data:`NO_IMAGE`."""
         sizes = {s: split[SPLIT_KEYS[s]] for s in self.cfg.streams}
         # Forwards per evaluation: the same on every rank (rank 0 holds the most samples of each stream).
         forwards = max(_ceil_div(_ceil_div(self.counts[s], self.world_size), sizes[s]) for s in sizes)
@@ -272,6 +277,7 @@ class HeldOutEvaluation:
                     shown = [r["shuffled_image"] for r in rows or [filler[s]]]
                     batch[SHUFFLED] = {key: v for key, v in batch[s].items() if key != "tokenizer_image"}
                     batch[SHUFFLED]["image"] = torch.from_numpy(np.stack(shown))
+                    batch[NO_IMAGE] = {key: batch[s][key] for key in TEXT_KEYS}
             batches.append(batch)
         return batches
 
@@ -325,7 +331,7 @@ class HeldOutEvaluation:
             value = value.detach().double()
             sums[name] = sums[name] + value if name in sums else value
 
-        scored = {SHUFFLED: ("vl_mlm",)} if "pair" in self.cfg.streams else None
+        scored = {SHUFFLED: ("vl_mlm",), NO_IMAGE: ("vl_mlm",)} if "pair" in self.cfg.streams else None
         for batch in self.batches:
             prepared = self._prepare(task, batch, device)
             hidden, scores = task.masked_terms(prepared, scored=scored, smoothing=0.0)
@@ -344,7 +350,7 @@ class HeldOutEvaluation:
     def _prepare(self, task, batch: dict, device: torch.device) -> dict:
         """The task's ``prepare_batch`` of one CPU batch; the visual-token codes, computed at the first
         evaluation, are kept in the CPU batch instead of its tokenizer views (they never change)."""
-        subs = {k: v for k, v in batch.items() if k != SHUFFLED}
+        subs = {k: v for k, v in batch.items() if k not in (SHUFFLED, NO_IMAGE)}
         prepared = task.prepare_batch(subs, device)
         if not self._codes_cached:
             for key, sub in subs.items():
@@ -353,6 +359,7 @@ class HeldOutEvaluation:
                     sub["image_codes"] = prepared[key]["image_codes"].cpu()
         if SHUFFLED in batch:
             prepared[SHUFFLED] = task.prepare_batch({"pair": batch[SHUFFLED]}, device)["pair"]
+            prepared[NO_IMAGE] = task.prepare_batch({"text": batch[NO_IMAGE]}, device)["text"]
         if batch is self.batches[-1]:
             self._codes_cached = True
         return prepared
@@ -361,12 +368,12 @@ class HeldOutEvaluation:
         """The ``eval/...`` scalars from the summed statistics."""
         out: dict[str, float] = {}
         present = {n.rsplit("/", 1)[0] for n in sums if not n.startswith("health/")}
-        for term in [t for t in (*KIND_TERMS["image"], *KIND_TERMS["text"], *KIND_TERMS["pair"],
-                                 f"{SHUFFLED}/vl_mlm") if t in present]:  # fmt: skip
+        for term in [t for t in (*KIND_TERMS["image"], *KIND_TERMS["text"], *KIND_TERMS["pair"], *PROBES)
+                     if t in present]:  # fmt: skip
             count = float(sums[f"{term}/count"])
             if not count:  # e.g. no pair masks its image: no figure rather than a 0
                 continue
-            tag = "vl_mlm_shuffled_image" if term == f"{SHUFFLED}/vl_mlm" else term
+            tag = PROBES.get(term, term)
             out[f"eval/loss/{tag}"] = float(sums[f"{term}/loss"]) / count
             out[f"eval/acc/{tag}"] = float(sums[f"{term}/correct"]) / count
         if "eval/acc/vl_mlm" in out and "eval/acc/vl_mlm_shuffled_image" in out:

@@ -68,7 +68,8 @@ def test_two_ranks_zero3_train_log_export_and_reload(assets, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Evaluation on the held-out shards every 2 steps, on both ranks, gathered: eval/* tags, one console line
     for tag in ("eval/loss/mim", "eval/acc/mim", "eval/loss/mlm", "eval/acc/mlm", "eval/acc/vl_mlm",
-                "eval/acc/vl_mim", "eval/acc/vl_mlm_shuffled_image", "eval/image_use",
+                "eval/acc/vl_mim", "eval/acc/vl_mlm_shuffled_image", "eval/acc/vl_mlm_no_image",
+                "eval/image_use",
                 "eval/health/image_top_pc_share", "eval/health/text_top_pc_share",
                 "eval/health/pair_effective_rank", "eval/health/degenerate"):  # fmt: skip
         assert sorted(tensorboard_scalars(out, tag)) == [2, 4], tag

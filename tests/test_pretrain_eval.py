@@ -13,11 +13,18 @@ import torch
 from tiny_data import encode_image
 
 from beit3.engine.config_io import ConfigError
+from beit3.engine.trainer_config import TrainSettings
 from beit3.finetune.data.build import COLORS
 from beit3.model import build_model
 from beit3.pretrain.data import PretrainDataConfig, PretrainLoader
 from beit3.pretrain.data.tario import ShardWriter
-from beit3.pretrain.evaluation import EvalConfig, HeldOutEvaluation, derangement, pooled_health
+from beit3.pretrain.evaluation import (
+    EvalConfig,
+    HeldOutEvaluation,
+    derangement,
+    pooled_health,
+    train_settings,
+)
 from beit3.pretrain.objective import MaskedDataModeling
 from beit3.pretrain.recipe import load_recipe, validate_run
 from beit3.tokenizers.text import TextTokenizer, train_sentencepiece
@@ -150,6 +157,13 @@ def test_no_eval_table_means_no_evaluation(tmp_path):
     assert validate_run(recipe, DS, 1)
 
 
+def test_held_out_shards_are_evaluated_at_the_end_when_eval_every_is_0():
+    held_out = EvalConfig(pair_shards=["held_out.tar"])
+    assert train_settings(TrainSettings(total_steps=30), held_out).eval_every == 30
+    assert train_settings(TrainSettings(total_steps=30, eval_every=10), held_out).eval_every == 10
+    assert train_settings(TrainSettings(total_steps=30), EvalConfig()).eval_every == 0
+
+
 def test_eval_shards_must_match_files_and_not_be_training_shards(colours, tmp_path):
     data = data_config(colours)
     with pytest.raises(ConfigError, match=r"eval.text_shards: no shard file matches .*nowhere"):
@@ -228,5 +242,7 @@ def test_image_use_probe_is_positive_once_captions_are_learnt_from_images(colour
     after = held_out.evaluate(task, torch.device("cpu"), step=40)
     assert after["eval/acc/vl_mlm"] > before["eval/acc/vl_mlm"] + 0.3
     assert after["eval/image_use"] > max(0.05, before["eval/image_use"] + 0.05), (before, after)
+    # the colour is in the image only
+    assert after["eval/acc/vl_mlm"] > after["eval/acc/vl_mlm_no_image"] + 0.05
     use = after["eval/acc/vl_mlm"] - after["eval/acc/vl_mlm_shuffled_image"]
     assert after["eval/image_use"] == pytest.approx(use)
