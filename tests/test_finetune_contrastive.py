@@ -133,7 +133,7 @@ def test_a_steps_flops_are_one_batch_of_k_times_b_plus_the_cached_encodings_as_t
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    k, b = 3, 2
+    k, b = 2, 2
     batch, task = _batch(k * b, seed=3), _task()
     group = _group(batch, k)
     stats = [task.batch_stats({**micro, MICRO: j, GROUP: group}) for j, micro in enumerate(group)]
