@@ -383,15 +383,16 @@ layer_decay = 0.9
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
-    """One 2-rank ``beit3-finetune`` run (torchrun, gloo) of the tiny Mask R-CNN: 2 steps of batch 2 per rank
-    on 4 training images, then 3 evaluation images (rank 1 holds one and a filler)."""
+    """One 2-rank ``beit3-finetune`` run (torchrun, gloo) of the tiny Mask R-CNN under ZeRO-3 (its
+    parameters partitioned over the ranks): 2 steps of batch 2 per rank on 4 training images, then 3
+    evaluation images (rank 1 holds one and a filler: the ranks' forwards stay in step)."""
     tmp = tmp_path_factory.mktemp("det_run")
     root = write_rectangles(tmp / "data", train=4, val=3)
     recipe, run = tmp / "recipe.toml", tmp / "run"
     recipe.write_text(RECIPE.format(root=root, tiny="\n".join(f"{k} = {v!r}" for k, v in TINY.items())))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), "-m", "beit3.finetune.train", "--config", str(recipe), "--ds-config",
-           str(REPO / "ds_configs" / "zero0_fp32.json"), "--output-dir", str(run),
+           str(REPO / "ds_configs" / "zero3_fp32.json"), "--output-dir", str(run),
            "--ds-set", "train_micro_batch_size_per_gpu=2"]  # fmt: skip
     done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
