@@ -246,9 +246,10 @@ def _run_args(recipe: str, out: Path, micro: int, accumulation: int, *extra: str
 
 @pytest.fixture(scope="module")
 def two_rank_runs(assets) -> dict:
-    """One 2-rank launch (this file as the torchrun script, below), two beit3-finetune runs in it from the
+    """One 2-rank launch (this file as the torchrun script, below), three beit3-finetune runs in it from the
     same initial weights on the same streamed pairs: micro-batch 2 with accumulation 2 (8 negatives;
-    evaluations at steps 10 and 20) and micro-batch 4 without (8 negatives; no periodic evaluation).
+    evaluations and checkpoints at steps 10 and 20), micro-batch 4 without (8 negatives; no periodic
+    evaluation), and the first resumed from its step-10 checkpoint in another run directory.
     ZeRO-0: under zero3_fp32.json the same assertions hold, at 3x the time."""
     root = assets["root"]
     recipe = _recipe_file(
@@ -256,15 +257,17 @@ def two_rank_runs(assets) -> dict:
         train={"total_steps": STEPS, "warmup_steps": 3, "lr": 5e-4, "log_every": 1, "eval_every": 10},
         param_groups={"layer_decay": 1.0},
     )  # fmt: skip
-    runs = [_run_args(recipe, root / "accumulated", 2, 2),
-            _run_args(recipe, root / "one_batch", 4, 1, "--set", "train.eval_every=0")]  # fmt: skip
+    step10 = str(root / "accumulated" / "checkpoints" / "step00000010")
+    runs = [_run_args(recipe, root / "accumulated", 2, 2, "--set", "train.save_every=10"),
+            _run_args(recipe, root / "one_batch", 4, 1, "--set", "train.eval_every=0"),
+            _run_args(recipe, root / "resumed", 2, 2, "--resume", step10)]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), __file__, json.dumps(runs)]  # fmt: skip
     env = {**clean_env(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {name: {"out": root / name, "scalars": tensorboard_run(root / name)} for name in
-            ("accumulated", "one_batch")}  # fmt: skip
+            ("accumulated", "one_batch", "resumed")}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -290,6 +293,16 @@ def test_two_ranks_train_with_accumulation_as_with_one_micro_batch_of_the_step(t
         for step in range(1, STEPS + 1):
             # measured: within 2e-5 (loss) and 8e-5 (gradient norm) over the 20 steps
             assert a[tag][step] == pytest.approx(b[tag][step], rel=3e-4, abs=1e-6), (tag, step)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_resumed_at_a_checkpoint_continue_exactly(two_rank_runs):
+    """The pair stream's state (and the engine's) restored at step 10: steps 11-20 are the straight run's."""
+    a, r = (two_rank_runs[name]["scalars"] for name in ("accumulated", "resumed"))
+    assert sorted(r["loss/contrastive"]) == list(range(11, STEPS + 1))
+    for tag in ("loss/contrastive", "optim/grad_norm", "data/samples/pair", "eval/average"):
+        assert {s: v for s, v in a[tag].items() if s > 10} == r[tag], tag
 
 
 @pytest.mark.slow
