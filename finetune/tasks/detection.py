@@ -18,6 +18,11 @@ to do neither (mean 0, std 1; ``min_size = max_size`` = the recipe's image size,
 already sized to fit it keeps its size) and only pads the batch to ``size_divisibility`` (2 x the patch).
 Class 0 of torchvision's detectors is the background: a class index c is the detector's label c + 1.
 
+Precision: under a bf16 model (DeepSpeed's bf16 casts every parameter) torchvision would code boxes in bf16,
+whose 8-bit mantissa puts coordinates beyond 512 px on a 4 px grid. The anchors are made in fp32 and the
+heads' outputs cast to fp32 (:class:`Float32Outputs`), so proposals, regression targets, decoded boxes and
+the losses stay fp32; only the RoI features are sampled in the model's dtype.
+
 ZeRO-3 (docs/engine.md): every step uses every parameter. The RPN, the box head and the pyramid see every
 image; torchvision's Mask R-CNN runs its mask head on the positive proposals even when there are none (an
 empty batch of RoIs, whose loss is 0 x the logits), so the mask head's gradients are zeros, not missing
@@ -156,7 +161,7 @@ def stride_anchors(sizes: list[tuple[float, ...]], strides: list[float]) -> nn.M
 
     class StrideAnchors(_anchor_generator()):
         def forward(self, image_list, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
-            dtype, device = feature_maps[0].dtype, feature_maps[0].device
+            dtype, device = torch.float32, feature_maps[0].device  # box coordinates in fp32, always
             self.set_cell_anchors(dtype, device)
             grids = [list(f.shape[-2:]) for f in feature_maps]
             steps = [[torch.tensor(s, dtype=dtype, device=device)] * 2 for s in strides]
@@ -166,6 +171,50 @@ def stride_anchors(sizes: list[tuple[float, ...]], strides: list[float]) -> nn.M
     return StrideAnchors(tuple(sizes), (ASPECT_RATIOS,) * len(sizes))
 
 
+class Float32Outputs(nn.Module):
+    """A head whose outputs (tensors, or lists / tuples of them) are returned in fp32: the box coding and the
+    losses downstream of it then run in fp32 under a bf16 / fp16 model (module docstring)."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, *args, **kwargs):
+        return _float32(self.head(*args, **kwargs))
+
+    def __getattr__(self, name: str):  # the head's other methods (RetinaNet's compute_loss) and attributes
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("head"), name)
+
+
+def _float32(out):
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, (list, tuple)):
+        return type(out)(_float32(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _float32(v) for k, v in out.items()}
+    return out
+
+
+def _pooler(levels: list[str], size: int, strides: list[float]) -> nn.Module:
+    """torchvision's MultiScaleRoIAlign with its scales and levels from the strides (not inferred from the map
+    sizes); it samples the features at the boxes cast to the features' dtype (fp32 boxes, bf16 maps)."""
+    from torchvision.ops.poolers import MultiScaleRoIAlign, initLevelMapper
+
+    class StridePooler(MultiScaleRoIAlign):
+        def forward(self, x, boxes, image_shapes):
+            dtype = next(iter(x.values())).dtype
+            return super().forward(x, [b.to(dtype) for b in boxes], image_shapes)
+
+    p = StridePooler(levels, output_size=size, sampling_ratio=2)
+    p.scales = [1.0 / st for st in strides]
+    p.map_levels = initLevelMapper(2, 2 + len(levels) - 1)
+    return p
+
+
 def build_detector(
     backbone: DenseBackbone, num_classes: int, s: DetectionSection, img_size: int
 ) -> nn.Module:
@@ -173,22 +222,21 @@ def build_detector(
     ``backbone``, its transform neither normalising nor resizing an image of the recipe's size."""
     _load_torchvision()
     from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
-    from torchvision.ops.poolers import MultiScaleRoIAlign, initLevelMapper
 
     strides = [backbone.strides[n] for n in LEVELS]
     common = {"min_size": img_size, "max_size": img_size, "image_mean": [0.0] * 3, "image_std": [1.0] * 3,
               "size_divisible": backbone.size_divisibility}  # fmt: skip
     if s.detector == "retinanet":  # three scales per octave, as in RetinaNet's paper
         sizes = [tuple(s.anchor_size * 2 ** (i + k / 3) for k in range(3)) for i in range(len(LEVELS))]
-        return RetinaNet(backbone, num_classes + 1, anchor_generator=stride_anchors(sizes, strides),
-                         score_thresh=s.score_threshold, detections_per_img=s.detections_per_image,
-                         topk_candidates=s.rpn_pre_nms_top_n_test, **common)  # fmt: skip
+        model = RetinaNet(backbone, num_classes + 1, anchor_generator=stride_anchors(sizes, strides),
+                          score_thresh=s.score_threshold, detections_per_img=s.detections_per_image,
+                          topk_candidates=s.rpn_pre_nms_top_n_test, **common)  # fmt: skip
+        model.head.classification_head = Float32Outputs(model.head.classification_head)
+        model.head.regression_head = Float32Outputs(model.head.regression_head)
+        return model
 
-    def pool(size: int) -> nn.Module:  # scales and levels from the strides, not inferred from sizes
-        p = MultiScaleRoIAlign(list(LEVELS), output_size=size, sampling_ratio=2)
-        p.scales = [1.0 / st for st in strides]
-        p.map_levels = initLevelMapper(2, 2 + len(LEVELS) - 1)
-        return p
+    def pool(size: int) -> nn.Module:
+        return _pooler(list(LEVELS), size, strides)
 
     kwargs = {
         "rpn_anchor_generator": stride_anchors(
@@ -206,8 +254,13 @@ def build_detector(
         **common,
     }
     if s.detector == "faster_rcnn":
-        return FasterRCNN(backbone, num_classes + 1, **kwargs)
-    return MaskRCNN(backbone, num_classes + 1, mask_roi_pool=pool(14), **kwargs)
+        model = FasterRCNN(backbone, num_classes + 1, **kwargs)
+    else:
+        model = MaskRCNN(backbone, num_classes + 1, mask_roi_pool=pool(14), **kwargs)
+        model.roi_heads.mask_predictor = Float32Outputs(model.roi_heads.mask_predictor)
+    model.rpn.head = Float32Outputs(model.rpn.head)
+    model.roi_heads.box_predictor = Float32Outputs(model.roi_heads.box_predictor)
+    return model
 
 
 class Detection(nn.Module):
