@@ -246,3 +246,36 @@ def test_image_use_probe_is_positive_once_captions_are_learnt_from_images(colour
     assert after["eval/acc/vl_mlm"] > after["eval/acc/vl_mlm_no_image"] + 0.05
     use = after["eval/acc/vl_mlm"] - after["eval/acc/vl_mlm_shuffled_image"]
     assert after["eval/image_use"] == pytest.approx(use)
+
+
+def test_beit3_pretrain_exits_2_naming_an_eval_glob_that_matches_nothing(colours, tmp_path, capsys):
+    from beit3.pretrain import train
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f"""
+[model]
+name = "beit3_tiny_patch16_64"
+overrides = {{vocab_size = 16, visual_vocab_size = 1024, max_text_positions = 18}}
+[tokenizers]
+text = "{colours["spm"]}"
+visual = "vqkd_tiny_patch16_64"
+[data]
+image_shards = ["{colours["train_images"]}"]
+text_shards = ["{colours["train_texts"]}"]
+pair_shards = ["{colours["train_pairs"]}"]
+img_size = 64
+patch_size = 16
+tokenizer_img_size = 64
+text_max_len = 16
+pair_text_max_len = 16
+min_num_patches = 2
+[eval]
+pair_shards = ["{tmp_path}/held_out/*.tar"]
+""")
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 1}')
+    code = train.main(
+        ["--config", str(recipe), "--ds-config", str(ds), "--output-dir", str(tmp_path / "run")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "eval.pair_shards: no shard file matches" in err and "held_out" in err
