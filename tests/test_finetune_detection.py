@@ -415,3 +415,20 @@ def test_detection_finetunes_on_two_ranks_and_logs_coco_ap(two_rank_run):
     scores = json.loads((run / "eval.json").read_text())
     assert 0.0 <= scores["eval/bbox_ap"] <= 1.0 and 0.0 <= scores["eval/segm_ap50"] <= 1.0
     assert json.loads((run / "classes.json").read_text())["classes"] == ["red", "blue"]
+
+
+def test_evaluation_only_reads_no_training_file_and_checks_the_eval_categories(tmp_path):
+    from beit3.finetune.data.sources import DataSourceError
+    from beit3.finetune.recipe import load_recipe
+
+    root = write_rectangles(tmp_path, train=2, val=2)
+    recipe = load_recipe(REPO / "finetune" / "recipes" / "coco_detection_small.toml",
+                         [f"data.root={root}", "data.train=missing.json", "data.eval=instances_val.json",
+                          "detection.eval_images=val"])  # fmt: skip
+    data = coco.load_coco(recipe, 64, train_images=False, classes=["red", "blue"])
+    assert data.train.examples == [] and len(data.eval.examples) == 2 and data.classes == ["red", "blue"]
+    assert data.eval.images.views.categories.ids == [1, 2] and not data.eval.images.train
+    with pytest.raises(DataSourceError, match=r"categories \['red', 'blue'\] are not the training ones"):
+        coco.load_coco(recipe, 64, train_images=False, classes=["cat", "dog"])
+    with pytest.raises(DataSourceError, match="missing.json does not exist"):
+        coco.load_coco(recipe, 64)

@@ -319,10 +319,8 @@ def load_coco(recipe, img_size: int, train_images: bool = True, classes: list[st
 
     d, s = recipe.data, recipe.detection
     root = Path(d.root)
-    if not d.eval and not (d.train and classes is None):
-        raise DataSourceError(
-            "data.train and data.eval must name COCO instances files (relative to data.root)"
-        )
+    if classes is None and not d.train:
+        raise DataSourceError("data.train must name a COCO instances file (relative to data.root)")
 
     def split(file: str, folder: str, train: bool, limit: int) -> tuple[Split, Categories]:
         inst = read_instances(root / file, root / folder, drop_empty=train, limit=limit)
@@ -340,8 +338,7 @@ def load_coco(recipe, img_size: int, train_images: bool = True, classes: list[st
         if eval_categories.names != expected:
             raise DataSourceError(f"{root / d.eval}: its categories {eval_categories.names} are not the "
                                   f"training ones {expected}")  # fmt: skip
-        categories = categories or eval_categories
-    return TaskData(train, evaluation, list(categories.names))
+    return TaskData(train, evaluation, list(categories.names) if categories is not None else list(classes))
 
 
 def collate_detection(batch: dict, examples: list[dict], collator, generator: torch.Generator | None) -> None:

@@ -90,17 +90,14 @@ class DetectionSection:
 
 
 def _load_torchvision():
-    """torchvision's detection models, with NMS in Python where its compiled ops did not load."""
+    """torchvision, with the fallbacks of the module docstring where its compiled ops did not load."""
     from beit3.finetune.data.augment import _import_torchvision
 
     torchvision = _import_torchvision()
     from torchvision import extension
     from torchvision.ops import boxes
 
-    roi_align = importlib.import_module(
-        "torchvision.ops.roi_align"
-    )  # the module (ops.roi_align: the function)
-
+    roi_align = importlib.import_module("torchvision.ops.roi_align")  # the module: ops.roi_align is the op
     if not extension._has_ops() and boxes.nms is not greedy_nms:
         boxes.nms = greedy_nms  # batched_nms (RPN, RoI heads, RetinaNet) calls the module's nms
         torchvision.ops.nms = greedy_nms
@@ -148,18 +145,13 @@ def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) 
     return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
 
 
-def _anchor_generator():
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-
-    return AnchorGenerator
-
-
 def stride_anchors(sizes: list[tuple[float, ...]], strides: list[float]) -> nn.Module:
     """torchvision's AnchorGenerator (``sizes`` per level, :data:`ASPECT_RATIOS`) placed at the backbone's
     true strides: torchvision infers integer strides from the map sizes (3 instead of 3.5 at p2 of a
     patch-14 model)."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
 
-    class StrideAnchors(_anchor_generator()):
+    class StrideAnchors(AnchorGenerator):
         def forward(self, image_list, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
             dtype, device = torch.float32, feature_maps[0].device  # box coordinates in fp32, always
             self.set_cell_anchors(dtype, device)
