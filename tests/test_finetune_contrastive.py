@@ -327,7 +327,9 @@ if __name__ == "__main__":  # the torchrun script of two_rank_runs: several beit
     from beit3.engine.launch import init_distributed, shutdown_distributed
     from beit3.finetune.train import main
 
-    init_distributed()  # owned here: the runs share it
+    # Created once, here: the runs share it and leave it (a program that owned it would destroy it at its
+    # end, and re-creating it on torchrun's store between programs can race across ranks).
+    init_distributed()
     codes = [main(args) for args in json.loads(sys.argv[1])]
     shutdown_distributed()
     sys.exit(max(codes))
