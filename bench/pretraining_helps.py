@@ -1,0 +1,741 @@
+"""Does pretraining help? Pretrain the small demo model on offline image-text data whose captions name what
+only the image shows, then finetune it and the same model from random init with the same budget.
+
+Issue 16 item 5. One program, five stages (each skipped when its output exists, so a rerun resumes):
+
+1. **data** (``<work>/data``), written with the project's shard machinery (``beit3.pretrain.shard_writer``,
+   as ``beit3-shards demo`` writes the demo data):
+
+   * pairs: easy-VQA *train* images captioned from their own shape and colour answers ("a red circle."),
+     Tux Paint stamps with their captions ("A mango."), Twemoji with their names ("An emoji of a mango.");
+   * images: the same images without captions; texts: the pair captions, CPython's pydoc paragraphs and
+     WordNet glosses of the ``wordnet_small`` task's *train* split;
+   * held out (``<work>/data/heldout``, never trained on, the pretraining ``[eval]`` shards and the
+     zero-shot retrieval set): every 10th item of each source;
+   * never in pretraining at all: the easy-VQA *test* images (easy_vqa_small's eval split), every Tux Paint
+     stamp whose caption is a caption of the stamps tasks' eval split (``load_tuxpaint``'s seeded 20 %),
+     the WordNet eval glosses; digits are not in pretraining.
+
+2. **tokenizers**: ``beit3-spm train`` on the texts, ``beit3-vqkd train`` (tiny VQ-KD, MobileNetV2 teacher) on
+   a sample of the training images.
+3. **pretraining**: ``beit3-pretrain`` (``pretrain/recipes/demo.toml``, its lr 2e-4 set for this batch) under
+   torchrun on ``--ranks`` CPU ranks with an ``[eval]`` table over the held-out shards, so the image-use probe
+   (``eval/image_use``) is logged during training; exported with ``--export``.
+4. **finetuning**: bench/finetune_small.py's five tasks through its own harness (``export_index``,
+   ``run_one``), from the checkpoint and from random init (the checkpoint's tokenizer and shapes for both),
+   ``--seeds`` seeds each (``train.seed``), the same steps, batch and recipe.
+5. **contrastive stage**: ``finetune/recipes/itc_small.toml`` on the training pair shards from both starts;
+   zero-shot retrieval (R@1/5/10 both ways) on the held-out pairs.
+
+Then an image-use probe of the exported checkpoints on the held-out pairs, computed here with the model
+alone (masked caption tokens predicted with the true image, another pair's image, and no image), and the
+write-up: ``--out`` (.md and .json). Presets: ``full`` (the acceptance run, planned at about an hour on 2
+idle cores from the quickstart's 0.5 s per pretraining step and finetune_small's ~100 s per 150-step run;
+not yet run), ``reduced`` (a sixth of the pretraining, 12 finetuning steps: fits a shared machine) and
+``--quick`` (every stage at toy sizes: about 4 minutes of stages plus ~30 s start-up for each of the 24
+finetuning runs). A stage whose output exists is skipped, so ``--tasks`` / ``--seeds`` can be extended later::
+
+    python bench/pretraining_helps.py                     # full
+    python bench/pretraining_helps.py --preset reduced --out bench/results/pretraining_helps_reduced.md
+    python bench/pretraining_helps.py --quick --work runs/pretraining_helps_quick --out /tmp/ph_quick.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import finetune_small  # noqa: E402  (bench/ is not a package: its harness is imported by path)
+
+ROOT = Path(__file__).resolve().parents[1]
+HELD_OUT_EVERY = 10  # every 10th item of each source is held out of pretraining
+PRESETS = {
+    # max items per source (0: all), pretraining / finetuning / contrastive steps, tokenizer sizes.
+    "full": dict(
+        emoji=0,
+        easy_vqa=0,
+        stamps=0,
+        glosses=20000,
+        vqkd_images=1200,
+        vqkd_steps=60,
+        spm_size=4000,
+        pretrain_steps=1500,
+        eval_every=500,
+        eval_samples=256,
+        ranks=2,
+        micro_batch=12,
+        ft_steps=150,
+        ft_caps=(),
+        itc_steps=150,
+    ),
+    "reduced": dict(
+        emoji=1000,
+        easy_vqa=1500,
+        stamps=0,
+        glosses=3000,
+        vqkd_images=200,
+        vqkd_steps=20,
+        spm_size=2000,
+        pretrain_steps=250,
+        eval_every=125,
+        eval_samples=96,
+        ranks=1,
+        micro_batch=24,
+        ft_steps=12,
+        ft_caps=("data.max_train=1000", "data.max_eval=150"),
+        itc_steps=12,
+    ),
+    "quick": dict(
+        emoji=120,
+        easy_vqa=200,
+        stamps=60,
+        glosses=300,
+        vqkd_images=48,
+        vqkd_steps=4,
+        spm_size=1000,
+        pretrain_steps=8,
+        eval_every=4,
+        eval_samples=16,
+        ranks=1,
+        micro_batch=6,
+        ft_steps=3,
+        ft_caps=("data.max_train=64", "data.max_eval=32"),
+        itc_steps=3,
+    ),
+}
+STARTS = ("scratch", "pretrained")
+ITC_METRICS = (
+    "eval/average",
+    "eval/tr_r1",
+    "eval/tr_r5",
+    "eval/tr_r10",
+    "eval/ir_r1",
+    "eval/ir_r5",
+    "eval/ir_r10",
+)
+# The pretraining evaluation's figures in the write-up (vl_mlm_no_image: when the evaluation logs it).
+CURVE_TAGS = ("eval/acc/vl_mlm", "eval/acc/vl_mlm_shuffled_image", "eval/acc/vl_mlm_no_image",
+              "eval/image_use", "eval/acc/mlm", "eval/acc/mim")  # fmt: skip
+SHAPE_WORDS = ("circle", "rectangle", "triangle")
+CAPTION_TEMPLATES = ("a {c} {s}.", "a {s} in {c}.", "there is a {c} {s}.", "a picture of a {c} {s}.")
+
+
+# ----- 1. data ------------------------------------------------------------------------------------------
+def easy_vqa_pairs(limit: int) -> list[tuple[str, str]]:
+    """(image path, caption) of easy-VQA *train* images, the caption built from the image's own answers to
+    "what shape" / "what color" questions: a word only the image tells."""
+    import easy_vqa
+
+    texts, answers, image_ids = easy_vqa.get_train_questions()
+    shape, colour = {}, {}
+    for question, answer, image in zip(texts, answers, image_ids):
+        if answer in SHAPE_WORDS:
+            shape[image] = answer
+        elif answer not in ("yes", "no") and "color" in question:
+            colour[image] = answer
+    paths = easy_vqa.get_train_image_paths()
+    ids = sorted(i for i in shape if i in colour)[: limit or None]
+    return [(paths[i], CAPTION_TEMPLATES[i % 4].format(c=colour[i], s=shape[i])) for i in ids]
+
+
+def stamp_pairs(limit: int) -> tuple[list[tuple[str, str]], int]:
+    """(PNG path, caption) of Tux Paint stamps whose caption is not one of the stamps tasks' eval captions
+    (``load_tuxpaint``'s seeded split, the one stamps_retrieval_small / stamps_captioning_small evaluate on);
+    also how many stamps that keeps out."""
+    from beit3.finetune.data.sources import TUXPAINT_DIR, load_tuxpaint
+
+    eval_captions = {ex["text"] for ex in load_tuxpaint(8).eval.examples}
+    items, excluded = [], 0
+    for png in sorted(TUXPAINT_DIR.rglob("*.png")):
+        txt = png.with_suffix(".txt")
+        if not txt.is_file() or not txt.stat().st_size:
+            continue
+        caption = txt.read_text(errors="replace").splitlines()[0].strip()
+        if not caption:
+            continue
+        if caption in eval_captions:
+            excluded += 1
+        else:
+            items.append((str(png), caption))
+    return items[: limit or None], excluded
+
+
+def emoji_pairs(limit: int) -> list[tuple[str, str]]:
+    """(PNG path, caption) of captioned Twemoji (``beit3.pretrain.demo_data``'s names), evenly subsampled."""
+    from beit3.pretrain.demo_data import emoji_items
+
+    items = [(p, c) for p, c in emoji_items() if c]
+    return items[:: max(1, len(items) // limit)] if limit else items
+
+
+def text_segments(glosses: int) -> list[str]:
+    """pydoc paragraphs (48-word segments, as the demo data) and WordNet glosses of the train split only."""
+    from beit3.finetune.data.sources import load_wordnet
+    from beit3.pretrain.demo_data import pydoc_paragraphs
+    from beit3.pretrain.shard_writer import split_segments
+
+    texts = [seg for para in pydoc_paragraphs() for seg in split_segments(para, 48)]
+    train = load_wordnet().train.examples  # the task's seeded split: its eval glosses never appear here
+    texts += [ex["text"] for ex in random.Random(0).sample(train, min(glosses, len(train)))]
+    return texts
+
+
+def write_data(root: Path, preset: dict) -> dict:
+    """The pretraining shards (train and held out), ``corpus.txt`` and the VQ-KD image folder; returns the
+    counts (also written as ``data.json``)."""
+    from beit3.pretrain.shard_writer import image_result, shard_dir_summary, text_results, write_shard_dir
+
+    stamps, stamps_excluded = stamp_pairs(preset["stamps"])
+    sources = {
+        "easy_vqa": easy_vqa_pairs(preset["easy_vqa"]),
+        "tuxpaint": stamps,
+        "twemoji": emoji_pairs(preset["emoji"]),
+    }
+    split = {"train": [], "heldout": []}
+    for items in sources.values():
+        for i, item in enumerate(items):
+            split["heldout" if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 else "train"].append(item)
+    texts = text_segments(preset["glosses"])
+    held_texts = texts[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY]
+    train_texts = [t for i, t in enumerate(texts) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+    train_texts += [c for _, c in split["train"]]
+    random.Random(0).shuffle(train_texts)
+    random.Random(1).shuffle(split["train"])  # mixed sources in every shard
+
+    def images(items, captioned: bool):
+        for path, caption in items:
+            yield image_result(Path(path).read_bytes(), caption if captioned else None, 25_000_000)
+
+    extra = {"created_by": "bench/pretraining_helps.py"}
+    summary: dict = {
+        "sources": {k: len(v) for k, v in sources.items()},
+        "tuxpaint_excluded_eval_captions": stamps_excluded,
+    }
+    for name, items in split.items():
+        base = root if name == "train" else root / "heldout"
+        for kind, captioned in (("pairs", True), ("images", False)):
+            manifest = write_shard_dir(
+                str(base / kind), kind, images(items, captioned), extra, max_samples=500
+            )
+            summary[f"{name}/{kind}"] = shard_dir_summary(manifest)
+        manifest = write_shard_dir(
+            str(base / "texts"),
+            "texts",
+            text_results(train_texts if name == "train" else held_texts),
+            extra,
+            max_samples=2000,
+        )
+        summary[f"{name}/texts"] = shard_dir_summary(manifest)
+    (root / "corpus.txt").write_text("\n".join(train_texts) + "\n")
+    vqkd = root / "vqkd_images"
+    vqkd.mkdir(parents=True, exist_ok=True)
+    for i, (path, _) in enumerate(random.Random(2).sample(split["train"], preset["vqkd_images"])):
+        (vqkd / f"{i:05d}{Path(path).suffix}").write_bytes(Path(path).read_bytes())
+    (root / "data.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+# ----- 2.-3. tokenizers and pretraining -----------------------------------------------------------------
+def run(cmd: list[str], log: Path, threads: int) -> float:
+    """Run a stage's command (its output into ``log``); exits naming the log when it fails. Wall seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": "cpu"}
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"{cmd[0]} ... failed (exit {proc.returncode}): see {log}\n{log.read_text()[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def train_tokenizers(work: Path, preset: dict, threads: int) -> tuple[Path, Path, dict]:
+    """SentencePiece on the corpus, tiny VQ-KD on the sampled images; (spm, vqkd checkpoint, wall times)."""
+    spm, vqkd = work / "spm.model", work / "vqkd.pth"
+    walls = {}
+    if not spm.is_file():
+        walls["spm_s"] = run(
+            [
+                "beit3-spm",
+                "train",
+                "--input",
+                str(work / "data/corpus.txt"),
+                "--model-prefix",
+                str(work / "spm"),
+                "--vocab-size",
+                str(preset["spm_size"]),
+            ],
+            work / "spm.log",
+            threads,
+        )
+    if not vqkd.is_file():
+        walls["vqkd_s"] = run(
+            [
+                "beit3-vqkd",
+                "train",
+                "--config",
+                "pretrain/recipes/vqkd/tiny.toml",
+                "--ds-config",
+                "ds_configs/vqkd_fp32.json",
+                "--output-dir",
+                str(work / "vqkd"),
+                "--set",
+                f'data.paths=["{work / "data/vqkd_images"}"]',
+                "--set",
+                "data.views_per_image=1",
+                "--set",
+                f"train.total_steps={preset['vqkd_steps']}",
+                "--set",
+                f"train.warmup_steps={min(20, max(1, preset['vqkd_steps'] // 3))}",
+            ],
+            work / "vqkd.log",
+            threads,
+        )
+        (work / "vqkd/tokenizer.pth").rename(vqkd)
+    return spm, vqkd, walls
+
+
+def pretrain(work: Path, preset: dict, spm: Path, vqkd: Path, threads: int) -> tuple[Path, float]:
+    """beit3-pretrain (demo recipe) on the training shards, evaluated on the held-out ones; the export."""
+    export = work / "pretrain_export/model.pth"
+    if export.is_file():
+        return export, 0.0
+    from beit3.tokenizers.text import TextTokenizer
+
+    data, held = work / "data", work / "data/heldout"
+    ranks = preset["ranks"]
+    cmd = [
+        "torchrun",
+        "--standalone",
+        "--nproc_per_node",
+        str(ranks),
+        "-m",
+        "beit3.pretrain.train",
+        "--config",
+        "pretrain/recipes/demo.toml",
+        "--ds-config",
+        "ds_configs/zero0_fp32.json",
+        "--ds-set",
+        f"train_micro_batch_size_per_gpu={preset['micro_batch']}",
+        "--output-dir",
+        str(work / "pretrain"),
+        "--resume",
+        "auto",
+        "--set",
+        f"tokenizers.text={spm}",
+        "--set",
+        f"tokenizers.visual_checkpoint={vqkd}",
+        "--set",
+        f"model.overrides={{vocab_size = {TextTokenizer(spm).vocab_size}, visual_vocab_size = 1024}}",
+        "--set",
+        f"train.total_steps={preset['pretrain_steps']}",
+        "--set",
+        f"train.warmup_steps={max(1, min(20, preset['pretrain_steps'] // 10))}",
+        "--set",
+        f"train.save_every={preset['pretrain_steps']}",
+        "--set",
+        f"train.eval_every={preset['eval_every']}",
+        "--set",
+        f"eval.samples={preset['eval_samples']}",
+        "--export",
+        str(export),
+    ]
+    for kind, stream in (("images", "image"), ("texts", "text"), ("pairs", "pair")):
+        cmd += ["--set", f'data.{stream}_shards=["{data / kind}/*.tar"]']
+        cmd += ["--set", f'eval.{stream}_shards=["{held / kind}/*.tar"]']
+    return export, run(cmd, work / "pretrain.log", max(1, threads // ranks))
+
+
+def pretraining_curve(work: Path) -> dict:
+    """The logged eval/* and acc/* scalars of the pretraining run, by step."""
+    from beit3.engine.metrics import read_scalars
+
+    scalars = read_scalars(work / "pretrain")
+    keep = [
+        k
+        for k in scalars
+        if k.startswith(
+            ("eval/acc", "eval/loss/vl_mlm", "eval/image_use", "acc/", "eval/health/pair_top", "loss/total")
+        )
+    ]
+    return {k: {int(s): v for s, v in scalars[k].items()} for k in sorted(keep)}
+
+
+# ----- the image-use probe on the exported model -------------------------------------------------------
+def held_out_pairs(folder: Path, size: int):
+    """uint8 (N, 3, size, size) images and captions of the held-out pair shards."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from beit3.pretrain.data.decode import decode_image
+
+    images, captions = [], []
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members: dict[str, dict] = {}
+            for m in tar.getmembers():
+                stem, _, ext = m.name.partition(".")
+                members.setdefault(stem, {})[ext] = tar.extractfile(m).read()
+        for fields in members.values():
+            img = decode_image(fields["jpg"]).resize((size, size), Image.BICUBIC)
+            images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+            captions.append(fields["txt"].decode())
+    return torch.stack(images), captions
+
+
+def image_use_probe(checkpoint: Path | None, spm: Path, shapes: dict, pairs, seed: int = 0) -> dict:
+    """Masked-caption-token accuracy on held-out pairs with the true image, another pair's image (a fixed
+    derangement) and no image (text alone), for ``checkpoint`` or random init (``None``, seeded). Half of
+    each caption's tokens are predicted (``mask_captions``' BERT-style corruption), the same positions and
+    corruption in all three conditions."""
+    import torch
+
+    from beit3.finetune.data.batches import images_to_float
+    from beit3.finetune.tasks.captioning import mask_captions
+    from beit3.model import build_model, load_checkpoint
+    from beit3.pretrain.evaluation import derangement
+    from beit3.tokenizers.text import TextTokenizer
+
+    torch.manual_seed(seed)
+    model = build_model("beit3_small_patch16_64", **shapes).eval()
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    tok = TextTokenizer(spm)
+    images, captions = pairs
+    ids, pad = tok.encode_batch(captions, 32)
+    masked = mask_captions(ids, pad, 0.5, tok.mask_id, torch.Generator().manual_seed(seed))
+    x = images_to_float(images)
+    shown = {"true image": x, "shuffled image": x[derangement(len(x), seed)], "no image": None}
+    out = {}
+    with torch.no_grad():
+        for name, image in shown.items():
+            correct = total = 0
+            for i in range(0, len(x), 128):
+                sl = slice(i, i + 128)
+                h = model(
+                    image=None if image is None else image[sl],
+                    text=masked["text"][sl],
+                    text_padding_mask=pad[sl],
+                )[:, -ids.shape[1] :]
+                where = masked["masked"][sl]
+                logits = model.mlm_head(h[where])[:, : tok.vocab_size]
+                correct += (logits.argmax(-1) == masked["labels"][sl][where]).sum().item()
+                total += int(where.sum())
+            out[name] = correct / max(total, 1)
+    out["image_use"] = out["true image"] - out["shuffled image"]
+    out["pairs"], out["masked_tokens"] = len(x), total
+    return out
+
+
+# ----- 4.-5. finetuning and the contrastive stage --------------------------------------------------------
+def harness_args(work: Path, steps: int, batch: int, threads: int, sets: list[str], ckpt: Path):
+    """The namespace finetune_small's ``export_index`` / ``run_one`` read."""
+    return argparse.Namespace(
+        work=work,
+        steps=steps,
+        batch=batch,
+        threads=threads,
+        workers=0,
+        model="beit3_small_patch16_64",
+        set=sets,
+        pretrained=ckpt,
+    )
+
+
+def finetune(work: Path, preset: dict, args, spm: Path, ckpt: Path, shapes: dict) -> dict:
+    """Every task x start x seed through finetune_small's harness; results[task][start][seed]."""
+    results: dict = {}
+    cache = work / "finetune.json"
+    if cache.is_file():
+        results = json.loads(cache.read_text())
+    index_args = harness_args(
+        work / "finetune", preset["ft_steps"], args.batch, args.threads, list(preset["ft_caps"]), ckpt
+    )
+    index_args.work.mkdir(parents=True, exist_ok=True)
+    for task in args.tasks:
+        data_sets = None
+        for seed in args.seeds:
+            for start in STARTS:
+                if str(seed) in results.get(task, {}).get(start, {}):
+                    continue
+                if data_sets is None:
+                    data_sets = finetune_small.export_index(task, index_args)
+                run_args = harness_args(
+                    work / f"finetune/seed{seed}",
+                    preset["ft_steps"],
+                    args.batch,
+                    args.threads,
+                    [f"train.seed={seed}"],
+                    ckpt,
+                )
+                run_args.work.mkdir(parents=True, exist_ok=True)
+                r = finetune_small.run_one(task, start, run_args, spm, shapes, data_sets)
+                results.setdefault(task, {}).setdefault(start, {})[str(seed)] = r
+                print(
+                    f"{task:26s} {start:10s} seed {seed}: "
+                    + ", ".join(f"{k}={r[k]:.3f}" for k in finetune_small.TASKS[task] if k in r)
+                    + (f" {r['error']}" if "error" in r else ""),
+                    flush=True,
+                )
+                cache.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def contrastive(work: Path, preset: dict, args, spm: Path, ckpt: Path, shapes: dict) -> dict:
+    """itc_small on the training pair shards from both starts; zero-shot retrieval on the held-out pairs."""
+    results: dict = {}
+    cache = work / "contrastive.json"
+    if cache.is_file():
+        results = json.loads(cache.read_text())
+    pairs, held = f"data.train={work / 'data/pairs'}/*.tar", f"data.eval={work / 'data/heldout/pairs'}/*.tar"
+    for seed in args.seeds:
+        for start in STARTS:
+            if str(seed) in results.get(start, {}):
+                continue
+            run_args = harness_args(
+                work / f"contrastive/seed{seed}",
+                preset["itc_steps"],
+                args.batch,
+                args.threads,
+                [f"train.seed={seed}", "train.eval_every=0"],
+                ckpt,
+            )
+            run_args.work.mkdir(parents=True, exist_ok=True)
+            sets = [pairs, held, "data.num_workers=0"] + (
+                ['model.pretrained=""'] if start == "scratch" else []
+            )
+            r = finetune_small.run_one("itc_small", start, run_args, spm, shapes, sets)
+            results.setdefault(start, {})[str(seed)] = r
+            print(
+                f"itc_small {start:10s} seed {seed}: "
+                + ", ".join(f"{k}={r[k]:.3f}" for k in ITC_METRICS if k in r)
+                + (f" {r['error']}" if "error" in r else ""),
+                flush=True,
+            )
+            cache.write_text(json.dumps(results, indent=1))
+    return results
+
+
+# ----- 6. the write-up ------------------------------------------------------------------------------------
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value); NaN for none."""
+    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(by_start: dict, metric: str) -> dict:
+    """{start: (mean, sd, values)} of one metric over seeds."""
+    out = {}
+    for start in STARTS:
+        values = [r.get(metric, math.nan) for r in by_start.get(start, {}).values() if "error" not in r]
+        out[start] = (*mean_spread(values), values)
+    return out
+
+
+def verdict(s: dict) -> str:
+    """'better' / 'worse' when the means differ by more than both seed spreads added, else 'within spread'."""
+    (ms, ss, vs), (mp, sp, vp) = s["scratch"], s["pretrained"]
+    if math.isnan(ms) or math.isnan(mp):
+        return "n/a"
+    if min(len(vs), len(vp)) < 2:
+        return "n/a (one seed: no spread)"
+    if abs(mp - ms) <= ss + sp:
+        return "within spread"
+    return "better" if mp > ms else "worse"
+
+
+def tables(report: dict) -> str:
+    """The Markdown tables of the report."""
+    fmt = lambda m, s: f"{m:.3f} ± {s:.3f}"  # noqa: E731
+    lines = [
+        "## Image-use probe on held-out pairs (exported checkpoints, masked caption tokens)",
+        "",
+        "| start | true image | shuffled image | no image | true - shuffled |",
+        "|---|---|---|---|---|",
+    ]
+    for name, p in report["probe"].items():
+        lines.append(
+            f"| {name} | {p['true image']:.3f} | {p['shuffled image']:.3f} | {p['no image']:.3f} "
+            f"| {100 * p['image_use']:+.1f} points |"
+        )
+    curve = report["pretraining"]["curve"]
+    if "eval/image_use" in curve:
+        lines += [
+            "",
+            "During pretraining (`eval/*` of the `[eval]` table, held-out shards):",
+            "",
+            "| step | " + " | ".join(CURVE_TAGS) + " |",
+            "|---|" + "---|" * len(CURVE_TAGS),
+        ]
+        for step in sorted(curve["eval/image_use"], key=int):
+            cells = [curve.get(k, {}).get(step, math.nan) for k in CURVE_TAGS]
+            lines.append(f"| {step} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    seeds = len(next(iter(report["finetune"].values()), {}).get("scratch", {})) if report["finetune"] else 0
+    lines += [
+        "",
+        f"## Finetuning ({seeds} seeds each: mean ± sample standard deviation)",
+        "",
+        "| task | metric | random init | pretrained | pretrained vs random init |",
+        "|---|---|---|---|---|",
+    ]
+    for task, metric, s in report["finetune_summary"]:
+        lines.append(
+            f"| {task} | {metric} | {fmt(*s['scratch'][:2])} | {fmt(*s['pretrained'][:2])} | {verdict(s)} |"
+        )
+    lines += [
+        "",
+        "## Zero-shot retrieval on held-out pairs after the contrastive stage (itc_small)",
+        "",
+        "| metric | random init | pretrained | pretrained vs random init |",
+        "|---|---|---|---|",
+    ]
+    for metric in ITC_METRICS:
+        s = summarize(report["contrastive"], metric)
+        lines.append(f"| {metric} | {fmt(*s['scratch'][:2])} | {fmt(*s['pretrained'][:2])} | {verdict(s)} |")
+    return "\n".join(lines)
+
+
+def what_it_shows(report: dict) -> str:
+    """The figures' plain reading against the acceptance criteria (no judgement beyond the numbers)."""
+    probe = report["probe"]["pretrained"]
+    verdicts = {
+        f"{t} {m}": verdict(s) for t, m, s in report["finetune_summary"] if m == finetune_small.TASKS[t][0]
+    }
+    better = [k for k, v in verdicts.items() if v == "better"]
+    worse = [k for k, v in verdicts.items() if v == "worse"]
+    itc = verdict(summarize(report["contrastive"], "eval/average"))
+    return (
+        f"- Image-use probe (exported checkpoint, held-out pairs): {probe['true image']:.3f} with the true "
+        f"image, {probe['shuffled image']:.3f} with a shuffled one, {probe['no image']:.3f} with none: "
+        f"{100 * probe['image_use']:+.1f} points for the true image (criterion: at least +10); random init: "
+        f"{100 * report['probe']['random init']['image_use']:+.1f}.\n"
+        f"- Finetuning, primary metric per task, pretrained vs random init beyond the seed spread: better on "
+        f"{len(better)} of {len(verdicts)} ({', '.join(better) or 'none'}), worse on {len(worse)} "
+        f"({', '.join(worse) or 'none'}); the rest within spread (criterion: better on at least three).\n"
+        f"- Zero-shot retrieval after the contrastive stage (mean recall), pretrained vs random init: "
+        f"{itc}.\n"
+    )
+
+
+def environment(argv: list[str]) -> str:
+    import platform
+
+    import deepspeed
+    import torch
+
+    return (
+        f"- device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), shared "
+        f"with other jobs (load average at the start {os.getloadavg()[0]:.1f})\n"
+        f"- versions: python {platform.python_version()}, torch {torch.__version__}, deepspeed "
+        f"{deepspeed.__version__}\n- command: `python bench/pretraining_helps.py {' '.join(argv)}`"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=list(PRESETS), default="full")
+    p.add_argument("--quick", action="store_true", help="the quick preset: every stage, tiny sizes")
+    p.add_argument(
+        "--work", type=Path, default=None, help="run folder (default runs/pretraining_helps_<preset>)"
+    )
+    p.add_argument("--out", type=Path, default=None, help="results .md (a .json beside it)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated finetuning seeds (at least two)")
+    p.add_argument("--tasks", default=",".join(finetune_small.TASKS), help="finetuning recipes")
+    p.add_argument("--batch", type=int, default=32, help="finetuning micro-batch (one process)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--notes", type=Path, default=None, help="Markdown appended to the results (analysis)")
+    args = p.parse_args(argv)
+    name = "quick" if args.quick else args.preset
+    preset = PRESETS[name]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    work = (args.work or ROOT / f"runs/pretraining_helps_{name}").resolve()
+    out = args.out or ROOT / (
+        "bench/results/pretraining_helps.md"
+        if name == "full"
+        else f"bench/results/pretraining_helps_{name}.md"
+    )
+    t0 = time.perf_counter()
+    walls: dict = {}
+    data = work / "data"
+    if not (data / "data.json").is_file():
+        t = time.perf_counter()
+        write_data(data, preset)
+        walls["data_s"] = time.perf_counter() - t
+    print(f"data: {(data / 'data.json').read_text()}", flush=True)
+    spm, vqkd, tok_walls = train_tokenizers(work, preset, args.threads)
+    walls.update(tok_walls)
+    ckpt, wall = pretrain(work, preset, spm, vqkd, args.threads)
+    if wall:  # 0: the export of an earlier invocation
+        walls["pretrain_s"] = wall
+    from beit3.finetune.reload import checkpoint_overrides
+
+    shapes = {k: v for k, v in checkpoint_overrides(ckpt).items() if k != "visual_vocab_size"}
+    pairs = held_out_pairs(data / "heldout/pairs", 64)
+    probe = {
+        "random init": image_use_probe(None, spm, checkpoint_overrides(ckpt), pairs),
+        "pretrained": image_use_probe(ckpt, spm, checkpoint_overrides(ckpt), pairs),
+    }
+    print(f"probe: {json.dumps(probe)}", flush=True)
+    t = time.perf_counter()
+    ft = finetune(work, preset, args, spm, ckpt, shapes)
+    walls["finetune_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    itc = contrastive(work, preset, args, spm, ckpt, shapes)
+    walls["contrastive_s"] = time.perf_counter() - t
+    walls["total_s"] = time.perf_counter() - t0
+    summary = [
+        (task, metric, summarize(ft[task], metric))
+        for task in args.tasks
+        if task in ft
+        for metric in finetune_small.TASKS[task]
+    ]
+    report = {
+        "preset": name,
+        "settings": preset,
+        "seeds": args.seeds,
+        "data": json.loads((data / "data.json").read_text()),
+        "pretraining": {"curve": pretraining_curve(work)},
+        "probe": probe,
+        "finetune": ft,
+        "finetune_summary": summary,
+        "contrastive": itc,
+        "wall_s": walls,
+    }
+    body = tables(report)
+    print(body)
+    heading = (
+        "Does pretraining help? (full benchmark)"
+        if name == "full"
+        else f"Does pretraining help? REDUCED RUN (preset `{name}`): not the acceptance figures"
+    )
+    text = (
+        f"# {heading}\n\n{environment(argv)}\n- preset `{name}`: {json.dumps(preset)}; finetuning seeds "
+        f"{args.seeds}, micro-batch {args.batch}, one process, ZeRO-0 fp32\n- data: "
+        f"{json.dumps(report['data'])}\n- wall time: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in walls.items())
+        + f"\n\n{body}\n\n## What it shows\n\n{what_it_shows(report)}"
+    )
+    if args.notes is not None:
+        text += "\n" + args.notes.read_text()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
