@@ -10,7 +10,10 @@ result. Captioning's beam search runs a data-dependent number of decoder steps: 
 ranks agree at each step whether every rank's batch is done, so that all run as many steps (ZeRO-3's gathers
 again in lock-step); the captions are gathered as fixed-size id rows, and rank 0 scores the full set once
 and hands the scores to the others. On rank 0 a long evaluation logs its progress (items done of the
-total, the rate) every :data:`PROGRESS_EVERY_S` seconds.
+total, the rate) every :data:`PROGRESS_EVERY_S` seconds. A split whose images are on disk
+(:class:`~beit3.finetune.data.sources.LazyImages`) has its batches' images decoded in ``workers``
+DataLoader worker processes, ahead of the forward and in order (:func:`_built`; the training loader's
+``data.num_workers``), the results equal to building them here.
 
 What is evaluated, and how, is each task's spec (:mod:`beit3.finetune.tasks`): its ``evaluate`` and
 ``predict`` hooks get an :class:`EvalContext`, whose methods are the sharded loops (:meth:`EvalContext.hits`
@@ -29,8 +32,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from beit3.engine.workers import init_worker, workers_starting
 from beit3.finetune.data.batches import Collator, images_to_float, pad_texts
-from beit3.finetune.data.sources import Split
+from beit3.finetune.data.sources import LazyImages, Split
 from beit3.finetune.decoding import BeamSearchConfig, generate_captions
 from beit3.finetune.outputs import caption_results, caption_scores
 from beit3.finetune.tasks import get_task, task_names
@@ -53,17 +57,66 @@ def _sharded(n: int, batch_size: int, what: str = "examples") -> Iterator[tuple[
     ``batch_size``, as many batches on every rank (a short one repeats its first index); with each batch, how
     many of its indices are real (the rest are repeats whose results are dropped). Rank 0 logs the progress
     of all ranks (they run in step) on ``what`` every :data:`PROGRESS_EVERY_S` seconds."""
+    progress = _Progress(n, batch_size, what) if _world()[0] == 0 else None
+    for chunk in _shard_chunks(n, batch_size):
+        yield chunk
+        if progress is not None:  # the batch is done
+            progress.batch_done()
+
+
+def _shard_chunks(n: int, batch_size: int) -> list[tuple[list[int], int]]:
+    """This rank's batches of :func:`_sharded`, without the progress log."""
     rank, world = _world()
     mine = list(range(rank, n, world))
     per_rank = -(-n // world)
-    progress = _Progress(n, batch_size, what) if rank == 0 else None
+    out = []
     for b in range(-(-per_rank // batch_size)):
         chunk = mine[b * batch_size : (b + 1) * batch_size]
         real = len(chunk)
         filler = chunk[0] if chunk else (mine[0] if mine else 0)
-        yield chunk + [filler] * (batch_size - real), real
-        if progress is not None:  # the batch is done
-            progress.batch_done()
+        out.append((chunk + [filler] * (batch_size - real), real))
+    return out
+
+
+class _Chunks(torch.utils.data.Dataset):
+    """``build(indices)`` of this rank's batches, by position (read in DataLoader workers)."""
+
+    def __init__(self, chunks: list[tuple[list[int], int]], build: Callable[[list[int]], object]) -> None:
+        self.chunks, self.build = chunks, build
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> object:
+        return self.build(self.chunks[i][0])
+
+
+def _built(
+    n: int, batch_size: int, what: str, build: Callable[[list[int]], object], workers: int = 0
+) -> Iterator[tuple[object, int]]:
+    """``(build(indices), real)`` for each batch of :func:`_sharded` (its order and progress log); with
+    ``workers`` > 0 the batches are built in that many DataLoader worker processes (the workers of
+    :mod:`beit3.engine.workers`: they ignore the stop signals), ahead of their use. ``build`` must not
+    depend on what was built before (each batch may be built in another process)."""
+    chunks = _sharded(n, batch_size, what)
+    plan = _shard_chunks(n, batch_size) if workers > 0 else []
+    if len(plan) < 2:  # nothing to overlap
+        for indices, real in chunks:
+            yield build(indices), real
+        return
+    loader = torch.utils.data.DataLoader(
+        _Chunks(plan, build), batch_size=None, num_workers=min(workers, len(plan)),
+        worker_init_fn=init_worker, generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    with workers_starting():
+        built = iter(loader)
+    try:
+        for (_, real), batch in zip(chunks, built):
+            yield batch, real
+    finally:
+        shutdown = getattr(built, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 class _Progress:
@@ -177,6 +230,23 @@ class EvalContext:
     decoding: BeamSearchConfig | None = None
     answers: list[str] | None = None  # the class / answer names (predictions)
     references: dict[int, list[str]] | None = None  # captions by image id (``--references``)
+    workers: int = 0  # DataLoader workers that decode on-disk images (a split in memory needs none)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.split.images, LazyImages):
+            self.workers = 0
+
+    def _collated(self) -> Callable[[list[int]], dict]:
+        """The split's examples ``indices`` collated (the task's ``collate`` hook), each batch with a
+        generator of its own (the same batch wherever it is built)."""
+        split = self.split
+        collate = Collator(self.spec.name, split.images, num_answers=self.num_answers)
+
+        def build(indices: list[int]) -> dict:
+            g = torch.Generator().manual_seed(indices[0] if indices else 0)
+            return collate([split.examples[i] for i in indices], g)
+
+        return build
 
     def hits(
         self, logits: Callable[[dict], torch.Tensor], top_k: int = 0, soft: bool = False
@@ -184,12 +254,9 @@ class EvalContext:
         """(hits, top-k hits, examples) over the split, summed over the ranks: the arg-max of
         ``logits(batch)`` against the batch's ``label`` (``soft``: its VQA score, from the batch's
         ``scores``), and with ``top_k`` the rows whose label is among their ``top_k`` best (0.0 without)."""
-        split, device = self.split, self.device
-        collate = Collator(self.spec.name, split.images, num_answers=self.num_answers)
-        g = torch.Generator().manual_seed(0)
+        device = self.device
         total, hits, hits_k = 0, 0.0, 0.0
-        for indices, real in _sharded(len(split.examples), self.batch_size, self.spec.eval_items):
-            batch = self.task.prepare_batch(collate([split.examples[i] for i in indices], g), device)
+        for batch, real in self.batches():
             out = logits(batch)
             pred = out[:real].argmax(-1)
             if soft:
@@ -206,8 +273,8 @@ class EvalContext:
         """The arg-max of ``logits(batch)`` for every example, in example order on every rank; the batches
         hold the examples' images and texts only (a test split has no labels)."""
         split = self.split
-        local = []
-        for indices, _ in _sharded(len(split.examples), self.batch_size, self.spec.eval_items):
+
+        def build(indices: list[int]) -> dict:
             chunk = [split.examples[i] for i in indices]
             batch = {}
             for key in ("image", "image2"):
@@ -215,17 +282,19 @@ class EvalContext:
                     batch[key] = images_to_float(split.images[torch.tensor([ex[key] for ex in chunk])])
             if "text" in chunk[0]:
                 batch["text"], batch["text_padding_mask"] = pad_texts([ex["text"] for ex in chunk])
+            return batch
+
+        local, n = [], len(split.examples)
+        for batch, _ in _built(n, self.batch_size, self.spec.eval_items, build, self.workers):
             local.append(logits(self.task.prepare_batch(batch, self.device)).argmax(-1))
         return _gathered_rows(torch.cat(local), len(split.examples)).tolist() if local else []
 
     def batches(self) -> Iterator[tuple[dict, int]]:
         """This rank's batches of the split (:func:`_sharded`), collated (the task's ``collate`` hook) and on
         the device, each with how many of its examples are real (the rest repeat one, to be dropped)."""
-        split = self.split
-        collate = Collator(self.spec.name, split.images, num_answers=self.num_answers)
-        g = torch.Generator().manual_seed(0)
-        for indices, real in _sharded(len(split.examples), self.batch_size, self.spec.eval_items):
-            yield self.task.prepare_batch(collate([split.examples[i] for i in indices], g), self.device), real
+        n, what = len(self.split.examples), self.spec.eval_items
+        for batch, real in _built(n, self.batch_size, what, self._collated(), self.workers):
+            yield self.task.prepare_batch(batch, self.device), real
 
     def summed(self, per_batch: Callable[[dict, int], torch.Tensor]) -> torch.Tensor:
         """The sum over the split of ``per_batch(batch, real)`` (a tensor of one shape from each batch's
@@ -259,19 +328,19 @@ class EvalContext:
     def recalls(self) -> dict[str, float]:
         """Retrieval's recalls (fractions) over the split's distinct images and texts: ``tr_r1`` ...
         ``ir_r10`` and ``average``, their mean (:func:`sharded_recalls`)."""
-        return {k.removeprefix("eval/"): v for k, v in
-                _retrieval(self.task, self.split, self.batch_size, self.device).items()}  # fmt: skip
+        found = _retrieval(self.task, self.split, self.batch_size, self.device, self.workers)
+        return {k.removeprefix("eval/"): v for k, v in found.items()}
 
     def caption_scores(self) -> dict[str, float]:
         """The pure-python caption scores of one beam-search caption per distinct image (scored on rank 0)."""
         return {k.removeprefix("eval/"): v for k, v in
                 _captioning(self.task, self.split, self.batch_size, self.device, self.tokenizer,
-                            self.decoding or BeamSearchConfig()).items()}  # fmt: skip
+                            self.decoding or BeamSearchConfig(), self.workers).items()}  # fmt: skip
 
     def caption_results(self) -> tuple[list, dict]:
         """(COCO results list, report with the COCO scores where references exist) of the split."""
         return _predict_captions(self.task, self.split, self.batch_size, self.device, self.tokenizer,
-                                 self.decoding, self.references)  # fmt: skip
+                                 self.decoding, self.references, self.workers)  # fmt: skip
 
     def sample_captions(self, count: int) -> list[tuple[str, str]]:
         """(generated, reference) captions of the first ``count`` images (:func:`sample_captions`)."""
@@ -293,16 +362,18 @@ def evaluate(
     num_answers: int = 0,
     tokenizer=None,
     decoding: BeamSearchConfig | None = None,
+    workers: int = 0,
 ) -> dict[str, float]:
     """The task's metrics on ``split`` (its spec's ``evaluate``; the module is put in eval mode and
-    restored)."""
+    restored); ``workers``: DataLoader workers that decode the split's on-disk images."""
     if not split.examples:
         return {}
     spec = get_task(task_name)
     was_training = task.training
     task.eval()
     try:
-        context = EvalContext(spec, task, split, batch_size, device, num_answers, tokenizer, decoding)
+        context = EvalContext(spec, task, split, batch_size, device, num_answers, tokenizer, decoding,
+                              workers=workers)  # fmt: skip
         return spec.evaluate(context)
     finally:
         task.train(was_training)
@@ -331,13 +402,21 @@ def top_k_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
     return int((top == labels[:, None]).any(dim=-1).sum().item())
 
 
-def _retrieval(task, split, batch_size, device) -> dict[str, float]:
+def _image_rows(split: Split, rows: list[int]) -> Callable[[list[int]], torch.Tensor]:
+    """``build`` of :func:`_built`: the float images of bank rows ``rows[i]`` for the batch's ``i``."""
+
+    def build(indices: list[int]) -> torch.Tensor:
+        return images_to_float(split.images[[rows[i] for i in indices]])
+
+    return build
+
+
+def _retrieval(task, split, batch_size, device, workers: int = 0) -> dict[str, float]:
     rows, position = _unique_images(split)
     dtype = next(task.parameters()).dtype
     image_feats = []
-    for indices, _ in _sharded(len(rows), batch_size, "images"):
-        images = images_to_float(split.images[[rows[i] for i in indices]]).to(device, dtype)
-        image_feats.append(task.embed_images(images).float())
+    for images, _ in _built(len(rows), batch_size, "images", _image_rows(split, rows), workers):
+        image_feats.append(task.embed_images(images.to(device, dtype)).float())
     text_feats = []
     for indices, _ in _sharded(len(split.examples), batch_size, "texts"):
         ids, pad = pad_texts([split.examples[i]["text"] for i in indices])
@@ -388,7 +467,9 @@ def _references(split: Split, tokenizer) -> list[list[str]]:
     return refs
 
 
-def _generate(task, split, batch_size, device, tokenizer, decoding: BeamSearchConfig) -> list[str]:
+def _generate(
+    task, split, batch_size, device, tokenizer, decoding: BeamSearchConfig, workers: int = 0
+) -> list[str]:
     """One beam-search caption per distinct image of ``split`` (bank-row order), on every rank: each rank
     decodes its shard of the images, and the caption ids are gathered as rows of ``max_len`` ids (-1 after
     the caption)."""
@@ -399,8 +480,8 @@ def _generate(task, split, batch_size, device, tokenizer, decoding: BeamSearchCo
     stop = _all_ranks_done(device)
     width = decoding.max_len  # a caption without <s> and </s> has at most max_len - 1 ids
     local: list[list[int]] = []
-    for indices, _ in _sharded(len(rows), batch_size, "images captioned"):
-        images = images_to_float(split.images[[rows[i] for i in indices]]).to(device, dtype)
+    for images, _ in _built(len(rows), batch_size, "images captioned", _image_rows(split, rows), workers):
+        images = images.to(device, dtype)
         for ids in generate_captions(task, images, BOS_ID, EOS_ID, tokenizer.mask_id, decoding,
                                      vocab_size=tokenizer.vocab_size, stop=stop):  # fmt: skip
             local.append(ids + [-1] * (width - len(ids)))
@@ -410,8 +491,10 @@ def _generate(task, split, batch_size, device, tokenizer, decoding: BeamSearchCo
     return [tokenizer.decode([i for i in ids if i >= 0]) for ids in gathered.tolist()]
 
 
-def _captioning(task, split, batch_size, device, tokenizer, decoding: BeamSearchConfig) -> dict[str, float]:
-    hyps = _generate(task, split, batch_size, device, tokenizer, decoding)
+def _captioning(
+    task, split, batch_size, device, tokenizer, decoding: BeamSearchConfig, workers: int = 0
+) -> dict[str, float]:
+    hyps = _generate(task, split, batch_size, device, tokenizer, decoding, workers)
     refs = _references(split, tokenizer)
     scores, _ = _on_rank0(lambda: caption_scores(hyps, refs), device)  # pure python: cheap enough per eval
     return {f"eval/{k}": v for k, v in scores.items()}
@@ -428,6 +511,7 @@ def predict(
     tokenizer=None,
     decoding: BeamSearchConfig | None = None,
     references: dict[int, list[str]] | None = None,
+    workers: int = 0,
 ) -> tuple[object, dict]:
     """(official output, report) of ``task`` on ``split``: its spec's ``predict`` (formats in
     :mod:`beit3.finetune.outputs`; VQA: the submission, captioning: the COCO results scored against
@@ -441,14 +525,16 @@ def predict(
     task.eval()
     try:
         context = EvalContext(spec, task, split, batch_size, device, len(answers or []), tokenizer, decoding,
-                              answers, references)  # fmt: skip
+                              answers, references, workers)  # fmt: skip
         return spec.predict(context)
     finally:
         task.train(was_training)
 
 
-def _predict_captions(task, split, batch_size, device, tokenizer, decoding, references) -> tuple[list, dict]:
-    hyps = _generate(task, split, batch_size, device, tokenizer, decoding or BeamSearchConfig())
+def _predict_captions(
+    task, split, batch_size, device, tokenizer, decoding, references, workers: int = 0
+) -> tuple[list, dict]:
+    hyps = _generate(task, split, batch_size, device, tokenizer, decoding or BeamSearchConfig(), workers)
     rows, position = _unique_images(split)
     image_ids = sorted(position, key=position.get)  # bank-row order, as the captions
     results = caption_results(image_ids, hyps)

@@ -105,7 +105,8 @@ def build_run(recipe: FinetuneRecipe, train: bool = True, classes: list[str] | N
 def _evaluate(recipe: FinetuneRecipe, task, data, tokenizer, batch_size: int, device) -> dict[str, float]:
     """The task metric on the eval split (every rank takes part)."""
     return evaluate(recipe.task.name, task, data.eval, batch_size, device, num_answers=len(data.classes),
-                    tokenizer=tokenizer, decoding=_decoding(recipe))  # fmt: skip
+                    tokenizer=tokenizer, decoding=_decoding(recipe),
+                    workers=recipe.data.num_workers)  # fmt: skip
 
 
 def augmentation(
@@ -261,7 +262,8 @@ def evaluate_only(args) -> int:
     micro = recipe.data.eval_batch_size or ds_config["train_micro_batch_size_per_gpu"]
     if args.predict:
         output, scores = predict(recipe.task.name, task, data.eval, micro, dist.device, data.classes,
-                                 tokenizer, _decoding(recipe), references)  # fmt: skip
+                                 tokenizer, _decoding(recipe), references,
+                                 recipe.data.num_workers)  # fmt: skip
         if dist.rank == 0:
             write_json(args.predict, output)
             log.info("wrote %s", args.predict)

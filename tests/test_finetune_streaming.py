@@ -135,6 +135,49 @@ def test_persistent_workers_serve_every_epoch_and_an_abandoned_iteration_resumes
     assert not {int(b["pid"]) for b in first} & {int(b["pid"]) for b in second}
 
 
+class _ImageLogits(torch.nn.Module):
+    """A stand-in task module for the evaluation loops: logits from the images' pixels and the texts."""
+
+    def prepare_batch(self, batch, device):
+        return batch
+
+    def __call__(self, batch):
+        image = batch["image"].flatten(1)
+        return torch.stack([image[:, ::3].sum(1), image[:, 1::3].sum(1), batch["text"].sum(1).float()], 1)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_evaluation_decodes_on_disk_images_in_workers_as_in_the_process(tmp_path, monkeypatch, world):
+    """An on-disk eval split with workers = 2: its images are decoded in worker processes (none here), and the
+    hits, predictions and image batches equal those built in the process, on each rank of a sharded run."""
+    from beit3.finetune import evaluate as ev
+    from beit3.finetune.tasks import get_task
+
+    split = load_jsonl_split(write_index(tmp_path, 13), tmp_path, SIZE)
+    here = []
+    monkeypatch.setattr(sources, "load_image", lambda *a: here.append(a[0]) or load_image(*a))
+    rows = list(range(13))
+    monkeypatch.setattr(ev, "_sum_across_ranks", lambda values, device: values)  # this rank's share
+    for rank in range(world):
+        monkeypatch.setattr(ev, "_world", lambda rank=rank: (rank, world))
+        found = {}
+        for workers in (0, 2):
+            here.clear()
+            ctx = ev.EvalContext(get_task("vqa"), _ImageLogits(), split, 2, num_answers=3, workers=workers)
+            hits = ctx.hits(_ImageLogits(), soft=True)
+            images = [b for b, _ in ev._built(13, 3, "images", ev._image_rows(split, rows), workers)]
+            found[workers] = (hits, torch.cat(images), len(here))
+            if world == 1:  # predictions gather over ranks
+                found[workers] += (ctx.predictions(_ImageLogits()),)
+        assert found[0][2] > 0 and found[2][2] == 0  # decoded here without workers, in the workers with
+        assert found[0][0] == found[2][0] and torch.equal(found[0][1], found[2][1])
+        assert found[0][3:] == found[2][3:]
+    in_memory = ev.EvalContext(get_task("vqa"), _ImageLogits(), split, 2, workers=2)
+    in_memory.split = type(split)(split.examples, torch.zeros(13, 3, SIZE, SIZE, dtype=torch.uint8))
+    in_memory.__post_init__()
+    assert in_memory.workers == 0  # images in memory: nothing to decode, no workers
+
+
 def test_finetuning_on_a_released_index_decodes_in_workers_and_resumes_exactly(tmp_path, monkeypatch, caplog):
     """beit3-finetune on a released-format VQA index with 2 loader workers: 4 steps straight, and 2 + a
     resume to 4; the resumed run's losses equal the straight run's."""
