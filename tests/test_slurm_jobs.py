@@ -8,7 +8,6 @@ does at the time limit.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -18,11 +17,9 @@ from engine_helpers import tensorboard_scalars
 from slurm_fixtures import (
     REPO,
     SlurmCluster,
-    pretrain_args,
     read_attempts,
     start_cluster,
     wait_for_text,
-    write_pretrain_data,
 )
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -75,52 +72,12 @@ def attempts(run_dir: Path) -> list[tuple[str, str, str]]:
     return [(row["restart"], row["exit_code"], row["decision"]) for row in read_attempts(run_dir)]
 
 
-@pytest.fixture(scope="module")
-def pretrain_data(tmp_path_factory) -> Path:
-    """Tiny real shards of the three kinds and a tiny SentencePiece model, for the real beit3-pretrain."""
-    return write_pretrain_data(tmp_path_factory.mktemp("pretrain_data"))
-
-
 def tensorboard_steps(run_dir: Path, tag: str) -> set[int]:
     return set(tensorboard_scalars(run_dir, tag))
 
 
-def test_preempted_pretraining_checkpoints_requeues_and_resumes_to_the_end(
-    slurm_cluster, pretrain_data, tmp_path
-):
-    """Real beit3-pretrain (demo recipe, tiny model, ZeRO-3 fp32, 2 gloo ranks) via pretrain_giant.sbatch."""
-    steps = 10
-    job, log, run_dir = submit(
-        slurm_cluster,
-        "pretrain_giant.sbatch",
-        tmp_path,
-        "preempt",
-        BEIT3_MODULE="beit3.pretrain.train",
-        BEIT3_RECIPE="pretrain/recipes/demo.toml",
-        BEIT3_DS_CONFIG="ds_configs/zero3_fp32.json",
-        BEIT3_EXTRA_ARGS=pretrain_args(pretrain_data, steps),
-        PYTHONWARNINGS="ignore",
-    )
-    wait_for_text(log, rf"step 3/{steps} ", timeout=120)
-    slurm_cluster.signal_batch(job, "USR1")
-    wait_for_text(log, r"requeueing job", timeout=60)
-    info = slurm_cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=150)
-
-    text = log.read_text()
-    first, second = text.split("SLURM_RESTART_COUNT=1", 1)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text[-3000:])
-    assert attempts(run_dir) == [("0", "75", "requeue"), ("1", "0", "finished")]
-    stopped_at = max(int(n) for n in re.findall(rf"^step (\d+)/{steps} ", first, re.M))
-    assert 3 <= stopped_at < steps, "the signal did not stop the first attempt early"
-    assert (run_dir / "checkpoints" / f"step{stopped_at:08d}").is_dir(), (
-        "no checkpoint at the preemption step"
-    )
-    resumed_steps = [int(n) for n in re.findall(rf"^step (\d+)/{steps} ", second, re.M)]
-    assert resumed_steps == list(range(stopped_at + 1, steps + 1)), "the requeued job did not resume"
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step{steps:08d}"
-    assert tensorboard_steps(run_dir, "loss/total") == set(range(1, steps + 1))
-    assert (run_dir / "config.json").is_file()
-    assert (run_dir / "logs" / log.name).resolve() == log, "the console log is not linked from the run dir"
+# Preemption of the real pretraining program through pretrain_giant.sbatch (USR1 -> checkpoint, exit 75,
+# requeue, exact resume, the run directory's records) is tests/test_slurm_two_nodes.py's first test.
 
 
 def shapes_recipe(root: Path, steps: int) -> Path:

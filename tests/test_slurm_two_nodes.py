@@ -131,6 +131,11 @@ def test_pretraining_across_two_nodes_preempts_requeues_and_resumes_exactly(two_
     resumed = [int(n) for n in re.findall(rf"^step (\d+)/{steps} ", second, re.M)]
     assert resumed == list(range(stopped_at + 1, steps + 1)), "the requeued job did not resume"
 
+    assert (run_dir / "checkpoints" / f"step{stopped_at:08d}").is_dir(), "no checkpoint at the preemption"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step{steps:08d}"
+    assert (run_dir / "config.json").is_file()
+    assert (run_dir / "logs" / log.name).resolve() == log, "the console log is not linked from the run dir"
+
     expected = tensorboard_scalars(ref_dir, "loss/total")
     got = tensorboard_scalars(run_dir, "loss/total")
     assert sorted(expected) == list(range(1, steps + 1))
