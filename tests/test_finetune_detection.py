@@ -142,6 +142,31 @@ def test_evaluation_from_model_outputs_equals_pycocotools_cocoeval(fixture_set, 
     assert 0.2 < metrics["bbox_ap"] < 0.95 and metrics["bbox_apl"] > 0
 
 
+def test_annotation_ids_from_0_and_no_iscrowd_key_score_as_pycocotools_on_ids_from_1(fixture_set, tmp_path):
+    """COCOeval counts a match with ground-truth id 0 as none, and reads iscrowd: a file whose ids start at
+    0 (one repeated) and whose non-crowd annotations have no iscrowd key scores as the same file with ids
+    1..N does under pycocotools."""
+    gt_file, outputs, frames, result_files = fixture_set
+    gt = json.loads(gt_file.read_text())
+    for i, ann in enumerate(gt["annotations"]):
+        ann["id"] = max(i - 1, 0)  # 0, 0, 1, 2, ...
+        if not ann["iscrowd"]:
+            del ann["iscrowd"]
+    odd = tmp_path / "odd_instances.json"
+    odd.write_text(json.dumps(gt))
+    instances = coco.read_instances(odd, tmp_path)
+    results = []
+    for ex in instances.examples:
+        input_size, _ = frames[ex["image_id"]]
+        original = coco.to_original_frame(outputs[ex["image_id"]], input_size, (ex["height"], ex["width"]))
+        results += coco.image_results(ex["image_id"], original, instances.categories)
+    metrics = coco.coco_metrics(coco.ground_truth(instances.examples, instances.categories), results)
+    for iou_type in ("bbox", "segm"):
+        expected = _cocoeval_directly(gt_file, result_files[iou_type], iou_type)
+        got = [metrics[f"{iou_type}_{name}"] for name in coco.STAT_NAMES]
+        assert got == pytest.approx(expected, abs=1e-12), iou_type
+
+
 def test_no_detection_scores_zero_where_there_is_ground_truth(fixture_set, tmp_path):
     gt_file, *_ = fixture_set
     instances = coco.read_instances(gt_file, tmp_path)

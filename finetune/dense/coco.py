@@ -237,9 +237,12 @@ def ground_truth(examples: list[dict], categories: Categories):
             ann = dict(ann)
             if "area" not in ann:  # COCOeval's size ranges read it; COCO files carry the mask area
                 ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+            ann.setdefault("iscrowd", 0)  # COCOeval reads it; a file may leave it out (not a crowd)
             annotations.append(ann)
-    for i, ann in enumerate(annotations):  # COCOeval matches by annotation id: unique ones where missing
-        ann.setdefault("id", i + 1)
+    # COCOeval records a match by the ground truth's id and counts id 0 as no match: ids 1..N, always (a
+    # file's own ids may start at 0 or repeat; the results never refer to them).
+    for i, ann in enumerate(annotations):
+        ann["id"] = i + 1
     coco = COCO()
     coco.dataset = {"images": images, "annotations": annotations, "categories": categories.as_coco()}
     with _quiet():

@@ -193,13 +193,15 @@ def _float32(out):
 
 def _pooler(levels: list[str], size: int, strides: list[float]) -> nn.Module:
     """torchvision's MultiScaleRoIAlign with its scales and levels from the strides (not inferred from the map
-    sizes); it samples the features at the boxes cast to the features' dtype (fp32 boxes, bf16 maps)."""
+    sizes); it samples fp32 features at the fp32 boxes and returns the features' dtype (boxes cast to bf16
+    would sit on a 4-pixel grid from 512 px on, shifting the RoI bins against the fp32 mask targets)."""
     from torchvision.ops.poolers import MultiScaleRoIAlign, initLevelMapper
 
     class StridePooler(MultiScaleRoIAlign):
         def forward(self, x, boxes, image_shapes):
             dtype = next(iter(x.values())).dtype
-            return super().forward(x, [b.to(dtype) for b in boxes], image_shapes)
+            feats = {k: v.float() for k, v in x.items()}
+            return super().forward(feats, [b.float() for b in boxes], image_shapes).to(dtype)
 
     p = StridePooler(levels, output_size=size, sampling_ratio=2)
     p.scales = [1.0 / st for st in strides]
@@ -295,7 +297,10 @@ class Detection(nn.Module):
         """Per image: ``boxes`` (N, 4) xyxy in the pixels of ``image_size``, ``scores``, ``labels`` (class
         indices) and for Mask R-CNN ``masks`` (N, 1, h, w) probabilities (evaluation mode)."""
         outputs = self.detector(self._images(batch))
-        return [{**o, "labels": o["labels"] - 1} for o in outputs]
+        # Class 0 is the background the heads are built with (num_classes + 1 outputs); RetinaNet's
+        # post-processing may still emit it: dropped, never mapped to a category.
+        kept = [{k: v[o["labels"] > 0] for k, v in o.items()} for o in outputs]
+        return [{**o, "labels": o["labels"] - 1} for o in kept]
 
     def prepare_batch(self, batch: dict, device: torch.device | str) -> dict:
         """Tensors to ``device``, the images in the parameters' dtype; the targets' tensors too."""
