@@ -457,3 +457,12 @@ def test_evaluation_only_reads_no_training_file_and_checks_the_eval_categories(t
         coco.load_coco(recipe, 64, train_images=False, classes=["cat", "dog"])
     with pytest.raises(DataSourceError, match="missing.json does not exist"):
         coco.load_coco(recipe, 64)
+    gt = json.loads((root / "instances_val.json").read_text())
+    del gt["annotations"][0]["segmentation"]  # boxes only: Mask R-CNN's masks cannot be trained or scored
+    (root / "instances_val.json").write_text(json.dumps(gt))
+    with pytest.raises(DataSourceError, match=r"1 annotation\(s\) without a segmentation.*faster_rcnn"):
+        coco.load_coco(recipe, 64, train_images=False, classes=["red", "blue"])
+    faster = load_recipe(REPO / "finetune" / "recipes" / "coco_detection_small.toml",
+                         [f"data.root={root}", "data.eval=instances_val.json", "detection.eval_images=val",
+                          "detection.detector=faster_rcnn"])  # fmt: skip
+    assert len(coco.load_coco(faster, 64, train_images=False, classes=["red", "blue"]).eval.examples) == 2

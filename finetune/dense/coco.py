@@ -327,6 +327,15 @@ def load_coco(recipe, img_size: int, train_images: bool = True, classes: list[st
 
     def split(file: str, folder: str, train: bool, limit: int) -> tuple[Split, Categories]:
         inst = read_instances(root / file, root / folder, drop_empty=train, limit=limit)
+        if s.detector == "mask_rcnn":  # instance masks are trained and scored: every object needs one
+            anns = (a for ex in inst.examples for a in ex["annotations"])
+            bare = [a.get("id") for a in anns if not a.get("segmentation")]
+            if bare:
+                raise DataSourceError(
+                    f"{root / file}: {len(bare)} annotation(s) without a segmentation (ids {bare[:5]}); "
+                    'Mask R-CNN trains and scores instance masks: set detection.detector = "faster_rcnn" '
+                    "for boxes only"
+                )
         views = DetectionViews(img_size, inst.categories, s.detector == "mask_rcnn", s.scale_min, s.scale_max,
                                d.hflip)  # fmt: skip
         return Split(inst.examples, DenseImages(inst.paths, img_size, views, train)), inst.categories
