@@ -176,6 +176,22 @@ def read_held_out(
     return samples, skipped
 
 
+def _agree_across_ranks(found: dict[str, tuple[int, dict]], world_size: int) -> None:
+    """Every rank read the same held-out samples (counts, and what was skipped) or all raise EvalDataError
+    together: a shard one rank could not read (a transient remote or file-system error) would give it
+    another share, another number of forwards (a ZeRO-3 hang) and other figures."""
+    if world_size < 2 or not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return
+    every: list = [None] * world_size
+    torch_dist.all_gather_object(every, found)
+    if any(other != every[0] for other in every):
+        differ = {s: [r[s][0] for r in every] for s in found if any(r[s] != every[0][s] for r in every)}
+        raise EvalDataError(
+            f"the held-out shards read differently across ranks (usable samples per rank: {differ}; "
+            "an unreadable shard on some ranks): check that every node reads them, then resume"
+        )
+
+
 def derangement(n: int, seed: int) -> list[int]:
     """A fixed permutation of ``range(n)`` without fixed points (one seeded cycle): ``partner[i] != i``."""
     order = np.random.default_rng(mix(seed, _DERANGEMENT, n)).permutation(n).tolist()
@@ -234,12 +250,20 @@ class HeldOutEvaluation:
         self.counts: dict[str, int] = {}
         own: dict[str, list[dict]] = {}
         filler: dict[str, dict] = {}
+        read = {s: read_held_out(cfg, s, shards[s], processor, self._keeper(s)) for s in cfg.streams}
+        _agree_across_ranks({s: (len(samples), dict(skipped)) for s, (samples, skipped) in read.items()},
+                            world_size)  # fmt: skip
         for stream in cfg.streams:
-            samples, skipped = read_held_out(cfg, stream, shards[stream], processor, self._keeper(stream))
+            samples, skipped = read.pop(stream)
             if not samples:
                 raise EvalDataError(
                     f"eval.{stream}_shards hold no usable {stream} sample (skipped: {dict(skipped)}): "
                     "check the shards (`tar tf`) or give others"
+                )
+            if stream == "pair" and len(samples) < 2:
+                raise EvalDataError(
+                    "eval.pair_shards hold 1 usable pair: the image-use probe shows each text another "
+                    "held-out pair's image and needs at least 2"
                 )
             if len(samples) < cfg.samples and rank == 0:
                 log.warning("eval.%s_shards hold %d usable samples, fewer than eval.samples=%d: evaluating "

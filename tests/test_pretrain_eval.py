@@ -222,6 +222,32 @@ def test_figures_are_fixed_independent_of_world_size_and_leave_training_untouche
     assert 0 < first["eval/health/image_top_pc_share"] <= 1 and first["eval/health/degenerate"] in (0.0, 1.0)
 
 
+def test_ranks_that_read_the_held_out_shards_differently_all_stop_together(colours, monkeypatch):
+    """A shard one rank cannot read gives it other samples (another number of forwards under ZeRO-3: a
+    hang): every rank compares what it read and all raise EvalDataError naming the stream; a single pair
+    (whose "shuffled" image would be its own) is refused."""
+    import beit3.pretrain.evaluation as ev
+
+    data, cfg = data_config(colours), eval_config(colours, ("pair",), samples=12)
+    seen = {}
+
+    def gather(out, found):  # rank 1 read 4 pairs fewer
+        seen["found"] = found
+        out[:] = [found, {"pair": (found["pair"][0] - 4, {"tar_read": 1})}]
+
+    monkeypatch.setattr(ev.torch_dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(ev.torch_dist, "all_gather_object", gather)
+    with pytest.raises(ev.EvalDataError, match=r"read differently across ranks.*'pair': \[12, 8\]"):
+        evaluation(colours, data, cfg, 0, 2)
+    assert seen["found"] == {"pair": (12, {})}
+    monkeypatch.setattr(
+        ev.torch_dist, "all_gather_object", lambda out, found: out.__setitem__(slice(None), [found] * 2)
+    )
+    assert len(evaluation(colours, data, cfg, 0, 2).batches) == 2  # agreed: 6 pairs each, 4 a forward
+    with pytest.raises(ev.EvalDataError, match="1 usable pair"):
+        evaluation(colours, data, eval_config(colours, ("pair",), samples=1), 0, 1)
+
+
 def test_image_use_probe_is_positive_once_captions_are_learnt_from_images(colours):
     """Captions name the colour of a solid-colour image: a tiny model trained a few dozen steps predicts a
     masked colour word better with the true image than with another pair's."""
