@@ -87,7 +87,8 @@ class LoadReport:
 
 
 def read_state_dict(path: str | os.PathLike, trusted: bool = False) -> dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint file (``.pth``/``.pt`` or ``.safetensors``), on CPU.
+    """The state dict inside a checkpoint file (``.pth``/``.pt`` or ``.safetensors``), on CPU (a zip-format
+    ``.pth`` memory-mapped).
 
     ``trusted=True`` (or :func:`trusted_files`) unpickles beyond :data:`SAFE_GLOBALS`; otherwise such a file
     raises :class:`UntrustedCheckpointError`.
@@ -100,7 +101,9 @@ def read_state_dict(path: str | os.PathLike, trusted: bool = False) -> dict[str,
             from safetensors.torch import load_file
 
             return checkpoint_key_names(load_file(str(path)))
-        return unwrap_state_dict(_torch_load(path, trusted or _TRUSTED.get()), str(path))
+        # Memory-mapped: every rank of a job reads the file (the giant's fp32 weights are 7.6 GB), and
+        # only the pages of the tensors copied into the model are read.
+        return unwrap_state_dict(_torch_load_mmap(path, trusted or _TRUSTED.get()), str(path))
     except WeightsFileError:
         raise
     except Exception as e:  # truncated, or not a checkpoint at all
