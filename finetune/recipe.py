@@ -198,7 +198,7 @@ def augmentation_checks(recipe: FinetuneRecipe) -> list[tuple[bool, str]]:
     return [
         (not image_keys or spec.images,
          f"data.{', data.'.join(image_keys)}: task {task!r} has no images to augment (leave them 0)"),
-        (not in_transform or d.crop_scale > 0,
+        (not in_transform or d.crop_scale > 0 or spec.pair_stream,
          f"data.{', data.'.join(in_transform)} run in timm's training transform, which starts with "
          "RandomResizedCrop: set data.crop_scale > 0 (released: 0.5 vision-language, 0.08 ImageNet)"),
         (not d.randaug or RANDAUG.fullmatch(d.randaug) is not None,

@@ -162,7 +162,8 @@ def prepare(context: RunContext) -> TrainingRun:
     eval_batch = recipe.data.eval_batch_size or micro
     name = recipe.task.name
     spec = get_task(name)
-    augmentation(recipe, _img_size(recipe), 1)  # the augment extra is there before any data is read
+    if not spec.pair_stream:  # the pair stream's views are the pretraining loader's own (no timm)
+        augmentation(recipe, _img_size(recipe), 1)  # the augment extra is there before any data is read
     built: dict = {}
 
     def run_eval(step: int = 0) -> dict[str, float]:

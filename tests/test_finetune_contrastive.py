@@ -226,6 +226,13 @@ def test_recipe_mistakes_are_refused_naming_the_fix(assets, tmp_path, tables, me
         load_recipe(_recipe_file(assets, tmp_path / "r.toml", **tables))
 
 
+def test_colour_jitter_without_a_crop_is_the_pair_streams_own_and_needs_no_timm(assets, tmp_path):
+    """The pair stream's views are the pretraining loader's (no timm transform): color_jitter needs no
+    crop_scale there, unlike the finetuning tasks whose jitter runs inside timm's RandomResizedCrop."""
+    recipe = load_recipe(_recipe_file(assets, tmp_path / "r.toml", data={"color_jitter": 0.4}))
+    assert recipe.data.color_jitter == 0.4 and recipe.data.crop_scale == 0
+
+
 def test_unreadable_pair_shards_are_a_data_source_error_naming_data_train(assets):
     from beit3.tokenizers.text import TextTokenizer
 
