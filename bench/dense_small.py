@@ -10,7 +10,7 @@ folders set (evaluated once, at the end); the untrained-head column is the same 
 head), so its scores are what the metric gives before any learning. Writes ``bench/results/dense_small.md``
 + ``.json`` (device, versions, commands)::
 
-    python bench/dense_small.py --pretrained runs/quickstart/export/model.pth --background-class
+    python bench/dense_small.py --pretrained runs/quickstart/export/model.pth --label stamp
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -49,6 +50,8 @@ def build_data(args) -> tuple[Path, list[str]]:
     out = args.work / "data"
     data_args = [str(out), "--sets", "coco,ade,shapes", "--train", str(args.train), "--val", str(args.val),
                  "--size", str(args.size), "--seed", str(args.seed)]  # fmt: skip
+    if args.label == "stamp":
+        data_args += ["--label", "stamp", "--stamps-per-category", str(args.stamps_per_category)]
     if args.background_class:
         data_args.append("--background-class")
     marker = out / "arguments.json"
@@ -87,6 +90,7 @@ def run_one(task: str, start: str, args, data: Path) -> dict:
     """One run: its eval scores, first/last logged loss, wall time and command."""
     cmd = command(task, start, args, data)
     out = Path(cmd[cmd.index("--output-dir") + 1])
+    shutil.rmtree(out, ignore_errors=True)  # the benchmark's own run folder: every run starts fresh
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
@@ -129,6 +133,12 @@ def format_table(results: dict, starts: list[str]) -> str:
     return "\n".join(rows)
 
 
+def _classes(args) -> str:
+    if args.label == "stamp":
+        return f"{args.stamps_per_category} single stamps of each category, the same in train and val"
+    return "stamp categories, every fifth stamp held out for val"
+
+
 def report_text(args, argv: list[str], data_args: list[str], results: dict, starts: list[str]) -> str:
     """The results file: environment, settings, the table and every command."""
     lines = ["# Dense prediction on offline data: the small demo model", "",
@@ -136,7 +146,8 @@ def report_text(args, argv: list[str], data_args: list[str], results: dict, star
              f"- model: {args.model} at {args.size} px; {args.steps} steps, micro-batch {args.batch}, ZeRO-0 "
              f"fp32, one CPU process ({args.threads} threads)",
              f"- data: `beit3-dense-data` ({args.train} train / {args.val} val images per set, seed "
-             f"{args.seed}{', background as class 1' if args.background_class else ''})",
+             f"{args.seed}; classes: {_classes(args)}"
+             f"{'; background as class 1' if args.background_class else ''})",
              f"- pretrained: `{args.pretrained}`", "", format_table(results, starts), "",
              "Commands:", "", f"- data: `beit3-dense-data {_relative(data_args)}`"]  # fmt: skip
     for task, by_start in results.items():
@@ -153,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=300, help="training images per set")
     p.add_argument("--val", type=int, default=40, help="validation images per set")
     p.add_argument("--seed", type=int, default=0, help="the data's seed")
+    p.add_argument("--label", choices=["category", "stamp"], default="category",
+                   help="classes: stamp categories (held-out stamps in val) or single stamps")  # fmt: skip
+    p.add_argument("--stamps-per-category", type=int, default=2, help="--label stamp: stamps per category")
     p.add_argument("--background-class", action="store_true", help="ADE sets: background is class 1")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=16)
@@ -163,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "runs/bench_dense")
     p.add_argument("--results-dir", type=Path, default=ROOT / "bench/results")
     p.add_argument("--name", default="dense_small", help="results file name (without suffix)")
+    p.add_argument("--merge", type=Path, nargs="*", default=[],
+                   help="results .json of other invocations (same settings) to include")  # fmt: skip
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     args.work.mkdir(parents=True, exist_ok=True)
@@ -173,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         + (["pretrained"] if args.pretrained else [])
     )
     results: dict = {}
+    for earlier in args.merge:  # runs made by another invocation (e.g. in parallel), same settings
+        for task, by_start in json.loads(earlier.read_text()).items():
+            results.setdefault(task, {}).update(by_start)
     for task in [t for t in args.tasks.split(",") if t]:
         for start in starts:
             r = run_one(task, start, args, data)
@@ -181,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{task:13s} {start:20s} {json.dumps(rounded)}", flush=True)
             text = report_text(args, argv, data_args, results, starts)  # kept current: a long run
             (args.work / f"{args.name}.partial.md").write_text(text)
+            (args.work / f"{args.name}.partial.json").write_text(json.dumps(results, indent=1))
     write_results(args.results_dir, args.name, report_text(args, argv, data_args, results, starts), results)
     return 0
 
