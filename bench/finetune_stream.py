@@ -263,7 +263,8 @@ def measure(cfg: dict) -> dict:
                 marks["warm"] = time.perf_counter()
             if done == total:
                 break
-        batches.close()  # an abandoned epoch ends its workers (joined: their rusage is counted)
+        batches.close()  # an abandoned epoch (the persistent workers stay for the next one)
+    loader.close()  # the workers end, joined: their rusage and CPU time are counted
     t_end = time.perf_counter()
     cpu_end = os.times()  # the workers are joined: their CPU time is in the children's fields
     cpu_s = sum(getattr(cpu_end, f) - getattr(cpu_start, f) for f in ("user", "system", "children_user",

@@ -42,6 +42,10 @@ if [[ $WITH_TESTS == 1 ]]; then
   apt_install slurmctld slurmd slurm-client munge iproute2  # iproute2: the two-node cluster's namespaces
   # --- the COCO caption toolkit: tests/test_finetune_outputs.py compares our BLEU/CIDEr with it ---
   $PY -m pip install --quiet --disable-pip-version-check "pycocoevalcap==1.2"  # setup.py's [coco] extra
+  # --- the dense tasks: COCO mAP (finetune/dense/coco.py); beit3-dense-data's Tux Paint stamps and easy-VQA
+  # shapes (tests/test_dense_synthetic.py) ---
+  $PY -m pip install --quiet --disable-pip-version-check "pycocotools==2.0.11" "easy-vqa==1.0"
+  apt_install tuxpaint-stamps-default
   # --- setup.py's [augment] extra (finetune/data/augment.py): torchvision on the same command line as the
   # torch pin, so that pip keeps this torch; timm after it (its torch and torchvision needs are then met) ---
   $PY -m pip install --quiet --disable-pip-version-check "torch==2.13.0" "torchvision==0.28.0"
