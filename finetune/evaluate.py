@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from beit3.engine.workers import init_worker, workers_starting
+from beit3.engine.workers import init_worker, shut_down_at_exit, workers_starting
 from beit3.finetune.data.batches import Collator, images_to_float, pad_texts
 from beit3.finetune.data.sources import LazyImages, Split
 from beit3.finetune.decoding import BeamSearchConfig, generate_captions
@@ -110,11 +110,23 @@ def _built(
     )  # fmt: skip
     with workers_starting():
         built = iter(loader)
+    workers = _Workers(built)
+    shut_down_at_exit(workers)  # an evaluation abandoned mid-way: its workers end before the exit waits
     try:
         for (_, real), batch in zip(chunks, built):
             yield batch, real
     finally:
-        shutdown = getattr(built, "_shutdown_workers", None)
+        workers.close()
+
+
+class _Workers:
+    """The worker processes of one evaluation's DataLoader iterator, closable (beit3.engine.workers)."""
+
+    def __init__(self, iterator) -> None:
+        self.iterator = iterator
+
+    def close(self) -> None:
+        shutdown = getattr(self.iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
 

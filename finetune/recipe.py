@@ -99,8 +99,9 @@ class DataSection:
     # DataLoader worker processes that read and decode a released-format index's training images (the
     # offline sources' images are in memory and need none); pinned memory on a GPU.
     num_workers: int = bounded(4, "[0, inf)")
-    # The workers start once and serve every epoch (torch's persistent_workers); false: new ones each epoch.
-    persistent_workers: bool = True
+    # true: the workers start once and serve every epoch (torch's persistent_workers); false: new ones each
+    # epoch (the default until persistent workers have run the whole test suite with no lingering worker).
+    persistent_workers: bool = False
     seed: int = bounded(0, "[0, inf)")
 
 

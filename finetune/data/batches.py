@@ -167,17 +167,17 @@ class BatchLoader:
     drops the tail so that every rank yields the same number of full batches (unequal counts would hang
     collectives). An engine data source (:mod:`beit3.engine.data_source`) without counters: ``state_dict``
     holds (epoch, batch position), which the engine saves with each checkpoint; ``start_at`` continues at the
-    epoch and position a number of batches reach. ``num_workers > 0``: batches are collated (their images
-    read from disk) in that many DataLoader worker processes, ahead of the step, in pinned memory with
-    ``pin_memory``; the position counts the batches handed to the trainer, so a resume continues exactly
-    where the last checkpoint's step stopped, whatever the workers had prefetched. With
-    ``persistent_workers`` (the default) the workers are started once and serve every later epoch (torch's
-    ``persistent_workers``: no fork, dataset copy or worker start-up per epoch); an iteration abandoned
-    before its end (a stop, an evaluation that reads the split itself) leaves them running, and the next
-    one starts at the loader's position after the batches they had prefetched are dropped. Without it they
-    live for one iteration. :meth:`close` ends them (the trainer calls it at the end, the interpreter's
-    exit too). ``micro_batches_per_step > 0``: each batch carries ``step``, the (0-based) optimizer step it
-    is trained in (its micro-batch count since the start over the gradient accumulation; a task whose loss
+    epoch and position a number of batches reach. ``num_workers > 0``: batches are collated (their images read
+    from disk) in that many DataLoader worker processes, ahead of the step, in pinned memory with
+    ``pin_memory``; the position counts the batches handed to the trainer, so a resume continues exactly where
+    the last checkpoint's step stopped, whatever the workers had prefetched. With ``persistent_workers``
+    (``data.persistent_workers``) the workers are started once and serve every later epoch (torch's
+    ``persistent_workers``: no fork, dataset copy or worker start-up per epoch); an iteration abandoned before
+    its end (a stop, an evaluation that reads the split itself) leaves them running, and the next one starts
+    at the loader's position after the batches they had prefetched are dropped. Without it (the default) they
+    live for one iteration. :meth:`close` ends them (the trainer calls it at the end, the interpreter's exit
+    too). ``micro_batches_per_step > 0``: each batch carries ``step``, the (0-based) optimizer step it is
+    trained in (its micro-batch count since the start over the gradient accumulation; a task whose loss
     changes with the step, captioning's drop-worst, reads it there and needs nothing of the engine).
     """
 
@@ -195,7 +195,7 @@ class BatchLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
         micro_batches_per_step: int = 0,
-        persistent_workers: bool = True,
+        persistent_workers: bool = False,
     ) -> None:
         self.examples, self.collate, self.batch_size = split.examples, collate, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
