@@ -182,7 +182,10 @@ def _agree_across_ranks(found: dict[str, tuple[int, dict]], world_size: int) -> 
     another share, another number of forwards (a ZeRO-3 hang) and other figures."""
     if world_size < 2 or not (torch_dist.is_available() and torch_dist.is_initialized()):
         return
-    every: list = [None] * world_size
+    size = torch_dist.get_world_size()  # the process group's (a caller may shard without one of that size)
+    if size < 2:
+        return
+    every: list = [None] * size
     torch_dist.all_gather_object(every, found)
     if any(other != every[0] for other in every):
         differ = {s: [r[s][0] for r in every] for s in found if any(r[s] != every[0][s] for r in every)}

@@ -236,6 +236,7 @@ def test_ranks_that_read_the_held_out_shards_differently_all_stop_together(colou
         out[:] = [found, {"pair": (found["pair"][0] - 4, {"tar_read": 1})}]
 
     monkeypatch.setattr(ev.torch_dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(ev.torch_dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(ev.torch_dist, "all_gather_object", gather)
     with pytest.raises(ev.EvalDataError, match=r"read differently across ranks.*'pair': \[12, 8\]"):
         evaluation(colours, data, cfg, 0, 2)
