@@ -125,9 +125,9 @@ def _cocoeval_directly(gt_file, results_file, iou_type) -> list[float]:
     return [float(v) for v in evaluator.stats[:6]]
 
 
-def test_evaluation_from_model_outputs_equals_pycocotools_cocoeval(fixture_set, tmp_path):
-    gt_file, outputs, frames, result_files = fixture_set
-    instances = coco.read_instances(gt_file, tmp_path)
+def _assert_project_metrics_equal_cocoeval(instances, outputs, frames, gt_file, result_files) -> dict:
+    """The project's path (model-style outputs -> original frame -> COCO results -> metrics) on
+    ``instances`` equals COCOeval run directly on ``gt_file`` and the reference results (the metrics)."""
     results = []
     for ex in instances.examples:
         input_size, _ = frames[ex["image_id"]]
@@ -138,6 +138,13 @@ def test_evaluation_from_model_outputs_equals_pycocotools_cocoeval(fixture_set, 
         expected = _cocoeval_directly(gt_file, result_files[iou_type], iou_type)
         got = [metrics[f"{iou_type}_{name}"] for name in coco.STAT_NAMES]
         assert got == pytest.approx(expected, abs=1e-12), iou_type
+    return metrics
+
+
+def test_evaluation_from_model_outputs_equals_pycocotools_cocoeval(fixture_set, tmp_path):
+    gt_file, outputs, frames, result_files = fixture_set
+    instances = coco.read_instances(gt_file, tmp_path)
+    metrics = _assert_project_metrics_equal_cocoeval(instances, outputs, frames, gt_file, result_files)
     # The fixture is not trivial: neither perfect nor empty, and a 'large' object is scored.
     assert 0.2 < metrics["bbox_ap"] < 0.95 and metrics["bbox_apl"] > 0
 
@@ -155,16 +162,7 @@ def test_annotation_ids_from_0_and_no_iscrowd_key_score_as_pycocotools_on_ids_fr
     odd = tmp_path / "odd_instances.json"
     odd.write_text(json.dumps(gt))
     instances = coco.read_instances(odd, tmp_path)
-    results = []
-    for ex in instances.examples:
-        input_size, _ = frames[ex["image_id"]]
-        original = coco.to_original_frame(outputs[ex["image_id"]], input_size, (ex["height"], ex["width"]))
-        results += coco.image_results(ex["image_id"], original, instances.categories)
-    metrics = coco.coco_metrics(coco.ground_truth(instances.examples, instances.categories), results)
-    for iou_type in ("bbox", "segm"):
-        expected = _cocoeval_directly(gt_file, result_files[iou_type], iou_type)
-        got = [metrics[f"{iou_type}_{name}"] for name in coco.STAT_NAMES]
-        assert got == pytest.approx(expected, abs=1e-12), iou_type
+    _assert_project_metrics_equal_cocoeval(instances, outputs, frames, gt_file, result_files)
 
 
 def test_no_detection_scores_zero_where_there_is_ground_truth(fixture_set, tmp_path):
