@@ -337,6 +337,16 @@ class EvalContext:
             out[r::world] = part
         return out
 
+    def on_first_rank(self, compute: Callable[[], object]) -> object:
+        """``compute()`` run on rank 0 only, its (picklable) result given to every rank: a scoring that
+        needs the whole gathered set once (COCOeval's memory grows with the set), not once per rank."""
+        rank, world = _world()
+        if world == 1:
+            return compute()
+        box = [compute() if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def recalls(self) -> dict[str, float]:
         """Retrieval's recalls (fractions) over the split's distinct images and texts: ``tr_r1`` ...
         ``ir_r10`` and ``average``, their mean (:func:`sharded_recalls`)."""

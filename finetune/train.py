@@ -269,7 +269,10 @@ def evaluate_only(args) -> int:
             write_json(args.predict, output)
             log.info("wrote %s", args.predict)
     else:
-        scores = _evaluate(recipe, task, data, tokenizer, micro, dist.device)
+        try:  # a split the task cannot score (detection: a test set without annotations) is refused by all
+            scores = _evaluate(recipe, task, data, tokenizer, micro, dist.device)
+        except errors as e:
+            return config_error(PROGRAM, e, rank)
     if dist.rank == 0:
         print(json.dumps(scores, indent=1))
     return 0

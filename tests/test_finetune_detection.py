@@ -464,3 +464,41 @@ def test_evaluation_only_reads_no_training_file_and_checks_the_eval_categories(t
                          [f"data.root={root}", "data.eval=instances_val.json", "detection.eval_images=val",
                           "detection.detector=faster_rcnn"])  # fmt: skip
     assert len(coco.load_coco(faster, 64, train_images=False, classes=["red", "blue"]).eval.examples) == 2
+
+
+def test_predict_writes_the_results_evaluation_scores_and_a_test_image_list_is_predicted_not_scored(tmp_path):
+    """``--predict``'s output is COCO's results format: COCOeval run directly on it (as the evaluation
+    server would) gives the AP the project's evaluation reports. An image list without annotations (COCO's
+    test-dev info file) is predicted, refused by evaluation, and refused as a training run's eval set."""
+    from beit3.finetune.data.sources import DataSourceError
+    from beit3.finetune.evaluate import evaluate, predict
+    from beit3.finetune.recipe import load_recipe
+
+    root = write_rectangles(tmp_path, train=2, val=3)
+    sets = [f"data.root={root}", "data.train=instances_train.json", "detection.train_images=train",
+            "detection.eval_images=val", "detection.detector=faster_rcnn"]  # fmt: skip
+    recipe = load_recipe(REPO / "finetune" / "recipes" / "coco_detection_small.toml",
+                         [*sets, "data.eval=instances_val.json"])  # fmt: skip
+    split = coco.load_coco(recipe, 64, train_images=False, classes=["red", "blue"]).eval
+    task = _task("faster_rcnn")  # untrained heads still detect (over the score threshold): a real file
+    results, report = predict("detection", task, split, 2)
+    assert results and report["detections"] == len(results) and report["images"] == 3
+    assert {r["image_id"] for r in results} <= {1, 2, 3} and {r["category_id"] for r in results} <= {1, 2}
+    results_file = tmp_path / "results.json"
+    results_file.write_text(json.dumps(results))
+    direct = _cocoeval_directly(root / "instances_val.json", results_file, "bbox")
+    assert [report[f"eval/bbox_{n}"] for n in coco.STAT_NAMES] == pytest.approx(direct, abs=1e-12)
+    assert report["eval/bbox_ap"] == evaluate("detection", task, split, 2)["eval/bbox_ap"]
+
+    listing = json.loads((root / "instances_val.json").read_text())
+    del listing["annotations"]  # images and categories only
+    (root / "image_info_test.json").write_text(json.dumps(listing))
+    test = load_recipe(REPO / "finetune" / "recipes" / "coco_detection_small.toml",
+                       [*sets, "data.eval=image_info_test.json"])  # fmt: skip
+    unlabelled = coco.load_coco(test, 64, train_images=False, classes=["red", "blue"]).eval
+    predicted, report = predict("detection", task, unlabelled, 2)
+    assert predicted == results and report["scored"] is False
+    with pytest.raises(DataSourceError, match="no annotations.*--predict"):
+        evaluate("detection", task, unlabelled, 2)
+    with pytest.raises(DataSourceError, match="no annotations, so a training run cannot evaluate on it"):
+        coco.load_coco(test, 64)

@@ -77,7 +77,7 @@ def test_every_shipped_task_is_registered_with_a_complete_spec():
         spec = get_task(name)
         assert spec.name == name and callable(spec.build) and callable(spec.evaluate)
         assert spec.selection[0].startswith("eval/") and spec.selection[1] in ("max", "min")
-    assert [n for n in names if get_task(n).predict] == ["vqa", "retrieval", "captioning"]
+    assert [n for n in names if get_task(n).predict] == ["vqa", "retrieval", "captioning", "detection"]
     with pytest.raises(ValueError, match="already registered"):
         register(TaskSpec(**{**get_task("vqa").__dict__, "selection": ("eval/x", "max")}))
 

@@ -81,13 +81,19 @@ class Instances:
     categories: Categories
 
 
-def _load_json(path: Path) -> dict:
+def _load_json(path: Path, annotated: bool = True) -> dict:
+    """A COCO instances file; ``annotated=False`` also takes an image list without ``annotations`` (COCO's
+    ``image_info_test-dev2017.json``: images and categories only), read as no annotation."""
     if not path.is_file():
         raise DataSourceError(f"COCO instances file {path} does not exist; set data.train / data.eval")
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DataSourceError(f"{path}: not a readable JSON file ({e})") from e
+    if not isinstance(data, dict):
+        raise DataSourceError(f"{path}: a COCO instances file is a JSON object, not {type(data).__name__}")
+    if not annotated and "annotations" not in data:
+        data["annotations"] = []
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
     if missing:
         raise DataSourceError(f"{path}: a COCO instances file needs the lists images, annotations and "
@@ -121,10 +127,11 @@ def read_instances(
     annotation_file: str | Path, image_root: str | Path, drop_empty: bool = False, limit: int = 0
 ) -> Instances:
     """The examples of a COCO instances file whose images are in ``image_root``; ``drop_empty``: leave out
-    the images without a training target (training; COCO's evaluation keeps every image); ``limit``: the
-    first so many images (0: all)."""
+    the images without a training target (training; COCO's evaluation keeps every image, and takes an
+    image list without annotations, which can be predicted but not scored); ``limit``: the first so many
+    images (0: all)."""
     path = Path(annotation_file)
-    data = _load_json(path)
+    data = _load_json(path, annotated=drop_empty)
     categories = Categories.from_coco(data["categories"])
     by_image: dict[int, list[dict]] = {}
     for ann in data["annotations"]:
@@ -346,6 +353,12 @@ def load_coco(recipe, img_size: int, train_images: bool = True, classes: list[st
     evaluation = Split([])
     if d.eval:
         evaluation, eval_categories = split(d.eval, s.eval_images, False, d.max_eval)
+        if classes is None and not any(ex["annotations"] for ex in evaluation.examples):
+            raise DataSourceError(  # a training run scores it at every evaluation: refused before step 1
+                f"{root / d.eval}: no annotations, so a training run cannot evaluate on it; name an "
+                "annotated file, or predict its detections from a finetuned model.pth with "
+                "--eval-only CHECKPOINT --predict OUT.json"
+            )
         expected = categories.names if categories is not None else list(classes)
         if eval_categories.names != expected:
             raise DataSourceError(f"{root / d.eval}: its categories {eval_categories.names} are not the "

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from beit3.engine.config_io import bounded
+from beit3.finetune.data.sources import DataSourceError
 from beit3.finetune.dense.backbone import LEVELS, BackboneSettings, DenseBackbone
 from beit3.finetune.dense.coco import (
     IOU_TYPES,
@@ -368,9 +369,10 @@ def recipe_problem(recipe, model_cfg) -> str | None:
     return s.backbone.problem(model_cfg.depth, "detection.backbone")
 
 
-def _evaluate(ev) -> dict[str, float]:
-    """``eval/bbox_*`` (and ``eval/segm_*`` for Mask R-CNN): COCOeval of every rank's detections, mapped back
-    to the images as stored; every rank scores the gathered set (the same numbers everywhere)."""
+def _results(ev) -> list[dict]:
+    """COCO results (``image_id``, ``category_id``, ``bbox`` xywh, ``score``, with Mask R-CNN an RLE
+    ``segmentation``) of every rank's detections, mapped back to the images as stored, gathered on every
+    rank in image order."""
     task, categories = ev.task, ev.split.images.views.categories
 
     def per_batch(batch: dict, real: int) -> list[list[dict]]:
@@ -381,10 +383,43 @@ def _evaluate(ev) -> dict[str, float]:
                                                         task.settings.mask_threshold), categories)
                 for i, out in enumerate(outputs[:real])]  # fmt: skip
 
-    results = [r for image in ev.gathered(per_batch) for r in image]
-    iou_types = IOU_TYPES if task.masks else ("bbox",)
-    metrics = coco_metrics(ground_truth(ev.split.examples, categories), results, iou_types)
-    return {f"eval/{k}": v for k, v in metrics.items()}
+    return [r for image in ev.gathered(per_batch) for r in image]
+
+
+def _scores(ev, results: list[dict]) -> dict[str, float]:
+    """``eval/bbox_*`` (and ``eval/segm_*`` for Mask R-CNN): COCOeval of ``results`` against the split's
+    annotations, on rank 0 only (its memory grows with the set), the numbers given to every rank."""
+    iou_types = IOU_TYPES if ev.task.masks else ("bbox",)
+    categories = ev.split.images.views.categories
+
+    def score() -> dict[str, float]:
+        metrics = coco_metrics(ground_truth(ev.split.examples, categories), results, iou_types)
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    return ev.on_first_rank(score)
+
+
+def _annotated(ev) -> bool:
+    return any(ex["annotations"] for ex in ev.split.examples)
+
+
+def _evaluate(ev) -> dict[str, float]:
+    """COCO AP of the split's detections (:func:`_results`, :func:`_scores`): the same numbers on every
+    rank. A split without any annotation (a test set's image list) cannot be scored: it is refused."""
+    if not _annotated(ev):
+        raise DataSourceError(
+            "data.eval has no annotations (a test set's image list?): it cannot be scored; predict its "
+            "detections with --eval-only CHECKPOINT --predict OUT.json"
+        )
+    return _scores(ev, _results(ev))
+
+
+def _predict(ev) -> tuple[list, dict]:
+    """``--predict``: the COCO results file (a list of detections, the format of COCO's evaluation server
+    and of ``COCO.loadRes``) and, when the split has annotations, its COCO AP."""
+    results = _results(ev)
+    scores = _scores(ev, results) if _annotated(ev) else {"scored": False, "reason": "no annotations"}
+    return results, {**scores, "detections": len(results), "images": len(ev.split.examples)}
 
 
 SPEC = TaskSpec(
@@ -394,6 +429,7 @@ SPEC = TaskSpec(
     build=_build,
     selection=("eval/bbox_ap", "max"),
     evaluate=_evaluate,
+    predict=_predict,
     collate=collate_detection,
     backbone=lambda task: task.backbone,
     texts_in_batch=False,
