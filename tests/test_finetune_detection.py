@@ -468,8 +468,9 @@ def test_evaluation_only_reads_no_training_file_and_checks_the_eval_categories(t
 
 def test_predict_writes_the_results_evaluation_scores_and_a_test_image_list_is_predicted_not_scored(tmp_path):
     """``--predict``'s output is COCO's results format: COCOeval run directly on it (as the evaluation
-    server would) gives the AP the project's evaluation reports. An image list without annotations (COCO's
-    test-dev info file) is predicted, refused by evaluation, and refused as a training run's eval set."""
+    server would) gives the AP the project reports (``_scores``, as evaluation does). An image list without
+    annotations (COCO's test-dev info file) is predicted, refused by evaluation, and refused as a training
+    run's eval set."""
     from beit3.finetune.data.sources import DataSourceError
     from beit3.finetune.evaluate import evaluate, predict
     from beit3.finetune.recipe import load_recipe
@@ -488,7 +489,6 @@ def test_predict_writes_the_results_evaluation_scores_and_a_test_image_list_is_p
     results_file.write_text(json.dumps(results))
     direct = _cocoeval_directly(root / "instances_val.json", results_file, "bbox")
     assert [report[f"eval/bbox_{n}"] for n in coco.STAT_NAMES] == pytest.approx(direct, abs=1e-12)
-    assert report["eval/bbox_ap"] == evaluate("detection", task, split, 2)["eval/bbox_ap"]
 
     listing = json.loads((root / "instances_val.json").read_text())
     del listing["annotations"]  # images and categories only
