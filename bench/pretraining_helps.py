@@ -62,18 +62,21 @@ HELD_OUT_EVERY = 10  # every 10th item of each source is held out of pretraining
 PRESETS = {
     # max items per source (0: all), pretraining / finetuning / contrastive steps, tokenizer sizes.
     "full": dict(
-        emoji=0,
+        emoji=500,
         easy_vqa=0,
         stamps=0,
         glosses=20000,
         vqkd_images=1200,
         vqkd_steps=60,
         spm_size=4000,
+        pair_steps=600,
         pretrain_steps=1500,
-        eval_every=500,
+        eval_every=300,
         eval_samples=256,
         ranks=2,
-        micro_batch=12,
+        micro_batch=16,
+        pairs_share=2,
+        lr=5e-4,
         ft_steps=150,
         ft_caps=(),
         itc_steps=150,
@@ -304,61 +307,74 @@ def train_tokenizers(work: Path, preset: dict, threads: int) -> tuple[Path, Path
 
 
 def pretrain(work: Path, preset: dict, spm: Path, vqkd: Path, threads: int) -> tuple[Path, float]:
-    """beit3-pretrain (demo recipe) on the training shards, evaluated on the held-out ones; the export."""
+    """beit3-pretrain (demo recipe) on the training shards, evaluated on the held-out ones; the export.
+
+    With ``pair_steps`` in the preset, two runs of the same program: a first stage on the pairs alone
+    (``[batch]`` images = texts = 0) for that many steps, then the mixed run warm-started from its export
+    (``model.warm_start``: its weights, a fresh optimizer and schedule). Measured in this benchmark's pilots
+    (docs/pretraining.md, "Does pretraining help?"): from random init with texts in every batch, the
+    masked-caption loss first learns the captions' templates and the image stays unused for thousands of
+    pairs; on the pairs alone the image is used within about 5,000 pairs, and a mixed run keeps it."""
     export = work / "pretrain_export/model.pth"
     if export.is_file():
         return export, 0.0
+    wall, warm = 0.0, None
+    if preset.get("pair_steps"):
+        warm = work / "pretrain_pairs_export/model.pth"
+        if not warm.is_file():
+            mix = {"images": 0, "texts": 0, "pairs": 1}
+            cmd = _pretrain_cmd(work, preset, spm, vqkd, "pretrain_pairs", preset["pair_steps"], mix, warm)
+            wall += run(cmd, work / "pretrain_pairs.log", max(1, threads // preset["ranks"]))
+    mix = {"images": 1, "texts": 1, "pairs": preset.get("pairs_share", 1)}
+    cmd = _pretrain_cmd(work, preset, spm, vqkd, "pretrain", preset["pretrain_steps"], mix, export, warm)
+    return export, wall + run(cmd, work / "pretrain.log", max(1, threads // preset["ranks"]))
+
+
+def _pretrain_cmd(
+    work: Path,
+    preset: dict,
+    spm: Path,
+    vqkd: Path,
+    name: str,
+    steps: int,
+    mix: dict,
+    export: Path,
+    warm_start: Path | None = None,
+) -> list[str]:
+    """The torchrun command of one pretraining run into ``work/name``: ``mix`` the ``[batch]`` shares,
+    held-out evaluation of the streams it trains."""
     from beit3.tokenizers.text import TextTokenizer
 
     data, held = work / "data", work / "data/heldout"
-    ranks = preset["ranks"]
-    cmd = [
-        "torchrun",
-        "--standalone",
-        "--nproc_per_node",
-        str(ranks),
-        "-m",
-        "beit3.pretrain.train",
-        "--config",
-        "pretrain/recipes/demo.toml",
-        "--ds-config",
-        "ds_configs/zero0_fp32.json",
-        "--ds-set",
-        f"train_micro_batch_size_per_gpu={preset['micro_batch']}",
-        "--output-dir",
-        str(work / "pretrain"),
-        "--resume",
-        "auto",
-        "--set",
-        f"tokenizers.text={spm}",
-        "--set",
-        f"tokenizers.visual_checkpoint={vqkd}",
-        "--set",
-        f"model.overrides={{vocab_size = {TextTokenizer(spm).vocab_size}, visual_vocab_size = 1024}}",
-        "--set",
-        f"train.total_steps={preset['pretrain_steps']}",
-        "--set",
-        f"train.warmup_steps={max(1, min(20, preset['pretrain_steps'] // 10))}",
-        "--set",
-        f"train.save_every={preset['pretrain_steps']}",
-        "--set",
-        f"train.eval_every={preset['eval_every']}",
-        "--set",
-        f"eval.samples={preset['eval_samples']}",
-        "--export",
-        str(export),
-    ]
+    shapes = f"{{vocab_size = {TextTokenizer(spm).vocab_size}, visual_vocab_size = 1024}}"
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", str(preset["ranks"]), "-m", "beit3.pretrain.train",
+           "--config", "pretrain/recipes/demo.toml", "--ds-config", "ds_configs/zero0_fp32.json",
+           "--ds-set", f"train_micro_batch_size_per_gpu={preset['micro_batch']}",
+           "--output-dir", str(work / name), "--resume", "auto",
+           "--set", f"tokenizers.text={spm}", "--set", f"tokenizers.visual_checkpoint={vqkd}",
+           "--set", f"model.overrides={shapes}",
+           "--set", f"train.total_steps={steps}",
+           "--set", f"train.warmup_steps={max(1, min(20, steps // 10))}",
+           "--set", f"train.lr={preset.get('lr', 2e-4)}",
+           "--set", f"train.save_every={steps}",
+           "--set", f"train.eval_every={min(preset['eval_every'], steps)}",
+           "--set", f"eval.samples={preset['eval_samples']}",
+           "--export", str(export)]  # fmt: skip
     for kind, stream in (("images", "image"), ("texts", "text"), ("pairs", "pair")):
+        cmd += ["--set", f"batch.{kind}={mix[kind]}"]
         cmd += ["--set", f'data.{stream}_shards=["{data / kind}/*.tar"]']
-        cmd += ["--set", f'eval.{stream}_shards=["{held / kind}/*.tar"]']
-    return export, run(cmd, work / "pretrain.log", max(1, threads // ranks))
+        if mix[kind]:  # held-out shards of a stream the run does not train would be refused
+            cmd += ["--set", f'eval.{stream}_shards=["{held / kind}/*.tar"]']
+    if warm_start is not None:
+        cmd += ["--set", f"model.warm_start={warm_start}"]
+    return cmd
 
 
-def pretraining_curve(work: Path) -> dict:
+def pretraining_curve(work: Path, name: str = "pretrain") -> dict:
     """The logged eval/* and acc/* scalars of the pretraining run, by step."""
     from beit3.engine.metrics import read_scalars
 
-    scalars = read_scalars(work / "pretrain")
+    scalars = read_scalars(work / name)
     keep = [
         k
         for k in scalars
@@ -392,18 +408,31 @@ def held_out_pairs(folder: Path, size: int):
     return torch.stack(images), captions
 
 
+def held_out_sources(data: dict, n: int) -> dict[str, slice]:
+    """The held-out pairs of each source (``data.json``'s counts): ``write_data`` holds out every 10th item
+    of each source, the sources one after the other, into one shard read in order; {} if the counts do not
+    add up to the ``n`` pairs read."""
+    rows, start = {}, 0
+    for source, count in data["sources"].items():
+        rows[source] = slice(start, start + count // HELD_OUT_EVERY)
+        start += count // HELD_OUT_EVERY
+    return rows if start == n else {}
+
+
 def image_use_probe(checkpoint: Path | None, spm: Path, shapes: dict, pairs, seed: int = 0) -> dict:
     """Masked-caption-token accuracy on held-out pairs with the true image, another pair's image (a fixed
-    derangement) and no image (text alone), for ``checkpoint`` or random init (``None``, seeded). Half of
-    each caption's tokens are predicted (``mask_captions``' BERT-style corruption), the same positions and
-    corruption in all three conditions."""
+    derangement) and no image (text alone), for ``checkpoint`` or random init (``None``, seeded). The
+    captions are masked as pretraining masks a pair's text (``pair_text_mask_ratio`` 0.5 of the tokens
+    that are not ``<s>``/``</s>``/padding, BERT's 80/10/10 corruption: ``bert_mask_tokens``), the same
+    positions and corruption in all three conditions."""
+    import numpy as np
     import torch
 
     from beit3.finetune.data.batches import images_to_float
-    from beit3.finetune.tasks.captioning import mask_captions
     from beit3.model import build_model, load_checkpoint
     from beit3.pretrain.evaluation import derangement
-    from beit3.tokenizers.text import TextTokenizer
+    from beit3.tokenizers.masking import IGNORE_INDEX, bert_mask_tokens
+    from beit3.tokenizers.text import FIRST_ORDINARY_ID, TextTokenizer
 
     torch.manual_seed(seed)
     model = build_model("beit3_small_patch16_64", **shapes).eval()
@@ -412,7 +441,9 @@ def image_use_probe(checkpoint: Path | None, spm: Path, shapes: dict, pairs, see
     tok = TextTokenizer(spm)
     images, captions = pairs
     ids, pad = tok.encode_batch(captions, 32)
-    masked = mask_captions(ids, pad, 0.5, tok.mask_id, torch.Generator().manual_seed(seed))
+    text, labels = bert_mask_tokens(ids, pad, 0.5, tok.mask_id, FIRST_ORDINARY_ID, tok.mask_id,
+                                    tok.special_ids, np.random.default_rng(seed))  # fmt: skip
+    masked = labels != IGNORE_INDEX
     x = images_to_float(images)
     shown = {"true image": x, "shuffled image": x[derangement(len(x), seed)], "no image": None}
     out = {}
@@ -423,12 +454,12 @@ def image_use_probe(checkpoint: Path | None, spm: Path, shapes: dict, pairs, see
                 sl = slice(i, i + 128)
                 h = model(
                     image=None if image is None else image[sl],
-                    text=masked["text"][sl],
+                    text=text[sl],
                     text_padding_mask=pad[sl],
                 )[:, -ids.shape[1] :]
-                where = masked["masked"][sl]
+                where = masked[sl]
                 logits = model.mlm_head(h[where])[:, : tok.vocab_size]
-                correct += (logits.argmax(-1) == masked["labels"][sl][where]).sum().item()
+                correct += (logits.argmax(-1) == labels[sl][where]).sum().item()
                 total += int(where.sum())
             out[name] = correct / max(total, 1)
     out["image_use"] = out["true image"] - out["shuffled image"]
@@ -569,11 +600,14 @@ def tables(report: dict) -> str:
             f"| {name} | {p['true image']:.3f} | {p['shuffled image']:.3f} | {p['no image']:.3f} "
             f"| {100 * p['image_use']:+.1f} points |"
         )
-    curve = report["pretraining"]["curve"]
-    if "eval/image_use" in curve:
+    for key, title in (("pairs_stage_curve", "the pairs-only stage"), ("curve", "the mixed pretraining")):
+        curve = report["pretraining"].get(key, {})
+        if "eval/image_use" not in curve:
+            continue
         lines += [
             "",
-            "During pretraining (`eval/*` of the `[eval]` table, held-out shards):",
+            f"During {title} (`eval/*` of the `[eval]` table, the first {report['settings']['eval_samples']} "
+            "held-out samples of each stream):",
             "",
             "| step | " + " | ".join(CURVE_TAGS) + " |",
             "|---|" + "---|" * len(CURVE_TAGS),
@@ -619,11 +653,17 @@ def what_it_shows(report: dict) -> str:
     better = [k for k, v in verdicts.items() if v == "better"]
     worse = [k for k, v in verdicts.items() if v == "worse"]
     itc = verdict(summarize(report["contrastive"], "eval/average"))
+    by_source = "".join(
+        f"- {name}: {100 * p['image_use']:+.1f} points ({p['pairs']} pairs).\n"
+        for name, p in report["probe"].items()
+        if name.endswith("pairs only")
+    )
     return (
         f"- Image-use probe (exported checkpoint, held-out pairs): {probe['true image']:.3f} with the true "
         f"image, {probe['shuffled image']:.3f} with a shuffled one, {probe['no image']:.3f} with none: "
         f"{100 * probe['image_use']:+.1f} points for the true image (criterion: at least +10); random init: "
         f"{100 * report['probe']['random init']['image_use']:+.1f}.\n"
+        f"{by_source}"
         f"- Finetuning, primary metric per task, pretrained vs random init beyond the seed spread: better on "
         f"{len(better)} of {len(verdicts)} ({', '.join(better) or 'none'}), worse on {len(worse)} "
         f"({', '.join(worse) or 'none'}); the rest within spread (criterion: better on at least three).\n"
@@ -690,10 +730,18 @@ def main(argv: list[str] | None = None) -> int:
 
     shapes = {k: v for k, v in checkpoint_overrides(ckpt).items() if k != "visual_vocab_size"}
     pairs = held_out_pairs(data / "heldout/pairs", 64)
+    config = checkpoint_overrides(ckpt)
     probe = {
-        "random init": image_use_probe(None, spm, checkpoint_overrides(ckpt), pairs),
-        "pretrained": image_use_probe(ckpt, spm, checkpoint_overrides(ckpt), pairs),
+        "random init": image_use_probe(None, spm, config, pairs),
+        "pretrained": image_use_probe(ckpt, spm, config, pairs),
     }
+    pair_stage = work / "pretrain_pairs_export/model.pth"
+    if pair_stage.is_file():
+        probe["after the pairs-only stage"] = image_use_probe(pair_stage, spm, config, pairs)
+    for source, rows in held_out_sources(json.loads((data / "data.json").read_text()), len(pairs[1])).items():
+        # another pair's image of the same source: the harder baseline (same captions' templates)
+        part = (pairs[0][rows], pairs[1][rows])
+        probe[f"pretrained, {source} pairs only"] = image_use_probe(ckpt, spm, config, part)
     print(f"probe: {json.dumps(probe)}", flush=True)
     ft = finetune(work, preset, args, spm, ckpt, shapes)
     itc = contrastive(work, preset, args, spm, ckpt, shapes)
@@ -707,12 +755,16 @@ def main(argv: list[str] | None = None) -> int:
         if task in ft
         for metric in finetune_small.TASKS[task]
     ]
+    staged = bool(preset.get("pair_steps"))
     report = {
         "preset": name,
         "settings": preset,
         "seeds": args.seeds,
         "data": json.loads((data / "data.json").read_text()),
-        "pretraining": {"curve": pretraining_curve(work)},
+        "pretraining": {
+            "curve": pretraining_curve(work),
+            "pairs_stage_curve": pretraining_curve(work, "pretrain_pairs") if staged else {},
+        },
         "probe": probe,
         "finetune": ft,
         "finetune_summary": summary,
