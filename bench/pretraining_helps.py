@@ -18,9 +18,11 @@ Issue 16 item 5. One program, five stages (each skipped when its output exists, 
 
 2. **tokenizers**: ``beit3-spm train`` on the texts, ``beit3-vqkd train`` (tiny VQ-KD, MobileNetV2 teacher) on
    a sample of the training images.
-3. **pretraining**: ``beit3-pretrain`` (``pretrain/recipes/demo.toml``, its lr 2e-4 set for this batch) under
-   torchrun on ``--ranks`` CPU ranks with an ``[eval]`` table over the held-out shards, so the image-use probe
-   (``eval/image_use``) is logged during training; exported with ``--export``.
+3. **pretraining**: ``beit3-pretrain`` (``pretrain/recipes/demo.toml``; the full preset at lr 5e-4 with twice
+   as many pairs as images or texts per micro-batch) under torchrun on ``--ranks`` CPU ranks with an
+   ``[eval]`` table over the held-out shards, so the image-use probe (``eval/image_use``) is logged during
+   training; exported with ``--export``. The full preset first trains on the pairs alone, then warm-starts
+   the mixed run from that stage's export (:func:`pretrain`).
 4. **finetuning**: bench/finetune_small.py's five tasks through its own harness (``export_index``,
    ``run_one``), from the checkpoint and from random init (the checkpoint's tokenizer and shapes for both),
    ``--seeds`` seeds each (``train.seed``), the same steps, batch and recipe.
@@ -29,11 +31,11 @@ Issue 16 item 5. One program, five stages (each skipped when its output exists, 
 
 Then an image-use probe of the exported checkpoints on the held-out pairs, computed here with the model
 alone (masked caption tokens predicted with the true image, another pair's image, and no image), and the
-write-up: ``--out`` (.md and .json). Presets: ``full`` (the acceptance run, planned at about an hour on 2
-idle cores from the quickstart's 0.5 s per pretraining step and finetune_small's ~100 s per 150-step run;
-not yet run), ``reduced`` (a sixth of the pretraining, 12 finetuning steps: fits a shared machine) and
-``--quick`` (every stage at toy sizes: about 4 minutes of stages plus ~30 s start-up for each of the 24
-finetuning runs). A stage whose output exists is skipped, so ``--tasks`` / ``--seeds`` can be extended later::
+write-up: ``--out`` (.md and .json). Presets: ``full`` (the acceptance run: about 30 minutes of
+pretraining and 20 finetuning runs of ~90 s on 2 idle cores), ``reduced`` (a sixth of the pretraining,
+12 finetuning steps: fits a shared machine) and ``--quick`` (every stage at toy sizes: about 4 minutes of
+stages plus ~30 s start-up for each of the 24 finetuning runs). A stage whose output exists is skipped,
+so ``--tasks`` / ``--seeds`` can be extended later::
 
     python bench/pretraining_helps.py                     # full
     python bench/pretraining_helps.py --preset reduced --out bench/results/pretraining_helps_reduced.md
