@@ -81,7 +81,7 @@ PRESETS = {
         lr=5e-4,
         ft_steps=150,
         ft_caps=(),
-        itc_steps=150,
+        itc_steps=60,
     ),
     "reduced": dict(
         emoji=1000,
