@@ -343,9 +343,20 @@ class EvalContext:
         rank, world = _world()
         if world == 1:
             return compute()
-        box = [compute() if rank == 0 else None]
+        box: list = [None]
+        failure = None
+        if rank == 0:
+            try:
+                box = [("ok", compute())]
+            except Exception as e:  # the others wait in the broadcast: they are told, and raise too
+                failure, box = e, [("failed", f"{type(e).__name__}: {e}")]
         dist.broadcast_object_list(box, src=0)
-        return box[0]
+        status, value = box[0]
+        if failure is not None:
+            raise failure
+        if status == "failed":
+            raise RuntimeError(f"rank 0 failed to score the evaluation: {value}")
+        return value
 
     def recalls(self) -> dict[str, float]:
         """Retrieval's recalls (fractions) over the split's distinct images and texts: ``tr_r1`` ...
