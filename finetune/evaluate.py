@@ -338,25 +338,9 @@ class EvalContext:
         return out
 
     def on_first_rank(self, compute: Callable[[], object]) -> object:
-        """``compute()`` run on rank 0 only, its (picklable) result given to every rank: a scoring that
-        needs the whole gathered set once (COCOeval's memory grows with the set), not once per rank."""
-        rank, world = _world()
-        if world == 1:
-            return compute()
-        box: list = [None]
-        failure = None
-        if rank == 0:
-            try:
-                box = [("ok", compute())]
-            except Exception as e:  # the others wait in the broadcast: they are told, and raise too
-                failure, box = e, [("failed", f"{type(e).__name__}: {e}")]
-        dist.broadcast_object_list(box, src=0)
-        status, value = box[0]
-        if failure is not None:
-            raise failure
-        if status == "failed":
-            raise RuntimeError(f"rank 0 failed to score the evaluation: {value}")
-        return value
+        """``compute()`` run on rank 0 only, its (picklable) result given to every rank (:func:`_on_rank0`):
+        a scoring that needs the whole gathered set once (COCOeval's memory grows with the set)."""
+        return _on_rank0(compute, self.device)
 
     def recalls(self) -> dict[str, float]:
         """Retrieval's recalls (fractions) over the split's distinct images and texts: ``tr_r1`` ...
