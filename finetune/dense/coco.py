@@ -157,6 +157,12 @@ def read_instances(
     return Instances(examples, paths, categories)
 
 
+def annotated(examples: list[dict]) -> bool:
+    """Whether any of the examples has an annotation (an image list without any can be predicted, not
+    scored)."""
+    return any(ex["annotations"] for ex in examples)
+
+
 def decode_masks(segmentations: list, height: int, width: int) -> torch.Tensor:
     """uint8 (K, height, width) masks of COCO segmentations: polygon lists, uncompressed RLE (``counts`` a
     list) or compressed RLE, through ``pycocotools.mask`` (a polygon's several parts merged into one mask)."""
@@ -353,7 +359,7 @@ def load_coco(recipe, img_size: int, train_images: bool = True, classes: list[st
     evaluation = Split([])
     if d.eval:
         evaluation, eval_categories = split(d.eval, s.eval_images, False, d.max_eval)
-        if classes is None and not any(ex["annotations"] for ex in evaluation.examples):
+        if classes is None and not annotated(evaluation.examples):
             raise DataSourceError(  # a training run scores it at every evaluation: refused before step 1
                 f"{root / d.eval}: no annotations, so a training run cannot evaluate on it; name an "
                 "annotated file, or predict its detections from a finetuned model.pth with "

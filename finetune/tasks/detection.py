@@ -49,6 +49,7 @@ from beit3.finetune.data.sources import DataSourceError
 from beit3.finetune.dense.backbone import LEVELS, BackboneSettings, DenseBackbone
 from beit3.finetune.dense.coco import (
     IOU_TYPES,
+    annotated,
     coco_metrics,
     collate_detection,
     ground_truth,
@@ -399,14 +400,10 @@ def _scores(ev, results: list[dict]) -> dict[str, float]:
     return ev.on_first_rank(score)
 
 
-def _annotated(ev) -> bool:
-    return any(ex["annotations"] for ex in ev.split.examples)
-
-
 def _evaluate(ev) -> dict[str, float]:
     """COCO AP of the split's detections (:func:`_results`, :func:`_scores`): the same numbers on every
     rank. A split without any annotation (a test set's image list) cannot be scored: it is refused."""
-    if not _annotated(ev):
+    if not annotated(ev.split.examples):
         raise DataSourceError(
             "data.eval has no annotations (a test set's image list?): it cannot be scored; predict its "
             "detections with --eval-only CHECKPOINT --predict OUT.json"
@@ -418,7 +415,8 @@ def _predict(ev) -> tuple[list, dict]:
     """``--predict``: the COCO results file (a list of detections, the format of COCO's evaluation server
     and of ``COCO.loadRes``) and, when the split has annotations, its COCO AP."""
     results = _results(ev)
-    scores = _scores(ev, results) if _annotated(ev) else {"scored": False, "reason": "no annotations"}
+    unscored = {"scored": False, "reason": "no annotations"}
+    scores = _scores(ev, results) if annotated(ev.split.examples) else unscored
     return results, {**scores, "detections": len(results), "images": len(ev.split.examples)}
 
 
