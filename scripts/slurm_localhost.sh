@@ -33,6 +33,10 @@ export SLURM_CONF=$DIR/slurm.conf
 # under /run because munged runs as the munge user, who cannot enter root-only scratch folders.
 MUNGE_DIR=/run/beit3-munge/$(echo -n "$DIR" | md5sum | cut -c1-16)
 MUNGE_SOCKET=$MUNGE_DIR/munge.socket
+# slurmd's spool holds slurmstepd's Unix sockets (<spool>/<node>_<job>.<step>), whose paths may not exceed
+# 108 bytes: a scratch folder deep in a test's temporary tree (pytest-xdist's popen-gw0/...) would pass it
+# and every job would fail to launch. So the spool is a short folder named after the scratch folder.
+SPOOL_DIR=/run/beit3-slurm/$(echo -n "$DIR" | md5sum | cut -c1-16)
 NODES=${BEIT3_SLURM_NODES:-1}
 # Multi-node names: derived from the scratch folder, so that two clusters never share a namespace or bridge.
 TAG=$(echo -n "$DIR" | md5sum | cut -c1-6)
@@ -131,13 +135,14 @@ start_node() {
 }
 
 write_conf() {
-  mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
+  rm -rf "$SPOOL_DIR"
+  mkdir -p "$DIR/state" "$SPOOL_DIR" "$DIR/log"
   local cpus mem_mb
   cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS
   # 90% of the machine's memory, so the node never registers more than slurmd can see (else it drains).
   mem_mb=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
   local ctld_host=localhost slurmd_files node_lines partition_nodes=localhost i
-  slurmd_files="SlurmdSpoolDir=$DIR/spool
+  slurmd_files="SlurmdSpoolDir=$SPOOL_DIR
 SlurmdPidFile=$DIR/slurmd.pid
 SlurmdLogFile=$DIR/log/slurmd.log"
   node_lines="NodeName=localhost CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"
@@ -145,7 +150,7 @@ SlurmdLogFile=$DIR/log/slurmd.log"
     # The controller runs here and is reached by the nodes at the bridge's address; every node sees the
     # whole machine, so each declares all its CPUs (jobs of the tests use one or two per node).
     ctld_host="localhost($CTL_ADDR)"
-    slurmd_files="SlurmdSpoolDir=$DIR/spool/%n
+    slurmd_files="SlurmdSpoolDir=$SPOOL_DIR/%n
 SlurmdPidFile=$DIR/slurmd-%n.pid
 SlurmdLogFile=$DIR/log/slurmd-%n.log"
     node_lines=
@@ -290,7 +295,7 @@ stop() {
     kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null
   done
   ((NODES > 1)) && teardown_network
-  rm -rf "$DIR" "$MUNGE_DIR"
+  rm -rf "$DIR" "$MUNGE_DIR" "$SPOOL_DIR"
   echo "stopped"
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import time
@@ -22,7 +23,10 @@ def _alive(pid: int) -> bool:
 
 
 def test_start_gives_an_idle_node_and_stop_cancels_jobs_and_ends_every_daemon(tmp_path):
-    scratch = tmp_path / "cluster"
+    # A deep scratch folder: a spool inside it would give slurmstepd a Unix socket path over 108 bytes
+    # (<spool>/localhost_<job>.4294967291), and no job would launch.
+    scratch = tmp_path / ("deep" * 12) / "cluster"
+    assert len(f"{scratch}/spool/localhost_1.4294967291") > 108
     cluster = start_cluster(scratch)
     try:
         status = subprocess.run(
@@ -42,12 +46,15 @@ def test_start_gives_an_idle_node_and_stop_cancels_jobs_and_ends_every_daemon(tm
             time.sleep(0.2)
         job_pid = int(pid_file.read_text())
         assert _alive(job_pid)
+        spool = Path("/run/beit3-slurm") / hashlib.md5(str(scratch).encode()).hexdigest()[:16]
+        spool_used = any(spool.iterdir())  # slurmd's state and the job's step sockets
     finally:
         cluster.stop()
     # The job must not survive the cluster (scontrol shutdown alone leaves it running under linuxproc).
     assert not _alive(job_pid), "the job's process survived stop"
     assert not [name for name, pid in daemons.items() if _alive(pid)], "a daemon survived stop"
     assert not scratch.exists(), "the scratch folder must go so that the next start is clean"
+    assert spool_used and not spool.exists(), "slurmd's spool (outside the scratch folder) must go too"
 
 
 def test_two_node_cluster_has_a_hostname_and_address_per_node_and_stop_removes_every_trace(tmp_path):
