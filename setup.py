@@ -60,7 +60,8 @@ setup(
         "imagehash==4.3.2",  # beit3-contamination's perceptual hashes (with PyWavelets and scipy)
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "ruff==0.17.6", "tokenizers"],  # ruff pinned: CI checks format
+        # ruff pinned: CI checks format; pytest-xdist: scripts/test.sh runs the suite on two workers
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist==3.8.0", "ruff==0.17.6", "tokenizers"],
         # COCO caption scores (finetune/outputs.py); its PTB tokenizer and METEOR need a Java runtime
         "coco": ["pycocoevalcap==1.2"],
         # the released finetuning recipes' augmentation (finetune/data/augment.py): timm's transforms,
