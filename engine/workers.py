@@ -6,7 +6,8 @@ training process acts on them (it checkpoints at the next step boundary, docs/re
 died of one would make the trainer's next batch fail ("DataLoader worker is killed by signal") before it can
 save. :func:`init_worker` is the ``worker_init_fn`` of every loader with workers (pretraining's
 ``PretrainLoader``, finetuning's ``BatchLoader``); :func:`shut_down_at_exit` closes such loaders before the
-interpreter exits.
+interpreter exits; :func:`short_socket_tempdir` (called by :func:`workers_starting`) keeps the workers able
+to send their batches when ``TMPDIR`` is a deep folder.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ import atexit
 import contextlib
 import ctypes
 import logging
+import os
+import shutil
 import signal
+import sys
+import tempfile
 import weakref
 
 log = logging.getLogger(__name__)
@@ -65,12 +70,49 @@ def _stop_signals() -> list[signal.Signals]:
     return [getattr(signal, name) for name in WORKER_IGNORED_SIGNALS if hasattr(signal, name)]
 
 
+# A worker hands a batch's tensors to the training process as file descriptors, sent over a Unix socket that
+# multiprocessing makes at <temp dir>/pymp-XXXXXXXX/listener-XXXXXXXX. Linux caps such a path at 107 bytes;
+# past it the bind fails in the worker's sending thread, the batch is dropped, and the training process
+# waits for it forever. A job's TMPDIR can be that deep (a scheduler's per-job folder, a test's tmp_path).
+# Python 3.14 falls back to a short system folder in that case (multiprocessing.util._get_base_temp_dir);
+# this does the same for the Pythons before it.
+SOCKET_PATH_MAX = 107
+LISTENER_SUFFIX = len("/pymp-XXXXXXXX/listener-XXXXXXXX")
+SHORT_TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def short_socket_tempdir() -> str | None:
+    """Make multiprocessing's temporary folder short enough for its Unix sockets (see above), before a
+    loader forks its workers (they inherit it). Returns the folder made, or None when the current one fits
+    (or no short folder is writable: then nothing changes)."""
+    from multiprocessing import process, util
+
+    if not sys.platform.startswith("linux"):
+        return None
+    config = process.current_process()._config
+    current = config.get("tempdir")
+    socket_path = len(current) + LISTENER_SUFFIX - len("/pymp-XXXXXXXX") if current else None
+    if (socket_path or len(tempfile.gettempdir()) + LISTENER_SUFFIX) <= SOCKET_PATH_MAX:
+        return None
+    base = next((d for d in SHORT_TEMP_DIRS if os.access(d, os.W_OK | os.X_OK)), None)
+    if base is None:
+        return None
+    short = tempfile.mkdtemp(prefix="pymp-", dir=base)
+    # removed at exit as multiprocessing removes its own (a forked worker clears the inherited finalizers)
+    util.Finalize(None, shutil.rmtree, args=(short, True), exitpriority=-100)
+    config["tempdir"] = short
+    log.info("TMPDIR is too deep for the data workers' sockets: multiprocessing uses %s", short)
+    return short
+
+
 @contextlib.contextmanager
 def workers_starting():
     """Around the start of a loader's workers (``iter(DataLoader(...))``): the stop signals are held in this
     thread, so a worker forked meanwhile inherits them held and cannot die of one before :func:`init_worker`
     ignores them (a loader that starts its workers each epoch would otherwise have that window every
-    epoch). Held signals reach this process's own handlers when the block ends."""
+    epoch). Held signals reach this process's own handlers when the block ends. Multiprocessing's temporary
+    folder is made short enough first (:func:`short_socket_tempdir`)."""
+    short_socket_tempdir()
     stop = _stop_signals() if hasattr(signal, "pthread_sigmask") else []
     held = signal.pthread_sigmask(signal.SIG_BLOCK, stop) if stop else None
     try:

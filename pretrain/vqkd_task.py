@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from beit3.engine.workers import short_socket_tempdir
 from beit3.model import build_param_groups
 from beit3.model.flops import transformer_flops
 from beit3.tokenizers.images import load_rgb, random_resized_crop, to_tensor
@@ -243,6 +244,7 @@ class OnlineCrops:
         self.position = 0
 
     def __iter__(self):
+        short_socket_tempdir()  # before its workers fork (beit3.engine.workers)
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=self.batch_size,
