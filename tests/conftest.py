@@ -14,6 +14,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 TORCH_LINEAR = F.linear
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the xdist_group marks added here
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (scripts/test.sh: ``-n 2 --dist loadgroup``), the unit a worker takes is one test
     module, so that a module-scoped fixture (a batch of 2-rank runs) is built once; the Slurm tests are one
