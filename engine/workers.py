@@ -77,7 +77,8 @@ def _stop_signals() -> list[signal.Signals]:
 # Python 3.14 falls back to a short system folder in that case (multiprocessing.util._get_base_temp_dir);
 # this does the same for the Pythons before it.
 SOCKET_PATH_MAX = 107
-LISTENER_SUFFIX = len("/pymp-XXXXXXXX/listener-XXXXXXXX")
+PYMP_NAME, LISTENER_NAME = len("/pymp-XXXXXXXX"), len("/listener-XXXXXXXX")
+LISTENER_SUFFIX = PYMP_NAME + LISTENER_NAME  # below the temp dir
 SHORT_TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 
 
@@ -90,9 +91,9 @@ def short_socket_tempdir() -> str | None:
     if not sys.platform.startswith("linux"):
         return None
     config = process.current_process()._config
-    current = config.get("tempdir")
-    socket_path = len(current) + LISTENER_SUFFIX - len("/pymp-XXXXXXXX") if current else None
-    if (socket_path or len(tempfile.gettempdir()) + LISTENER_SUFFIX) <= SOCKET_PATH_MAX:
+    current = config.get("tempdir")  # multiprocessing's folder once made, else the one it would make
+    folder = len(current) if current else len(tempfile.gettempdir()) + PYMP_NAME
+    if folder + LISTENER_NAME <= SOCKET_PATH_MAX:
         return None
     base = next((d for d in SHORT_TEMP_DIRS if os.access(d, os.W_OK | os.X_OK)), None)
     if base is None:

@@ -28,18 +28,20 @@ CTLD_PORT=${BEIT3_SLURM_CTLD_PORT:-6817}
 SLURMD_PORT=${BEIT3_SLURM_SLURMD_PORT:-6818}
 START_TIMEOUT=${BEIT3_SLURM_START_TIMEOUT:-60}
 export SLURM_CONF=$DIR/slurm.conf
+# What a cluster keeps outside its scratch folder is named after the folder (its md5), so two never meet.
+DIR_HASH=$(echo -n "$DIR" | md5sum | cut -c1-16)
 # Each cluster has its own munged on its own socket, so that two clusters (two test sessions at once) never
 # stop each other's authentication, and the machine's own munged (if any) is left alone. The socket lives
 # under /run because munged runs as the munge user, who cannot enter root-only scratch folders.
-MUNGE_DIR=/run/beit3-munge/$(echo -n "$DIR" | md5sum | cut -c1-16)
+MUNGE_DIR=/run/beit3-munge/$DIR_HASH
 MUNGE_SOCKET=$MUNGE_DIR/munge.socket
 # slurmd's spool holds slurmstepd's Unix sockets (<spool>/<node>_<job>.<step>), whose paths may not exceed
 # 108 bytes: a scratch folder deep in a test's temporary tree (pytest-xdist's popen-gw0/...) would pass it
 # and every job would fail to launch. So the spool is a short folder named after the scratch folder.
-SPOOL_DIR=/run/beit3-slurm/$(echo -n "$DIR" | md5sum | cut -c1-16)
+SPOOL_DIR=/run/beit3-slurm/$DIR_HASH
 NODES=${BEIT3_SLURM_NODES:-1}
 # Multi-node names: derived from the scratch folder, so that two clusters never share a namespace or bridge.
-TAG=$(echo -n "$DIR" | md5sum | cut -c1-6)
+TAG=${DIR_HASH:0:6}
 NET=10.213.$((16#${TAG:0:2}))
 CTL_ADDR=$NET.1
 BRIDGE=b3br$TAG
