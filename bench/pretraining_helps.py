@@ -25,7 +25,9 @@ Issue 16 item 5. One program, five stages (each skipped when its output exists, 
    the mixed run from that stage's export (:func:`pretrain`).
 4. **finetuning**: bench/finetune_small.py's five tasks through its own harness (``export_index``,
    ``run_one``), from the checkpoint and from random init (the checkpoint's tokenizer and shapes for both),
-   ``--seeds`` seeds each (``train.seed``), the same steps, batch and recipe.
+   ``--seeds`` seeds each (``train.seed`` and ``data.seed``: the new head's init and the data order; a start
+   with no new head, as captioning from the checkpoint, differs between seeds only by the order), the same
+   steps, batch and recipe.
 5. **contrastive stage**: ``finetune/recipes/itc_small.toml`` on the training pair shards from both starts;
    zero-shot retrieval (R@1/5/10 both ways) on the held-out pairs.
 
@@ -507,7 +509,7 @@ def finetune(work: Path, preset: dict, args, spm: Path, ckpt: Path, shapes: dict
                     preset["ft_steps"],
                     args.batch,
                     args.threads,
-                    [f"train.seed={seed}"],
+                    [f"train.seed={seed}", f"data.seed={seed}"],
                     ckpt,
                 )
                 run_args.work.mkdir(parents=True, exist_ok=True)
@@ -539,7 +541,7 @@ def contrastive(work: Path, preset: dict, args, spm: Path, ckpt: Path, shapes: d
                 preset["itc_steps"],
                 args.batch,
                 args.threads,
-                [f"train.seed={seed}", "train.eval_every=0"],
+                [f"train.seed={seed}", f"data.seed={seed}", "train.eval_every=0"],
                 ckpt,
             )
             run_args.work.mkdir(parents=True, exist_ok=True)
