@@ -21,13 +21,13 @@ Issue 16 item 5. One program, five stages (each skipped when its output exists, 
 3. **pretraining**: ``beit3-pretrain`` (``pretrain/recipes/demo.toml``; the full preset at lr 5e-4 with twice
    as many pairs as images or texts per micro-batch) under torchrun on ``--ranks`` CPU ranks with an
    ``[eval]`` table over the held-out shards, so the image-use probe (``eval/image_use``) is logged during
-   training; exported with ``--export``. The full preset first trains on the pairs alone, then warm-starts
-   the mixed run from that stage's export (:func:`pretrain`).
+   training; exported with ``--export``. The full preset first trains on the texts alone, then on the
+   pairs alone, then the mixed run, each warm-started from the previous stage's export (:func:`pretrain`).
 4. **finetuning**: bench/finetune_small.py's five tasks through its own harness (``export_index``,
    ``run_one``), from the checkpoint and from random init (the checkpoint's tokenizer and shapes for both),
    ``--seeds`` seeds each (``train.seed`` and ``data.seed``: the new head's init and the data order; a start
    with no new head, as captioning from the checkpoint, differs between seeds only by the order), the same
-   steps, batch and recipe.
+   steps, batch and recipe for both starts (the preset's ``ft_task_steps`` / ``ft_task_sets`` per task).
 5. **contrastive stage**: ``finetune/recipes/itc_small.toml`` on the training pair shards from both starts;
    zero-shot retrieval (R@1/5/10 both ways) on the held-out pairs.
 
@@ -73,7 +73,12 @@ PRESETS = {
         vqkd_images=1200,
         vqkd_steps=60,
         spm_size=4000,
-        pair_steps=600,
+        # Warm stages, each warm-starting the next (pretrain()): the texts alone at the demo's lr (issue 16:
+        # 29.9% held-out MLM in 700 steps), then the pairs alone; then the mixed run of pretrain_steps.
+        warm_stages=(
+            dict(name="pretrain_texts", steps=700, lr=2e-4, mix=dict(images=0, texts=1, pairs=0)),
+            dict(name="pretrain_pairs", steps=600, mix=dict(images=0, texts=0, pairs=1)),
+        ),
         pretrain_steps=1500,
         eval_every=300,
         eval_samples=256,
@@ -82,6 +87,14 @@ PRESETS = {
         pairs_share=2,
         lr=5e-4,
         ft_steps=150,
+        # Per task: more steps where 150 leave both starts at the answer prior (easy-VQA), and no layer decay
+        # where 0.75 held a pretrained start back (bench/results/finetune_small_notes.md's ablation). The
+        # same settings for both starts.
+        ft_task_steps={"easy_vqa_small": 450},
+        ft_task_sets={
+            "wordnet_small": ("param_groups.layer_decay=1.0",),
+            "stamps_retrieval_small": ("param_groups.layer_decay=1.0",),
+        },
         ft_caps=(),
         itc_steps=60,
     ),
@@ -313,25 +326,30 @@ def train_tokenizers(work: Path, preset: dict, threads: int) -> tuple[Path, Path
 def pretrain(work: Path, preset: dict, spm: Path, vqkd: Path, threads: int) -> tuple[Path, float]:
     """beit3-pretrain (demo recipe) on the training shards, evaluated on the held-out ones; the export.
 
-    With ``pair_steps`` in the preset, two runs of the same program: a first stage on the pairs alone
-    (``[batch]`` images = texts = 0) for that many steps, then the mixed run warm-started from its export
-    (``model.warm_start``: its weights, a fresh optimizer and schedule). Measured in this benchmark's pilots
-    (docs/pretraining.md, "Does pretraining help?"): from random init with texts in every batch, the
-    masked-caption loss first learns the captions' templates and the image stays unused for thousands of
-    pairs; on the pairs alone the image is used within about 5,000 pairs, and a mixed run keeps it."""
+    With ``warm_stages`` in the preset, a chain of runs of the same program: each stage (its own
+    ``[batch]`` mix, steps and lr) is warm-started from the previous stage's export (``model.warm_start``:
+    its weights, a fresh optimizer and schedule), and the mixed run of ``pretrain_steps`` from the last.
+    Measured in this benchmark's pilots (docs/pretraining.md, "Does pretraining help?"): from random init
+    with texts in every batch, the masked-caption loss first learns the captions' templates and the image
+    stays unused for thousands of pairs; on the pairs alone the image is used within about 5,000 pairs, and
+    a mixed run keeps it. A stage whose export exists is not rerun."""
     export = work / "pretrain_export/model.pth"
     if export.is_file():
         return export, 0.0
     wall, warm = 0.0, None
-    if preset.get("pair_steps"):
-        warm = work / "pretrain_pairs_export/model.pth"
-        if not warm.is_file():
-            mix = {"images": 0, "texts": 0, "pairs": 1}
-            cmd = _pretrain_cmd(work, preset, spm, vqkd, "pretrain_pairs", preset["pair_steps"], mix, warm)
-            wall += run(cmd, work / "pretrain_pairs.log", max(1, threads // preset["ranks"]))
+    ranks_threads = max(1, threads // preset["ranks"])
+    for stage in preset.get("warm_stages", ()):
+        stage_export = work / f"{stage['name']}_export/model.pth"
+        if not stage_export.is_file():
+            cmd = _pretrain_cmd(
+                work, preset, spm, vqkd, stage["name"], stage["steps"], stage["mix"], stage_export, warm,
+                lr=stage.get("lr"),
+            )  # fmt: skip
+            wall += run(cmd, work / f"{stage['name']}.log", ranks_threads)
+        warm = stage_export
     mix = {"images": 1, "texts": 1, "pairs": preset.get("pairs_share", 1)}
     cmd = _pretrain_cmd(work, preset, spm, vqkd, "pretrain", preset["pretrain_steps"], mix, export, warm)
-    return export, wall + run(cmd, work / "pretrain.log", max(1, threads // preset["ranks"]))
+    return export, wall + run(cmd, work / "pretrain.log", ranks_threads)
 
 
 def _pretrain_cmd(
@@ -344,9 +362,10 @@ def _pretrain_cmd(
     mix: dict,
     export: Path,
     warm_start: Path | None = None,
+    lr: float | None = None,
 ) -> list[str]:
     """The torchrun command of one pretraining run into ``work/name``: ``mix`` the ``[batch]`` shares,
-    held-out evaluation of the streams it trains."""
+    held-out evaluation of the streams it trains; ``lr`` (default: the preset's) its peak lr."""
     from beit3.tokenizers.text import TextTokenizer
 
     data, held = work / "data", work / "data/heldout"
@@ -359,7 +378,7 @@ def _pretrain_cmd(
            "--set", f"model.overrides={shapes}",
            "--set", f"train.total_steps={steps}",
            "--set", f"train.warmup_steps={max(1, min(20, steps // 10))}",
-           "--set", f"train.lr={preset.get('lr', 2e-4)}",
+           "--set", f"train.lr={lr or preset.get('lr', 2e-4)}",
            "--set", f"train.save_every={steps}",
            "--set", f"train.eval_every={min(preset['eval_every'], steps)}",
            "--set", f"eval.samples={preset['eval_samples']}",
@@ -498,22 +517,24 @@ def finetune(work: Path, preset: dict, args, spm: Path, ckpt: Path, shapes: dict
     index_args.work.mkdir(parents=True, exist_ok=True)
     for task in args.tasks:
         data_sets = None
+        steps = preset.get("ft_task_steps", {}).get(task, preset["ft_steps"])
         for seed in args.seeds:
+            sets = [*preset.get("ft_task_sets", {}).get(task, ()), f"train.seed={seed}", f"data.seed={seed}"]
+            settings = {"steps": steps, "sets": sets}
             for start in STARTS:
-                if str(seed) in results.get(task, {}).get(start, {}):
-                    continue
+                cached = results.get(task, {}).get(start, {}).get(str(seed))
+                if cached is not None and cached.get("settings") == settings:
+                    continue  # a run of an earlier invocation with the same settings
                 if data_sets is None:
                     data_sets = finetune_small.export_index(task, index_args)
                 run_args = harness_args(
-                    work / f"finetune/seed{seed}",
-                    preset["ft_steps"],
-                    args.batch,
-                    args.threads,
-                    [f"train.seed={seed}", f"data.seed={seed}"],
-                    ckpt,
+                    work / f"finetune/seed{seed}", steps, args.batch, args.threads, sets, ckpt
                 )
                 run_args.work.mkdir(parents=True, exist_ok=True)
-                r = finetune_small.run_one(task, start, run_args, spm, shapes, data_sets)
+                r = {
+                    **finetune_small.run_one(task, start, run_args, spm, shapes, data_sets),
+                    "settings": settings,
+                }
                 results.setdefault(task, {}).setdefault(start, {})[str(seed)] = r
                 print(
                     f"{task:26s} {start:10s} seed {seed}: "
@@ -604,9 +625,10 @@ def tables(report: dict) -> str:
             f"| {name} | {p['true image']:.3f} | {p['shuffled image']:.3f} | {p['no image']:.3f} "
             f"| {100 * p['image_use']:+.1f} points |"
         )
-    for key, title in (("pairs_stage_curve", "the pairs-only stage"), ("curve", "the mixed pretraining")):
-        curve = report["pretraining"].get(key, {})
-        if "eval/image_use" not in curve:
+    stages = [(f"the {name} stage", curve) for name, curve in report["pretraining"]["stage_curves"].items()]
+    for title, curve in [*stages, ("the mixed pretraining", report["pretraining"]["curve"])]:
+        steps = sorted({int(s) for k in CURVE_TAGS for s in curve.get(k, {})})
+        if not steps:
             continue
         lines += [
             "",
@@ -616,8 +638,10 @@ def tables(report: dict) -> str:
             "| step | " + " | ".join(CURVE_TAGS) + " |",
             "|---|" + "---|" * len(CURVE_TAGS),
         ]
-        for step in sorted(curve["eval/image_use"], key=int):
-            cells = [curve.get(k, {}).get(step, math.nan) for k in CURVE_TAGS]
+        for step in steps:
+            cells = [
+                curve.get(k, {}).get(step, curve.get(k, {}).get(str(step), math.nan)) for k in CURVE_TAGS
+            ]
             lines.append(f"| {step} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     seeds = len(next(iter(report["finetune"].values()), {}).get("scratch", {})) if report["finetune"] else 0
     lines += [
@@ -739,9 +763,9 @@ def main(argv: list[str] | None = None) -> int:
         "random init": image_use_probe(None, spm, config, pairs),
         "pretrained": image_use_probe(ckpt, spm, config, pairs),
     }
-    pair_stage = work / "pretrain_pairs_export/model.pth"
-    if pair_stage.is_file():
-        probe["after the pairs-only stage"] = image_use_probe(pair_stage, spm, config, pairs)
+    for stage in preset.get("warm_stages", ()):
+        stage_export = work / f"{stage['name']}_export/model.pth"
+        probe[f"after the {stage['name']} stage"] = image_use_probe(stage_export, spm, config, pairs)
     for source, rows in held_out_sources(json.loads((data / "data.json").read_text()), len(pairs[1])).items():
         # another pair's image of the same source: the harder baseline (same captions' templates)
         part = (pairs[0][rows], pairs[1][rows])
@@ -759,7 +783,6 @@ def main(argv: list[str] | None = None) -> int:
         if task in ft
         for metric in finetune_small.TASKS[task]
     ]
-    staged = bool(preset.get("pair_steps"))
     report = {
         "preset": name,
         "settings": preset,
@@ -767,7 +790,9 @@ def main(argv: list[str] | None = None) -> int:
         "data": json.loads((data / "data.json").read_text()),
         "pretraining": {
             "curve": pretraining_curve(work),
-            "pairs_stage_curve": pretraining_curve(work, "pretrain_pairs") if staged else {},
+            "stage_curves": {
+                st["name"]: pretraining_curve(work, st["name"]) for st in preset.get("warm_stages", ())
+            },
         },
         "probe": probe,
         "finetune": ft,
