@@ -230,6 +230,17 @@ def torchrun(
     return subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def finetune_on_two_ranks(recipe: Path, run: Path, ds_config: str, micro_batch: int = 2, timeout: int = 300):
+    """``torchrun --nproc_per_node 2 -m beit3.finetune.train`` (gloo) of ``recipe`` into ``run`` under
+    ``ds_configs/<ds_config>``; fails the test with the launcher's stderr when it does not exit 0."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "beit3.finetune.train", "--config", str(recipe), "--ds-config",
+           str(REPO / "ds_configs" / ds_config), "--output-dir", str(run),
+           "--ds-set", f"train_micro_batch_size_per_gpu={micro_batch}"]  # fmt: skip
+    done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def read_loss_rows(record_path: str | Path, rank: int) -> list[tuple[int, float]]:
     """Every (batch index, loss) that ToyMultiwayTask recorded, in order (re-run batches appear twice)."""
     with open(f"{record_path}_rank{rank}.jsonl") as f:

@@ -9,14 +9,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from engine_helpers import clean_env, free_port, tensorboard_run
+from engine_helpers import finetune_on_two_ranks, tensorboard_run
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -417,12 +415,7 @@ def two_rank_run(tmp_path_factory):
     root = write_rectangles(tmp / "data", train=4, val=3)
     recipe, run = tmp / "recipe.toml", tmp / "run"
     recipe.write_text(RECIPE.format(root=root, tiny="\n".join(f"{k} = {v!r}" for k, v in TINY.items())))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "beit3.finetune.train", "--config", str(recipe), "--ds-config",
-           str(REPO / "ds_configs" / "zero3_fp32.json"), "--output-dir", str(run),
-           "--ds-set", "train_micro_batch_size_per_gpu=2"]  # fmt: skip
-    done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
+    finetune_on_two_ranks(recipe, run, "zero3_fp32.json", timeout=300)
     return recipe, run
 
 

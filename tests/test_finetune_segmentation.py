@@ -5,14 +5,12 @@ end to end on 2 CPU ranks through ``beit3-finetune`` (its evaluation equal to on
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from engine_helpers import clean_env, free_port, tensorboard_run
+from engine_helpers import finetune_on_two_ranks, tensorboard_run
 from PIL import Image
 
 from beit3.finetune.data.sources import DataSourceError
@@ -317,12 +315,7 @@ def two_rank_run(ade, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("seg_run")
     recipe, run = tmp / "recipe.toml", tmp / "run"
     recipe.write_text(RECIPE.format(root=ade))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "beit3.finetune.train", "--config", str(recipe), "--ds-config",
-           str(REPO / "ds_configs" / "zero0_fp32.json"), "--output-dir", str(run),
-           "--ds-set", "train_micro_batch_size_per_gpu=2"]  # fmt: skip
-    done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=240, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
+    finetune_on_two_ranks(recipe, run, "zero0_fp32.json", timeout=240)
     return recipe, run
 
 
