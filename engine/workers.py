@@ -5,9 +5,10 @@ preemption, Slurm's pre-time-limit SIGUSR1 forwarded by srun to every process of
 training process acts on them (it checkpoints at the next step boundary, docs/reliability.md). A worker that
 died of one would make the trainer's next batch fail ("DataLoader worker is killed by signal") before it can
 save. :func:`init_worker` is the ``worker_init_fn`` of every loader with workers (pretraining's
-``PretrainLoader``, finetuning's ``BatchLoader``); :func:`shut_down_at_exit` closes such loaders before the
-interpreter exits; :func:`short_socket_tempdir` (called by :func:`workers_starting`) keeps the workers able
-to send their batches when ``TMPDIR`` is a deep folder.
+``PretrainLoader``, finetuning's ``BatchLoader`` and evaluation, the VQ-KD image stream); :class:`Workers`
+starts a loader's workers under :func:`workers_starting` and stops them when closed or before the interpreter
+exits (:func:`shut_down_at_exit`); :func:`short_socket_tempdir` (called by :func:`workers_starting`) keeps the
+workers able to send their batches when ``TMPDIR`` is a deep folder.
 """
 
 from __future__ import annotations
@@ -121,6 +122,27 @@ def workers_starting():
     finally:
         if held is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+class Workers:
+    """The worker processes of one iteration of a DataLoader: ``Workers(loader)`` is ``iter(loader)`` with
+    its workers forked under :func:`workers_starting` and registered with :func:`shut_down_at_exit`;
+    iterate it for the batches, :meth:`close` stops the workers now (not whenever the garbage collector
+    reaches the iterator). The one way every data source of the project starts its workers."""
+
+    def __init__(self, loader) -> None:
+        with workers_starting():  # no worker can die of a stop signal before it ignores them
+            self.iterator = iter(loader)
+        shut_down_at_exit(self)
+
+    def __iter__(self):
+        return self.iterator
+
+    def close(self) -> None:
+        # torch's iterator over worker processes has _shutdown_workers; a single-process one has none
+        shutdown = getattr(self.iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 _open_loaders: weakref.WeakSet = weakref.WeakSet()

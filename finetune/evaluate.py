@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from beit3.engine.workers import init_worker, shut_down_at_exit, workers_starting
+from beit3.engine.workers import Workers, init_worker
 from beit3.finetune.data.batches import Collator, images_to_float, pad_texts
 from beit3.finetune.data.sources import LazyImages, Split
 from beit3.finetune.decoding import BeamSearchConfig, generate_captions
@@ -108,27 +108,12 @@ def _built(
         _Chunks(plan, build), batch_size=None, num_workers=min(workers, len(plan)),
         worker_init_fn=init_worker, generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
-    with workers_starting():
-        built = iter(loader)
-    workers = _Workers(built)
-    shut_down_at_exit(workers)  # an evaluation abandoned mid-way: its workers end before the exit waits
+    workers = Workers(loader)  # an evaluation abandoned mid-way: its workers end before the exit waits
     try:
-        for (_, real), batch in zip(chunks, built):
+        for (_, real), batch in zip(chunks, workers):
             yield batch, real
     finally:
         workers.close()
-
-
-class _Workers:
-    """The worker processes of one evaluation's DataLoader iterator, closable (beit3.engine.workers)."""
-
-    def __init__(self, iterator) -> None:
-        self.iterator = iterator
-
-    def close(self) -> None:
-        shutdown = getattr(self.iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
 
 
 class _Progress:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from beit3.engine.workers import short_socket_tempdir
+from beit3.engine.workers import Workers, init_worker
 from beit3.model import build_param_groups
 from beit3.model.flops import transformer_flops
 from beit3.tokenizers.images import load_rgb, random_resized_crop, to_tensor
@@ -244,16 +244,20 @@ class OnlineCrops:
         self.position = 0
 
     def __iter__(self):
-        short_socket_tempdir()  # before its workers fork (beit3.engine.workers)
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=self.batch_size,
             sampler=EndlessShuffle(len(self.dataset), self.seed, self.position),
             num_workers=self.num_workers,
+            worker_init_fn=init_worker if self.num_workers else None,
         )
-        for images in loader:
-            self.position += len(images)  # counted as handed out, not as prefetched by the workers
-            yield {"images": images}
+        workers = Workers(loader)
+        try:
+            for images in workers:
+                self.position += len(images)  # counted as handed out, not as prefetched by the workers
+                yield {"images": images}
+        finally:
+            workers.close()
 
     def state_dict(self) -> dict:
         return {"position": self.position}

@@ -118,6 +118,28 @@ def test_data_streams_resume_where_they_stopped(photos):
     assert state == {"position": 9} and torch.equal(next(iter(b))["images"], expected)
 
 
+def test_online_crop_workers_survive_a_stop_signal_and_stop_with_their_stream(photos):
+    # The trainer checkpoints on SIGTERM / SIGUSR1; a crop worker that died of the same signal (delivered to
+    # the whole process group) would fail the next batch before the save.
+    import psutil
+
+    paths = sorted(photos.glob("*.png"))[:5]
+    stream = OnlineCrops(paths, 32, (0.3, 1.0), batch_size=2, num_workers=2, seed=1)
+    it = iter(stream)
+    next(it), next(it)  # a batch from each worker: both have run their init
+    workers = psutil.Process().children()
+    assert len(workers) == 2
+    for w in workers:
+        os.kill(w.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    for _ in range(4):
+        assert next(it)["images"].shape == (2, 3, 32, 32)
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    it.close()  # the stream abandoned: its workers end now
+    psutil.wait_procs(workers, timeout=10)
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
 def test_training_lowers_teacher_loss_and_raises_codebook_usage(photos, tmp_path):
     """`beit3-vqkd train` on the shipped tiny recipe: 120 steps of 32."""
     out = tmp_path / "run"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from beit3.engine.workers import init_worker, shut_down_at_exit, workers_starting
+from beit3.engine.workers import Workers, init_worker
 from beit3.finetune.data.augment import MixupSettings, TrainTransform, draw_seed, seeded, to_pil
 from beit3.finetune.data.sources import LazyImages, Split
 from beit3.finetune.errors import BatchError
@@ -205,7 +205,7 @@ class BatchLoader:
         self.epoch, self.position = 0, 0
         self._batches: _RankBatches | None = None
         self._workers: torch.utils.data.DataLoader | None = None
-        self._active = None  # the workers' iterator of the current iteration
+        self._active = None  # the workers (beit3.engine.workers.Workers) of the current iteration
         if len(self) == 0:
             raise BatchError(
                 f"{len(self.examples)} examples cannot fill one batch of {batch_size} on each of "
@@ -237,9 +237,7 @@ class BatchLoader:
                 )
             if not self.persistent_workers:
                 self.close()  # the workers of an iteration abandoned before its end
-            with workers_starting():  # persistent workers: forked by the first iteration only
-                self._active = iter(self._workers)
-            shut_down_at_exit(self)
+            self._active = Workers(self._workers)  # persistent workers: forked by the first iteration only
             active = self._active
             try:
                 for batch in active:
@@ -260,9 +258,8 @@ class BatchLoader:
         iterator, and before the interpreter exits (beit3.engine.workers). A later iteration starts new
         ones."""
         active, self._active = self._active, None
-        shutdown = getattr(active, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        if active is not None:
+            active.close()
         if self.persistent_workers:
             # torch keeps a persistent iterator inside its DataLoader and would reset that one (waiting on
             # workers that are gone) at the next iteration: a new DataLoader forks new workers instead.

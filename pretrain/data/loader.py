@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from beit3.engine.workers import init_worker, shut_down_at_exit, workers_starting
+from beit3.engine.workers import Workers, init_worker
 from beit3.pretrain.data.config import (
     STREAMS,
     DataConfigError,
@@ -260,9 +260,7 @@ class PretrainLoader:
                 # RNG, which this (lazy) iterator would otherwise consume after a resume's RNG restore.
                 generator=torch.Generator().manual_seed(mix(self.seed, self.rank, self.batches) % 2**63),
             )
-            with workers_starting():  # no worker can die of a stop signal before it ignores them
-                source = iter(loader)
-            shut_down_at_exit(self)
+            source = Workers(loader)
         try:
             for batch in source:
                 state = batch.pop("_producer_state")
@@ -270,10 +268,8 @@ class PretrainLoader:
                 self.batches += 1
                 yield batch
         finally:
-            # Stop the workers now, not whenever the garbage collector reaches the iterator.
-            shutdown = getattr(source, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            if isinstance(source, Workers):  # stopped now, not whenever the garbage collector reaches them
+                source.close()
 
     def close(self) -> None:
         """Stop the worker processes of the current iteration (if any)."""
