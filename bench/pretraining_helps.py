@@ -28,6 +28,9 @@ Issue 16 item 5. One program, five stages (each skipped when its output exists, 
    ``--seeds`` seeds each (``train.seed`` and ``data.seed``: the new head's init and the data order; a start
    with no new head, as captioning from the checkpoint, differs between seeds only by the order), the same
    steps, batch and recipe for both starts (the preset's ``ft_task_steps`` / ``ft_task_sets`` per task).
+   One task of this file beside them (``EXTRA_TASKS``): ``easy_vqa_captioning``, the captioning recipe on
+   easy-VQA *test* images captioned as the pretraining pairs are, 400 to finetune on and the rest to
+   evaluate (:func:`easy_vqa_caption_index`): captions whose words the image gives, on images never seen.
 5. **contrastive stage**: ``finetune/recipes/itc_small.toml`` on the training pair shards from both starts;
    zero-shot retrieval (R@1/5/10 both ways) on the held-out pairs.
 
@@ -145,6 +148,12 @@ ITC_METRICS = (
 CURVE_TAGS = ("eval/acc/vl_mlm", "eval/acc/vl_mlm_shuffled_image", "eval/acc/vl_mlm_no_image",
               "eval/image_use", "eval/acc/mlm", "eval/acc/mim")  # fmt: skip
 SHAPE_WORDS = ("circle", "rectangle", "triangle")
+# Tasks of this benchmark beside finetune_small's: name -> the recipe it runs (its data: this file's index).
+# easy_vqa_captioning: captioning on held-out easy-VQA images, 400 of them to finetune on
+# (easy_vqa_caption_index), where what the caption says is what pretraining taught about the image.
+EXTRA_TASKS = {"easy_vqa_captioning": "stamps_captioning_small"}
+EASY_VQA_CAPTION_TRAIN = 400
+TASK_METRICS = {**finetune_small.TASKS, "easy_vqa_captioning": ("eval/bleu4", "eval/cider")}
 CAPTION_TEMPLATES = ("a {c} {s}.", "a {s} in {c}.", "there is a {c} {s}.", "a picture of a {c} {s}.")
 
 
@@ -152,18 +161,48 @@ CAPTION_TEMPLATES = ("a {c} {s}.", "a {s} in {c}.", "there is a {c} {s}.", "a pi
 def easy_vqa_pairs(limit: int) -> list[tuple[str, str]]:
     """(image path, caption) of easy-VQA *train* images, the caption built from the image's own answers to
     "what shape" / "what color" questions: a word only the image tells."""
+    paths, colour, shape = easy_vqa_answers("train")
+    ids = sorted(shape)[: limit or None]
+    return [(paths[i], CAPTION_TEMPLATES[i % 4].format(c=colour[i], s=shape[i])) for i in ids]
+
+
+def easy_vqa_answers(split: str) -> tuple[list[str], dict[int, str], dict[int, str]]:
+    """easy-VQA's image paths of ``split`` ("train" / "test") and, by image id, the colour and shape its
+    questions' answers give (the images with both)."""
     import easy_vqa
 
-    texts, answers, image_ids = easy_vqa.get_train_questions()
+    questions = easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
     shape, colour = {}, {}
-    for question, answer, image in zip(texts, answers, image_ids):
+    for question, answer, image in zip(*questions):
         if answer in SHAPE_WORDS:
             shape[image] = answer
         elif answer not in ("yes", "no") and "color" in question:
             colour[image] = answer
-    paths = easy_vqa.get_train_image_paths()
-    ids = sorted(i for i in shape if i in colour)[: limit or None]
-    return [(paths[i], CAPTION_TEMPLATES[i % 4].format(c=colour[i], s=shape[i])) for i in ids]
+    paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
+    both = set(shape) & set(colour)
+    return paths, {i: colour[i] for i in both}, {i: shape[i] for i in both}
+
+
+def easy_vqa_caption_index(root: Path, train_images: int = EASY_VQA_CAPTION_TRAIN) -> list[str]:
+    """The ``easy_vqa_captioning`` task: easy-VQA *test* images (never in pretraining) captioned as the
+    pretraining pairs are. The first ``train_images`` (by id) are the finetuning split, one caption each
+    (the template of its id); the rest the evaluation split, every template a reference (one row each,
+    grouped by ``image_id``). Written as a released-format index (``train.jsonl`` / ``eval.jsonl``); returns
+    the ``--set`` overrides that point a captioning recipe at it."""
+    paths, colour, shape = easy_vqa_answers("test")
+    ids = sorted(shape)
+    root.mkdir(parents=True, exist_ok=True)
+
+    def row(i: int, template: str) -> str:
+        text = template.format(c=colour[i], s=shape[i])
+        return json.dumps({"image_path": str(paths[i]), "text": text, "image_id": i})
+
+    train = [row(i, CAPTION_TEMPLATES[i % 4]) for i in ids[:train_images]]
+    held = [row(i, t) for i in ids[train_images:] for t in CAPTION_TEMPLATES]
+    (root / "train.jsonl").write_text("\n".join(train) + "\n")
+    (root / "eval.jsonl").write_text("\n".join(held) + "\n")
+    return ["data.source=jsonl", f"data.train={root / 'train.jsonl'}", f"data.eval={root / 'eval.jsonl'}",
+            f"data.root={root}", "data.max_train=0", "data.max_eval=0", "data.num_workers=0"]  # fmt: skip
 
 
 def stamp_pairs(limit: int) -> tuple[list[tuple[str, str]], int]:
@@ -524,19 +563,24 @@ def finetune(work: Path, preset: dict, args, spm: Path, ckpt: Path, shapes: dict
                 if cached is not None and cached.get("settings") == settings:
                     continue  # a run of an earlier invocation with the same settings
                 if data_sets is None:
-                    data_sets = finetune_small.export_index(task, index_args)
-                run_args = harness_args(
-                    work / f"finetune/seed{seed}", steps, args.batch, args.threads, sets, ckpt
-                )
+                    data_sets = (
+                        easy_vqa_caption_index(index_args.work / "index" / task)
+                        if task in EXTRA_TASKS
+                        else finetune_small.export_index(task, index_args)
+                    )
+                # an extra task runs a finetune_small recipe: in a folder of its own
+                folder = work / f"finetune/seed{seed}" / (task if task in EXTRA_TASKS else "")
+                run_args = harness_args(folder, steps, args.batch, args.threads, sets, ckpt)
                 run_args.work.mkdir(parents=True, exist_ok=True)
+                recipe = EXTRA_TASKS.get(task, task)
                 r = {
-                    **finetune_small.run_one(task, start, run_args, spm, shapes, data_sets),
+                    **finetune_small.run_one(recipe, start, run_args, spm, shapes, data_sets),
                     "settings": settings,
                 }
                 results.setdefault(task, {}).setdefault(start, {})[str(seed)] = r
                 print(
                     f"{task:26s} {start:10s} seed {seed}: "
-                    + ", ".join(f"{k}={r[k]:.3f}" for k in finetune_small.TASKS[task] if k in r)
+                    + ", ".join(f"{k}={r[k]:.3f}" for k in TASK_METRICS[task] if k in r)
                     + (f" {r['error']}" if "error" in r else ""),
                     flush=True,
                 )
@@ -669,7 +713,7 @@ def tables(report: dict) -> str:
 def primary_metric(task: str) -> str:
     """The metric a task is judged by: finetune_small's first, CIDEr-D for captioning (BLEU-4 is 0 on 2-4
     word Tux Paint captions, bench/results/finetune_small_notes.md)."""
-    return "eval/cider" if task == "stamps_captioning_small" else finetune_small.TASKS[task][0]
+    return "eval/cider" if "eval/cider" in TASK_METRICS[task] else TASK_METRICS[task][0]
 
 
 def what_it_shows(report: dict) -> str:
@@ -722,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=None, help="results .md (a .json beside it)")
     p.add_argument("--seeds", default="0,1", help="comma-separated finetuning seeds (at least two)")
-    p.add_argument("--tasks", default=",".join(finetune_small.TASKS), help="finetuning recipes")
+    p.add_argument("--tasks", default=",".join(TASK_METRICS), help="finetuning tasks")
     p.add_argument("--batch", type=int, default=32, help="finetuning micro-batch (one process)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--notes", type=Path, default=None, help="Markdown appended to the results (analysis)")
@@ -779,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
         (task, metric, summarize(ft[task], metric))
         for task in args.tasks
         if task in ft
-        for metric in finetune_small.TASKS[task]
+        for metric in TASK_METRICS[task]
     ]
     report = {
         "preset": name,
