@@ -220,21 +220,26 @@ def clean_env(**extra: str) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
+def launcher(nproc: int = 2) -> list[str]:
+    """``python -m torch.distributed.run --nproc_per_node N --master_port <a free port>``: the start of a
+    multi-rank test command (the program and its arguments follow)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port())]  # fmt: skip
+
+
 def torchrun(
     specs: list[dict], results: Path, nproc: int = 2, script: str = __file__, timeout: int = 240
 ) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node N script --runs <specs> --results <results>``; ``script``: this file."""
     Path(results).mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), script, "--runs", json.dumps(specs), "--results", str(results)]  # fmt: skip
+    cmd = [*launcher(nproc), script, "--runs", json.dumps(specs), "--results", str(results)]
     return subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def finetune_on_two_ranks(recipe: Path, run: Path, ds_config: str, micro_batch: int = 2, timeout: int = 300):
     """``torchrun --nproc_per_node 2 -m beit3.finetune.train`` (gloo) of ``recipe`` into ``run`` under
     ``ds_configs/<ds_config>``; fails the test with the launcher's stderr when it does not exit 0."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "beit3.finetune.train", "--config", str(recipe), "--ds-config",
+    cmd = [*launcher(2), "-m", "beit3.finetune.train", "--config", str(recipe), "--ds-config",
            str(REPO / "ds_configs" / ds_config), "--output-dir", str(run),
            "--ds-set", f"train_micro_batch_size_per_gpu={micro_batch}"]  # fmt: skip
     done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import clean_env, free_port, tensorboard_run
+from engine_helpers import clean_env, launcher, tensorboard_run
 from PIL import Image
 from tiny_data import shapes_recipe, shapes_spm
 
@@ -268,8 +268,7 @@ def two_rank_runs(assets) -> dict:
     runs = [_run_args(recipe, root / "accumulated", 2, 2, "--set", "train.save_every=10"),
             _run_args(recipe, root / "one_batch", 4, 1, "--set", "train.eval_every=0"),
             _run_args(recipe, root / "resumed", 2, 2, "--resume", step10)]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), __file__, json.dumps(runs)]  # fmt: skip
+    cmd = [*launcher(2), __file__, json.dumps(runs)]
     env = {**clean_env(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]

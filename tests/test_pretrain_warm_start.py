@@ -11,12 +11,11 @@ fresh initialisation is ~100 lr away. A rerun that resumes is checked in-process
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import clean_env, free_port, tensorboard_scalars
+from engine_helpers import clean_env, launcher, tensorboard_scalars
 from tiny_data import set_args, tiny_pretrain_settings, write_pretrain_data
 
 from beit3.engine.checkpoint import tag_for_step
@@ -79,8 +78,7 @@ def warm_run(tmp_path_factory, assets) -> dict:
     source = root / "continued_from.pth"
     weights = checkpoint_of(source)
     out, export = root / "run", root / "export" / "model.pth"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "beit3.pretrain.train"]  # fmt: skip
+    cmd = [*launcher(2), "-m", "beit3.pretrain.train"]
     cmd += pretrain_args(assets, out, WARMUP, source)
     proc = subprocess.run(cmd, env=clean_env(PYTHONWARNINGS="ignore"), capture_output=True, text=True,
                           timeout=240)  # fmt: skip
