@@ -99,13 +99,21 @@ def export_index(recipe: str, args) -> list[str]:
     if rec.task.name == "vqa":
         lines = (json.dumps({"answer": a, "label": i}) for i, a in enumerate(data.classes))
         (root / "answer2label.txt").write_text("\n".join(lines) + "\n")
-    index = [f"data.train={root / 'train.jsonl'}", f"data.eval={root / 'eval.jsonl'}", f"data.root={root}"]
+    return index_sets(root, args.workers)
+
+
+def index_sets(root: Path, workers: int) -> list[str]:
+    """The ``--set`` overrides that point a recipe at the released-format index in ``root``
+    (``train.jsonl`` / ``eval.jsonl``; image paths relative to it or absolute), uncapped, with ``workers``
+    loader workers."""
     return [
         "data.source=jsonl",
-        *index,
+        f"data.train={root / 'train.jsonl'}",
+        f"data.eval={root / 'eval.jsonl'}",
+        f"data.root={root}",
         "data.max_train=0",
         "data.max_eval=0",
-        f"data.num_workers={args.workers}",
+        f"data.num_workers={workers}",
     ]
 
 

@@ -201,8 +201,7 @@ def easy_vqa_caption_index(root: Path, train_images: int = EASY_VQA_CAPTION_TRAI
     held = [row(i, t) for i in ids[train_images:] for t in CAPTION_TEMPLATES]
     (root / "train.jsonl").write_text("\n".join(train) + "\n")
     (root / "eval.jsonl").write_text("\n".join(held) + "\n")
-    return ["data.source=jsonl", f"data.train={root / 'train.jsonl'}", f"data.eval={root / 'eval.jsonl'}",
-            f"data.root={root}", "data.max_train=0", "data.max_eval=0", "data.num_workers=0"]  # fmt: skip
+    return finetune_small.index_sets(root, workers=0)
 
 
 def stamp_pairs(limit: int) -> tuple[list[tuple[str, str]], int]:
@@ -669,7 +668,7 @@ def tables(report: dict) -> str:
         )
     stages = [(f"the {name} stage", curve) for name, curve in report["pretraining"]["stage_curves"].items()]
     for title, curve in [*stages, ("the mixed pretraining", report["pretraining"]["curve"])]:
-        steps = sorted({int(s) for k in CURVE_TAGS for s in curve.get(k, {})})
+        steps = sorted({s for k in CURVE_TAGS for s in curve.get(k, {})})  # pretraining_curve: int steps
         if not steps:
             continue
         lines += [
@@ -681,9 +680,7 @@ def tables(report: dict) -> str:
             "|---|" + "---|" * len(CURVE_TAGS),
         ]
         for step in steps:
-            cells = [
-                curve.get(k, {}).get(step, curve.get(k, {}).get(str(step), math.nan)) for k in CURVE_TAGS
-            ]
+            cells = [curve.get(k, {}).get(step, math.nan) for k in CURVE_TAGS]
             lines.append(f"| {step} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     seeds = len(next(iter(report["finetune"].values()), {}).get("scratch", {})) if report["finetune"] else 0
     lines += [

@@ -249,7 +249,7 @@ class OnlineCrops:
             batch_size=self.batch_size,
             sampler=EndlessShuffle(len(self.dataset), self.seed, self.position),
             num_workers=self.num_workers,
-            worker_init_fn=init_worker if self.num_workers else None,
+            worker_init_fn=init_worker,
         )
         workers = Workers(loader)
         try:
