@@ -25,6 +25,7 @@ from beit3.engine.trainer_config import TrainSettings, read_recipe
 from beit3.finetune.data.pair_stream import recipe_checks as pair_stream_checks
 from beit3.finetune.dense.backbone import BackboneSettings
 from beit3.finetune.tasks import get_task, task_names
+from beit3.finetune.tasks.base import POOLINGS
 from beit3.finetune.tasks.detection import DetectionSection
 
 MIXUP_MODES = ("batch", "pair", "elem")
@@ -45,6 +46,10 @@ class TaskSection:
     num_classes: int = bounded(0, "[0, inf)")
     label_smoothing: float = bounded(0.0, "[0, 1)")
     prompt: str = "a picture of {}."  # prompt_classification: class-name template
+    # What a pooled head reads (the tasks whose spec says pooling: vqa, retrieval, contrastive,
+    # text_classification): "cls", the first token's output, as released; "mean", the mean of the output
+    # tokens, padding left out (docs/finetune.md, "Pooling").
+    pooling: str = "cls"
 
 
 @dataclass
@@ -196,7 +201,13 @@ def augmentation_checks(recipe: FinetuneRecipe) -> list[tuple[bool, str]]:
     mixing = ", ".join(name for name in task_names() if get_task(name).mixup)
     in_transform = [k for k in ("randaug", "color_jitter", "reprob") if getattr(d, k)]
     image_keys = [k for k in ("crop_scale", "crop_pct", *in_transform, "mixup", "cutmix") if getattr(d, k)]
+    pooling = recipe.task.pooling
+    pooled = ", ".join(name for name in task_names() if get_task(name).pooling)
     return [
+        (pooling in POOLINGS, f"task.pooling must be one of {POOLINGS}, got {pooling!r}"),
+        (pooling == "cls" or spec.pooling,
+         f"task.pooling applies to the tasks with a pooled head read from the first token ({pooled}), "
+         f"not to {task!r} (leave it 'cls')"),
         (not image_keys or spec.images,
          f"data.{', data.'.join(image_keys)}: task {task!r} has no images to augment (leave them 0)"),
         (not in_transform or d.crop_scale > 0 or spec.pair_stream,

@@ -197,3 +197,77 @@ def test_recipe_activation_checkpointing_reaches_the_backbone_and_keeps_the_grad
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_mean_pooling_averages_the_tokens_that_are_not_padding():
+    from beit3.finetune.tasks.base import fused_padding, pool_tokens
+
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(1))
+    pad = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    want = torch.stack([x[0, :3].mean(0), x[1].mean(0), x[2, :1].mean(0)])
+    torch.testing.assert_close(pool_tokens(x, "mean", pad), want)
+    torch.testing.assert_close(pool_tokens(x, "mean"), x.mean(1))
+    torch.testing.assert_close(pool_tokens(x, "cls", pad), x[:, 0])
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        pool_tokens(x, "max")
+    fused = fused_padding(pad[:, :2], 3)  # 3 vision tokens, then the text's 2
+    assert fused.tolist() == [[False] * 3 + row for row in pad[:, :2].tolist()]
+
+
+def _padded(extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TEXT / PAD with ``extra`` more padding positions (ids that would change a mean over them)."""
+    text = torch.cat([TEXT, torch.full((4, extra), 17)], dim=1)
+    pad = torch.cat([PAD, torch.ones(4, extra, dtype=torch.bool)], dim=1)
+    return text, pad
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_pooled_heads_read_the_pooling_asked_for_and_ignore_padding(pooling):
+    """Every head that reads task.pooling: its output is the head applied to pool_tokens of the encoder
+    output (computed here apart), and padding added to the texts changes nothing."""
+    from beit3.finetune.tasks.base import fused_padding, pool_tokens
+
+    torch.manual_seed(0)
+    vqa = VQA(_encoder("fusion", normalize_output=False), 6, pooling=pooling).eval()
+    text_cls = TextClassification(_encoder("language", normalize_output=False), 3, pooling=pooling).eval()
+    retrieval = Retrieval(_encoder("dual"), pooling=pooling).eval()
+    long_text, long_pad = _padded(5)
+    with torch.no_grad():
+        x = vqa.beit3(image=IMAGE, text=TEXT, text_padding_mask=PAD)
+        pooled = pool_tokens(x, pooling, fused_padding(PAD, vqa.cfg.num_vision_tokens))
+        want = vqa.head(torch.tanh(vqa.pooler.dense(vqa.pooler.norm(pooled))))
+        torch.testing.assert_close(vqa.logits(IMAGE, TEXT, PAD), want)
+        torch.testing.assert_close(vqa.logits(IMAGE, long_text, long_pad), want, atol=1e-5, rtol=1e-5)
+
+        x = text_cls.beit3(text=TEXT, text_padding_mask=PAD)
+        want = text_cls.head(text_cls.fc_norm(pool_tokens(x, pooling, PAD)))
+        torch.testing.assert_close(text_cls.logits(TEXT, PAD), want)
+        torch.testing.assert_close(text_cls.logits(long_text, long_pad), want, atol=1e-5, rtol=1e-5)
+
+        x = retrieval.beit3(text=TEXT, text_padding_mask=PAD)
+        want = torch.nn.functional.normalize(retrieval.language_head(pool_tokens(x, pooling, PAD)), dim=-1)
+        torch.testing.assert_close(retrieval.embed_texts(TEXT, PAD), want)
+        torch.testing.assert_close(retrieval.embed_texts(long_text, long_pad), want, atol=1e-5, rtol=1e-5)
+        image = retrieval.beit3(image=IMAGE)
+        want = torch.nn.functional.normalize(retrieval.vision_head(pool_tokens(image, pooling)), dim=-1)
+        torch.testing.assert_close(retrieval.embed_images(IMAGE), want)
+
+
+def test_the_recipe_pooling_reaches_the_built_heads():
+    """task.pooling through the recipe and the builder, for each kind of task that reads it."""
+    from beit3.finetune.builder import build_task
+    from beit3.finetune.recipe import load_recipe
+
+    cases = (
+        ("easy_vqa_small", "vqa"),
+        ("wordnet_small", "text_classification"),
+        ("stamps_retrieval_small", "retrieval"),
+        ("itc_small", "contrastive"),
+    )
+    for recipe_name, task_name in cases:
+        for pooling in ("cls", "mean"):
+            sets = [f"task.pooling={pooling}", f"model.name={NAME}", 'model.pretrained=""']
+            recipe = load_recipe(recipe_name, sets)
+            assert recipe.task.name == task_name
+            task, _ = build_task(recipe, classes=["a", "b", "c"])
+            assert getattr(task, "pooler", task).pooling == pooling, (recipe_name, pooling)

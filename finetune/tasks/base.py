@@ -25,6 +25,33 @@ class OptimSettings:
     head_lr_scale: float = 1.0
 
 
+POOLINGS = ("cls", "mean")  # task.pooling: what a pooled head reads of the encoder output
+
+
+def pool_tokens(x: torch.Tensor, pooling: str, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, D) of an encoder output ``x`` (B, N, D): ``"cls"``, token 0 (the vision CLS, or ``<s>`` on
+    text alone: the released heads); ``"mean"``, the mean over the tokens that are not padding
+    (``padding_mask`` (B, N), True at padding; None: every token). On a fused sequence the mask covers the
+    vision tokens too (:func:`fused_padding`)."""
+    if pooling == "cls":
+        return x[:, 0]
+    if pooling != "mean":
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if padding_mask is None:
+        return x.mean(dim=1)
+    keep = (~padding_mask.bool()).unsqueeze(-1).to(x.dtype)  # (B, N, 1)
+    return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
+
+
+def fused_padding(text_padding_mask: torch.Tensor | None, num_vision_tokens: int) -> torch.Tensor | None:
+    """The (B, Nv + T) padding mask of a fused sequence (vision tokens first, never padding)."""
+    if text_padding_mask is None:
+        return None
+    b = text_padding_mask.shape[0]
+    vision = text_padding_mask.new_zeros((b, num_vision_tokens), dtype=torch.bool)
+    return torch.cat([vision, text_padding_mask.bool()], dim=1)
+
+
 def init_head(module: nn.Module, scale: float = 1.0) -> None:
     """Truncated-normal(0.02) Linear weights, zero biases, unit LayerNorms; Linear weights then x ``scale``.
 

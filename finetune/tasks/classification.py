@@ -17,7 +17,7 @@ from torch import nn
 
 from beit3.engine.config_io import ConfigError
 from beit3.finetune.metrics import accuracy
-from beit3.finetune.tasks.base import FinetuneTask, OptimSettings, init_head
+from beit3.finetune.tasks.base import FinetuneTask, OptimSettings, init_head, pool_tokens
 from beit3.finetune.tasks.retrieval import Retrieval
 from beit3.finetune.tasks.spec import BuildInputs, TaskSpec, add_labels
 from beit3.model import BEiT3Model
@@ -89,20 +89,26 @@ class ImageClassification(_PooledClassifier):
 
 
 class TextClassification(_PooledClassifier):
-    """The ``<s>`` token's output (the language "CLS") -> ``fc_norm`` -> ``head``.
+    """The ``<s>`` token's output (the language "CLS"; ``pooling="mean"``: the mean of the text tokens
+    without padding) -> ``fc_norm`` -> ``head``.
 
     Build the encoder with ``configuration="language", normalize_output=False``.
     """
 
     configuration = "language"
 
+    def __init__(self, encoder: BEiT3Model, num_classes: int, label_smoothing: float = 0.0,
+                 optim: OptimSettings | None = None, pooling: str = "cls") -> None:  # fmt: skip
+        super().__init__(encoder, num_classes, label_smoothing, optim)
+        self.pooling = pooling
+
     def logits(self, text: torch.Tensor, text_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, num_classes) class scores."""
         return self.head(self.fc_norm(self.features({"text": text, "text_padding_mask": text_padding_mask})))
 
     def features(self, batch: dict) -> torch.Tensor:
-        x = self.beit3(text=batch["text"], text_padding_mask=batch.get("text_padding_mask"))  # (B, T, D)
-        return x[:, 0]
+        pad = batch.get("text_padding_mask")
+        return pool_tokens(self.beit3(text=batch["text"], text_padding_mask=pad), self.pooling, pad)
 
 
 class PromptClassification(nn.Module):
@@ -165,7 +171,8 @@ def _build_image(b: BuildInputs) -> ImageClassification:
 
 
 def _build_text(b: BuildInputs) -> TextClassification:
-    return TextClassification(b.encoder, b.num_classes, b.recipe.task.label_smoothing, b.optim)
+    task = b.recipe.task
+    return TextClassification(b.encoder, b.num_classes, task.label_smoothing, b.optim, task.pooling)
 
 
 def _build_prompt(b: BuildInputs) -> PromptClassification:
@@ -231,5 +238,6 @@ TEXT_CLASSIFICATION = TaskSpec(
     evaluate=_evaluate_text,
     collate=add_labels,
     images=False,
+    pooling=True,
     eval_items="texts",
 )

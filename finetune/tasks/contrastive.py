@@ -73,8 +73,8 @@ class _StepCache:
 class Contrastive(Retrieval):
     """The retrieval dual encoder trained with negatives from the global batch (gradient caching above)."""
 
-    def __init__(self, encoder: BEiT3Model, optim: OptimSettings | None = None) -> None:
-        super().__init__(encoder, optim)
+    def __init__(self, encoder: BEiT3Model, optim: OptimSettings | None = None, pooling: str = "cls") -> None:
+        super().__init__(encoder, optim, pooling)
         self._cache: _StepCache | None = None  # the current step's, between its micro-batches
 
     def prepare_batch(self, batch: dict, device: torch.device | str) -> dict:
@@ -162,7 +162,7 @@ def _negatives(local_rows: int) -> int:
 
 # ----- the task definition --------------------------------------------------------------------------------
 def _build(b: BuildInputs) -> Contrastive:
-    return Contrastive(b.encoder, b.optim)
+    return Contrastive(b.encoder, b.optim, b.recipe.task.pooling)
 
 
 SPEC = TaskSpec(
@@ -173,4 +173,5 @@ SPEC = TaskSpec(
     selection=RETRIEVAL.selection,  # zero-shot retrieval on the held-out pairs: eval/average
     evaluate=RETRIEVAL.evaluate,
     pair_stream=True,
+    pooling=True,
 )

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from beit3.finetune.outputs import retrieval_report
-from beit3.finetune.tasks.base import FinetuneTask, OptimSettings, init_head
+from beit3.finetune.tasks.base import FinetuneTask, OptimSettings, init_head, pool_tokens
 from beit3.finetune.tasks.spec import BuildInputs, TaskSpec
 from beit3.model import BEiT3Model
 from beit3.model.flops import Pass, linear_flops
@@ -63,14 +63,16 @@ class Retrieval(FinetuneTask):
     Heads are bias-free Linear(D, D); ``logit_scale`` starts at log(1/0.07) and is not clamped, as released.
     It has shape (1,) where the release stores a 0-d tensor: DeepSpeed cannot broadcast 0-d parameters.
     Loading accepts either shape (:func:`beit3.finetune.reload.fit_logit_scale`).
-    Build the encoder with ``configuration="dual"`` (final LayerNorm kept).
+    Build the encoder with ``configuration="dual"`` (final LayerNorm kept). ``pooling="mean"``: each head
+    reads the mean of its side's tokens (padding left out) instead of the first token (:func:`pool_tokens`).
     """
 
     configuration = "dual"
     head_prefixes = ("vision_head", "language_head", "logit_scale")
 
-    def __init__(self, encoder: BEiT3Model, optim: OptimSettings | None = None) -> None:
+    def __init__(self, encoder: BEiT3Model, optim: OptimSettings | None = None, pooling: str = "cls") -> None:
         super().__init__(encoder, optim)
+        self.pooling = pooling
         d = self.cfg.embed_dim
         self.vision_head = nn.Linear(d, d, bias=False)
         self.language_head = nn.Linear(d, d, bias=False)
@@ -81,12 +83,12 @@ class Retrieval(FinetuneTask):
     def embed_images(self, image: torch.Tensor) -> torch.Tensor:
         """(B, D) unit-norm image embeddings (a vision-only pass)."""
         x = self.beit3(image=image)
-        return F.normalize(self.vision_head(x[:, 0]), dim=-1)
+        return F.normalize(self.vision_head(pool_tokens(x, self.pooling)), dim=-1)
 
     def embed_texts(self, text: torch.Tensor, text_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, D) unit-norm text embeddings (a text-only pass)."""
         x = self.beit3(text=text, text_padding_mask=text_padding_mask)
-        return F.normalize(self.language_head(x[:, 0]), dim=-1)
+        return F.normalize(self.language_head(pool_tokens(x, self.pooling, text_padding_mask)), dim=-1)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         if "prompt_text" in batch:  # classification over class-name prompts (PromptClassification)
@@ -122,7 +124,7 @@ class Retrieval(FinetuneTask):
 
 # ----- the task definition --------------------------------------------------------------------------------
 def _build(b: BuildInputs) -> Retrieval:
-    return Retrieval(b.encoder, b.optim)
+    return Retrieval(b.encoder, b.optim, b.recipe.task.pooling)
 
 
 def _evaluate(ev) -> dict[str, float]:
@@ -144,4 +146,5 @@ SPEC = TaskSpec(
     selection=("eval/average", "max"),
     evaluate=_evaluate,
     predict=_predict,
+    pooling=True,
 )

@@ -73,6 +73,7 @@ class TaskSpec:
     texts_in_batch: bool = True  # batches carry the examples' texts (``text``, ``text_padding_mask``)
     needs_tokenizer: bool = True  # the recipe must name data.tokenizer
     mixup: bool = False  # Mixup/CutMix allowed (images with class labels)
+    pooling: bool = False  # its heads read task.pooling ("cls" or "mean"; base.pool_tokens)
     sections: tuple[str, ...] = ()  # task-specific recipe tables the task reads (e.g. "captioning")
     batch_step: bool = False  # training batches carry ``step``, the optimizer step they are trained in
     answer_vocabulary: bool = False  # class names from the index's answer2label.txt (VQA)

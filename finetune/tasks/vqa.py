@@ -14,22 +14,24 @@ from torch import nn
 
 from beit3.finetune.metrics import accuracy, vqa_score
 from beit3.finetune.outputs import vqa_submission
-from beit3.finetune.tasks.base import FinetuneTask, OptimSettings, init_head
+from beit3.finetune.tasks.base import FinetuneTask, OptimSettings, fused_padding, init_head, pool_tokens
 from beit3.finetune.tasks.spec import BuildInputs, TaskSpec, add_labels
 from beit3.model import BEiT3Model
 from beit3.model.flops import Pass
 
 
 class Pooler(nn.Module):
-    """Token 0 (the vision CLS) -> LayerNorm -> Linear -> tanh; keys ``norm``, ``dense`` as released."""
+    """Token 0 (the vision CLS; ``pooling="mean"``: the mean of the tokens, :func:`pool_tokens`) ->
+    LayerNorm -> Linear -> tanh; keys ``norm``, ``dense`` as released."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, pooling: str = "cls") -> None:
         super().__init__()
+        self.pooling = pooling
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.dense = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(self.norm(x[:, 0])))
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.tanh(self.dense(self.norm(pool_tokens(x, self.pooling, padding_mask))))
 
 
 class VQA(FinetuneTask):
@@ -38,17 +40,23 @@ class VQA(FinetuneTask):
     Head ``head`` = Linear(D, 2D) -> LayerNorm -> GELU -> Linear(2D, num_answers) (keys ``head.0/1/3``).
     The loss is binary cross-entropy averaged over answers and multiplied by the number of answers, i.e.
     summed over answers and averaged over the batch, as released. Build the encoder with
-    ``configuration="fusion", normalize_output=False``.
+    ``configuration="fusion", normalize_output=False``. ``pooling``: what the pooler reads (:class:`Pooler`).
     """
 
     configuration = "fusion"
     head_prefixes = ("head", "pooler")
 
-    def __init__(self, encoder: BEiT3Model, num_answers: int, optim: OptimSettings | None = None) -> None:
+    def __init__(
+        self,
+        encoder: BEiT3Model,
+        num_answers: int,
+        optim: OptimSettings | None = None,
+        pooling: str = "cls",
+    ) -> None:
         super().__init__(encoder, optim)
         d, eps = self.cfg.embed_dim, self.cfg.layernorm_eps
         self.num_answers = num_answers
-        self.pooler = Pooler(d, eps)
+        self.pooler = Pooler(d, eps, pooling)
         self.head = nn.Sequential(
             nn.Linear(d, 2 * d), nn.LayerNorm(2 * d, eps=eps), nn.GELU(), nn.Linear(2 * d, num_answers)
         )
@@ -60,7 +68,7 @@ class VQA(FinetuneTask):
     ) -> torch.Tensor:
         """(B, num_answers) answer scores."""
         x = self.beit3(image=image, text=text, text_padding_mask=text_padding_mask)
-        return self.head(self.pooler(x))
+        return self.head(self.pooler(x, fused_padding(text_padding_mask, self.cfg.num_vision_tokens)))
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         logits = self.logits(batch["image"], batch["text"], batch.get("text_padding_mask"))
@@ -168,7 +176,7 @@ def _evaluate_nlvr2(ev) -> dict[str, float]:
 
 
 def _build_vqa(b: BuildInputs) -> VQA:
-    return VQA(b.encoder, b.num_classes, b.optim)
+    return VQA(b.encoder, b.num_classes, b.optim, b.recipe.task.pooling)
 
 
 def _build_nlvr2(b: BuildInputs) -> NLVR2:
@@ -185,6 +193,7 @@ VQA_SPEC = TaskSpec(
     predict=_predict_vqa,
     collate=add_scores,
     answer_vocabulary=True,
+    pooling=True,
     shapes_layout="questions",
     eval_items="questions",
 )
