@@ -92,12 +92,16 @@ PRESETS = {
         # where 0.75 held a pretrained start back (bench/results/finetune_small_notes.md's ablation). The
         # same settings for both starts.
         ft_task_steps={"easy_vqa_small": 450},
+        # The heads that read one token read the mean of the tokens (task.pooling): no pretraining loss
+        # trains the first token's output (docs/finetune.md, "Pooling"; the write-up has the "cls" runs).
         ft_task_sets={
-            "wordnet_small": ("param_groups.layer_decay=1.0",),
-            "stamps_retrieval_small": ("param_groups.layer_decay=1.0",),
+            "wordnet_small": ("param_groups.layer_decay=1.0", "task.pooling=mean"),
+            "easy_vqa_small": ("task.pooling=mean",),
+            "stamps_retrieval_small": ("param_groups.layer_decay=1.0", "task.pooling=mean"),
         },
         ft_caps=(),
         itc_steps=60,
+        itc_sets=("task.pooling=mean",),
     ),
     "reduced": dict(
         emoji=1000,
@@ -183,11 +187,24 @@ def easy_vqa_answers(split: str) -> tuple[list[str], dict[int, str], dict[int, s
     return paths, {i: colour[i] for i in both}, {i: shape[i] for i in both}
 
 
-def easy_vqa_caption_index(root: Path, train_images: int = EASY_VQA_CAPTION_TRAIN) -> list[str]:
+def caption_caps(preset: dict) -> tuple[int, int]:
+    """(training images, evaluation images; 0: all) of the easy_vqa_captioning index under the preset's
+    ``data.max_train`` / ``data.max_eval`` caps (the caps finetune_small's exported indexes are written
+    with; this index is written here, so they apply to it here)."""
+    caps = dict(item.split("=", 1) for item in preset["ft_caps"])
+    train = int(caps.get("data.max_train", 0))
+    return min(train, EASY_VQA_CAPTION_TRAIN) if train else EASY_VQA_CAPTION_TRAIN, int(
+        caps.get("data.max_eval", 0)
+    )
+
+
+def easy_vqa_caption_index(
+    root: Path, train_images: int = EASY_VQA_CAPTION_TRAIN, eval_images: int = 0
+) -> list[str]:
     """The ``easy_vqa_captioning`` task: easy-VQA *test* images (never in pretraining) captioned as the
     pretraining pairs are. The first ``train_images`` (by id) are the finetuning split, one caption each
-    (the template of its id); the rest the evaluation split, every template a reference (one row each,
-    grouped by ``image_id``). Written as a released-format index (``train.jsonl`` / ``eval.jsonl``); returns
+    (the template of its id); the rest (the first ``eval_images`` of them; 0: all) the evaluation split,
+    every template a reference (one row each, grouped by ``image_id``). Written as a released-format index (``train.jsonl`` / ``eval.jsonl``); returns
     the ``--set`` overrides that point a captioning recipe at it."""
     paths, colour, shape = easy_vqa_answers("test")
     ids = sorted(shape)
@@ -198,7 +215,7 @@ def easy_vqa_caption_index(root: Path, train_images: int = EASY_VQA_CAPTION_TRAI
         return json.dumps({"image_path": str(paths[i]), "text": text, "image_id": i})
 
     train = [row(i, CAPTION_TEMPLATES[i % 4]) for i in ids[:train_images]]
-    held = [row(i, t) for i in ids[train_images:] for t in CAPTION_TEMPLATES]
+    held = [row(i, t) for i in ids[train_images:][: eval_images or None] for t in CAPTION_TEMPLATES]
     (root / "train.jsonl").write_text("\n".join(train) + "\n")
     (root / "eval.jsonl").write_text("\n".join(held) + "\n")
     return finetune_small.index_sets(root, workers=0)
@@ -563,7 +580,7 @@ def finetune(work: Path, preset: dict, args, spm: Path, ckpt: Path, shapes: dict
                     continue  # a run of an earlier invocation with the same settings
                 if data_sets is None:
                     data_sets = (
-                        easy_vqa_caption_index(index_args.work / "index" / task)
+                        easy_vqa_caption_index(index_args.work / "index" / task, *caption_caps(preset))
                         if task in EXTRA_TASKS
                         else finetune_small.export_index(task, index_args)
                     )
@@ -595,22 +612,23 @@ def contrastive(work: Path, preset: dict, args, spm: Path, ckpt: Path, shapes: d
         results = json.loads(cache.read_text())
     pairs, held = f"data.train={work / 'data/pairs'}/*.tar", f"data.eval={work / 'data/heldout/pairs'}/*.tar"
     for seed in args.seeds:
+        sets = [*preset.get("itc_sets", ()), f"train.seed={seed}", f"data.seed={seed}", "train.eval_every=0"]
+        settings = {"steps": preset["itc_steps"], "sets": sets}
         for start in STARTS:
-            if str(seed) in results.get(start, {}):
-                continue
+            cached = results.get(start, {}).get(str(seed))
+            if cached is not None and cached.get("settings") == settings:
+                continue  # a run of an earlier invocation with the same settings
             run_args = harness_args(
-                work / f"contrastive/seed{seed}",
-                preset["itc_steps"],
-                args.batch,
-                args.threads,
-                [f"train.seed={seed}", f"data.seed={seed}", "train.eval_every=0"],
-                ckpt,
+                work / f"contrastive/seed{seed}", preset["itc_steps"], args.batch, args.threads, sets, ckpt
             )
             run_args.work.mkdir(parents=True, exist_ok=True)
-            sets = [pairs, held, "data.num_workers=0"] + (
+            data_sets = [pairs, held, "data.num_workers=0"] + (
                 ['model.pretrained=""'] if start == "scratch" else []
             )
-            r = finetune_small.run_one("itc_small", start, run_args, spm, shapes, sets)
+            r = {
+                **finetune_small.run_one("itc_small", start, run_args, spm, shapes, data_sets),
+                "settings": settings,
+            }
             results.setdefault(start, {})[str(seed)] = r
             print(
                 f"itc_small {start:10s} seed {seed}: "
