@@ -117,9 +117,11 @@ def test_inference_helpers_reload_a_finished_run(tmp_path, spm, monkeypatch):
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     run = tmp_path / "run"
-    args = ["--config", _recipe(tmp_path, spm, "vqa", 2), "--ds-config", DS_CONFIG, "--output-dir", str(run)]
+    args = ["--config", _recipe(tmp_path, spm, "vqa", 2), "--ds-config", DS_CONFIG, "--output-dir", str(run),
+            "--set", "task.pooling=mean"]  # fmt: skip
     assert main(args) == 0
     task, tokenizer, answers = load_finetuned_task(run / "config.json")
+    assert task.pooler.pooling == "mean"  # the run's recipe, as recorded, rebuilds its heads
     images = make_shapes_split(2, 64, seed=5).images
     assert preprocess_images(list(images), 64).shape == (2, 3, 64, 64)
     got = answer_questions(task, tokenizer, list(images), ["what color is the shape?"] * 2, answers)
