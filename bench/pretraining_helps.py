@@ -204,8 +204,9 @@ def easy_vqa_caption_index(
     """The ``easy_vqa_captioning`` task: easy-VQA *test* images (never in pretraining) captioned as the
     pretraining pairs are. The first ``train_images`` (by id) are the finetuning split, one caption each
     (the template of its id); the rest (the first ``eval_images`` of them; 0: all) the evaluation split,
-    every template a reference (one row each, grouped by ``image_id``). Written as a released-format index (``train.jsonl`` / ``eval.jsonl``); returns
-    the ``--set`` overrides that point a captioning recipe at it."""
+    every template a reference (one row each, grouped by ``image_id``). Written as a released-format index
+    (``train.jsonl`` / ``eval.jsonl``); returns the ``--set`` overrides that point a captioning recipe at
+    it."""
     paths, colour, shape = easy_vqa_answers("test")
     ids = sorted(shape)
     root.mkdir(parents=True, exist_ok=True)
