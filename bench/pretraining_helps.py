@@ -192,10 +192,8 @@ def caption_caps(preset: dict) -> tuple[int, int]:
     ``data.max_train`` / ``data.max_eval`` caps (the caps finetune_small's exported indexes are written
     with; this index is written here, so they apply to it here)."""
     caps = dict(item.split("=", 1) for item in preset["ft_caps"])
-    train = int(caps.get("data.max_train", 0))
-    return min(train, EASY_VQA_CAPTION_TRAIN) if train else EASY_VQA_CAPTION_TRAIN, int(
-        caps.get("data.max_eval", 0)
-    )
+    train = int(caps.get("data.max_train", 0)) or EASY_VQA_CAPTION_TRAIN
+    return min(train, EASY_VQA_CAPTION_TRAIN), int(caps.get("data.max_eval", 0))
 
 
 def easy_vqa_caption_index(

@@ -181,8 +181,14 @@ def validate(recipe: FinetuneRecipe) -> None:
     t = recipe.task
     if t.name not in task_names():
         raise ConfigError(f"finetune recipe: task.name must be one of {task_names()}, got {t.name!r}")
+    spec = get_task(t.name)
+    pooled = ", ".join(name for name in task_names() if get_task(name).pooling)
     checks = [
-        (bool(recipe.data.tokenizer) or not get_task(t.name).needs_tokenizer,
+        (t.pooling in POOLINGS, f"task.pooling must be one of {POOLINGS}, got {t.pooling!r}"),
+        (t.pooling == "cls" or spec.pooling,
+         f"task.pooling applies to the tasks with a pooled head read from the first token ({pooled}), "
+         f"not to {t.name!r} (leave it 'cls')"),
+        (bool(recipe.data.tokenizer) or not spec.needs_tokenizer,
          "data.tokenizer must name a SentencePiece model file for tasks with text"),
         (recipe.data.source not in ("jsonl", "wds") or bool(recipe.data.train),
          f"data.train must name {'shard files' if recipe.data.source == 'wds' else 'a JSONL index file'} "
@@ -201,13 +207,7 @@ def augmentation_checks(recipe: FinetuneRecipe) -> list[tuple[bool, str]]:
     mixing = ", ".join(name for name in task_names() if get_task(name).mixup)
     in_transform = [k for k in ("randaug", "color_jitter", "reprob") if getattr(d, k)]
     image_keys = [k for k in ("crop_scale", "crop_pct", *in_transform, "mixup", "cutmix") if getattr(d, k)]
-    pooling = recipe.task.pooling
-    pooled = ", ".join(name for name in task_names() if get_task(name).pooling)
     return [
-        (pooling in POOLINGS, f"task.pooling must be one of {POOLINGS}, got {pooling!r}"),
-        (pooling == "cls" or spec.pooling,
-         f"task.pooling applies to the tasks with a pooled head read from the first token ({pooled}), "
-         f"not to {task!r} (leave it 'cls')"),
         (not image_keys or spec.images,
          f"data.{', data.'.join(image_keys)}: task {task!r} has no images to augment (leave them 0)"),
         (not in_transform or d.crop_scale > 0 or spec.pair_stream,
