@@ -35,10 +35,11 @@ Issue 16 item 5. One program, five stages (each skipped when its output exists, 
    zero-shot retrieval (R@1/5/10 both ways) on the held-out pairs.
 
 Then an image-use probe of the exported checkpoints on the held-out pairs, computed here with the model
-alone (masked caption tokens predicted with the true image, another pair's image, and no image), and the
-write-up: ``--out`` (.md and .json). Presets: ``full`` (the acceptance run: about 30 minutes of
-pretraining and 20 finetuning runs of ~90 s on 2 idle cores), ``reduced`` (a sixth of the pretraining,
-12 finetuning steps: fits a shared machine) and ``--quick`` (every stage at toy sizes: about 4 minutes of
+alone (masked caption tokens predicted with the true image, another pair's image, and no image; averaged
+over ``PROBE_DRAWS`` mask draws, with their spread), and the write-up: ``--out`` (.md and .json). Presets:
+``full`` (the acceptance run, about an hour on 2 idle cores: 24 minutes of pretraining, 36 finetuning
+runs of ~50 s, 6 contrastive runs), ``reduced`` (250 pretraining steps, 12 finetuning steps: fits a
+shared machine) and ``--quick`` (every stage at toy sizes: about 4 minutes of
 stages plus ~30 s start-up for each of the 24 finetuning runs). A stage whose output exists is skipped,
 so ``--tasks`` / ``--seeds`` can be extended later::
 
@@ -54,6 +55,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -152,6 +154,9 @@ ITC_METRICS = (
 CURVE_TAGS = ("eval/acc/vl_mlm", "eval/acc/vl_mlm_shuffled_image", "eval/acc/vl_mlm_no_image",
               "eval/image_use", "eval/acc/mlm", "eval/acc/mim")  # fmt: skip
 SHAPE_WORDS = ("circle", "rectangle", "triangle")
+# The image-use probe is averaged over this many mask draws (probe_draws; a preset's probe_draws overrides):
+# each draw masks other caption tokens and pairs each caption with another shuffled image.
+PROBE_DRAWS = 5
 # Tasks of this benchmark beside finetune_small's: name -> the recipe it runs (its data: this file's index).
 # easy_vqa_captioning: captioning on held-out easy-VQA images, 400 of them to finetune on
 # (easy_vqa_caption_index), where what the caption says is what pretraining taught about the image.
@@ -542,6 +547,18 @@ def image_use_probe(checkpoint: Path | None, spm: Path, shapes: dict, pairs, see
     return out
 
 
+def probe_draws(checkpoint: Path | None, spm: Path, shapes: dict, pairs, draws: int) -> dict:
+    """:func:`image_use_probe` over ``draws`` seeds (each its own masked positions, corruption and shuffled
+    partners; for random init also its own init): the mean of each figure, and ``image_use_sd`` (the sample
+    standard deviation of ``image_use`` over the draws) and ``image_use_draws``."""
+    runs = [image_use_probe(checkpoint, spm, shapes, pairs, seed) for seed in range(draws)]
+    out = {k: statistics.fmean(r[k] for r in runs) for k in ("true image", "shuffled image", "no image")}
+    out["image_use_draws"] = [r["image_use"] for r in runs]
+    out["image_use"], out["image_use_sd"] = mean_spread(out["image_use_draws"])
+    out["pairs"], out["masked_tokens"] = runs[0]["pairs"], sum(r["masked_tokens"] for r in runs)
+    return out
+
+
 # ----- 4.-5. finetuning and the contrastive stage --------------------------------------------------------
 def harness_args(work: Path, steps: int, batch: int, threads: int, sets: list[str], ckpt: Path):
     """The namespace finetune_small's ``export_index`` / ``run_one`` read."""
@@ -555,6 +572,19 @@ def harness_args(work: Path, steps: int, batch: int, threads: int, sets: list[st
         set=sets,
         pretrained=ckpt,
     )
+
+
+def cached_run(record: dict | None, settings: dict) -> bool:
+    """Whether an earlier invocation's record of a run stands: it ran with these settings and did not
+    fail (a failed run, or one with other settings, runs again)."""
+    return record is not None and record.get("settings") == settings and "error" not in record
+
+
+def clear_run(folder: Path, recipe: str, start: str) -> None:
+    """Remove what an earlier run of ``recipe`` from ``start`` left in ``folder`` (finetune_small.run_one's
+    output folder): the harness starts every run afresh (``--resume none``), which refuses a folder that
+    holds checkpoints, and the record it replaces is of other settings or of a failure."""
+    shutil.rmtree(folder / f"{recipe}_{start}", ignore_errors=True)
 
 
 def finetune(work: Path, preset: dict, args, spm: Path, ckpt: Path, shapes: dict) -> dict:
@@ -574,9 +604,8 @@ def finetune(work: Path, preset: dict, args, spm: Path, ckpt: Path, shapes: dict
             sets = [*preset.get("ft_task_sets", {}).get(task, ()), f"train.seed={seed}", f"data.seed={seed}"]
             settings = {"steps": steps, "sets": sets}
             for start in STARTS:
-                cached = results.get(task, {}).get(start, {}).get(str(seed))
-                if cached is not None and cached.get("settings") == settings:
-                    continue  # a run of an earlier invocation with the same settings
+                if cached_run(results.get(task, {}).get(start, {}).get(str(seed)), settings):
+                    continue
                 if data_sets is None:
                     data_sets = (
                         easy_vqa_caption_index(index_args.work / "index" / task, *caption_caps(preset))
@@ -588,6 +617,7 @@ def finetune(work: Path, preset: dict, args, spm: Path, ckpt: Path, shapes: dict
                 run_args = harness_args(folder, steps, args.batch, args.threads, sets, ckpt)
                 run_args.work.mkdir(parents=True, exist_ok=True)
                 recipe = EXTRA_TASKS.get(task, task)
+                clear_run(run_args.work, recipe, start)
                 r = {
                     **finetune_small.run_one(recipe, start, run_args, spm, shapes, data_sets),
                     "settings": settings,
@@ -614,13 +644,13 @@ def contrastive(work: Path, preset: dict, args, spm: Path, ckpt: Path, shapes: d
         sets = [*preset.get("itc_sets", ()), f"train.seed={seed}", f"data.seed={seed}", "train.eval_every=0"]
         settings = {"steps": preset["itc_steps"], "sets": sets}
         for start in STARTS:
-            cached = results.get(start, {}).get(str(seed))
-            if cached is not None and cached.get("settings") == settings:
-                continue  # a run of an earlier invocation with the same settings
+            if cached_run(results.get(start, {}).get(str(seed)), settings):
+                continue
             run_args = harness_args(
                 work / f"contrastive/seed{seed}", preset["itc_steps"], args.batch, args.threads, sets, ckpt
             )
             run_args.work.mkdir(parents=True, exist_ok=True)
+            clear_run(run_args.work, "itc_small", start)
             data_sets = [pairs, held, "data.num_workers=0"] + (
                 ['model.pretrained=""'] if start == "scratch" else []
             )
@@ -675,13 +705,17 @@ def tables(report: dict) -> str:
     lines = [
         "## Image-use probe on held-out pairs (exported checkpoints, masked caption tokens)",
         "",
+        f"Each figure is the mean over {len(next(iter(report['probe'].values()))['image_use_draws'])} "
+        "mask draws (other masked tokens and shuffled partners in each); ± the sample standard deviation of "
+        "true - shuffled over the draws.",
+        "",
         "| start | true image | shuffled image | no image | true - shuffled |",
         "|---|---|---|---|---|",
     ]
     for name, p in report["probe"].items():
         lines.append(
             f"| {name} | {p['true image']:.3f} | {p['shuffled image']:.3f} | {p['no image']:.3f} "
-            f"| {100 * p['image_use']:+.1f} points |"
+            f"| {100 * p['image_use']:+.1f} ± {100 * p['image_use_sd']:.1f} points |"
         )
     stages = [(f"the {name} stage", curve) for name, curve in report["pretraining"]["stage_curves"].items()]
     for title, curve in [*stages, ("the mixed pretraining", report["pretraining"]["curve"])]:
@@ -740,14 +774,16 @@ def what_it_shows(report: dict) -> str:
     five = [k for k in better if k.split()[0] in finetune_small.TASKS]
     itc = verdict(summarize(report["contrastive"], "eval/average"))
     by_source = "".join(
-        f"- {name}: {100 * p['image_use']:+.1f} points ({p['pairs']} pairs).\n"
+        f"- {name}: {100 * p['image_use']:+.1f} ± {100 * p['image_use_sd']:.1f} points "
+        f"({p['pairs']} pairs).\n"
         for name, p in report["probe"].items()
         if name.endswith("pairs only")
     )
     return (
         f"- Image-use probe (exported checkpoint, held-out pairs): {probe['true image']:.3f} with the true "
         f"image, {probe['shuffled image']:.3f} with a shuffled one, {probe['no image']:.3f} with none: "
-        f"{100 * probe['image_use']:+.1f} points for the true image (criterion: at least +10); random init: "
+        f"{100 * probe['image_use']:+.1f} ± {100 * probe['image_use_sd']:.1f} points for the true image over "
+        f"the mask draws (criterion: at least +10, beyond the spread); random init: "
         f"{100 * report['probe']['random init']['image_use']:+.1f}.\n"
         f"{by_source}"
         f"- Finetuning, primary metric per task, pretrained vs random init beyond the seed spread: better on "
@@ -821,17 +857,18 @@ def main(argv: list[str] | None = None) -> int:
     shapes = {k: v for k, v in checkpoint_overrides(ckpt).items() if k != "visual_vocab_size"}
     pairs = held_out_pairs(data / "heldout/pairs", 64)
     config = checkpoint_overrides(ckpt)
+    draws = preset.get("probe_draws", PROBE_DRAWS)
     probe = {
-        "random init": image_use_probe(None, spm, config, pairs),
-        "pretrained": image_use_probe(ckpt, spm, config, pairs),
+        "random init": probe_draws(None, spm, config, pairs, draws),
+        "pretrained": probe_draws(ckpt, spm, config, pairs, draws),
     }
     for stage in preset.get("warm_stages", ()):
         stage_export = work / f"{stage['name']}_export/model.pth"
-        probe[f"after the {stage['name']} stage"] = image_use_probe(stage_export, spm, config, pairs)
+        probe[f"after the {stage['name']} stage"] = probe_draws(stage_export, spm, config, pairs, draws)
     for source, rows in held_out_sources(json.loads((data / "data.json").read_text()), len(pairs[1])).items():
         # another pair's image of the same source: the harder baseline (same captions' templates)
         part = (pairs[0][rows], pairs[1][rows])
-        probe[f"pretrained, {source} pairs only"] = image_use_probe(ckpt, spm, config, part)
+        probe[f"pretrained, {source} pairs only"] = probe_draws(ckpt, spm, config, part, draws)
     print(f"probe: {json.dumps(probe)}", flush=True)
     ft = finetune(work, preset, args, spm, ckpt, shapes)
     itc = contrastive(work, preset, args, spm, ckpt, shapes)

@@ -1,0 +1,72 @@
+"""bench/pretraining_helps.py's image-use probe over mask draws: every draw its own seed, the figures
+averaged, the spread of true - shuffled the sample standard deviation over the draws."""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import pretraining_helps as bench  # noqa: E402
+
+
+def test_probe_draws_averages_each_seed_and_spreads_the_image_use(monkeypatch):
+    seen = []
+
+    def one_draw(checkpoint, spm, shapes, pairs, seed=0):
+        seen.append(seed)
+        true, shuffled = 0.5 + 0.1 * seed, 0.4 + 0.05 * seed * seed
+        return {"true image": true, "shuffled image": shuffled, "no image": 0.3 + seed,
+                "image_use": true - shuffled, "pairs": 7, "masked_tokens": 10 + seed}  # fmt: skip
+
+    monkeypatch.setattr(bench, "image_use_probe", one_draw)
+    out = bench.probe_draws(None, Path("spm.model"), {}, ("images", "captions"), draws=4)
+    assert seen == [0, 1, 2, 3]
+    uses = [0.1 + 0.1 * s - 0.05 * s * s for s in range(4)]
+    assert out["image_use_draws"] == pytest.approx(uses)
+    assert out["image_use"] == pytest.approx(statistics.fmean(uses))
+    assert out["image_use_sd"] == pytest.approx(statistics.stdev(uses))
+    assert out["true image"] == pytest.approx(0.65) and out["no image"] == pytest.approx(1.8)
+    assert out["pairs"] == 7 and out["masked_tokens"] == 46
+
+
+def test_one_draw_has_no_spread(monkeypatch):
+    figures = {"true image": 0.6, "shuffled image": 0.5, "no image": 0.4, "image_use": 0.1, "pairs": 3,
+               "masked_tokens": 5}  # fmt: skip
+    monkeypatch.setattr(bench, "image_use_probe", lambda *args: figures)
+    out = bench.probe_draws(None, Path("spm.model"), {}, ("images", "captions"), draws=1)
+    assert out["image_use"] == pytest.approx(0.1) and out["image_use_sd"] == 0.0
+
+
+def test_a_run_of_other_settings_or_a_failed_one_runs_again_in_a_clean_folder(tmp_path, monkeypatch):
+    """The contrastive stage's cache (the finetuning stage's works alike): a record of other settings and a
+    failed record each run again, after the earlier run's folder (checkpoints the harness's fresh start
+    would refuse) is removed; records that stand are not rerun."""
+    preset, args = {"itc_steps": 180, "itc_sets": ()}, argparse.Namespace(seeds=[0], batch=4, threads=1)
+    settings = {"steps": 180, "sets": ["train.seed=0", "data.seed=0", "train.eval_every=0"]}
+    stale = {"scratch": {"0": {"eval/average": 0.1, "settings": {**settings, "steps": 60}}},
+             "pretrained": {"0": {"error": "exit 2", "settings": settings}}}  # fmt: skip
+    (tmp_path / "contrastive.json").write_text(json.dumps(stale))
+    for start in bench.STARTS:
+        left = tmp_path / f"contrastive/seed0/itc_small_{start}/checkpoints"
+        left.mkdir(parents=True)
+        (left / "step00000060").write_text("an earlier run's checkpoint")
+    calls = []
+
+    def run_one(recipe, start, run_args, spm, shapes, data_sets):
+        assert not (run_args.work / f"{recipe}_{start}").exists()  # cleared before the run
+        calls.append((recipe, start, run_args.steps))
+        return {"eval/average": 0.3, "wall_s": 1.0}
+
+    monkeypatch.setattr(bench.finetune_small, "run_one", run_one)
+    results = bench.contrastive(tmp_path, preset, args, Path("spm.model"), Path("model.pth"), {})
+    assert calls == [("itc_small", "scratch", 180), ("itc_small", "pretrained", 180)]
+    for start in bench.STARTS:
+        assert results[start]["0"] == {"eval/average": 0.3, "wall_s": 1.0, "settings": settings}
+    assert json.loads((tmp_path / "contrastive.json").read_text()) == results
+    calls.clear()
+    bench.contrastive(tmp_path, preset, args, Path("spm.model"), Path("model.pth"), {})
+    assert calls == []  # both records now stand
