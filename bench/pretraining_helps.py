@@ -41,7 +41,8 @@ over ``PROBE_DRAWS`` mask draws, with their spread), and the write-up: ``--out``
 runs of ~50 s, 6 contrastive runs), ``reduced`` (250 pretraining steps, 12 finetuning steps: fits a
 shared machine) and ``--quick`` (every stage at toy sizes: about 4 minutes of
 stages plus ~30 s start-up for each of the 24 finetuning runs). A stage whose output exists is skipped,
-so ``--tasks`` / ``--seeds`` can be extended later::
+so ``--tasks`` / ``--seeds`` can be extended later; a finetuning or contrastive run of other settings runs
+again, and a pretraining export of another command is refused (remove it or give another ``--work``)::
 
     python bench/pretraining_helps.py                     # full
     python bench/pretraining_helps.py --preset reduced --out bench/results/pretraining_helps_reduced.md
@@ -391,24 +392,41 @@ def pretrain(work: Path, preset: dict, spm: Path, vqkd: Path, threads: int) -> t
     Measured in this benchmark's pilots (docs/pretraining.md, "Does pretraining help?"): from random init
     with texts in every batch, the masked-caption loss first learns the captions' templates and the image
     stays unused for thousands of pairs; on the pairs alone the image is used within about 5,000 pairs, and
-    a mixed run keeps it. A stage whose export exists is not rerun."""
-    export = work / "pretrain_export/model.pth"
-    if export.is_file():
-        return export, 0.0
+    a mixed run keeps it. A stage whose export exists is not rerun (:func:`made_by`: unless another
+    command made it)."""
     wall, warm = 0.0, None
     ranks_threads = max(1, threads // preset["ranks"])
-    for stage in preset.get("warm_stages", ()):
-        stage_export = work / f"{stage['name']}_export/model.pth"
-        if not stage_export.is_file():
-            cmd = _pretrain_cmd(
-                work, preset, spm, vqkd, stage["name"], stage["steps"], stage["mix"], stage_export, warm,
-                lr=stage.get("lr"),
-            )  # fmt: skip
-            wall += run(cmd, work / f"{stage['name']}.log", ranks_threads)
-        warm = stage_export
     mix = {"images": 1, "texts": 1, "pairs": preset.get("pairs_share", 1)}
-    cmd = _pretrain_cmd(work, preset, spm, vqkd, "pretrain", preset["pretrain_steps"], mix, export, warm)
-    return export, wall + run(cmd, work / "pretrain.log", ranks_threads)
+    stages = [(st["name"], st["steps"], st["mix"], st.get("lr")) for st in preset.get("warm_stages", ())]
+    for name, steps, stage_mix, lr in [*stages, ("pretrain", preset["pretrain_steps"], mix, None)]:
+        export = work / f"{name}_export/model.pth"
+        cmd = _pretrain_cmd(work, preset, spm, vqkd, name, steps, stage_mix, export, warm, lr=lr)
+        if wall and export.is_file():  # made from an earlier stage's export that this invocation remade
+            sys.exit(f"{export} was warm-started from an export that was just made again: remove "
+                     f"{export.parent} and {work / name} to rerun it")  # fmt: skip
+        if not made_by(export, cmd):
+            wall += run(cmd, work / f"{name}.log", ranks_threads)
+            (export.parent / "command.json").write_text(json.dumps(cmd, indent=1))
+        warm = export
+    return export, wall
+
+
+def made_by(export: Path, cmd: list[str]) -> bool:
+    """Whether a pretraining stage's export exists, made by ``cmd`` (its ``command.json``; an export without
+    one, of a run before it was written, is taken as it is). An export that another command made (a preset
+    changed since, a run folder reused) exits naming what differs: a rerun would resume its checkpoints."""
+    if not export.is_file():
+        return False
+    record = export.parent / "command.json"
+    made = json.loads(record.read_text()) if record.is_file() else cmd
+    if made != cmd:
+        differ = sorted(set(made) ^ set(cmd)) or ["the order of the arguments"]
+        sys.exit(
+            f"{export} was made by another command than the preset's now ({', '.join(differ[:6])}); remove "
+            f"{export.parent} and {export.parent.parent / export.parent.name.removesuffix('_export')} to "
+            "rerun the stage, or give another --work"
+        )
+    return True
 
 
 def _pretrain_cmd(

@@ -70,3 +70,45 @@ def test_a_run_of_other_settings_or_a_failed_one_runs_again_in_a_clean_folder(tm
     calls.clear()
     bench.contrastive(tmp_path, preset, args, Path("spm.model"), Path("model.pth"), {})
     assert calls == []  # both records now stand
+
+
+def test_a_pretraining_export_of_another_command_is_refused_not_reused(tmp_path, monkeypatch):
+    """The pretraining stages' cache: an export stands when the command that made it is the preset's now;
+    one of another command (a preset changed since), or one warm-started from an export this invocation
+    remade, exits naming the folders to remove; an export without a record (older runs) is taken."""
+    preset = {"ranks": 1, "pretrain_steps": 30, "warm_stages": [{"name": "pairs", "steps": 20, "mix": {}}]}
+    runs = []
+
+    def command(work, preset, spm, vqkd, name, steps, mix, export, warm_start=None, lr=None):
+        return ["beit3-pretrain", f"--name={name}", f"train.total_steps={steps}", f"warm={warm_start}"]
+
+    def run(cmd, log, threads):
+        runs.append(cmd[1])
+        export = tmp_path / f"{cmd[1].removeprefix('--name=')}_export/model.pth"
+        export.parent.mkdir(parents=True, exist_ok=True)
+        export.write_text("weights")
+        return 1.5
+
+    monkeypatch.setattr(bench, "_pretrain_cmd", command)
+    monkeypatch.setattr(bench, "run", run)
+    export, wall = bench.pretrain(tmp_path, preset, Path("spm.model"), Path("vqkd.pth"), 2)
+    assert (export, wall, runs) == (
+        tmp_path / "pretrain_export/model.pth",
+        3.0,
+        ["--name=pairs", "--name=pretrain"],
+    )
+    assert json.loads((tmp_path / "pretrain_export/command.json").read_text())[2] == "train.total_steps=30"
+    runs.clear()
+    assert bench.pretrain(tmp_path, preset, Path("spm.model"), Path("vqkd.pth"), 2)[1] == 0.0 and runs == []
+
+    with pytest.raises(SystemExit, match=r"another command.*train.total_steps=45.*remove .*pretrain_export"):
+        bench.pretrain(tmp_path, {**preset, "pretrain_steps": 45}, Path("spm.model"), Path("vqkd.pth"), 2)
+    assert runs == []
+
+    (tmp_path / "pretrain_export/command.json").unlink()  # an export of a run before the records
+    assert bench.pretrain(tmp_path, preset, Path("spm.model"), Path("vqkd.pth"), 2)[1] == 0.0
+
+    (tmp_path / "pairs_export/model.pth").unlink()
+    with pytest.raises(SystemExit, match="warm-started from an export that was just made again"):
+        bench.pretrain(tmp_path, preset, Path("spm.model"), Path("vqkd.pth"), 2)
+    assert runs == ["--name=pairs"]
