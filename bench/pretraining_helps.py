@@ -383,7 +383,9 @@ def train_tokenizers(work: Path, preset: dict, threads: int) -> tuple[Path, Path
     return spm, vqkd, walls
 
 
-def pretrain(work: Path, preset: dict, spm: Path, vqkd: Path, threads: int) -> tuple[Path, float]:
+def pretrain(
+    work: Path, preset: dict, spm: Path, vqkd: Path, threads: int, seed: int = 0
+) -> tuple[Path, float]:
     """beit3-pretrain (demo recipe) on the training shards, evaluated on the held-out ones; the export.
 
     With ``warm_stages`` in the preset, a chain of runs of the same program: each stage (its own
@@ -393,14 +395,16 @@ def pretrain(work: Path, preset: dict, spm: Path, vqkd: Path, threads: int) -> t
     with texts in every batch, the masked-caption loss first learns the captions' templates and the image
     stays unused for thousands of pairs; on the pairs alone the image is used within about 5,000 pairs, and
     a mixed run keeps it. A stage whose export exists is not rerun (:func:`made_by`: unless another
-    command made it)."""
+    command made it). ``seed`` > 0: the same chain with that initialisation, masks and data order, its
+    runs named ``<stage>_seed<seed>``."""
     wall, warm = 0.0, None
     ranks_threads = max(1, threads // preset["ranks"])
     mix = {"images": 1, "texts": 1, "pairs": preset.get("pairs_share", 1)}
     stages = [(st["name"], st["steps"], st["mix"], st.get("lr")) for st in preset.get("warm_stages", ())]
     for name, steps, stage_mix, lr in [*stages, ("pretrain", preset["pretrain_steps"], mix, None)]:
+        name += f"_seed{seed}" if seed else ""
         export = work / f"{name}_export/model.pth"
-        cmd = _pretrain_cmd(work, preset, spm, vqkd, name, steps, stage_mix, export, warm, lr=lr)
+        cmd = _pretrain_cmd(work, preset, spm, vqkd, name, steps, stage_mix, export, warm, lr=lr, seed=seed)
         if wall and export.is_file():  # made from an earlier stage's export that this invocation remade
             sys.exit(f"{export} was warm-started from an export that was just made again: remove "
                      f"{export.parent} and {work / name} to rerun it")  # fmt: skip
@@ -440,9 +444,11 @@ def _pretrain_cmd(
     export: Path,
     warm_start: Path | None = None,
     lr: float | None = None,
+    seed: int = 0,
 ) -> list[str]:
     """The torchrun command of one pretraining run into ``work/name``: ``mix`` the ``[batch]`` shares,
-    held-out evaluation of the streams it trains; ``lr`` (default: the preset's) its peak lr."""
+    held-out evaluation of the streams it trains; ``lr`` (default: the preset's) its peak lr; ``seed`` the
+    run's ``train.seed`` and ``data.seed`` (0, the recipes' default, is not written)."""
     from beit3.tokenizers.text import TextTokenizer
 
     data, held = work / "data", work / "data/heldout"
@@ -467,6 +473,8 @@ def _pretrain_cmd(
             cmd += ["--set", f'eval.{stream}_shards=["{held / kind}/*.tar"]']
     if warm_start is not None:
         cmd += ["--set", f"model.warm_start={warm_start}"]
+    if seed:
+        cmd += ["--set", f"train.seed={seed}", "--set", f"data.seed={seed}"]
     return cmd
 
 
@@ -576,6 +584,24 @@ def probe_draws(checkpoint: Path | None, spm: Path, shapes: dict, pairs, draws: 
     out["image_use_draws"] = [r["image_use"] for r in runs]
     out["image_use"], out["image_use_sd"] = mean_spread(out["image_use_draws"])
     out["pairs"], out["masked_tokens"] = runs[0]["pairs"], sum(r["masked_tokens"] for r in runs)
+    return out
+
+
+def probe_over_seeds(probe: dict, seeds: list[int]) -> dict:
+    """{"all held-out pairs" / a source: (mean, sd, values)} of true - shuffled over the pretraining seeds
+    (each seed's mean over its mask draws; the first seed's rows are named without a seed)."""
+
+    def row(seed: int, part: str) -> str:
+        name = "pretrained" if seed == seeds[0] else f"pretrained (pretraining seed {seed})"
+        return name + (f", {part} pairs only" if part else "")
+
+    parts = [""] + [
+        k.split(", ", 1)[1].removesuffix(" pairs only") for k in probe if k.startswith("pretrained, ")
+    ]
+    out = {}
+    for part in parts:
+        values = [probe[row(s, part)]["image_use"] for s in seeds if row(s, part) in probe]
+        out[part or "all held-out pairs"] = (*mean_spread(values), values)
     return out
 
 
@@ -737,6 +763,19 @@ def tables(report: dict) -> str:
             f"| {name} | {p['true image']:.3f} | {p['shuffled image']:.3f} | {p['no image']:.3f} "
             f"| {100 * p['image_use']:+.1f} ± {100 * p['image_use_sd']:.1f} points |"
         )
+    over = report.get("probe_over_seeds", {})
+    if any(len(v[2]) > 1 for v in over.values()):
+        lines += [
+            "",
+            f"Over the {len(over['all held-out pairs'][2])} pretraining seeds (true - shuffled: each seed's "
+            "mean over its mask draws; mean ± the sample standard deviation over the seeds):",
+            "",
+            "| held-out pairs | true - shuffled | each seed |",
+            "|---|---|---|",
+        ]
+        for part, (mean, sd, values) in over.items():
+            each = " / ".join(f"{100 * v:+.1f}" for v in values)
+            lines.append(f"| {part} | {100 * mean:+.1f} ± {100 * sd:.1f} points | {each} |")
     stages = [(f"the {name} stage", curve) for name, curve in report["pretraining"]["stage_curves"].items()]
     for title, curve in [*stages, ("the mixed pretraining", report["pretraining"]["curve"])]:
         steps = sorted({s for k in CURVE_TAGS for s in curve.get(k, {})})  # pretraining_curve: int steps
@@ -793,6 +832,12 @@ def what_it_shows(report: dict) -> str:
     # the criterion counts finetune_small's five tasks; this file's own (EXTRA_TASKS) are reported beside
     five = [k for k in better if k.split()[0] in finetune_small.TASKS]
     itc = verdict(summarize(report["contrastive"], "eval/average"))
+    over = report.get("probe_over_seeds", {})
+    seeds_line = "".join(
+        f"- Over the {len(values)} pretraining seeds, {part}: {100 * mean:+.1f} ± {100 * sd:.1f} points.\n"
+        for part, (mean, sd, values) in over.items()
+        if len(values) > 1
+    )
     by_source = "".join(
         f"- {name}: {100 * p['image_use']:+.1f} ± {100 * p['image_use_sd']:.1f} points "
         f"({p['pairs']} pairs).\n"
@@ -806,6 +851,7 @@ def what_it_shows(report: dict) -> str:
         f"the mask draws (criterion: at least +10, beyond the spread); random init: "
         f"{100 * report['probe']['random init']['image_use']:+.1f}.\n"
         f"{by_source}"
+        f"{seeds_line}"
         f"- Finetuning, primary metric per task, pretrained vs random init beyond the seed spread: better on "
         f"{len(better)} of {len(verdicts)} ({', '.join(better) or 'none'}), worse on {len(worse)} "
         f"({', '.join(worse) or 'none'}); the rest within spread. Of finetune_small's five tasks: better on "
@@ -839,6 +885,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=None, help="results .md (a .json beside it)")
     p.add_argument("--seeds", default="0,1", help="comma-separated finetuning seeds (at least two)")
+    p.add_argument(
+        "--pretrain-seeds",
+        default="0",
+        help="comma-separated pretraining seeds: the probe of each and its spread over them (finetuning and "
+        "the contrastive stage start from the first; each further seed adds the whole pretraining's time)",
+    )
     p.add_argument("--tasks", default=",".join(TASK_METRICS), help="finetuning tasks")
     p.add_argument("--batch", type=int, default=32, help="finetuning micro-batch (one process)")
     p.add_argument("--threads", type=int, default=2)
@@ -847,6 +899,13 @@ def main(argv: list[str] | None = None) -> int:
     name = "quick" if args.quick else args.preset
     preset = PRESETS[name]
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    given = args.pretrain_seeds
+    try:
+        args.pretrain_seeds = list(dict.fromkeys(int(s) for s in given.split(",") if s))
+    except ValueError:
+        args.pretrain_seeds = []
+    if not args.pretrain_seeds or min(args.pretrain_seeds) < 0:
+        p.error(f"--pretrain-seeds: comma-separated integers 0 or more, not {given!r}")
     args.tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in args.tasks if t not in TASK_METRICS]
     if unknown:
@@ -868,10 +927,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {(data / 'data.json').read_text()}", flush=True)
     spm, vqkd, tok_walls = train_tokenizers(work, preset, args.threads)
     walls.update(tok_walls)
-    ckpt, wall = pretrain(work, preset, spm, vqkd, args.threads)
-    if wall:  # 0: the export of an earlier invocation
-        walls["pretrain_s"] = wall
-    walls_file.write_text(json.dumps(walls))
+    ckpts = {}
+    for seed in args.pretrain_seeds:
+        ckpts[seed], wall = pretrain(work, preset, spm, vqkd, args.threads, seed)
+        if wall:  # 0: the export of an earlier invocation
+            walls["pretrain_s" if seed == 0 else f"pretrain_seed{seed}_s"] = wall
+        walls_file.write_text(json.dumps(walls))
+    ckpt = ckpts[next(iter(ckpts))]  # finetuning and the contrastive stage start from the first seed's
     from beit3.finetune.reload import checkpoint_overrides
 
     shapes = {k: v for k, v in checkpoint_overrides(ckpt).items() if k != "visual_vocab_size"}
@@ -889,6 +951,15 @@ def main(argv: list[str] | None = None) -> int:
         # another pair's image of the same source: the harder baseline (same captions' templates)
         part = (pairs[0][rows], pairs[1][rows])
         probe[f"pretrained, {source} pairs only"] = probe_draws(ckpt, spm, config, part, draws)
+    for seed, other in list(ckpts.items())[1:]:
+        probe[f"pretrained (pretraining seed {seed})"] = probe_draws(other, spm, config, pairs, draws)
+        for source, rows in held_out_sources(
+            json.loads((data / "data.json").read_text()), len(pairs[1])
+        ).items():
+            part = (pairs[0][rows], pairs[1][rows])
+            probe[f"pretrained (pretraining seed {seed}), {source} pairs only"] = probe_draws(
+                other, spm, config, part, draws
+            )
     print(f"probe: {json.dumps(probe)}", flush=True)
     ft = finetune(work, preset, args, spm, ckpt, shapes)
     itc = contrastive(work, preset, args, spm, ckpt, shapes)
@@ -914,6 +985,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         },
         "probe": probe,
+        "probe_over_seeds": probe_over_seeds(probe, list(ckpts)),
         "finetune": ft,
         "finetune_summary": summary,
         "contrastive": itc,

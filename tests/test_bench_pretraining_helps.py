@@ -79,8 +79,14 @@ def test_a_pretraining_export_of_another_command_is_refused_not_reused(tmp_path,
     preset = {"ranks": 1, "pretrain_steps": 30, "warm_stages": [{"name": "pairs", "steps": 20, "mix": {}}]}
     runs = []
 
-    def command(work, preset, spm, vqkd, name, steps, mix, export, warm_start=None, lr=None):
-        return ["beit3-pretrain", f"--name={name}", f"train.total_steps={steps}", f"warm={warm_start}"]
+    def command(work, preset, spm, vqkd, name, steps, mix, export, warm_start=None, lr=None, seed=0):
+        return [
+            "beit3-pretrain",
+            f"--name={name}",
+            f"train.total_steps={steps}",
+            f"warm={warm_start}",
+            f"{seed=}",
+        ]
 
     def run(cmd, log, threads):
         runs.append(cmd[1])
@@ -108,7 +114,31 @@ def test_a_pretraining_export_of_another_command_is_refused_not_reused(tmp_path,
     (tmp_path / "pretrain_export/command.json").unlink()  # an export of a run before the records
     assert bench.pretrain(tmp_path, preset, Path("spm.model"), Path("vqkd.pth"), 2)[1] == 0.0
 
+    # another pretraining seed: the same chain in runs of its own, warm-started from its own stage
+    export, wall = bench.pretrain(tmp_path, preset, Path("spm.model"), Path("vqkd.pth"), 2, seed=1)
+    assert export == tmp_path / "pretrain_seed1_export/model.pth" and wall == 3.0
+    assert runs == ["--name=pairs_seed1", "--name=pretrain_seed1"]
+    made = json.loads((tmp_path / "pretrain_seed1_export/command.json").read_text())
+    assert made[3:] == [f"warm={tmp_path / 'pairs_seed1_export/model.pth'}", "seed=1"]
+    runs.clear()
+
     (tmp_path / "pairs_export/model.pth").unlink()
     with pytest.raises(SystemExit, match="warm-started from an export that was just made again"):
         bench.pretrain(tmp_path, preset, Path("spm.model"), Path("vqkd.pth"), 2)
     assert runs == ["--name=pairs"]
+
+
+def test_the_probe_over_pretraining_seeds_pairs_each_seed_with_its_own_rows():
+    probe = {
+        "pretrained": {"image_use": 0.10},
+        "pretrained, easy_vqa pairs only": {"image_use": 0.16},
+        "pretrained (pretraining seed 3)": {"image_use": 0.06},
+        "pretrained (pretraining seed 3), easy_vqa pairs only": {"image_use": 0.12},
+        "after the pairs stage": {"image_use": 0.5},
+    }
+    over = bench.probe_over_seeds(probe, [0, 3])
+    assert list(over) == ["all held-out pairs", "easy_vqa"]
+    assert over["all held-out pairs"][0] == pytest.approx(0.08)
+    assert over["all held-out pairs"][1] == pytest.approx(statistics.stdev([0.10, 0.06]))
+    assert over["easy_vqa"][2] == [0.16, 0.12]
+    assert bench.probe_over_seeds(probe, [0])["easy_vqa"] == (0.16, 0.0, [0.16])
