@@ -45,6 +45,7 @@ so ``--tasks`` / ``--seeds`` can be extended later; a finetuning or contrastive 
 again, and a pretraining export of another command is refused (remove it or give another ``--work``)::
 
     python bench/pretraining_helps.py                     # full
+    python bench/pretraining_helps.py --seeds 0,1,2 --pretrain-seeds 0,1   # the committed run's seeds
     python bench/pretraining_helps.py --preset reduced --out bench/results/pretraining_helps_reduced.md
     python bench/pretraining_helps.py --quick --work runs/pretraining_helps_quick --out /tmp/ph_quick.md
 """
