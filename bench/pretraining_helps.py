@@ -402,21 +402,26 @@ def pretrain(
     ranks_threads = max(1, threads // preset["ranks"])
     mix = {"images": 1, "texts": 1, "pairs": preset.get("pairs_share", 1)}
     stages = [(st["name"], st["steps"], st["mix"], st.get("lr")) for st in preset.get("warm_stages", ())]
-    for name, steps, stage_mix, lr in [*stages, ("pretrain", preset["pretrain_steps"], mix, None)]:
-        name += f"_seed{seed}" if seed else ""
+    for stage, steps, stage_mix, lr in [*stages, ("pretrain", preset["pretrain_steps"], mix, None)]:
+        name = run_name(stage, seed)
         export = work / f"{name}_export/model.pth"
         cmd = _pretrain_cmd(work, preset, spm, vqkd, name, steps, stage_mix, export, warm, lr=lr, seed=seed)
         if wall and export.is_file():  # made from an earlier stage's export that this invocation remade
             sys.exit(f"{export} was warm-started from an export that was just made again: remove "
                      f"{export.parent} and {work / name} to rerun it")  # fmt: skip
-        if not made_by(export, cmd):
+        if not made_by(export, cmd, work / name):
             wall += run(cmd, work / f"{name}.log", ranks_threads)
             (export.parent / "command.json").write_text(json.dumps(cmd, indent=1))
         warm = export
     return export, wall
 
 
-def made_by(export: Path, cmd: list[str]) -> bool:
+def run_name(stage: str, seed: int) -> str:
+    """The run folder's name of a pretraining stage (``<stage>_export`` its export's) for a seed."""
+    return f"{stage}_seed{seed}" if seed else stage
+
+
+def made_by(export: Path, cmd: list[str], run_dir: Path) -> bool:
     """Whether a pretraining stage's export exists, made by ``cmd`` (its ``command.json``; an export without
     one, of a run before it was written, is taken as it is). An export that another command made (a preset
     changed since, a run folder reused) exits naming what differs: a rerun would resume its checkpoints."""
@@ -428,8 +433,7 @@ def made_by(export: Path, cmd: list[str]) -> bool:
         differ = sorted(set(made) ^ set(cmd)) or ["the order of the arguments"]
         sys.exit(
             f"{export} was made by another command than the preset's now ({', '.join(differ[:6])}); remove "
-            f"{export.parent} and {export.parent.parent / export.parent.name.removesuffix('_export')} to "
-            "rerun the stage, or give another --work"
+            f"{export.parent} and {run_dir} to rerun the stage, or give another --work"
         )
     return True
 
@@ -588,21 +592,20 @@ def probe_draws(checkpoint: Path | None, spm: Path, shapes: dict, pairs, draws: 
     return out
 
 
-def probe_over_seeds(probe: dict, seeds: list[int]) -> dict:
+def probe_row(seed: int, first: int, source: str = "") -> str:
+    """The probe's row of a pretraining seed's export (the first seed's named without its seed), on all the
+    held-out pairs or on one ``source``'s."""
+    name = "pretrained" if seed == first else f"pretrained (pretraining seed {seed})"
+    return name + (f", {source} pairs only" if source else "")
+
+
+def probe_over_seeds(probe: dict, seeds: list[int], sources: list[str]) -> dict:
     """{"all held-out pairs" / a source: (mean, sd, values)} of true - shuffled over the pretraining seeds
-    (each seed's mean over its mask draws; the first seed's rows are named without a seed)."""
-
-    def row(seed: int, part: str) -> str:
-        name = "pretrained" if seed == seeds[0] else f"pretrained (pretraining seed {seed})"
-        return name + (f", {part} pairs only" if part else "")
-
-    parts = [""] + [
-        k.split(", ", 1)[1].removesuffix(" pairs only") for k in probe if k.startswith("pretrained, ")
-    ]
+    (each seed's mean over its mask draws: the :func:`probe_row` rows)."""
     out = {}
-    for part in parts:
-        values = [probe[row(s, part)]["image_use"] for s in seeds if row(s, part) in probe]
-        out[part or "all held-out pairs"] = (*mean_spread(values), values)
+    for source in ["", *sources]:
+        values = [probe[probe_row(s, seeds[0], source)]["image_use"] for s in seeds]
+        out[source or "all held-out pairs"] = (*mean_spread(values), values)
     return out
 
 
@@ -928,39 +931,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {(data / 'data.json').read_text()}", flush=True)
     spm, vqkd, tok_walls = train_tokenizers(work, preset, args.threads)
     walls.update(tok_walls)
-    ckpts = {}
+    ckpts, first = {}, args.pretrain_seeds[0]
     for seed in args.pretrain_seeds:
         ckpts[seed], wall = pretrain(work, preset, spm, vqkd, args.threads, seed)
         if wall:  # 0: the export of an earlier invocation
             walls["pretrain_s" if seed == 0 else f"pretrain_seed{seed}_s"] = wall
         walls_file.write_text(json.dumps(walls))
-    ckpt = ckpts[next(iter(ckpts))]  # finetuning and the contrastive stage start from the first seed's
+    ckpt = ckpts[first]  # finetuning and the contrastive stage start from the first seed's
     from beit3.finetune.reload import checkpoint_overrides
 
     shapes = {k: v for k, v in checkpoint_overrides(ckpt).items() if k != "visual_vocab_size"}
     pairs = held_out_pairs(data / "heldout/pairs", 64)
     config = checkpoint_overrides(ckpt)
     draws = preset.get("probe_draws", PROBE_DRAWS)
-    probe = {
-        "random init": probe_draws(None, spm, config, pairs, draws),
-        "pretrained": probe_draws(ckpt, spm, config, pairs, draws),
-    }
-    for stage in preset.get("warm_stages", ()):
-        stage_export = work / f"{stage['name']}_export/model.pth"
-        probe[f"after the {stage['name']} stage"] = probe_draws(stage_export, spm, config, pairs, draws)
-    for source, rows in held_out_sources(json.loads((data / "data.json").read_text()), len(pairs[1])).items():
-        # another pair's image of the same source: the harder baseline (same captions' templates)
-        part = (pairs[0][rows], pairs[1][rows])
-        probe[f"pretrained, {source} pairs only"] = probe_draws(ckpt, spm, config, part, draws)
-    for seed, other in list(ckpts.items())[1:]:
-        probe[f"pretrained (pretraining seed {seed})"] = probe_draws(other, spm, config, pairs, draws)
-        for source, rows in held_out_sources(
-            json.loads((data / "data.json").read_text()), len(pairs[1])
-        ).items():
+    sources = held_out_sources(json.loads((data / "data.json").read_text()), len(pairs[1]))
+    probe = {"random init": probe_draws(None, spm, config, pairs, draws)}
+    for seed, export in ckpts.items():
+        probe[probe_row(seed, first)] = probe_draws(export, spm, config, pairs, draws)
+        for stage in preset.get("warm_stages", ()) if seed == first else ():
+            stage_export = work / f"{run_name(stage['name'], seed)}_export/model.pth"
+            probe[f"after the {stage['name']} stage"] = probe_draws(stage_export, spm, config, pairs, draws)
+        for source, rows in sources.items():
+            # another pair's image of the same source: the harder baseline (same captions' templates)
             part = (pairs[0][rows], pairs[1][rows])
-            probe[f"pretrained (pretraining seed {seed}), {source} pairs only"] = probe_draws(
-                other, spm, config, part, draws
-            )
+            probe[probe_row(seed, first, source)] = probe_draws(export, spm, config, part, draws)
     print(f"probe: {json.dumps(probe)}", flush=True)
     ft = finetune(work, preset, args, spm, ckpt, shapes)
     itc = contrastive(work, preset, args, spm, ckpt, shapes)
@@ -986,7 +980,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         },
         "probe": probe,
-        "probe_over_seeds": probe_over_seeds(probe, list(ckpts)),
+        "probe_over_seeds": probe_over_seeds(probe, list(ckpts), list(sources)),
         "finetune": ft,
         "finetune_summary": summary,
         "contrastive": itc,

@@ -136,9 +136,9 @@ def test_the_probe_over_pretraining_seeds_pairs_each_seed_with_its_own_rows():
         "pretrained (pretraining seed 3), easy_vqa pairs only": {"image_use": 0.12},
         "after the pairs stage": {"image_use": 0.5},
     }
-    over = bench.probe_over_seeds(probe, [0, 3])
+    over = bench.probe_over_seeds(probe, [0, 3], ["easy_vqa"])
     assert list(over) == ["all held-out pairs", "easy_vqa"]
     assert over["all held-out pairs"][0] == pytest.approx(0.08)
     assert over["all held-out pairs"][1] == pytest.approx(statistics.stdev([0.10, 0.06]))
     assert over["easy_vqa"][2] == [0.16, 0.12]
-    assert bench.probe_over_seeds(probe, [0])["easy_vqa"] == (0.16, 0.0, [0.16])
+    assert bench.probe_over_seeds(probe, [0], ["easy_vqa"])["easy_vqa"] == (0.16, 0.0, [0.16])
