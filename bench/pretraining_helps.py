@@ -11,7 +11,8 @@ Issue 16 item 5. One program, five stages (each skipped when its output exists, 
    * images: the same images without captions; texts: the pair captions, CPython's pydoc paragraphs and
      WordNet glosses of the ``wordnet_small`` task's *train* split;
    * held out (``<work>/data/heldout``, never trained on, the pretraining ``[eval]`` shards and the
-     zero-shot retrieval set): every 10th item of each source;
+     zero-shot retrieval set): one in 10 items of each source, among those whose caption words all occur
+     in training captions (:func:`hold_out`: new images of known objects, shapes and colours);
    * never in pretraining at all: the easy-VQA *test* images (easy_vqa_small's eval split), every Tux Paint
      stamp whose caption is a caption of the stamps tasks' eval split (``load_tuxpaint``'s seeded 20 %),
      the WordNet eval glosses; digits are not in pretraining.
@@ -57,6 +58,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -69,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_small  # noqa: E402  (bench/ is not a package: its harness is imported by path)
 
 ROOT = Path(__file__).resolve().parents[1]
-HELD_OUT_EVERY = 10  # every 10th item of each source is held out of pretraining
+HELD_OUT_EVERY = 10  # one in 10 items of each source is held out of pretraining (hold_out)
 PRESETS = {
     # max items per source (0: all), pretraining / finetuning / contrastive steps, tokenizer sizes.
     "full": dict(
@@ -271,6 +273,37 @@ def text_segments(glosses: int) -> list[str]:
     return texts
 
 
+def caption_words(caption: str) -> set[str]:
+    """The lower-case words of a caption (punctuation dropped)."""
+    return set(re.findall(r"[a-z0-9']+", caption.lower()))
+
+
+def hold_out(items: list[tuple[str, str]], every: int) -> tuple[list, list]:
+    """(training, held-out) (path, caption) items of one source: one in ``every`` items held out, chosen
+    evenly, in order, among the items whose every caption word is also a word of a caption that stays in
+    training. A held-out image is then new but what its caption names is not: the image-use probe asks
+    whether the model reads a known object, shape or colour off an unseen image, not whether it can name a
+    word it never met (a Tux Paint stamp or an emoji with a name of its own is never held out). Where every
+    caption qualifies (easy-VQA's) that is every ``every``-th item; fewer are held out only where fewer than
+    one in ``every`` qualify."""
+    target = len(items) // every
+    count: dict[str, int] = {}
+    for _, caption in items:
+        for word in caption_words(caption):
+            count[word] = count.get(word, 0) + 1
+    candidates = [i for i, (_, c) in enumerate(items) if all(count[w] >= 2 for w in caption_words(c))]
+    step = max(1, len(candidates) // target) if target else 0
+    held: set[int] = set()
+    for n, i in enumerate(candidates):
+        words = caption_words(items[i][1])
+        # still one training caption with each word once this one is held out (count: items in training)
+        if len(held) < target and n % step == step - 1 and all(count[w] >= 2 for w in words):
+            held.add(i)
+            for w in words:
+                count[w] -= 1
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
 def write_data(root: Path, preset: dict) -> dict:
     """The pretraining shards (train and held out), ``corpus.txt`` and the VQ-KD image folder; returns the
     counts (also written as ``data.json``)."""
@@ -283,9 +316,12 @@ def write_data(root: Path, preset: dict) -> dict:
         "twemoji": emoji_pairs(preset["emoji"]),
     }
     split = {"train": [], "heldout": []}
-    for items in sources.values():
-        for i, item in enumerate(items):
-            split["heldout" if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 else "train"].append(item)
+    held_counts = {}
+    for source, items in sources.items():
+        train, held = hold_out(items, HELD_OUT_EVERY)
+        split["train"] += train
+        split["heldout"] += held
+        held_counts[source] = len(held)
     texts = text_segments(preset["glosses"])
     held_texts = texts[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY]
     train_texts = [t for i, t in enumerate(texts) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
@@ -301,6 +337,7 @@ def write_data(root: Path, preset: dict) -> dict:
     summary: dict = {
         "sources": {k: len(v) for k, v in sources.items()},
         "tuxpaint_excluded_eval_captions": stamps_excluded,
+        "heldout_sources": held_counts,
     }
     for name, items in split.items():
         base = root if name == "train" else root / "heldout"
@@ -522,13 +559,14 @@ def held_out_pairs(folder: Path, size: int):
 
 
 def held_out_sources(data: dict, n: int) -> dict[str, slice]:
-    """The held-out pairs of each source (``data.json``'s counts): ``write_data`` holds out every 10th item
-    of each source, the sources one after the other, into one shard read in order; {} if the counts do not
-    add up to the ``n`` pairs read."""
+    """The held-out pairs of each source (``data.json``'s ``heldout_sources`` counts; a data folder written
+    before them held out every 10th item): ``write_data`` writes the sources' held-out items one after the
+    other into one shard read in order; {} if the counts do not add up to the ``n`` pairs read."""
+    counts = data.get("heldout_sources") or {k: v // HELD_OUT_EVERY for k, v in data["sources"].items()}
     rows, start = {}, 0
-    for source, count in data["sources"].items():
-        rows[source] = slice(start, start + count // HELD_OUT_EVERY)
-        start += count // HELD_OUT_EVERY
+    for source, count in counts.items():
+        rows[source] = slice(start, start + count)
+        start += count
     return rows if start == n else {}
 
 

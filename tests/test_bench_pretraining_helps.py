@@ -142,3 +142,34 @@ def test_the_probe_over_pretraining_seeds_pairs_each_seed_with_its_own_rows():
     assert over["all held-out pairs"][1] == pytest.approx(statistics.stdev([0.10, 0.06]))
     assert over["easy_vqa"][2] == [0.16, 0.12]
     assert bench.probe_over_seeds(probe, [0], ["easy_vqa"])["easy_vqa"] == (0.16, 0.0, [0.16])
+
+
+def test_held_out_items_are_new_images_of_words_training_keeps():
+    items = [(f"{i}.png", c) for i, c in enumerate(
+        ["A mango.", "A red fox.", "A fox.", "A red apple.", "An apple.", "A mango tree.", "A yak.",
+         "A red mango.", "A tree.", "A fox in a tree.", "An apple tree.", "A red tree."])]  # fmt: skip
+    train, held = bench.hold_out(items, 4)
+    assert len(held) == 3 and sorted(train + held) == sorted(items)
+    kept = set().union(*(bench.caption_words(c) for _, c in train))
+    for _, caption in held:
+        assert bench.caption_words(caption) <= kept, caption
+    assert ("6.png", "A yak.") in train  # the only yak: never held out
+    # where every caption qualifies, every 4th item, as the split before this rule
+    shapes = [(f"{i}.png", f"a {c} {s}.") for i in range(40) for c, s in [(("red", "blue")[i % 2],
+              ("circle", "square")[i // 2 % 2])]]  # fmt: skip
+    assert bench.hold_out(shapes, 4)[1] == shapes[3::4]
+    # a source with too few qualifying captions holds out fewer, never an unseen word
+    unique = [(f"{i}.png", f"A {w}.") for i, w in enumerate(["yak", "emu", "gnu", "owl", "eel", "ant"])]
+    assert bench.hold_out(unique, 2) == (unique, [])
+    assert bench.hold_out([], 10) == ([], [])
+
+
+def test_the_probe_splits_held_out_pairs_by_the_counts_the_data_records():
+    data = {"sources": {"a": 100, "b": 50}, "heldout_sources": {"a": 10, "b": 3}}
+    assert bench.held_out_sources(data, 13) == {"a": slice(0, 10), "b": slice(10, 13)}
+    assert bench.held_out_sources(data, 15) == {}
+    # a data folder written before the counts were recorded held out every 10th item
+    assert bench.held_out_sources({"sources": {"a": 100, "b": 50}}, 15) == {
+        "a": slice(0, 10),
+        "b": slice(10, 15),
+    }
