@@ -173,3 +173,11 @@ def test_the_probe_splits_held_out_pairs_by_the_counts_the_data_records():
         "a": slice(0, 10),
         "b": slice(10, 15),
     }
+
+
+def test_figures_too_small_for_three_decimals_show_what_a_verdict_compares():
+    assert bench.mean_sd(0.4712, 0.0341) == "0.471 ± 0.034"
+    assert bench.mean_sd(0.0, 0.0) == "0.000 ± 0.000"
+    assert bench.mean_sd(4.9e-5, 4.5e-5) == "4.9e-05 ± 4.5e-05"
+    assert bench.mean_sd(8.0e-10, 3.5e-11) == "8e-10 ± 3.5e-11"
+    assert bench.mean_sd(0.0004, 0.002) == "0.000 ± 0.002"
