@@ -38,12 +38,13 @@ Issue 16 item 5. One program, five stages (each skipped when its output exists, 
 Then an image-use probe of the exported checkpoints on the held-out pairs, computed here with the model
 alone (masked caption tokens predicted with the true image, another pair's image, and no image; averaged
 over ``PROBE_DRAWS`` mask draws, with their spread), and the write-up: ``--out`` (.md and .json). Presets:
-``full`` (the acceptance run, about an hour on 2 idle cores: 24 minutes of pretraining, 36 finetuning
-runs of ~50 s, 6 contrastive runs), ``reduced`` (250 pretraining steps, 12 finetuning steps: fits a
-shared machine) and ``--quick`` (every stage at toy sizes: about 4 minutes of
-stages plus ~30 s start-up for each of the 24 finetuning runs). A stage whose output exists is skipped,
-so ``--tasks`` / ``--seeds`` can be extended later; a finetuning or contrastive run of other settings runs
-again, and a pretraining export of another command is refused (remove it or give another ``--work``)::
+``full`` (the acceptance run, about 45 minutes on 2 idle cores: 25 minutes of pretraining, 36
+finetuning runs of ~30 s, 6 contrastive runs; each further pretraining seed 25 minutes), ``reduced`` (250
+pretraining steps, 12 finetuning steps: fits a shared machine) and ``--quick`` (every stage at toy sizes:
+about 4 minutes of stages plus ~30 s start-up for each of the 24 finetuning runs). A stage whose output
+exists is skipped, so ``--tasks`` / ``--seeds`` can be extended later; a finetuning or contrastive run of
+other settings runs again, and a pretraining export of another command is refused (remove it or give
+another ``--work``)::
 
     python bench/pretraining_helps.py                     # full
     python bench/pretraining_helps.py --seeds 0,1,2 --pretrain-seeds 0,1   # the committed run's seeds
