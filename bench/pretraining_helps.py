@@ -436,8 +436,10 @@ def pretrain(
     stays unused for thousands of pairs; on the pairs alone the image is used within about 5,000 pairs, and
     a mixed run keeps it. A stage whose export exists is not rerun (:func:`made_by`: unless another
     command made it). ``seed`` > 0: the same chain with that initialisation, masks and data order, its
-    runs named ``<stage>_seed<seed>``."""
-    wall, warm = 0.0, None
+    runs named ``<stage>_seed<seed>``. Returns the export and each stage's wall seconds, ``{"<run>_s":
+    ...}``: a stage's time is kept beside its export (``wall.json``), so a stage an earlier invocation ran
+    still reports it (none for an export without one, of runs before the records)."""
+    remade, warm, walls = False, None, {}
     ranks_threads = max(1, threads // preset["ranks"])
     mix = {"images": 1, "texts": 1, "pairs": preset.get("pairs_share", 1)}
     stages = [(st["name"], st["steps"], st["mix"], st.get("lr")) for st in preset.get("warm_stages", ())]
@@ -445,14 +447,19 @@ def pretrain(
         name = run_name(stage, seed)
         export = work / f"{name}_export/model.pth"
         cmd = _pretrain_cmd(work, preset, spm, vqkd, name, steps, stage_mix, export, warm, lr=lr, seed=seed)
-        if wall and export.is_file():  # made from an earlier stage's export that this invocation remade
+        if remade and export.is_file():  # made from an earlier stage's export that this invocation remade
             sys.exit(f"{export} was warm-started from an export that was just made again: remove "
                      f"{export.parent} and {work / name} to rerun it")  # fmt: skip
         if not made_by(export, cmd, work / name):
-            wall += run(cmd, work / f"{name}.log", ranks_threads)
+            wall = run(cmd, work / f"{name}.log", ranks_threads)
             (export.parent / "command.json").write_text(json.dumps(cmd, indent=1))
+            (export.parent / "wall.json").write_text(json.dumps({"wall_s": wall}))
+            remade = True
+        record = export.parent / "wall.json"
+        if record.is_file():
+            walls[f"{name}_s"] = json.loads(record.read_text())["wall_s"]
         warm = export
-    return export, wall
+    return export, walls
 
 
 def run_name(stage: str, seed: int) -> str:
@@ -981,9 +988,8 @@ def main(argv: list[str] | None = None) -> int:
     walls.update(tok_walls)
     ckpts, first = {}, args.pretrain_seeds[0]
     for seed in args.pretrain_seeds:
-        ckpts[seed], wall = pretrain(work, preset, spm, vqkd, args.threads, seed)
-        if wall:  # 0: the export of an earlier invocation
-            walls["pretrain_s" if seed == 0 else f"pretrain_seed{seed}_s"] = wall
+        ckpts[seed], stage_walls = pretrain(work, preset, spm, vqkd, args.threads, seed)
+        walls.update(stage_walls)
         walls_file.write_text(json.dumps(walls))
     ckpt = ckpts[first]  # finetuning and the contrastive stage start from the first seed's
     from beit3.finetune.reload import checkpoint_overrides

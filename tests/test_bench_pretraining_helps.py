@@ -75,7 +75,8 @@ def test_a_run_of_other_settings_or_a_failed_one_runs_again_in_a_clean_folder(tm
 def test_a_pretraining_export_of_another_command_is_refused_not_reused(tmp_path, monkeypatch):
     """The pretraining stages' cache: an export stands when the command that made it is the preset's now;
     one of another command (a preset changed since), or one warm-started from an export this invocation
-    remade, exits naming the folders to remove; an export without a record (older runs) is taken."""
+    remade, exits naming the folders to remove; an export without a record (older runs) is taken. Each
+    stage's wall time is kept beside its export and reported again when the stage is reused."""
     preset = {"ranks": 1, "pretrain_steps": 30, "warm_stages": [{"name": "pairs", "steps": 20, "mix": {}}]}
     runs = []
 
@@ -97,26 +98,31 @@ def test_a_pretraining_export_of_another_command_is_refused_not_reused(tmp_path,
 
     monkeypatch.setattr(bench, "_pretrain_cmd", command)
     monkeypatch.setattr(bench, "run", run)
-    export, wall = bench.pretrain(tmp_path, preset, Path("spm.model"), Path("vqkd.pth"), 2)
-    assert (export, wall, runs) == (
+    export, walls = bench.pretrain(tmp_path, preset, Path("spm.model"), Path("vqkd.pth"), 2)
+    assert (export, walls, runs) == (
         tmp_path / "pretrain_export/model.pth",
-        3.0,
+        {"pairs_s": 1.5, "pretrain_s": 1.5},
         ["--name=pairs", "--name=pretrain"],
     )
     assert json.loads((tmp_path / "pretrain_export/command.json").read_text())[2] == "train.total_steps=30"
     runs.clear()
-    assert bench.pretrain(tmp_path, preset, Path("spm.model"), Path("vqkd.pth"), 2)[1] == 0.0 and runs == []
+    # the stages stand, and so do their wall times (a rerun that runs nothing still reports them)
+    walls = bench.pretrain(tmp_path, preset, Path("spm.model"), Path("vqkd.pth"), 2)[1]
+    assert walls == {"pairs_s": 1.5, "pretrain_s": 1.5} and runs == []
 
     with pytest.raises(SystemExit, match=r"another command.*train.total_steps=45.*remove .*pretrain_export"):
         bench.pretrain(tmp_path, {**preset, "pretrain_steps": 45}, Path("spm.model"), Path("vqkd.pth"), 2)
     assert runs == []
 
-    (tmp_path / "pretrain_export/command.json").unlink()  # an export of a run before the records
-    assert bench.pretrain(tmp_path, preset, Path("spm.model"), Path("vqkd.pth"), 2)[1] == 0.0
+    for record in ("command.json", "wall.json"):  # an export of a run before the records
+        (tmp_path / "pretrain_export" / record).unlink()
+    assert bench.pretrain(tmp_path, preset, Path("spm.model"), Path("vqkd.pth"), 2)[1] == {"pairs_s": 1.5}
+    assert runs == []
 
     # another pretraining seed: the same chain in runs of its own, warm-started from its own stage
-    export, wall = bench.pretrain(tmp_path, preset, Path("spm.model"), Path("vqkd.pth"), 2, seed=1)
-    assert export == tmp_path / "pretrain_seed1_export/model.pth" and wall == 3.0
+    export, walls = bench.pretrain(tmp_path, preset, Path("spm.model"), Path("vqkd.pth"), 2, seed=1)
+    assert export == tmp_path / "pretrain_seed1_export/model.pth"
+    assert walls == {"pairs_seed1_s": 1.5, "pretrain_seed1_s": 1.5}
     assert runs == ["--name=pairs_seed1", "--name=pretrain_seed1"]
     made = json.loads((tmp_path / "pretrain_seed1_export/command.json").read_text())
     assert made[3:] == [f"warm={tmp_path / 'pairs_seed1_export/model.pth'}", "seed=1"]
