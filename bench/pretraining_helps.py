@@ -39,7 +39,7 @@ Then an image-use probe of the exported checkpoints on the held-out pairs, compu
 alone (masked caption tokens predicted with the true image, another pair's image, and no image; averaged
 over ``PROBE_DRAWS`` mask draws, with their spread), and the write-up: ``--out`` (.md and .json). Presets:
 ``full`` (the acceptance run, about 45 minutes on 2 idle cores: 25 minutes of pretraining, 36
-finetuning runs of ~30 s, 6 contrastive runs; each further pretraining seed 25 minutes), ``reduced`` (250
+finetuning runs of ~30 s, 6 contrastive runs; each further pretraining seed 21-25 minutes), ``reduced`` (250
 pretraining steps, 12 finetuning steps: fits a shared machine) and ``--quick`` (every stage at toy sizes:
 about 4 minutes of stages plus ~30 s start-up for each of the 24 finetuning runs). A stage whose output
 exists is skipped, so ``--tasks`` / ``--seeds`` can be extended later; a finetuning or contrastive run of
@@ -286,8 +286,9 @@ def hold_out(items: list[tuple[str, str]], every: int) -> tuple[list, list]:
     training. A held-out image is then new but what its caption names is not: the image-use probe asks
     whether the model reads a known object, shape or colour off an unseen image, not whether it can name a
     word it never met (a Tux Paint stamp or an emoji with a name of its own is never held out). Where every
-    caption qualifies (easy-VQA's) that is every ``every``-th item; fewer are held out only where fewer than
-    one in ``every`` qualify."""
+    caption qualifies (easy-VQA's) that is every ``every``-th item. An item due that no longer qualifies
+    (the items held out before it took a word's other captions) is skipped, not replaced: fewer are held
+    out where few qualify or where qualifying captions share their rare words (Tux Paint: 58 of 59)."""
     target = len(items) // every
     count: dict[str, int] = {}
     for _, caption in items:
@@ -798,7 +799,7 @@ def verdict(s: dict) -> str:
 
 def mean_sd(mean: float, sd: float) -> str:
     """ "mean ± sd" to three decimals; to two significant digits where both are below 0.0005, so that a
-    verdict on figures that small (BLEU-4 of captions shorter than four words) shows what it compares."""
+    verdict on figures that small (BLEU-4 of captions of a few words) shows what it compares."""
     if 0 < max(abs(mean), sd) < 0.0005:
         return f"{mean:.2g} ± {sd:.2g}"
     return f"{mean:.3f} ± {sd:.3f}"
@@ -977,7 +978,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     work.mkdir(parents=True, exist_ok=True)
     walls_file = work / "walls.json"  # the stages' wall seconds, kept across invocations (reruns resume)
+    # the data and tokenizer stages' only: the pretraining stages' are read from their exports' records
+    # on every invocation (pretrain()), the rest recomputed, so no key of another preset or seed survives
     walls: dict = json.loads(walls_file.read_text()) if walls_file.is_file() else {}
+    walls = {k: v for k, v in walls.items() if k in ("data_s", "spm_s", "vqkd_s")}
     data = work / "data"
     if not (data / "data.json").is_file():
         t = time.perf_counter()
@@ -1006,6 +1010,8 @@ def main(argv: list[str] | None = None) -> int:
             stage_export = work / f"{run_name(stage['name'], seed)}_export/model.pth"
             probe[f"after the {stage['name']} stage"] = probe_draws(stage_export, spm, config, pairs, draws)
         for source, rows in sources.items():
+            if rows.stop - rows.start < 2:  # no other pair of the source to shuffle with
+                continue
             # another pair's image of the same source: the harder baseline (same captions' templates)
             part = (pairs[0][rows], pairs[1][rows])
             probe[probe_row(seed, first, source)] = probe_draws(export, spm, config, part, draws)

@@ -168,6 +168,15 @@ def test_held_out_items_are_new_images_of_words_training_keeps():
     unique = [(f"{i}.png", f"A {w}.") for i, w in enumerate(["yak", "emu", "gnu", "owl", "eel", "ant"])]
     assert bench.hold_out(unique, 2) == (unique, [])
     assert bench.hold_out([], 10) == ([], [])
+    # an item due whose word the items held out before it took from training is skipped, not replaced
+    yaks = [("0.png", "A yak."), ("1.png", "A yak.")]
+    assert bench.hold_out(yaks, 1) == (yaks[1:], yaks[:1])
+    rare = [
+        (f"{i}.png", f"A {w}.")
+        for i, w in enumerate(["fox", "yak", "fox", "yak", "zebu", "gnu", "emu", "owl"])
+    ]
+    # 4 qualify (the foxes and yaks), the 2nd and 4th are due: the 2nd yak may not go (a fox would)
+    assert bench.hold_out(rare, 4) == ([x for x in rare if x[0] != "1.png"], [("1.png", "A yak.")])
 
 
 def test_the_probe_splits_held_out_pairs_by_the_counts_the_data_records():
