@@ -290,19 +290,19 @@ def hold_out(items: list[tuple[str, str]], every: int) -> tuple[list, list]:
     (the items held out before it took a word's other captions) is skipped, not replaced: fewer are held
     out where few qualify or where qualifying captions share their rare words (Tux Paint: 58 of 59)."""
     target = len(items) // every
+    words = [caption_words(caption) for _, caption in items]
     count: dict[str, int] = {}
-    for _, caption in items:
-        for word in caption_words(caption):
+    for item_words in words:
+        for word in item_words:
             count[word] = count.get(word, 0) + 1
-    candidates = [i for i, (_, c) in enumerate(items) if all(count[w] >= 2 for w in caption_words(c))]
+    candidates = [i for i, item_words in enumerate(words) if all(count[w] >= 2 for w in item_words)]
     step = max(1, len(candidates) // target) if target else 0
     held: set[int] = set()
     for n, i in enumerate(candidates):
-        words = caption_words(items[i][1])
         # still one training caption with each word once this one is held out (count: items in training)
-        if len(held) < target and n % step == step - 1 and all(count[w] >= 2 for w in words):
+        if len(held) < target and n % step == step - 1 and all(count[w] >= 2 for w in words[i]):
             held.add(i)
-            for w in words:
+            for w in words[i]:
                 count[w] -= 1
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
@@ -977,9 +977,10 @@ def main(argv: list[str] | None = None) -> int:
         else f"bench/results/pretraining_helps_{name}.md"
     )
     work.mkdir(parents=True, exist_ok=True)
-    walls_file = work / "walls.json"  # the stages' wall seconds, kept across invocations (reruns resume)
-    # the data and tokenizer stages' only: the pretraining stages' are read from their exports' records
-    # on every invocation (pretrain()), the rest recomputed, so no key of another preset or seed survives
+    # The data and tokenizer stages' wall seconds, kept across invocations (reruns resume). Only theirs
+    # are read back: the pretraining stages' come from their exports' records on every invocation
+    # (pretrain()), the rest are recomputed, so no key of another preset or seed survives.
+    walls_file = work / "walls.json"
     walls: dict = json.loads(walls_file.read_text()) if walls_file.is_file() else {}
     walls = {k: v for k, v in walls.items() if k in ("data_s", "spm_s", "vqkd_s")}
     data = work / "data"
